@@ -1,1 +1,22 @@
-//! placeholder
+//! libmirror's protocol: the sans-IO primary/backup state machine ([`core`]) and the wire codec
+//! ([`wire`]).
+//!
+//! Nothing in this crate performs I/O or reads a clock. The real node (TCP or RDMA) and the
+//! deterministic simulator drive the same [`core::Core`]: they feed it inputs (client writes,
+//! messages from the peer, connection events, the time) and execute the [`core::Action`]s it emits,
+//! in order. See `docs/PROTOCOL.md` for the protocol and the argument for why it never loses an
+//! acknowledged write.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod core;
+pub mod wire;
+
+pub use crate::core::{
+    check_write, Action, Backup, Core, CoreConfig, CoreStats, FatalError, PeerFault,
+    PeerLossPolicy, Phase, Primary, Record, Recovered, SubmitError,
+};
+pub use crate::wire::{Hello, Message, RejectCode, WireError, WireRole, PROTOCOL_VERSION};
+
+#[cfg(test)]
+mod tests;
