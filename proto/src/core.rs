@@ -50,6 +50,8 @@ pub struct CoreConfig {
     pub sync_queue_before_ack: bool,
     /// Largest payload of one write (bounded by the queue's record size and the wire).
     pub max_write_len: usize,
+    /// Capacity of this node's queue in bytes (announced in the handshake).
+    pub queue_capacity: u64,
 }
 
 /// What a node recovered from its own queue when it started.
@@ -445,6 +447,8 @@ impl Primary {
             self.actions.push(Action::CommitApplied {
                 through: self.applied_through,
             });
+            // Records the backup already confirmed may have waited for our own apply.
+            self.trim(0);
         }
     }
 
@@ -504,6 +508,8 @@ impl Primary {
         self.state = PrimaryState::Handshaking {
             since_us: self.now_us,
         };
+        // The Hello reports our applied point; progress reports continue from there.
+        self.reported_through = self.committed_through;
         self.actions.push(Action::Send(Message::Hello(Hello {
             role: WireRole::Primary,
             node_id: self.cfg.node_id,
@@ -513,6 +519,7 @@ impl Primary {
             applied_through: self.committed_through,
             last_seq: self.last_seq(),
             first_seq: self.first_seq.unwrap_or(0),
+            queue_capacity: self.cfg.queue_capacity,
         })));
     }
 
@@ -860,6 +867,8 @@ impl Backup {
             self.actions.push(Action::CommitApplied {
                 through: self.applied_through,
             });
+            // Records the primary already confirmed may have waited for our own apply.
+            self.trim(0);
         }
     }
 
@@ -899,6 +908,15 @@ impl Backup {
                 format!(
                     "backup queue format version {}, primary's {}",
                     self.cfg.queue_format_version, h.queue_format_version
+                ),
+            ));
+        }
+        if h.queue_capacity > self.cfg.queue_capacity {
+            return Err((
+                RejectCode::QueueCapacity,
+                format!(
+                    "backup queue holds {} bytes, less than the primary's {} bytes; set queue_size on the backup at least as large",
+                    self.cfg.queue_capacity, h.queue_capacity
                 ),
             ));
         }
@@ -956,6 +974,7 @@ impl Backup {
             applied_through: self.committed_through,
             last_seq: b_last,
             first_seq: self.first_seq.unwrap_or(0),
+            queue_capacity: self.cfg.queue_capacity,
         })));
         if b_last > h.last_seq {
             self.actions.push(Action::SendQueued {

@@ -16,7 +16,9 @@ pub use crate::core::{
     check_write, Action, Backup, Core, CoreConfig, CoreStats, FatalError, PeerFault,
     PeerLossPolicy, Phase, Primary, Record, Recovered, SubmitError,
 };
-pub use crate::wire::{Hello, Message, RejectCode, WireError, WireRole, PROTOCOL_VERSION};
+pub use crate::wire::{
+    encode_write, Hello, Message, RejectCode, WireError, WireRole, PROTOCOL_VERSION,
+};
 
 #[cfg(test)]
 mod tests;

@@ -51,6 +51,7 @@ fn cfg(node_id: u64, policy: PeerLossPolicy) -> CoreConfig {
         handshake_timeout_us: 5_000,
         sync_queue_before_ack: false,
         max_write_len: 1024,
+        queue_capacity: 1 << 20,
     }
 }
 
@@ -601,6 +602,7 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
         applied_through: 0,
         last_seq: 0,
         first_seq: 0,
+        queue_capacity: 1 << 20,
     }));
     p2.run();
     assert!(matches!(p2.fatal, Some(FatalError::Incompatible(_))));

@@ -80,6 +80,8 @@ pub struct Hello {
     pub last_seq: u64,
     /// Oldest sequence number still held in the speaker's queue (0: queue empty).
     pub first_seq: u64,
+    /// Capacity of the speaker's queue in bytes (the backup's must be at least the primary's).
+    pub queue_capacity: u64,
 }
 
 /// Why a node refused a connection.
@@ -100,6 +102,8 @@ pub enum RejectCode {
     ProtocolViolation = 6,
     /// Queue format versions differ.
     QueueFormat = 7,
+    /// The backup's queue is smaller than the primary's.
+    QueueCapacity = 8,
 }
 
 impl RejectCode {
@@ -112,6 +116,7 @@ impl RejectCode {
             5 => RejectCode::Unrecoverable,
             6 => RejectCode::ProtocolViolation,
             7 => RejectCode::QueueFormat,
+            8 => RejectCode::QueueCapacity,
             other => {
                 return Err(WireError::BadField {
                     field: "reject.code",
@@ -182,7 +187,7 @@ pub enum MessageKind {
     ReplayDone = 6,
 }
 
-const HELLO_BODY_LEN: usize = 1 + 3 + 8 * 6 + 4 + 4;
+const HELLO_BODY_LEN: usize = 1 + 3 + 8 * 7 + 4 + 4;
 const WRITE_FIXED_LEN: usize = 8 + 8 + 4;
 
 /// Everything that can be wrong with bytes received from a peer.
@@ -280,16 +285,11 @@ impl Message {
     /// Never for messages built by the engine: a `Write` longer than [`MAX_WRITE_LEN`] is a caller
     /// bug that the engine rejects before it builds the message; this function debug-asserts it.
     pub fn encode(&self, out: &mut BytesMut) {
+        if let Message::Write { seq, offset, data } = self {
+            return encode_write(*seq, *offset, data, out);
+        }
         let body_len = self.body_len();
-        debug_assert!(body_len <= MAX_BODY_LEN, "message body too large");
-        out.reserve(FRAME_HEADER_LEN + body_len);
-        let start = out.len();
-        out.put_u32_le(FRAME_MAGIC);
-        out.put_u8(PROTOCOL_VERSION);
-        out.put_u8(self.kind() as u8);
-        out.put_u16_le(0);
-        out.put_u32_le(body_len as u32);
-        out.put_u32_le(0); // crc, patched below
+        let start = begin_frame(out, self.kind(), body_len);
         match self {
             Message::Hello(h) => {
                 out.put_u8(h.role.to_byte());
@@ -300,6 +300,7 @@ impl Message {
                 out.put_u64_le(h.applied_through);
                 out.put_u64_le(h.last_seq);
                 out.put_u64_le(h.first_seq);
+                out.put_u64_le(h.queue_capacity);
                 out.put_u32_le(h.queue_format_version);
                 out.put_u32_le(0);
             }
@@ -309,12 +310,7 @@ impl Message {
                 out.put_u16_le(reason.len() as u16);
                 out.put_slice(reason.as_bytes());
             }
-            Message::Write { seq, offset, data } => {
-                out.put_u64_le(*seq);
-                out.put_u64_le(*offset);
-                out.put_u32_le(data.len() as u32);
-                out.put_slice(data);
-            }
+            Message::Write { .. } => unreachable!("encoded above"),
             Message::Ack {
                 received_through,
                 applied_through,
@@ -326,9 +322,7 @@ impl Message {
                 out.put_u64_le(*through)
             }
         }
-        let mut crc = crc32c::crc32c(&out[start..start + 12]);
-        crc = crc32c::crc32c_append(crc, &out[start + FRAME_HEADER_LEN..]);
-        out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+        finish_frame(out, start);
     }
 
     /// Decodes one frame from the front of `buf`, if a whole frame is there.
@@ -401,6 +395,39 @@ impl Message {
     }
 }
 
+/// Appends a framed `Write` message built from borrowed parts (no intermediate allocation).
+///
+/// `data` must be 1..=[`MAX_WRITE_LEN`] bytes; the engine validates writes before they get here
+/// (debug-asserted).
+pub fn encode_write(seq: u64, offset: u64, data: &[u8], out: &mut BytesMut) {
+    debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
+    let start = begin_frame(out, MessageKind::Write, WRITE_FIXED_LEN + data.len());
+    out.put_u64_le(seq);
+    out.put_u64_le(offset);
+    out.put_u32_le(data.len() as u32);
+    out.put_slice(data);
+    finish_frame(out, start);
+}
+
+fn begin_frame(out: &mut BytesMut, kind: MessageKind, body_len: usize) -> usize {
+    debug_assert!(body_len <= MAX_BODY_LEN, "message body too large");
+    out.reserve(FRAME_HEADER_LEN + body_len);
+    let start = out.len();
+    out.put_u32_le(FRAME_MAGIC);
+    out.put_u8(PROTOCOL_VERSION);
+    out.put_u8(kind as u8);
+    out.put_u16_le(0);
+    out.put_u32_le(body_len as u32);
+    out.put_u32_le(0); // crc, patched by finish_frame
+    start
+}
+
+fn finish_frame(out: &mut BytesMut, start: usize) {
+    let mut crc = crc32c::crc32c(&out[start..start + 12]);
+    crc = crc32c::crc32c_append(crc, &out[start + FRAME_HEADER_LEN..]);
+    out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+}
+
 enum Body {
     Done(Message),
     /// A write whose payload is taken from the frame without a copy by the caller.
@@ -426,6 +453,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             let applied_through = body.get_u64_le();
             let last_seq = body.get_u64_le();
             let first_seq = body.get_u64_le();
+            let queue_capacity = body.get_u64_le();
             let queue_format_version = body.get_u32_le();
             if node_id == 0 {
                 return Err(WireError::BadField {
@@ -454,6 +482,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                 applied_through,
                 last_seq,
                 first_seq,
+                queue_capacity,
             }))
         }
         MessageKind::Reject => {
@@ -559,6 +588,7 @@ mod tests {
             applied_through: 10,
             last_seq: 12,
             first_seq: 3,
+            queue_capacity: 1 << 20,
         })
     }
 
@@ -704,6 +734,7 @@ mod tests {
                         applied_through: a,
                         last_seq: last,
                         first_seq: last.min(a),
+                        queue_capacity: size / 2,
                     })
                 }),
             (
