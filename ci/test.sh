@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite. `.ci/run` runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source ci/setup.sh
+start=$(date +%s)
+step() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "unit, property and integration tests"
+if command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+  # nextest does not run doctests
+  cargo test --workspace --doc
+else
+  cargo test --workspace --no-fail-fast
+fi
+
+step "loom model checking of the submission ring"
+RUSTFLAGS="--cfg loom" cargo test -p mirror-ring --release --target-dir target/loom --test loom
+
+step "demo smoke (the README's main command, shortened)"
+cargo build --release --bin mirror
+./target/release/mirror demo --writes 500
+
+step "all passed"

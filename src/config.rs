@@ -1,0 +1,536 @@
+//! Node configuration: one set of keys shared by the TOML file, the `mirror` command's flags and
+//! the C API's `mirror_config_set`. Every key is parsed in one place ([`ConfigBuilder::set`]), and
+//! every bad value is an error that names the key.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use mirror_proto::PeerLossPolicy;
+use mirror_storage::Durability;
+
+use crate::error::{ConfigError, MirrorError};
+
+/// Which side of the mirror a node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Takes application writes and mirrors them to the backup.
+    Primary,
+    /// Keeps the second copy; serves one primary.
+    Backup,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        })
+    }
+}
+
+/// How requests travel between the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// TCP (the embedded default; loopback in the demo).
+    Tcp,
+    /// RDMA verbs (reliable connected queue pairs).
+    Rdma,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Primary or backup.
+    pub role: Role,
+    /// Path of the region file (exactly `region_size` bytes).
+    pub region: PathBuf,
+    /// Size of the mirrored region in bytes.
+    pub region_size: u64,
+    /// Path of the persistent queue file.
+    pub queue: PathBuf,
+    /// Capacity of the queue's record area in bytes.
+    pub queue_size: u64,
+    /// Backup: address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// Primary: address of the backup.
+    pub peer: Option<String>,
+    /// Transport.
+    pub transport: TransportKind,
+    /// What a completed write survives.
+    pub durability: Durability,
+    /// Primary: behaviour while the backup is unreachable.
+    pub on_peer_loss: PeerLossPolicy,
+    /// CPU to pin the polling thread to (none: not pinned).
+    pub cpu: Option<usize>,
+    /// How long the poller busy-polls after its last work before it sleeps in the kernel.
+    pub idle_spin: Duration,
+    /// How long a caller waiting for a completion spins before it sleeps.
+    pub wait_spin: Duration,
+    /// An outstanding write not acknowledged within this time means the backup is lost.
+    pub ack_timeout: Duration,
+    /// A handshake that makes no progress for this long is abandoned.
+    pub handshake_timeout: Duration,
+    /// Primary: delay between connection attempts.
+    pub reconnect_interval: Duration,
+    /// `write` gives up after this long (none: waits for as long as it takes).
+    pub write_timeout: Option<Duration>,
+    /// Slots of the ring that hands writes from application threads to the poller.
+    pub submit_ring: usize,
+    /// Largest payload of one write.
+    pub max_write: usize,
+    /// Testing aid: the node kills its own process (SIGKILL) just before applying this sequence
+    /// number, i.e. after the backup acknowledged it and before the primary applied it.
+    pub crash_before_apply_seq: Option<u64>,
+}
+
+/// Keys accepted by [`ConfigBuilder::set`], with their meaning (for `--help` and docs).
+pub const KEYS: &[(&str, &str)] = &[
+    ("role", "primary | backup"),
+    ("region", "path of the region file"),
+    ("region_size", "region size: bytes, or with KiB/MiB/GiB"),
+    ("queue", "path of the persistent queue file"),
+    ("queue_size", "queue capacity (default 64MiB)"),
+    (
+        "listen",
+        "backup: address to listen on, e.g. 127.0.0.1:7400",
+    ),
+    ("peer", "primary: address of the backup"),
+    ("transport", "tcp (default) | rdma"),
+    ("durability", "process (default) | power | pmem"),
+    ("on_peer_loss", "continue (default) | block"),
+    ("cpu", "CPU to pin the poller to, or 'none' (default)"),
+    (
+        "idle_spin_us",
+        "poller busy-poll time before it sleeps (default 200)",
+    ),
+    (
+        "wait_spin_us",
+        "caller spin time before it sleeps (default 50)",
+    ),
+    (
+        "ack_timeout_ms",
+        "backup lost after this long without an ack (default 1000)",
+    ),
+    ("handshake_timeout_ms", "handshake timeout (default 5000)"),
+    (
+        "reconnect_interval_ms",
+        "primary: delay between connection attempts (default 100)",
+    ),
+    (
+        "write_timeout_ms",
+        "write() gives up after this long; 0 = never (default 0)",
+    ),
+    ("submit_ring", "submission ring slots (default 4096)"),
+    ("max_write", "largest write in bytes (default 1MiB)"),
+    (
+        "crash_before_apply_seq",
+        "testing: SIGKILL self before applying this seq",
+    ),
+];
+
+/// Collects keys one at a time, then validates the whole.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigBuilder {
+    role: Option<Role>,
+    region: Option<PathBuf>,
+    region_size: Option<u64>,
+    queue: Option<PathBuf>,
+    queue_size: Option<u64>,
+    listen: Option<String>,
+    peer: Option<String>,
+    transport: Option<TransportKind>,
+    durability: Option<Durability>,
+    on_peer_loss: Option<PeerLossPolicy>,
+    cpu: Option<Option<usize>>,
+    idle_spin_us: Option<u64>,
+    wait_spin_us: Option<u64>,
+    ack_timeout_ms: Option<u64>,
+    handshake_timeout_ms: Option<u64>,
+    reconnect_interval_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+    submit_ring: Option<usize>,
+    max_write: Option<u64>,
+    crash_before_apply_seq: Option<u64>,
+}
+
+fn bad(key: &str, value: &str, why: impl Into<String>) -> ConfigError {
+    ConfigError::BadValue {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        why: why.into(),
+    }
+}
+
+/// Parses a byte size: a plain number, or a number with a `K`/`KiB`/`M`/`MiB`/`G`/`GiB` suffix
+/// (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '_')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 4096, 64KiB, 16MiB, 1GiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}' (use KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_u64(key: &str, value: &str) -> Result<u64, ConfigError> {
+    value
+        .trim()
+        .replace('_', "")
+        .parse()
+        .map_err(|_| bad(key, value, "expected a non-negative integer"))
+}
+
+impl ConfigBuilder {
+    /// An empty builder (all defaults, no required key set).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets one key from its text form. Unknown keys and bad values are errors that name the key.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let v = value.trim();
+        let nonempty = |what: &str| -> Result<(), ConfigError> {
+            if v.is_empty() {
+                Err(bad(key, value, format!("{what} must not be empty")))
+            } else {
+                Ok(())
+            }
+        };
+        match key {
+            "role" => {
+                self.role = Some(match v {
+                    "primary" => Role::Primary,
+                    "backup" => Role::Backup,
+                    _ => return Err(bad(key, value, "expected 'primary' or 'backup'")),
+                })
+            }
+            "region" => {
+                nonempty("a path")?;
+                self.region = Some(PathBuf::from(v));
+            }
+            "region_size" => {
+                self.region_size = Some(parse_size(v).map_err(|e| bad(key, value, e))?)
+            }
+            "queue" => {
+                nonempty("a path")?;
+                self.queue = Some(PathBuf::from(v));
+            }
+            "queue_size" => self.queue_size = Some(parse_size(v).map_err(|e| bad(key, value, e))?),
+            "listen" => {
+                nonempty("an address")?;
+                self.listen = Some(v.to_owned());
+            }
+            "peer" => {
+                nonempty("an address")?;
+                self.peer = Some(v.to_owned());
+            }
+            "transport" => {
+                self.transport = Some(match v {
+                    "tcp" => TransportKind::Tcp,
+                    "rdma" => TransportKind::Rdma,
+                    _ => return Err(bad(key, value, "expected 'tcp' or 'rdma'")),
+                })
+            }
+            "durability" => {
+                self.durability = Some(
+                    Durability::from_str(v)
+                        .map_err(|_| bad(key, value, "expected 'process', 'power' or 'pmem'"))?,
+                )
+            }
+            "on_peer_loss" => {
+                self.on_peer_loss = Some(match v {
+                    "continue" => PeerLossPolicy::Continue,
+                    "block" => PeerLossPolicy::Block,
+                    _ => return Err(bad(key, value, "expected 'continue' or 'block'")),
+                })
+            }
+            "cpu" => {
+                self.cpu = Some(if v == "none" || v.is_empty() {
+                    None
+                } else {
+                    Some(parse_u64(key, value)? as usize)
+                })
+            }
+            "idle_spin_us" => self.idle_spin_us = Some(parse_u64(key, value)?),
+            "wait_spin_us" => self.wait_spin_us = Some(parse_u64(key, value)?),
+            "ack_timeout_ms" => self.ack_timeout_ms = Some(parse_u64(key, value)?),
+            "handshake_timeout_ms" => self.handshake_timeout_ms = Some(parse_u64(key, value)?),
+            "reconnect_interval_ms" => self.reconnect_interval_ms = Some(parse_u64(key, value)?),
+            "write_timeout_ms" => self.write_timeout_ms = Some(parse_u64(key, value)?),
+            "submit_ring" => self.submit_ring = Some(parse_u64(key, value)? as usize),
+            "max_write" => self.max_write = Some(parse_size(v).map_err(|e| bad(key, value, e))?),
+            "crash_before_apply_seq" => self.crash_before_apply_seq = Some(parse_u64(key, value)?),
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_owned(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every key of a TOML file (a flat table; strings, integers and booleans).
+    pub fn load_toml(&mut self, path: &Path) -> Result<(), MirrorError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MirrorError::Io {
+            context: format!("reading config file {}", path.display()),
+            source,
+        })?;
+        self.merge_toml(&text).map_err(|e| {
+            MirrorError::Config(ConfigError::File {
+                path: path.to_owned(),
+                inner: Box::new(e),
+            })
+        })
+    }
+
+    /// Reads every key of a TOML document.
+    pub fn merge_toml(&mut self, text: &str) -> Result<(), ConfigError> {
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Toml {
+                message: e.message().to_owned(),
+            })?;
+        for (key, value) in &table {
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(bad(
+                        key,
+                        &other.to_string(),
+                        "expected a string or an integer",
+                    ))
+                }
+            };
+            self.set(key, &text)?;
+        }
+        Ok(())
+    }
+
+    /// Validates the whole and fills defaults.
+    pub fn build(&self) -> Result<Config, ConfigError> {
+        let missing = |key: &'static str| ConfigError::Missing { key };
+        let role = self.role.ok_or(missing("role"))?;
+        let region = self.region.clone().ok_or(missing("region"))?;
+        let region_size = self.region_size.ok_or(missing("region_size"))?;
+        let queue = self.queue.clone().ok_or(missing("queue"))?;
+        if region_size == 0 {
+            return Err(bad("region_size", "0", "must be at least 1 byte"));
+        }
+        let queue_size = self.queue_size.unwrap_or(64 << 20);
+        if queue_size < 64 << 10 {
+            return Err(bad(
+                "queue_size",
+                &queue_size.to_string(),
+                "must be at least 64KiB",
+            ));
+        }
+        if region == queue {
+            return Err(bad(
+                "queue",
+                &queue.display().to_string(),
+                "must not be the same file as 'region'",
+            ));
+        }
+        let max_write = self.max_write.unwrap_or(1 << 20);
+        let max_write_cap = (queue_size / 4).min(mirror_proto::wire::MAX_WRITE_LEN as u64);
+        if max_write == 0 || max_write > max_write_cap {
+            return Err(bad(
+                "max_write",
+                &max_write.to_string(),
+                format!("must be between 1 and {max_write_cap} (a quarter of queue_size, at most 16MiB)"),
+            ));
+        }
+        let (listen, peer) = match role {
+            Role::Backup => {
+                let listen = self.listen.as_deref().ok_or(missing("listen"))?;
+                let addr = resolve("listen", listen)?;
+                if self.peer.is_some() {
+                    return Err(bad(
+                        "peer",
+                        self.peer.as_deref().unwrap_or_default(),
+                        "a backup listens; 'peer' is for the primary",
+                    ));
+                }
+                (Some(addr), None)
+            }
+            Role::Primary => {
+                let peer = self.peer.clone().ok_or(missing("peer"))?;
+                resolve("peer", &peer)?;
+                if self.listen.is_some() {
+                    return Err(bad(
+                        "listen",
+                        self.listen.as_deref().unwrap_or_default(),
+                        "a primary connects to 'peer'; 'listen' is for the backup",
+                    ));
+                }
+                (None, Some(peer))
+            }
+        };
+        let submit_ring = self.submit_ring.unwrap_or(4096);
+        if submit_ring == 0 || submit_ring > 1 << 20 {
+            return Err(bad(
+                "submit_ring",
+                &submit_ring.to_string(),
+                "must be between 1 and 1048576",
+            ));
+        }
+        let cpu = self.cpu.unwrap_or(None);
+        if let Some(c) = cpu {
+            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            if c >= n {
+                return Err(bad(
+                    "cpu",
+                    &c.to_string(),
+                    format!("this machine has CPUs 0..{}", n - 1),
+                ));
+            }
+        }
+        let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
+        let ack_timeout = ms(self.ack_timeout_ms, 1000);
+        if ack_timeout.is_zero() {
+            return Err(bad("ack_timeout_ms", "0", "must be at least 1"));
+        }
+        Ok(Config {
+            role,
+            region,
+            region_size,
+            queue,
+            queue_size,
+            listen,
+            peer,
+            transport: self.transport.unwrap_or(TransportKind::Tcp),
+            durability: self.durability.unwrap_or(Durability::Process),
+            on_peer_loss: self.on_peer_loss.unwrap_or(PeerLossPolicy::Continue),
+            cpu,
+            idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
+            wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),
+            ack_timeout,
+            handshake_timeout: ms(self.handshake_timeout_ms, 5000).max(Duration::from_millis(1)),
+            reconnect_interval: ms(self.reconnect_interval_ms, 100),
+            write_timeout: match self.write_timeout_ms {
+                None | Some(0) => None,
+                Some(t) => Some(Duration::from_millis(t)),
+            },
+            submit_ring,
+            max_write: max_write as usize,
+            crash_before_apply_seq: self.crash_before_apply_seq,
+        })
+    }
+}
+
+fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
+    addr.to_socket_addrs()
+        .map_err(|e| bad(key, addr, format!("not a host:port address ({e})")))?
+        .next()
+        .ok_or_else(|| bad(key, addr, "resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backup() -> ConfigBuilder {
+        let mut b = ConfigBuilder::new();
+        b.set("role", "backup").unwrap();
+        b.set("region", "/tmp/r").unwrap();
+        b.set("region_size", "1MiB").unwrap();
+        b.set("queue", "/tmp/q").unwrap();
+        b.set("listen", "127.0.0.1:0").unwrap();
+        b
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert_eq!(parse_size("16 MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn a_complete_backup_config_builds_with_defaults() {
+        let c = backup().build().unwrap();
+        assert_eq!(c.role, Role::Backup);
+        assert_eq!(c.region_size, 1 << 20);
+        assert_eq!(c.durability, Durability::Process);
+        assert_eq!(c.on_peer_loss, PeerLossPolicy::Continue);
+        assert_eq!(c.transport, TransportKind::Tcp);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let mut b = ConfigBuilder::new();
+        let e = b.set("regoin", "x").unwrap_err();
+        assert!(e.to_string().contains("regoin"), "{e}");
+        let e = b.set("durability", "sometimes").unwrap_err();
+        assert!(e.to_string().contains("durability"), "{e}");
+        let e = b.set("region_size", "-1").unwrap_err();
+        assert!(e.to_string().contains("region_size"), "{e}");
+        let e = b.set("cpu", "one").unwrap_err();
+        assert!(e.to_string().contains("cpu"), "{e}");
+    }
+
+    #[test]
+    fn missing_and_contradictory_keys_are_refused() {
+        let mut b = backup();
+        b.set("peer", "127.0.0.1:1").unwrap();
+        assert!(b.build().unwrap_err().to_string().contains("peer"));
+        let mut b = ConfigBuilder::new();
+        b.set("role", "primary").unwrap();
+        assert!(b.build().unwrap_err().to_string().contains("region"));
+        let mut b = backup();
+        b.set("region_size", "0").unwrap();
+        assert!(b.build().is_err());
+        let mut b = backup();
+        b.set("queue", "/tmp/r").unwrap();
+        assert!(b.build().unwrap_err().to_string().contains("queue"));
+        let mut b = backup();
+        b.set("cpu", "100000").unwrap();
+        assert!(b.build().unwrap_err().to_string().contains("cpu"));
+        let mut b = backup();
+        b.set("listen", "not an address").unwrap();
+        assert!(b.build().unwrap_err().to_string().contains("listen"));
+        let mut b = backup();
+        b.set("max_write", "1GiB").unwrap();
+        assert!(b.build().unwrap_err().to_string().contains("max_write"));
+    }
+
+    #[test]
+    fn toml_files_use_the_same_keys() {
+        let mut b = ConfigBuilder::new();
+        b.merge_toml(
+            "role = \"primary\"\nregion = \"/tmp/r\"\nregion_size = 65536\nqueue = \"/tmp/q\"\npeer = \"127.0.0.1:7400\"\non_peer_loss = \"block\"\n",
+        )
+        .unwrap();
+        let c = b.build().unwrap();
+        assert_eq!(c.on_peer_loss, PeerLossPolicy::Block);
+        assert_eq!(c.region_size, 65536);
+        let e = ConfigBuilder::new()
+            .merge_toml("role = [1, 2]")
+            .unwrap_err();
+        assert!(e.to_string().contains("role"), "{e}");
+        let e = ConfigBuilder::new().merge_toml("role = ").unwrap_err();
+        assert!(matches!(e, ConfigError::Toml { .. }));
+    }
+}

@@ -1,0 +1,1138 @@
+//! The node: the public handle ([`Mirror`]) and its pinned polling thread.
+//!
+//! Application threads call [`Mirror::submit`] / [`Mirror::write`]; a submission goes through the
+//! lock-free [`mirror_ring`] to the poller, which is the only thread that touches the protocol core,
+//! the queue, the connection, and (for writes) the region. Completions come back as one
+//! cumulative watermark (tickets complete in order), which callers spin on briefly and then sleep
+//! on. The poller busy-polls while there is work and for `idle_spin` after it, then sleeps in
+//! `poll(2)` on the connection, the listener and an eventfd that submitters ring.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_utils::CachePadded;
+use mirror_proto::{
+    check_write, Action, Backup, Core, CoreConfig, Message, Phase, Primary, Record, Recovered,
+    RejectCode,
+};
+use mirror_ring::{Consumer, Producer, SubmitRing};
+use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, StorageError};
+
+use crate::config::{Config, Role, TransportKind};
+use crate::error::{MirrorError, Result};
+use crate::transport::tcp::{TcpAcceptor, TcpConnection};
+use crate::transport::{Connection, TransportError};
+
+/// Identifies a submitted write; tickets complete in the order they were issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(pub u64);
+
+/// A snapshot of a node's state and counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Primary or backup.
+    pub role: Role,
+    /// Connection phase.
+    pub phase: Phase,
+    /// Next sequence number to be assigned (primary) or received (backup).
+    pub next_seq: u64,
+    /// Highest sequence number applied to this node's region.
+    pub applied_through: u64,
+    /// Primary: highest sequence number the backup acknowledged. Backup: highest received.
+    pub acked_through: u64,
+    /// Highest sequence number the peer reported durably applied.
+    pub peer_applied_through: u64,
+    /// Records in this node's queue.
+    pub queue_records: u64,
+    /// Bytes used in this node's queue.
+    pub queue_bytes: u64,
+    /// Capacity of this node's queue.
+    pub queue_capacity: u64,
+    /// Primary: writes sent or held and not yet applied.
+    pub in_flight: u64,
+    /// Primary: applying writes without the backup (on_peer_loss = continue).
+    pub degraded: bool,
+    /// Completed recovery handshakes since the node opened.
+    pub recoveries: u64,
+    /// Payload bytes moved by the last recovery (catch-up of the backup, or replay into a
+    /// restarted primary). Never a copy of the region.
+    pub last_recovery_bytes: u64,
+    /// Records moved by the last recovery.
+    pub last_recovery_records: u64,
+    /// Tickets issued.
+    pub writes_submitted: u64,
+    /// Highest completed ticket.
+    pub writes_completed: u64,
+    /// Why the node failed, if it did.
+    pub failure: Option<String>,
+}
+
+struct Submission {
+    offset: u64,
+    data: Bytes,
+}
+
+/// State shared by the handle, the callers and the poller.
+struct Shared {
+    /// Highest completed ticket. Written by the poller (Release, after the region write it
+    /// completes), read by waiters (Acquire), so a caller that sees its ticket complete also sees
+    /// the applied bytes in the region.
+    completed: CachePadded<AtomicU64>,
+    /// Set once; the reason is in `failure`.
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    shutdown: AtomicBool,
+    /// Callers sleeping in `wait` (see the Dekker pairing in `notify_waiters`).
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
+    cond: Condvar,
+    /// The poller sleeps in poll(2); submitters must ring `wake_fd` (Dekker pairing with the ring).
+    poller_sleeping: AtomicBool,
+    wake_fd: OwnedFd,
+    stats: Mutex<Stats>,
+    /// Testing aid: kill the process before the next apply (see `arm_crash_before_next_apply`).
+    crash_armed: AtomicBool,
+}
+
+impl Shared {
+    fn wake_poller(&self) {
+        // SeqCst fence pairs with the one in the poller's park path: either the poller sees our
+        // push in the ring, or we see its `poller_sleeping = true` and ring the eventfd.
+        fence(Ordering::SeqCst);
+        if self.poller_sleeping.load(Ordering::Relaxed) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own; the result is ignored
+            // on purpose (EAGAIN means the counter is already non-zero, i.e. already woken).
+            unsafe {
+                libc::write(
+                    self.wake_fd.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    std::mem::size_of::<u64>(),
+                );
+            }
+        }
+    }
+
+    fn notify_waiters(&self) {
+        // SeqCst fence pairs with the waiter's increment of `waiters` followed by its re-check of
+        // `completed`/`failed`: either it sees our update, or we see it waiting and notify under
+        // the lock (so the notification cannot fall between its check and its sleep).
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.cond.notify_all();
+        }
+    }
+
+    fn complete(&self, ticket: u64) {
+        // Release: publishes the region writes of every ticket <= `ticket` to Acquire readers.
+        self.completed.fetch_max(ticket, Ordering::Release);
+        self.notify_waiters();
+    }
+
+    fn fail(&self, reason: String) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::error!(%reason, "node failed");
+            *f = Some(reason);
+        }
+        drop(f);
+        self.failed.store(true, Ordering::Release);
+        self.notify_waiters();
+    }
+
+    fn failure(&self) -> Option<MirrorError> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let reason = self
+            .failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        Some(MirrorError::Failed { reason })
+    }
+}
+
+/// A running node: a primary that takes writes, or a backup that serves one primary.
+///
+/// All methods take `&self`; `submit`, `write`, `wait`, `read` and `stats` may be called from many
+/// threads at once.
+pub struct Mirror {
+    cfg: Config,
+    shared: Arc<Shared>,
+    region: Arc<Region>,
+    producer: Option<Producer<Submission>>,
+    poller: Mutex<Option<JoinHandle<()>>>,
+    listen_addr: Option<SocketAddr>,
+    /// Largest write: `max_write` from the config, capped by what one queue record can hold.
+    max_write: usize,
+}
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mirror")
+            .field("role", &self.cfg.role)
+            .field("region", &self.cfg.region)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_us(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+impl Mirror {
+    /// Opens the node's queue and region (recovering them after a crash) and starts its poller.
+    ///
+    /// A backup binds its listen address before this returns. A primary connects in the
+    /// background; until the backup answers, writes wait (`block`) or proceed degraded
+    /// (`continue`).
+    pub fn open(cfg: Config) -> Result<Mirror> {
+        if cfg.transport == TransportKind::Rdma {
+            return Err(MirrorError::Unsupported(
+                "transport 'rdma' is not available in this build; use 'tcp'".into(),
+            ));
+        }
+        let storage_role = match cfg.role {
+            Role::Primary => mirror_storage::Role::Primary,
+            Role::Backup => mirror_storage::Role::Backup,
+        };
+        let params = QueueParams {
+            node_id: loop {
+                let id = fastrand::u64(..);
+                if id != 0 {
+                    break id;
+                }
+            },
+            role: storage_role,
+            region_size: cfg.region_size,
+            capacity_bytes: cfg.queue_size,
+        };
+        let (queue, report) = PersistentQueue::open_or_create(&cfg.queue, &params, cfg.durability)?;
+        if report.torn_tail_cut_bytes > 0 {
+            tracing::warn!(
+                queue = %cfg.queue.display(),
+                cut_bytes = report.torn_tail_cut_bytes,
+                "cut a torn tail from the queue (a write that was never acknowledged)"
+            );
+        }
+        let region = Arc::new(Region::open_or_create(
+            &cfg.region,
+            cfg.region_size,
+            cfg.durability,
+        )?);
+        if queue.applied_through() > queue.last_seq() {
+            return Err(MirrorError::Storage(StorageError::CorruptHeader {
+                path: cfg.queue.clone(),
+                why: format!(
+                    "applied_through {} is beyond the last record {}",
+                    queue.applied_through(),
+                    queue.last_seq()
+                ),
+            }));
+        }
+        let mut unapplied = Vec::new();
+        for rec in queue.iter_from(queue.applied_through() + 1) {
+            let rec = rec?;
+            unapplied.push(Record {
+                seq: rec.seq,
+                offset: rec.offset,
+                data: Bytes::copy_from_slice(rec.payload),
+            });
+        }
+        let recovered = Recovered {
+            peer_node_id: queue.peer_node_id(),
+            applied_through: queue.applied_through(),
+            first_seq: queue.first_seq(),
+            last_seq: queue.last_seq(),
+            unapplied,
+        };
+        let max_write = cfg.max_write.min(queue.max_payload());
+        let core_cfg = CoreConfig {
+            node_id: queue.node_id(),
+            region_size: cfg.region_size,
+            queue_format_version: mirror_storage::FORMAT_VERSION,
+            on_peer_loss: cfg.on_peer_loss,
+            ack_timeout_us: cfg.ack_timeout.as_micros() as u64,
+            handshake_timeout_us: cfg.handshake_timeout.as_micros() as u64,
+            sync_queue_before_ack: cfg.durability != Durability::Process,
+            max_write_len: max_write,
+            queue_capacity: queue.capacity_bytes(),
+        };
+        let core = match cfg.role {
+            Role::Primary => Core::Primary(Primary::new(core_cfg, recovered)),
+            Role::Backup => Core::Backup(Backup::new(core_cfg, recovered)),
+        };
+        let acceptor =
+            match cfg.role {
+                Role::Backup => {
+                    let addr = cfg.listen.ok_or(MirrorError::Config(
+                        crate::error::ConfigError::Missing { key: "listen" },
+                    ))?;
+                    Some(TcpAcceptor::bind(addr).map_err(|e| MirrorError::Io {
+                        context: format!("listening on {addr}"),
+                        source: std::io::Error::other(e.to_string()),
+                    })?)
+                }
+                Role::Primary => None,
+            };
+        let listen_addr = match &acceptor {
+            Some(a) => Some(a.local_addr().map_err(|e| MirrorError::Io {
+                context: "reading the listen address".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?),
+            None => None,
+        };
+        // SAFETY: eventfd(2) with valid flags; we check the result before wrapping it.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(MirrorError::Io {
+                context: "creating the poller's eventfd".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `efd` is a fresh, valid file descriptor that nothing else owns.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let (producer, consumer) = match cfg.role {
+            Role::Primary => {
+                let (p, c) = SubmitRing::with_capacity(cfg.submit_ring).map_err(|e| {
+                    MirrorError::Config(crate::error::ConfigError::BadValue {
+                        key: "submit_ring".into(),
+                        value: cfg.submit_ring.to_string(),
+                        why: e.to_string(),
+                    })
+                })?;
+                (Some(p), Some(c))
+            }
+            Role::Backup => (None, None),
+        };
+        let stats = Stats {
+            role: cfg.role,
+            phase: core.phase(),
+            next_seq: queue.next_seq(),
+            applied_through: queue.applied_through(),
+            acked_through: 0,
+            peer_applied_through: 0,
+            queue_records: queue.len_records(),
+            queue_bytes: queue.used_bytes(),
+            queue_capacity: queue.capacity_bytes(),
+            in_flight: 0,
+            degraded: false,
+            recoveries: 0,
+            last_recovery_bytes: 0,
+            last_recovery_records: 0,
+            writes_submitted: 0,
+            writes_completed: 0,
+            failure: None,
+        };
+        let shared = Arc::new(Shared {
+            completed: CachePadded::new(AtomicU64::new(0)),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            shutdown: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            cond: Condvar::new(),
+            poller_sleeping: AtomicBool::new(false),
+            wake_fd,
+            stats: Mutex::new(stats),
+            crash_armed: AtomicBool::new(false),
+        });
+        tracing::info!(
+            role = %cfg.role,
+            node_id = format_args!("{:#x}", queue.node_id()),
+            next_seq = queue.next_seq(),
+            applied_through = queue.applied_through(),
+            recovered_records = report.records,
+            "node opened"
+        );
+        let mut poller = Poller {
+            cfg: cfg.clone(),
+            core,
+            queue,
+            region: Arc::clone(&region),
+            shared: Arc::clone(&shared),
+            consumer,
+            stash: None,
+            conn: None,
+            acceptor,
+            pending: Vec::new(),
+            actions: Vec::new(),
+            inbox: Vec::new(),
+            start: Instant::now(),
+            next_connect_at_us: 0,
+            recovery_bytes: 0,
+            recovery_records: 0,
+            recoveries_seen: 0,
+            submitted: 0,
+        };
+        let cpu = cfg.cpu;
+        let handle = std::thread::Builder::new()
+            .name(format!("mirror-{}", cfg.role))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                        tracing::warn!(cpu, "could not pin the poller to this CPU");
+                    }
+                }
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    poller.run();
+                }));
+                if result.is_err() {
+                    poller.shared.fail("poller thread panicked (a bug)".into());
+                }
+                poller.publish_stats();
+            })
+            .map_err(|source| MirrorError::Io {
+                context: "starting the poller thread".into(),
+                source,
+            })?;
+        Ok(Mirror {
+            cfg,
+            shared,
+            region,
+            producer,
+            poller: Mutex::new(Some(handle)),
+            listen_addr,
+            max_write,
+        })
+    }
+
+    /// The configuration this node runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Backup: the address it listens on (useful with port 0).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if let Some(e) = self.shared.failure() {
+            return Err(e);
+        }
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            return Err(MirrorError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Submits a write and returns at once with its ticket (pipelining). The bytes are copied.
+    ///
+    /// When the submission ring is full this waits for room (backpressure), for at most
+    /// `write_timeout` if one is configured.
+    pub fn submit(&self, offset: u64, data: &[u8]) -> Result<Ticket> {
+        let producer = self.producer.as_ref().ok_or(MirrorError::WrongRole {
+            role: self.cfg.role,
+            what: "writing",
+            needs: Role::Primary,
+        })?;
+        check_write(offset, data.len(), self.cfg.region_size, self.max_write)?;
+        self.check_usable()?;
+        let mut item = Submission {
+            offset,
+            data: Bytes::copy_from_slice(data),
+        };
+        let deadline = self.cfg.write_timeout.map(|t| Instant::now() + t);
+        let mut spins = 0u32;
+        loop {
+            match producer.try_push(item) {
+                Ok(position) => {
+                    self.shared.wake_poller();
+                    return Ok(Ticket(position + 1));
+                }
+                Err(back) => {
+                    item = back;
+                    self.check_usable()?;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(MirrorError::Timeout);
+                    }
+                    self.shared.wake_poller();
+                    spins += 1;
+                    if spins < 64 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::sleep(Duration::from_micros(20));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until the write with this ticket (and every earlier one) is acknowledged by the
+    /// backup and applied here. `None` waits for as long as it takes.
+    ///
+    /// On [`MirrorError::Timeout`] the write stays pending and may still complete; wait again.
+    pub fn wait(&self, ticket: Ticket, timeout: Option<Duration>) -> Result<()> {
+        let issued = self.producer.as_ref().map_or(0, |p| p.pushed());
+        if ticket.0 == 0 || ticket.0 > issued {
+            return Err(MirrorError::UnknownTicket {
+                ticket: ticket.0,
+                last: issued,
+            });
+        }
+        let done = || self.shared.completed.load(Ordering::Acquire) >= ticket.0;
+        if done() {
+            return Ok(());
+        }
+        let start = Instant::now();
+        while start.elapsed() < self.cfg.wait_spin {
+            if done() {
+                return Ok(());
+            }
+            self.check_usable()?;
+            std::hint::spin_loop();
+        }
+        let deadline = timeout.map(|t| start + t);
+        self.shared.waiters.fetch_add(1, Ordering::Relaxed);
+        // Pairs with the fence in `notify_waiters` (see there).
+        fence(Ordering::SeqCst);
+        let result = (|| {
+            let mut guard = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if done() {
+                    return Ok(());
+                }
+                self.check_usable()?;
+                let wait_for = match deadline {
+                    Some(d) => {
+                        let now = Instant::now();
+                        if now >= d {
+                            return Err(MirrorError::Timeout);
+                        }
+                        (d - now).min(Duration::from_millis(50))
+                    }
+                    None => Duration::from_millis(50),
+                };
+                guard = self
+                    .shared
+                    .cond
+                    .wait_timeout(guard, wait_for)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        })();
+        self.shared.waiters.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Writes `data` at `offset` and returns once the backup acknowledged it and it is applied
+    /// here (or, under `on_peer_loss = continue` while the backup is away, once it is queued and
+    /// applied here). Waits at most `write_timeout` if one is configured.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let ticket = self.submit(offset, data)?;
+        self.wait(ticket, self.cfg.write_timeout)
+    }
+
+    /// Copies region bytes out. A read that overlaps a write in progress may see part of it (as
+    /// with any shared memory); bytes of completed writes are always seen.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Ok(self.region.read(offset, buf)?)
+    }
+
+    /// The region's size in bytes.
+    pub fn region_len(&self) -> u64 {
+        self.region.len()
+    }
+
+    /// Start of the mapped region for zero-copy reads (`region_len` bytes, read-only to callers).
+    /// The poller writes into it concurrently: reading bytes that a write in progress covers gives
+    /// an unspecified mix of old and new bytes, never a fault.
+    pub fn region_ptr(&self) -> *const u8 {
+        self.region.as_ptr()
+    }
+
+    /// A snapshot of the node's counters.
+    pub fn stats(&self) -> Stats {
+        let mut s = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        s.writes_completed = self.shared.completed.load(Ordering::Acquire);
+        s.writes_submitted = self.producer.as_ref().map_or(0, |p| p.pushed());
+        if let Some(MirrorError::Failed { reason }) = self.shared.failure() {
+            s.failure = Some(reason);
+            s.phase = Phase::Failed;
+        }
+        s
+    }
+
+    /// Stops the poller (after its current pass) and releases the files. Writes not completed by
+    /// then fail with [`MirrorError::Closed`]; what they queued stays in the queue and is recovered
+    /// at the next open. Idempotent.
+    pub fn close(&self) -> Result<()> {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.poller_sleeping.store(true, Ordering::Relaxed);
+        self.shared.wake_poller();
+        self.shared.notify_waiters();
+        let handle = self.poller.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                return Err(MirrorError::Failed {
+                    reason: "poller thread panicked".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Testing aid for crash tests and the demo: the node kills its own process (SIGKILL) just
+    /// before its next apply. On a primary in synchronous mode that is the instant after the
+    /// backup acknowledged a write and before the primary applied it.
+    #[doc(hidden)]
+    pub fn arm_crash_before_next_apply(&self) {
+        self.shared.crash_armed.store(true, Ordering::Relaxed);
+        self.shared.wake_poller();
+    }
+
+    /// Waits until the node is mirroring synchronously (connected and recovered), for at most
+    /// `timeout`. Useful for tests and demos.
+    pub fn wait_synchronous(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_usable()?;
+            if self.stats().phase == Phase::Synchronous {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(MirrorError::Timeout);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// Largest number of messages taken from the connection per pass.
+const RECV_BATCH: usize = 512;
+/// Largest number of submissions taken from the ring per pass.
+const SUBMIT_BATCH: usize = 256;
+/// Stop taking submissions while this much is waiting to be sent.
+const SEND_BACKLOG_PAUSE: usize = 8 << 20;
+/// The primary keeps this fraction of its queue free, so that a backup with a queue of the same
+/// size always has room for what the primary has not yet reported applied.
+const PRIMARY_QUEUE_HEADROOM_DIV: u64 = 4;
+/// A new connection must say Hello within this time.
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+
+struct Poller {
+    cfg: Config,
+    core: Core,
+    queue: PersistentQueue,
+    region: Arc<Region>,
+    shared: Arc<Shared>,
+    consumer: Option<Consumer<Submission>>,
+    /// A submission taken from the ring that did not fit in the queue yet.
+    stash: Option<(u64, Submission)>,
+    conn: Option<Box<dyn Connection>>,
+    acceptor: Option<TcpAcceptor>,
+    pending: Vec<(TcpConnection, Instant)>,
+    actions: Vec<Action>,
+    inbox: Vec<Message>,
+    start: Instant,
+    next_connect_at_us: u64,
+    recovery_bytes: u64,
+    recovery_records: u64,
+    recoveries_seen: u64,
+    submitted: u64,
+}
+
+/// Why a pass stopped the node.
+enum Stop {
+    Fatal(String),
+}
+
+impl From<StorageError> for Stop {
+    fn from(e: StorageError) -> Self {
+        Stop::Fatal(e.to_string())
+    }
+}
+
+impl Poller {
+    fn run(&mut self) {
+        let mut last_work = Instant::now();
+        let mut last_stats = Instant::now();
+        loop {
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                self.shutdown();
+                return;
+            }
+            let now = now_us(self.start);
+            self.core.set_now(now);
+            let worked = match self.pass(now) {
+                Ok(w) => w,
+                Err(Stop::Fatal(reason)) => {
+                    self.core.fail();
+                    self.conn = None;
+                    self.shared.fail(reason);
+                    return;
+                }
+            };
+            let t = Instant::now();
+            if worked {
+                last_work = t;
+            }
+            if worked || t.duration_since(last_stats) > Duration::from_millis(1) {
+                self.publish_stats();
+                last_stats = t;
+            }
+            if !worked && t.duration_since(last_work) >= self.cfg.idle_spin {
+                self.park();
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            let _ = c.flush();
+        }
+        if let Err(e) = self.queue.sync() {
+            tracing::warn!(error = %e, "final queue sync failed");
+        }
+        self.publish_stats();
+        self.shared.notify_waiters();
+    }
+
+    /// One pass of the event loop. Returns whether anything happened.
+    fn pass(&mut self, now: u64) -> Result<bool, Stop> {
+        let mut worked = false;
+        worked |= self.manage_connection(now);
+        if let Some(conn) = self.conn.as_mut() {
+            match conn.poll_recv(&mut self.inbox, RECV_BATCH) {
+                Ok(n) => worked |= n > 0,
+                Err(e) => {
+                    self.drop_connection(&e.to_string());
+                    worked = true;
+                }
+            }
+        }
+        for msg in self.inbox.drain(..) {
+            self.core.on_message(msg);
+        }
+        worked |= self.take_submissions()?;
+        if !worked {
+            self.core.on_tick();
+        }
+        self.core.end_batch();
+        worked |= self.execute_actions()?;
+        if let Some(conn) = self.conn.as_mut() {
+            if let Err(e) = conn.flush() {
+                self.drop_connection(&e.to_string());
+                worked = true;
+            }
+        }
+        // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
+        worked |= self.execute_actions()?;
+        Ok(worked)
+    }
+
+    fn drop_connection(&mut self, why: &str) {
+        if let Some(c) = self.conn.take() {
+            tracing::warn!(peer = %c.peer(), reason = why, "connection lost");
+        }
+        self.core.on_disconnected();
+    }
+
+    fn manage_connection(&mut self, now: u64) -> bool {
+        match self.cfg.role {
+            Role::Primary => {
+                if self.conn.is_some()
+                    || self.core.phase() != Phase::Disconnected
+                    || now < self.next_connect_at_us
+                {
+                    return false;
+                }
+                self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
+                let peer = self.cfg.peer.clone().unwrap_or_default();
+                match TcpConnection::connect(&peer, Duration::from_millis(500)) {
+                    Ok(c) => {
+                        tracing::info!(peer = %c.peer(), "connected to backup");
+                        self.conn = Some(Box::new(c));
+                        self.core.on_connected();
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "backup not reachable");
+                        self.core.on_connect_failed();
+                    }
+                }
+                true
+            }
+            Role::Backup => self.accept_and_greet(),
+        }
+    }
+
+    /// Backup: accepts new connections and adopts one once its Hello passes the checks. A Hello
+    /// from the primary already connected (same node id) replaces the old connection (the
+    /// primary restarted or its link broke); any other is refused without disturbing it.
+    fn accept_and_greet(&mut self) -> bool {
+        let mut worked = false;
+        if let Some(acceptor) = &self.acceptor {
+            loop {
+                match acceptor.try_accept() {
+                    Ok(Some(c)) => {
+                        tracing::info!(peer = %c.peer(), "incoming connection");
+                        self.pending.push((c, Instant::now() + HELLO_DEADLINE));
+                        worked = true;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        break;
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let mut first = Vec::new();
+            let result = self.pending[i].0.poll_recv(&mut first, 1);
+            match result {
+                Ok(0) if Instant::now() < self.pending[i].1 => {
+                    i += 1;
+                    continue;
+                }
+                Ok(0) => {
+                    let (c, _) = self.pending.swap_remove(i);
+                    tracing::warn!(peer = %c.peer(), "no Hello in time; closing");
+                }
+                Ok(_) => {
+                    let (mut c, _) = self.pending.swap_remove(i);
+                    worked = true;
+                    let Core::Backup(backup) = &self.core else {
+                        unreachable!("only backups accept")
+                    };
+                    let verdict = match first.first() {
+                        Some(Message::Hello(h)) => backup.check_hello(h),
+                        Some(other) => Err((
+                            RejectCode::ProtocolViolation,
+                            format!("first message was {:?}, expected Hello", other.kind()),
+                        )),
+                        None => unreachable!("poll_recv returned 1"),
+                    };
+                    match verdict {
+                        Ok(()) => {
+                            if let Some(old) = self.conn.take() {
+                                tracing::info!(old = %old.peer(), new = %c.peer(), "primary reconnected; replacing its old connection");
+                                self.core.on_disconnected();
+                            }
+                            self.core.on_connected();
+                            for m in first {
+                                self.core.on_message(m);
+                            }
+                            self.conn = Some(Box::new(c));
+                        }
+                        Err((code, reason)) => {
+                            tracing::warn!(peer = %c.peer(), ?code, %reason, "refusing connection");
+                            let _ = c.send(&Message::Reject { code, reason });
+                            let _ = c.flush();
+                        }
+                    }
+                }
+                Err(e) => {
+                    let (c, _) = self.pending.swap_remove(i);
+                    tracing::warn!(peer = %c.peer(), error = %e, "bad first bytes; closing");
+                    let code = match e {
+                        TransportError::Wire(mirror_proto::WireError::UnsupportedVersion {
+                            ..
+                        }) => Some(RejectCode::ProtocolVersion),
+                        TransportError::Wire(_) => Some(RejectCode::ProtocolViolation),
+                        _ => None,
+                    };
+                    if let Some(code) = code {
+                        let mut c = c;
+                        let _ = c.send(&Message::Reject {
+                            code,
+                            reason: e.to_string(),
+                        });
+                        let _ = c.flush();
+                    }
+                }
+            }
+        }
+        worked
+    }
+
+    fn take_submissions(&mut self) -> Result<bool, Stop> {
+        if self.consumer.is_none() {
+            return Ok(false);
+        }
+        let mut worked = false;
+        let headroom = self.queue.capacity_bytes() / PRIMARY_QUEUE_HEADROOM_DIV;
+        for _ in 0..SUBMIT_BATCH {
+            if !self.core.accepts_submissions() {
+                break;
+            }
+            if self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.pending_send_bytes() > SEND_BACKLOG_PAUSE)
+            {
+                break;
+            }
+            let popped = match self.stash.take() {
+                Some(s) => Some(s),
+                None => self.consumer.as_mut().and_then(|c| c.try_pop()),
+            };
+            let Some((position, sub)) = popped else {
+                break;
+            };
+            let needed = sub.data.len() as u64 + 64;
+            if self.queue.free_bytes() < needed + headroom {
+                // Backpressure until the backup confirms applying and we can trim.
+                self.stash = Some((position, sub));
+                break;
+            }
+            let ticket = position + 1;
+            debug_assert_eq!(ticket, self.submitted + 1, "tickets out of order");
+            self.submitted = ticket;
+            // Validated in `submit`; a failure here would be a bug, which stops the node.
+            self.core
+                .submit(ticket, sub.offset, sub.data)
+                .map_err(|e| Stop::Fatal(format!("submission refused by the core: {e}")))?;
+            worked = true;
+            // Execute as we go so that queue space is accounted for the next submission.
+            self.execute_actions()?;
+        }
+        Ok(worked)
+    }
+
+    fn execute_actions(&mut self) -> Result<bool, Stop> {
+        let mut actions = std::mem::take(&mut self.actions);
+        self.core.drain_actions(&mut actions);
+        let worked = !actions.is_empty();
+        let mut broken: Option<String> = None;
+        for action in actions.drain(..) {
+            match action {
+                Action::Send(msg) => {
+                    if let Some(c) = self.conn.as_mut() {
+                        if let Err(e) = c.send(&msg) {
+                            broken.get_or_insert(e.to_string());
+                        }
+                    }
+                }
+                Action::SendQueued {
+                    from_seq,
+                    through_seq,
+                } => self.send_queued(from_seq, through_seq, &mut broken)?,
+                Action::Append { record, recovery } => {
+                    match self.queue.append(record.seq, record.offset, &record.data) {
+                        Ok(()) => {}
+                        Err(StorageError::Full { needed, free }) => {
+                            return Err(Stop::Fatal(format!(
+                                "queue {} is full ({needed} bytes needed, {free} free); a backup's queue_size must be at least its primary's",
+                                self.cfg.queue.display()
+                            )))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    if recovery {
+                        self.recovery_bytes += record.data.len() as u64;
+                        self.recovery_records += 1;
+                    }
+                }
+                Action::SyncQueue => self.queue.sync()?,
+                Action::Apply(record) => {
+                    if self.cfg.crash_before_apply_seq == Some(record.seq)
+                        || self.shared.crash_armed.load(Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            seq = record.seq,
+                            "fail point: killing this process before applying"
+                        );
+                        // SAFETY: kill(2) on our own pid with a valid signal number.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    }
+                    self.region.write(record.offset, &record.data)?;
+                }
+                Action::CommitApplied { through } => {
+                    if self.cfg.durability != Durability::Process {
+                        self.region.sync()?;
+                        // Keeps `last_seq >= applied_through` true on disk.
+                        self.queue.sync()?;
+                    }
+                    self.queue.set_applied_through(through)?;
+                }
+                Action::Trim { through } => self.queue.trim_through(through)?,
+                Action::BindPeer { node_id } => {
+                    tracing::info!(peer = format_args!("{node_id:#x}"), "bound to peer");
+                    self.queue.set_peer_node_id(node_id)?;
+                }
+                Action::Complete { ticket } => self.shared.complete(ticket),
+                Action::Disconnect(fault) => {
+                    broken.get_or_insert(fault.to_string());
+                }
+                Action::Reject { code, reason } => {
+                    if let Some(c) = self.conn.as_mut() {
+                        let _ = c.send(&Message::Reject {
+                            code,
+                            reason: reason.clone(),
+                        });
+                        let _ = c.flush();
+                    }
+                    broken.get_or_insert(format!("rejected peer ({code:?}): {reason}"));
+                }
+                Action::RecoveryStarted => {
+                    self.recovery_bytes = 0;
+                    self.recovery_records = 0;
+                }
+                Action::Fatal(e) => return Err(Stop::Fatal(e.to_string())),
+            }
+        }
+        self.actions = actions;
+        if let Some(why) = broken {
+            self.drop_connection(&why);
+        }
+        Ok(worked)
+    }
+
+    fn send_queued(
+        &mut self,
+        from_seq: u64,
+        through_seq: u64,
+        broken: &mut Option<String>,
+    ) -> Result<(), Stop> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let mut expect = from_seq;
+        for rec in self.queue.iter_from(from_seq) {
+            let rec = rec?;
+            if rec.seq > through_seq {
+                break;
+            }
+            if rec.seq != expect {
+                break;
+            }
+            if let Err(e) = conn.send_write(rec.seq, rec.offset, rec.payload) {
+                broken.get_or_insert(e.to_string());
+                return Ok(());
+            }
+            self.recovery_bytes += rec.payload.len() as u64;
+            self.recovery_records += 1;
+            expect += 1;
+            // Keep the send buffer bounded during a long catch-up.
+            if conn.pending_send_bytes() > SEND_BACKLOG_PAUSE {
+                if let Err(e) = flush_blocking(conn.as_mut()) {
+                    broken.get_or_insert(e.to_string());
+                    return Ok(());
+                }
+            }
+        }
+        if expect != through_seq + 1 {
+            return Err(Stop::Fatal(format!(
+                "queue {} lacks record {expect} needed to catch up the peer (through {through_seq})",
+                self.cfg.queue.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn publish_stats(&mut self) {
+        let core = self.core.stats();
+        if core.recoveries != self.recoveries_seen {
+            self.recoveries_seen = core.recoveries;
+            tracing::info!(
+                records = self.recovery_records,
+                bytes = self.recovery_bytes,
+                "recovery complete: moved only the missed requests"
+            );
+        }
+        let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.phase = self.core.phase();
+        s.next_seq = core.next_seq;
+        s.applied_through = core.applied_through;
+        s.acked_through = core.acked_through;
+        s.peer_applied_through = core.peer_applied_through;
+        s.queue_records = self.queue.len_records();
+        s.queue_bytes = self.queue.used_bytes();
+        s.in_flight = core.in_flight;
+        s.degraded = core.degraded;
+        s.recoveries = core.recoveries;
+        s.last_recovery_bytes = self.recovery_bytes;
+        s.last_recovery_records = self.recovery_records;
+    }
+
+    fn park(&mut self) {
+        self.shared.poller_sleeping.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `wake_poller`.
+        fence(Ordering::SeqCst);
+        let has_submissions = self.stash.is_none()
+            && self
+                .consumer
+                .as_ref()
+                .is_some_and(|c| !c.is_empty() && self.core.accepts_submissions());
+        if has_submissions || self.shared.shutdown.load(Ordering::Acquire) {
+            self.shared.poller_sleeping.store(false, Ordering::Relaxed);
+            return;
+        }
+        let mut fds = Vec::with_capacity(3 + self.pending.len());
+        let mut watch = |fd: i32| {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+        };
+        watch(self.shared.wake_fd.as_raw_fd());
+        if let Some(c) = &self.conn {
+            watch(c.wait_fd());
+        }
+        if let Some(a) = &self.acceptor {
+            watch(a.wait_fd());
+        }
+        for (c, _) in &self.pending {
+            watch(c.wait_fd());
+        }
+        // Wake at least every 5 ms for timers (ack timeout, reconnects, stats).
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5) };
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd (clears it).
+        unsafe {
+            libc::read(
+                self.shared.wake_fd.as_raw_fd(),
+                (&mut counter as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        self.shared.poller_sleeping.store(false, Ordering::Relaxed);
+    }
+}
+
+fn flush_blocking(conn: &mut dyn Connection) -> Result<(), TransportError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !conn.flush()? {
+        if Instant::now() > deadline {
+            return Err(TransportError::Backlog { limit: 0 });
+        }
+        let mut pfd = libc::pollfd {
+            fd: conn.wait_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, 10) };
+    }
+    Ok(())
+}
+
+/// Reads the queue file of a node that is not running and reports what it holds (for `mirror status`).
+pub fn inspect(queue: &Path) -> Result<mirror_storage::QueueInfo> {
+    Ok(mirror_storage::inspect_queue(queue)?)
+}

@@ -1,0 +1,209 @@
+//! TCP transport: non-blocking sockets with TCP_NODELAY, busy-polled; many messages per `write`.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mirror_proto::{encode_write, Message};
+
+use super::{Connection, TransportError};
+
+/// Bytes read per `read` call, and the receive buffer's growth step.
+const RECV_CHUNK: usize = 256 << 10;
+/// Unsent bytes beyond which the peer is considered stuck (it does not read).
+const SEND_BACKLOG_LIMIT: usize = 512 << 20;
+
+/// A TCP connection to the peer.
+#[derive(Debug)]
+pub struct TcpConnection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    tx: BytesMut,
+    tx_sent: usize,
+    rx: BytesMut,
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> TransportError {
+    move |source| TransportError::Io { context, source }
+}
+
+impl TcpConnection {
+    /// Wraps an established stream: non-blocking, TCP_NODELAY.
+    pub fn new(stream: TcpStream) -> Result<Self, TransportError> {
+        stream
+            .set_nonblocking(true)
+            .map_err(io_err("setting socket non-blocking"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(io_err("setting TCP_NODELAY"))?;
+        let peer = stream.peer_addr().map_err(io_err("reading peer address"))?;
+        Ok(TcpConnection {
+            stream,
+            peer,
+            tx: BytesMut::with_capacity(RECV_CHUNK),
+            tx_sent: 0,
+            rx: BytesMut::with_capacity(RECV_CHUNK),
+        })
+    }
+
+    /// Connects to `addr` (blocking for at most `timeout`).
+    pub fn connect(addr: &str, timeout: Duration) -> Result<Self, TransportError> {
+        let mut last = None;
+        let addrs = addr
+            .to_socket_addrs()
+            .map_err(io_err("resolving peer address"))?;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(s) => return Self::new(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(TransportError::Io {
+            context: "connecting to peer",
+            source: last.unwrap_or_else(|| io::Error::other("address resolves to nothing")),
+        })
+    }
+
+    fn check_backlog(&self) -> Result<(), TransportError> {
+        if self.tx.len() - self.tx_sent > SEND_BACKLOG_LIMIT {
+            return Err(TransportError::Backlog {
+                limit: SEND_BACKLOG_LIMIT,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Connection for TcpConnection {
+    fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
+        self.check_backlog()?;
+        msg.encode(&mut self.tx);
+        Ok(())
+    }
+
+    fn send_write(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<(), TransportError> {
+        self.check_backlog()?;
+        encode_write(seq, offset, data, &mut self.tx);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<bool, TransportError> {
+        while self.tx_sent < self.tx.len() {
+            match self.stream.write(&self.tx[self.tx_sent..]) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => self.tx_sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("sending to peer")(e)),
+            }
+        }
+        if self.tx_sent == self.tx.len() {
+            self.tx.clear();
+            self.tx_sent = 0;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    fn pending_send_bytes(&self) -> usize {
+        self.tx.len() - self.tx_sent
+    }
+
+    fn poll_recv(&mut self, out: &mut Vec<Message>, max: usize) -> Result<usize, TransportError> {
+        let before = out.len();
+        loop {
+            while out.len() - before < max {
+                match Message::decode(&mut self.rx)? {
+                    Some(m) => out.push(m),
+                    None => break,
+                }
+            }
+            if out.len() - before >= max {
+                break;
+            }
+            if self.rx.capacity() - self.rx.len() < RECV_CHUNK / 4 {
+                self.rx.reserve(RECV_CHUNK);
+            }
+            let spare = self.rx.spare_capacity_mut();
+            // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `self.rx`, and
+            // recv(2) writes at most that many bytes into it. No Rust reference to those bytes is
+            // read before `set_len` below covers exactly the `n` bytes recv initialized.
+            let n = unsafe {
+                libc::recv(
+                    self.stream.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    0,
+                )
+            };
+            match n {
+                0 => return Err(TransportError::Closed),
+                n if n > 0 => {
+                    let len = self.rx.len();
+                    // SAFETY: recv initialized bytes len..len+n (n <= spare capacity, checked by
+                    // the kernel against the length we passed).
+                    unsafe { self.rx.set_len(len + n as usize) };
+                }
+                _ => {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => break,
+                        io::ErrorKind::Interrupted => {}
+                        _ => return Err(io_err("receiving from peer")(e)),
+                    }
+                }
+            }
+        }
+        Ok(out.len() - before)
+    }
+
+    fn wait_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    fn peer(&self) -> String {
+        format!("tcp://{}", self.peer)
+    }
+}
+
+/// The backup's listening socket.
+#[derive(Debug)]
+pub struct TcpAcceptor {
+    listener: TcpListener,
+}
+
+impl TcpAcceptor {
+    /// Binds `addr` (non-blocking accepts).
+    pub fn bind(addr: SocketAddr) -> Result<Self, TransportError> {
+        let listener = TcpListener::bind(addr).map_err(io_err("binding listen address"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("setting listener non-blocking"))?;
+        Ok(TcpAcceptor { listener })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.listener
+            .local_addr()
+            .map_err(io_err("reading listen address"))
+    }
+
+    /// Accepts one pending connection, if any.
+    pub fn try_accept(&self) -> Result<Option<TcpConnection>, TransportError> {
+        match self.listener.accept() {
+            Ok((s, _)) => TcpConnection::new(s).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(io_err("accepting a connection")(e)),
+        }
+    }
+
+    /// Readable when a connection is pending.
+    pub fn wait_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+}

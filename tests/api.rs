@@ -1,0 +1,211 @@
+//! The Rust API end to end, with a primary and a backup in this process over loopback TCP.
+
+use std::path::Path;
+use std::time::Duration;
+
+use mirror::{ConfigBuilder, Mirror, MirrorError, Phase, Ticket};
+
+fn base(dir: &Path, role: &str, region_size: &str) -> ConfigBuilder {
+    let mut b = ConfigBuilder::new();
+    b.set("role", role).unwrap();
+    b.set(
+        "region",
+        dir.join(format!("{role}.region")).to_str().unwrap(),
+    )
+    .unwrap();
+    b.set("queue", dir.join(format!("{role}.queue")).to_str().unwrap())
+        .unwrap();
+    b.set("region_size", region_size).unwrap();
+    b.set("queue_size", "4MiB").unwrap();
+    b.set("idle_spin_us", "20").unwrap();
+    b
+}
+
+fn backup(dir: &Path) -> Mirror {
+    let mut b = base(dir, "backup", "1MiB");
+    b.set("listen", "127.0.0.1:0").unwrap();
+    Mirror::open(b.build().unwrap()).unwrap()
+}
+
+fn primary(dir: &Path, backup: &Mirror, extra: &[(&str, &str)]) -> Mirror {
+    let mut b = base(dir, "primary", "1MiB");
+    b.set("peer", &backup.listen_addr().unwrap().to_string())
+        .unwrap();
+    for (k, v) in extra {
+        b.set(k, v).unwrap();
+    }
+    Mirror::open(b.build().unwrap()).unwrap()
+}
+
+#[test]
+fn write_submit_wait_read_stats_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backup(dir.path());
+    let p = primary(dir.path(), &b, &[("on_peer_loss", "block")]);
+    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    p.write(0, b"hello, mirror").unwrap();
+    let mut buf = [0u8; 13];
+    p.read(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"hello, mirror");
+    // Pipelined.
+    let tickets: Vec<Ticket> = (0..100u64)
+        .map(|i| p.submit(1000 + i * 8, &i.to_le_bytes()).unwrap())
+        .collect();
+    for t in &tickets {
+        p.wait(*t, Some(Duration::from_secs(10))).unwrap();
+    }
+    // Zero-copy view.
+    let view = unsafe { std::slice::from_raw_parts(p.region_ptr(), p.region_len() as usize) };
+    assert_eq!(&view[1000 + 99 * 8..1000 + 100 * 8], &99u64.to_le_bytes());
+    let s = p.stats();
+    assert_eq!(s.phase, Phase::Synchronous);
+    assert_eq!(s.writes_completed, 101);
+    assert_eq!(s.next_seq, 102);
+    assert!(!s.degraded);
+    // The backup has every completed write.
+    let mut bbuf = [0u8; 13];
+    b.read(0, &mut bbuf).unwrap();
+    assert_eq!(&bbuf, b"hello, mirror");
+    p.close().unwrap();
+    p.close().unwrap(); // idempotent
+    assert!(matches!(p.write(0, b"x"), Err(MirrorError::Closed)));
+    b.close().unwrap();
+    let pr = std::fs::read(dir.path().join("primary.region")).unwrap();
+    let br = std::fs::read(dir.path().join("backup.region")).unwrap();
+    assert_eq!(pr, br);
+}
+
+#[test]
+fn invalid_calls_get_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backup(dir.path());
+    assert!(matches!(
+        b.write(0, b"x"),
+        Err(MirrorError::WrongRole { .. })
+    ));
+    let p = primary(dir.path(), &b, &[]);
+    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    assert!(matches!(
+        p.write(1 << 20, b"x"),
+        Err(MirrorError::InvalidWrite(_))
+    ));
+    assert!(matches!(
+        p.write((1 << 20) - 1, b"xy"),
+        Err(MirrorError::InvalidWrite(_))
+    ));
+    assert!(matches!(p.write(0, b""), Err(MirrorError::InvalidWrite(_))));
+    assert!(matches!(
+        p.write(u64::MAX, b"x"),
+        Err(MirrorError::InvalidWrite(_))
+    ));
+    assert!(matches!(
+        p.write(0, &vec![0u8; 2 << 20]),
+        Err(MirrorError::InvalidWrite(_))
+    ));
+    assert!(matches!(
+        p.wait(Ticket(0), None),
+        Err(MirrorError::UnknownTicket { .. })
+    ));
+    assert!(matches!(
+        p.wait(Ticket(99), None),
+        Err(MirrorError::UnknownTicket { .. })
+    ));
+    let mut big = vec![0u8; 16];
+    assert!(p.read((1 << 20) - 8, &mut big).is_err());
+    // The region is untouched by all of that.
+    assert_eq!(p.stats().next_seq, 1);
+}
+
+#[test]
+fn block_policy_write_times_out_without_a_backup_and_completes_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backup(dir.path());
+    let addr = b.listen_addr().unwrap();
+    let p = primary(
+        dir.path(),
+        &b,
+        &[
+            ("on_peer_loss", "block"),
+            ("ack_timeout_ms", "200"),
+            ("reconnect_interval_ms", "20"),
+        ],
+    );
+    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    p.write(0, b"first").unwrap();
+    b.close().unwrap();
+    drop(b);
+    let t = p.submit(8, b"second").unwrap();
+    assert!(matches!(
+        p.wait(t, Some(Duration::from_millis(300))),
+        Err(MirrorError::Timeout)
+    ));
+    let mut buf = [0u8; 6];
+    p.read(8, &mut buf).unwrap();
+    assert_eq!(
+        &buf, &[0u8; 6],
+        "a held write is not applied without the backup"
+    );
+    // The backup returns on the same address and files.
+    let mut cfg = base(dir.path(), "backup", "1MiB");
+    cfg.set("listen", &addr.to_string()).unwrap();
+    let b = Mirror::open(cfg.build().unwrap()).unwrap();
+    p.wait(t, Some(Duration::from_secs(10))).unwrap();
+    p.read(8, &mut buf).unwrap();
+    assert_eq!(&buf, b"second");
+    p.close().unwrap();
+    b.close().unwrap();
+}
+
+#[test]
+fn continue_policy_completes_without_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = base(dir.path(), "primary", "1MiB");
+    b.set("peer", "127.0.0.1:1").unwrap(); // nothing listens there
+    b.set("on_peer_loss", "continue").unwrap();
+    let p = Mirror::open(b.build().unwrap()).unwrap();
+    p.write(0, b"alone").unwrap();
+    let s = p.stats();
+    assert!(s.degraded);
+    assert_eq!(s.writes_completed, 1);
+    assert!(s.queue_records >= 1, "kept in the queue for the backup");
+}
+
+#[test]
+fn region_size_mismatch_stops_the_primary_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backup(dir.path());
+    let mut pb = base(dir.path(), "primary", "2MiB");
+    pb.set("peer", &b.listen_addr().unwrap().to_string())
+        .unwrap();
+    let p = Mirror::open(pb.build().unwrap()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.stats().failure.is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let f = p.stats().failure.expect("primary failed");
+    assert!(f.contains("region") && f.contains("bytes"), "{f}");
+    assert!(matches!(p.write(0, b"x"), Err(MirrorError::Failed { .. })));
+}
+
+#[test]
+fn reopening_with_another_region_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = base(dir.path(), "backup", "1MiB");
+    b.set("listen", "127.0.0.1:0").unwrap();
+    Mirror::open(b.build().unwrap()).unwrap().close().unwrap();
+    let mut b = base(dir.path(), "backup", "2MiB");
+    b.set("listen", "127.0.0.1:0").unwrap();
+    let e = Mirror::open(b.build().unwrap()).unwrap_err();
+    assert!(matches!(e, MirrorError::Storage(_)), "{e}");
+    assert!(e.to_string().contains("region"), "{e}");
+}
+
+#[test]
+fn rdma_transport_is_refused_clearly_until_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = base(dir.path(), "backup", "1MiB");
+    b.set("listen", "127.0.0.1:0").unwrap();
+    b.set("transport", "rdma").unwrap();
+    let e = Mirror::open(b.build().unwrap()).unwrap_err();
+    assert!(matches!(e, MirrorError::Unsupported(_)), "{e}");
+}

@@ -1,0 +1,147 @@
+//! Bad input of every kind gets a one-line error and a non-zero exit, never a panic, and never
+//! disturbs a healthy pair: config, files, wire bytes, a second primary.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+fn assert_clean_error(st: std::process::ExitStatus, err: &str, needle: &str) {
+    assert!(!st.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains("mirror: error:"), "no one-line error: {err}");
+    assert!(
+        err.contains(needle),
+        "error does not mention '{needle}': {err}"
+    );
+}
+
+#[test]
+fn missing_and_bad_config_values_name_the_key() {
+    let (st, _, err) = run(&["backup", "--region", "/tmp/x.region"]);
+    assert_clean_error(st, &err, "region_size");
+    let (st, _, err) = run(&[
+        "backup",
+        "--region",
+        "/tmp/x.region",
+        "--region-size",
+        "12 parsecs",
+        "--queue",
+        "/tmp/x.queue",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_clean_error(st, &err, "region_size");
+    let (st, _, err) = run(&["backup", "--set", "colour=blue"]);
+    assert_clean_error(st, &err, "colour");
+    let (st, _, err) = run(&["primary", "--set", "durability=sometimes"]);
+    assert_clean_error(st, &err, "durability");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "role = \"backup\"\nregion_size = [1]\n").unwrap();
+    let (st, _, err) = run(&["backup", "--config", cfg.to_str().unwrap()]);
+    assert_clean_error(st, &err, "region_size");
+    let (st, _, err) = run(&["backup", "--config", "/nonexistent/mirror.toml"]);
+    assert_clean_error(st, &err, "/nonexistent/mirror.toml");
+}
+
+#[test]
+fn damaged_or_foreign_queue_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new(dir.path(), "block");
+    // Create valid files once.
+    let mut b = pair.start_backup(0);
+    assert!(b.stop().success());
+    let queue = pair.path("backup.queue");
+    let (st, out, _) = run(&["status", queue.to_str().unwrap()]);
+    assert!(st.success(), "{out}");
+    // Another region size with the same files.
+    let mut args = pair.backup_args();
+    let i = args.iter().position(|a| a == "--region-size").unwrap();
+    args[i + 1] = "2MiB".into();
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = run(&args_ref);
+    assert_clean_error(st, &err, "region");
+    // A corrupted header.
+    let mut bytes = std::fs::read(&queue).unwrap();
+    bytes[20] ^= 0xFF;
+    std::fs::write(&queue, &bytes).unwrap();
+    let args = pair.backup_args();
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = run(&args_ref);
+    assert_clean_error(st, &err, "queue");
+    let (st, _, err) = run(&["status", queue.to_str().unwrap()]);
+    assert_clean_error(st, &err, "queue");
+    // Not a queue file at all.
+    std::fs::write(&queue, b"hello").unwrap();
+    let (st, _, err) = run(&args_ref);
+    assert_clean_error(st, &err, "queue");
+}
+
+#[test]
+fn garbage_other_versions_and_a_second_primary_are_refused_without_harm() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new(dir.path(), "block");
+    let mut backup = pair.start_backup(0);
+    let mut primary = pair.start_primary(0, 0, 1);
+    primary.wait_until("writes", Duration::from_secs(30), |p| {
+        p.num("progress", "completed") >= 100
+    });
+
+    // Garbage bytes.
+    let mut s = TcpStream::connect(&pair.addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    drop(s);
+
+    // A frame of another protocol version: the reply is a Reject frame (kind 2).
+    let mut frame = Vec::new();
+    frame.extend_from_slice(b"LMIR");
+    frame.push(2); // version 2
+    frame.push(1); // Hello
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    let mut s = TcpStream::connect(&pair.addr).unwrap();
+    s.write_all(&frame).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(
+        reply.len() >= 16 && &reply[0..4] == b"LMIR" && reply[5] == 2,
+        "reply {reply:?}"
+    );
+    drop(s);
+
+    // A second primary with its own files: refused, exits with a clear error.
+    let other = tempfile::tempdir().unwrap();
+    let mut second = Pair::new(other.path(), "block");
+    second.addr = pair.addr.clone();
+    let args = second.primary_args(0, 10, 1);
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = run(&args_ref);
+    assert_clean_error(st, &err, "bound to primary");
+
+    // The first pair never noticed.
+    let before = primary.num("progress", "completed");
+    primary.wait_until("more writes", Duration::from_secs(30), |p| {
+        p.num("progress", "completed") >= before + 100
+    });
+    assert_eq!(
+        primary.get("progress", "phase").as_deref(),
+        Some("synchronous")
+    );
+    assert!(primary.stop().success());
+    assert!(backup.stop().success());
+    let log = std::fs::read_to_string(pair.path("backup-0.log")).unwrap();
+    assert!(
+        log.contains("bad magic") || log.contains("bad first bytes"),
+        "{log}"
+    );
+    assert!(log.contains("refusing"), "{log}");
+}

@@ -1,0 +1,292 @@
+//! Helpers for tests that run real `mirror` processes on loopback.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mirror");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child `mirror` process whose stdout lines are parsed as `kind key=value ...`.
+pub struct Node {
+    pub name: String,
+    pub child: Child,
+    latest: Arc<Mutex<HashMap<String, HashMap<String, String>>>>,
+    pub log: PathBuf,
+}
+
+impl Node {
+    pub fn spawn(name: &str, args: &[String], log: &Path) -> Node {
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("MIRROR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn mirror");
+        let latest = Arc::new(Mutex::new(HashMap::new()));
+        let sink = Arc::clone(&latest);
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let mut words = line.split_whitespace();
+                if let Some(kind) = words.next() {
+                    let map: HashMap<String, String> = words
+                        .filter_map(|w| w.split_once('='))
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .collect();
+                    sink.lock().unwrap().insert(kind.to_owned(), map);
+                }
+            }
+        });
+        Node {
+            name: name.to_owned(),
+            child,
+            latest,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn get(&self, kind: &str, key: &str) -> Option<String> {
+        self.latest.lock().unwrap().get(kind)?.get(key).cloned()
+    }
+
+    pub fn num(&self, kind: &str, key: &str) -> u64 {
+        self.get(kind, key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn has(&self, kind: &str) -> bool {
+        self.latest.lock().unwrap().contains_key(kind)
+    }
+
+    /// Waits for `cond`; panics with the node's log on timeout or early exit.
+    pub fn wait_until(&mut self, what: &str, timeout: Duration, cond: impl Fn(&Node) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if cond(self) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({st}) while waiting for {what}\n{}",
+                    self.name,
+                    tail(&self.log)
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what} on {}\n{}",
+                    self.name,
+                    tail(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("{} did not stop\n{}", self.name, tail(&self.log));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("{} did not exit\n{}", self.name, tail(&self.log));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Runs `mirror` to completion and returns (exit status, stdout, stderr).
+pub fn run(args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("MIRROR_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mirror");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Ids listed in a completions file (a cut last line is ignored).
+pub fn read_completions(path: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+/// Settings for a pair of test nodes in `dir`.
+pub struct Pair {
+    pub dir: PathBuf,
+    pub addr: String,
+    pub region_size: u64,
+    pub write_size: u64,
+    pub policy: &'static str,
+    pub extra: Vec<String>,
+}
+
+impl Pair {
+    pub fn new(dir: &Path, policy: &'static str) -> Pair {
+        Pair {
+            dir: dir.to_owned(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            region_size: 1 << 20,
+            write_size: 64,
+            policy,
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn common(&self, role: &str) -> Vec<String> {
+        let mut v = vec![
+            "--region".into(),
+            self.path(&format!("{role}.region")).display().to_string(),
+            "--region-size".into(),
+            self.region_size.to_string(),
+            "--queue".into(),
+            self.path(&format!("{role}.queue")).display().to_string(),
+            "--queue-size".into(),
+            "8MiB".into(),
+            // Two cores: spin briefly, then sleep.
+            "--set".into(),
+            "idle_spin_us=20".into(),
+            "--set".into(),
+            "wait_spin_us=5".into(),
+        ];
+        v.extend(self.extra.iter().cloned());
+        v
+    }
+
+    pub fn backup_args(&self) -> Vec<String> {
+        let mut v = vec!["backup".to_string()];
+        v.extend(self.common("backup"));
+        v.extend([
+            "--listen".into(),
+            self.addr.clone(),
+            "--report-ms".into(),
+            "20".into(),
+        ]);
+        v
+    }
+
+    pub fn primary_args(&self, start_id: u64, writes: u64, depth: u64) -> Vec<String> {
+        let mut v = vec!["primary".to_string()];
+        v.extend(self.common("primary"));
+        v.extend([
+            "--peer".into(),
+            self.addr.clone(),
+            "--on-peer-loss".into(),
+            self.policy.into(),
+            "--set".into(),
+            "ack_timeout_ms=500".into(),
+            "--set".into(),
+            "reconnect_interval_ms=20".into(),
+            "--write-size".into(),
+            self.write_size.to_string(),
+            "--start-id".into(),
+            start_id.to_string(),
+            "--writes".into(),
+            writes.to_string(),
+            "--depth".into(),
+            depth.to_string(),
+            "--completions".into(),
+            self.path("completions").display().to_string(),
+            "--report-ms".into(),
+            "20".into(),
+        ]);
+        v
+    }
+
+    pub fn start_backup(&self, n: usize) -> Node {
+        let mut b = Node::spawn(
+            "backup",
+            &self.backup_args(),
+            &self.path(&format!("backup-{n}.log")),
+        );
+        b.wait_until("backup to listen", Duration::from_secs(10), |b| {
+            b.has("backup") || b.has("status")
+        });
+        b
+    }
+
+    pub fn start_primary(&self, n: usize, writes: u64, depth: u64) -> Node {
+        Node::spawn(
+            "primary",
+            &self.primary_args(n as u64 * 10_000_000, writes, depth),
+            &self.path(&format!("primary-{n}.log")),
+        )
+    }
+}
