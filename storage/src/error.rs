@@ -1,0 +1,248 @@
+//! Typed errors. Each variant says whose fault it is (the environment, the file on disk, or the
+//! caller) and carries the path when a file is involved.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use crate::Role;
+
+/// Errors from the queue and region files.
+///
+/// Grouped by whose fault it is:
+/// - environment: [`Io`](Self::Io), [`Locked`](Self::Locked), [`NotDax`](Self::NotDax),
+///   [`Unsupported`](Self::Unsupported);
+/// - the file on disk: [`BadMagic`](Self::BadMagic),
+///   [`UnsupportedVersion`](Self::UnsupportedVersion),
+///   [`HeaderChecksum`](Self::HeaderChecksum), [`MetaChecksum`](Self::MetaChecksum),
+///   [`CorruptHeader`](Self::CorruptHeader), [`CorruptRecord`](Self::CorruptRecord);
+/// - configuration: [`AlreadyExists`](Self::AlreadyExists),
+///   [`RoleMismatch`](Self::RoleMismatch), [`RegionSizeMismatch`](Self::RegionSizeMismatch);
+/// - the caller: [`SeqOutOfOrder`](Self::SeqOutOfOrder), [`PayloadSize`](Self::PayloadSize),
+///   [`ResetBackwards`](Self::ResetBackwards), [`OutOfRange`](Self::OutOfRange),
+///   [`InvalidArgument`](Self::InvalidArgument);
+/// - flow control, not a fault: [`Full`](Self::Full).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// A system call on `path` failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// File the operation was on.
+        path: PathBuf,
+        /// What was being done (`"open"`, `"mmap"`, `"fdatasync"`, ...).
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `create` found a file already at `path`.
+    #[error("{}: already exists (refusing to overwrite it)", path.display())]
+    AlreadyExists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// Another handle (in this or another process) has the file open for writing.
+    #[error("{}: already open for writing by another handle or process (exclusive flock held)", path.display())]
+    Locked {
+        /// The locked file.
+        path: PathBuf,
+    },
+    /// The file does not start with the queue magic: it is not a libmirror queue file.
+    #[error("{}: not a libmirror queue file (magic {found:02x?}, expected \"LMIRQUE\\0\")", path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// The first 8 bytes found (zero-filled if the file is shorter).
+        found: [u8; 8],
+    },
+    /// The queue file was written in a format version this build does not read.
+    #[error("{}: queue format version {found} is not supported (this build reads version {supported})", path.display())]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+        /// Version this build supports.
+        supported: u32,
+    },
+    /// The immutable header block fails its crc32c: the header is damaged.
+    #[error("{}: queue header checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the header is damaged", path.display())]
+    HeaderChecksum {
+        /// The file.
+        path: PathBuf,
+        /// crc stored in the header.
+        stored: u32,
+        /// crc computed over the header bytes.
+        computed: u32,
+    },
+    /// Neither metadata slot (peer id, applied_through, epoch) passes its crc32c.
+    #[error("{}: both queue metadata slots fail their checksum: the header is damaged", path.display())]
+    MetaChecksum {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A header field or the file size is inconsistent.
+    #[error("{}: corrupt queue header: {why}", path.display())]
+    CorruptHeader {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The queue was created for the other role.
+    #[error("{}: queue file belongs to a {file} node, but this node is configured as {expected}", path.display())]
+    RoleMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Role stored in the file.
+        file: Role,
+        /// Role the caller asked for.
+        expected: Role,
+    },
+    /// The region size in the file (queue header, or region file length) differs from the
+    /// configured one.
+    #[error("{}: region size in the file is {file} bytes, but {expected} bytes are configured", path.display())]
+    RegionSizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Size according to the file.
+        file: u64,
+        /// Size the caller asked for.
+        expected: u64,
+    },
+    /// No room for the record now; trim (after the peer confirms) and retry. Not a fault.
+    #[error("queue full: the record needs {needed} bytes, {free} bytes are free")]
+    Full {
+        /// Bytes the append needs (record, plus the pad to the end of the ring if it wraps).
+        needed: u64,
+        /// Bytes free now.
+        free: u64,
+    },
+    /// `append` was given a sequence number other than `next_seq()`.
+    #[error("append out of order: expected seq {expected}, got {got}")]
+    SeqOutOfOrder {
+        /// The seq the queue expects (`next_seq()`).
+        expected: u64,
+        /// The seq passed in.
+        got: u64,
+    },
+    /// Payload empty or larger than `max_payload()`.
+    #[error("payload of {len} bytes refused: must be 1..={max} bytes")]
+    PayloadSize {
+        /// Length passed in.
+        len: usize,
+        /// `max_payload()` of this queue.
+        max: usize,
+    },
+    /// `reset_to` may only move `next_seq` forwards.
+    #[error(
+        "reset_to({requested}) refused: next_seq is already {current} and never goes backwards"
+    )]
+    ResetBackwards {
+        /// Current `next_seq()`.
+        current: u64,
+        /// The value passed in.
+        requested: u64,
+    },
+    /// A byte range does not fit in the region (checked without overflow).
+    #[error("range at offset {offset} with length {len} exceeds the region size of {size} bytes")]
+    OutOfRange {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// A record in the live part of the queue fails verification when read back.
+    #[error("{}: corrupt record at data-area offset {at}: {why}", path.display())]
+    CorruptRecord {
+        /// The queue file.
+        path: PathBuf,
+        /// Offset of the record inside the data area (not the file).
+        at: u64,
+        /// What failed.
+        why: String,
+    },
+    /// `Durability::Pmem` needs a file on a DAX filesystem; the kernel refused `MAP_SYNC`.
+    #[error("{}: durability \"pmem\" needs a file on a DAX filesystem (persistent memory mounted with -o dax); the kernel refused MAP_SYNC for this file", path.display())]
+    NotDax {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The requested feature does not exist on this platform.
+    #[error("{what} is not supported on this platform")]
+    Unsupported {
+        /// What was asked for.
+        what: &'static str,
+    },
+    /// A parameter is outside what this crate accepts (caller's fault).
+    #[error("invalid argument: {why}")]
+    InvalidArgument {
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl StorageError {
+    pub(crate) fn io(path: &std::path::Path, op: &'static str, source: io::Error) -> Self {
+        StorageError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+/// Why the recovery scan stopped before the tail recorded in the header.
+///
+/// The scan cannot tell a torn append (crash during the write) from a record damaged later
+/// (bit rot): both end the log at that record. See "Recovery" in `docs/FORMAT.md`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CutReason {
+    /// The record magic is wrong (torn, zeroed, or never written).
+    BadMagic,
+    /// Unknown record kind or a non-zero reserved field.
+    BadKind,
+    /// Length or region range out of bounds, or the record would cross the end of the ring.
+    BadLength,
+    /// The record belongs to an earlier lap of the ring (its stored position differs).
+    StalePosition,
+    /// The crc32c over the record does not match.
+    Checksum,
+    /// The sequence number does not continue the log.
+    SeqGap {
+        /// Seq the scan expected.
+        expected: u64,
+        /// Seq found.
+        found: u64,
+    },
+    /// The record's epoch is older than its predecessor's, or newer than the header's: it was
+    /// written before an earlier recovery cut the log here (a "ghost") or is garbage.
+    Epoch {
+        /// Epoch found in the record.
+        found: u64,
+    },
+}
+
+impl fmt::Display for CutReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CutReason::BadMagic => f.write_str("bad record magic"),
+            CutReason::BadKind => f.write_str("unknown record kind or non-zero reserved field"),
+            CutReason::BadLength => f.write_str("record length or region range out of bounds"),
+            CutReason::StalePosition => f.write_str("record from an earlier lap of the ring"),
+            CutReason::Checksum => f.write_str("record checksum mismatch"),
+            CutReason::SeqGap { expected, found } => {
+                write!(f, "sequence gap: expected seq {expected}, found {found}")
+            }
+            CutReason::Epoch { found } => write!(f, "record epoch {found} out of order"),
+        }
+    }
+}
