@@ -18,8 +18,10 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bench;
 pub mod config;
 pub mod error;
+pub mod ffi;
 pub mod node;
 pub mod transport;
 pub mod workload;

@@ -27,7 +27,7 @@ use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, StorageEr
 use crate::config::{Config, Role, TransportKind};
 use crate::error::{MirrorError, Result};
 use crate::transport::tcp::{TcpAcceptor, TcpConnection};
-use crate::transport::{Connection, TransportError};
+use crate::transport::{Connection, Listener, TransportError};
 
 /// Identifies a submitted write; tickets complete in the order they were issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -363,7 +363,7 @@ impl Mirror {
             consumer,
             stash: None,
             conn: None,
-            acceptor,
+            acceptor: acceptor.map(|a| Box::new(a) as Box<dyn Listener>),
             pending: Vec::new(),
             actions: Vec::new(),
             inbox: Vec::new(),
@@ -641,8 +641,8 @@ struct Poller {
     /// A submission taken from the ring that did not fit in the queue yet.
     stash: Option<(u64, Submission)>,
     conn: Option<Box<dyn Connection>>,
-    acceptor: Option<TcpAcceptor>,
-    pending: Vec<(TcpConnection, Instant)>,
+    acceptor: Option<Box<dyn Listener>>,
+    pending: Vec<(Box<dyn Connection>, Instant)>,
     actions: Vec<Action>,
     inbox: Vec<Message>,
     start: Instant,
@@ -760,10 +760,10 @@ impl Poller {
                 }
                 self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
                 let peer = self.cfg.peer.clone().unwrap_or_default();
-                match TcpConnection::connect(&peer, Duration::from_millis(500)) {
+                match connect(&self.cfg, &peer) {
                     Ok(c) => {
                         tracing::info!(peer = %c.peer(), "connected to backup");
-                        self.conn = Some(Box::new(c));
+                        self.conn = Some(c);
                         self.core.on_connected();
                     }
                     Err(e) => {
@@ -782,7 +782,7 @@ impl Poller {
     /// primary restarted or its link broke); any other is refused without disturbing it.
     fn accept_and_greet(&mut self) -> bool {
         let mut worked = false;
-        if let Some(acceptor) = &self.acceptor {
+        if let Some(acceptor) = self.acceptor.as_mut() {
             loop {
                 match acceptor.try_accept() {
                     Ok(Some(c)) => {
@@ -835,7 +835,7 @@ impl Poller {
                             for m in first {
                                 self.core.on_message(m);
                             }
-                            self.conn = Some(Box::new(c));
+                            self.conn = Some(c);
                         }
                         Err((code, reason)) => {
                             tracing::warn!(peer = %c.peer(), ?code, %reason, "refusing connection");
@@ -1112,6 +1112,20 @@ impl Poller {
             )
         };
         self.shared.poller_sleeping.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Connects to the backup over the configured transport.
+fn connect(cfg: &Config, peer: &str) -> Result<Box<dyn Connection>, TransportError> {
+    match cfg.transport {
+        TransportKind::Tcp => Ok(Box::new(TcpConnection::connect(
+            peer,
+            Duration::from_millis(500),
+        )?)),
+        TransportKind::Rdma => Err(TransportError::Io {
+            context: "connecting over RDMA",
+            source: std::io::Error::other("the RDMA transport is not built"),
+        }),
     }
 }
 

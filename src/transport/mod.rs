@@ -41,6 +41,14 @@ pub enum TransportError {
     },
 }
 
+/// The backup's listening endpoint.
+pub trait Listener: Send {
+    /// Accepts one pending connection, if any (never blocks).
+    fn try_accept(&mut self) -> Result<Option<Box<dyn Connection>>, TransportError>;
+    /// A file descriptor that becomes readable when a connection may be pending.
+    fn wait_fd(&self) -> RawFd;
+}
+
 /// One established connection to the peer.
 pub trait Connection: Send {
     /// Queues `msg` into the current send batch (no system call).

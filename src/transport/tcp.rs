@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use mirror_proto::{encode_write, Message};
 
-use super::{Connection, TransportError};
+use super::{Connection, Listener, TransportError};
 
 /// Bytes read per `read` call, and the receive buffer's growth step.
 const RECV_CHUNK: usize = 256 << 10;
@@ -205,5 +205,15 @@ impl TcpAcceptor {
     /// Readable when a connection is pending.
     pub fn wait_fd(&self) -> RawFd {
         self.listener.as_raw_fd()
+    }
+}
+
+impl Listener for TcpAcceptor {
+    fn try_accept(&mut self) -> Result<Option<Box<dyn Connection>>, TransportError> {
+        Ok(TcpAcceptor::try_accept(self)?.map(|c| Box::new(c) as Box<dyn Connection>))
+    }
+
+    fn wait_fd(&self) -> RawFd {
+        TcpAcceptor::wait_fd(self)
     }
 }

@@ -404,6 +404,64 @@ pub fn check_workload(
     }
 }
 
+pub fn bench(sizes: &[String], iterations: usize, set: &[String]) -> CliResult {
+    let dir = std::env::temp_dir().join(format!("mirror-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|source| MirrorError::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let mut extra = Vec::new();
+    for kv in set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--set expects KEY=VALUE, got '{kv}'")))?;
+        extra.push((k.trim().to_owned(), v.to_owned()));
+    }
+    let extra_ref: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let result = (|| {
+        let pair = mirror::bench::LocalPair::open(&dir, 64 << 20, &extra_ref)?;
+        println!(
+            "sync write latency vs raw TCP ping-pong floor (loopback, same run, interleaved; us)"
+        );
+        println!(
+            "{:>8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+            "bytes",
+            "floor p50",
+            "floor p99",
+            "floor p999",
+            "sync p50",
+            "sync p99",
+            "sync p999",
+            "x p50",
+            "x p99"
+        );
+        for size in sizes {
+            let payload = parse_size(size).map_err(usage)? as usize;
+            let c = mirror::bench::compare_sync_write(&pair, payload, iterations)?;
+            println!(
+                "{:>8} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8.2} {:>8.2}",
+                payload,
+                c.floor.p50_us,
+                c.floor.p99_us,
+                c.floor.p999_us,
+                c.engine.p50_us,
+                c.engine.p99_us,
+                c.engine.p999_us,
+                c.ratio_p50(),
+                c.ratio_p99()
+            );
+        }
+        pair.primary.close()?;
+        pair.backup.close()?;
+        Ok(ExitCode::SUCCESS)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 // ───────────────────────────── demo ─────────────────────────────
 
 #[derive(Args, Debug, Clone)]
@@ -636,8 +694,12 @@ fn run_demo(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliR
             p(queue),
             "--queue-size".into(),
             "64MiB".into(),
+            // This machine may have as few cores as there are busy threads (caller, two
+            // pollers): short spins let sleeping threads give the CPU back.
             "--set".into(),
-            "idle_spin_us=100".into(),
+            "idle_spin_us=20".into(),
+            "--set".into(),
+            "wait_spin_us=5".into(),
         ]
     };
     let mut backup_args = vec!["backup".to_string()];

@@ -1,0 +1,182 @@
+//! Result codes: 0 is success, failures are negative numbers in their own range (-1001 ...), so
+//! they never collide with errno values or with a caller's own codes. Each says whose fault it
+//! is. Every `MirrorError` and `ConfigError` variant maps to exactly one code here (the match is
+//! exhaustive, so a new variant does not compile until it has one).
+
+use std::ffi::{c_char, c_int};
+
+use mirror_storage::StorageError;
+
+use crate::error::{ConfigError, MirrorError};
+
+/// Success.
+pub const MIRROR_OK: c_int = 0;
+/// Caller error: a NULL or misaligned pointer, an unusable length, a `mirror_stats.size` too
+/// small, or a string that is not UTF-8 where a key was expected.
+pub const MIRROR_EINVAL: c_int = -1001;
+/// Configuration: the key is not known (the message names it).
+pub const MIRROR_EKEY: c_int = -1002;
+/// Configuration: the value cannot be used for its key (the message names the key and why).
+pub const MIRROR_EVALUE: c_int = -1003;
+/// Configuration: a required key is not set (the message names it).
+pub const MIRROR_EMISSING: c_int = -1004;
+/// Environment: the queue or region file cannot be used (I/O error, damaged, another region
+/// size, created for the other role). The message names the file.
+pub const MIRROR_ESTORAGE: c_int = -1005;
+/// Environment: the queue or region file is held by another open node (this or another process).
+pub const MIRROR_EBUSY: c_int = -1006;
+/// Environment: an operating-system call outside the files failed (listening socket, thread).
+pub const MIRROR_EIO: c_int = -1007;
+/// Caller error: the offset and length are outside the region, or the write is empty or longer
+/// than `max_write`.
+pub const MIRROR_ERANGE: c_int = -1008;
+/// Caller error: the call needs the other role (writes go to the primary; only a backup listens).
+pub const MIRROR_EROLE: c_int = -1009;
+/// Caller error: the ticket was never issued by this node.
+pub const MIRROR_ETICKET: c_int = -1010;
+/// The wait ended before the write completed. The write stays pending and may still complete:
+/// wait again.
+pub const MIRROR_ETIMEDOUT: c_int = -1011;
+/// The node is closing.
+pub const MIRROR_ECLOSED: c_int = -1012;
+/// The node stopped: continuing could lose data, or the peer is incompatible (e.g. another region
+/// size). Every later call on the handle fails the same way; close it. The message says why.
+pub const MIRROR_EFAILED: c_int = -1013;
+/// The build or the machine lacks the requested feature (e.g. `transport=rdma`).
+pub const MIRROR_EUNSUPPORTED: c_int = -1014;
+/// A bug in libmirror: a panic was caught at the boundary. The handle may only be closed.
+pub const MIRROR_EPANIC: c_int = -1015;
+
+/// Role of a node in `mirror_stats.role`.
+pub const MIRROR_ROLE_PRIMARY: c_int = 1;
+/// Role of a node in `mirror_stats.role`.
+pub const MIRROR_ROLE_BACKUP: c_int = 2;
+
+/// Phase in `mirror_stats.phase`: no connection to the peer.
+pub const MIRROR_PHASE_DISCONNECTED: c_int = 0;
+/// Phase in `mirror_stats.phase`: the nodes are exchanging Hellos.
+pub const MIRROR_PHASE_HANDSHAKING: c_int = 1;
+/// Phase in `mirror_stats.phase`: the nodes are replaying what the other missed.
+pub const MIRROR_PHASE_RECOVERING: c_int = 2;
+/// Phase in `mirror_stats.phase`: writes are mirrored synchronously.
+pub const MIRROR_PHASE_SYNCHRONOUS: c_int = 3;
+/// Phase in `mirror_stats.phase`: the node stopped (calls return `MIRROR_EFAILED`).
+pub const MIRROR_PHASE_FAILED: c_int = 4;
+
+/// Every result code with its fixed description, in numeric order (`mirror_strerror`).
+const DESCRIPTIONS: &[(c_int, &std::ffi::CStr)] = &[
+    (MIRROR_OK, c"success"),
+    (
+        MIRROR_EINVAL,
+        c"invalid argument (NULL or misaligned pointer, bad length or size)",
+    ),
+    (MIRROR_EKEY, c"unknown configuration key"),
+    (MIRROR_EVALUE, c"bad configuration value"),
+    (MIRROR_EMISSING, c"required configuration key not set"),
+    (MIRROR_ESTORAGE, c"queue or region file cannot be used"),
+    (
+        MIRROR_EBUSY,
+        c"queue or region file is held by another open node",
+    ),
+    (MIRROR_EIO, c"operating-system error"),
+    (
+        MIRROR_ERANGE,
+        c"offset or length outside the region, or bad write length",
+    ),
+    (MIRROR_EROLE, c"operation needs the other role"),
+    (MIRROR_ETICKET, c"ticket was never issued"),
+    (MIRROR_ETIMEDOUT, c"timed out; the write is still pending"),
+    (MIRROR_ECLOSED, c"node is closing"),
+    (MIRROR_EFAILED, c"node failed"),
+    (
+        MIRROR_EUNSUPPORTED,
+        c"not supported by this build or machine",
+    ),
+    (MIRROR_EPANIC, c"libmirror internal error (a bug)"),
+];
+
+/// The description of `code`; a fixed string for codes libmirror does not define.
+pub(crate) fn describe(code: c_int) -> *const c_char {
+    DESCRIPTIONS
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or(c"unknown libmirror result code", |(_, d)| d)
+        .as_ptr()
+}
+
+/// The code of a configuration error.
+pub(crate) fn config_code(e: &ConfigError) -> c_int {
+    match e {
+        ConfigError::UnknownKey { .. } => MIRROR_EKEY,
+        ConfigError::BadValue { .. } => MIRROR_EVALUE,
+        ConfigError::Missing { .. } => MIRROR_EMISSING,
+        // Not reachable through the C API (no TOML there), mapped for completeness.
+        ConfigError::Toml { .. } => MIRROR_EVALUE,
+        ConfigError::File { inner, .. } => config_code(inner),
+    }
+}
+
+/// The code of an engine error.
+pub(crate) fn code_of(e: &MirrorError) -> c_int {
+    match e {
+        MirrorError::Config(c) => config_code(c),
+        MirrorError::Storage(s) => match s {
+            StorageError::Locked { .. } => MIRROR_EBUSY,
+            StorageError::OutOfRange { .. } => MIRROR_ERANGE,
+            _ => MIRROR_ESTORAGE,
+        },
+        MirrorError::Io { .. } => MIRROR_EIO,
+        MirrorError::InvalidWrite(_) => MIRROR_ERANGE,
+        MirrorError::WrongRole { .. } => MIRROR_EROLE,
+        MirrorError::UnknownTicket { .. } => MIRROR_ETICKET,
+        MirrorError::Timeout => MIRROR_ETIMEDOUT,
+        MirrorError::Closed => MIRROR_ECLOSED,
+        MirrorError::Failed { .. } => MIRROR_EFAILED,
+        MirrorError::Unsupported(_) => MIRROR_EUNSUPPORTED,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    #[test]
+    fn codes_are_distinct_negative_and_described() {
+        let codes: Vec<c_int> = DESCRIPTIONS.iter().map(|(c, _)| *c).collect();
+        assert_eq!(codes[0], MIRROR_OK);
+        for (i, c) in codes.iter().enumerate().skip(1) {
+            assert!((-1999..=-1001).contains(c), "{c} outside the range");
+            assert_eq!(*c, -1000 - i as c_int, "codes are consecutive, in order");
+        }
+        // SAFETY: `describe` returns pointers to static NUL-terminated strings.
+        let unknown = unsafe { CStr::from_ptr(describe(42)) };
+        assert_eq!(unknown.to_str().unwrap(), "unknown libmirror result code");
+        // SAFETY: as above.
+        let e = unsafe { CStr::from_ptr(describe(MIRROR_ETIMEDOUT)) };
+        assert!(e.to_str().unwrap().contains("timed out"));
+    }
+
+    #[test]
+    fn every_error_maps_to_its_code() {
+        let key = ConfigError::UnknownKey { key: "x".into() };
+        assert_eq!(config_code(&key), MIRROR_EKEY);
+        let file = ConfigError::File {
+            path: "/x".into(),
+            inner: Box::new(ConfigError::Missing { key: "role" }),
+        };
+        assert_eq!(config_code(&file), MIRROR_EMISSING);
+        assert_eq!(code_of(&MirrorError::Timeout), MIRROR_ETIMEDOUT);
+        assert_eq!(code_of(&MirrorError::Closed), MIRROR_ECLOSED);
+        let locked = StorageError::Locked { path: "/q".into() };
+        assert_eq!(code_of(&MirrorError::Storage(locked)), MIRROR_EBUSY);
+        let range = StorageError::OutOfRange {
+            offset: 1,
+            len: 1,
+            size: 1,
+        };
+        assert_eq!(code_of(&MirrorError::Storage(range)), MIRROR_ERANGE);
+        let failed = MirrorError::Failed { reason: "r".into() };
+        assert_eq!(code_of(&failed), MIRROR_EFAILED);
+    }
+}

@@ -1,0 +1,628 @@
+//! The C API (`include/mirror.h`, generated from this module by cbindgen).
+//!
+//! Conventions (see `docs/FFI.md`): opaque handles (`mirror_config`, `mirror`), `_new`/`_free`
+//! and `open`/`close` pairs where freeing NULL is fine, buffer then length, outputs written only
+//! on success, 0 for success and negative `MIRROR_E*` codes for failure with a per-thread message
+//! (`mirror_last_error`), and a panic boundary around every export ([`boundary`]).
+//!
+//! Everything here is a thin adapter over the Rust API ([`crate::Mirror`],
+//! [`crate::ConfigBuilder`]); no engine logic lives in this module.
+
+mod boundary;
+mod codes;
+
+pub use codes::*;
+
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::Once;
+use std::time::Duration;
+
+use crate::config::{ConfigBuilder, Role};
+use crate::node::{Mirror, Ticket};
+use crate::Phase;
+
+use boundary::{
+    arg_mut, arg_ref, arg_str, boundary, check_buffer, check_out, copy_last_error, ffi_call,
+    write_out, FfiError,
+};
+
+/// A node configuration being built (opaque). Create with `mirror_config_new`, fill with
+/// `mirror_config_set`, pass to `mirror_open`, free with `mirror_config_free`.
+#[allow(non_camel_case_types)]
+pub struct mirror_config {
+    builder: ConfigBuilder,
+}
+
+/// A running node, primary or backup (opaque). Create with `mirror_open`, free with
+/// `mirror_close`.
+#[allow(non_camel_case_types)]
+pub struct mirror {
+    node: Mirror,
+}
+
+// The header promises that write, submit, wait, read, region, stats and the extensions may run
+// concurrently on one handle; they only ever take `&mirror`, so this is what makes that sound.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<mirror>();
+};
+
+/// A snapshot of a node's state and counters, filled by `mirror_stats`.
+///
+/// ABI growth: set `size = sizeof(mirror_stats)` before the call. The library fills at most
+/// `size` bytes (fields of a newer header that this library does not know stay untouched) and
+/// sets `size` to the number of bytes it filled. Fields are only ever appended.
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct mirror_stats {
+    /// In: `sizeof(mirror_stats)` as the caller knows it. Out: bytes filled by the library.
+    pub size: u32,
+    /// `MIRROR_ROLE_PRIMARY` or `MIRROR_ROLE_BACKUP`.
+    pub role: c_int,
+    /// One of `MIRROR_PHASE_*`.
+    pub phase: c_int,
+    /// 1 while a primary applies writes without its backup (`on_peer_loss=continue`), else 0.
+    pub degraded: c_int,
+    /// Next sequence number to be assigned (primary) or received (backup).
+    pub next_seq: u64,
+    /// Highest sequence number applied to this node's region.
+    pub applied_through: u64,
+    /// Primary: highest sequence number the backup acknowledged. Backup: highest received.
+    pub acked_through: u64,
+    /// Highest sequence number the peer reported durably applied.
+    pub peer_applied_through: u64,
+    /// Records in this node's queue.
+    pub queue_records: u64,
+    /// Bytes used in this node's queue.
+    pub queue_bytes: u64,
+    /// Capacity of this node's queue in bytes.
+    pub queue_capacity: u64,
+    /// Primary: writes sent or held and not yet applied.
+    pub in_flight: u64,
+    /// Completed recovery handshakes since the node opened.
+    pub recoveries: u64,
+    /// Payload bytes moved by the last recovery (never a copy of the region).
+    pub last_recovery_bytes: u64,
+    /// Records moved by the last recovery.
+    pub last_recovery_records: u64,
+    /// Tickets issued (primary).
+    pub writes_submitted: u64,
+    /// Highest completed ticket (primary).
+    pub writes_completed: u64,
+    /// Size of the region in bytes.
+    pub region_size: u64,
+}
+
+/// The smallest `mirror_stats.size` accepted: the size of the first version of the struct.
+const STATS_V1_SIZE: usize = std::mem::size_of::<mirror_stats>();
+
+fn phase_code(p: Phase) -> c_int {
+    match p {
+        Phase::Disconnected => MIRROR_PHASE_DISCONNECTED,
+        Phase::Handshaking => MIRROR_PHASE_HANDSHAKING,
+        Phase::Recovering => MIRROR_PHASE_RECOVERING,
+        Phase::Synchronous => MIRROR_PHASE_SYNCHRONOUS,
+        Phase::Failed => MIRROR_PHASE_FAILED,
+    }
+}
+
+/// `timeout_us < 0` means no timeout.
+fn timeout_of(timeout_us: i64) -> Option<Duration> {
+    u64::try_from(timeout_us).ok().map(Duration::from_micros)
+}
+
+/// With `MIRROR_LOG` set (e.g. `MIRROR_LOG=info`), the first `mirror_open` sends the engine's log
+/// to stderr, unless the process already installed a `tracing` subscriber. Otherwise the library
+/// prints nothing.
+fn init_logging_from_env() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("MIRROR_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .try_init();
+        }
+    });
+}
+
+/// Creates an empty configuration (every key unset; defaults apply at `mirror_open`).
+///
+/// Returns NULL only if the library failed internally (see `mirror_last_error`).
+/// Thread safety: any thread. A `mirror_config` must not be used by two threads at once.
+#[no_mangle]
+pub extern "C" fn mirror_config_new() -> *mut mirror_config {
+    boundary(|| {
+        Box::into_raw(Box::new(mirror_config {
+            builder: ConfigBuilder::new(),
+        }))
+    })
+}
+
+/// Sets one configuration key from its text form. The keys and value syntax are those of the
+/// engine's TOML configuration: `role` (primary | backup), `region`, `region_size` (bytes, or with
+/// KiB/MiB/GiB), `queue`, `queue_size`, `listen` (backup), `peer` (primary), `transport`,
+/// `durability` (process | power | pmem), `on_peer_loss` (continue | block), `cpu`,
+/// `idle_spin_us`, `wait_spin_us`, `ack_timeout_ms`, `handshake_timeout_ms`,
+/// `reconnect_interval_ms`, `write_timeout_ms`, `submit_ring`, `max_write`. A later set of the same
+/// key wins.
+///
+/// Returns 0, `MIRROR_EKEY` (unknown key), `MIRROR_EVALUE` (bad value; the message names the key)
+/// or `MIRROR_EINVAL` (a NULL argument). Checks that involve several keys happen in `mirror_open`.
+/// Thread safety: not concurrently with any other call on the same `cfg`.
+///
+/// # Safety
+/// `cfg` is NULL or from `mirror_config_new` and not freed; `key` and `value` are NULL or
+/// NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_config_set(
+    cfg: *mut mirror_config,
+    key: *const c_char,
+    value: *const c_char,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let cfg = unsafe { arg_mut(cfg, "cfg") }?;
+        // SAFETY: per this function's contract.
+        let key = unsafe { arg_str(key, "key") }?;
+        // SAFETY: per this function's contract.
+        let value = unsafe { arg_str(value, "value") }?;
+        let Some(key) = key else {
+            return Err(FfiError::new(
+                MIRROR_EKEY,
+                "config key is not valid UTF-8 (no such key)",
+            ));
+        };
+        let Some(value) = value else {
+            return Err(FfiError::new(
+                MIRROR_EVALUE,
+                format!("config key '{key}' has a value that is not valid UTF-8"),
+            ));
+        };
+        cfg.builder.set(key, value)?;
+        Ok(())
+    })
+}
+
+/// Frees a configuration. NULL is fine. A node opened from it does not need it any more.
+///
+/// Thread safety: not concurrently with any other call on the same `cfg`.
+///
+/// # Safety
+/// `cfg` is NULL or from `mirror_config_new` and not freed yet; it is invalid afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_config_free(cfg: *mut mirror_config) {
+    boundary(|| {
+        if !cfg.is_null() {
+            // SAFETY: `cfg` came from `Box::into_raw` in `mirror_config_new` and is freed once,
+            // per this function's contract.
+            drop(unsafe { Box::from_raw(cfg) });
+        }
+    })
+}
+
+/// Validates the configuration and starts a node: opens (and after a crash recovers) its queue and
+/// region files and starts its polling thread. A backup listens on `listen` before this returns
+/// and serves its primary until `mirror_close`. A primary connects to `peer` in the background;
+/// until the backup answers, writes wait (`on_peer_loss=block`) or proceed degraded (`continue`).
+///
+/// On success stores the handle in `*out` and returns 0; on failure `*out` is untouched and the
+/// result is `MIRROR_EINVAL` (NULL argument), `MIRROR_EMISSING`, `MIRROR_EVALUE`,
+/// `MIRROR_ESTORAGE`, `MIRROR_EBUSY`, `MIRROR_EIO` or `MIRROR_EUNSUPPORTED`. `cfg` stays owned by
+/// the caller either way.
+/// Thread safety: any thread; `cfg` is only read (no `mirror_config_set` on it meanwhile).
+///
+/// # Safety
+/// `cfg` is NULL or a live `mirror_config`; `out` is NULL or valid for writing a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_open(cfg: *const mirror_config, out: *mut *mut mirror) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let cfg = unsafe { arg_ref(cfg, "cfg") }?;
+        check_out(out, "out")?;
+        init_logging_from_env();
+        let config = cfg.builder.build()?;
+        let node = Mirror::open(config)?;
+        let handle = Box::into_raw(Box::new(mirror { node }));
+        // SAFETY: `out` passed check_out and is valid for a write per the contract.
+        unsafe { write_out(out, handle) };
+        Ok(())
+    })
+}
+
+/// Writes `len` bytes from `buf` at `offset` of the region and returns 0 once the backup
+/// acknowledged the write and it is applied here (or, under `on_peer_loss=continue` while the
+/// backup is away, once it is queued and applied here). Waits at most `write_timeout_ms` if set.
+///
+/// Errors: `MIRROR_EINVAL` (NULL), `MIRROR_ERANGE` (outside the region, empty, longer than
+/// `max_write`), `MIRROR_EROLE` (a backup), `MIRROR_ETIMEDOUT`, `MIRROR_EFAILED`.
+/// Thread safety: any number of threads at once on the same handle (with submit, wait, read,
+/// region, stats). Concurrent writes complete in the order they were submitted.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `buf` is NULL or valid for reading `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_write(
+    m: *mut mirror,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract; only shared references are ever made.
+        let m = unsafe { arg_ref(m, "m") }?;
+        check_buffer(buf, len, "buf")?;
+        // SAFETY: non-NULL with a sane length (checked), readable for `len` bytes per the contract.
+        let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) };
+        m.node.write(offset, data)?;
+        Ok(())
+    })
+}
+
+/// Submits a write and returns at once (the bytes are copied), storing its ticket in `*ticket`.
+/// Tickets start at 1 and complete in the order they were issued; pass one to `mirror_wait`.
+/// When the submission ring is full this waits for room (at most `write_timeout_ms` if set).
+///
+/// Errors: as `mirror_write`; `*ticket` is written only on success.
+/// Thread safety: any number of threads at once on the same handle.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `buf` is NULL or valid for reading `len` bytes; `ticket` is NULL
+/// or valid for writing a `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_submit(
+    m: *mut mirror,
+    offset: u64,
+    buf: *const c_void,
+    len: usize,
+    ticket: *mut u64,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract; only shared references are ever made.
+        let m = unsafe { arg_ref(m, "m") }?;
+        check_buffer(buf, len, "buf")?;
+        check_out(ticket, "ticket")?;
+        // SAFETY: non-NULL with a sane length (checked), readable for `len` bytes per the contract.
+        let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) };
+        let t = m.node.submit(offset, data)?;
+        // SAFETY: `ticket` passed check_out and is writable per the contract.
+        unsafe { write_out(ticket, t.0) };
+        Ok(())
+    })
+}
+
+/// Waits until the write with this ticket (and every earlier one) is acknowledged by the backup
+/// and applied here. `timeout_us < 0` waits for as long as it takes; 0 only checks.
+///
+/// Returns 0, `MIRROR_ETIMEDOUT` (the write stays pending and may still complete: wait again),
+/// `MIRROR_ETICKET` (never issued), `MIRROR_EFAILED` or `MIRROR_EINVAL` (NULL handle).
+/// Thread safety: any number of threads at once on the same handle, on the same or other tickets.
+///
+/// # Safety
+/// `m` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_wait(m: *mut mirror, ticket: u64, timeout_us: i64) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract; only shared references are ever made.
+        let m = unsafe { arg_ref(m, "m") }?;
+        m.node.wait(Ticket(ticket), timeout_of(timeout_us))?;
+        Ok(())
+    })
+}
+
+/// Copies `len` bytes of the region at `offset` into `buf`. Bytes of completed writes are always
+/// seen; a read overlapping a write in progress may see part of it. Works on both roles (on a
+/// backup it shows what the backup applied so far).
+///
+/// Errors: `MIRROR_EINVAL` (NULL), `MIRROR_ERANGE` (outside the region); `buf` is written only on
+/// success. Thread safety: any number of threads at once on the same handle.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `buf` is NULL or valid for writing `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_read(
+    m: *const mirror,
+    offset: u64,
+    buf: *mut c_void,
+    len: usize,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        check_buffer(buf, len, "buf")?;
+        let size = m.node.region_len();
+        if offset > size || len as u64 > size - offset {
+            return Err(FfiError::new(
+                MIRROR_ERANGE,
+                format!("read at offset {offset} of {len} bytes does not fit in the region of {size} bytes"),
+            ));
+        }
+        // SAFETY: non-NULL with a sane length (checked), writable for `len` bytes and not accessed
+        // by anyone else during the call per the contract. The slice is only written, never read.
+        let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+        m.node.read(offset, out)?;
+        Ok(())
+    })
+}
+
+/// A read-only view of the whole region for zero-copy reads, valid until `mirror_close`; stores
+/// its length in `*len`. The node writes into it concurrently: bytes of completed writes are
+/// stable, bytes under a write in progress may be a mix of old and new. Never write through it.
+///
+/// Returns NULL (and `*len` untouched) if `m` or `len` is NULL; see `mirror_last_error`.
+/// Thread safety: any number of threads at once on the same handle.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `len` is NULL or valid for writing a `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_region(m: *const mirror, len: *mut usize) -> *const c_void {
+    boundary(|| {
+        let result = (|| {
+            // SAFETY: per this function's contract.
+            let m = unsafe { arg_ref(m, "m") }?;
+            check_out(len, "len")?;
+            let size = usize::try_from(m.node.region_len())
+                .map_err(|_| FfiError::invalid("the region is larger than this address space"))?;
+            // SAFETY: `len` passed check_out and is writable per the contract.
+            unsafe { write_out(len, size) };
+            Ok::<_, FfiError>(m.node.region_ptr().cast::<c_void>())
+        })();
+        result.unwrap_or_else(|e| {
+            boundary::set_last_error(&e.message);
+            std::ptr::null()
+        })
+    })
+}
+
+/// Fills `*out` with a snapshot of the node's state and counters. Set `out->size =
+/// sizeof(mirror_stats)` first (see `mirror_stats`).
+///
+/// Errors: `MIRROR_EINVAL` (NULL, or `out->size` smaller than the first version of the struct);
+/// `*out` is written only on success. Thread safety: any number of threads at once.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `out` is NULL or valid for reading and writing `out->size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        check_out(out, "out")?;
+        // SAFETY: non-NULL and aligned (checked); the caller's struct starts with `size`.
+        let caller_size = unsafe { std::ptr::addr_of!((*out).size).read() } as usize;
+        if caller_size < STATS_V1_SIZE {
+            return Err(FfiError::invalid(format!(
+                "out->size is {caller_size}; set it to sizeof(mirror_stats) (at least {STATS_V1_SIZE})"
+            )));
+        }
+        let s = m.node.stats();
+        let filled = caller_size.min(std::mem::size_of::<mirror_stats>());
+        let snapshot = mirror_stats {
+            size: filled as u32,
+            role: match s.role {
+                Role::Primary => MIRROR_ROLE_PRIMARY,
+                Role::Backup => MIRROR_ROLE_BACKUP,
+            },
+            phase: phase_code(s.phase),
+            degraded: c_int::from(s.degraded),
+            next_seq: s.next_seq,
+            applied_through: s.applied_through,
+            acked_through: s.acked_through,
+            peer_applied_through: s.peer_applied_through,
+            queue_records: s.queue_records,
+            queue_bytes: s.queue_bytes,
+            queue_capacity: s.queue_capacity,
+            in_flight: s.in_flight,
+            recoveries: s.recoveries,
+            last_recovery_bytes: s.last_recovery_bytes,
+            last_recovery_records: s.last_recovery_records,
+            writes_submitted: s.writes_submitted,
+            writes_completed: s.writes_completed,
+            region_size: m.node.region_len(),
+        };
+        // SAFETY: the caller's struct is valid for `caller_size >= filled` bytes (contract);
+        // `snapshot` is a local of `size_of::<mirror_stats>() >= filled` bytes; they cannot
+        // overlap. Byte copy, so a newer caller's larger struct keeps its unknown tail.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&snapshot as *const mirror_stats).cast::<u8>(),
+                out.cast::<u8>(),
+                filled,
+            )
+        };
+        Ok(())
+    })
+}
+
+/// Stops the node and frees the handle: the polling thread finishes its current pass and is
+/// joined, the files are released. Writes not completed by then stay in the queue and are
+/// recovered at the next open. Returns the result of the close (0, or `MIRROR_EFAILED` if the
+/// polling thread had crashed); the handle is freed either way, so a second close of the same
+/// pointer is a use after free (set your pointer to NULL). NULL is fine (returns 0).
+///
+/// Thread safety: only when no other call on this handle is running or will start; the pointers
+/// from `mirror_region` are invalid afterwards.
+///
+/// # Safety
+/// `m` is NULL or a live handle from `mirror_open`, closed only once.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_close(m: *mut mirror) -> c_int {
+    ffi_call(|| {
+        if m.is_null() {
+            return Ok(());
+        }
+        // SAFETY: `m` came from `Box::into_raw` in `mirror_open`, is live, and nothing else uses
+        // it now (contract); it is freed exactly once, here.
+        let handle = unsafe { Box::from_raw(m) };
+        let result = handle.node.close();
+        drop(handle);
+        result?;
+        Ok(())
+    })
+}
+
+/// A fixed description of a result code ("success" for 0). Never NULL: codes libmirror does not
+/// define give "unknown libmirror result code". The string is static; do not free it.
+///
+/// Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn mirror_strerror(code: c_int) -> *const c_char {
+    boundary(|| codes::describe(code))
+}
+
+/// Copies the message of this thread's last failed libmirror call into `buf`, like `snprintf`:
+/// at most `len - 1` bytes and a terminating NUL (nothing if `buf` is NULL or `len` is 0). Returns
+/// the full length of the message without the NUL (0 if no call failed on this thread yet), so a
+/// result `>= len` means it was truncated. Successful calls leave the message as it was.
+///
+/// Thread safety: any thread; each thread has its own message.
+///
+/// # Safety
+/// `buf` is NULL or valid for writing `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_last_error(buf: *mut c_char, len: usize) -> usize {
+    // SAFETY: per this function's contract.
+    boundary(|| unsafe { copy_last_error(buf, len) })
+}
+
+/// Extension. Backup: stores the TCP port it listens on in `*port` (useful with `listen` port 0).
+///
+/// Errors: `MIRROR_EINVAL` (NULL), `MIRROR_EROLE` (a primary). Thread safety: any thread.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `port` is NULL or valid for writing a `uint16_t`.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_listen_port(m: *const mirror, port: *mut u16) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        check_out(port, "port")?;
+        let addr = m.node.listen_addr().ok_or_else(|| {
+            FfiError::new(
+                MIRROR_EROLE,
+                "this node is a primary; only a backup listens",
+            )
+        })?;
+        // SAFETY: `port` passed check_out and is writable per the contract.
+        unsafe { write_out(port, addr.port()) };
+        Ok(())
+    })
+}
+
+/// Extension. Waits until the node is mirroring synchronously (connected and recovered), for at
+/// most `timeout_us` (< 0: no limit). Useful before a latency-sensitive phase, in tests and demos.
+///
+/// Returns 0, `MIRROR_ETIMEDOUT`, `MIRROR_EFAILED` or `MIRROR_EINVAL`. Thread safety: any thread.
+///
+/// # Safety
+/// `m` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_wait_synchronous(m: *const mirror, timeout_us: i64) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        let timeout = timeout_of(timeout_us).unwrap_or(Duration::from_secs(u64::MAX / 4));
+        m.node.wait_synchronous(timeout)?;
+        Ok(())
+    })
+}
+
+/// Extension. The library's version, e.g. "0.1.0" (static; never NULL). The ABI is that of
+/// `libmirror.so.0` for every 0.x version (see docs/FFI.md).
+///
+/// Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn mirror_version() -> *const c_char {
+    boundary(|| {
+        const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+        VERSION.as_ptr().cast::<c_char>()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    #[test]
+    fn every_pointer_argument_is_checked() {
+        // SAFETY: every call below passes NULL where a pointer is expected, which each export
+        // must refuse before dereferencing anything.
+        unsafe {
+            assert_eq!(
+                mirror_config_set(std::ptr::null_mut(), c"role".as_ptr(), c"primary".as_ptr()),
+                MIRROR_EINVAL
+            );
+            let cfg = mirror_config_new();
+            assert!(!cfg.is_null());
+            assert_eq!(
+                mirror_config_set(cfg, std::ptr::null(), c"x".as_ptr()),
+                MIRROR_EINVAL
+            );
+            assert_eq!(
+                mirror_config_set(cfg, c"role".as_ptr(), std::ptr::null()),
+                MIRROR_EINVAL
+            );
+            assert_eq!(
+                mirror_config_set(cfg, c"rol".as_ptr(), c"primary".as_ptr()),
+                MIRROR_EKEY
+            );
+            assert_eq!(
+                mirror_config_set(cfg, c"role".as_ptr(), c"prime".as_ptr()),
+                MIRROR_EVALUE
+            );
+            assert_eq!(
+                mirror_config_set(cfg, c"role".as_ptr(), c"\xff".as_ptr()),
+                MIRROR_EVALUE
+            );
+            let mut m: *mut mirror = std::ptr::null_mut();
+            assert_eq!(mirror_open(std::ptr::null(), &mut m), MIRROR_EINVAL);
+            assert_eq!(mirror_open(cfg, std::ptr::null_mut()), MIRROR_EINVAL);
+            assert_eq!(mirror_open(cfg, &mut m), MIRROR_EMISSING);
+            assert!(m.is_null(), "no output on failure");
+            mirror_config_free(cfg);
+            mirror_config_free(std::ptr::null_mut());
+            let byte = 0u8;
+            let mut t = 0u64;
+            let nm = std::ptr::null_mut::<mirror>();
+            assert_eq!(
+                mirror_write(nm, 0, (&byte as *const u8).cast(), 1),
+                MIRROR_EINVAL
+            );
+            assert_eq!(
+                mirror_submit(nm, 0, (&byte as *const u8).cast(), 1, &mut t),
+                MIRROR_EINVAL
+            );
+            assert_eq!(mirror_wait(nm, 1, 0), MIRROR_EINVAL);
+            let mut b = [0u8; 4];
+            assert_eq!(mirror_read(nm, 0, b.as_mut_ptr().cast(), 4), MIRROR_EINVAL);
+            let mut len = 7usize;
+            assert!(mirror_region(nm, &mut len).is_null());
+            assert_eq!(len, 7);
+            let mut s = mirror_stats {
+                size: std::mem::size_of::<mirror_stats>() as u32,
+                ..Default::default()
+            };
+            assert_eq!(mirror_stats(nm, &mut s), MIRROR_EINVAL);
+            let mut port = 0u16;
+            assert_eq!(mirror_listen_port(nm, &mut port), MIRROR_EINVAL);
+            assert_eq!(mirror_wait_synchronous(nm, 0), MIRROR_EINVAL);
+            assert_eq!(mirror_close(nm), MIRROR_OK);
+            let n = mirror_last_error(std::ptr::null_mut(), 0);
+            assert!(n > 0);
+            assert!(!mirror_strerror(12345).is_null());
+            let v = CStr::from_ptr(mirror_version()).to_str().unwrap();
+            assert_eq!(v, env!("CARGO_PKG_VERSION"));
+        }
+    }
+
+    #[test]
+    fn negative_timeouts_mean_forever() {
+        assert_eq!(timeout_of(-1), None);
+        assert_eq!(timeout_of(i64::MIN), None);
+        assert_eq!(timeout_of(0), Some(Duration::ZERO));
+        assert_eq!(timeout_of(1500), Some(Duration::from_micros(1500)));
+    }
+}
