@@ -81,6 +81,8 @@ pub struct Config {
     pub submit_ring: usize,
     /// Largest payload of one write.
     pub max_write: usize,
+    /// Run to completion: a caller waiting for its write runs the poller's loop itself.
+    pub caller_drives: bool,
     /// Testing aid: the node kills its own process (SIGKILL) just before applying this sequence
     /// number, i.e. after the backup acknowledged it and before the primary applied it.
     pub crash_before_apply_seq: Option<u64>,
@@ -126,6 +128,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("submit_ring", "submission ring slots (default 4096)"),
     ("max_write", "largest write in bytes (default 1MiB)"),
     (
+        "caller_drives",
+        "a waiting caller runs the poll loop itself: true (default) | false",
+    ),
+    (
         "crash_before_apply_seq",
         "testing: SIGKILL self before applying this seq",
     ),
@@ -153,6 +159,7 @@ pub struct ConfigBuilder {
     write_timeout_ms: Option<u64>,
     submit_ring: Option<usize>,
     max_write: Option<u64>,
+    caller_drives: Option<bool>,
     crash_before_apply_seq: Option<u64>,
 }
 
@@ -275,6 +282,13 @@ impl ConfigBuilder {
             "write_timeout_ms" => self.write_timeout_ms = Some(parse_u64(key, value)?),
             "submit_ring" => self.submit_ring = Some(parse_u64(key, value)? as usize),
             "max_write" => self.max_write = Some(parse_size(v).map_err(|e| bad(key, value, e))?),
+            "caller_drives" => {
+                self.caller_drives = Some(match v {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => return Err(bad(key, value, "expected 'true' or 'false'")),
+                })
+            }
             "crash_before_apply_seq" => self.crash_before_apply_seq = Some(parse_u64(key, value)?),
             _ => {
                 return Err(ConfigError::UnknownKey {
@@ -431,6 +445,7 @@ impl ConfigBuilder {
             },
             submit_ring,
             max_write: max_write as usize,
+            caller_drives: self.caller_drives.unwrap_or(true),
             crash_before_apply_seq: self.crash_before_apply_seq,
         })
     }

@@ -98,6 +98,8 @@ struct Shared {
     stats: Mutex<Stats>,
     /// Testing aid: kill the process before the next apply (see `arm_crash_before_next_apply`).
     crash_armed: AtomicBool,
+    /// Callers currently running the poller's loop themselves (run to completion).
+    callers_driving: AtomicUsize,
 }
 
 impl Shared {
@@ -170,6 +172,8 @@ pub struct Mirror {
     shared: Arc<Shared>,
     region: Arc<Region>,
     producer: Option<Producer<Submission>>,
+    /// The poller's state; the polling thread and, while they wait, callers run its steps.
+    driver: Arc<Mutex<Poller>>,
     poller: Mutex<Option<JoinHandle<()>>>,
     listen_addr: Option<SocketAddr>,
     /// Largest write: `max_write` from the config, capped by what one queue record can hold.
@@ -345,6 +349,7 @@ impl Mirror {
             wake_fd,
             stats: Mutex::new(stats),
             crash_armed: AtomicBool::new(false),
+            callers_driving: AtomicUsize::new(0),
         });
         tracing::info!(
             role = %cfg.role,
@@ -354,7 +359,7 @@ impl Mirror {
             recovered_records = report.records,
             "node opened"
         );
-        let mut poller = Poller {
+        let poller = Poller {
             cfg: cfg.clone(),
             core,
             queue,
@@ -368,13 +373,19 @@ impl Mirror {
             actions: Vec::new(),
             inbox: Vec::new(),
             start: Instant::now(),
+            last_work: Instant::now(),
+            last_stats: Instant::now(),
+            stopped: false,
             next_connect_at_us: 0,
             recovery_bytes: 0,
             recovery_records: 0,
             recoveries_seen: 0,
             submitted: 0,
         };
+        let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;
+        let thread_driver = Arc::clone(&driver);
+        let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name(format!("mirror-{}", cfg.role))
             .spawn(move || {
@@ -383,13 +394,13 @@ impl Mirror {
                         tracing::warn!(cpu, "could not pin the poller to this CPU");
                     }
                 }
+                let shared = Arc::clone(&thread_shared);
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    poller.run();
+                    poller_thread(thread_driver, thread_shared);
                 }));
                 if result.is_err() {
-                    poller.shared.fail("poller thread panicked (a bug)".into());
+                    shared.fail("poller thread panicked (a bug)".into());
                 }
-                poller.publish_stats();
             })
             .map_err(|source| MirrorError::Io {
                 context: "starting the poller thread".into(),
@@ -400,6 +411,7 @@ impl Mirror {
             shared,
             region,
             producer,
+            driver,
             poller: Mutex::new(Some(handle)),
             listen_addr,
             max_write,
@@ -485,6 +497,10 @@ impl Mirror {
             return Ok(());
         }
         let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        if self.cfg.caller_drives && self.drive_while_waiting(&done, deadline)? {
+            return Ok(());
+        }
         while start.elapsed() < self.cfg.wait_spin {
             if done() {
                 return Ok(());
@@ -492,7 +508,6 @@ impl Mirror {
             self.check_usable()?;
             std::hint::spin_loop();
         }
-        let deadline = timeout.map(|t| start + t);
         self.shared.waiters.fetch_add(1, Ordering::Relaxed);
         // Pairs with the fence in `notify_waiters` (see there).
         fence(Ordering::SeqCst);
@@ -523,6 +538,43 @@ impl Mirror {
         })();
         self.shared.waiters.fetch_sub(1, Ordering::Relaxed);
         result
+    }
+
+    /// Run to completion: the waiting caller runs the poller's steps itself (when no other thread
+    /// is in one), so that on a machine with few cores the caller, not a third thread, sends the
+    /// write and takes the ack. Gives up after `idle_spin` without progress (the polling thread
+    /// then takes over). Returns whether `done` became true.
+    fn drive_while_waiting(
+        &self,
+        done: &dyn Fn() -> bool,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
+        self.shared.callers_driving.fetch_add(1, Ordering::AcqRel);
+        let _driving = CallerDriving(&self.shared);
+        let mut last_progress = Instant::now();
+        loop {
+            if done() {
+                return Ok(true);
+            }
+            self.check_usable()?;
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(MirrorError::Timeout);
+            }
+            if now.duration_since(last_progress) >= self.cfg.idle_spin {
+                return Ok(false);
+            }
+            if let Ok(mut p) = self.driver.try_lock() {
+                let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.step()));
+                match step {
+                    Ok(Step::Worked) => last_progress = Instant::now(),
+                    Ok(_) => {}
+                    Err(_) => self.shared.fail("poller step panicked (a bug)".into()),
+                }
+            } else {
+                std::hint::spin_loop();
+            }
+        }
     }
 
     /// Writes `data` at `offset` and returns once the backup acknowledged it and it is applied
@@ -646,6 +698,10 @@ struct Poller {
     actions: Vec<Action>,
     inbox: Vec<Message>,
     start: Instant,
+    last_work: Instant,
+    last_stats: Instant,
+    /// Set when a step failed the node.
+    stopped: bool,
     next_connect_at_us: u64,
     recovery_bytes: u64,
     recovery_records: u64,
@@ -665,36 +721,39 @@ impl From<StorageError> for Stop {
 }
 
 impl Poller {
-    fn run(&mut self) {
-        let mut last_work = Instant::now();
-        let mut last_stats = Instant::now();
-        loop {
-            if self.shared.shutdown.load(Ordering::Acquire) {
-                self.shutdown();
-                return;
-            }
-            let now = now_us(self.start);
-            self.core.set_now(now);
-            let worked = match self.pass(now) {
-                Ok(w) => w,
-                Err(Stop::Fatal(reason)) => {
-                    self.core.fail();
-                    self.conn = None;
-                    self.shared.fail(reason);
-                    return;
-                }
-            };
-            let t = Instant::now();
-            if worked {
-                last_work = t;
-            }
-            if worked || t.duration_since(last_stats) > Duration::from_millis(1) {
+    /// One pass of the event loop plus its bookkeeping. After [`Step::Stopped`] the node has
+    /// failed and further steps do nothing.
+    fn step(&mut self) -> Step {
+        if self.stopped {
+            return Step::Stopped;
+        }
+        let now = now_us(self.start);
+        self.core.set_now(now);
+        let worked = match self.pass(now) {
+            Ok(w) => w,
+            Err(Stop::Fatal(reason)) => {
+                self.core.fail();
+                self.conn = None;
+                self.stopped = true;
                 self.publish_stats();
-                last_stats = t;
+                self.shared.fail(reason);
+                return Step::Stopped;
             }
-            if !worked && t.duration_since(last_work) >= self.cfg.idle_spin {
-                self.park();
-            }
+        };
+        let t = Instant::now();
+        if worked {
+            self.last_work = t;
+        }
+        if worked || t.duration_since(self.last_stats) > Duration::from_millis(1) {
+            self.publish_stats();
+            self.last_stats = t;
+        }
+        if worked {
+            Step::Worked
+        } else if t.duration_since(self.last_work) >= self.cfg.idle_spin {
+            Step::Idle
+        } else {
+            Step::Spinning
         }
     }
 
@@ -1068,7 +1127,9 @@ impl Poller {
         s.last_recovery_records = self.recovery_records;
     }
 
-    fn park(&mut self) {
+    /// Prepares to sleep: announces it to submitters and returns the descriptors to sleep on, or
+    /// `None` when there is work after all.
+    fn prepare_park(&mut self) -> Option<Vec<libc::pollfd>> {
         self.shared.poller_sleeping.store(true, Ordering::Relaxed);
         // Pairs with the fence in `wake_poller`.
         fence(Ordering::SeqCst);
@@ -1079,7 +1140,7 @@ impl Poller {
                 .is_some_and(|c| !c.is_empty() && self.core.accepts_submissions());
         if has_submissions || self.shared.shutdown.load(Ordering::Acquire) {
             self.shared.poller_sleeping.store(false, Ordering::Relaxed);
-            return;
+            return None;
         }
         let mut fds = Vec::with_capacity(3 + self.pending.len());
         let mut watch = |fd: i32| {
@@ -1099,19 +1160,95 @@ impl Poller {
         for (c, _) in &self.pending {
             watch(c.wait_fd());
         }
-        // Wake at least every 5 ms for timers (ack timeout, reconnects, stats).
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 5) };
-        let mut counter = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd (clears it).
-        unsafe {
-            libc::read(
-                self.shared.wake_fd.as_raw_fd(),
-                (&mut counter as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
+        Some(fds)
+    }
+}
+
+/// What one [`Poller::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Something happened.
+    Worked,
+    /// Nothing happened, within the idle spin.
+    Spinning,
+    /// Nothing happened for longer than the idle spin: time to sleep.
+    Idle,
+    /// The node failed.
+    Stopped,
+}
+
+/// Sleeps in poll(2) on `fds` (the first is the wake eventfd) for at most `timeout_ms`, then
+/// clears the wake-up and the sleeping flag.
+fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout_ms: i32) {
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    let mut counter = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd (clears it).
+    unsafe {
+        libc::read(
+            shared.wake_fd.as_raw_fd(),
+            (&mut counter as *mut u64).cast(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+    shared.poller_sleeping.store(false, Ordering::Relaxed);
+}
+
+fn lock_poller(driver: &Mutex<Poller>) -> std::sync::MutexGuard<'_, Poller> {
+    // A panic inside a step marks the node failed before unwinding; the state is not used again
+    // for anything but shutdown.
+    driver.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The polling thread: runs steps while no caller drives the loop itself, sleeps when idle.
+fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
+    loop {
+        if shared.shutdown.load(Ordering::Acquire) {
+            lock_poller(&driver).shutdown();
+            return;
+        }
+        if shared.callers_driving.load(Ordering::Acquire) > 0 {
+            // A waiting caller runs the loop (run to completion): stay off its CPU, but check
+            // back soon in case it stops.
+            let mut fds = [libc::pollfd {
+                fd: shared.wake_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            sleep_on(&shared, &mut fds, 1);
+            continue;
+        }
+        let mut p = lock_poller(&driver);
+        let park = loop {
+            if shared.shutdown.load(Ordering::Acquire)
+                || shared.callers_driving.load(Ordering::Acquire) > 0
+            {
+                break None;
+            }
+            match p.step() {
+                Step::Stopped => return,
+                Step::Idle => {
+                    if let Some(fds) = p.prepare_park() {
+                        break Some(fds);
+                    }
+                }
+                Step::Worked | Step::Spinning => {}
+            }
         };
-        self.shared.poller_sleeping.store(false, Ordering::Relaxed);
+        drop(p);
+        if let Some(mut fds) = park {
+            // Wake at least every 5 ms for timers (ack timeout, reconnects, stats).
+            sleep_on(&shared, &mut fds, 5);
+        }
+    }
+}
+
+/// Counts a caller that drives the loop; the count drops when the guard does.
+struct CallerDriving<'a>(&'a Shared);
+
+impl Drop for CallerDriving<'_> {
+    fn drop(&mut self) {
+        self.0.callers_driving.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -45,12 +45,25 @@ fn check_primary_never_ahead(pair: &Pair, w: &Workload) -> usize {
 
 fn finish_and_verify(pair: &Pair, mut primary: Node, backup: Option<Node>, backup_run: usize) {
     let mut backup = backup.unwrap_or_else(|| pair.start_backup(backup_run + 100));
-    // Let the pair settle, then stop the primary cleanly.
-    primary.wait_until("synchronous mode", Duration::from_secs(30), |p| {
-        p.get("progress", "phase").as_deref() == Some("synchronous")
+    // A primary stops cleanly on SIGTERM once its handler is installed (it says "primary started").
+    primary.wait_until("primary start", Duration::from_secs(30), |p| {
+        p.has("primary")
     });
     let st = primary.stop();
     assert!(st.success(), "primary exit {st}\n{}", tail(&primary.log));
+    // The primary may have stopped degraded (continue, after an ack timeout under load): a last
+    // short run under `block` completes only after the backup caught up and acknowledged.
+    let mut last = Node::spawn(
+        "primary",
+        &pair.primary_args_with(990_000_000, 20, 1, "block"),
+        &pair.path("primary-last.log"),
+    );
+    let st = last.wait_exit(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "last primary run exit {st}\n{}",
+        tail(&last.log)
+    );
     let p_info = mirror::node::inspect(&pair.path("primary.queue")).unwrap();
     backup.wait_until("backup applies everything", Duration::from_secs(30), |_| {
         mirror::node::inspect(&pair.path("backup.queue"))
@@ -166,6 +179,7 @@ fn backup_outage_with_continue_catches_up_only_the_missed_requests() {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = Pair::new(dir.path(), "continue");
     pair.region_size = 8 << 20;
+    pair.rate = 5_000;
     let mut backup = pair.start_backup(0);
     let mut primary = pair.start_primary(0, 0, 1);
     primary.wait_until("writes", Duration::from_secs(30), |p| {
@@ -212,9 +226,11 @@ fn block_policy_holds_writes_while_the_backup_is_down() {
         p.num("progress", "completed") >= 200
     });
     backup.kill9();
-    std::thread::sleep(Duration::from_millis(100));
-    let held = primary.num("progress", "completed");
+    // Progress lines come at least every ~100 ms while writes are held; let one after the
+    // kill arrive before reading the count.
     std::thread::sleep(Duration::from_millis(300));
+    let held = primary.num("progress", "completed");
+    std::thread::sleep(Duration::from_millis(400));
     assert!(
         primary.num("progress", "completed") <= held + 1,
         "writes completed without a backup under block"

@@ -15,9 +15,9 @@ use crate::error::{ConfigError, MirrorError};
 
 use super::codes::{self, MIRROR_EINVAL, MIRROR_EPANIC, MIRROR_OK};
 
-// The boundary catches panics; with `panic = "abort"` a panic would abort the process instead of
-// becoming MIRROR_EPANIC. Never UB either way (Rust aborts rather than unwind through `extern "C"`),
-// but the documented contract needs unwinding.
+// The boundary catches panics; with `panic = "abort"` a panic would abort the process instead
+// of becoming MIRROR_EPANIC. Never UB either way (Rust aborts rather than unwind out of an
+// `extern "C"` function), but the documented contract needs unwinding.
 #[cfg(panic = "abort")]
 compile_error!("the C API's panic boundary needs panic = \"unwind\" (the default)");
 

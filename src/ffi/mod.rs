@@ -47,16 +47,17 @@ const _: () = {
     assert_send_sync::<mirror>();
 };
 
-/// A snapshot of a node's state and counters, filled by `mirror_stats`.
+/// A snapshot of a node's state and counters, filled by `mirror_stats`. Write it as
+/// `struct mirror_stats` (the function of the same name rules out a typedef, as with stat(2)).
 ///
-/// ABI growth: set `size = sizeof(mirror_stats)` before the call. The library fills at most
+/// ABI growth: set `size = sizeof(struct mirror_stats)` before the call. The library fills at most
 /// `size` bytes (fields of a newer header that this library does not know stay untouched) and
 /// sets `size` to the number of bytes it filled. Fields are only ever appended.
 #[repr(C)]
 #[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct mirror_stats {
-    /// In: `sizeof(mirror_stats)` as the caller knows it. Out: bytes filled by the library.
+    /// In: `sizeof(struct mirror_stats)` as the caller knows it. Out: bytes filled by the library.
     pub size: u32,
     /// `MIRROR_ROLE_PRIMARY` or `MIRROR_ROLE_BACKUP`.
     pub role: c_int,
@@ -122,6 +123,7 @@ fn init_logging_from_env() {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false)
                 .try_init();
         }
@@ -377,7 +379,7 @@ pub unsafe extern "C" fn mirror_region(m: *const mirror, len: *mut usize) -> *co
 }
 
 /// Fills `*out` with a snapshot of the node's state and counters. Set `out->size =
-/// sizeof(mirror_stats)` first (see `mirror_stats`).
+/// sizeof(struct mirror_stats)` first (see `mirror_stats`).
 ///
 /// Errors: `MIRROR_EINVAL` (NULL, or `out->size` smaller than the first version of the struct);
 /// `*out` is written only on success. Thread safety: any number of threads at once.
@@ -394,7 +396,7 @@ pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) 
         let caller_size = unsafe { std::ptr::addr_of!((*out).size).read() } as usize;
         if caller_size < STATS_V1_SIZE {
             return Err(FfiError::invalid(format!(
-                "out->size is {caller_size}; set it to sizeof(mirror_stats) (at least {STATS_V1_SIZE})"
+                "out->size is {caller_size}; set it to sizeof(struct mirror_stats) (at least {STATS_V1_SIZE})"
             )));
         }
         let s = m.node.stats();

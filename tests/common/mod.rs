@@ -192,6 +192,8 @@ pub struct Pair {
     pub write_size: u64,
     pub policy: &'static str,
     pub extra: Vec<String>,
+    /// Primary writes per second (0: as fast as possible).
+    pub rate: u64,
 }
 
 impl Pair {
@@ -203,6 +205,7 @@ impl Pair {
             write_size: 64,
             policy,
             extra: Vec::new(),
+            rate: 0,
         }
     }
 
@@ -243,13 +246,25 @@ impl Pair {
     }
 
     pub fn primary_args(&self, start_id: u64, writes: u64, depth: u64) -> Vec<String> {
+        self.primary_args_with(start_id, writes, depth, self.policy)
+    }
+
+    pub fn primary_args_with(
+        &self,
+        start_id: u64,
+        writes: u64,
+        depth: u64,
+        policy: &str,
+    ) -> Vec<String> {
         let mut v = vec!["primary".to_string()];
         v.extend(self.common("primary"));
         v.extend([
             "--peer".into(),
             self.addr.clone(),
             "--on-peer-loss".into(),
-            self.policy.into(),
+            policy.into(),
+            "--rate".into(),
+            self.rate.to_string(),
             "--set".into(),
             "ack_timeout_ms=500".into(),
             "--set".into(),

@@ -187,10 +187,13 @@ pub fn run_primary(node: &NodeArgs, w: &WorkloadArgs) -> CliResult {
         |id: u64, t0: Instant, lat_ns: &mut Vec<u64>| -> Result<(), MirrorError> {
             lat_ns.push(t0.elapsed().as_nanos() as u64);
             if let Some(f) = completions.as_mut() {
-                writeln!(f, "{id}").map_err(|source| MirrorError::Io {
-                    context: "writing completions file".into(),
-                    source,
-                })?;
+                // One write(2) per line, so that a SIGKILL never leaves half a line for the
+                // next run to continue.
+                f.write_all(format!("{id}\n").as_bytes())
+                    .map_err(|source| MirrorError::Io {
+                        context: "writing completions file".into(),
+                        source,
+                    })?;
             }
             Ok(())
         };
@@ -476,7 +479,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "64")]
     write_size: String,
     /// Writes per phase of the demo
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 20000)]
     writes: u64,
     /// Transport between the two processes
     #[arg(long, default_value = "tcp")]
@@ -694,12 +697,6 @@ fn run_demo(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliR
             p(queue),
             "--queue-size".into(),
             "64MiB".into(),
-            // This machine may have as few cores as there are busy threads (caller, two
-            // pollers): short spins let sleeping threads give the CPU back.
-            "--set".into(),
-            "idle_spin_us=20".into(),
-            "--set".into(),
-            "wait_spin_us=5".into(),
         ]
     };
     let mut backup_args = vec!["backup".to_string()];
