@@ -22,7 +22,7 @@ pub const WRITE_OVERHEAD: usize = 16 + 20;
 pub const ACK_LEN: usize = 16 + 16;
 
 /// Latency percentiles of one series, in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Percentiles {
     /// Samples.
     pub samples: usize,
@@ -203,7 +203,7 @@ impl LocalPair {
 }
 
 /// One size's result of [`compare_sync_write`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Comparison {
     /// Payload bytes per write.
     pub payload: usize,
@@ -211,6 +211,12 @@ pub struct Comparison {
     pub floor: Percentiles,
     /// The engine's synchronous write.
     pub engine: Percentiles,
+    /// Raw round-trip samples of the floor, in nanoseconds (sorted).
+    #[serde(skip)]
+    pub floor_ns: Vec<u64>,
+    /// Raw samples of the engine's writes, in nanoseconds (sorted).
+    #[serde(skip)]
+    pub engine_ns: Vec<u64>,
 }
 
 impl Comparison {
@@ -235,21 +241,27 @@ pub fn compare_sync_write(
         context: "ping-pong floor".into(),
         source,
     };
-    let mut pp = PingPong::start(payload).map_err(io)?;
     let data = vec![0xA5u8; payload];
     let slots = (pair.primary.region_len() / payload as u64).max(1);
     let block = 500.min(iterations.max(1));
     let mut floor = Vec::with_capacity(iterations);
     let mut engine = Vec::with_capacity(iterations);
-    // Warm-up of both.
-    for i in 0..block.min(200) {
-        pp.round_trip().map_err(io)?;
-        pair.write((i as u64 % slots) * payload as u64, &data)?;
+    // The floor's server thread busy-polls: it exists only during its own blocks, so that it
+    // never competes with the engine's threads for the CPU.
+    {
+        let mut pp = PingPong::start(payload).map_err(io)?;
+        for i in 0..block.min(200) {
+            pp.round_trip().map_err(io)?;
+            pair.write((i as u64 % slots) * payload as u64, &data)?;
+        }
     }
     let mut i = 0u64;
     while floor.len() < iterations {
-        for _ in 0..block {
-            floor.push(pp.round_trip().map_err(io)?);
+        {
+            let mut pp = PingPong::start(payload).map_err(io)?;
+            for _ in 0..block {
+                floor.push(pp.round_trip().map_err(io)?);
+            }
         }
         for _ in 0..block {
             engine.push(pair.write((i % slots) * payload as u64, &data)?);
@@ -260,5 +272,280 @@ pub fn compare_sync_write(
         payload,
         floor: Percentiles::of(&mut floor),
         engine: Percentiles::of(&mut engine),
+        floor_ns: floor,
+        engine_ns: engine,
     })
+}
+
+/// Pipelined throughput: `total` writes of `payload` bytes with at most `depth` in flight.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Throughput {
+    /// Payload bytes per write.
+    pub payload: usize,
+    /// Writes in flight at most.
+    pub depth: usize,
+    /// Writes completed.
+    pub writes: u64,
+    /// Completed writes per second.
+    pub writes_per_s: f64,
+    /// Payload megabytes (10^6 bytes) per second.
+    pub mb_per_s: f64,
+}
+
+/// Measures pipelined writes through `pair`'s primary.
+pub fn pipelined(
+    pair: &LocalPair,
+    payload: usize,
+    depth: usize,
+    total: u64,
+) -> Result<Throughput, MirrorError> {
+    let data = vec![0x5Au8; payload];
+    let slots = (pair.primary.region_len() / payload as u64).max(1);
+    let mut window = std::collections::VecDeque::with_capacity(depth.max(1));
+    let t = Instant::now();
+    for i in 0..total {
+        if window.len() >= depth.max(1) {
+            let ticket = window.pop_front().expect("window is full");
+            pair.primary.wait(ticket, None)?;
+        }
+        window.push_back(pair.primary.submit((i % slots) * payload as u64, &data)?);
+    }
+    while let Some(ticket) = window.pop_front() {
+        pair.primary.wait(ticket, None)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(Throughput {
+        payload,
+        depth,
+        writes: total,
+        writes_per_s: total as f64 / secs,
+        mb_per_s: total as f64 * payload as f64 / secs / 1e6,
+    })
+}
+
+/// Raw TCP streaming bandwidth over loopback: `bytes` sent in `chunk`-sized writes to a thread
+/// that reads and discards them. The floor for pipelined writes of large payloads and for a
+/// full remirror. Returns megabytes (10^6 bytes) per second.
+pub fn tcp_stream_mb_per_s(bytes: u64, chunk: usize) -> io::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> io::Result<u64> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got += n as u64;
+        }
+    });
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let buf = vec![0xC3u8; chunk];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.min((bytes - sent) as usize);
+        s.write_all(&buf[..n])?;
+        sent += n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let got = reader
+        .join()
+        .map_err(|_| io::Error::other("reader thread panicked"))??;
+    let secs = t.elapsed().as_secs_f64();
+    Ok(got as f64 / secs / 1e6)
+}
+
+/// One recovery measurement: a backup that missed `missed` writes catches up, next to a full
+/// remirror (the whole region streamed over TCP) measured right after.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct RecoveryRun {
+    /// Region size in bytes.
+    pub region_bytes: u64,
+    /// Writes the backup missed.
+    pub missed: u64,
+    /// Payload bytes per write.
+    pub payload: usize,
+    /// Seconds from the backup's restart until the pair mirrors synchronously again.
+    pub catch_up_s: f64,
+    /// Payload bytes the catch-up moved (from the primary's stats).
+    pub catch_up_bytes: u64,
+    /// Seconds to stream the whole region over loopback TCP.
+    pub full_remirror_s: f64,
+    /// full_remirror_s / catch_up_s.
+    pub speedup: f64,
+}
+
+/// Measures catch-up after `missed` writes on a region of `region_bytes` (files in `dir`).
+pub fn recovery(
+    dir: &Path,
+    region_bytes: u64,
+    missed: u64,
+    payload: usize,
+) -> Result<RecoveryRun, MirrorError> {
+    let io = |source: io::Error| MirrorError::Io {
+        context: "recovery benchmark".into(),
+        source,
+    };
+    let queue_needed = missed * (payload as u64 + 64) * 2 + (16 << 20);
+    let queue_size = queue_needed.next_power_of_two().max(64 << 20).to_string();
+    let node = |role: &str| -> Result<ConfigBuilder, MirrorError> {
+        let mut b = ConfigBuilder::new();
+        b.set("role", role)?;
+        b.set(
+            "region",
+            &dir.join(format!("{role}.region")).display().to_string(),
+        )?;
+        b.set(
+            "queue",
+            &dir.join(format!("{role}.queue")).display().to_string(),
+        )?;
+        b.set("region_size", &region_bytes.to_string())?;
+        b.set("queue_size", &queue_size)?;
+        b.set("reconnect_interval_ms", "2")?;
+        Ok(b)
+    };
+    let mut bcfg = node("backup")?;
+    bcfg.set("listen", "127.0.0.1:0")?;
+    let backup = Mirror::open(bcfg.build()?)?;
+    let addr = backup
+        .listen_addr()
+        .ok_or_else(|| MirrorError::Unsupported("backup has no listen address".into()))?;
+    let mut pcfg = node("primary")?;
+    pcfg.set("peer", &addr.to_string())?;
+    pcfg.set("on_peer_loss", "continue")?;
+    let primary = Mirror::open(pcfg.build()?)?;
+    primary.wait_synchronous(Duration::from_secs(10))?;
+    let data = vec![0x77u8; payload];
+    let slots = (region_bytes / payload as u64).max(1);
+    let write_some = |from: u64, n: u64| -> Result<(), MirrorError> {
+        let mut last = None;
+        for i in from..from + n {
+            last =
+                Some(primary.submit((i.wrapping_mul(2654435761) % slots) * payload as u64, &data)?);
+        }
+        if let Some(t) = last {
+            primary.wait(t, None)?;
+        }
+        Ok(())
+    };
+    write_some(0, 1000)?;
+    backup.close()?;
+    drop(backup);
+    // Wait until the primary noticed, then write while the backup is away (degraded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !primary.stats().degraded && primary.stats().phase != crate::Phase::Disconnected {
+        if Instant::now() > deadline {
+            return Err(MirrorError::Timeout);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    write_some(1000, missed)?;
+    let recoveries = primary.stats().recoveries;
+    let mut bcfg = node("backup")?;
+    bcfg.set("listen", &addr.to_string())?;
+    // The clock starts once the backup process is up again: restarting it costs the same
+    // whether it then catches up or takes a full copy.
+    let backup = Mirror::open(bcfg.build()?)?;
+    let t = Instant::now();
+    loop {
+        let s = primary.stats();
+        if s.recoveries > recoveries && s.phase == crate::Phase::Synchronous {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(MirrorError::Timeout);
+        }
+        // Sleep, not spin: the two pollers need the CPUs.
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    // The catch-up is sent once the handshake completes; it is done when the backup holds it all.
+    let target = primary.stats().next_seq - 1;
+    while backup.stats().applied_through < target {
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(MirrorError::Timeout);
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    let catch_up_s = t.elapsed().as_secs_f64();
+    let catch_up_bytes = primary.stats().last_recovery_bytes;
+    primary.close()?;
+    backup.close()?;
+    let full_mb_s = tcp_stream_mb_per_s(region_bytes, 1 << 20).map_err(io)?;
+    let full_remirror_s = region_bytes as f64 / (full_mb_s * 1e6);
+    Ok(RecoveryRun {
+        region_bytes,
+        missed,
+        payload,
+        catch_up_s,
+        catch_up_bytes,
+        full_remirror_s,
+        speedup: full_remirror_s / catch_up_s,
+    })
+}
+
+/// Writes a latency CDF (one line per series) as an SVG chart with a log-scaled time axis.
+pub fn write_cdf_svg(path: &Path, title: &str, series: &[(String, Vec<u64>)]) -> io::Result<()> {
+    const W: f64 = 800.0;
+    const H: f64 = 480.0;
+    const L: f64 = 70.0;
+    const B: f64 = 50.0;
+    let colors = [
+        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+    ];
+    let all: Vec<u64> = series.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    let lo = (all.iter().copied().min().unwrap_or(1).max(1) as f64 / 1000.0)
+        .log10()
+        .floor();
+    let hi = (all.iter().copied().max().unwrap_or(1).max(1) as f64 / 1000.0)
+        .log10()
+        .ceil()
+        .max(lo + 1.0);
+    let x = |us: f64| L + (us.max(1e-3).log10() - lo) / (hi - lo) * (W - L - 20.0);
+    let y = |q: f64| H - B - q * (H - B - 30.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
+        W / 2.0,
+        title
+    );
+    for d in (lo as i32)..=(hi as i32) {
+        let us = 10f64.powi(d);
+        let px = x(us);
+        svg += &format!("<line x1=\"{px}\" y1=\"30\" x2=\"{px}\" y2=\"{}\" stroke=\"#ddd\"/><text x=\"{px}\" y=\"{}\" text-anchor=\"middle\">{us} us</text>\n", H - B, H - B + 16.0);
+    }
+    for q in [0.0, 0.5, 0.9, 0.99, 1.0] {
+        let py = y(q);
+        svg += &format!("<line x1=\"{L}\" y1=\"{py}\" x2=\"{}\" y2=\"{py}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{}\" text-anchor=\"end\">{q}</text>\n", W - 20.0, L - 6.0, py + 4.0);
+    }
+    svg += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">latency (log scale)</text>\n",
+        (W + L) / 2.0,
+        H - 10.0
+    );
+    for (i, (name, v)) in series.iter().enumerate() {
+        let mut v = v.clone();
+        v.sort_unstable();
+        let n = v.len().max(1);
+        let step = (n / 400).max(1);
+        let mut pts = String::new();
+        for (k, ns) in v
+            .iter()
+            .enumerate()
+            .step_by(step)
+            .chain(v.iter().enumerate().next_back())
+        {
+            pts += &format!(
+                "{:.1},{:.1} ",
+                x(*ns as f64 / 1000.0),
+                y((k + 1) as f64 / n as f64)
+            );
+        }
+        let c = colors[i % colors.len()];
+        svg += &format!("<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{pts}\"/>\n<text x=\"{}\" y=\"{}\" fill=\"{c}\">{name}</text>\n", L + 10.0, 45.0 + 16.0 * i as f64);
+    }
+    svg += "</svg>\n";
+    std::fs::write(path, svg)
 }

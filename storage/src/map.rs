@@ -64,6 +64,7 @@ impl Mapping {
                     .len(len)
                     .map_raw(file)
                     .map_err(|e| StorageError::io(path, "mmap", e))?;
+                populate_write(raw.as_mut_ptr(), len);
                 Ok(Mapping {
                     inner: Inner::Memmap(raw),
                     len,
@@ -387,6 +388,22 @@ pub(crate) fn is_locked_by_writer(file: &File) -> bool {
     } else {
         io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
     }
+}
+
+/// Pre-faults a fresh writable shared mapping (`MADV_POPULATE_WRITE`, Linux 5.14+), so that the
+/// data path never takes a page fault on first touch of a queue or region page (measured: a
+/// 4 KiB mirrored write took 2.6x the TCP floor with faults, mostly from four first-touch faults
+/// per write). Best effort: older kernels answer EINVAL and the pages fault in lazily as before.
+fn populate_write(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: `ptr..ptr+len` is a mapping we just created and own; MADV_POPULATE_WRITE only
+        // faults its pages in (as a write would, without changing their contents).
+        unsafe { libc::madvise(ptr.cast(), len, MADV_POPULATE_WRITE) };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
 /// Extends `file` to `len` bytes with allocated, zeroed blocks (so that writing through the

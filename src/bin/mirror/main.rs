@@ -92,18 +92,10 @@ enum Command {
     /// Live demo on this machine: a backup and a primary process on loopback, writes, a SIGKILL of
     /// each node and its recovery, then a byte-for-byte check of both regions.
     Demo(cli::DemoArgs),
-    /// Sync write latency next to the raw TCP ping-pong floor, measured in one run, interleaved.
-    Bench {
-        /// Payload sizes
-        #[arg(long, value_delimiter = ',', default_value = "64,4096")]
-        sizes: Vec<String>,
-        /// Writes (and round trips) per size
-        #[arg(long, default_value_t = 20_000)]
-        iterations: usize,
-        /// Any config key for both nodes: --set key=value (repeatable)
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-    },
+    /// Benchmarks in one run: sync write latency next to the raw TCP ping-pong floor
+    /// (interleaved), pipelined throughput next to raw TCP streaming, and recovery (catch-up
+    /// after K missed writes next to a full remirror of the region).
+    Bench(cli::BenchArgs),
     /// Run a backup node until SIGINT/SIGTERM.
     Backup {
         #[command(flatten)]
@@ -161,11 +153,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => cli::demo(args),
-        Command::Bench {
-            sizes,
-            iterations,
-            set,
-        } => cli::bench(&sizes, iterations, &set),
+        Command::Bench(args) => cli::bench(&args),
         Command::Backup { node, report_ms } => cli::run_backup(&node, report_ms),
         Command::Primary { node, workload } => cli::run_primary(&node, &workload),
         Command::Status { queue } => cli::status(&queue),
