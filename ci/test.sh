@@ -24,8 +24,17 @@ fi
 step "loom model checking of the submission ring"
 RUSTFLAGS="--cfg loom" cargo test -p mirror-ring --release --target-dir target/loom --test loom
 
+step "C API: header drift, C tests (ASan/UBSan, valgrind), two-process C test, C++17"
+bash ci/ffi-test.sh
+
 step "demo smoke (the README's main command, shortened)"
 cargo build --release --bin mirror
-./target/release/mirror demo --writes 500
+./target/release/mirror demo --writes 2000
+
+step "benchmark smoke (each criterion bench once; mirror bench, small; never timed assertions)"
+cargo bench --bench ring --bench engine -- --test
+./target/release/mirror bench --iterations 500 --sizes 64,4096 --pipelined-writes 2000 \
+  --recovery-regions 16MiB --recovery-missed 0.01 --json > target/bench-smoke.json
+grep -q '"sync_latency"' target/bench-smoke.json
 
 step "all passed"

@@ -424,7 +424,7 @@ pub struct BenchArgs {
     /// Writes per pipelined measurement
     #[arg(long, default_value_t = 200_000)]
     pipelined_writes: u64,
-    /// Region sizes for the recovery benchmark (empty: skip it)
+    /// Region sizes for the recovery benchmark ("": skip it)
     #[arg(long, value_delimiter = ',', default_value = "256MiB,1GiB")]
     recovery_regions: Vec<String>,
     /// Missed writes for the recovery benchmark, as fractions of the region's 4 KiB slots
@@ -563,14 +563,15 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         let _ = std::fs::remove_dir_all(&pair_dir);
         // 3. Recovery: catch-up after K missed writes vs a full remirror.
         let mut recovery = Vec::new();
-        if !a.recovery_regions.is_empty() && !a.recovery_missed.is_empty() {
+        if a.recovery_regions.iter().any(|r| !r.trim().is_empty()) && !a.recovery_missed.is_empty()
+        {
             say(String::new());
             say("recovery: catch-up after K missed 4 KiB writes vs streaming the whole region (loopback)".into());
             say(format!(
                 "{:>10} {:>9} {:>12} {:>14} {:>13} {:>9}",
                 "region", "missed", "catch-up s", "catch-up bytes", "full copy s", "speedup"
             ));
-            for region in &a.recovery_regions {
+            for region in a.recovery_regions.iter().filter(|r| !r.trim().is_empty()) {
                 let region_bytes = parse_size(region).map_err(usage)?;
                 for &frac in &a.recovery_missed {
                     let missed = ((region_bytes / 4096) as f64 * frac).round().max(1.0) as u64;
