@@ -143,13 +143,12 @@ pub extern "C" fn mirror_config_new() -> *mut mirror_config {
     })
 }
 
-/// Sets one configuration key from its text form. The keys and value syntax are those of the
-/// engine's TOML configuration: `role` (primary | backup), `region`, `region_size` (bytes, or with
-/// KiB/MiB/GiB), `queue`, `queue_size`, `listen` (backup), `peer` (primary), `transport`,
-/// `durability` (process | power | pmem), `on_peer_loss` (continue | block), `cpu`,
-/// `idle_spin_us`, `wait_spin_us`, `ack_timeout_ms`, `handshake_timeout_ms`,
-/// `reconnect_interval_ms`, `write_timeout_ms`, `submit_ring`, `max_write`. A later set of the same
-/// key wins.
+/// Sets one configuration key from its text form. The keys and value syntax are exactly those of
+/// the engine's TOML configuration (one parser; the README lists every key), e.g. `role`
+/// (primary | backup), `region`, `region_size` (bytes, or with KiB/MiB/GiB), `queue`,
+/// `queue_size`, `listen` (backup), `peer` (primary), `transport`, `durability` (process | power |
+/// pmem), `on_peer_loss` (continue | block), `cpu`, `idle_spin_us`, `wait_spin_us`,
+/// `write_timeout_ms`, `max_write`. A later set of the same key wins.
 ///
 /// Returns 0, `MIRROR_EKEY` (unknown key), `MIRROR_EVALUE` (bad value; the message names the key)
 /// or `MIRROR_EINVAL` (a NULL argument). Checks that involve several keys happen in `mirror_open`.

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The C API gate (docs/FFI.md), one step of ci/test.sh; runs the same way by hand:
+#   1. include/mirror.h is exactly what the pinned cbindgen generates, and every export is inside
+#      the panic boundary (tests/header_drift.rs);
+#   2. the header compiles alone as C99 and C++17 with -pedantic;
+#   3. ffi/tests/api_test.c (every function, every error path) under AddressSanitizer + UBSan
+#      (shared library), then under valgrind (static library) with no definite/indirect leak;
+#   4. the two-process C test: a backup and a primary process through the C API, SIGKILL of each
+#      in turn under load, both peer-loss policies, then byte-identical regions and every
+#      completed write on both nodes;
+#   5. ci/install.sh into a temporary prefix, then the example (ffi/examples/kvlog.c) and the
+#      C++17 test built with pkg-config exactly as an integrator would, and run.
+# Sanitizers and valgrind run without suppressions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source ci/setup.sh
+start=$(date +%s)
+part() { printf '\n--- C API: %s (%ss)\n' "$*" "$(($(date +%s) - start))"; }
+
+need_apt=()
+command -v valgrind >/dev/null 2>&1 || need_apt+=(valgrind)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v cmp >/dev/null 2>&1 || need_apt+=(diffutils)
+command -v readelf >/dev/null 2>&1 || need_apt+=(binutils)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "ci/ffi-test.sh: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+tmp=$(mktemp -d /tmp/mirror-ffi-ci-XXXXXX)
+kv_backup_pid=""
+cleanup() {
+  if [ -n "$kv_backup_pid" ]; then
+    kill -KILL "$kv_backup_pid" 2>/dev/null || true
+    wait "$kv_backup_pid" 2>/dev/null || true
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+part "header drift (pinned cbindgen 0.29.4) and export conventions"
+cargo test --test header_drift
+
+part "the header alone compiles as C99 and as C++17 (-pedantic -Werror)"
+cc -std=c99 -pedantic -Wall -Wextra -Werror -fsyntax-only -x c include/mirror.h
+g++ -std=c++17 -pedantic -Wall -Wextra -Werror -fsyntax-only -x c++ include/mirror.h
+
+part "build the library (release) and the mirror CLI"
+cargo build --release --lib --bin mirror
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+release=${target_dir:-$PWD/target}/release
+
+part "build the C tests (-Wall -Wextra -Werror)"
+make -C ffi LIBDIR="$release" all
+
+part "C API test under AddressSanitizer + UBSan (shared library)"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ffi/build/api_test_asan
+
+part "C API test under valgrind (static library, no sanitizers)"
+vg_status=0
+valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect \
+  --show-leak-kinds=definite,indirect --error-exitcode=1 \
+  ffi/build/api_test_static 2>"$tmp/valgrind.log" || vg_status=$?
+grep -E "ERROR SUMMARY|definitely lost|indirectly lost|possibly lost|still reachable|All heap blocks" \
+  "$tmp/valgrind.log" || true
+if [ "$vg_status" -ne 0 ]; then
+  cat "$tmp/valgrind.log"
+  echo "ci/ffi-test.sh: valgrind reported errors or leaks (status $vg_status)" >&2
+  exit 1
+fi
+
+part "two-process C test: SIGKILL each node in turn under load (on_peer_loss=continue, then block)"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  bash ffi/tests/two_process.sh ffi/build/node "$release/mirror" continue 12
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  bash ffi/tests/two_process.sh ffi/build/node "$release/mirror" block 12
+
+part "install (ci/install.sh) into a temporary prefix; build against it with pkg-config"
+prefix=$tmp/prefix
+PREFIX=$prefix bash ci/install.sh
+export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
+readelf -d "$prefix/lib/libmirror.so" | grep -q 'SONAME.*\[libmirror\.so\.0\]' \
+  || { echo "libmirror.so lacks SONAME libmirror.so.0" >&2; exit 1; }
+bin=$tmp/bin
+mkdir -p "$bin"
+# Exactly the documented commands (docs/FFI.md).
+cc -std=c11 -Wall -Wextra -Werror -O2 -o "$bin/kvlog" ffi/examples/kvlog.c $(pkg-config --cflags --libs mirror)
+cc -std=c11 -Wall -Wextra -Werror -O2 -o "$bin/kvlog_static" ffi/examples/kvlog.c \
+  $(pkg-config --cflags mirror) "$(pkg-config --variable=libdir mirror)/libmirror.a" \
+  $(pkg-config --variable=static_libs mirror)
+g++ -std=c++17 -Wall -Wextra -Werror -o "$bin/cxx_header" ffi/tests/cxx_header.cpp $(pkg-config --cflags --libs mirror)
+readelf -d "$bin/kvlog" | grep -q 'NEEDED.*\[libmirror\.so\.0\]' \
+  || { echo "kvlog does not load libmirror.so.0" >&2; exit 1; }
+if readelf -d "$bin/kvlog_static" | grep -q 'NEEDED.*libmirror'; then
+  echo "kvlog_static should not need libmirror.so" >&2
+  exit 1
+fi
+export LD_LIBRARY_PATH=$prefix/lib
+
+part "C++17 test"
+"$bin/cxx_header"
+
+part "example: kvlog put on the primary, read back from the backup's region file"
+kv=$tmp/kv
+mkdir -p "$kv/backup" "$kv/primary"
+"$bin/kvlog" backup "$kv/backup" 0 >"$kv/backup.out" 2>&1 &
+kv_backup_pid=$!
+for _ in $(seq 1 500); do grep -q listening "$kv/backup.out" && break; sleep 0.01; done
+port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$kv/backup.out")
+[ -n "$port" ] || { cat "$kv/backup.out"; echo "kvlog backup did not start" >&2; exit 1; }
+ex_passed=0
+ex_check() { # ex_check DESCRIPTION COMMAND...
+  local what=$1
+  shift
+  if "$@"; then ex_passed=$((ex_passed + 1)); else
+    echo "example: check failed: $what" >&2
+    echo "example: $ex_passed passed, 1 failed"
+    exit 1
+  fi
+}
+"$bin/kvlog" put "$kv/primary" "$port" greeting hello
+"$bin/kvlog" put "$kv/primary" "$port" color blue
+"$bin/kvlog_static" put "$kv/primary" "$port" greeting bonjour
+backup_has() { # the backup applies right after acknowledging: allow it a moment
+  for _ in $(seq 1 200); do
+    [ "$("$bin/kvlog" get "$kv/backup" "$1" 2>/dev/null)" = "$2" ] && return 0
+    sleep 0.01
+  done
+  return 1
+}
+ex_check "the backup's region file holds the latest greeting" backup_has greeting bonjour
+ex_check "the backup's region file holds color" backup_has color blue
+ex_check "the primary's region file holds the latest greeting" \
+  test "$("$bin/kvlog" get "$kv/primary" greeting)" = bonjour
+kill -TERM "$kv_backup_pid"
+kv_status=0
+wait "$kv_backup_pid" || kv_status=$?
+kv_backup_pid=""
+ex_check "the backup stops cleanly on SIGTERM" test "$kv_status" -eq 0
+ex_check "both region files are byte-identical" cmp "$kv/primary/kv.region" "$kv/backup/kv.region"
+ex_check "the backup lists three entries" test "$("$bin/kvlog" list "$kv/backup" | wc -l)" -eq 3
+echo "example: $ex_passed passed, 0 failed"
+
+part "C API gate passed"
