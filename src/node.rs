@@ -26,7 +26,7 @@ use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, StorageEr
 
 use crate::config::{Config, Role, TransportKind};
 use crate::error::{MirrorError, Result};
-use crate::transport::tcp::{TcpAcceptor, TcpConnection};
+use crate::transport::tcp::{TcpAcceptor, TcpConnecting, TcpConnection};
 use crate::transport::{Connection, Listener, TransportError};
 
 /// Identifies a submitted write; tickets complete in the order they were issued.
@@ -368,6 +368,7 @@ impl Mirror {
             consumer,
             stash: None,
             conn: None,
+            connecting: None,
             acceptor: acceptor.map(|a| Box::new(a) as Box<dyn Listener>),
             pending: Vec::new(),
             actions: Vec::new(),
@@ -693,6 +694,8 @@ struct Poller {
     /// A submission taken from the ring that did not fit in the queue yet.
     stash: Option<(u64, Submission)>,
     conn: Option<Box<dyn Connection>>,
+    /// Primary over TCP: a connection attempt in progress, and when it gives up (us).
+    connecting: Option<(TcpConnecting, u64)>,
     acceptor: Option<Box<dyn Listener>>,
     pending: Vec<(Box<dyn Connection>, Instant)>,
     actions: Vec<Action>,
@@ -811,14 +814,45 @@ impl Poller {
     fn manage_connection(&mut self, now: u64) -> bool {
         match self.cfg.role {
             Role::Primary => {
-                if self.conn.is_some()
-                    || self.core.phase() != Phase::Disconnected
-                    || now < self.next_connect_at_us
-                {
+                if self.conn.is_some() || self.core.phase() != Phase::Disconnected {
+                    return false;
+                }
+                if let Some((attempt, deadline_us)) = self.connecting.as_mut() {
+                    let failure = match attempt.poll() {
+                        Ok(Some(c)) => {
+                            tracing::info!(peer = %c.peer(), "connected to backup");
+                            self.connecting = None;
+                            self.conn = Some(Box::new(c));
+                            self.core.on_connected();
+                            return true;
+                        }
+                        Ok(None) if now < *deadline_us => return false,
+                        Ok(None) => "no answer in time".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::debug!(peer = ?self.cfg.peer, error = %failure, "backup not reachable");
+                    self.connecting = None;
+                    self.core.on_connect_failed();
+                    return true;
+                }
+                if now < self.next_connect_at_us {
                     return false;
                 }
                 self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
                 let peer = self.cfg.peer.clone().unwrap_or_default();
+                if self.cfg.transport == TransportKind::Tcp {
+                    match TcpConnecting::start(&peer) {
+                        Ok(attempt) => {
+                            let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
+                            self.connecting = Some((attempt, deadline));
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "backup not reachable");
+                            self.core.on_connect_failed();
+                        }
+                    }
+                    return true;
+                }
                 match connect(&self.cfg, &peer) {
                     Ok(c) => {
                         tracing::info!(peer = %c.peer(), "connected to backup");
@@ -1159,6 +1193,13 @@ impl Poller {
         }
         for (c, _) in &self.pending {
             watch(c.wait_fd());
+        }
+        if let Some(fd) = self.connecting.as_ref().and_then(|(c, _)| c.wait_fd()) {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            });
         }
         Some(fds)
     }

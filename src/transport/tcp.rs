@@ -217,3 +217,72 @@ impl Listener for TcpAcceptor {
         TcpAcceptor::wait_fd(self)
     }
 }
+
+/// A connection attempt in progress: a non-blocking `connect`, so that an unreachable backup
+/// (packets dropped, not refused) never stalls the poller (and, under `continue`, the writes it
+/// applies meanwhile).
+#[derive(Debug)]
+pub struct TcpConnecting {
+    socket: Option<socket2::Socket>,
+}
+
+impl TcpConnecting {
+    /// Starts connecting to `addr` (an IP literal resolves without blocking; a host name is
+    /// resolved here, once per attempt).
+    pub fn start(addr: &str) -> Result<Self, TransportError> {
+        let target = addr
+            .to_socket_addrs()
+            .map_err(io_err("resolving peer address"))?
+            .next()
+            .ok_or_else(|| TransportError::Io {
+                context: "resolving peer address",
+                source: io::Error::other("address resolves to nothing"),
+            })?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(io_err("creating a socket"))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(io_err("setting socket non-blocking"))?;
+        match socket.connect(&target.into()) {
+            Ok(()) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINPROGRESS)
+                    || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(io_err("connecting to peer")(e)),
+        }
+        Ok(TcpConnecting {
+            socket: Some(socket),
+        })
+    }
+
+    /// The connection once established, `Ok(None)` while still in progress, or why it failed.
+    pub fn poll(&mut self) -> Result<Option<TcpConnection>, TransportError> {
+        let Some(socket) = self.socket.as_ref() else {
+            return Err(TransportError::Closed);
+        };
+        let mut pfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call; timeout 0 (never blocks).
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n <= 0 || pfd.revents == 0 {
+            return Ok(None);
+        }
+        if let Some(e) = socket.take_error().map_err(io_err("connecting to peer"))? {
+            return Err(io_err("connecting to peer")(e));
+        }
+        let socket = self.socket.take().ok_or(TransportError::Closed)?;
+        TcpConnection::new(TcpStream::from(socket)).map(Some)
+    }
+
+    /// Becomes writable when the attempt finishes (either way).
+    pub fn wait_fd(&self) -> Option<RawFd> {
+        self.socket.as_ref().map(|s| s.as_raw_fd())
+    }
+}
