@@ -378,6 +378,7 @@ impl Mirror {
             last_stats: Instant::now(),
             stopped: false,
             next_connect_at_us: 0,
+            next_accept_at_us: 0,
             recovery_bytes: 0,
             recovery_records: 0,
             recoveries_seen: 0,
@@ -706,6 +707,8 @@ struct Poller {
     /// Set when a step failed the node.
     stopped: bool,
     next_connect_at_us: u64,
+    /// Backup: next time to look for new connections while one is established.
+    next_accept_at_us: u64,
     recovery_bytes: u64,
     recovery_records: u64,
     recoveries_seen: u64,
@@ -866,16 +869,20 @@ impl Poller {
                 }
                 true
             }
-            Role::Backup => self.accept_and_greet(),
+            Role::Backup => self.accept_and_greet(now),
         }
     }
 
     /// Backup: accepts new connections and adopts one once its Hello passes the checks. A Hello
     /// from the primary already connected (same node id) replaces the old connection (the
     /// primary restarted or its link broke); any other is refused without disturbing it.
-    fn accept_and_greet(&mut self) -> bool {
+    fn accept_and_greet(&mut self, now: u64) -> bool {
         let mut worked = false;
-        if let Some(acceptor) = self.acceptor.as_mut() {
+        // accept(2) is a system call: while connected, look for newcomers every 100 us rather
+        // than on every pass, so the data path's receive loop stays tight.
+        let accept_due = self.conn.is_none() || now >= self.next_accept_at_us;
+        if let Some(acceptor) = self.acceptor.as_mut().filter(|_| accept_due) {
+            self.next_accept_at_us = now + 100;
             loop {
                 match acceptor.try_accept() {
                     Ok(Some(c)) => {
