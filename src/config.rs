@@ -126,7 +126,7 @@ pub const KEYS: &[(&str, &str)] = &[
         "write() gives up after this long; 0 = never (default 0)",
     ),
     ("submit_ring", "submission ring slots (default 4096)"),
-    ("max_write", "largest write in bytes (default 1MiB)"),
+    ("max_write", "largest write in bytes (default 1MiB, at most queue_size/4)"),
     (
         "caller_drives",
         "a waiting caller runs the poll loop itself: true (default) | false",
@@ -363,8 +363,9 @@ impl ConfigBuilder {
                 "must not be the same file as 'region'",
             ));
         }
-        let max_write = self.max_write.unwrap_or(1 << 20);
         let max_write_cap = (queue_size / 4).min(mirror_proto::wire::MAX_WRITE_LEN as u64);
+        // Unset: 1 MiB, or less when a small queue cannot hold records that large.
+        let max_write = self.max_write.unwrap_or((1 << 20).min(max_write_cap));
         if max_write == 0 || max_write > max_write_cap {
             return Err(bad(
                 "max_write",

@@ -43,51 +43,6 @@ fn check_primary_never_ahead(pair: &Pair, w: &Workload) -> usize {
     checked
 }
 
-fn finish_and_verify(pair: &Pair, mut primary: Node, backup: Option<Node>, backup_run: usize) {
-    let mut backup = backup.unwrap_or_else(|| pair.start_backup(backup_run + 100));
-    // A primary stops cleanly on SIGTERM once its handler is installed (it says "primary started").
-    primary.wait_until("primary start", Duration::from_secs(30), |p| {
-        p.has("primary")
-    });
-    let st = primary.stop();
-    assert!(st.success(), "primary exit {st}\n{}", tail(&primary.log));
-    // The primary may have stopped degraded (continue, after an ack timeout under load): a last
-    // short run under `block` completes only after the backup caught up and acknowledged.
-    let mut last = Node::spawn(
-        "primary",
-        &pair.primary_args_with(990_000_000, 20, 1, "block"),
-        &pair.path("primary-last.log"),
-    );
-    let st = last.wait_exit(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "last primary run exit {st}\n{}",
-        tail(&last.log)
-    );
-    let p_info = mirror::node::inspect(&pair.path("primary.queue")).unwrap();
-    backup.wait_until("backup applies everything", Duration::from_secs(30), |_| {
-        mirror::node::inspect(&pair.path("backup.queue"))
-            .map(|b| b.applied_through >= p_info.last_seq)
-            .unwrap_or(false)
-    });
-    let st = backup.stop();
-    assert!(st.success(), "backup exit {st}\n{}", tail(&backup.log));
-    let p_region = std::fs::read(pair.path("primary.region")).unwrap();
-    let b_region = std::fs::read(pair.path("backup.region")).unwrap();
-    assert!(p_region == b_region, "regions differ after recovery");
-    let completed = read_completions(&pair.path("completions"));
-    assert!(!completed.is_empty());
-    let w = Workload::new(1, pair.write_size as usize, pair.region_size).unwrap();
-    w.check(&p_region, &completed).unwrap();
-    w.check(&b_region, &completed).unwrap();
-    let (st, out, _) = run(&[
-        "verify",
-        pair.path("primary.region").to_str().unwrap(),
-        pair.path("backup.region").to_str().unwrap(),
-    ]);
-    assert!(st.success() && out.contains("IDENTICAL"), "{out}");
-}
-
 fn xorshift(state: &mut u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;

@@ -316,6 +316,8 @@ pub struct Primary {
     degraded_batch: Vec<Pending>,
     acked_through: u64,
     sent_through: u64,
+    /// Our last_seq when we sent the Hello of the current handshake.
+    hello_last_seq: u64,
     awaiting_since_us: Option<u64>,
     wrote_this_batch: bool,
     degraded: bool,
@@ -351,6 +353,7 @@ impl Primary {
             degraded_batch: Vec::new(),
             acked_through: 0,
             sent_through: 0,
+            hello_last_seq: 0,
             awaiting_since_us: None,
             wrote_this_batch: false,
             degraded: false,
@@ -368,10 +371,12 @@ impl Primary {
     pub fn accepts_submissions(&self) -> bool {
         match self.state {
             PrimaryState::Synchronous => true,
-            PrimaryState::Disconnected => {
+            // Under `continue`, a handshake with a peer that does not answer (half-open, stalled)
+            // must not stop writes: they go on degraded until the Hello arrives.
+            PrimaryState::Disconnected | PrimaryState::Handshaking { .. } => {
                 self.cfg.on_peer_loss == PeerLossPolicy::Continue && self.delay.is_empty()
             }
-            _ => false,
+            PrimaryState::Recovering { .. } | PrimaryState::Failed => false,
         }
     }
 
@@ -508,6 +513,7 @@ impl Primary {
         self.state = PrimaryState::Handshaking {
             since_us: self.now_us,
         };
+        self.hello_last_seq = self.last_seq();
         // The Hello reports our applied point; progress reports continue from there.
         self.reported_through = self.committed_through;
         self.actions.push(Action::Send(Message::Hello(Hello {
@@ -569,6 +575,16 @@ impl Primary {
             )));
         }
         let p_last = self.last_seq();
+        if h.last_seq > self.hello_last_seq && p_last > self.hello_last_seq {
+            // The backup holds records we lost, and we gave their sequence numbers to degraded
+            // writes since our Hello: two different histories.
+            return self.fail(FatalError::Unrecoverable(format!(
+                "backup holds records through {} that this primary lacks, but it wrote {} .. {} degraded meanwhile",
+                h.last_seq,
+                self.hello_last_seq + 1,
+                p_last
+            )));
+        }
         if h.last_seq < p_last {
             // The backup misses (h.last_seq, p_last]; our queue must still hold all of them.
             let p_first = self.first_seq.unwrap_or(p_last + 1);

@@ -796,3 +796,81 @@ fn random_crashes_never_lose_a_completed_write() {
         );
     }
 }
+
+#[test]
+fn continue_primary_keeps_writing_while_a_handshake_hangs() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.disconnect();
+    // Reconnect, but the backup never answers the Hello (half-open).
+    pair.p.core.on_connected();
+    pair.p.run();
+    assert_eq!(pair.p.core.phase(), Phase::Handshaking);
+    assert!(pair.p.core.accepts_submissions());
+    let t = pair.p.write(8, 2, 8);
+    assert_eq!(
+        pair.p.completed, t,
+        "degraded write completes during the handshake"
+    );
+    // The Hello finally arrives (late): the write made meanwhile is caught up.
+    pair.p.outbox.clear();
+    pair.up = true;
+    pair.b.core.on_connected();
+    pair.b.run();
+    pair.p.core.on_disconnected();
+    pair.p.run();
+    pair.connect();
+    pair.assert_converged();
+    assert_eq!(pair.b.disk.next_seq, 3);
+}
+
+#[test]
+fn block_primary_takes_no_writes_while_a_handshake_hangs() {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    pair.disconnect();
+    pair.p.core.on_connected();
+    pair.p.run();
+    assert!(!pair.p.core.accepts_submissions());
+}
+
+#[test]
+fn divergent_histories_stop_the_primary() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.p.write(8, 2, 8);
+    // The backup gets seq 2; the primary dies and loses it (power loss of its unsynced tail).
+    let msgs: Vec<_> = pair.p.outbox.drain(..).collect();
+    for m in msgs {
+        pair.b.core.on_message(m);
+    }
+    pair.b.core.end_batch();
+    pair.b.run();
+    // The primary dies before the ack arrives (nothing applied), losing its unsynced tail.
+    pair.up = false;
+    pair.b.core.on_disconnected();
+    pair.b.run();
+    pair.b.outbox.clear(); // lost with the old connection
+    pair.p.disk.queue.retain(|&s, _| s < 2);
+    pair.p.disk.next_seq = 2;
+    pair.p.crash_and_restart();
+    // It connects; before the backup's Hello arrives it writes degraded, reusing seq 2.
+    pair.p.core.on_connected();
+    pair.p.run();
+    let hello = pair.p.outbox.remove(0);
+    pair.p.write(16, 3, 8);
+    pair.b.core.on_connected();
+    pair.b.core.on_message(hello);
+    pair.b.run();
+    let from_b: Vec<_> = pair.b.outbox.drain(..).collect();
+    for m in from_b {
+        pair.p.core.on_message(m);
+    }
+    pair.p.run();
+    assert!(
+        matches!(pair.p.fatal, Some(FatalError::Unrecoverable(_))),
+        "{:?}",
+        pair.p.fatal
+    );
+}

@@ -1,0 +1,165 @@
+//! Link faults between two real processes, through a fault-injecting proxy (no root needed):
+//! stalls (silent partition: bytes held, connections open), cuts (resets), half-open peers
+//! (connections accepted and never answered) and delay. Every scenario ends with every completed
+//! write on both nodes and byte-identical regions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::{FaultProxy, Mode};
+use common::*;
+
+fn pair_through_proxy(dir: &std::path::Path, policy: &'static str) -> (Pair, FaultProxy) {
+    let mut pair = Pair::new(dir, policy);
+    // Under `continue`, writes made while the link is down fill the primary's queue until it
+    // pushes back; a bounded rate keeps these scenarios about faults, not about a full queue.
+    pair.rate = 5_000;
+    let proxy = FaultProxy::start(pair.addr.parse().unwrap());
+    pair.peer = Some(proxy.addr.to_string());
+    pair.extra.extend([
+        "--set".to_string(),
+        "ack_timeout_ms=300".to_string(),
+        "--set".to_string(),
+        "handshake_timeout_ms=300".to_string(),
+    ]);
+    (pair, proxy)
+}
+
+fn wait_writes(primary: &mut Node, more: u64) {
+    let from = primary.num("progress", "completed");
+    primary.wait_until("writes", Duration::from_secs(30), |p| {
+        p.num("progress", "completed") >= from + more
+    });
+}
+
+#[test]
+fn stalled_link_with_continue_goes_degraded_then_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, proxy) = pair_through_proxy(dir.path(), "continue");
+    let backup = pair.start_backup(0);
+    let mut primary = pair.start_primary(0, 0, 4);
+    wait_writes(&mut primary, 500);
+    proxy.set_mode(Mode::Stall);
+    primary.wait_until("ack timeout -> degraded", Duration::from_secs(10), |p| {
+        p.get("progress", "degraded").as_deref() == Some("1")
+    });
+    wait_writes(&mut primary, 500); // writes go on while the link is stalled
+    let recoveries = primary.num("progress", "recoveries");
+    proxy.set_mode(Mode::Pass);
+    primary.wait_until("catch-up after the stall", Duration::from_secs(30), |p| {
+        p.num("progress", "recoveries") > recoveries
+            && p.get("progress", "phase").as_deref() == Some("synchronous")
+    });
+    assert!(primary.num("progress", "rec_records") > 0);
+    wait_writes(&mut primary, 200);
+    finish_and_verify(&pair, primary, Some(backup), 0);
+}
+
+#[test]
+fn stalled_link_with_block_holds_writes_then_completes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, proxy) = pair_through_proxy(dir.path(), "block");
+    let backup = pair.start_backup(0);
+    let mut primary = pair.start_primary(0, 0, 4);
+    wait_writes(&mut primary, 500);
+    proxy.set_mode(Mode::Stall);
+    primary.wait_until("ack timeout", Duration::from_secs(10), |p| {
+        p.get("progress", "phase").as_deref() != Some("synchronous")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let held = primary.num("progress", "completed");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        primary.num("progress", "completed") <= held + 4,
+        "writes completed through a stalled link under block"
+    );
+    proxy.set_mode(Mode::Pass);
+    wait_writes(&mut primary, 500);
+    finish_and_verify(&pair, primary, Some(backup), 0);
+}
+
+#[test]
+fn half_open_backup_is_abandoned_by_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, proxy) = pair_through_proxy(dir.path(), "continue");
+    let backup = pair.start_backup(0);
+    let mut primary = pair.start_primary(0, 0, 1);
+    wait_writes(&mut primary, 200);
+    // New connections are accepted and never answered; the current one is reset.
+    proxy.set_mode(Mode::Blackhole);
+    proxy.cut();
+    primary.wait_until("degraded", Duration::from_secs(10), |p| {
+        p.get("progress", "degraded").as_deref() == Some("1")
+    });
+    // The handshake with the half-open peer times out (and is retried) ...
+    let log_path = primary.log.clone();
+    primary.wait_until("a handshake timeout", Duration::from_secs(10), |_| {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("handshake made no progress")
+    });
+    // ... while the primary keeps writing.
+    wait_writes(&mut primary, 300);
+    proxy.set_mode(Mode::Pass);
+    proxy.cut();
+    primary.wait_until("synchronous again", Duration::from_secs(30), |p| {
+        p.get("progress", "phase").as_deref() == Some("synchronous")
+            && p.get("progress", "degraded").as_deref() == Some("0")
+    });
+    finish_and_verify(&pair, primary, Some(backup), 0);
+}
+
+#[test]
+fn repeated_cuts_and_delay_under_load_lose_nothing() {
+    for policy in ["continue", "block"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (pair, proxy) = pair_through_proxy(dir.path(), policy);
+        let backup = pair.start_backup(0);
+        let mut primary = pair.start_primary(0, 0, 8);
+        let mut rng = 0x9e37_79b9_u64;
+        for round in 0..12 {
+            wait_writes(&mut primary, 50);
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            proxy.set_delay(Duration::from_micros(if round % 3 == 0 { 500 } else { 0 }));
+            proxy.cut();
+            std::thread::sleep(Duration::from_millis(rng % 40));
+        }
+        proxy.set_delay(Duration::ZERO);
+        wait_writes(&mut primary, 100);
+        assert!(proxy.forwarded() > 0);
+        finish_and_verify(&pair, primary, Some(backup), 0);
+    }
+}
+
+#[test]
+fn a_full_queue_while_degraded_pushes_back_then_drains_when_the_link_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pair, proxy) = pair_through_proxy(dir.path(), "continue");
+    pair.rate = 0;
+    pair.extra
+        .extend(["--set".to_string(), "queue_size=256KiB".to_string()]);
+    let backup = pair.start_backup(0);
+    let mut primary = pair.start_primary(0, 0, 4);
+    wait_writes(&mut primary, 200);
+    proxy.set_mode(Mode::Stall);
+    primary.wait_until("degraded", Duration::from_secs(10), |p| {
+        p.get("progress", "degraded").as_deref() == Some("1")
+    });
+    // The queue fills (about 1,800 records of 64 B fit in 3/4 of 256 KiB), then writes wait.
+    let mut last = 0;
+    let mut stuck_for = 0;
+    while stuck_for < 5 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = primary.num("progress", "completed");
+        stuck_for = if now == last { stuck_for + 1 } else { 0 };
+        last = now;
+    }
+    let queued = primary.num("progress", "queue_bytes");
+    assert!(queued > 0 && queued <= 256 << 10, "queue_bytes {queued}");
+    proxy.set_mode(Mode::Pass);
+    wait_writes(&mut primary, 2000);
+    finish_and_verify(&pair, primary, Some(backup), 0);
+}
