@@ -32,12 +32,26 @@ pub struct Node {
 
 impl Node {
     pub fn spawn(name: &str, args: &[String], log: &Path) -> Node {
+        Node::spawn_in(None, name, args, log)
+    }
+
+    /// Like `spawn`, inside network namespace `netns` (`ip netns exec`, which execs in place:
+    /// the child's pid is the node's).
+    pub fn spawn_in(netns: Option<&str>, name: &str, args: &[String], log: &Path) -> Node {
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let mut child = Command::new(BIN)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(args)
             .env("MIRROR_LOG", "info")
             .stdin(Stdio::null())
@@ -200,6 +214,8 @@ pub struct Pair {
     pub rate: u64,
     /// Where the primary connects, when not straight to the backup (e.g. a fault proxy).
     pub peer: Option<String>,
+    /// Network namespaces to run the primary and the backup in.
+    pub netns: Option<(String, String)>,
 }
 
 impl Pair {
@@ -213,6 +229,7 @@ impl Pair {
             extra: Vec::new(),
             rate: 0,
             peer: None,
+            netns: None,
         }
     }
 
@@ -293,7 +310,8 @@ impl Pair {
     }
 
     pub fn start_backup(&self, n: usize) -> Node {
-        let mut b = Node::spawn(
+        let mut b = Node::spawn_in(
+            self.netns.as_ref().map(|n| n.1.as_str()),
             "backup",
             &self.backup_args(),
             &self.path(&format!("backup-{n}.log")),
@@ -305,7 +323,8 @@ impl Pair {
     }
 
     pub fn start_primary(&self, n: usize, writes: u64, depth: u64) -> Node {
-        Node::spawn(
+        Node::spawn_in(
+            self.netns.as_ref().map(|n| n.0.as_str()),
             "primary",
             &self.primary_args(n as u64 * 10_000_000, writes, depth),
             &self.path(&format!("primary-{n}.log")),
@@ -326,7 +345,8 @@ pub fn finish_and_verify(pair: &Pair, mut primary: Node, backup: Option<Node>, b
     assert!(st.success(), "primary exit {st}\n{}", tail(&primary.log));
     // The primary may have stopped degraded (continue, after an ack timeout under load): a last
     // short run under `block` completes only after the backup caught up and acknowledged.
-    let mut last = Node::spawn(
+    let mut last = Node::spawn_in(
+        pair.netns.as_ref().map(|n| n.0.as_str()),
         "primary",
         &pair.primary_args_with(990_000_000, 20, 1, "block"),
         &pair.path("primary-last.log"),
