@@ -233,15 +233,17 @@ impl Mirror {
             cfg.region_size,
             cfg.durability,
         )?);
+        let mut queue = queue;
         if queue.applied_through() > queue.last_seq() {
-            return Err(MirrorError::Storage(StorageError::CorruptHeader {
-                path: cfg.queue.clone(),
-                why: format!(
-                    "applied_through {} is beyond the last record {}",
-                    queue.applied_through(),
-                    queue.last_seq()
-                ),
-            }));
+            // The newest records were damaged and cut, but the region already holds their writes
+            // (applied_through says so): continue numbering after them rather than refuse.
+            tracing::warn!(
+                queue = %cfg.queue.display(),
+                cut_through = queue.applied_through(),
+                last_intact = queue.last_seq(),
+                "records cut from the queue were already applied to the region; renumbering after them"
+            );
+            queue.reset_to(queue.applied_through() + 1)?;
         }
         let mut unapplied = Vec::new();
         for rec in queue.iter_from(queue.applied_through() + 1) {
