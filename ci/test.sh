@@ -27,6 +27,9 @@ RUSTFLAGS="--cfg loom" cargo test -p mirror-ring --release --target-dir target/l
 step "C API: header drift, C tests (ASan/UBSan, valgrind), two-process C test, C++17"
 bash ci/ffi-test.sh
 
+step "fuzz smoke: wire decoder, queue recovery scan, protocol operations vs a model"
+bash ci/fuzz-smoke.sh
+
 step "demo smoke (the README's main command, shortened)"
 cargo build --release --bin mirror
 ./target/release/mirror demo --writes 2000
