@@ -126,7 +126,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "write() gives up after this long; 0 = never (default 0)",
     ),
     ("submit_ring", "submission ring slots (default 4096)"),
-    ("max_write", "largest write in bytes (default 1MiB, at most queue_size/4)"),
+    (
+        "max_write",
+        "largest write in bytes (default 1MiB, at most queue_size/4)",
+    ),
     (
         "caller_drives",
         "a waiting caller runs the poll loop itself: true (default) | false",
