@@ -209,3 +209,30 @@ fn rdma_transport_is_refused_clearly_until_built() {
     let e = Mirror::open(b.build().unwrap()).unwrap_err();
     assert!(matches!(e, MirrorError::Unsupported(_)), "{e}");
 }
+
+#[test]
+fn power_durability_mirrors_and_pmem_is_refused_off_dax() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bb = base(dir.path(), "backup", "1MiB");
+    bb.set("listen", "127.0.0.1:0").unwrap();
+    bb.set("durability", "power").unwrap();
+    let b = Mirror::open(bb.build().unwrap()).unwrap();
+    let p = primary(dir.path(), &b, &[("durability", "power")]);
+    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    for i in 0..50u64 {
+        p.write(i * 16, &i.to_le_bytes()).unwrap();
+    }
+    p.close().unwrap();
+    b.close().unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("primary.region")).unwrap(),
+        std::fs::read(dir.path().join("backup.region")).unwrap()
+    );
+    let other = tempfile::tempdir().unwrap();
+    let mut pm = base(other.path(), "backup", "1MiB");
+    pm.set("listen", "127.0.0.1:0").unwrap();
+    pm.set("durability", "pmem").unwrap();
+    let e = Mirror::open(pm.build().unwrap()).unwrap_err();
+    assert!(matches!(e, MirrorError::Storage(_)), "{e}");
+    assert!(e.to_string().contains("DAX"), "{e}");
+}

@@ -145,3 +145,26 @@ fn garbage_other_versions_and_a_second_primary_are_refused_without_harm() {
     );
     assert!(log.contains("refusing"), "{log}");
 }
+
+#[test]
+fn verify_lists_the_chunks_that_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    std::fs::write(&a, vec![0u8; 256 << 10]).unwrap();
+    let mut other = vec![0u8; 256 << 10];
+    other[70_000] = 1; // chunk 1 of 64 KiB
+    other[200_000] = 1; // chunk 3
+    std::fs::write(&b, &other).unwrap();
+    let (st, out, _) = run(&["verify", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(st.code(), Some(1), "{out}");
+    assert!(out.contains("2 of 4 chunks differ"), "{out}");
+    assert!(
+        out.contains("chunk 1:") && out.contains("chunk 3:"),
+        "{out}"
+    );
+    let (st, out, _) = run(&["verify", a.to_str().unwrap(), a.to_str().unwrap()]);
+    assert!(st.success() && out.contains("IDENTICAL"), "{out}");
+    let (st, _, err) = run(&["verify", a.to_str().unwrap(), "/nonexistent"]);
+    assert_clean_error(st, &err, "/nonexistent");
+}
