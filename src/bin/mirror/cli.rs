@@ -439,11 +439,24 @@ pub struct BenchArgs {
     /// Any config key for both nodes: --set key=value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Directory for the nodes' files (default /dev/shm when present, else the temp dir)
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 pub fn bench(a: &BenchArgs) -> CliResult {
     use mirror::bench;
-    let dir = std::env::temp_dir().join(format!("mirror-bench-{}", std::process::id()));
+    // Memory-backed files by default: the benchmark measures the engine, not the page cache's
+    // writeback to this machine's disk (which throttles long runs of file-backed writes).
+    let base = a.dir.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let dir = base.join(format!("mirror-bench-{}", std::process::id()));
     let io = |context: String| move |source| MirrorError::Io { context, source };
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     let mut extra = Vec::new();
@@ -484,6 +497,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             "x p50",
             "x p99"
         ));
+        say(format!("(node files in {})", dir.display()));
         let mut latency = Vec::new();
         let mut plot_series = Vec::new();
         for size in &a.sizes {
