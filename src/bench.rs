@@ -151,6 +151,23 @@ impl Drop for PingPong {
     }
 }
 
+/// The config of one benchmark node with files `<role>.region` and `<role>.queue` in `dir`.
+fn node_config(
+    dir: &Path,
+    role: &str,
+    region_size: u64,
+    queue_size: &str,
+) -> Result<ConfigBuilder, MirrorError> {
+    let mut b = ConfigBuilder::new();
+    b.set("role", role)?;
+    let file = |ext: &str| dir.join(format!("{role}.{ext}")).display().to_string();
+    b.set("region", &file("region"))?;
+    b.set("queue", &file("queue"))?;
+    b.set("region_size", &region_size.to_string())?;
+    b.set("queue_size", queue_size)?;
+    Ok(b)
+}
+
 /// A primary and a backup in this process over loopback TCP, for latency measurements.
 pub struct LocalPair {
     /// The primary.
@@ -163,18 +180,7 @@ impl LocalPair {
     /// Opens a pair with files in `dir`; `extra` are additional config keys for both nodes.
     pub fn open(dir: &Path, region_size: u64, extra: &[(&str, &str)]) -> Result<Self, MirrorError> {
         let node = |role: &str| -> Result<ConfigBuilder, MirrorError> {
-            let mut b = ConfigBuilder::new();
-            b.set("role", role)?;
-            b.set(
-                "region",
-                &dir.join(format!("{role}.region")).display().to_string(),
-            )?;
-            b.set(
-                "queue",
-                &dir.join(format!("{role}.queue")).display().to_string(),
-            )?;
-            b.set("region_size", &region_size.to_string())?;
-            b.set("queue_size", "64MiB")?;
+            let mut b = node_config(dir, role, region_size, "64MiB")?;
             for (k, v) in extra {
                 b.set(k, v)?;
             }
@@ -393,18 +399,7 @@ pub fn recovery(
     let queue_needed = missed * (payload as u64 + 64) * 2 + (16 << 20);
     let queue_size = queue_needed.next_power_of_two().max(64 << 20).to_string();
     let node = |role: &str| -> Result<ConfigBuilder, MirrorError> {
-        let mut b = ConfigBuilder::new();
-        b.set("role", role)?;
-        b.set(
-            "region",
-            &dir.join(format!("{role}.region")).display().to_string(),
-        )?;
-        b.set(
-            "queue",
-            &dir.join(format!("{role}.queue")).display().to_string(),
-        )?;
-        b.set("region_size", &region_bytes.to_string())?;
-        b.set("queue_size", &queue_size)?;
+        let mut b = node_config(dir, role, region_bytes, &queue_size)?;
         b.set("reconnect_interval_ms", "2")?;
         Ok(b)
     };

@@ -242,6 +242,30 @@ pub fn check_write(
     }
 }
 
+/// The trim rule, for both roles: records go once the *peer* reported them durably applied, and
+/// never past what this node applied itself. `peer_applied` only grows.
+fn trim_queue(
+    peer_applied: &mut u64,
+    reported: u64,
+    own_applied: u64,
+    first_seq: &mut Option<u64>,
+    last_seq: u64,
+    actions: &mut Vec<Action>,
+) {
+    *peer_applied = (*peer_applied).max(reported);
+    let through = (*peer_applied).min(own_applied);
+    if let Some(first) = *first_seq {
+        if through >= first {
+            actions.push(Action::Trim { through });
+            *first_seq = if through >= last_seq {
+                None
+            } else {
+                Some(through + 1)
+            };
+        }
+    }
+}
+
 /// Connection phase, as seen from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -458,21 +482,15 @@ impl Primary {
     }
 
     fn trim(&mut self, peer_applied: u64) {
-        if peer_applied > self.peer_applied {
-            self.peer_applied = peer_applied;
-        }
-        // Never trim what this node has not applied itself.
-        let through = self.peer_applied.min(self.committed_through);
-        if let Some(first) = self.first_seq {
-            if through >= first {
-                self.actions.push(Action::Trim { through });
-                self.first_seq = if through >= self.last_seq() {
-                    None
-                } else {
-                    Some(through + 1)
-                };
-            }
-        }
+        let last = self.last_seq();
+        trim_queue(
+            &mut self.peer_applied,
+            peer_applied,
+            self.committed_through,
+            &mut self.first_seq,
+            last,
+            &mut self.actions,
+        );
     }
 
     fn lose_peer(&mut self, fault: Option<PeerFault>) {
@@ -1010,20 +1028,15 @@ impl Backup {
     }
 
     fn trim(&mut self, primary_applied: u64) {
-        if primary_applied > self.peer_applied {
-            self.peer_applied = primary_applied;
-        }
-        let through = self.peer_applied.min(self.committed_through);
-        if let Some(first) = self.first_seq {
-            if through >= first {
-                self.actions.push(Action::Trim { through });
-                self.first_seq = if through >= self.last_seq() {
-                    None
-                } else {
-                    Some(through + 1)
-                };
-            }
-        }
+        let last = self.last_seq();
+        trim_queue(
+            &mut self.peer_applied,
+            primary_applied,
+            self.committed_through,
+            &mut self.first_seq,
+            last,
+            &mut self.actions,
+        );
     }
 
     fn violation(&mut self, what: String) {

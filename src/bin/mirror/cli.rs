@@ -183,8 +183,20 @@ pub fn run_primary(node: &NodeArgs, w: &WorkloadArgs) -> CliResult {
     };
     let started = Instant::now();
     let mut last_report = Instant::now();
-    let mut record_completion =
-        |id: u64, t0: Instant, lat_ns: &mut Vec<u64>| -> Result<(), MirrorError> {
+    type InFlight = std::collections::VecDeque<(u64, mirror::Ticket, Instant)>;
+    // Waits (at most 100 ms) for the oldest write in flight; once it completed, logs it and its
+    // latency.
+    let mut complete_oldest =
+        |m: &Mirror, inflight: &mut InFlight, lat_ns: &mut Vec<u64>| -> Result<(), MirrorError> {
+            let Some(&(id, ticket, t0)) = inflight.front() else {
+                return Ok(());
+            };
+            match m.wait(ticket, Some(Duration::from_millis(100))) {
+                Ok(()) => {}
+                Err(MirrorError::Timeout) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            inflight.pop_front();
             lat_ns.push(t0.elapsed().as_nanos() as u64);
             if let Some(f) = completions.as_mut() {
                 // One write(2) per line, so that a SIGKILL never leaves half a line for the
@@ -228,16 +240,7 @@ pub fn run_primary(node: &NodeArgs, w: &WorkloadArgs) -> CliResult {
             next_id += 1;
         }
         if inflight.len() >= depth || next_id >= end_id || w.rate > 0 {
-            if let Some(&(id, ticket, t0)) = inflight.front() {
-                match m.wait(ticket, Some(Duration::from_millis(100))) {
-                    Ok(()) => {
-                        inflight.pop_front();
-                        record_completion(id, t0, &mut lat_ns)?;
-                    }
-                    Err(MirrorError::Timeout) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            complete_oldest(&m, &mut inflight, &mut lat_ns)?;
         }
         if w.report_ms > 0 && last_report.elapsed() >= Duration::from_millis(w.report_ms) {
             report(&m, &lat_ns);
@@ -246,18 +249,8 @@ pub fn run_primary(node: &NodeArgs, w: &WorkloadArgs) -> CliResult {
     }
     // Drain what is in flight (bounded), so every completed write is logged.
     let drain_deadline = Instant::now() + Duration::from_secs(5);
-    while let Some(&(id, ticket, t0)) = inflight.front() {
-        if Instant::now() > drain_deadline {
-            break;
-        }
-        match m.wait(ticket, Some(Duration::from_millis(100))) {
-            Ok(()) => {
-                inflight.pop_front();
-                record_completion(id, t0, &mut lat_ns)?;
-            }
-            Err(MirrorError::Timeout) => {}
-            Err(e) => return Err(e),
-        }
+    while !inflight.is_empty() && Instant::now() < drain_deadline {
+        complete_oldest(&m, &mut inflight, &mut lat_ns)?;
     }
     report(&m, &lat_ns);
     m.close()?;
