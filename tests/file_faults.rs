@@ -84,14 +84,28 @@ fn a_damaged_tail_is_cut_and_the_pair_recovers_around_it() {
     let pair = Pair::new(dir.path(), "block");
     let mut backup = pair.start_backup(0);
     let mut primary = pair.start_primary(0, 0, 1);
-    primary.wait_until("writes", Duration::from_secs(30), |p| {
-        p.num("progress", "completed") >= 300
-    });
-    // Freeze both, then tear the backup's newest record (as a crash in mid-append would).
-    primary.signal(libc::SIGSTOP);
-    backup.kill9();
-    let info = mirror::node::inspect(&pair.path("backup.queue")).unwrap();
-    assert!(info.records > 0, "nothing queued to tear");
+    // Kill the backup under load (its newest records are not trimmed yet: the primary reports
+    // applying a write on its next write), freeze the primary, then damage the newest record.
+    let mut attempt = 0;
+    let info = loop {
+        let from = primary.num("progress", "completed");
+        primary.wait_until("writes", Duration::from_secs(30), |p| {
+            p.num("progress", "completed") >= from + 300
+        });
+        backup.kill9();
+        primary.signal(libc::SIGSTOP);
+        let info = mirror::node::inspect(&pair.path("backup.queue")).unwrap();
+        if info.records > 0 {
+            break info;
+        }
+        attempt += 1;
+        assert!(
+            attempt < 5,
+            "the backup never held an untrimmed record when killed"
+        );
+        primary.signal(libc::SIGCONT);
+        backup = pair.start_backup(10 + attempt);
+    };
     let mut bytes = std::fs::read(pair.path("backup.queue")).unwrap();
     // The last record's payload sits just below the tail hint; flip bytes there.
     let tail = 4096 + (info.tail_hint % info.capacity_bytes) as usize;
