@@ -268,6 +268,9 @@ impl Mirror {
             sync_queue_before_ack: cfg.durability != Durability::Process,
             max_write_len: max_write,
             queue_capacity: queue.capacity_bytes(),
+            // In `power`/`pmem`, syncing the region per batch would cost a system call per
+            // batch on top of the ack's queue sync: commits are checkpointed instead.
+            deferred_commit: cfg.durability != Durability::Process,
         };
         let core = match cfg.role {
             Role::Primary => Core::Primary(Primary::new(core_cfg, recovered)),
@@ -378,6 +381,8 @@ impl Mirror {
             stopped: false,
             next_connect_at_us: 0,
             next_accept_at_us: 0,
+            commit_pending: None,
+            last_checkpoint_us: 0,
             recovery_bytes: 0,
             recovery_records: 0,
             recoveries_seen: 0,
@@ -692,6 +697,8 @@ const SEND_BACKLOG_PAUSE: usize = 8 << 20;
 /// The primary keeps this fraction of its queue free, so that a backup with a queue of the same
 /// size always has room for what the primary has not yet reported applied.
 const PRIMARY_QUEUE_HEADROOM_DIV: u64 = 4;
+/// `power`/`pmem`: the longest a durable-applied checkpoint waits while the node is busy.
+const CHECKPOINT_INTERVAL_US: u64 = 2_000;
 /// A new connection must say Hello within this time.
 const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -721,6 +728,9 @@ struct Poller {
     next_connect_at_us: u64,
     /// Backup: next time to look for new connections while one is established.
     next_accept_at_us: u64,
+    /// `power`/`pmem`: applied through this seq, not yet checkpointed.
+    commit_pending: Option<u64>,
+    last_checkpoint_us: u64,
     recovery_bytes: u64,
     recovery_records: u64,
     recoveries_seen: u64,
@@ -785,6 +795,9 @@ impl Poller {
         if let Err(e) = self.queue.sync() {
             tracing::warn!(error = %e, "final queue sync failed");
         }
+        if let Err(Stop::Fatal(e)) = self.checkpoint(0) {
+            tracing::warn!(error = %e, "final checkpoint failed");
+        }
         self.publish_stats();
         self.shared.notify_waiters();
     }
@@ -819,7 +832,34 @@ impl Poller {
         }
         // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
         worked |= self.execute_actions()?;
+        if self.checkpoint_due(now, worked) {
+            self.checkpoint(now)?;
+            worked |= self.execute_actions()?;
+        }
         Ok(worked)
+    }
+
+    /// `power`/`pmem`: whether to make pending applies durable now — every
+    /// `CHECKPOINT_INTERVAL_US`, as soon as the node is idle, or when the queue is half full
+    /// (trims wait for checkpoints).
+    fn checkpoint_due(&self, now: u64, worked: bool) -> bool {
+        self.commit_pending.is_some()
+            && (!worked
+                || now.saturating_sub(self.last_checkpoint_us) >= CHECKPOINT_INTERVAL_US
+                || self.queue.used_bytes() > self.queue.capacity_bytes() / 2)
+    }
+
+    /// Syncs the region, then records `applied_through` with a full barrier of the queue (which
+    /// also makes every earlier append durable, keeping `last_seq >= applied_through` on disk),
+    /// and tells the core: only now may the peer trim what we applied.
+    fn checkpoint(&mut self, now: u64) -> Result<(), Stop> {
+        if let Some(through) = self.commit_pending.take() {
+            self.region.sync()?;
+            self.queue.set_applied_through(through)?;
+            self.core.on_applied_durable(through);
+            self.last_checkpoint_us = now;
+        }
+        Ok(())
     }
 
     fn drop_connection(&mut self, why: &str) {
@@ -1076,13 +1116,13 @@ impl Poller {
                     self.region.write(record.offset, &record.data)?;
                 }
                 Action::CommitApplied { through } => {
-                    if self.cfg.durability != Durability::Process {
-                        // The region first: applied_through must never claim more than it holds.
-                        self.region.sync()?;
+                    if self.cfg.durability == Durability::Process {
+                        // The page cache keeps it across a process crash: durable as written.
+                        self.queue.set_applied_through(through)?;
+                    } else {
+                        // Checkpointed soon (see `checkpoint`), not per batch.
+                        self.commit_pending = Some(through);
                     }
-                    // A full barrier of the queue file (in `power`/`pmem`), which also makes every
-                    // earlier append durable: `last_seq >= applied_through` stays true on disk.
-                    self.queue.set_applied_through(through)?;
                 }
                 Action::Trim { through } => self.queue.trim_through(through)?,
                 Action::BindPeer { node_id } => {

@@ -45,6 +45,7 @@ fn cfg(id: u64, policy: PeerLossPolicy) -> CoreConfig {
         sync_queue_before_ack: false,
         max_write_len: 64,
         queue_capacity: 1 << 20,
+        deferred_commit: false,
     }
 }
 

@@ -52,6 +52,12 @@ pub struct CoreConfig {
     pub max_write_len: usize,
     /// Capacity of this node's queue in bytes (announced in the handshake).
     pub queue_capacity: u64,
+    /// When false, executing `CommitApplied` (in order) makes it durable, and the core counts it
+    /// durable at once. When true, `CommitApplied` is a request that the driver may batch (a
+    /// periodic checkpoint); the core reports to the peer and trims only up to what the driver
+    /// confirms with [`Core::on_applied_durable`]. Nodes in `power`/`pmem` mode defer, so that a
+    /// region sync is not paid per batch.
+    pub deferred_commit: bool,
 }
 
 /// What a node recovered from its own queue when it started.
@@ -330,6 +336,9 @@ pub struct Primary {
     next_seq: u64,
     first_seq: Option<u64>,
     applied_through: u64,
+    /// Highest applied seq the driver was asked to make durable.
+    commit_requested: u64,
+    /// Highest applied seq known durable: what is reported to the peer and bounds trims.
     committed_through: u64,
     reported_through: u64,
     peer_node_id: u64,
@@ -369,6 +378,7 @@ impl Primary {
             next_seq: rec.last_seq + 1,
             first_seq: rec.first_seq,
             applied_through: rec.applied_through,
+            commit_requested: rec.applied_through,
             committed_through: rec.applied_through,
             reported_through: 0,
             peer_node_id: rec.peer_node_id,
@@ -471,11 +481,23 @@ impl Primary {
     }
 
     fn commit_applied(&mut self) {
-        if self.applied_through > self.committed_through {
-            self.committed_through = self.applied_through;
+        if self.applied_through > self.commit_requested {
+            self.commit_requested = self.applied_through;
             self.actions.push(Action::CommitApplied {
                 through: self.applied_through,
             });
+            if !self.cfg.deferred_commit {
+                self.on_applied_durable(self.applied_through);
+            }
+        }
+    }
+
+    /// The driver made everything applied through `through` durable (see
+    /// [`CoreConfig::deferred_commit`]).
+    pub fn on_applied_durable(&mut self, through: u64) {
+        let through = through.min(self.commit_requested);
+        if through > self.committed_through {
+            self.committed_through = through;
             // Records the backup already confirmed may have waited for our own apply.
             self.trim(0);
         }
@@ -848,6 +870,9 @@ pub struct Backup {
     next_seq: u64,
     first_seq: Option<u64>,
     applied_through: u64,
+    /// Highest applied seq the driver was asked to make durable.
+    commit_requested: u64,
+    /// Highest applied seq known durable: reported to the peer, bounds trims.
     committed_through: u64,
     peer_node_id: u64,
     peer_applied: u64,
@@ -871,6 +896,7 @@ impl Backup {
             next_seq: rec.last_seq + 1,
             first_seq: rec.first_seq,
             applied_through: rec.applied_through,
+            commit_requested: rec.applied_through,
             committed_through: rec.applied_through,
             peer_node_id: rec.peer_node_id,
             peer_applied: 0,
@@ -896,11 +922,23 @@ impl Backup {
                 self.actions.push(Action::Apply(record));
             }
         }
-        if self.applied_through > self.committed_through {
-            self.committed_through = self.applied_through;
+        if self.applied_through > self.commit_requested {
+            self.commit_requested = self.applied_through;
             self.actions.push(Action::CommitApplied {
                 through: self.applied_through,
             });
+            if !self.cfg.deferred_commit {
+                self.on_applied_durable(self.applied_through);
+            }
+        }
+    }
+
+    /// The driver made everything applied through `through` durable (see
+    /// [`CoreConfig::deferred_commit`]).
+    pub fn on_applied_durable(&mut self, through: u64) {
+        let through = through.min(self.commit_requested);
+        if through > self.committed_through {
+            self.committed_through = through;
             // Records the primary already confirmed may have waited for our own apply.
             self.trim(0);
         }
@@ -1219,6 +1257,14 @@ impl Core {
         match self {
             Core::Primary(p) => p.on_message(msg),
             Core::Backup(b) => b.on_message(msg),
+        }
+    }
+    /// The driver made everything applied through `through` durable (only needed with
+    /// [`CoreConfig::deferred_commit`]).
+    pub fn on_applied_durable(&mut self, through: u64) {
+        match self {
+            Core::Primary(p) => p.on_applied_durable(through),
+            Core::Backup(b) => b.on_applied_durable(through),
         }
     }
     /// Time passes.

@@ -52,6 +52,7 @@ fn cfg(node_id: u64, policy: PeerLossPolicy) -> CoreConfig {
         sync_queue_before_ack: false,
         max_write_len: 1024,
         queue_capacity: 1 << 20,
+        deferred_commit: false,
     }
 }
 
@@ -873,4 +874,45 @@ fn divergent_histories_stop_the_primary() {
         "{:?}",
         pair.p.fatal
     );
+}
+
+#[test]
+fn deferred_commits_bound_reports_and_trims_by_what_the_driver_made_durable() {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    // Replace the backup with one that defers its commits (as `power`/`pmem` nodes do).
+    pair.disconnect();
+    let mut bcfg = cfg(2, PeerLossPolicy::Block);
+    bcfg.deferred_commit = true;
+    let disk = pair.b.disk.clone();
+    pair.b = Node::start(Role::Backup, bcfg, disk);
+    pair.connect();
+    for i in 0..5u8 {
+        pair.p.write(u64::from(i) * 8, i + 1, 8);
+        pair.settle();
+    }
+    // Applied in memory, asked to be made durable, but not confirmed: the primary must not
+    // trim what only the backup's page cache holds.
+    assert_eq!(pair.b.core.stats().applied_through, 5);
+    pair.p.tick(10);
+    pair.b.tick(10);
+    pair.settle();
+    assert_eq!(
+        pair.p.disk.queue.len(),
+        5,
+        "primary trimmed before the backup's checkpoint"
+    );
+    // The driver checkpoints: now reports and trims move.
+    pair.b.core.on_applied_durable(5);
+    pair.b.core.on_tick();
+    pair.b.core.end_batch();
+    pair.b.run();
+    pair.settle();
+    pair.p.tick(20);
+    pair.settle();
+    assert!(
+        pair.p.disk.queue.is_empty(),
+        "{:?}",
+        pair.p.disk.queue.keys()
+    );
+    pair.assert_converged();
 }
