@@ -692,6 +692,8 @@ impl Drop for Mirror {
 const RECV_BATCH: usize = 512;
 /// Largest number of submissions taken from the ring per pass.
 const SUBMIT_BATCH: usize = 256;
+/// During a catch-up, hand queued records to the network in chunks of about this size.
+const CATCH_UP_CHUNK: usize = 256 << 10;
 /// Stop taking submissions while this much is waiting to be sent.
 const SEND_BACKLOG_PAUSE: usize = 8 << 20;
 /// The primary keeps this fraction of its queue free, so that a backup with a queue of the same
@@ -1182,12 +1184,19 @@ impl Poller {
             self.recovery_bytes += rec.payload.len() as u64;
             self.recovery_records += 1;
             expect += 1;
-            // Keep the send buffer bounded during a long catch-up.
-            if conn.pending_send_bytes() > SEND_BACKLOG_PAUSE {
-                if let Err(e) = flush_blocking(conn.as_mut()) {
-                    broken.get_or_insert(e.to_string());
-                    return Ok(());
-                }
+            // Stream a long catch-up: hand each chunk to the network as it is encoded, so the
+            // peer works on it meanwhile, and keep the send buffer bounded.
+            let pending = conn.pending_send_bytes();
+            let sent = if pending > SEND_BACKLOG_PAUSE {
+                flush_blocking(conn.as_mut())
+            } else if pending > CATCH_UP_CHUNK {
+                conn.flush().map(|_| ())
+            } else {
+                Ok(())
+            };
+            if let Err(e) = sent {
+                broken.get_or_insert(e.to_string());
+                return Ok(());
             }
         }
         if expect != through_seq + 1 {
