@@ -248,6 +248,22 @@ pub fn check_write(
     }
 }
 
+/// The commit rule, for both roles: asks the driver to make applies through `applied` durable
+/// (once per new point). Returns the point to count durable at once when commits are not deferred.
+fn request_commit(
+    applied: u64,
+    requested: &mut u64,
+    deferred: bool,
+    actions: &mut Vec<Action>,
+) -> Option<u64> {
+    if applied <= *requested {
+        return None;
+    }
+    *requested = applied;
+    actions.push(Action::CommitApplied { through: applied });
+    (!deferred).then_some(applied)
+}
+
 /// The trim rule, for both roles: records go once the *peer* reported them durably applied, and
 /// never past what this node applied itself. `peer_applied` only grows.
 fn trim_queue(
@@ -481,14 +497,13 @@ impl Primary {
     }
 
     fn commit_applied(&mut self) {
-        if self.applied_through > self.commit_requested {
-            self.commit_requested = self.applied_through;
-            self.actions.push(Action::CommitApplied {
-                through: self.applied_through,
-            });
-            if !self.cfg.deferred_commit {
-                self.on_applied_durable(self.applied_through);
-            }
+        if let Some(durable) = request_commit(
+            self.applied_through,
+            &mut self.commit_requested,
+            self.cfg.deferred_commit,
+            &mut self.actions,
+        ) {
+            self.on_applied_durable(durable);
         }
     }
 
@@ -922,14 +937,13 @@ impl Backup {
                 self.actions.push(Action::Apply(record));
             }
         }
-        if self.applied_through > self.commit_requested {
-            self.commit_requested = self.applied_through;
-            self.actions.push(Action::CommitApplied {
-                through: self.applied_through,
-            });
-            if !self.cfg.deferred_commit {
-                self.on_applied_durable(self.applied_through);
-            }
+        if let Some(durable) = request_commit(
+            self.applied_through,
+            &mut self.commit_requested,
+            self.cfg.deferred_commit,
+            &mut self.actions,
+        ) {
+            self.on_applied_durable(durable);
         }
     }
 
