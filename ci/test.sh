@@ -30,6 +30,9 @@ bash ci/ffi-test.sh
 step "fuzz smoke: wire decoder, queue recovery scan, protocol operations vs a model"
 bash ci/fuzz-smoke.sh
 
+step "RDMA verbs over soft-RoCE in an emulated guest"
+bash ci/softroce-test.sh
+
 step "demo smoke (the README's main command, shortened)"
 cargo build --release --bin mirror
 ./target/release/mirror demo --writes 2000

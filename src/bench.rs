@@ -247,6 +247,24 @@ pub fn compare_sync_write(
         context: "ping-pong floor".into(),
         source,
     };
+    compare_with_floor(
+        pair,
+        payload,
+        iterations,
+        || PingPong::start(payload).map_err(io),
+        |pp| pp.round_trip().map_err(io),
+    )
+}
+
+/// [`compare_sync_write`] with another floor: `start` sets one up (it exists only during its own
+/// measurement blocks), `round_trip` times one round trip in nanoseconds.
+fn compare_with_floor<F>(
+    pair: &LocalPair,
+    payload: usize,
+    iterations: usize,
+    mut start: impl FnMut() -> Result<F, MirrorError>,
+    mut round_trip: impl FnMut(&mut F) -> Result<u64, MirrorError>,
+) -> Result<Comparison, MirrorError> {
     let data = vec![0xA5u8; payload];
     let slots = (pair.primary.region_len() / payload as u64).max(1);
     let block = 500.min(iterations.max(1));
@@ -255,18 +273,18 @@ pub fn compare_sync_write(
     // The floor's server thread busy-polls: it exists only during its own blocks, so that it
     // never competes with the engine's threads for the CPU.
     {
-        let mut pp = PingPong::start(payload).map_err(io)?;
+        let mut pp = start()?;
         for i in 0..block.min(200) {
-            pp.round_trip().map_err(io)?;
+            round_trip(&mut pp)?;
             pair.write((i as u64 % slots) * payload as u64, &data)?;
         }
     }
     let mut i = 0u64;
     while floor.len() < iterations {
         {
-            let mut pp = PingPong::start(payload).map_err(io)?;
+            let mut pp = start()?;
             for _ in 0..block {
-                floor.push(pp.round_trip().map_err(io)?);
+                floor.push(round_trip(&mut pp)?);
             }
         }
         for _ in 0..block {
@@ -281,6 +299,126 @@ pub fn compare_sync_write(
         floor_ns: floor,
         engine_ns: engine,
     })
+}
+
+/// The RDMA floor: a busy-polled ping-pong over the RDMA transport itself (the same queue pairs,
+/// ring, credits and completion handling as the engine's connection), shaped like one mirrored
+/// write: the client sends a `Write` frame of `payload` bytes, the server answers with an `Ack`.
+#[cfg(feature = "rdma")]
+pub struct RdmaPingPong {
+    client: crate::transport::rdma::RdmaConnection,
+    data: Vec<u8>,
+    inbox: Vec<mirror_proto::Message>,
+    stop: Arc<AtomicBool>,
+    server: Option<JoinHandle<()>>,
+}
+
+#[cfg(feature = "rdma")]
+impl RdmaPingPong {
+    /// Starts the echo server thread (an RDMA acceptor on loopback TCP for setup) and connects.
+    pub fn start(
+        payload: usize,
+        settings: &crate::transport::rdma::RdmaSettings,
+    ) -> Result<RdmaPingPong, crate::transport::TransportError> {
+        use crate::transport::rdma::{RdmaAcceptor, RdmaConnection};
+        use crate::transport::Listener;
+        let mut acceptor = RdmaAcceptor::bind(([127, 0, 0, 1], 0).into(), settings.clone())?;
+        let addr = acceptor.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let server_stop = Arc::clone(&stop);
+        let server = std::thread::Builder::new()
+            .name("rdma-pingpong-server".into())
+            .spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut conn = loop {
+                    match acceptor.try_accept() {
+                        Ok(Some(c)) => break c,
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_micros(200))
+                        }
+                        _ => return,
+                    }
+                };
+                let mut inbox = Vec::new();
+                let ack = mirror_proto::Message::Ack {
+                    received_through: 1,
+                    applied_through: 1,
+                };
+                while !server_stop.load(Ordering::Relaxed) {
+                    match conn.poll_recv(&mut inbox, 64) {
+                        Ok(0) => std::hint::spin_loop(),
+                        Ok(_) => {
+                            for _ in inbox.drain(..) {
+                                if conn.send(&ack).is_err() {
+                                    return;
+                                }
+                            }
+                            while let Ok(false) = conn.flush() {}
+                        }
+                        Err(_) => return,
+                    }
+                }
+            })
+            .map_err(|source| crate::transport::TransportError::Io {
+                context: "starting the ping-pong server",
+                source,
+            })?;
+        let client = RdmaConnection::connect(&addr.to_string(), settings)?;
+        Ok(RdmaPingPong {
+            client,
+            data: vec![0xA5; payload],
+            inbox: Vec::new(),
+            stop,
+            server: Some(server),
+        })
+    }
+
+    /// One round trip; returns its duration in nanoseconds.
+    pub fn round_trip(&mut self) -> Result<u64, crate::transport::TransportError> {
+        use crate::transport::Connection;
+        let t = Instant::now();
+        self.client.send_write(1, 0, &self.data)?;
+        while !self.client.flush()? {}
+        self.inbox.clear();
+        while self.client.poll_recv(&mut self.inbox, 1)? == 0 {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(crate::transport::TransportError::Closed);
+            }
+        }
+        Ok(t.elapsed().as_nanos() as u64)
+    }
+}
+
+#[cfg(feature = "rdma")]
+impl Drop for RdmaPingPong {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.server.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// [`compare_sync_write`] with the RDMA floor ([`RdmaPingPong`]); `pair` should run over
+/// `transport = rdma` on the same device.
+#[cfg(feature = "rdma")]
+pub fn compare_sync_write_rdma(
+    pair: &LocalPair,
+    payload: usize,
+    iterations: usize,
+    settings: &crate::transport::rdma::RdmaSettings,
+) -> Result<Comparison, MirrorError> {
+    let rdma = |e: crate::transport::TransportError| MirrorError::Io {
+        context: "RDMA ping-pong floor".into(),
+        source: io::Error::other(e.to_string()),
+    };
+    compare_with_floor(
+        pair,
+        payload,
+        iterations,
+        || RdmaPingPong::start(payload, settings).map_err(rdma),
+        |pp| pp.round_trip().map_err(rdma),
+    )
 }
 
 /// Pipelined throughput: `total` writes of `payload` bytes with at most `depth` in flight.

@@ -59,6 +59,12 @@ pub struct Config {
     pub peer: Option<String>,
     /// Transport.
     pub transport: TransportKind,
+    /// RDMA: device name as `ibv_devices` lists it (none: the first device).
+    pub rdma_device: Option<String>,
+    /// RDMA: port number of the device (from 1).
+    pub rdma_port: u8,
+    /// RDMA: GID table index (none: the port's first IPv4-mapped GID, else its first one).
+    pub rdma_gid_index: Option<u8>,
     /// What a completed write survives.
     pub durability: Durability,
     /// Primary: behaviour while the backup is unreachable.
@@ -101,6 +107,15 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("peer", "primary: address of the backup"),
     ("transport", "tcp (default) | rdma"),
+    (
+        "rdma_device",
+        "rdma: device name as ibv_devices lists it (default: the first device)",
+    ),
+    ("rdma_port", "rdma: device port, from 1 (default 1)"),
+    (
+        "rdma_gid_index",
+        "rdma: GID index, or 'auto' = first IPv4-mapped GID (default auto)",
+    ),
     ("durability", "process (default) | power | pmem"),
     ("on_peer_loss", "continue (default) | block"),
     ("cpu", "CPU to pin the poller to, or 'none' (default)"),
@@ -151,6 +166,9 @@ pub struct ConfigBuilder {
     listen: Option<String>,
     peer: Option<String>,
     transport: Option<TransportKind>,
+    rdma_device: Option<String>,
+    rdma_port: Option<u8>,
+    rdma_gid_index: Option<Option<u8>>,
     durability: Option<Durability>,
     on_peer_loss: Option<PeerLossPolicy>,
     cpu: Option<Option<usize>>,
@@ -255,6 +273,32 @@ impl ConfigBuilder {
                     "tcp" => TransportKind::Tcp,
                     "rdma" => TransportKind::Rdma,
                     _ => return Err(bad(key, value, "expected 'tcp' or 'rdma'")),
+                })
+            }
+            "rdma_device" => {
+                nonempty("a device name")?;
+                self.rdma_device = Some(v.to_owned());
+            }
+            "rdma_port" => {
+                self.rdma_port = Some(match parse_u64(key, value)? {
+                    p @ 1..=255 => p as u8,
+                    _ => return Err(bad(key, value, "expected a port number from 1 to 255")),
+                })
+            }
+            "rdma_gid_index" => {
+                self.rdma_gid_index = Some(if v == "auto" {
+                    None
+                } else {
+                    match parse_u64(key, value) {
+                        Ok(i @ 0..=255) => Some(i as u8),
+                        _ => {
+                            return Err(bad(
+                                key,
+                                value,
+                                "expected 'auto' or an index from 0 to 255",
+                            ))
+                        }
+                    }
                 })
             }
             "durability" => {
@@ -435,6 +479,9 @@ impl ConfigBuilder {
             listen,
             peer,
             transport: self.transport.unwrap_or(TransportKind::Tcp),
+            rdma_device: self.rdma_device.clone(),
+            rdma_port: self.rdma_port.unwrap_or(1),
+            rdma_gid_index: self.rdma_gid_index.unwrap_or(None),
             durability: self.durability.unwrap_or(Durability::Process),
             on_peer_loss: self.on_peer_loss.unwrap_or(PeerLossPolicy::Continue),
             cpu,
@@ -508,6 +555,40 @@ mod tests {
         assert!(e.to_string().contains("region_size"), "{e}");
         let e = b.set("cpu", "one").unwrap_err();
         assert!(e.to_string().contains("cpu"), "{e}");
+    }
+
+    #[test]
+    fn rdma_keys_parse_validate_and_default() {
+        let c = backup().build().unwrap();
+        assert_eq!(
+            (c.rdma_device.as_deref(), c.rdma_port, c.rdma_gid_index),
+            (None, 1, None)
+        );
+        let mut b = backup();
+        b.set("transport", "rdma").unwrap();
+        b.set("rdma_device", "rxe0").unwrap();
+        b.set("rdma_port", "2").unwrap();
+        b.set("rdma_gid_index", "1").unwrap();
+        let c = b.build().unwrap();
+        assert_eq!(c.transport, TransportKind::Rdma);
+        assert_eq!(
+            (c.rdma_device.as_deref(), c.rdma_port, c.rdma_gid_index),
+            (Some("rxe0"), 2, Some(1))
+        );
+        b.set("rdma_gid_index", "auto").unwrap();
+        assert_eq!(b.build().unwrap().rdma_gid_index, None);
+        for (key, value) in [
+            ("rdma_device", ""),
+            ("rdma_port", "0"),
+            ("rdma_port", "256"),
+            ("rdma_port", "one"),
+            ("rdma_gid_index", "256"),
+            ("rdma_gid_index", "first"),
+        ] {
+            let e = ConfigBuilder::new().set(key, value).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}={value}: {e}");
+        }
+        assert!(KEYS.iter().any(|(k, _)| *k == "rdma_gid_index"));
     }
 
     #[test]

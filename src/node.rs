@@ -26,8 +26,8 @@ use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, StorageEr
 
 use crate::config::{Config, Role, TransportKind};
 use crate::error::{MirrorError, Result};
-use crate::transport::tcp::{TcpAcceptor, TcpConnecting, TcpConnection};
-use crate::transport::{Connection, Listener, TransportError};
+use crate::transport::tcp::{TcpAcceptor, TcpConnecting};
+use crate::transport::{Connecting, Connection, Listener, TransportError};
 
 /// Identifies a submitted write; tickets complete in the order they were issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -196,10 +196,23 @@ impl Mirror {
     /// background; until the backup answers, writes wait (`block`) or proceed degraded
     /// (`continue`).
     pub fn open(cfg: Config) -> Result<Mirror> {
+        #[cfg(not(feature = "rdma"))]
         if cfg.transport == TransportKind::Rdma {
             return Err(MirrorError::Unsupported(
-                "transport 'rdma' is not available in this build; use 'tcp'".into(),
+                "transport 'rdma' is not available in this build: build with `--features rdma` (needs libibverbs-dev, librdmacm-dev and libclang), or use 'tcp'".into(),
             ));
+        }
+        #[cfg(feature = "rdma")]
+        if cfg.transport == TransportKind::Rdma && cfg.role == Role::Primary {
+            // The backup checks its device when it binds; the primary connects in the background,
+            // so check its device here: a wrong name or a port that is down is a clear error at
+            // open, not a primary that silently never connects.
+            let s = crate::transport::rdma::RdmaSettings::from_config(&cfg);
+            let found = crate::transport::rdma::probe(&s).map_err(|e| MirrorError::Io {
+                context: "opening the RDMA device".into(),
+                source: std::io::Error::other(e),
+            })?;
+            tracing::info!(device = %found, "RDMA transport");
         }
         let storage_role = match cfg.role {
             Role::Primary => mirror_storage::Role::Primary,
@@ -276,26 +289,42 @@ impl Mirror {
             Role::Primary => Core::Primary(Primary::new(core_cfg, recovered)),
             Role::Backup => Core::Backup(Backup::new(core_cfg, recovered)),
         };
-        let acceptor =
+        let (acceptor, listen_addr) =
             match cfg.role {
                 Role::Backup => {
                     let addr = cfg.listen.ok_or(MirrorError::Config(
                         crate::error::ConfigError::Missing { key: "listen" },
                     ))?;
-                    Some(TcpAcceptor::bind(addr).map_err(|e| MirrorError::Io {
+                    let listening = |e: TransportError| MirrorError::Io {
                         context: format!("listening on {addr}"),
                         source: std::io::Error::other(e.to_string()),
-                    })?)
+                    };
+                    let local = |e: TransportError| MirrorError::Io {
+                        context: "reading the listen address".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    };
+                    let (acceptor, bound): (Box<dyn Listener>, SocketAddr) = match cfg.transport {
+                        TransportKind::Tcp => {
+                            let a = TcpAcceptor::bind(addr).map_err(listening)?;
+                            let bound = a.local_addr().map_err(local)?;
+                            (Box::new(a), bound)
+                        }
+                        #[cfg(feature = "rdma")]
+                        TransportKind::Rdma => {
+                            use crate::transport::rdma::{RdmaAcceptor, RdmaSettings};
+                            let a = RdmaAcceptor::bind(addr, RdmaSettings::from_config(&cfg))
+                                .map_err(listening)?;
+                            let bound = a.local_addr().map_err(local)?;
+                            tracing::info!(device = %a.describe, "RDMA transport");
+                            (Box::new(a), bound)
+                        }
+                        #[cfg(not(feature = "rdma"))]
+                        TransportKind::Rdma => unreachable!("refused at the top of open"),
+                    };
+                    (Some(acceptor), Some(bound))
                 }
-                Role::Primary => None,
+                Role::Primary => (None, None),
             };
-        let listen_addr = match &acceptor {
-            Some(a) => Some(a.local_addr().map_err(|e| MirrorError::Io {
-                context: "reading the listen address".into(),
-                source: std::io::Error::other(e.to_string()),
-            })?),
-            None => None,
-        };
         // SAFETY: eventfd(2) with valid flags; we check the result before wrapping it.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -370,7 +399,7 @@ impl Mirror {
             stash: None,
             conn: None,
             connecting: None,
-            acceptor: acceptor.map(|a| Box::new(a) as Box<dyn Listener>),
+            acceptor,
             pending: Vec::new(),
             actions: Vec::new(),
             inbox: Vec::new(),
@@ -715,7 +744,7 @@ struct Poller {
     stash: Option<(u64, Submission)>,
     conn: Option<Box<dyn Connection>>,
     /// Primary over TCP: a connection attempt in progress, and when it gives up (us).
-    connecting: Option<(TcpConnecting, u64)>,
+    connecting: Option<(Box<dyn Connecting>, u64)>,
     acceptor: Option<Box<dyn Listener>>,
     pending: Vec<(Box<dyn Connection>, Instant)>,
     actions: Vec<Action>,
@@ -882,7 +911,7 @@ impl Poller {
                         Ok(Some(c)) => {
                             tracing::info!(peer = %c.peer(), "connected to backup");
                             self.connecting = None;
-                            self.conn = Some(Box::new(c));
+                            self.conn = Some(c);
                             self.core.on_connected();
                             return true;
                         }
@@ -900,24 +929,10 @@ impl Poller {
                 }
                 self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
                 let peer = self.cfg.peer.clone().unwrap_or_default();
-                if self.cfg.transport == TransportKind::Tcp {
-                    match TcpConnecting::start(&peer) {
-                        Ok(attempt) => {
-                            let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
-                            self.connecting = Some((attempt, deadline));
-                        }
-                        Err(e) => {
-                            tracing::debug!(%peer, error = %e, "backup not reachable");
-                            self.core.on_connect_failed();
-                        }
-                    }
-                    return true;
-                }
-                match connect(&self.cfg, &peer) {
-                    Ok(c) => {
-                        tracing::info!(peer = %c.peer(), "connected to backup");
-                        self.conn = Some(c);
-                        self.core.on_connected();
+                match start_connecting(&self.cfg, &peer) {
+                    Ok(attempt) => {
+                        let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
+                        self.connecting = Some((attempt, deadline));
                     }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "backup not reachable");
@@ -1266,10 +1281,10 @@ impl Poller {
         for (c, _) in &self.pending {
             watch(c.wait_fd());
         }
-        if let Some(fd) = self.connecting.as_ref().and_then(|(c, _)| c.wait_fd()) {
+        if let Some((fd, events)) = self.connecting.as_ref().and_then(|(c, _)| c.wait_fd()) {
             fds.push(libc::pollfd {
                 fd,
-                events: libc::POLLOUT,
+                events,
                 revents: 0,
             });
         }
@@ -1365,16 +1380,22 @@ impl Drop for CallerDriving<'_> {
     }
 }
 
-/// Connects to the backup over the configured transport.
-fn connect(cfg: &Config, peer: &str) -> Result<Box<dyn Connection>, TransportError> {
+/// Starts connecting to the backup over the configured transport (never blocks; the caller
+/// bounds the attempt with `handshake_timeout`).
+fn start_connecting(cfg: &Config, peer: &str) -> Result<Box<dyn Connecting>, TransportError> {
     match cfg.transport {
-        TransportKind::Tcp => Ok(Box::new(TcpConnection::connect(
+        TransportKind::Tcp => Ok(Box::new(TcpConnecting::start(peer)?)),
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => Ok(Box::new(crate::transport::rdma::RdmaConnecting::start(
             peer,
-            Duration::from_millis(500),
+            crate::transport::rdma::RdmaSettings::from_config(cfg),
         )?)),
+        #[cfg(not(feature = "rdma"))]
         TransportKind::Rdma => Err(TransportError::Io {
             context: "connecting over RDMA",
-            source: std::io::Error::other("the RDMA transport is not built"),
+            source: std::io::Error::other(
+                "the RDMA transport is not built (build with --features rdma)",
+            ),
         }),
     }
 }
@@ -1385,13 +1406,20 @@ fn flush_blocking(conn: &mut dyn Connection) -> Result<(), TransportError> {
         if Instant::now() > deadline {
             return Err(TransportError::Backlog { limit: 0 });
         }
-        let mut pfd = libc::pollfd {
-            fd: conn.wait_fd(),
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, 10) };
+        match conn.send_ready_fd() {
+            Some((fd, events)) => {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 10) };
+            }
+            // Room shows up in memory (RDMA credits): poll again soon, leaving the core to
+            // the peer meanwhile.
+            None => std::thread::yield_now(),
+        }
     }
     Ok(())
 }

@@ -7,6 +7,8 @@
 //! nothing to do for a while it sleeps on [`Connection::wait_fd`] (a socket, or a completion
 //! channel for RDMA) together with its own wake-up eventfd.
 
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod tcp;
 
 use std::os::fd::RawFd;
@@ -49,6 +51,16 @@ pub trait Listener: Send {
     fn wait_fd(&self) -> RawFd;
 }
 
+/// An outgoing connection attempt in progress; never blocks, so a primary keeps taking writes
+/// (policy `continue`) while its backup is slow to answer. The caller bounds it with its
+/// handshake timeout.
+pub trait Connecting: Send {
+    /// The connection once established, `Ok(None)` while still in progress, or why it failed.
+    fn poll(&mut self) -> Result<Option<Box<dyn Connection>>, TransportError>;
+    /// A descriptor and the `poll(2)` events that signal progress, if there is one to wait on.
+    fn wait_fd(&self) -> Option<(RawFd, i16)>;
+}
+
 /// One established connection to the peer.
 pub trait Connection: Send {
     /// Queues `msg` into the current send batch (no system call).
@@ -64,6 +76,10 @@ pub trait Connection: Send {
     fn poll_recv(&mut self, out: &mut Vec<Message>, max: usize) -> Result<usize, TransportError>;
     /// A file descriptor that becomes readable when `poll_recv` may have work.
     fn wait_fd(&self) -> RawFd;
+    /// How a sender held back by flow control learns it may go on: a descriptor and the
+    /// `poll(2)` events to wait for (TCP: the socket, `POLLOUT`), or `None` when room is only
+    /// seen by polling (RDMA: the peer's credits land in memory and raise no event).
+    fn send_ready_fd(&self) -> Option<(RawFd, i16)>;
     /// A one-line description of the peer, for logs.
     fn peer(&self) -> String;
 }

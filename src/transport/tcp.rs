@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use mirror_proto::{encode_write, Message};
 
-use super::{Connection, Listener, TransportError};
+use super::{Connecting, Connection, Listener, TransportError};
 
 /// Bytes read per `read` call, and the receive buffer's growth step.
 const RECV_CHUNK: usize = 256 << 10;
@@ -164,6 +164,10 @@ impl Connection for TcpConnection {
         self.stream.as_raw_fd()
     }
 
+    fn send_ready_fd(&self) -> Option<(RawFd, i16)> {
+        Some((self.stream.as_raw_fd(), libc::POLLOUT))
+    }
+
     fn peer(&self) -> String {
         format!("tcp://{}", self.peer)
     }
@@ -259,8 +263,8 @@ impl TcpConnecting {
         })
     }
 
-    /// The connection once established, `Ok(None)` while still in progress, or why it failed.
-    pub fn poll(&mut self) -> Result<Option<TcpConnection>, TransportError> {
+    /// The socket once connected, `Ok(None)` while still in progress, or why it failed.
+    pub fn poll_stream(&mut self) -> Result<Option<TcpStream>, TransportError> {
         let Some(socket) = self.socket.as_ref() else {
             return Err(TransportError::Closed);
         };
@@ -278,11 +282,20 @@ impl TcpConnecting {
             return Err(io_err("connecting to peer")(e));
         }
         let socket = self.socket.take().ok_or(TransportError::Closed)?;
-        TcpConnection::new(TcpStream::from(socket)).map(Some)
+        Ok(Some(TcpStream::from(socket)))
+    }
+}
+
+impl Connecting for TcpConnecting {
+    fn poll(&mut self) -> Result<Option<Box<dyn Connection>>, TransportError> {
+        match self.poll_stream()? {
+            Some(stream) => Ok(Some(Box::new(TcpConnection::new(stream)?))),
+            None => Ok(None),
+        }
     }
 
     /// Becomes writable when the attempt finishes (either way).
-    pub fn wait_fd(&self) -> Option<RawFd> {
-        self.socket.as_ref().map(|s| s.as_raw_fd())
+    fn wait_fd(&self) -> Option<(RawFd, i16)> {
+        self.socket.as_ref().map(|s| (s.as_raw_fd(), libc::POLLOUT))
     }
 }

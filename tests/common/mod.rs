@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use mirror::workload::Workload;
 
+pub mod campaign;
 pub mod proxy;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mirror");

@@ -630,9 +630,13 @@ pub struct DemoArgs {
     /// Writes per phase of the demo
     #[arg(long, default_value_t = 20000)]
     writes: u64,
-    /// Transport between the two processes
+    /// Transport between the two processes: tcp | rdma (rdma needs a build with `--features rdma`
+    /// and an RDMA device; pick it with --set rdma_device=NAME --set rdma_gid_index=N)
     #[arg(long, default_value = "tcp")]
     transport: String,
+    /// Any config key for both nodes: --set key=value (repeatable), e.g. rdma_device=rxe0
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Keep the working directory afterwards
     #[arg(long)]
     keep: bool,
@@ -796,11 +800,26 @@ impl Check {
 }
 
 pub fn demo(a: DemoArgs) -> CliResult {
-    if a.transport != "tcp" {
-        return Err(MirrorError::Unsupported(format!(
-            "demo transport '{}' is not available in this build; use tcp",
-            a.transport
-        )));
+    match a.transport.as_str() {
+        "tcp" => {}
+        "rdma" if cfg!(feature = "rdma") => {}
+        "rdma" => return Err(MirrorError::Unsupported(
+            "demo transport 'rdma' is not available in this build: build with `--features rdma`"
+                .into(),
+        )),
+        other => {
+            return Err(usage(format!(
+                "--transport expects 'tcp' or 'rdma', got '{other}'"
+            )))
+        }
+    }
+    // Check the keys once here, so that a typo is one clear error rather than two failed children.
+    let mut probe = ConfigBuilder::new();
+    for kv in &a.set {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--set expects KEY=VALUE, got '{kv}'")))?;
+        probe.set(k.trim(), v)?;
     }
     let region_size = parse_size(&a.region_size).map_err(usage)?;
     let write_size = parse_size(&a.write_size).map_err(usage)?;
@@ -837,7 +856,7 @@ fn run_demo(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliR
     let addr = format!("127.0.0.1:{port}");
     let p = |name: &str| dir.join(name).display().to_string();
     let common = |region: &str, queue: &str| -> Vec<String> {
-        vec![
+        let mut v = vec![
             "--region".into(),
             p(region),
             "--region-size".into(),
@@ -846,7 +865,12 @@ fn run_demo(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliR
             p(queue),
             "--queue-size".into(),
             "64MiB".into(),
-        ]
+        ];
+        v.extend(["--transport".to_string(), a.transport.clone()]);
+        for kv in &a.set {
+            v.extend(["--set".to_string(), kv.clone()]);
+        }
+        v
     };
     let mut backup_args = vec!["backup".to_string()];
     backup_args.extend(common("backup.region", "backup.queue"));
@@ -885,7 +909,12 @@ fn run_demo(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliR
     };
     let n = a.writes;
     let t_demo = Instant::now();
-    println!("libmirror demo: primary + backup on {addr} (TCP loopback), region {region_size} bytes, {write_size}-byte writes");
+    let link = if a.transport == "rdma" {
+        "RDMA verbs; setup and liveness over TCP"
+    } else {
+        "TCP loopback"
+    };
+    println!("libmirror demo: primary + backup on {addr} ({link}), region {region_size} bytes, {write_size}-byte writes");
     println!("files in {}", dir.display());
 
     println!("\n1. start the backup and the primary; mirror {n} writes synchronously");
@@ -897,10 +926,18 @@ fn run_demo(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliR
             .unwrap_or(false)
     })?;
     let mut primary = Proc::spawn("primary", &primary_args(0), &dir.join("primary-1.log"))?;
+    // Under `continue` the primary writes (degraded) while it connects; count from the moment
+    // it mirrors synchronously.
     primary.wait_until(
-        &format!("{n} completed writes"),
+        "the primary to mirror synchronously",
+        Duration::from_secs(60),
+        |p| p.get("progress", "phase").as_deref() == Some("synchronous"),
+    )?;
+    let at_sync = primary.num("progress", "completed");
+    primary.wait_until(
+        &format!("{n} completed synchronous writes"),
         Duration::from_secs(120),
-        |p| p.num("progress", "completed") >= n,
+        |p| p.num("progress", "completed") >= at_sync + n,
     )?;
     let sync_p50 = primary.get("progress", "p50_us").unwrap_or_default();
     let sync_p99 = primary.get("progress", "p99_us").unwrap_or_default();
@@ -1060,7 +1097,7 @@ fn run_demo(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliR
     }
     let f = |k: &str| final_line.get(k).cloned().unwrap_or_default();
     println!(
-        "\nsync write latency ({write_size} B, TCP loopback, last primary run of {} writes): p50={} us p90={} us p99={} us p99.9={} us max={} us",
+        "\nsync write latency ({write_size} B, {link}, last primary run of {} writes): p50={} us p90={} us p99={} us p99.9={} us max={} us",
         f("samples"),
         f("p50_us"),
         f("p90_us"),
