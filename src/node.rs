@@ -950,11 +950,12 @@ impl Poller {
     /// primary restarted or its link broke); any other is refused without disturbing it.
     fn accept_and_greet(&mut self, now: u64) -> bool {
         let mut worked = false;
-        // accept(2) is a system call: while connected, look for newcomers every 100 us rather
-        // than on every pass, so the data path's receive loop stays tight.
+        // accept(2) is a system call: while connected, look for newcomers every millisecond
+        // rather than on every pass, so the data path's receive loop stays tight (a restarted
+        // primary waits that much longer; its handshake takes longer anyway).
         let accept_due = self.conn.is_none() || now >= self.next_accept_at_us;
         if let Some(acceptor) = self.acceptor.as_mut().filter(|_| accept_due) {
-            self.next_accept_at_us = now + 100;
+            self.next_accept_at_us = now + ACCEPT_INTERVAL_CONNECTED_US;
             loop {
                 match acceptor.try_accept() {
                     Ok(Some(c)) => {
@@ -1291,6 +1292,9 @@ impl Poller {
         Some(fds)
     }
 }
+
+/// How often a connected backup looks for new connections (see `accept_and_greet`).
+const ACCEPT_INTERVAL_CONNECTED_US: u64 = 1_000;
 
 /// What one [`Poller::step`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -316,9 +316,18 @@ fn queues_are_trimmed_once_the_other_node_confirms_applying() {
     }
     pair.p.tick(10);
     pair.settle();
+    // The backup's last apply rides on no ack: it goes out on its own once the delay passed.
     pair.b.tick(10);
     pair.settle();
-    pair.p.tick(20);
+    assert_eq!(
+        pair.p.disk.queue.len(),
+        1,
+        "reported before the delay: {:?}",
+        pair.p.disk.queue.keys()
+    );
+    pair.b.tick(10 + APPLIED_REPORT_DELAY_US);
+    pair.settle();
+    pair.p.tick(20 + APPLIED_REPORT_DELAY_US);
     pair.settle();
     assert!(
         pair.p.disk.queue.is_empty(),
@@ -903,6 +912,8 @@ fn deferred_commits_bound_reports_and_trims_by_what_the_driver_made_durable() {
     );
     // The driver checkpoints: now reports and trims move.
     pair.b.core.on_applied_durable(5);
+    pair.b.core.on_tick();
+    pair.b.core.set_now(10 + APPLIED_REPORT_DELAY_US);
     pair.b.core.on_tick();
     pair.b.core.end_batch();
     pair.b.run();
