@@ -8,10 +8,15 @@ use std::time::Duration;
 use common::campaign::{kill_campaign, Campaign};
 use common::*;
 
-/// 30 kill points over loopback TCP.
+/// 100 kill points over loopback TCP per policy (CI's sample); `MIRROR_KILL_ROUNDS=300` runs the
+/// full campaign.
 fn campaign(seed: u64, freeze_checks: bool) -> Campaign {
+    let rounds = std::env::var("MIRROR_KILL_ROUNDS")
+        .ok()
+        .map(|v| v.parse().expect("MIRROR_KILL_ROUNDS is a number"))
+        .unwrap_or(100);
     Campaign {
-        rounds: 30,
+        rounds,
         seed,
         freeze_checks,
         step_timeout: Duration::from_secs(30),

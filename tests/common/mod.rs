@@ -333,6 +333,11 @@ impl Pair {
     }
 }
 
+/// Write ids of the last primary run in `finish_and_verify`: above those of every earlier run
+/// (run `n` starts at `n * 10_000_000`), because the checker takes the highest id per slot as
+/// the newest write.
+const LAST_RUN_START_ID: u64 = 1 << 60;
+
 /// Stops the primary, runs a last short primary under `block` (so that the backup has caught up
 /// and acknowledged everything), stops the backup, then checks byte-identical regions and every
 /// completed write on both.
@@ -349,7 +354,7 @@ pub fn finish_and_verify(pair: &Pair, mut primary: Node, backup: Option<Node>, b
     let mut last = Node::spawn_in(
         pair.netns.as_ref().map(|n| n.0.as_str()),
         "primary",
-        &pair.primary_args_with(990_000_000, 20, 1, "block"),
+        &pair.primary_args_with(LAST_RUN_START_ID, 20, 1, "block"),
         &pair.path("primary-last.log"),
     );
     let st = last.wait_exit(Duration::from_secs(60));
