@@ -243,33 +243,15 @@ impl Mirror {
             cfg.durability,
         )?);
         let mut queue = queue;
-        if queue.applied_through() > queue.last_seq() {
-            // The newest records were damaged and cut, but the region already holds their writes
-            // (applied_through says so): continue numbering after them rather than refuse.
+        let replay = queue.replay_state()?;
+        if let Some(after) = replay.renumbered_after {
             tracing::warn!(
                 queue = %cfg.queue.display(),
-                cut_through = queue.applied_through(),
-                last_intact = queue.last_seq(),
+                cut_through = after,
                 "records cut from the queue were already applied to the region; renumbering after them"
             );
-            queue.reset_to(queue.applied_through() + 1)?;
         }
-        let mut unapplied = Vec::new();
-        for rec in queue.iter_from(queue.applied_through() + 1) {
-            let rec = rec?;
-            unapplied.push(Record {
-                seq: rec.seq,
-                offset: rec.offset,
-                data: Bytes::copy_from_slice(rec.payload),
-            });
-        }
-        let recovered = Recovered {
-            peer_node_id: queue.peer_node_id(),
-            applied_through: queue.applied_through(),
-            first_seq: queue.first_seq(),
-            last_seq: queue.last_seq(),
-            unapplied,
-        };
+        let recovered = recovered_from(replay);
         let max_write = cfg.max_write.min(queue.max_payload());
         let core_cfg = CoreConfig {
             node_id: queue.node_id(),
@@ -846,8 +828,34 @@ impl Poller {
                 }
             }
         }
+        let mut no_room = false;
+        if self.cfg.role == Role::Backup {
+            // Take writes only while the queue has room for them. The primary's headroom covers
+            // its own queue; ours can hold more (records the primary already trimmed while its
+            // applied report to us is in flight). Rather than fail, drop the connection: the
+            // primary reconnects, its Hello lets us trim, and the catch-up resends the rest.
+            let (mut records, mut bytes) = (0u64, 0u64);
+            let full_at = self.inbox.iter().position(|m| match m {
+                Message::Write { data, .. } => {
+                    records += 1;
+                    bytes += data.len() as u64;
+                    !self.queue.has_room_for(records, bytes)
+                }
+                _ => false,
+            });
+            if let Some(at) = full_at {
+                self.inbox.truncate(at);
+                no_room = true;
+            }
+        }
         for msg in self.inbox.drain(..) {
             self.core.on_message(msg);
+        }
+        if no_room {
+            self.drop_connection(
+                "the queue has no room for the next write (it trims after the reconnect)",
+            );
+            worked = true;
         }
         worked |= self.take_submissions()?;
         if !worked {
@@ -1290,6 +1298,25 @@ impl Poller {
             });
         }
         Some(fds)
+    }
+}
+
+/// The core's view of what a restarting node recovered from its queue.
+pub fn recovered_from(replay: mirror_storage::ReplayState) -> Recovered {
+    Recovered {
+        peer_node_id: replay.peer_node_id,
+        applied_through: replay.applied_through,
+        first_seq: replay.first_seq,
+        last_seq: replay.last_seq,
+        unapplied: replay
+            .unapplied
+            .into_iter()
+            .map(|r| Record {
+                seq: r.seq,
+                offset: r.offset,
+                data: Bytes::from(r.payload),
+            })
+            .collect(),
     }
 }
 

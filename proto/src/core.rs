@@ -755,6 +755,23 @@ impl Primary {
     pub fn on_message(&mut self, msg: Message) {
         match (self.state, msg) {
             (PrimaryState::Failed, _) => {}
+            // The backup saw a gap or a write out of range: this connection delivered something
+            // wrong (a broken transport, or a bug we would rather see repeat in the logs than
+            // stop on). Nothing wrong was appended; reconnect and recover as after any fault.
+            (
+                _,
+                Message::Reject {
+                    code: RejectCode::ProtocolViolation,
+                    reason,
+                },
+            ) => {
+                self.lose_peer(Some(PeerFault::Rejected {
+                    code: RejectCode::ProtocolViolation,
+                    reason,
+                }));
+            }
+            // Configuration mismatches (version, region size, roles, binding, capacity) and an
+            // unrecoverable history do not heal by reconnecting.
             (_, Message::Reject { code, reason }) => {
                 self.fail(FatalError::Rejected { code, reason });
             }

@@ -71,6 +71,9 @@ pub use format::{
 pub use queue::{
     inspect_queue, PersistentQueue, QueueInfo, QueueParams, RecordRef, Records, RecoveryReport,
 };
+#[cfg(feature = "crash-hooks")]
+pub use queue::{CrashEvent, CrashHook};
+pub use queue::{OwnedRecord, ReplayState};
 pub use region::{file_chunk_checksums, Region};
 
 /// What a completed `sync()` survives. See the table in the crate docs and `docs/FORMAT.md`.

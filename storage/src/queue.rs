@@ -82,6 +82,35 @@ pub struct RecoveryReport {
     pub reset_marker_written: bool,
 }
 
+/// A record copied out of the queue (see [`ReplayState`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedRecord {
+    /// Sequence number.
+    pub seq: u64,
+    /// Region offset.
+    pub offset: u64,
+    /// The bytes to write.
+    pub payload: Vec<u8>,
+}
+
+/// What a restarting node takes from its queue (see [`PersistentQueue::replay_state`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayState {
+    /// The peer this queue is bound to (0: none yet).
+    pub peer_node_id: u64,
+    /// Highest seq durably applied to the region.
+    pub applied_through: u64,
+    /// Oldest live record.
+    pub first_seq: Option<u64>,
+    /// Newest record (or the seq numbering continues after).
+    pub last_seq: u64,
+    /// The records after `applied_through`, in order: to apply again.
+    pub unapplied: Vec<OwnedRecord>,
+    /// Set when the newest records were cut (damaged) although the region already held them:
+    /// the queue was renumbered to continue after this seq.
+    pub renumbered_after: Option<u64>,
+}
+
 /// Read-only view of a queue file, from [`inspect_queue`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueInfo {
@@ -160,23 +189,25 @@ pub struct PersistentQueue {
     flushed_upto: u64,
     /// A header word changed since the last barrier.
     header_dirty: bool,
-    /// Test hook: told about every barrier (with the file ranges it makes durable) and about
+    /// Crash hook: told about every barrier (with the file ranges it makes durable) and about
     /// every point where a trusted word or a record has just been stored.
-    #[cfg(test)]
-    pub(crate) test_hook: Option<TestHook>,
+    #[cfg(any(test, feature = "crash-hooks"))]
+    pub(crate) test_hook: Option<CrashHook>,
 }
 
-/// The test hook's type.
-#[cfg(test)]
-pub(crate) type TestHook = Box<dyn FnMut(TestEvent<'_>) + Send>;
+/// The crash hook's type (see [`PersistentQueue::set_crash_hook`]).
+#[cfg(any(test, feature = "crash-hooks"))]
+pub type CrashHook = Box<dyn FnMut(CrashEvent<'_>) + Send>;
 
-/// What the test hook is told.
-#[cfg(test)]
+/// What the crash hook is told.
+#[cfg(any(test, feature = "crash-hooks"))]
 #[derive(Debug)]
-pub(crate) enum TestEvent<'a> {
+pub enum CrashEvent<'a> {
     /// Something was stored into the mapping; nothing new is durable.
     Stored,
-    /// A barrier completed; these file ranges are durable.
+    /// A barrier completed; these file ranges (offset, length) are durable. This is exactly what
+    /// a `pmem` barrier writes back; a `power` barrier (fdatasync) covers more, so a simulator
+    /// that trusts only these ranges is the stricter model.
     Barrier(&'a [(usize, usize)]),
 }
 
@@ -675,7 +706,7 @@ impl PersistentQueue {
             // still sit in the page cache / CPU cache after a process crash.
             flushed_upto: scan_start,
             header_dirty: true,
-            #[cfg(test)]
+            #[cfg(any(test, feature = "crash-hooks"))]
             test_hook: None,
         };
         debug_assert_eq!(q.head == q.tail, q.len_records == 0);
@@ -714,6 +745,44 @@ impl PersistentQueue {
             reset_marker_written: c.needs_marker,
         };
         Ok((q, report))
+    }
+
+    /// What a node restarting on this queue must know and replay: everything after
+    /// `applied_through`. When the newest records were damaged and cut although the region
+    /// already holds their writes (`applied_through > last_seq`), the numbering continues after
+    /// them (`reset_to`) rather than refusing: nothing unapplied was lost.
+    pub fn replay_state(&mut self) -> Result<ReplayState, StorageError> {
+        let mut renumbered_after = None;
+        if self.applied_through() > self.last_seq() {
+            renumbered_after = Some(self.applied_through());
+            self.reset_to(self.applied_through() + 1)?;
+        }
+        let mut unapplied = Vec::new();
+        for rec in self.iter_from(self.applied_through() + 1) {
+            let rec = rec?;
+            unapplied.push(OwnedRecord {
+                seq: rec.seq,
+                offset: rec.offset,
+                payload: rec.payload.to_vec(),
+            });
+        }
+        Ok(ReplayState {
+            peer_node_id: self.peer_node_id(),
+            applied_through: self.applied_through(),
+            first_seq: self.first_seq(),
+            last_seq: self.last_seq(),
+            unapplied,
+            renumbered_after,
+        })
+    }
+
+    /// Installs (or removes) the crash hook: called after every store of a record or a trusted
+    /// header word ([`CrashEvent::Stored`]) and after every barrier with the file ranges it made
+    /// durable ([`CrashEvent::Barrier`]). For simulators of power loss; costs nothing without
+    /// the `crash-hooks` feature, which is the only way to get this method.
+    #[cfg(feature = "crash-hooks")]
+    pub fn set_crash_hook(&mut self, hook: Option<CrashHook>) {
+        self.test_hook = hook;
     }
 
     /// Path of the queue file.
@@ -814,6 +883,16 @@ impl PersistentQueue {
     /// Ring bytes between head and tail (records, their headers and padding, wrap pads).
     pub fn used_bytes(&self) -> u64 {
         self.tail - self.head
+    }
+
+    /// Whether records with payloads totalling `payload_bytes`, in `records` records, can be
+    /// appended now whatever the tail's position: their sizes plus one record's worth of lap
+    /// skipped at the end of the ring. A backup checks incoming writes with it before taking
+    /// them (and drops the connection rather than fail when they would not fit).
+    pub fn has_room_for(&self, records: u64, payload_bytes: u64) -> bool {
+        let needed = records * record_total(0) + payload_bytes + records * 7;
+        let wrap = record_total(self.max_payload() as u64);
+        needed + wrap <= self.free_bytes()
     }
 
     /// `capacity_bytes() - used_bytes()`. An append needs the record size rounded up to 8
@@ -1202,9 +1281,9 @@ impl PersistentQueue {
     /// Test hook: a store just happened (the crash simulation snapshots here).
     #[inline]
     fn stored(&mut self) {
-        #[cfg(test)]
+        #[cfg(any(test, feature = "crash-hooks"))]
         if let Some(hook) = self.test_hook.as_mut() {
-            hook(TestEvent::Stored);
+            hook(CrashEvent::Stored);
         }
     }
 
@@ -1249,9 +1328,9 @@ impl PersistentQueue {
                 map::fence();
             }
         }
-        #[cfg(test)]
+        #[cfg(any(test, feature = "crash-hooks"))]
         if let Some(hook) = self.test_hook.as_mut() {
-            hook(TestEvent::Barrier(&ranges[..n]));
+            hook(CrashEvent::Barrier(&ranges[..n]));
         }
         self.flushed_upto = self.tail;
         self.scan_start_durable = self.scan_start;

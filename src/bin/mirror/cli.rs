@@ -16,7 +16,7 @@ use mirror::{ConfigBuilder, Mirror, MirrorError, Role, Stats};
 
 use crate::{NodeArgs, WorkloadArgs};
 
-type CliResult = Result<ExitCode, MirrorError>;
+pub type CliResult = Result<ExitCode, MirrorError>;
 
 fn usage(msg: impl Into<String>) -> MirrorError {
     MirrorError::Config(mirror::ConfigError::BadValue {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 mod cli;
+mod sim_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +97,9 @@ enum Command {
     /// (interleaved), pipelined throughput next to raw TCP streaming, and recovery (catch-up
     /// after K missed writes next to a full remirror of the region).
     Bench(cli::BenchArgs),
+    /// Deterministic simulation: the real protocol core and queue under seeded crashes, power
+    /// losses, partitions and a broken transport, checked from outside; prints the failing seed.
+    Sim(sim_cmd::SimArgs),
     /// Run a backup node until SIGINT/SIGTERM.
     Backup {
         #[command(flatten)]
@@ -154,6 +158,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => cli::demo(args),
         Command::Bench(args) => cli::bench(&args),
+        Command::Sim(args) => sim_cmd::sim(&args),
         Command::Backup { node, report_ms } => cli::run_backup(&node, report_ms),
         Command::Primary { node, workload } => cli::run_primary(&node, &workload),
         Command::Status { queue } => cli::status(&queue),

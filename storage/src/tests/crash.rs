@@ -1,7 +1,7 @@
 //! Power-loss simulation, after redb's crash-consistency tests: "written" and "durable" bytes
 //! are kept apart, and a crash rebuilds an image the medium could really hold.
 //!
-//! The queue runs in Process mode with a test hook (`TestEvent`) that fires after every store
+//! The queue runs in Process mode with a test hook (`CrashEvent`) that fires after every store
 //! of a record or a trusted header word, and on every barrier with the file ranges the barrier
 //! makes durable: exactly the cache lines a Pmem barrier writes back (a Power barrier,
 //! fdatasync, covers more, so this is the stricter model). The simulator snapshots the file at
@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use proptest::prelude::*;
 
 use super::{offset_for, params, payload, records, Rng};
-use crate::queue::TestEvent;
+use crate::queue::CrashEvent;
 use crate::{Durability, PersistentQueue, StorageError};
 
 /// Few sizes, so that records of different timelines land on the same positions (the setting
@@ -144,8 +144,8 @@ fn install_hook(q: &mut PersistentQueue, sim: &Arc<Mutex<Sim>>) {
         let mut s = sim.lock().unwrap();
         match event {
             // An intermediate state the medium may capture by early write-back.
-            TestEvent::Stored => s.snapshot(),
-            TestEvent::Barrier(ranges) => s.barrier(ranges),
+            CrashEvent::Stored => s.snapshot(),
+            CrashEvent::Barrier(ranges) => s.barrier(ranges),
         }
     }));
 }

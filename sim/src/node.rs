@@ -1,0 +1,326 @@
+//! One simulated node: the real core and the real queue (on a file), a region in memory with
+//! its durable copy, and an executor of the core's actions that follows the real node's rules
+//! (`src/node.rs`): deferred commits checkpointed (region first, then `applied_through` with a
+//! queue barrier), then reported to the core.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use mirror_proto::{
+    Action, Backup, Core, CoreConfig, Message, PeerLossPolicy, Primary, Record, Recovered,
+};
+use mirror_storage::{Durability, PersistentQueue, QueueParams, ReplayState, StorageError};
+
+use crate::media::{power_loss_image, DurableImage, Tear};
+use crate::{MAX_WRITE, QUEUE_BYTES, REGION_BYTES};
+
+/// Which node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Primary,
+    Backup,
+}
+
+/// What executing the core's actions asks of the rest of the simulation.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    /// Send this message to the peer.
+    Send(Message),
+    /// A catch-up from the queue: these `Write` messages, for seqs `from_seq..=through_seq`.
+    SendQueued {
+        from_seq: u64,
+        through_seq: u64,
+        writes: Vec<Message>,
+    },
+    /// Drop the connection (after sending what was queued before).
+    Close,
+    /// Every client ticket up to this one is complete.
+    Complete(u64),
+    /// About to write record `seq` into the region.
+    Apply(u64),
+    /// The core stopped the node.
+    Fatal(String),
+}
+
+pub(crate) struct SimNode {
+    pub role: Role,
+    pub core: Core,
+    pub queue: PersistentQueue,
+    queue_path: PathBuf,
+    durable: DurableImage,
+    pub region: Vec<u8>,
+    region_durable: Vec<u8>,
+    pub commit_pending: Option<u64>,
+    pub last_checkpoint_us: u64,
+    /// Highest seq the queue made durable (synced) so far: a power loss must keep it.
+    pub durable_last_seq: u64,
+    /// Highest `applied_through` checkpointed.
+    pub durable_applied: u64,
+    cfg: CoreConfig,
+    canary_apply_before_ack: bool,
+}
+
+fn storage(e: StorageError) -> String {
+    format!("storage: {e}")
+}
+
+fn io(what: &str, e: std::io::Error) -> String {
+    format!("{what}: {e}")
+}
+
+/// The core's view of what the node recovered from its queue.
+fn recovered(replay: ReplayState) -> Recovered {
+    Recovered {
+        peer_node_id: replay.peer_node_id,
+        applied_through: replay.applied_through,
+        first_seq: replay.first_seq,
+        last_seq: replay.last_seq,
+        unapplied: replay
+            .unapplied
+            .into_iter()
+            .map(|r| Record {
+                seq: r.seq,
+                offset: r.offset,
+                data: Bytes::from(r.payload),
+            })
+            .collect(),
+    }
+}
+
+impl SimNode {
+    pub fn create(
+        dir: &Path,
+        role: Role,
+        node_id: u64,
+        policy: PeerLossPolicy,
+        canary_apply_before_ack: bool,
+    ) -> Result<SimNode, String> {
+        let queue_path = dir.join(match role {
+            Role::Primary => "primary.queue",
+            Role::Backup => "backup.queue",
+        });
+        let params = QueueParams {
+            node_id,
+            role: match role {
+                Role::Primary => mirror_storage::Role::Primary,
+                Role::Backup => mirror_storage::Role::Backup,
+            },
+            region_size: REGION_BYTES,
+            capacity_bytes: QUEUE_BYTES,
+        };
+        let queue =
+            PersistentQueue::create(&queue_path, &params, Durability::Process).map_err(storage)?;
+        drop(queue);
+        let cfg = CoreConfig {
+            node_id,
+            region_size: REGION_BYTES,
+            queue_format_version: mirror_storage::FORMAT_VERSION,
+            on_peer_loss: policy,
+            ack_timeout_us: 2_000,
+            handshake_timeout_us: 4_000,
+            // The simulated crash is a power loss: the `power`/`pmem` configuration.
+            sync_queue_before_ack: true,
+            max_write_len: MAX_WRITE,
+            queue_capacity: QUEUE_BYTES,
+            deferred_commit: true,
+        };
+        let region = vec![0; REGION_BYTES as usize];
+        Self::start(role, queue_path, cfg, region, canary_apply_before_ack)
+    }
+
+    fn start(
+        role: Role,
+        queue_path: PathBuf,
+        cfg: CoreConfig,
+        region: Vec<u8>,
+        canary_apply_before_ack: bool,
+    ) -> Result<SimNode, String> {
+        let (mut queue, _) =
+            PersistentQueue::open(&queue_path, Durability::Process).map_err(storage)?;
+        let replay = queue.replay_state().map_err(storage)?;
+        let durable_applied = replay.applied_through;
+        let durable_last_seq = replay.last_seq;
+        let rec = recovered(replay);
+        let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
+        queue.set_crash_hook(Some(
+            durable
+                .hook(&queue_path)
+                .map_err(|e| io("opening queue", e))?,
+        ));
+        let core = match role {
+            Role::Primary => Core::Primary(Primary::new(cfg.clone(), rec)),
+            Role::Backup => Core::Backup(Backup::new(cfg.clone(), rec)),
+        };
+        Ok(SimNode {
+            role,
+            core,
+            queue,
+            queue_path,
+            durable,
+            region_durable: region.clone(),
+            region,
+            commit_pending: None,
+            last_checkpoint_us: 0,
+            durable_last_seq,
+            durable_applied,
+            cfg,
+            canary_apply_before_ack,
+        })
+    }
+
+    /// Crashes the node and starts it again from its files. A power loss keeps only durable
+    /// bytes (tearing the rest word by word); a process crash keeps everything written.
+    /// Checks that recovery kept what was made durable.
+    pub fn crash_and_restart(
+        self,
+        power_loss: bool,
+        rng: &mut fastrand::Rng,
+    ) -> Result<(SimNode, Tear), String> {
+        let SimNode {
+            role,
+            queue,
+            queue_path,
+            durable,
+            region,
+            region_durable,
+            durable_last_seq,
+            durable_applied,
+            cfg,
+            canary_apply_before_ack,
+            ..
+        } = self;
+        drop(queue);
+        let mut tear = Tear::default();
+        let region = if power_loss {
+            let p_written = rng.u32(0..=100);
+            let written = std::fs::read(&queue_path).map_err(|e| io("reading queue", e))?;
+            let (img, t) = power_loss_image(&written, &durable.snapshot(), p_written, rng);
+            std::fs::write(&queue_path, img).map_err(|e| io("writing queue image", e))?;
+            tear = t;
+            let (img, t) = power_loss_image(&region, &region_durable, p_written, rng);
+            tear.dirty_words += t.dirty_words;
+            tear.written_words += t.written_words;
+            img
+        } else {
+            region
+        };
+        let node = Self::start(role, queue_path, cfg, region, canary_apply_before_ack)?;
+        let last = node.queue.last_seq();
+        let applied = node.queue.applied_through();
+        if last < durable_last_seq || applied < durable_applied {
+            return Err(format!(
+                "{role:?} queue lost durable state in a crash: last_seq {last} < {durable_last_seq} or applied_through {applied} < {durable_applied}"
+            ));
+        }
+        Ok((node, tear))
+    }
+
+    /// Executes the core's pending actions (at most `limit` of them: a crash in the middle
+    /// drops the rest) and returns what they ask of the simulation.
+    pub fn execute(&mut self, limit: Option<usize>) -> Result<Vec<Effect>, String> {
+        let mut actions = Vec::new();
+        self.core.drain_actions(&mut actions);
+        if let Some(n) = limit {
+            actions.truncate(n);
+        }
+        let role = self.role;
+        let storage = |e: StorageError| format!("{role:?} storage: {e}");
+        let mut effects = Vec::new();
+        for action in actions {
+            match action {
+                Action::Send(m) => effects.push(Effect::Send(m)),
+                Action::SendQueued {
+                    from_seq,
+                    through_seq,
+                } => {
+                    let mut writes = Vec::new();
+                    for r in self.queue.iter_from(from_seq) {
+                        let r = r.map_err(storage)?;
+                        if r.seq > through_seq {
+                            break;
+                        }
+                        writes.push(Message::Write {
+                            seq: r.seq,
+                            offset: r.offset,
+                            data: Bytes::copy_from_slice(r.payload),
+                        });
+                    }
+                    if writes.len() as u64 != through_seq + 1 - from_seq {
+                        return Err(format!(
+                            "{:?} asked to send {from_seq}..={through_seq} but its queue holds {} of them",
+                            self.role,
+                            writes.len()
+                        ));
+                    }
+                    effects.push(Effect::SendQueued {
+                        from_seq,
+                        through_seq,
+                        writes,
+                    });
+                }
+                Action::Append { record, recovery } => {
+                    self.queue
+                        .append(record.seq, record.offset, &record.data)
+                        .map_err(storage)?;
+                    if self.canary_apply_before_ack && self.role == Role::Primary && !recovery {
+                        // The canary: the delay buffer skipped, applied before the backup's ack.
+                        effects.push(Effect::Apply(record.seq));
+                        self.write_region(&record);
+                    }
+                }
+                Action::SyncQueue => {
+                    self.queue.sync().map_err(storage)?;
+                    self.durable_last_seq = self.queue.last_seq();
+                }
+                Action::Apply(record) => {
+                    effects.push(Effect::Apply(record.seq));
+                    self.write_region(&record);
+                }
+                Action::CommitApplied { through } => self.commit_pending = Some(through),
+                Action::Trim { through } => self.queue.trim_through(through).map_err(storage)?,
+                Action::BindPeer { node_id } => {
+                    self.queue.set_peer_node_id(node_id).map_err(storage)?
+                }
+                Action::Complete { ticket } => effects.push(Effect::Complete(ticket)),
+                Action::Disconnect(_) => effects.push(Effect::Close),
+                Action::Reject { code, reason } => {
+                    effects.push(Effect::Send(Message::Reject { code, reason }));
+                    effects.push(Effect::Close);
+                }
+                Action::RecoveryStarted => {}
+                Action::Fatal(e) => effects.push(Effect::Fatal(e.to_string())),
+            }
+        }
+        Ok(effects)
+    }
+
+    fn write_region(&mut self, r: &Record) {
+        let at = r.offset as usize;
+        self.region[at..at + r.data.len()].copy_from_slice(&r.data);
+    }
+
+    /// The checkpoint of `power`/`pmem` (`Poller::checkpoint` in the real node): the region
+    /// becomes durable, then `applied_through` is recorded with a queue barrier (which makes
+    /// every earlier append durable too), then the core may report and trim.
+    pub fn checkpoint(&mut self, now_us: u64) -> Result<(), String> {
+        if let Some(through) = self.commit_pending.take() {
+            self.region_durable.copy_from_slice(&self.region);
+            self.queue.set_applied_through(through).map_err(storage)?;
+            self.durable_applied = through;
+            self.durable_last_seq = self.durable_last_seq.max(self.queue.last_seq());
+            self.core.on_applied_durable(through);
+            self.last_checkpoint_us = now_us;
+        }
+        Ok(())
+    }
+
+    /// Whether the queue has room for a write of `len` bytes with the real node's headroom
+    /// (a quarter of the ring kept free for the backup's reports to catch up).
+    pub fn has_room_for(&self, len: usize) -> bool {
+        self.queue.free_bytes() >= len as u64 + 64 + self.queue.capacity_bytes() / 4
+    }
+
+    pub fn policy(&self) -> PeerLossPolicy {
+        self.cfg.on_peer_loss
+    }
+}

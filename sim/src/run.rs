@@ -1,0 +1,855 @@
+//! One simulated run: the fault phase, the liveness phase and the checkers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use bytes::Bytes;
+use mirror_proto::{Message, PeerLossPolicy, Phase};
+
+use crate::net::{frame, Connection, Delivery, End};
+use crate::node::{Effect, Role, SimNode};
+use crate::{MAX_WRITE, REGION_BYTES, STEP_US};
+
+/// How a run is shaped (the faults themselves are drawn from the seed: [`Swarm`]).
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Steps with faults.
+    pub fault_steps: u64,
+    /// Bound on the steps the pair may take to converge once the faults stop.
+    pub liveness_steps: u64,
+    /// The canary: the primary applies each write at submission, before the backup's ack.
+    pub canary_apply_before_ack: bool,
+    /// Print every fault and phase change (for replaying one seed).
+    pub trace: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            fault_steps: 3_000,
+            liveness_steps: 20_000,
+            canary_apply_before_ack: false,
+            trace: false,
+        }
+    }
+}
+
+/// The fault parameters of one seed (swarm testing: each seed draws its own mix, so that some
+/// runs are dominated by crashes, others by partitions or by a broken transport).
+#[derive(Debug, Clone)]
+pub struct Swarm {
+    /// What the primary does without its backup.
+    pub policy: PeerLossPolicy,
+    /// Per step, in millionths: a node crashes.
+    pub crash_ppm: u32,
+    /// Percent of crashes that are power losses (else process crashes).
+    pub power_loss_percent: u32,
+    /// Per step, in millionths: the connection is cut.
+    pub cut_ppm: u32,
+    /// Per step, in millionths: one direction of the connection goes silent.
+    pub half_open_ppm: u32,
+    /// Per step, in millionths: a partition starts.
+    pub partition_ppm: u32,
+    /// Largest partition, in steps.
+    pub partition_max_steps: u64,
+    /// Largest delay of a frame, in steps.
+    pub delay_max_steps: u64,
+    /// Per frame sent, in millionths: frames in flight are duplicated or swapped.
+    pub mangle_ppm: u32,
+    /// Writes the client keeps in flight at most.
+    pub depth: usize,
+}
+
+impl Swarm {
+    /// Draws the parameters for one seed.
+    pub fn draw(rng: &mut fastrand::Rng) -> Swarm {
+        let pick = |rng: &mut fastrand::Rng, max: u32| {
+            if rng.bool() {
+                0
+            } else {
+                rng.u32(0..=max)
+            }
+        };
+        Swarm {
+            policy: if rng.bool() {
+                PeerLossPolicy::Block
+            } else {
+                PeerLossPolicy::Continue
+            },
+            crash_ppm: pick(rng, 3_000),
+            power_loss_percent: rng.u32(0..=100),
+            cut_ppm: pick(rng, 3_000),
+            half_open_ppm: pick(rng, 1_000),
+            partition_ppm: pick(rng, 1_000),
+            partition_max_steps: rng.u64(10..=1_500),
+            delay_max_steps: rng.u64(0..=20),
+            // A broken transport in a quarter of the seeds only: it mostly tests refusals.
+            mangle_ppm: if rng.u32(0..4) == 0 {
+                rng.u32(0..=20_000)
+            } else {
+                0
+            },
+            depth: rng.usize(1..=32),
+        }
+    }
+}
+
+/// Which checker failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checker {
+    /// A write whose completion the client saw is lost (or its seq reused).
+    CompletedWriteLost,
+    /// The primary applied a write the backup did not durably hold.
+    PrimaryAheadOfBackup,
+    /// The pair did not converge in time after the faults stopped.
+    NoConvergence,
+    /// A catch-up sent a record the peer already held.
+    CatchUpResent,
+    /// The queue lost what it had made durable.
+    DurabilityLost,
+    /// Regions differ from each other or from the replay of the history.
+    RegionsDiffer,
+    /// A node stopped (storage error, fatal error of the core, a full backup queue).
+    NodeStopped,
+}
+
+/// Why a seed failed.
+#[derive(Debug, Clone)]
+pub struct SimFailure {
+    /// The seed.
+    pub seed: u64,
+    /// The step at which the checker fired.
+    pub step: u64,
+    /// Which checker.
+    pub checker: Checker,
+    /// What it saw.
+    pub message: String,
+}
+
+impl fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} failed at step {}: {:?}: {}",
+            self.seed, self.step, self.checker, self.message
+        )
+    }
+}
+
+impl std::error::Error for SimFailure {}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct SimReport {
+    /// The seed.
+    pub seed: u64,
+    /// Steps taken in all.
+    pub steps: u64,
+    /// Steps the liveness phase took to converge.
+    pub convergence_steps: u64,
+    /// Writes the client saw complete.
+    pub completed_writes: u64,
+    /// Crashes of the primary / of the backup.
+    pub crashes: [u64; 2],
+    /// Of those, power losses (queue and region rebuilt from durable bytes).
+    pub power_losses: u64,
+    /// Words torn between durable and written by power losses.
+    pub torn_words: u64,
+    /// Connections cut, half-opened, partitions.
+    pub cuts: u64,
+    /// Half-open connections.
+    pub half_opens: u64,
+    /// Partitions.
+    pub partitions: u64,
+    /// Frames duplicated or swapped by a broken transport.
+    pub mangled: u64,
+    /// Connections the backup dropped because its queue had no room for the next write.
+    pub room_drops: u64,
+    /// Records and payload bytes moved by catch-ups.
+    pub recovery_records: u64,
+    /// Payload bytes moved by catch-ups.
+    pub recovery_bytes: u64,
+    /// Hash of everything that happened: the same seed must give the same hash.
+    pub trace_hash: u64,
+}
+
+/// A write the client submitted: its id is the index into `Client::writes`.
+struct Write {
+    offset: u64,
+    data: Bytes,
+}
+
+#[derive(Default)]
+struct Client {
+    writes: Vec<Write>,
+    /// Tickets of the current primary incarnation awaiting completion: ticket -> (seq, id).
+    pending: BTreeMap<u64, (u64, usize)>,
+    next_ticket: u64,
+    /// The history: seq -> id of the write that holds it now.
+    history: BTreeMap<u64, usize>,
+    /// Seqs whose completion the client saw.
+    completed: BTreeMap<u64, usize>,
+}
+
+/// The unique bytes of write `id`.
+fn payload(id: usize, len: usize) -> Bytes {
+    let mut state = (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+struct Sim<'o> {
+    seed: u64,
+    opts: &'o SimOptions,
+    swarm: Swarm,
+    rng: fastrand::Rng,
+    step: u64,
+    /// The running nodes (None while crashed).
+    nodes: [Option<SimNode>; 2],
+    /// A crashed node, already recovered from its files, waiting to come back.
+    restarting: [Option<SimNode>; 2],
+    /// Step at which a crashed node comes back.
+    down_until: [u64; 2],
+    conn: Option<Connection>,
+    next_conn_id: u64,
+    next_connect_step: u64,
+    partitioned_until: u64,
+    faults: bool,
+    client: Client,
+    report: SimReport,
+}
+
+fn idx(r: Role) -> usize {
+    match r {
+        Role::Primary => 0,
+        Role::Backup => 1,
+    }
+}
+
+fn end(r: Role) -> End {
+    match r {
+        Role::Primary => End::Primary,
+        Role::Backup => End::Backup,
+    }
+}
+
+impl<'o> Sim<'o> {
+    fn fail(&self, checker: Checker, message: impl Into<String>) -> SimFailure {
+        SimFailure {
+            seed: self.seed,
+            step: self.step,
+            checker,
+            message: message.into(),
+        }
+    }
+
+    fn trace(&mut self, what: impl fmt::Display) {
+        let line = format!("{} {what}", self.step);
+        for b in line.bytes() {
+            self.report.trace_hash =
+                (self.report.trace_hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        if self.opts.trace {
+            eprintln!("[sim {:>6}] {what}", self.step);
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.step * STEP_US
+    }
+
+    fn chance(&mut self, ppm: u32) -> bool {
+        ppm > 0 && self.rng.u32(0..1_000_000) < ppm
+    }
+
+    /// One node crashes now (its connection end vanishes: the peer learns of it later or
+    /// times out) and comes back after a while.
+    fn crash(&mut self, r: Role, mid_actions: bool) -> Result<(), SimFailure> {
+        let Some(mut node) = self.nodes[idx(r)].take() else {
+            return Ok(());
+        };
+        if mid_actions {
+            // Executes a prefix of what the core asked for, then dies: between an append and
+            // its sync, between the ack's arrival and the apply, and so on.
+            let n = self.rng.usize(0..=4);
+            let effects = node
+                .execute(Some(n))
+                .map_err(|e| self.fail(Checker::NodeStopped, e))?;
+            self.nodes[idx(r)] = Some(node);
+            self.handle_effects(r, effects)?;
+            node = self.nodes[idx(r)].take().expect("just put back");
+        }
+        // A `continue` primary's power loss is a documented limitation (two histories; see the
+        // crate docs): crash it as a process.
+        let power = self.rng.u32(0..100) < self.swarm.power_loss_percent
+            && !(r == Role::Primary && node.policy() == PeerLossPolicy::Continue);
+        self.report.crashes[idx(r)] += 1;
+        if power {
+            self.report.power_losses += 1;
+        }
+        self.trace(format_args!(
+            "crash {r:?} ({})",
+            if power { "power loss" } else { "process" }
+        ));
+        if let Some(c) = self.conn.as_mut() {
+            if self.rng.bool() {
+                // The kernel resets the connection: the peer learns soon.
+                let d = self.rng.u64(0..5);
+                c.close(end(r), self.step, d);
+            } else {
+                // A dead host: the peer hears nothing (its timeouts must notice).
+                c.blackhole(end(r).other());
+                c.close(end(r), self.step, u64::MAX / 2);
+            }
+        }
+        if r == Role::Primary {
+            // The client's waits fail with the process.
+            self.client.pending.clear();
+        }
+        let (node, tear) = node
+            .crash_and_restart(power, &mut self.rng)
+            .map_err(|e| self.fail(Checker::DurabilityLost, e))?;
+        self.report.torn_words += tear.written_words;
+        self.nodes[idx(r)] = None;
+        self.down_until[idx(r)] = self.step + self.rng.u64(0..300);
+        self.restarting[idx(r)] = Some(node);
+        Ok(())
+    }
+
+    fn handle_effects(&mut self, r: Role, effects: Vec<Effect>) -> Result<(), SimFailure> {
+        for e in effects {
+            match e {
+                Effect::Send(m) => self.send(r, &m),
+                Effect::SendQueued {
+                    from_seq,
+                    through_seq,
+                    writes,
+                } => {
+                    // Checker 4: only what the peer lacks.
+                    let peer_last = self.nodes[idx(other(r))]
+                        .as_ref()
+                        .map(|p| p.queue.last_seq());
+                    if let Some(peer_last) = peer_last {
+                        if from_seq <= peer_last {
+                            return Err(self.fail(
+                                Checker::CatchUpResent,
+                                format!(
+                                    "{r:?} sends {from_seq}..={through_seq} but the peer holds through {peer_last}"
+                                ),
+                            ));
+                        }
+                    }
+                    self.trace(format_args!("{r:?} catch-up {from_seq}..={through_seq}"));
+                    for m in &writes {
+                        if let Message::Write { data, .. } = m {
+                            self.report.recovery_records += 1;
+                            self.report.recovery_bytes += data.len() as u64;
+                        }
+                        self.send(r, m);
+                    }
+                }
+                Effect::Close => {
+                    let delay = self.rng.u64(0..5);
+                    let step = self.step;
+                    if let Some(c) = self.conn.as_mut() {
+                        if c.is_open(end(r)) {
+                            c.close(end(r), step, delay);
+                            // The node's own end is gone at once.
+                            self.trace(format_args!("{r:?} closes"));
+                            if let Some(n) = self.nodes[idx(r)].as_mut() {
+                                n.core.on_disconnected();
+                            }
+                        }
+                    }
+                }
+                Effect::Complete(ticket) => {
+                    let done: Vec<u64> = self
+                        .client
+                        .pending
+                        .range(..=ticket)
+                        .map(|(t, _)| *t)
+                        .collect();
+                    for t in done {
+                        let (seq, id) = self.client.pending.remove(&t).expect("listed");
+                        self.client.completed.insert(seq, id);
+                        self.report.completed_writes += 1;
+                    }
+                }
+                Effect::Apply(seq) => {
+                    if r == Role::Primary {
+                        self.check_backup_holds(seq)?;
+                    }
+                }
+                Effect::Fatal(why) => {
+                    return Err(self.fail(Checker::NodeStopped, format!("{r:?}: {why}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checker 2: under `block`, a write the primary applies is durably held by the backup.
+    fn check_backup_holds(&self, seq: u64) -> Result<(), SimFailure> {
+        let Some(p) = self.nodes[0].as_ref() else {
+            return Ok(());
+        };
+        if p.policy() != PeerLossPolicy::Block {
+            return Ok(());
+        }
+        let (last, applied) = match (&self.nodes[1], &self.restarting[1]) {
+            (Some(b), _) | (None, Some(b)) => (b.durable_last_seq, b.durable_applied),
+            (None, None) => (0, 0),
+        };
+        if last < seq && applied < seq {
+            return Err(self.fail(
+                Checker::PrimaryAheadOfBackup,
+                format!(
+                    "primary applies seq {seq}; the backup durably holds through {last} (applied {applied})"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: Role, m: &Message) {
+        let delay = if self.faults {
+            self.rng.u64(0..=self.swarm.delay_max_steps)
+        } else {
+            self.rng.u64(0..=2)
+        };
+        let at = self.step + 1 + delay;
+        let mangle = self.faults && self.chance(self.swarm.mangle_ppm);
+        let dup = self.rng.bool();
+        if let Some(c) = self.conn.as_mut() {
+            c.send(end(from), frame(m), at);
+            if mangle && c.mangle(end(from).other(), dup) {
+                self.report.mangled += 1;
+                self.trace(format_args!(
+                    "transport {} frames toward {:?}",
+                    if dup { "duplicates" } else { "swaps" },
+                    end(from).other()
+                ));
+            }
+        }
+    }
+}
+
+fn other(r: Role) -> Role {
+    match r {
+        Role::Primary => Role::Backup,
+        Role::Backup => Role::Primary,
+    }
+}
+
+impl Sim<'_> {
+    /// Faults of this step (fault phase only).
+    fn inject_faults(&mut self) -> Result<(), SimFailure> {
+        for r in [Role::Primary, Role::Backup] {
+            if self.nodes[idx(r)].is_some() && self.chance(self.swarm.crash_ppm) {
+                let mid = self.rng.bool();
+                self.crash(r, mid)?;
+            }
+        }
+        if self.conn.is_some() && self.chance(self.swarm.cut_ppm) {
+            let (dp, db) = (self.rng.u64(0..10), self.rng.u64(0..10));
+            let step = self.step;
+            if let Some(c) = self.conn.as_mut() {
+                c.cut(step, dp, db);
+            }
+            self.report.cuts += 1;
+            self.trace("cut");
+        }
+        if self.conn.is_some() && self.chance(self.swarm.half_open_ppm) {
+            let to = if self.rng.bool() {
+                End::Primary
+            } else {
+                End::Backup
+            };
+            if let Some(c) = self.conn.as_mut() {
+                c.blackhole(to);
+            }
+            self.report.half_opens += 1;
+            self.trace(format_args!("half-open: nothing reaches {to:?}"));
+        }
+        if self.step >= self.partitioned_until && self.chance(self.swarm.partition_ppm) {
+            let len = self.rng.u64(1..=self.swarm.partition_max_steps);
+            self.partitioned_until = self.step + len;
+            if let Some(c) = self.conn.as_mut() {
+                c.blackhole(End::Primary);
+                c.blackhole(End::Backup);
+            }
+            self.report.partitions += 1;
+            self.trace(format_args!("partition for {len} steps"));
+        }
+        Ok(())
+    }
+
+    /// Crashed nodes whose time has come start again (their files were recovered at the crash).
+    fn restart_due(&mut self) {
+        for r in [Role::Primary, Role::Backup] {
+            if self.nodes[idx(r)].is_none() && self.step >= self.down_until[idx(r)] {
+                if let Some(n) = self.restarting[idx(r)].take() {
+                    self.trace(format_args!("{r:?} up again"));
+                    self.nodes[idx(r)] = Some(n);
+                    if r == Role::Primary {
+                        self.client.next_ticket = 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The primary connects when its core is disconnected, as the real node does every
+    /// reconnect interval; it fails while the backup is down or the network partitioned.
+    fn manage_connection(&mut self) {
+        if self.conn.as_ref().is_some_and(|c| c.is_finished()) {
+            self.conn = None;
+        }
+        let Some(p) = self.nodes[0].as_ref() else {
+            return;
+        };
+        if p.core.phase() != Phase::Disconnected || self.step < self.next_connect_step {
+            return;
+        }
+        if self.conn.as_ref().is_some_and(|c| c.is_open(End::Primary)) {
+            return;
+        }
+        self.next_connect_step = self.step + 25;
+        let reachable = self.nodes[1].is_some() && self.step >= self.partitioned_until;
+        if !reachable {
+            if let Some(p) = self.nodes[0].as_mut() {
+                p.core.on_connect_failed();
+            }
+            return;
+        }
+        // The backup replaces a connection it still believes in (its peer restarted).
+        if self.conn.as_ref().is_some_and(|c| c.is_open(End::Backup)) {
+            if let Some(b) = self.nodes[1].as_mut() {
+                b.core.on_disconnected();
+            }
+        }
+        self.next_conn_id += 1;
+        self.conn = Some(Connection::new(self.next_conn_id));
+        let id = self.next_conn_id;
+        self.trace(format_args!("connection {id}"));
+        for i in [1, 0] {
+            if let Some(n) = self.nodes[i].as_mut() {
+                n.core.on_connected();
+            }
+        }
+    }
+
+    /// The client submits while the primary takes writes, with the real node's queue headroom
+    /// (in the fault phase; in the liveness phase it only waits for what it submitted). Each
+    /// submission's actions run before the next, as in the real node, so that queue space is
+    /// accounted for.
+    fn submit(&mut self) -> Result<(), SimFailure> {
+        if !self.faults {
+            return Ok(());
+        }
+        let now = self.now_us();
+        if let Some(p) = self.nodes[0].as_mut() {
+            p.core.set_now(now);
+        }
+        while self.client.pending.len() < self.swarm.depth {
+            let Some(p) = self.nodes[0].as_mut() else {
+                return Ok(());
+            };
+            if !p.core.accepts_submissions() {
+                break;
+            }
+            let len = self.rng.usize(1..=MAX_WRITE);
+            if !p.has_room_for(len) {
+                break;
+            }
+            let offset = self.rng.u64(0..=REGION_BYTES - len as u64);
+            let id = self.client.writes.len();
+            let data = payload(id, len);
+            self.client.writes.push(Write {
+                offset,
+                data: data.clone(),
+            });
+            let ticket = self.client.next_ticket;
+            let submitted = p.core.submit(ticket, offset, data);
+            let executed = p.execute(None);
+            let seq = submitted
+                .map_err(|e| self.fail(Checker::NodeStopped, format!("submission refused: {e}")))?;
+            self.client.next_ticket += 1;
+            if let Some(&old) = self.client.completed.get(&seq) {
+                return Err(self.fail(
+                    Checker::CompletedWriteLost,
+                    format!(
+                        "seq {seq} of completed write {old} was given to write {id}: the completed write is gone"
+                    ),
+                ));
+            }
+            self.client.history.insert(seq, id);
+            self.client.pending.insert(ticket, (seq, id));
+            let effects = executed.map_err(|e| self.fail(Checker::NodeStopped, e))?;
+            self.handle_effects(Role::Primary, effects)?;
+        }
+        Ok(())
+    }
+
+    /// One step of one node: inputs, the core, its actions, a checkpoint when due.
+    fn run_node(&mut self, r: Role) -> Result<bool, SimFailure> {
+        if self.nodes[idx(r)].is_none() {
+            return Ok(false);
+        }
+        let mut inputs = Vec::new();
+        let step = self.step;
+        if let Some(c) = self.conn.as_mut() {
+            c.deliver(end(r), step, &mut inputs);
+        }
+        let now = self.now_us();
+        let node = self.nodes[idx(r)].as_mut().expect("checked");
+        node.core.set_now(now);
+        let worked = !inputs.is_empty();
+        let mut close = false;
+        if r == Role::Backup {
+            // As the real backup: take writes only while the queue has room for them; at the
+            // first that would not fit, drop the connection (the primary reconnects, its Hello
+            // lets us trim, and the catch-up resends the rest) instead of failing.
+            let (mut records, mut bytes) = (0u64, 0u64);
+            let fits = inputs.iter().position(|d| {
+                if let Delivery::Message(Message::Write { data, .. }) = d {
+                    records += 1;
+                    bytes += data.len() as u64;
+                    !node.queue.has_room_for(records, bytes)
+                } else {
+                    false
+                }
+            });
+            if let Some(at) = fits {
+                inputs.truncate(at);
+                inputs.push(Delivery::Disconnected);
+                close = true;
+                self.report.room_drops += 1;
+                self.report.trace_hash ^= 0x51ed;
+                if self.opts.trace {
+                    eprintln!("[sim {step:>6}] backup queue has no room: dropping the connection");
+                }
+            }
+        }
+        for d in inputs {
+            match d {
+                Delivery::Message(m) => node.core.on_message(m),
+                Delivery::Disconnected => node.core.on_disconnected(),
+                Delivery::Garbage(e) => {
+                    close = true;
+                    node.core.on_disconnected();
+                    self.report.trace_hash ^= 0x9e37;
+                    if self.opts.trace {
+                        eprintln!("[sim {step:>6}] {r:?} drops the connection: {e}");
+                    }
+                }
+            }
+        }
+        if close {
+            if let Some(c) = self.conn.as_mut() {
+                c.close(end(r), step, 1);
+            }
+        }
+        let node = self.nodes[idx(r)].as_mut().expect("checked");
+        if !worked {
+            node.core.on_tick();
+        }
+        node.core.end_batch();
+        let effects = node
+            .execute(None)
+            .map_err(|e| self.fail(Checker::NodeStopped, e))?;
+        self.handle_effects(r, effects)?;
+        // Checkpoint as the real node: every 2 ms, when idle, or when the queue is half full.
+        let now = self.now_us();
+        if let Some(node) = self.nodes[idx(r)].as_mut() {
+            let due = node.commit_pending.is_some()
+                && (!worked
+                    || now.saturating_sub(node.last_checkpoint_us) >= 2_000
+                    || node.queue.used_bytes() > node.queue.capacity_bytes() / 2);
+            if due {
+                node.checkpoint(now).map_err(|e| SimFailure {
+                    seed: self.seed,
+                    step: self.step,
+                    checker: Checker::NodeStopped,
+                    message: e,
+                })?;
+                let effects = node.execute(None).map_err(|e| SimFailure {
+                    seed: self.seed,
+                    step: self.step,
+                    checker: Checker::NodeStopped,
+                    message: e,
+                })?;
+                self.handle_effects(r, effects)?;
+            }
+        }
+        Ok(worked)
+    }
+
+    fn step_once(&mut self) -> Result<(), SimFailure> {
+        if self.faults {
+            self.inject_faults()?;
+        }
+        self.restart_due();
+        self.manage_connection();
+        self.submit()?;
+        // The order in which the two nodes run varies, as two machines' would.
+        let first = if self.rng.bool() {
+            Role::Primary
+        } else {
+            Role::Backup
+        };
+        self.run_node(first)?;
+        self.run_node(other(first))?;
+        self.step += 1;
+        Ok(())
+    }
+
+    /// Whether the pair has converged: both up and synchronous, every submission complete,
+    /// everything applied, checkpointed and trimmed on both sides.
+    fn converged(&self) -> bool {
+        let (Some(p), Some(b)) = (&self.nodes[0], &self.nodes[1]) else {
+            return false;
+        };
+        let (ps, bs) = (p.core.stats(), b.core.stats());
+        let last = ps.next_seq - 1;
+        p.core.phase() == Phase::Synchronous
+            && self.client.pending.is_empty()
+            && ps.applied_through == last
+            && bs.applied_through == last
+            && bs.next_seq == ps.next_seq
+            && p.queue.len_records() == 0
+            && b.queue.len_records() == 0
+    }
+
+    /// Checkers 1 and regions: both regions equal the replay of the final history, and every
+    /// completed write is in it.
+    fn check_final(&self) -> Result<(), SimFailure> {
+        let (Some(p), Some(b)) = (&self.nodes[0], &self.nodes[1]) else {
+            return Err(self.fail(Checker::NoConvergence, "a node is down at the end"));
+        };
+        let last = p.core.stats().next_seq - 1;
+        let mut expect = vec![0u8; REGION_BYTES as usize];
+        for seq in 1..=last {
+            let Some(&id) = self.client.history.get(&seq) else {
+                return Err(self.fail(
+                    Checker::RegionsDiffer,
+                    format!("seq {seq} was applied but no write was ever given that seq"),
+                ));
+            };
+            let w = &self.client.writes[id];
+            expect[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
+        }
+        for (&seq, &id) in &self.client.completed {
+            if seq > last || self.client.history.get(&seq) != Some(&id) {
+                return Err(self.fail(
+                    Checker::CompletedWriteLost,
+                    format!("completed write {id} (seq {seq}) is not in the final history (last seq {last})"),
+                ));
+            }
+        }
+        for (name, region) in [("primary", &p.region), ("backup", &b.region)] {
+            if let Some(at) = region.iter().zip(&expect).position(|(a, e)| a != e) {
+                return Err(self.fail(
+                    Checker::RegionsDiffer,
+                    format!(
+                        "the {name}'s region differs from the replay of the history at byte {at}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed in `dir` (which must be empty; the nodes' queue files go there).
+pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, SimFailure> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let swarm = Swarm::draw(&mut rng);
+    let setup = |e: String| SimFailure {
+        seed,
+        step: 0,
+        checker: Checker::NodeStopped,
+        message: format!("setting up: {e}"),
+    };
+    let ids = (rng.u64(1..u64::MAX), rng.u64(1..u64::MAX));
+    let primary = SimNode::create(
+        dir,
+        Role::Primary,
+        ids.0,
+        swarm.policy,
+        opts.canary_apply_before_ack,
+    )
+    .map_err(setup)?;
+    let backup = SimNode::create(dir, Role::Backup, ids.1, swarm.policy, false).map_err(setup)?;
+    let mut sim = Sim {
+        seed,
+        opts,
+        swarm,
+        rng,
+        step: 0,
+        nodes: [Some(primary), Some(backup)],
+        restarting: [None, None],
+        down_until: [0, 0],
+        conn: None,
+        next_conn_id: 0,
+        next_connect_step: 0,
+        partitioned_until: 0,
+        faults: true,
+        client: Client {
+            next_ticket: 1,
+            ..Client::default()
+        },
+        report: SimReport {
+            seed,
+            trace_hash: 0xcbf2_9ce4_8422_2325,
+            ..SimReport::default()
+        },
+    };
+    let swarm_line = format!("swarm {:?}", sim.swarm);
+    sim.trace(swarm_line);
+    while sim.step < opts.fault_steps {
+        sim.step_once()?;
+    }
+    // Liveness: faults stop, crashed nodes come back, the network heals.
+    sim.faults = false;
+    sim.partitioned_until = 0;
+    sim.down_until = [0, 0];
+    sim.trace("faults stop");
+    let start = sim.step;
+    while !sim.converged() {
+        if sim.step - start >= opts.liveness_steps {
+            let detail = match (&sim.nodes[0], &sim.nodes[1]) {
+                (Some(p), Some(b)) => format!(
+                    "primary {:?} {:?} (queue {} records), backup {:?} (queue {} records), {} writes pending",
+                    p.core.phase(),
+                    p.core.stats(),
+                    p.queue.len_records(),
+                    b.core.stats(),
+                    b.queue.len_records(),
+                    sim.client.pending.len()
+                ),
+                _ => "a node is down".into(),
+            };
+            return Err(sim.fail(
+                Checker::NoConvergence,
+                format!(
+                    "not converged {} steps after the faults stopped: {detail}",
+                    opts.liveness_steps
+                ),
+            ));
+        }
+        sim.step_once()?;
+    }
+    sim.report.convergence_steps = sim.step - start;
+    sim.check_final()?;
+    sim.report.steps = sim.step;
+    sim.trace("converged");
+    Ok(sim.report)
+}
