@@ -1302,7 +1302,7 @@ impl Poller {
 }
 
 /// The core's view of what a restarting node recovered from its queue.
-pub fn recovered_from(replay: mirror_storage::ReplayState) -> Recovered {
+fn recovered_from(replay: mirror_storage::ReplayState) -> Recovered {
     Recovered {
         peer_node_id: replay.peer_node_id,
         applied_through: replay.applied_through,
