@@ -9,7 +9,8 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-mount -t tmpfs -o size=1g tmpfs /tmp
+# /tmp stays the overlay's (writable, backed by the tmpfs upper layer): a tmpfs mounted over it
+# would hide the host's /tmp, where the checkout under test may live.
 mount -t tmpfs tmpfs /run
 mkdir -p /run/result
 off() {
