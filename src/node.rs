@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
 use mirror_proto::{
-    check_write, Action, Backup, Core, CoreConfig, Message, Phase, Primary, Record, Recovered,
-    RejectCode,
+    check_write, Action, Backup, Core, CoreConfig, Message, Phase, Primary, RejectCode,
 };
 use mirror_ring::{Consumer, Producer, SubmitRing};
 use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, StorageError};
@@ -251,7 +250,7 @@ impl Mirror {
                 "records cut from the queue were already applied to the region; renumbering after them"
             );
         }
-        let recovered = recovered_from(replay);
+        let recovered = mirror_sim::recovered(replay);
         let max_write = cfg.max_write.min(queue.max_payload());
         let core_cfg = CoreConfig {
             node_id: queue.node_id(),
@@ -1298,25 +1297,6 @@ impl Poller {
             });
         }
         Some(fds)
-    }
-}
-
-/// The core's view of what a restarting node recovered from its queue.
-fn recovered_from(replay: mirror_storage::ReplayState) -> Recovered {
-    Recovered {
-        peer_node_id: replay.peer_node_id,
-        applied_through: replay.applied_through,
-        first_seq: replay.first_seq,
-        last_seq: replay.last_seq,
-        unapplied: replay
-            .unapplied
-            .into_iter()
-            .map(|r| Record {
-                seq: r.seq,
-                offset: r.offset,
-                data: Bytes::from(r.payload),
-            })
-            .collect(),
     }
 }
 

@@ -6,10 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use mirror_proto::{
-    Action, Backup, Core, CoreConfig, Message, PeerLossPolicy, Primary, Record, Recovered,
-};
-use mirror_storage::{Durability, PersistentQueue, QueueParams, ReplayState, StorageError};
+use mirror_proto::{Action, Backup, Core, CoreConfig, Message, PeerLossPolicy, Primary, Record};
+use mirror_storage::{Durability, PersistentQueue, QueueParams, StorageError};
 
 use crate::media::{power_loss_image, DurableImage, Tear};
 use crate::{MAX_WRITE, QUEUE_BYTES, REGION_BYTES};
@@ -68,25 +66,6 @@ fn io(what: &str, e: std::io::Error) -> String {
     format!("{what}: {e}")
 }
 
-/// The core's view of what the node recovered from its queue.
-fn recovered(replay: ReplayState) -> Recovered {
-    Recovered {
-        peer_node_id: replay.peer_node_id,
-        applied_through: replay.applied_through,
-        first_seq: replay.first_seq,
-        last_seq: replay.last_seq,
-        unapplied: replay
-            .unapplied
-            .into_iter()
-            .map(|r| Record {
-                seq: r.seq,
-                offset: r.offset,
-                data: Bytes::from(r.payload),
-            })
-            .collect(),
-    }
-}
-
 impl SimNode {
     pub fn create(
         dir: &Path,
@@ -140,7 +119,7 @@ impl SimNode {
         let replay = queue.replay_state().map_err(storage)?;
         let durable_applied = replay.applied_through;
         let durable_last_seq = replay.last_seq;
-        let rec = recovered(replay);
+        let rec = crate::recovered(replay);
         let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
         queue.set_crash_hook(Some(
             durable

@@ -174,6 +174,27 @@ pub struct SimReport {
     pub trace_hash: u64,
 }
 
+impl SimReport {
+    /// Adds `other`'s counts to these (for totals over many seeds; `convergence_steps` keeps
+    /// the slowest).
+    pub fn add(&mut self, other: &SimReport) {
+        self.steps += other.steps;
+        self.convergence_steps = self.convergence_steps.max(other.convergence_steps);
+        self.completed_writes += other.completed_writes;
+        self.crashes[0] += other.crashes[0];
+        self.crashes[1] += other.crashes[1];
+        self.power_losses += other.power_losses;
+        self.torn_words += other.torn_words;
+        self.cuts += other.cuts;
+        self.half_opens += other.half_opens;
+        self.partitions += other.partitions;
+        self.mangled += other.mangled;
+        self.room_drops += other.room_drops;
+        self.recovery_records += other.recovery_records;
+        self.recovery_bytes += other.recovery_bytes;
+    }
+}
+
 /// A write the client submitted: its id is the index into `Client::writes`.
 struct Write {
     offset: u64,

@@ -18,17 +18,7 @@ fn a_few_hundred_seeds_lose_no_completed_write_and_converge() {
         let r = run(seed, &opts).unwrap_or_else(|f| {
             panic!("{f}\nreplay: cargo run --release --bin mirror -- sim --seed {seed}")
         });
-        totals.completed_writes += r.completed_writes;
-        totals.crashes[0] += r.crashes[0];
-        totals.crashes[1] += r.crashes[1];
-        totals.power_losses += r.power_losses;
-        totals.torn_words += r.torn_words;
-        totals.partitions += r.partitions;
-        totals.mangled += r.mangled;
-        totals.recovery_records += r.recovery_records;
-        totals.room_drops += r.room_drops;
-        totals.cuts += r.cuts;
-        totals.half_opens += r.half_opens;
+        totals.add(&r);
     }
     eprintln!("{SEEDS} seeds: {totals:?}");
     // The campaign must actually exercise what it claims to.

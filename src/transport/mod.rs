@@ -13,7 +13,8 @@ pub mod tcp;
 
 use std::os::fd::RawFd;
 
-use mirror_proto::{Message, WireError};
+use bytes::BytesMut;
+use mirror_proto::{encode_write, Message, WireError};
 use thiserror::Error;
 
 /// A connection failure. Any of these ends the connection; the engine's ordinary reconnection and
@@ -41,6 +42,81 @@ pub enum TransportError {
         /// The limit.
         limit: usize,
     },
+}
+
+/// Unsent bytes beyond which the peer is considered stuck (it does not read).
+const SEND_BACKLOG_LIMIT: usize = 512 << 20;
+
+/// The frames a connection has encoded and how far the network has taken them: one batch,
+/// handed over by `flush`, whatever carries it (a socket, RDMA writes).
+#[derive(Debug)]
+pub(crate) struct SendBatch {
+    buf: BytesMut,
+    sent: usize,
+}
+
+impl SendBatch {
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        SendBatch {
+            buf: BytesMut::with_capacity(bytes),
+            sent: 0,
+        }
+    }
+
+    fn check_backlog(&self) -> Result<(), TransportError> {
+        if self.pending() > SEND_BACKLOG_LIMIT {
+            return Err(TransportError::Backlog {
+                limit: SEND_BACKLOG_LIMIT,
+            });
+        }
+        Ok(())
+    }
+
+    /// Encodes `msg` into the batch (refused when the peer has stopped taking bytes).
+    pub(crate) fn push(&mut self, msg: &Message) -> Result<(), TransportError> {
+        self.check_backlog()?;
+        msg.encode(&mut self.buf);
+        Ok(())
+    }
+
+    /// Encodes a `Write` from borrowed parts into the batch.
+    pub(crate) fn push_write(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        self.check_backlog()?;
+        encode_write(seq, offset, data, &mut self.buf);
+        Ok(())
+    }
+
+    /// The bytes the network has not taken yet.
+    pub(crate) fn unsent(&self) -> &[u8] {
+        &self.buf[self.sent..]
+    }
+
+    /// The network took `n` more bytes.
+    pub(crate) fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.pending());
+        self.sent += n;
+    }
+
+    /// Bytes not taken yet.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// Whether the network took everything; if so the batch starts empty again.
+    pub(crate) fn settle(&mut self) -> bool {
+        if self.pending() == 0 {
+            self.buf.clear();
+            self.sent = 0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The backup's listening endpoint.

@@ -53,12 +53,12 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use mirror_proto::{encode_write, Message};
+use mirror_proto::Message;
 use rdma_sys::*;
 use thiserror::Error;
 
 use super::tcp::TcpConnecting;
-use super::{Connecting, Connection, Listener, TransportError};
+use super::{Connecting, Connection, Listener, SendBatch, TransportError};
 use crate::config::Config;
 
 /// Bytes of each side's receive ring (and of its send staging area).
@@ -88,8 +88,6 @@ const INFO_VERSION: u16 = 1;
 const INFO_LEN: usize = 64;
 /// The liveness socket is checked every this many receive polls (and after every sleep).
 const LIVENESS_EVERY: u32 = 256;
-/// Unsent bytes beyond which the peer is considered stuck.
-const SEND_BACKLOG_LIMIT: usize = 512 << 20;
 /// How long either side waits for the other's setup record.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
 /// TCP connect timeout of the setup channel.
@@ -758,8 +756,7 @@ pub struct RdmaConnection {
     peer_rkey: u32,
     peer_depth: u64,
     // Send side: encoded frames not yet written, stream position, credits.
-    tx: BytesMut,
-    tx_sent: usize,
+    tx: SendBatch,
     sent_bytes: u64,
     sent_writes: u64,
     peer_consumed_bytes: u64,
@@ -906,8 +903,7 @@ impl RdmaConnection {
             peer_credit: peer.credit_addr,
             peer_rkey: peer.rkey,
             peer_depth: u64::from(peer.recv_depth),
-            tx: BytesMut::with_capacity(256 << 10),
-            tx_sent: 0,
+            tx: SendBatch::with_capacity(256 << 10),
             sent_bytes: 0,
             sent_writes: 0,
             peer_consumed_bytes: 0,
@@ -1192,15 +1188,6 @@ impl RdmaConnection {
         }
     }
 
-    fn check_backlog(&self) -> Result<(), TransportError> {
-        if self.tx.len() - self.tx_sent > SEND_BACKLOG_LIMIT {
-            return Err(TransportError::Backlog {
-                limit: SEND_BACKLOG_LIMIT,
-            });
-        }
-        Ok(())
-    }
-
     /// The maximum inline payload the QP accepts (0: none).
     pub fn max_inline(&self) -> u32 {
         self.v.max_inline
@@ -1256,25 +1243,21 @@ impl Parts {
 
 impl Connection for RdmaConnection {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        self.check_backlog()?;
-        msg.encode(&mut self.tx);
-        Ok(())
+        self.tx.push(msg)
     }
 
     fn send_write(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<(), TransportError> {
-        self.check_backlog()?;
-        encode_write(seq, offset, data, &mut self.tx);
-        Ok(())
+        self.tx.push_write(seq, offset, data)
     }
 
     fn flush(&mut self) -> Result<bool, TransportError> {
-        if self.tx_sent == self.tx.len() {
+        if self.tx.settle() {
             return Ok(true);
         }
         self.reap_sends()?;
         self.read_credits()?;
         let ring = self.peer_ring_len;
-        while self.tx_sent < self.tx.len() {
+        while self.tx.pending() > 0 {
             let mut room = ring - (self.sent_bytes - self.peer_consumed_bytes);
             let mut writes_room = self.peer_depth - (self.sent_writes - self.peer_consumed_writes);
             let sq_room = SQ_DEPTH - (self.sq_posted - self.sq_done);
@@ -1294,13 +1277,13 @@ impl Connection for RdmaConnection {
                 n += 1;
             }
             for slot in 1..3 {
-                let left = (self.tx.len() - self.tx_sent) as u64;
+                let left = self.tx.pending() as u64;
                 if left == 0 || room == 0 || writes_room == 0 {
                     break;
                 }
                 let pos = self.sent_bytes % ring;
                 let len = left.min(room).min(ring - pos);
-                let src = self.tx[self.tx_sent..].as_ptr();
+                let src = self.tx.unsent().as_ptr();
                 let inline = len <= u64::from(self.v.max_inline);
                 let addr = if inline {
                     src as u64
@@ -1324,7 +1307,7 @@ impl Connection for RdmaConnection {
                 };
                 wr.imm_data_invalidated_rkey_union.imm_data = (len as u32).to_be();
                 wr.wr.rdma.remote_addr = self.peer_ring + pos;
-                self.tx_sent += len as usize;
+                self.tx.advance(len as usize);
                 self.sent_bytes += len;
                 self.sent_writes += 1;
                 room -= len;
@@ -1334,17 +1317,11 @@ impl Connection for RdmaConnection {
             }
             self.post_chain(&chain[..n])?;
         }
-        if self.tx_sent == self.tx.len() {
-            self.tx.clear();
-            self.tx_sent = 0;
-            Ok(true)
-        } else {
-            Ok(false)
-        }
+        Ok(self.tx.settle())
     }
 
     fn pending_send_bytes(&self) -> usize {
-        self.tx.len() - self.tx_sent
+        self.tx.pending()
     }
 
     fn poll_recv(&mut self, out: &mut Vec<Message>, max: usize) -> Result<usize, TransportError> {

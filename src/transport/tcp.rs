@@ -6,22 +6,19 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use mirror_proto::{encode_write, Message};
+use mirror_proto::Message;
 
-use super::{Connecting, Connection, Listener, TransportError};
+use super::{Connecting, Connection, Listener, SendBatch, TransportError};
 
 /// Bytes read per `read` call, and the receive buffer's growth step.
 const RECV_CHUNK: usize = 256 << 10;
-/// Unsent bytes beyond which the peer is considered stuck (it does not read).
-const SEND_BACKLOG_LIMIT: usize = 512 << 20;
 
 /// A TCP connection to the peer.
 #[derive(Debug)]
 pub struct TcpConnection {
     stream: TcpStream,
     peer: SocketAddr,
-    tx: BytesMut,
-    tx_sent: usize,
+    tx: SendBatch,
     rx: BytesMut,
 }
 
@@ -42,8 +39,7 @@ impl TcpConnection {
         Ok(TcpConnection {
             stream,
             peer,
-            tx: BytesMut::with_capacity(RECV_CHUNK),
-            tx_sent: 0,
+            tx: SendBatch::with_capacity(RECV_CHUNK),
             rx: BytesMut::with_capacity(RECV_CHUNK),
         })
     }
@@ -65,51 +61,32 @@ impl TcpConnection {
             source: last.unwrap_or_else(|| io::Error::other("address resolves to nothing")),
         })
     }
-
-    fn check_backlog(&self) -> Result<(), TransportError> {
-        if self.tx.len() - self.tx_sent > SEND_BACKLOG_LIMIT {
-            return Err(TransportError::Backlog {
-                limit: SEND_BACKLOG_LIMIT,
-            });
-        }
-        Ok(())
-    }
 }
 
 impl Connection for TcpConnection {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        self.check_backlog()?;
-        msg.encode(&mut self.tx);
-        Ok(())
+        self.tx.push(msg)
     }
 
     fn send_write(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<(), TransportError> {
-        self.check_backlog()?;
-        encode_write(seq, offset, data, &mut self.tx);
-        Ok(())
+        self.tx.push_write(seq, offset, data)
     }
 
     fn flush(&mut self) -> Result<bool, TransportError> {
-        while self.tx_sent < self.tx.len() {
-            match self.stream.write(&self.tx[self.tx_sent..]) {
+        while self.tx.pending() > 0 {
+            match self.stream.write(self.tx.unsent()) {
                 Ok(0) => return Err(TransportError::Closed),
-                Ok(n) => self.tx_sent += n,
+                Ok(n) => self.tx.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(io_err("sending to peer")(e)),
             }
         }
-        if self.tx_sent == self.tx.len() {
-            self.tx.clear();
-            self.tx_sent = 0;
-            Ok(true)
-        } else {
-            Ok(false)
-        }
+        Ok(self.tx.settle())
     }
 
     fn pending_send_bytes(&self) -> usize {
-        self.tx.len() - self.tx_sent
+        self.tx.pending()
     }
 
     fn poll_recv(&mut self, out: &mut Vec<Message>, max: usize) -> Result<usize, TransportError> {

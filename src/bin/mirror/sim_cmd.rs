@@ -32,23 +32,6 @@ pub struct SimArgs {
     pub dir: Option<std::path::PathBuf>,
 }
 
-fn add(t: &mut SimReport, r: &SimReport) {
-    t.steps += r.steps;
-    t.completed_writes += r.completed_writes;
-    t.crashes[0] += r.crashes[0];
-    t.crashes[1] += r.crashes[1];
-    t.power_losses += r.power_losses;
-    t.torn_words += r.torn_words;
-    t.cuts += r.cuts;
-    t.half_opens += r.half_opens;
-    t.partitions += r.partitions;
-    t.mangled += r.mangled;
-    t.room_drops += r.room_drops;
-    t.recovery_records += r.recovery_records;
-    t.recovery_bytes += r.recovery_bytes;
-    t.convergence_steps = t.convergence_steps.max(r.convergence_steps);
-}
-
 pub fn sim(a: &SimArgs) -> CliResult {
     let base = a.dir.clone().unwrap_or_else(|| {
         let shm = std::path::Path::new("/dev/shm");
@@ -79,7 +62,7 @@ pub fn sim(a: &SimArgs) -> CliResult {
         let result = run_seed(seed, &opts, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         match result {
-            Ok(r) => add(&mut total, &r),
+            Ok(r) => total.add(&r),
             Err(f) => {
                 println!("FAILED: {f}");
                 println!(
