@@ -96,6 +96,13 @@ pub enum PeerFault {
         /// The configured timeout.
         timeout_us: u64,
     },
+    /// An idle backup sent nothing (not even its heartbeat) for this long: its host died or
+    /// restarted without our connection noticing.
+    #[error("backup silent for {timeout_us} us")]
+    Silent {
+        /// The configured ack timeout, which bounds the silence.
+        timeout_us: u64,
+    },
     /// The handshake or replay stalled.
     #[error("handshake made no progress within {timeout_us} us")]
     HandshakeTimeout {
@@ -368,6 +375,8 @@ pub struct Primary {
     /// Our last_seq when we sent the Hello of the current handshake.
     hello_last_seq: u64,
     awaiting_since_us: Option<u64>,
+    /// When the backup was last heard from (any message).
+    last_heard_us: u64,
     wrote_this_batch: bool,
     degraded: bool,
     recoveries: u64,
@@ -405,6 +414,7 @@ impl Primary {
             sent_through: 0,
             hello_last_seq: 0,
             awaiting_since_us: None,
+            last_heard_us: 0,
             wrote_this_batch: false,
             degraded: false,
             recoveries: 0,
@@ -753,6 +763,7 @@ impl Primary {
 
     /// A message from the backup.
     pub fn on_message(&mut self, msg: Message) {
+        self.last_heard_us = self.now_us;
         match (self.state, msg) {
             (PrimaryState::Failed, _) => {}
             // The backup saw a gap or a write out of range: this connection delivered something
@@ -823,6 +834,13 @@ impl Primary {
                             timeout_us: self.cfg.ack_timeout_us,
                         }));
                     }
+                } else if self.now_us.saturating_sub(self.last_heard_us) > self.cfg.ack_timeout_us
+                {
+                    // Idle, and not even the backup's heartbeat arrived: a dead or restarted
+                    // peer whose connection never broke on our side.
+                    return self.lose_peer(Some(PeerFault::Silent {
+                        timeout_us: self.cfg.ack_timeout_us,
+                    }));
                 }
                 if self.committed_through > self.reported_through {
                     self.reported_through = self.committed_through;
@@ -913,6 +931,9 @@ pub struct Backup {
     reported_applied: u64,
     /// Since when applied progress beyond `reported_applied` has waited for an ack to ride on.
     unreported_since_us: Option<u64>,
+    /// When this backup last sent an ack (its heartbeat is due after a quarter of the ack
+    /// timeout of silence).
+    last_ack_us: u64,
     recoveries: u64,
     actions: Vec<Action>,
 }
@@ -944,6 +965,7 @@ impl Backup {
             ack_due: false,
             reported_applied: 0,
             unreported_since_us: None,
+            last_ack_us: 0,
             recoveries: 0,
             actions: Vec::new(),
         };
@@ -1098,6 +1120,7 @@ impl Backup {
             .push(Action::Send(Message::ReplayDone { through: b_last }));
         self.trim(h.applied_through);
         self.reported_applied = self.committed_through;
+        self.last_ack_us = self.now_us;
         self.recoveries += 1;
         self.state = BackupState::Connected {
             primary_id: h.node_id,
@@ -1202,6 +1225,7 @@ impl Backup {
             if matches!(self.state, BackupState::Connected { .. }) {
                 self.reported_applied = self.committed_through;
                 self.unreported_since_us = None;
+                self.last_ack_us = self.now_us;
                 self.actions.push(Action::Send(Message::Ack {
                     received_through: self.last_seq(),
                     applied_through: self.committed_through,
@@ -1214,14 +1238,20 @@ impl Backup {
 
     /// Time passes; called at least once per poll pass while idle.
     pub fn on_tick(&mut self) {
-        if matches!(self.state, BackupState::Connected { .. })
-            && self.committed_through > self.reported_applied
-        {
+        if !matches!(self.state, BackupState::Connected { .. }) {
+            return;
+        }
+        let report_due = self.committed_through > self.reported_applied && {
             let since = *self.unreported_since_us.get_or_insert(self.now_us);
-            if self.now_us.saturating_sub(since) >= APPLIED_REPORT_DELAY_US {
-                self.ack_due = true;
-                self.finish_batch();
-            }
+            self.now_us.saturating_sub(since) >= APPLIED_REPORT_DELAY_US
+        };
+        // The heartbeat: an idle primary takes a silence of a whole ack timeout for a dead
+        // backup (`PeerFault::Silent`); a repeated ack says we are here.
+        let heartbeat_due =
+            self.now_us.saturating_sub(self.last_ack_us) >= self.cfg.ack_timeout_us / 4;
+        if report_due || heartbeat_due {
+            self.ack_due = true;
+            self.finish_batch();
         }
     }
 

@@ -426,6 +426,31 @@ fn ack_timeout_marks_the_backup_lost() {
 }
 
 #[test]
+fn an_idle_backup_heartbeats_and_an_idle_primary_drops_a_silent_one() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    pair.p.write(0, 9, 4);
+    pair.settle();
+    // Idle for ten ack timeouts: the backup's heartbeats keep the connection.
+    let mut now = 0;
+    for _ in 0..100 {
+        now += 100;
+        pair.b.tick(now);
+        pair.settle();
+        pair.p.tick(now);
+        pair.settle();
+        assert!(!pair.p.hung_up, "dropped a live backup at {now} us");
+    }
+    assert_eq!(pair.p.core.phase(), Phase::Synchronous);
+    // The backup's host dies: nothing arrives any more. Idle, nothing in flight, and yet the
+    // primary notices within one ack timeout.
+    pair.up = false;
+    pair.p.tick(now + 500);
+    assert!(!pair.p.hung_up);
+    pair.p.tick(now + 1_200);
+    assert!(pair.p.hung_up, "a silent backup was not noticed");
+}
+
+#[test]
 fn primary_crash_between_ack_and_apply_loses_nothing() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
     pair.p.write(0, 1, 8);
