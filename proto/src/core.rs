@@ -743,6 +743,7 @@ impl Primary {
                 self.acked_through, self.sent_through
             ));
         }
+        let progressed = received_through > self.acked_through;
         self.acked_through = received_through;
         while self
             .delay
@@ -752,10 +753,14 @@ impl Primary {
             let p = self.delay.pop_front().expect("front checked");
             self.apply_pending(p);
         }
-        self.awaiting_since_us = if self.acked_through < self.sent_through {
+        // The timeout restarts only on progress: a heartbeat (an ack of nothing new) must not
+        // hide writes lost on their way to a backup that is otherwise alive.
+        self.awaiting_since_us = if self.acked_through == self.sent_through {
+            None
+        } else if progressed {
             Some(self.now_us)
         } else {
-            None
+            self.awaiting_since_us.or(Some(self.now_us))
         };
         self.commit_applied();
         self.trim(applied_through);

@@ -451,6 +451,26 @@ fn an_idle_backup_heartbeats_and_an_idle_primary_drops_a_silent_one() {
 }
 
 #[test]
+fn heartbeats_do_not_hide_writes_lost_on_the_way_to_the_backup() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    pair.p.tick(0);
+    pair.b.tick(0);
+    pair.settle();
+    // The write is lost (half-open toward the backup); the backup's heartbeats still arrive.
+    pair.p.write(0, 7, 4);
+    pair.p.outbox.clear();
+    let mut now = 0;
+    while now < 1_500 {
+        now += 100;
+        pair.b.tick(now);
+        pair.settle();
+        pair.p.tick(now);
+        pair.p.outbox.clear();
+    }
+    assert!(pair.p.hung_up, "the ack timeout never fired");
+}
+
+#[test]
 fn primary_crash_between_ack_and_apply_loses_nothing() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
     pair.p.write(0, 1, 8);
