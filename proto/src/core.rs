@@ -839,8 +839,7 @@ impl Primary {
                             timeout_us: self.cfg.ack_timeout_us,
                         }));
                     }
-                } else if self.now_us.saturating_sub(self.last_heard_us) > self.cfg.ack_timeout_us
-                {
+                } else if self.now_us.saturating_sub(self.last_heard_us) > self.cfg.ack_timeout_us {
                     // Idle, and not even the backup's heartbeat arrived: a dead or restarted
                     // peer whose connection never broke on our side.
                     return self.lose_peer(Some(PeerFault::Silent {

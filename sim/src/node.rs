@@ -22,8 +22,9 @@ pub(crate) enum Role {
 /// What executing the core's actions asks of the rest of the simulation.
 #[derive(Debug)]
 pub(crate) enum Effect {
-    /// Send this message to the peer.
-    Send(Message),
+    /// Send this message to the peer. `durable` is the node's (last_seq, applied_through)
+    /// made durable when the core's action was executed (not after the rest of the batch).
+    Send { msg: Message, durable: (u64, u64) },
     /// A catch-up from the queue: these `Write` messages, for seqs `from_seq..=through_seq`.
     SendQueued {
         from_seq: u64,
@@ -40,6 +41,23 @@ pub(crate) enum Effect {
     Fatal(String),
 }
 
+/// What a restarted node recovered, for the checkers.
+pub(crate) struct Recovery {
+    /// The queue's `last_seq` after recovery.
+    pub last_seq: u64,
+    /// The region as it will be once the node replayed its queue's unapplied records: it
+    /// must hold the writes of every seq through `last_seq`.
+    pub rebuilt: Vec<u8>,
+}
+
+/// What one execution of the core's actions did.
+pub(crate) struct Executed {
+    /// What the executed actions ask of the simulation.
+    pub effects: Vec<Effect>,
+    /// For a crash in the middle: (actions executed, actions there were).
+    pub cut: Option<(usize, usize)>,
+}
+
 pub(crate) struct SimNode {
     pub role: Role,
     pub core: Core,
@@ -50,7 +68,9 @@ pub(crate) struct SimNode {
     region_durable: Vec<u8>,
     pub commit_pending: Option<u64>,
     pub last_checkpoint_us: u64,
-    /// Highest seq the queue made durable (synced) so far: a power loss must keep it.
+    /// Highest seq the queue made durable so far, by the queue's contract: a completed
+    /// `sync`, a checkpoint's `set_applied_through`, or recovery. A power loss must keep it
+    /// (checker 5 holds the queue to that contract on the rebuilt image).
     pub durable_last_seq: u64,
     /// Highest `applied_through` checkpointed.
     pub durable_applied: u64,
@@ -90,6 +110,8 @@ impl SimNode {
         let queue =
             PersistentQueue::create(&queue_path, &params, Durability::Process).map_err(storage)?;
         drop(queue);
+        // Creation synced the whole file.
+        let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
         let cfg = CoreConfig {
             node_id,
             region_size: REGION_BYTES,
@@ -104,39 +126,62 @@ impl SimNode {
             deferred_commit: true,
         };
         let region = vec![0; REGION_BYTES as usize];
-        Self::start(role, queue_path, cfg, region, canary_apply_before_ack)
+        Self::start(
+            role,
+            queue_path,
+            durable,
+            cfg,
+            (region.clone(), region),
+            canary_apply_before_ack,
+        )
+        .map(|(node, _)| node)
     }
 
+    /// Opens the queue (recovery) and builds the core from what it recovered. `durable` is the
+    /// queue file's durable image so far: the hook is installed before recovery's own barrier,
+    /// which makes every record recovery scanned durable. `region` is (written, durable).
     fn start(
         role: Role,
         queue_path: PathBuf,
+        durable: DurableImage,
         cfg: CoreConfig,
-        region: Vec<u8>,
+        (region, region_durable): (Vec<u8>, Vec<u8>),
         canary_apply_before_ack: bool,
-    ) -> Result<SimNode, String> {
+    ) -> Result<(SimNode, Recovery), String> {
+        let hook = durable
+            .hook(&queue_path)
+            .map_err(|e| io("opening queue", e))?;
         let (mut queue, _) =
-            PersistentQueue::open(&queue_path, Durability::Process).map_err(storage)?;
+            PersistentQueue::open_with_crash_hook(&queue_path, Durability::Process, hook)
+                .map_err(storage)?;
         let replay = queue.replay_state().map_err(storage)?;
+        // Durable: recovery's barrier covered every record it kept, and `applied_through` was
+        // read from a durable meta slot (or lowered by a renumbering, which is a barrier too).
         let durable_applied = replay.applied_through;
         let durable_last_seq = replay.last_seq;
+        // What the node will hold once it replayed its own queue (the core applies the
+        // unapplied records at once on a backup, after the handshake on a primary).
+        let mut rebuilt = region.clone();
+        for r in &replay.unapplied {
+            let at = r.offset as usize;
+            rebuilt[at..at + r.payload.len()].copy_from_slice(&r.payload);
+        }
+        let recovery = Recovery {
+            last_seq: replay.last_seq,
+            rebuilt,
+        };
         let rec = crate::recovered(replay);
-        let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
-        queue.set_crash_hook(Some(
-            durable
-                .hook(&queue_path)
-                .map_err(|e| io("opening queue", e))?,
-        ));
         let core = match role {
             Role::Primary => Core::Primary(Primary::new(cfg.clone(), rec)),
             Role::Backup => Core::Backup(Backup::new(cfg.clone(), rec)),
         };
-        Ok(SimNode {
+        let node = SimNode {
             role,
             core,
             queue,
             queue_path,
             durable,
-            region_durable: region.clone(),
+            region_durable,
             region,
             commit_pending: None,
             last_checkpoint_us: 0,
@@ -144,17 +189,20 @@ impl SimNode {
             durable_applied,
             cfg,
             canary_apply_before_ack,
-        })
+        };
+        Ok((node, recovery))
     }
 
     /// Crashes the node and starts it again from its files. A power loss keeps only durable
-    /// bytes (tearing the rest word by word); a process crash keeps everything written.
+    /// bytes (tearing the rest word by word); a process crash keeps everything written, but
+    /// what was not durable stays so (in the page cache) until a later barrier: a power loss
+    /// after a process crash may still lose it.
     /// Checks that recovery kept what was made durable.
     pub fn crash_and_restart(
         self,
         power_loss: bool,
         rng: &mut fastrand::Rng,
-    ) -> Result<(SimNode, Tear), String> {
+    ) -> Result<(SimNode, Tear, Recovery), String> {
         let SimNode {
             role,
             queue,
@@ -170,7 +218,7 @@ impl SimNode {
         } = self;
         drop(queue);
         let mut tear = Tear::default();
-        let region = if power_loss {
+        let (durable, region) = if power_loss {
             let p_written = rng.u32(0..=100);
             let written = std::fs::read(&queue_path).map_err(|e| io("reading queue", e))?;
             let (img, t) = power_loss_image(&written, &durable.snapshot(), p_written, rng);
@@ -179,11 +227,20 @@ impl SimNode {
             let (img, t) = power_loss_image(&region, &region_durable, p_written, rng);
             tear.dirty_words += t.dirty_words;
             tear.written_words += t.written_words;
-            img
+            // After the power loss, what is on the media is all there is: durable.
+            let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
+            (durable, (img.clone(), img))
         } else {
-            region
+            (durable, (region, region_durable))
         };
-        let node = Self::start(role, queue_path, cfg, region, canary_apply_before_ack)?;
+        let (node, recovery) = Self::start(
+            role,
+            queue_path,
+            durable,
+            cfg,
+            region,
+            canary_apply_before_ack,
+        )?;
         let last = node.queue.last_seq();
         let applied = node.queue.applied_through();
         if last < durable_last_seq || applied < durable_applied {
@@ -191,23 +248,34 @@ impl SimNode {
                 "{role:?} queue lost durable state in a crash: last_seq {last} < {durable_last_seq} or applied_through {applied} < {durable_applied}"
             ));
         }
-        Ok((node, tear))
+        Ok((node, tear, recovery))
     }
 
-    /// Executes the core's pending actions (at most `limit` of them: a crash in the middle
-    /// drops the rest) and returns what they ask of the simulation.
-    pub fn execute(&mut self, limit: Option<usize>) -> Result<Vec<Effect>, String> {
+    /// Executes the core's pending actions and returns what they ask of the simulation.
+    ///
+    /// With `crash`, the node dies in the middle: when there are actions, only a random strict
+    /// prefix of them runs (possibly none), and `cut` says how many of how many; the node must
+    /// then be crashed. With no actions nothing happens (the crash waits for a later batch).
+    pub fn execute(&mut self, crash: Option<&mut fastrand::Rng>) -> Result<Executed, String> {
         let mut actions = Vec::new();
         self.core.drain_actions(&mut actions);
-        if let Some(n) = limit {
-            actions.truncate(n);
+        let mut cut = None;
+        if let Some(rng) = crash {
+            if !actions.is_empty() {
+                let n = rng.usize(0..actions.len());
+                cut = Some((n, actions.len()));
+                actions.truncate(n);
+            }
         }
         let role = self.role;
         let storage = |e: StorageError| format!("{role:?} storage: {e}");
         let mut effects = Vec::new();
         for action in actions {
             match action {
-                Action::Send(m) => effects.push(Effect::Send(m)),
+                Action::Send(msg) => effects.push(Effect::Send {
+                    msg,
+                    durable: (self.durable_last_seq, self.durable_applied),
+                }),
                 Action::SendQueued {
                     from_seq,
                     through_seq,
@@ -263,14 +331,17 @@ impl SimNode {
                 Action::Complete { ticket } => effects.push(Effect::Complete(ticket)),
                 Action::Disconnect(_) => effects.push(Effect::Close),
                 Action::Reject { code, reason } => {
-                    effects.push(Effect::Send(Message::Reject { code, reason }));
+                    effects.push(Effect::Send {
+                        msg: Message::Reject { code, reason },
+                        durable: (self.durable_last_seq, self.durable_applied),
+                    });
                     effects.push(Effect::Close);
                 }
                 Action::RecoveryStarted => {}
                 Action::Fatal(e) => effects.push(Effect::Fatal(e.to_string())),
             }
         }
-        Ok(effects)
+        Ok(Executed { effects, cut })
     }
 
     fn write_region(&mut self, r: &Record) {
@@ -281,16 +352,25 @@ impl SimNode {
     /// The checkpoint of `power`/`pmem` (`Poller::checkpoint` in the real node): the region
     /// becomes durable, then `applied_through` is recorded with a queue barrier (which makes
     /// every earlier append durable too), then the core may report and trim.
-    pub fn checkpoint(&mut self, now_us: u64) -> Result<(), String> {
+    ///
+    /// `die_after` stops it part way, for a crash: after the region sync (0) or after the
+    /// queue's barrier, before the core hears of it (1). Returns whether it completed.
+    pub fn checkpoint(&mut self, now_us: u64, die_after: Option<u8>) -> Result<bool, String> {
         if let Some(through) = self.commit_pending.take() {
             self.region_durable.copy_from_slice(&self.region);
+            if die_after == Some(0) {
+                return Ok(false);
+            }
             self.queue.set_applied_through(through).map_err(storage)?;
             self.durable_applied = through;
             self.durable_last_seq = self.durable_last_seq.max(self.queue.last_seq());
+            if die_after == Some(1) {
+                return Ok(false);
+            }
             self.core.on_applied_durable(through);
             self.last_checkpoint_us = now_us;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the queue has room for a write of `len` bytes with the real node's headroom

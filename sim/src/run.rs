@@ -1,6 +1,6 @@
 //! One simulated run: the fault phase, the liveness phase and the checkers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
@@ -8,7 +8,7 @@ use bytes::Bytes;
 use mirror_proto::{Message, PeerLossPolicy, Phase};
 
 use crate::net::{frame, Connection, Delivery, End};
-use crate::node::{Effect, Role, SimNode};
+use crate::node::{Effect, Executed, Recovery, Role, SimNode};
 use crate::{MAX_WRITE, REGION_BYTES, STEP_US};
 
 /// How a run is shaped (the faults themselves are drawn from the seed: [`Swarm`]).
@@ -102,6 +102,10 @@ pub enum Checker {
     CompletedWriteLost,
     /// The primary applied a write the backup did not durably hold.
     PrimaryAheadOfBackup,
+    /// The backup acknowledged a write its queue had not made durable.
+    AckBeforeDurable,
+    /// A restarted node's region and queue do not hold the history through its `last_seq`.
+    RecoveryWrong,
     /// The pair did not converge in time after the faults stopped.
     NoConvergence,
     /// A catch-up sent a record the peer already held.
@@ -152,6 +156,8 @@ pub struct SimReport {
     pub completed_writes: u64,
     /// Crashes of the primary / of the backup.
     pub crashes: [u64; 2],
+    /// Of those, crashes in the middle of executing the core's actions or a checkpoint.
+    pub mid_action_crashes: u64,
     /// Of those, power losses (queue and region rebuilt from durable bytes).
     pub power_losses: u64,
     /// Words torn between durable and written by power losses.
@@ -183,6 +189,7 @@ impl SimReport {
         self.completed_writes += other.completed_writes;
         self.crashes[0] += other.crashes[0];
         self.crashes[1] += other.crashes[1];
+        self.mid_action_crashes += other.mid_action_crashes;
         self.power_losses += other.power_losses;
         self.torn_words += other.torn_words;
         self.cuts += other.cuts;
@@ -211,6 +218,10 @@ struct Client {
     history: BTreeMap<u64, usize>,
     /// Seqs whose completion the client saw.
     completed: BTreeMap<u64, usize>,
+    /// Seqs submitted while the primary was not synchronous (degraded writes under
+    /// `continue`): applied without an ack by design, even when a recovery that completes in
+    /// the same batch has already cleared the primary's `degraded` flag.
+    degraded: BTreeSet<u64>,
 }
 
 /// The unique bytes of write `id`.
@@ -238,6 +249,9 @@ struct Sim<'o> {
     restarting: [Option<SimNode>; 2],
     /// Step at which a crashed node comes back.
     down_until: [u64; 2],
+    /// A node that will die in the middle of its next non-empty execution of actions (or of
+    /// its next checkpoint).
+    armed: [bool; 2],
     conn: Option<Connection>,
     next_conn_id: u64,
     next_connect_step: u64,
@@ -291,22 +305,13 @@ impl<'o> Sim<'o> {
     }
 
     /// One node crashes now (its connection end vanishes: the peer learns of it later or
-    /// times out) and comes back after a while.
-    fn crash(&mut self, r: Role, mid_actions: bool) -> Result<(), SimFailure> {
-        let Some(mut node) = self.nodes[idx(r)].take() else {
+    /// times out) and comes back after a while. Actions the core asked for and the node did
+    /// not execute are lost with it.
+    fn crash(&mut self, r: Role) -> Result<(), SimFailure> {
+        self.armed[idx(r)] = false;
+        let Some(node) = self.nodes[idx(r)].take() else {
             return Ok(());
         };
-        if mid_actions {
-            // Executes a prefix of what the core asked for, then dies: between an append and
-            // its sync, between the ack's arrival and the apply, and so on.
-            let n = self.rng.usize(0..=4);
-            let effects = node
-                .execute(Some(n))
-                .map_err(|e| self.fail(Checker::NodeStopped, e))?;
-            self.nodes[idx(r)] = Some(node);
-            self.handle_effects(r, effects)?;
-            node = self.nodes[idx(r)].take().expect("just put back");
-        }
         // A `continue` primary's power loss is a documented limitation (two histories; see the
         // crate docs): crash it as a process.
         let power = self.rng.u32(0..100) < self.swarm.power_loss_percent
@@ -334,9 +339,10 @@ impl<'o> Sim<'o> {
             // The client's waits fail with the process.
             self.client.pending.clear();
         }
-        let (node, tear) = node
+        let (node, tear, recovery) = node
             .crash_and_restart(power, &mut self.rng)
             .map_err(|e| self.fail(Checker::DurabilityLost, e))?;
+        self.check_recovery(r, &recovery)?;
         self.report.torn_words += tear.written_words;
         self.nodes[idx(r)] = None;
         self.down_until[idx(r)] = self.step + self.rng.u64(0..300);
@@ -344,10 +350,48 @@ impl<'o> Sim<'o> {
         Ok(())
     }
 
+    /// Executes `r`'s pending actions and what they ask of the simulation. An armed node dies
+    /// part way through: after an append and before its sync, after the ack arrived and before
+    /// the apply, after the apply and before the completion... Returns whether it is still up.
+    fn execute(&mut self, r: Role) -> Result<bool, SimFailure> {
+        let crash = if self.armed[idx(r)] {
+            Some(&mut self.rng)
+        } else {
+            None
+        };
+        let Some(node) = self.nodes[idx(r)].as_mut() else {
+            return Ok(false);
+        };
+        let Executed { effects, cut } = match node.execute(crash) {
+            Ok(x) => x,
+            Err(e) => return Err(self.fail(Checker::NodeStopped, e)),
+        };
+        // What ran before the crash happened: its frames left, its completions were seen.
+        self.handle_effects(r, effects)?;
+        if let Some((n, of)) = cut {
+            self.trace(format_args!("{r:?} dies after {n} of {of} actions"));
+            self.report.mid_action_crashes += 1;
+            self.crash(r)?;
+            return Ok(false);
+        }
+        Ok(self.nodes[idx(r)].is_some())
+    }
+
     fn handle_effects(&mut self, r: Role, effects: Vec<Effect>) -> Result<(), SimFailure> {
         for e in effects {
             match e {
-                Effect::Send(m) => self.send(r, &m),
+                Effect::Send { msg, durable } => {
+                    if let (
+                        Role::Backup,
+                        Message::Ack {
+                            received_through, ..
+                        },
+                    ) = (r, &msg)
+                    {
+                        self.check_ack_durable(*received_through, durable)?;
+                    }
+                    self.send(r, &msg)
+                }
                 Effect::SendQueued {
                     from_seq,
                     through_seq,
@@ -416,12 +460,85 @@ impl<'o> Sim<'o> {
         Ok(())
     }
 
-    /// Checker 2: under `block`, a write the primary applies is durably held by the backup.
+    /// Checker 7: a restarted node's region, once it replayed its own queue, holds the writes
+    /// of the history through its queue's `last_seq` (`applied_through` never claims more
+    /// than the region durably holds, and the queue keeps everything after it). Checked at
+    /// once, because the final comparison alone misses a lost write that later writes covered
+    /// (the region is small and rewritten many times over).
+    ///
+    /// Bytes of writes with a higher seq are left out: a primary may have applied a write
+    /// (acked by the backup) whose record its queue then lost in a power loss while some of
+    /// the region's words kept it; the backup replays that record in the handshake.
+    fn check_recovery(&self, r: Role, rec: &Recovery) -> Result<(), SimFailure> {
+        let mut expect = vec![0u8; REGION_BYTES as usize];
+        let mut masked = vec![false; REGION_BYTES as usize];
+        let mut next = 1;
+        for (&seq, &id) in &self.client.history {
+            let w = &self.client.writes[id];
+            let range = w.offset as usize..w.offset as usize + w.data.len();
+            if seq <= rec.last_seq {
+                if seq != next {
+                    return Err(self.fail(
+                        Checker::RecoveryWrong,
+                        format!(
+                            "{r:?} recovered through seq {}, but no write was given seq {next}",
+                            rec.last_seq
+                        ),
+                    ));
+                }
+                next += 1;
+                expect[range].copy_from_slice(&w.data);
+            } else {
+                masked[range].fill(true);
+            }
+        }
+        let bad = (0..expect.len()).find(|&i| !masked[i] && rec.rebuilt[i] != expect[i]);
+        if let Some(at) = bad {
+            return Err(self.fail(
+                Checker::RecoveryWrong,
+                format!(
+                    "{r:?} restarted with its queue through seq {}, but its region and queue do not hold the history's writes through it (byte {at})",
+                    rec.last_seq
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checker 6: the backup acknowledges only what its queue made durable (it syncs before
+    /// the ack, in the same batch). Checker 2 alone can miss an early ack: a checkpoint in the
+    /// same pass (due at once when the queue is half full) makes the records durable before
+    /// the ack arrives, unless the backup loses power in between.
+    fn check_ack_durable(
+        &self,
+        received_through: u64,
+        (last, applied): (u64, u64),
+    ) -> Result<(), SimFailure> {
+        if last < received_through && applied < received_through {
+            return Err(self.fail(
+                Checker::AckBeforeDurable,
+                format!(
+                    "backup acks through {received_through}; its queue is durable through {last} (applied {applied})"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checker 2: a write the primary applies is durably held by the backup, except under
+    /// `continue` once the primary declared the backup lost (degraded: it applies without acks
+    /// by design, until a recovery completes).
+    ///
+    /// "Durably held": the backup acks only after syncing its queue, so its durable state
+    /// (what survives even a power loss) must have the seq, in its queue (`last_seq`) or in its
+    /// checkpointed region (`applied_through`): its written state is not enough.
     fn check_backup_holds(&self, seq: u64) -> Result<(), SimFailure> {
         let Some(p) = self.nodes[0].as_ref() else {
             return Ok(());
         };
-        if p.policy() != PeerLossPolicy::Block {
+        if p.policy() == PeerLossPolicy::Continue
+            && (p.core.stats().degraded || self.client.degraded.contains(&seq))
+        {
             return Ok(());
         }
         let (last, applied) = match (&self.nodes[1], &self.restarting[1]) {
@@ -474,8 +591,13 @@ impl Sim<'_> {
     fn inject_faults(&mut self) -> Result<(), SimFailure> {
         for r in [Role::Primary, Role::Backup] {
             if self.nodes[idx(r)].is_some() && self.chance(self.swarm.crash_ppm) {
-                let mid = self.rng.bool();
-                self.crash(r, mid)?;
+                if self.armed[idx(r)] || self.rng.bool() {
+                    self.crash(r)?;
+                } else {
+                    // Half the crashes happen inside the node's next batch of actions.
+                    self.armed[idx(r)] = true;
+                    self.trace(format_args!("{r:?} will die mid-batch"));
+                }
             }
         }
         if self.conn.is_some() && self.chance(self.swarm.cut_ppm) {
@@ -598,10 +720,13 @@ impl Sim<'_> {
                 data: data.clone(),
             });
             let ticket = self.client.next_ticket;
-            let submitted = p.core.submit(ticket, offset, data);
-            let executed = p.execute(None);
-            let seq = submitted
-                .map_err(|e| self.fail(Checker::NodeStopped, format!("submission refused: {e}")))?;
+            let synchronous = p.core.phase() == Phase::Synchronous;
+            let seq = match p.core.submit(ticket, offset, data) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    return Err(self.fail(Checker::NodeStopped, format!("submission refused: {e}")))
+                }
+            };
             self.client.next_ticket += 1;
             if let Some(&old) = self.client.completed.get(&seq) {
                 return Err(self.fail(
@@ -613,8 +738,12 @@ impl Sim<'_> {
             }
             self.client.history.insert(seq, id);
             self.client.pending.insert(ticket, (seq, id));
-            let effects = executed.map_err(|e| self.fail(Checker::NodeStopped, e))?;
-            self.handle_effects(Role::Primary, effects)?;
+            if synchronous {
+                self.client.degraded.remove(&seq);
+            } else {
+                self.client.degraded.insert(seq);
+            }
+            self.execute(Role::Primary)?;
         }
         Ok(())
     }
@@ -683,31 +812,30 @@ impl Sim<'_> {
             node.core.on_tick();
         }
         node.core.end_batch();
-        let effects = node
-            .execute(None)
-            .map_err(|e| self.fail(Checker::NodeStopped, e))?;
-        self.handle_effects(r, effects)?;
+        if !self.execute(r)? {
+            return Ok(worked);
+        }
         // Checkpoint as the real node: every 2 ms, when idle, or when the queue is half full.
         let now = self.now_us();
-        if let Some(node) = self.nodes[idx(r)].as_mut() {
-            let due = node.commit_pending.is_some()
-                && (!worked
-                    || now.saturating_sub(node.last_checkpoint_us) >= 2_000
-                    || node.queue.used_bytes() > node.queue.capacity_bytes() / 2);
-            if due {
-                node.checkpoint(now).map_err(|e| SimFailure {
-                    seed: self.seed,
-                    step: self.step,
-                    checker: Checker::NodeStopped,
-                    message: e,
-                })?;
-                let effects = node.execute(None).map_err(|e| SimFailure {
-                    seed: self.seed,
-                    step: self.step,
-                    checker: Checker::NodeStopped,
-                    message: e,
-                })?;
-                self.handle_effects(r, effects)?;
+        let node = self.nodes[idx(r)].as_mut().expect("still up");
+        let due = node.commit_pending.is_some()
+            && (!worked
+                || now.saturating_sub(node.last_checkpoint_us) >= 2_000
+                || node.queue.used_bytes() > node.queue.capacity_bytes() / 2);
+        if due {
+            // An armed node may die inside the checkpoint instead of in its next batch.
+            let die_after = (self.armed[idx(r)] && self.rng.bool()).then(|| self.rng.u8(0..2));
+            let node = self.nodes[idx(r)].as_mut().expect("still up");
+            match node.checkpoint(now, die_after) {
+                Ok(true) => {
+                    self.execute(r)?;
+                }
+                Ok(false) => {
+                    self.trace(format_args!("{r:?} dies in a checkpoint ({die_after:?})"));
+                    self.report.mid_action_crashes += 1;
+                    self.crash(r)?;
+                }
+                Err(e) => return Err(self.fail(Checker::NodeStopped, e)),
             }
         }
         Ok(worked)
@@ -818,6 +946,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, S
         nodes: [Some(primary), Some(backup)],
         restarting: [None, None],
         down_until: [0, 0],
+        armed: [false, false],
         conn: None,
         next_conn_id: 0,
         next_connect_step: 0,
@@ -842,6 +971,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, S
     sim.faults = false;
     sim.partitioned_until = 0;
     sim.down_until = [0, 0];
+    sim.armed = [false, false];
     sim.trace("faults stop");
     let start = sim.step;
     while !sim.converged() {

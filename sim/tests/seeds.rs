@@ -30,6 +30,8 @@ fn a_few_hundred_seeds_lose_no_completed_write_and_converge() {
         totals.power_losses > 50 && totals.torn_words > 0,
         "{totals:?}"
     );
+    // Crashes inside a batch of actions or a checkpoint, not only between steps.
+    assert!(totals.mid_action_crashes > 100, "{totals:?}");
     assert!(totals.partitions > 50 && totals.mangled > 0, "{totals:?}");
     assert!(
         totals.recovery_records > 0 && totals.room_drops > 0,
@@ -60,24 +62,20 @@ fn the_canary_applying_before_the_ack_is_caught() {
         canary_apply_before_ack: true,
         ..SimOptions::default()
     };
-    let mut caught = 0;
-    let mut block_seeds = 0;
+    let mut policies = [0u32; 2];
     for seed in 0..40 {
         match run(seed, &opts) {
-            Err(f) if f.checker == Checker::PrimaryAheadOfBackup => caught += 1,
+            Err(f) if f.checker == Checker::PrimaryAheadOfBackup => {}
             Err(f) => panic!("canary failed another checker: {f}"),
-            Ok(_) => {}
+            Ok(r) => panic!("canary not caught by seed {seed}: {r:?}"),
         }
-        let mut rng = fastrand_seed(seed);
-        if mirror_sim::Swarm::draw(&mut rng).policy == mirror_proto::PeerLossPolicy::Block {
-            block_seeds += 1;
+        let mut rng = fastrand::Rng::with_seed(seed);
+        match mirror_sim::Swarm::draw(&mut rng).policy {
+            mirror_proto::PeerLossPolicy::Block => policies[0] += 1,
+            mirror_proto::PeerLossPolicy::Continue => policies[1] += 1,
         }
     }
-    // Every seed under `block` catches it (the check applies to that policy).
-    assert_eq!(caught, block_seeds, "caught {caught} of {block_seeds}");
-    assert!(caught > 5);
-}
-
-fn fastrand_seed(seed: u64) -> fastrand::Rng {
-    fastrand::Rng::with_seed(seed)
+    // Caught under both policies: under `continue` too, as long as the primary is not
+    // degraded (it submits synchronously at the start of every seed).
+    assert!(policies[0] > 5 && policies[1] > 5, "{policies:?}");
 }

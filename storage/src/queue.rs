@@ -540,7 +540,7 @@ impl PersistentQueue {
         if durability != Durability::Process {
             map::sync_parent_dir(path)?;
         }
-        Self::open_locked(path, file, durability)
+        Self::open_locked(path, file, durability, |_| {})
     }
 
     fn build_new_file(
@@ -655,13 +655,17 @@ impl PersistentQueue {
                 });
             }
         }
-        Self::open_locked(path, file, durability)
+        Self::open_locked(path, file, durability, |_| {})
     }
 
+    /// Recovers the queue in the locked `file`. `before_barrier` runs on the recovered queue
+    /// before the first thing recovery writes (the new epoch and its barrier), so that a crash
+    /// hook installed there sees that barrier too.
     fn open_locked(
         path: &Path,
         file: File,
         durability: Durability,
+        before_barrier: impl FnOnce(&mut Self),
     ) -> Result<(Self, RecoveryReport), StorageError> {
         let stat = read_static(&file, path)?;
         let limits = limits_of(&stat);
@@ -710,6 +714,7 @@ impl PersistentQueue {
             test_hook: None,
         };
         debug_assert_eq!(q.head == q.tail, q.len_records == 0);
+        before_barrier(&mut q);
 
         // New epoch, durable before any record of this session can be (see FORMAT.md,
         // "Ghost records").
@@ -774,6 +779,26 @@ impl PersistentQueue {
             unapplied,
             renumbered_after,
         })
+    }
+
+    /// [`open`](Self::open) with the crash hook installed from the start, so that it also sees
+    /// the barrier of recovery itself, which makes every record recovery scanned durable (after
+    /// a process crash they may have been only in the page cache). A simulator that keeps
+    /// durable bytes across a process crash needs this to know what became durable at restart.
+    #[cfg(feature = "crash-hooks")]
+    pub fn open_with_crash_hook(
+        path: &Path,
+        durability: Durability,
+        hook: CrashHook,
+    ) -> Result<(Self, RecoveryReport), StorageError> {
+        map::check_platform(durability)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| StorageError::io(path, "open", e))?;
+        map::lock_exclusive(&file, path)?;
+        Self::open_locked(path, file, durability, |q| q.test_hook = Some(hook))
     }
 
     /// Installs (or removes) the crash hook: called after every store of a record or a trusted

@@ -87,13 +87,14 @@ pub fn sim(a: &SimArgs) -> CliResult {
         }
     }
     println!(
-        "{} seeds passed in {:.1} s: {} steps, {} completed writes, crashes primary {} / backup {} ({} power losses, {} words torn), {} cuts, {} half-open, {} partitions, {} frames mangled, {} backup-full drops, {} records moved by catch-ups; slowest convergence {} steps",
+        "{} seeds passed in {:.1} s: {} steps, {} completed writes, crashes primary {} / backup {} ({} mid-batch, {} power losses, {} words torn), {} cuts, {} half-open, {} partitions, {} frames mangled, {} backup-full drops, {} records moved by catch-ups; slowest convergence {} steps",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.steps,
         total.completed_writes,
         total.crashes[0],
         total.crashes[1],
+        total.mid_action_crashes,
         total.power_losses,
         total.torn_words,
         total.cuts,
