@@ -35,7 +35,7 @@ impl DurableImage {
         })
     }
 
-    /// A hook for `PersistentQueue::set_crash_hook` that copies each barrier's ranges from the
+    /// A hook for `PersistentQueue::open_with_crash_hook` that copies each barrier's ranges from the
     /// file into this image.
     pub fn hook(&self, path: &Path) -> std::io::Result<CrashHook> {
         let file = File::open(path)?;

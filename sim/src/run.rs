@@ -514,7 +514,7 @@ impl<'o> Sim<'o> {
         received_through: u64,
         (last, applied): (u64, u64),
     ) -> Result<(), SimFailure> {
-        if last < received_through && applied < received_through {
+        if !durably_holds((last, applied), received_through) {
             return Err(self.fail(
                 Checker::AckBeforeDurable,
                 format!(
@@ -545,7 +545,7 @@ impl<'o> Sim<'o> {
             (Some(b), _) | (None, Some(b)) => (b.durable_last_seq, b.durable_applied),
             (None, None) => (0, 0),
         };
-        if last < seq && applied < seq {
+        if !durably_holds((last, applied), seq) {
             return Err(self.fail(
                 Checker::PrimaryAheadOfBackup,
                 format!(
@@ -577,6 +577,12 @@ impl<'o> Sim<'o> {
             }
         }
     }
+}
+
+/// Whether a node whose durable queue ends at `last` and whose checkpoint is `applied` holds
+/// record `seq` across a power loss.
+fn durably_holds((last, applied): (u64, u64), seq: u64) -> bool {
+    last >= seq || applied >= seq
 }
 
 fn other(r: Role) -> Role {
@@ -763,6 +769,8 @@ impl Sim<'_> {
         node.core.set_now(now);
         let worked = !inputs.is_empty();
         let mut close = false;
+        // Said once the node is no longer borrowed.
+        let mut events = Vec::new();
         if r == Role::Backup {
             // As the real backup: take writes only while the queue has room for them; at the
             // first that would not fit, drop the connection (the primary reconnects, its Hello
@@ -782,10 +790,7 @@ impl Sim<'_> {
                 inputs.push(Delivery::Disconnected);
                 close = true;
                 self.report.room_drops += 1;
-                self.report.trace_hash ^= 0x51ed;
-                if self.opts.trace {
-                    eprintln!("[sim {step:>6}] backup queue has no room: dropping the connection");
-                }
+                events.push("backup queue has no room: dropping the connection".to_string());
             }
         }
         for d in inputs {
@@ -795,12 +800,12 @@ impl Sim<'_> {
                 Delivery::Garbage(e) => {
                     close = true;
                     node.core.on_disconnected();
-                    self.report.trace_hash ^= 0x9e37;
-                    if self.opts.trace {
-                        eprintln!("[sim {step:>6}] {r:?} drops the connection: {e}");
-                    }
+                    events.push(format!("{r:?} drops the connection: {e}"));
                 }
             }
+        }
+        for e in events {
+            self.trace(e);
         }
         if close {
             if let Some(c) = self.conn.as_mut() {

@@ -195,7 +195,7 @@ pub struct PersistentQueue {
     pub(crate) test_hook: Option<CrashHook>,
 }
 
-/// The crash hook's type (see [`PersistentQueue::set_crash_hook`]).
+/// The crash hook's type (see [`PersistentQueue::open_with_crash_hook`]).
 #[cfg(any(test, feature = "crash-hooks"))]
 pub type CrashHook = Box<dyn FnMut(CrashEvent<'_>) + Send>;
 
@@ -631,13 +631,7 @@ impl PersistentQueue {
         durability: Durability,
         expect: Option<&QueueParams>,
     ) -> Result<(Self, RecoveryReport), StorageError> {
-        map::check_platform(durability)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| StorageError::io(path, "open", e))?;
-        map::lock_exclusive(&file, path)?;
+        let file = Self::open_file_locked(path, durability)?;
         if let Some(params) = expect {
             let stat = read_static(&file, path)?;
             if stat.role != params.role {
@@ -791,6 +785,12 @@ impl PersistentQueue {
         durability: Durability,
         hook: CrashHook,
     ) -> Result<(Self, RecoveryReport), StorageError> {
+        let file = Self::open_file_locked(path, durability)?;
+        Self::open_locked(path, file, durability, |q| q.test_hook = Some(hook))
+    }
+
+    /// Opens an existing queue file read-write and takes its exclusive lock.
+    fn open_file_locked(path: &Path, durability: Durability) -> Result<File, StorageError> {
         map::check_platform(durability)?;
         let file = OpenOptions::new()
             .read(true)
@@ -798,16 +798,7 @@ impl PersistentQueue {
             .open(path)
             .map_err(|e| StorageError::io(path, "open", e))?;
         map::lock_exclusive(&file, path)?;
-        Self::open_locked(path, file, durability, |q| q.test_hook = Some(hook))
-    }
-
-    /// Installs (or removes) the crash hook: called after every store of a record or a trusted
-    /// header word ([`CrashEvent::Stored`]) and after every barrier with the file ranges it made
-    /// durable ([`CrashEvent::Barrier`]). For simulators of power loss; costs nothing without
-    /// the `crash-hooks` feature, which is the only way to get this method.
-    #[cfg(feature = "crash-hooks")]
-    pub fn set_crash_hook(&mut self, hook: Option<CrashHook>) {
-        self.test_hook = hook;
+        Ok(file)
     }
 
     /// Path of the queue file.
