@@ -75,7 +75,9 @@ pub struct Config {
     pub idle_spin: Duration,
     /// How long a caller waiting for a completion spins before it sleeps.
     pub wait_spin: Duration,
-    /// An outstanding write not acknowledged within this time means the backup is lost.
+    /// Primary: an outstanding write not acknowledged within this time, or a backup silent this
+    /// long, means the backup is lost. Backup: a primary silent this long is dropped. Announced
+    /// to the peer, which heartbeats at a quarter of it.
     pub ack_timeout: Duration,
     /// A handshake that makes no progress for this long is abandoned.
     pub handshake_timeout: Duration,

@@ -163,3 +163,75 @@ fn a_full_queue_while_degraded_pushes_back_then_drains_when_the_link_heals() {
     wait_writes(&mut primary, 2000);
     finish_and_verify(&pair, primary, Some(backup), 0);
 }
+
+/// A connection half-open toward the backup while the primary is idle. The primary still hears
+/// the backup's heartbeats, so only the backup can notice, by the primary's heartbeats going
+/// missing; it drops the connection, and the reconnect's Hello carries the apply point that the
+/// held bytes could not deliver. (Simulator seed 21520 found the state this left behind: a
+/// backup that kept records it should have trimmed, for good.)
+#[test]
+fn an_idle_connection_half_open_toward_the_backup_is_dropped_by_the_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |role: &str| {
+        let mut b = mirror::ConfigBuilder::new();
+        for (k, v) in [
+            ("role", role),
+            ("region_size", "1MiB"),
+            ("queue_size", "4MiB"),
+            ("idle_spin_us", "20"),
+            ("ack_timeout_ms", "300"),
+            ("handshake_timeout_ms", "300"),
+            ("reconnect_interval_ms", "20"),
+        ] {
+            b.set(k, v).unwrap();
+        }
+        for file in ["region", "queue"] {
+            let path = dir.path().join(format!("{role}.{file}"));
+            b.set(file, path.to_str().unwrap()).unwrap();
+        }
+        b
+    };
+    let mut b_cfg = node("backup");
+    b_cfg.set("listen", "127.0.0.1:0").unwrap();
+    let backup = mirror::Mirror::open(b_cfg.build().unwrap()).unwrap();
+    let proxy = FaultProxy::start(backup.listen_addr().unwrap());
+    let mut p_cfg = node("primary");
+    p_cfg.set("peer", &proxy.addr.to_string()).unwrap();
+    p_cfg.set("on_peer_loss", "block").unwrap();
+    let primary = mirror::Mirror::open(p_cfg.build().unwrap()).unwrap();
+    primary.wait_synchronous(Duration::from_secs(10)).unwrap();
+    for i in 0..20u64 {
+        primary.write(i * 8, &i.to_le_bytes()).unwrap();
+    }
+    let wait = |what: &str, timeout: Duration, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + timeout;
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // Idle from here on; whatever the primary sends is held.
+    let recoveries = backup.stats().recoveries;
+    proxy.set_mode(Mode::StallTowardUpstream);
+    wait(
+        "the backup drops the silent primary",
+        Duration::from_secs(10),
+        &|| backup.stats().phase != mirror::Phase::Synchronous,
+    );
+    proxy.set_mode(Mode::Pass);
+    wait(
+        "reconnected, and the backup trimmed everything",
+        Duration::from_secs(10),
+        &|| {
+            let s = backup.stats();
+            s.recoveries > recoveries && s.peer_applied_through == 20 && s.queue_records == 0
+        },
+    );
+    primary.wait_synchronous(Duration::from_secs(10)).unwrap();
+    primary.write(4096, b"after").unwrap();
+    primary.close().unwrap();
+    backup.close().unwrap();
+    let p_region = std::fs::read(dir.path().join("primary.region")).unwrap();
+    let b_region = std::fs::read(dir.path().join("backup.region")).unwrap();
+    assert!(p_region == b_region, "regions differ");
+}

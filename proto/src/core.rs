@@ -41,7 +41,9 @@ pub struct CoreConfig {
     pub queue_format_version: u32,
     /// Primary only: behaviour while the backup is unreachable.
     pub on_peer_loss: PeerLossPolicy,
-    /// Primary only: an outstanding write not acknowledged within this time means the backup is lost.
+    /// Primary: an outstanding write not acknowledged within this time, or a backup silent this
+    /// long, means the backup is lost. Backup: a primary silent this long is dropped. Both
+    /// announce it in their Hello (`silence_timeout_us`) so that the peer heartbeats in time.
     pub ack_timeout_us: u64,
     /// Both: a handshake (or the replay that follows it) that makes no progress for this long fails.
     pub handshake_timeout_us: u64,
@@ -96,11 +98,12 @@ pub enum PeerFault {
         /// The configured timeout.
         timeout_us: u64,
     },
-    /// An idle backup sent nothing (not even its heartbeat) for this long: its host died or
-    /// restarted without our connection noticing.
-    #[error("backup silent for {timeout_us} us")]
+    /// The peer sent nothing, not even its heartbeat, for this long: its host died or restarted
+    /// without our connection noticing, or the connection is half-open (our frames or theirs
+    /// vanish on the way).
+    #[error("peer silent for {timeout_us} us (no frame, not even a heartbeat)")]
     Silent {
-        /// The configured ack timeout, which bounds the silence.
+        /// This node's ack timeout, which bounds the silence.
         timeout_us: u64,
     },
     /// The handshake or replay stalled.
@@ -377,6 +380,11 @@ pub struct Primary {
     awaiting_since_us: Option<u64>,
     /// When the backup was last heard from (any message).
     last_heard_us: u64,
+    /// When we last sent the backup anything: our heartbeat is due a quarter of its silence
+    /// timeout later.
+    last_sent_us: u64,
+    /// The silence timeout the backup announced in its Hello (0: not announced).
+    peer_silence_timeout_us: u32,
     wrote_this_batch: bool,
     degraded: bool,
     recoveries: u64,
@@ -415,6 +423,8 @@ impl Primary {
             hello_last_seq: 0,
             awaiting_since_us: None,
             last_heard_us: 0,
+            last_sent_us: 0,
+            peer_silence_timeout_us: 0,
             wrote_this_batch: false,
             degraded: false,
             recoveries: 0,
@@ -460,11 +470,11 @@ impl Primary {
             recovery: false,
         });
         if self.state == PrimaryState::Synchronous {
-            self.actions.push(Action::Send(Message::Write {
+            self.send(Message::Write {
                 seq,
                 offset,
                 data: record.data.clone(),
-            }));
+            });
             self.sent_through = seq;
             self.wrote_this_batch = true;
             self.awaiting_since_us.get_or_insert(self.now_us);
@@ -581,7 +591,7 @@ impl Primary {
         self.hello_last_seq = self.last_seq();
         // The Hello reports our applied point; progress reports continue from there.
         self.reported_through = self.committed_through;
-        self.actions.push(Action::Send(Message::Hello(Hello {
+        self.send(Message::Hello(Hello {
             role: WireRole::Primary,
             node_id: self.cfg.node_id,
             peer_node_id: self.peer_node_id,
@@ -591,7 +601,8 @@ impl Primary {
             last_seq: self.last_seq(),
             first_seq: self.first_seq.unwrap_or(0),
             queue_capacity: self.cfg.queue_capacity,
-        })));
+            silence_timeout_us: announced_silence_timeout(self.cfg.ack_timeout_us),
+        }));
     }
 
     /// An attempt to connect to the backup failed. Under `continue`, requests recovered from our
@@ -675,6 +686,7 @@ impl Primary {
             self.peer_node_id = h.node_id;
             self.actions.push(Action::BindPeer { node_id: h.node_id });
         }
+        self.peer_silence_timeout_us = h.silence_timeout_us;
         self.actions.push(Action::RecoveryStarted);
         // Everything the backup holds is acknowledged: apply what we hold of it.
         let known = h.last_seq.min(p_last);
@@ -729,6 +741,7 @@ impl Primary {
                 from_seq: backup_last + 1,
                 through_seq: primary_last,
             });
+            self.last_sent_us = self.now_us;
             self.awaiting_since_us = Some(self.now_us);
         }
         self.state = PrimaryState::Synchronous;
@@ -814,6 +827,11 @@ impl Primary {
                     }
                     other => self.violation(format!("unexpected {:?} during replay", other.kind())),
                 }
+                // A long replay keeps the driver busy, and it ticks only when idle: keep the
+                // backup's silence timer fed from here.
+                if matches!(self.state, PrimaryState::Recovering { .. }) && self.heartbeat_due() {
+                    self.report_applied();
+                }
             }
             (
                 PrimaryState::Synchronous,
@@ -846,19 +864,21 @@ impl Primary {
                         timeout_us: self.cfg.ack_timeout_us,
                     }));
                 }
-                if self.committed_through > self.reported_through {
-                    self.reported_through = self.committed_through;
-                    self.actions.push(Action::Send(Message::Applied {
-                        through: self.committed_through,
-                    }));
+                if self.committed_through > self.reported_through || self.heartbeat_due() {
+                    self.report_applied();
                 }
             }
             PrimaryState::Handshaking { since_us: t }
             | PrimaryState::Recovering { last_rx_us: t, .. } => {
                 if self.now_us.saturating_sub(t) > self.cfg.handshake_timeout_us {
-                    self.lose_peer(Some(PeerFault::HandshakeTimeout {
+                    return self.lose_peer(Some(PeerFault::HandshakeTimeout {
                         timeout_us: self.cfg.handshake_timeout_us,
                     }));
+                }
+                // The backup is connected from its Hello on, and its silence timer runs while
+                // it replays to us.
+                if matches!(self.state, PrimaryState::Recovering { .. }) && self.heartbeat_due() {
+                    self.report_applied();
                 }
             }
             PrimaryState::Disconnected | PrimaryState::Failed => {}
@@ -874,12 +894,28 @@ impl Primary {
             && self.committed_through > self.reported_through
         {
             // Piggyback the apply progress on a pass that sends anyway (no extra round trip).
-            self.reported_through = self.committed_through;
-            self.actions.push(Action::Send(Message::Applied {
-                through: self.committed_through,
-            }));
+            self.report_applied();
         }
         self.wrote_this_batch = false;
+    }
+
+    fn send(&mut self, msg: Message) {
+        self.last_sent_us = self.now_us;
+        self.actions.push(Action::Send(msg));
+    }
+
+    /// Sends our durable apply point. Also the heartbeat: repeating it costs the backup nothing
+    /// (trims are monotonic) and repairs a report that a broken connection lost.
+    fn report_applied(&mut self) {
+        self.reported_through = self.committed_through;
+        self.send(Message::Applied {
+            through: self.committed_through,
+        });
+    }
+
+    fn heartbeat_due(&self) -> bool {
+        self.now_us.saturating_sub(self.last_sent_us)
+            >= heartbeat_interval_us(self.peer_silence_timeout_us, self.cfg.ack_timeout_us)
     }
 
     fn phase(&self) -> Phase {
@@ -935,9 +971,13 @@ pub struct Backup {
     reported_applied: u64,
     /// Since when applied progress beyond `reported_applied` has waited for an ack to ride on.
     unreported_since_us: Option<u64>,
-    /// When this backup last sent an ack (its heartbeat is due after a quarter of the ack
-    /// timeout of silence).
+    /// When this backup last sent an ack (its heartbeat is due a quarter of the primary's
+    /// silence timeout later).
     last_ack_us: u64,
+    /// When the primary was last heard from (any message).
+    last_heard_us: u64,
+    /// The silence timeout the primary announced in its Hello (0: not announced).
+    peer_silence_timeout_us: u32,
     recoveries: u64,
     actions: Vec<Action>,
 }
@@ -947,6 +987,23 @@ pub struct Backup {
 /// is never urgent, while sending it right after each apply doubled the backup's sends per
 /// synchronous write (one system call and one wake-up of the primary each).
 pub const APPLIED_REPORT_DELAY_US: u64 = 100;
+
+/// The silence timeout a node announces in its Hello: its ack timeout, clamped to the field
+/// (a shorter announcement only makes the peer heartbeat more often).
+fn announced_silence_timeout(ack_timeout_us: u64) -> u32 {
+    u32::try_from(ack_timeout_us).unwrap_or(u32::MAX)
+}
+
+/// How often a node must send something so that its peer, which announced
+/// `peer_silence_timeout_us`, never takes it for dead: four heartbeats per timeout leave room
+/// for scheduling delays. A peer that announced nothing is paced by our own ack timeout.
+fn heartbeat_interval_us(peer_silence_timeout_us: u32, own_ack_timeout_us: u64) -> u64 {
+    let timeout = match peer_silence_timeout_us {
+        0 => own_ack_timeout_us,
+        announced => u64::from(announced),
+    };
+    (timeout / 4).max(1)
+}
 
 impl Backup {
     /// A backup that recovered `rec` from its queue. Records not yet applied are applied at once
@@ -970,6 +1027,8 @@ impl Backup {
             reported_applied: 0,
             unreported_since_us: None,
             last_ack_us: 0,
+            last_heard_us: 0,
+            peer_silence_timeout_us: 0,
             recoveries: 0,
             actions: Vec::new(),
         };
@@ -1113,6 +1172,7 @@ impl Backup {
             last_seq: b_last,
             first_seq: self.first_seq.unwrap_or(0),
             queue_capacity: self.cfg.queue_capacity,
+            silence_timeout_us: announced_silence_timeout(self.cfg.ack_timeout_us),
         })));
         if b_last > h.last_seq {
             self.actions.push(Action::SendQueued {
@@ -1125,6 +1185,7 @@ impl Backup {
         self.trim(h.applied_through);
         self.reported_applied = self.committed_through;
         self.last_ack_us = self.now_us;
+        self.peer_silence_timeout_us = h.silence_timeout_us;
         self.recoveries += 1;
         self.state = BackupState::Connected {
             primary_id: h.node_id,
@@ -1172,6 +1233,7 @@ impl Backup {
 
     /// A message from the primary.
     pub fn on_message(&mut self, msg: Message) {
+        self.last_heard_us = self.now_us;
         match (self.state, msg) {
             (BackupState::Failed, _) => {}
             (BackupState::Idle, Message::Hello(h)) => self.on_hello(h),
@@ -1245,14 +1307,26 @@ impl Backup {
         if !matches!(self.state, BackupState::Connected { .. }) {
             return;
         }
+        if self.now_us.saturating_sub(self.last_heard_us) > self.cfg.ack_timeout_us {
+            // The primary heartbeats too: this silence is a dead primary or a connection whose
+            // primary-to-backup direction is gone (our acks may still arrive, so the primary
+            // cannot tell). Dropping it makes the primary reconnect, and its Hello carries the
+            // apply point it could not deliver, so our queue is trimmed.
+            self.finish_batch();
+            self.actions.push(Action::Disconnect(PeerFault::Silent {
+                timeout_us: self.cfg.ack_timeout_us,
+            }));
+            self.state = BackupState::Idle;
+            return;
+        }
         let report_due = self.committed_through > self.reported_applied && {
             let since = *self.unreported_since_us.get_or_insert(self.now_us);
             self.now_us.saturating_sub(since) >= APPLIED_REPORT_DELAY_US
         };
-        // The heartbeat: an idle primary takes a silence of a whole ack timeout for a dead
+        // The heartbeat: an idle primary takes a silence of its whole silence timeout for a dead
         // backup (`PeerFault::Silent`); a repeated ack says we are here.
-        let heartbeat_due =
-            self.now_us.saturating_sub(self.last_ack_us) >= self.cfg.ack_timeout_us / 4;
+        let heartbeat_due = self.now_us.saturating_sub(self.last_ack_us)
+            >= heartbeat_interval_us(self.peer_silence_timeout_us, self.cfg.ack_timeout_us);
         if report_due || heartbeat_due {
             self.ack_due = true;
             self.finish_batch();

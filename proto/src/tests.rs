@@ -425,12 +425,13 @@ fn ack_timeout_marks_the_backup_lost() {
     assert!(pair.p.core.stats().degraded);
 }
 
-#[test]
-fn an_idle_backup_heartbeats_and_an_idle_primary_drops_a_silent_one() {
+/// Both nodes idle for ten ack timeouts: the heartbeats keep the connection. Then the `dies`
+/// side's host dies (nothing arrives any more) and the other notices within one ack timeout,
+/// although nothing is in flight.
+fn idle_heartbeats_keep_the_connection_and_silence_ends_it(dies: Role) {
     let mut pair = Pair::new(PeerLossPolicy::Continue);
     pair.p.write(0, 9, 4);
     pair.settle();
-    // Idle for ten ack timeouts: the backup's heartbeats keep the connection.
     let mut now = 0;
     for _ in 0..100 {
         now += 100;
@@ -438,16 +439,147 @@ fn an_idle_backup_heartbeats_and_an_idle_primary_drops_a_silent_one() {
         pair.settle();
         pair.p.tick(now);
         pair.settle();
-        assert!(!pair.p.hung_up, "dropped a live backup at {now} us");
+        assert!(!pair.p.hung_up && !pair.b.hung_up, "dropped a live peer at {now} us");
     }
     assert_eq!(pair.p.core.phase(), Phase::Synchronous);
-    // The backup's host dies: nothing arrives any more. Idle, nothing in flight, and yet the
-    // primary notices within one ack timeout.
     pair.up = false;
-    pair.p.tick(now + 500);
-    assert!(!pair.p.hung_up);
-    pair.p.tick(now + 1_200);
-    assert!(pair.p.hung_up, "a silent backup was not noticed");
+    let survivor = match dies {
+        Role::Primary => &mut pair.b,
+        Role::Backup => &mut pair.p,
+    };
+    survivor.tick(now + 500);
+    assert!(!survivor.hung_up);
+    survivor.tick(now + 1_200);
+    assert!(survivor.hung_up, "a silent {dies:?} was not noticed");
+    assert_eq!(survivor.core.phase(), Phase::Disconnected);
+}
+
+#[test]
+fn an_idle_backup_heartbeats_and_an_idle_primary_drops_a_silent_one() {
+    idle_heartbeats_keep_the_connection_and_silence_ends_it(Role::Backup);
+}
+
+#[test]
+fn an_idle_primary_heartbeats_and_a_backup_drops_a_silent_one() {
+    idle_heartbeats_keep_the_connection_and_silence_ends_it(Role::Primary);
+}
+
+/// Simulator seed 21520 (before the primary heartbeat): the primary's last apply report was lost
+/// on a connection that went half-open toward the backup while the primary was idle. The
+/// backup's heartbeats still reached the primary, so nobody noticed, and the backup kept records
+/// it should have trimmed, for good.
+#[test]
+fn a_report_lost_on_a_half_open_link_reaches_the_backup_through_the_reconnect() {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    pair.p.write(0, 5, 4);
+    pair.settle();
+    pair.b.tick(APPLIED_REPORT_DELAY_US);
+    pair.settle();
+    // Half-open: from here on, nothing the primary sends arrives.
+    let mut now = APPLIED_REPORT_DELAY_US;
+    while !pair.b.hung_up && now < 10_000 {
+        now += 100;
+        pair.p.tick(now);
+        pair.p.outbox.clear();
+        pair.b.tick(now);
+        let to_p: Vec<_> = pair.b.outbox.drain(..).collect();
+        for m in to_p {
+            pair.p.core.on_message(m);
+        }
+        pair.p.core.end_batch();
+        pair.p.run();
+        assert!(!pair.p.hung_up, "the backup's heartbeats arrive");
+    }
+    assert!(
+        pair.b.hung_up,
+        "the backup never noticed the silent primary"
+    );
+    assert!(
+        now <= APPLIED_REPORT_DELAY_US + 1_100,
+        "noticed after {now} us"
+    );
+    assert_eq!(
+        pair.b.disk.queue.len(),
+        1,
+        "not trimmed yet: the report was lost"
+    );
+    pair.disconnect();
+    pair.connect();
+    assert_eq!(
+        pair.b.disk.queue.len(),
+        0,
+        "the Hello carried the apply point"
+    );
+    pair.assert_converged();
+}
+
+#[test]
+fn a_lost_apply_report_is_repeated_by_the_heartbeat() {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    pair.p.write(0, 5, 4);
+    pair.settle();
+    // The primary's report goes out at its next idle tick, and is lost (a broken transport).
+    pair.p.tick(10);
+    assert!(
+        matches!(pair.p.outbox.as_slice(), [Message::Applied { through: 1 }]),
+        "{:?}",
+        pair.p.outbox
+    );
+    pair.p.outbox.clear();
+    pair.p.tick(100);
+    pair.settle();
+    assert_eq!(pair.b.disk.queue.len(), 1);
+    // A quarter of the backup's silence timeout later the heartbeat repeats it.
+    pair.p.tick(10 + 250);
+    pair.settle();
+    assert_eq!(
+        pair.b.disk.queue.len(),
+        0,
+        "the heartbeat repeated the report"
+    );
+    assert!(!pair.p.hung_up && !pair.b.hung_up);
+}
+
+#[test]
+fn heartbeats_follow_the_silence_timeout_the_peer_announced() {
+    // The backup waits 8 ms for a silent primary, the primary only 1 ms: the backup must
+    // heartbeat at the primary's pace, not at its own.
+    let mut b_cfg = cfg(2, PeerLossPolicy::Block);
+    b_cfg.ack_timeout_us = 8_000;
+    let mut pair = Pair {
+        p: Node::new(Role::Primary, cfg(1, PeerLossPolicy::Block)),
+        b: Node::new(Role::Backup, b_cfg),
+        up: false,
+    };
+    pair.connect();
+    let mut now = 0;
+    for _ in 0..200 {
+        now += 100;
+        pair.b.tick(now);
+        pair.settle();
+        pair.p.tick(now);
+        pair.settle();
+        assert!(
+            !pair.p.hung_up && !pair.b.hung_up,
+            "a live peer was dropped at {now} us"
+        );
+    }
+    // And the primary, idle, sends at least every 2 ms (a quarter of the backup's timeout).
+    let mut sent_at = Vec::new();
+    for _ in 0..200 {
+        now += 100;
+        pair.p.tick(now);
+        if !pair.p.outbox.is_empty() {
+            sent_at.push(now);
+        }
+        pair.settle();
+        pair.b.tick(now);
+        pair.settle();
+    }
+    assert!(
+        sent_at.windows(2).all(|w| w[1] - w[0] <= 2_000) && sent_at.len() >= 9,
+        "primary heartbeats at {sent_at:?}"
+    );
 }
 
 #[test]
@@ -658,6 +790,7 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
         last_seq: 0,
         first_seq: 0,
         queue_capacity: 1 << 20,
+        silence_timeout_us: 0,
     }));
     p2.run();
     assert!(matches!(p2.fatal, Some(FatalError::Incompatible(_))));
@@ -783,6 +916,8 @@ fn random_crashes_never_lose_a_completed_write() {
         let mut now = 0u64;
         for _step in 0..60 {
             now += 100;
+            pair.p.core.set_now(now);
+            pair.b.core.set_now(now);
             match next() % 10 {
                 0..=4 => {
                     if pair.p.core.accepts_submissions() {
@@ -812,7 +947,7 @@ fn random_crashes_never_lose_a_completed_write() {
                 8 => {
                     pair.p.tick(now);
                     pair.b.tick(now);
-                    if pair.p.hung_up {
+                    if pair.p.hung_up || pair.b.hung_up {
                         pair.disconnect();
                     }
                 }
@@ -830,9 +965,15 @@ fn random_crashes_never_lose_a_completed_write() {
         }
         pair.settle();
         for _ in 0..3 {
-            pair.p.tick(now + 10_000);
-            pair.b.tick(now + 10_000);
+            now += 100;
+            pair.p.tick(now);
             pair.settle();
+            pair.b.tick(now);
+            pair.settle();
+            // The connection may have idled past a silence timeout before: reconnect.
+            if !pair.up {
+                pair.connect();
+            }
         }
         // Every write ever submitted that reached a queue is now on both nodes, in order; the
         // regions agree byte for byte.

@@ -82,6 +82,12 @@ pub struct Hello {
     pub first_seq: u64,
     /// Capacity of the speaker's queue in bytes (the backup's must be at least the primary's).
     pub queue_capacity: u64,
+    /// The speaker drops the connection after this long without a frame from the peer, so the
+    /// peer sends something at least every quarter of it (its heartbeat). 0: not announced (a
+    /// peer that does not say; the listener then paces its heartbeat by its own ack timeout).
+    /// Announcing it lets the two nodes run different `ack_timeout_ms` without one of them
+    /// taking the other's idle silence for a death.
+    pub silence_timeout_us: u32,
 }
 
 /// Why a node refused a connection.
@@ -302,7 +308,7 @@ impl Message {
                 out.put_u64_le(h.first_seq);
                 out.put_u64_le(h.queue_capacity);
                 out.put_u32_le(h.queue_format_version);
-                out.put_u32_le(0);
+                out.put_u32_le(h.silence_timeout_us);
             }
             Message::Reject { code, reason } => {
                 let reason = truncate_utf8(reason, MAX_REASON_LEN);
@@ -455,6 +461,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             let first_seq = body.get_u64_le();
             let queue_capacity = body.get_u64_le();
             let queue_format_version = body.get_u32_le();
+            let silence_timeout_us = body.get_u32_le();
             if node_id == 0 {
                 return Err(WireError::BadField {
                     field: "hello.node_id",
@@ -483,6 +490,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                 last_seq,
                 first_seq,
                 queue_capacity,
+                silence_timeout_us,
             }))
         }
         MessageKind::Reject => {
@@ -589,6 +597,7 @@ mod tests {
             last_seq: 12,
             first_seq: 3,
             queue_capacity: 1 << 20,
+            silence_timeout_us: 1_000_000,
         })
     }
 
@@ -735,6 +744,7 @@ mod tests {
                         last_seq: last,
                         first_seq: last.min(a),
                         queue_capacity: size / 2,
+                        silence_timeout_us: v.rotate_left(7),
                     })
                 }),
             (

@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy for tests that need no root: placed between the primary and the
 //! backup, it can pass traffic, stall it (hold every byte, keep connections open: a silent
-//! partition or a peer stuck in SIGSTOP), black-hole new connections (accepted, never forwarded:
-//! a half-open peer), delay it, and cut every connection (reset).
+//! partition or a peer stuck in SIGSTOP), hold one direction only (a connection half-open toward
+//! the upstream), black-hole new connections (accepted, never forwarded: a half-open peer), delay
+//! it, and cut every connection (reset).
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
@@ -17,6 +18,9 @@ pub enum Mode {
     Pass,
     /// Hold every byte in both directions; connections stay open.
     Stall,
+    /// Hold the bytes from the client to the upstream (primary to backup) only; the other
+    /// direction flows: the backup hears nothing while the primary hears everything.
+    StallTowardUpstream,
     /// New connections are accepted but never forwarded (existing ones keep their mode).
     Blackhole,
 }
@@ -73,12 +77,16 @@ impl FaultProxy {
                 s.conns.lock().unwrap().push(server.try_clone().unwrap());
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                for (from, to, toward_upstream) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        true,
+                    ),
+                    (server, client, false),
                 ] {
                     let s = Arc::clone(&s);
-                    std::thread::spawn(move || forward(from, to, s));
+                    std::thread::spawn(move || forward(from, to, toward_upstream, s));
                 }
             }
         });
@@ -114,7 +122,7 @@ impl FaultProxy {
     }
 }
 
-fn forward(mut from: TcpStream, mut to: TcpStream, s: Arc<Shared>) {
+fn forward(mut from: TcpStream, mut to: TcpStream, toward_upstream: bool, s: Arc<Shared>) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(20)));
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -130,7 +138,10 @@ fn forward(mut from: TcpStream, mut to: TcpStream, s: Arc<Shared>) {
         // Hold the bytes while stalled.
         {
             let mut mode = s.mode.lock().unwrap();
-            while *mode == Mode::Stall && !s.stop.load(Ordering::Relaxed) {
+            let held = |mode: Mode| {
+                mode == Mode::Stall || (mode == Mode::StallTowardUpstream && toward_upstream)
+            };
+            while held(*mode) && !s.stop.load(Ordering::Relaxed) {
                 mode = s
                     .changed
                     .wait_timeout(mode, Duration::from_millis(20))
