@@ -833,15 +833,12 @@ impl Poller {
             // its own queue; ours can hold more (records the primary already trimmed while its
             // applied report to us is in flight). Rather than fail, drop the connection: the
             // primary reconnects, its Hello lets us trim, and the catch-up resends the rest.
-            let (mut records, mut bytes) = (0u64, 0u64);
-            let full_at = self.inbox.iter().position(|m| match m {
-                Message::Write { data, .. } => {
-                    records += 1;
-                    bytes += data.len() as u64;
-                    !self.queue.has_room_for(records, bytes)
-                }
-                _ => false,
-            });
+            let full_at = self
+                .queue
+                .first_write_without_room(self.inbox.iter().map(|m| match m {
+                    Message::Write { seq, data, .. } => Some((*seq, data.len())),
+                    _ => None,
+                }));
             if let Some(at) = full_at {
                 self.inbox.truncate(at);
                 no_room = true;

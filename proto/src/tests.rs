@@ -439,7 +439,10 @@ fn idle_heartbeats_keep_the_connection_and_silence_ends_it(dies: Role) {
         pair.settle();
         pair.p.tick(now);
         pair.settle();
-        assert!(!pair.p.hung_up && !pair.b.hung_up, "dropped a live peer at {now} us");
+        assert!(
+            !pair.p.hung_up && !pair.b.hung_up,
+            "dropped a live peer at {now} us"
+        );
     }
     assert_eq!(pair.p.core.phase(), Phase::Synchronous);
     pair.up = false;

@@ -59,6 +59,10 @@ pub struct Swarm {
     pub mangle_ppm: u32,
     /// Writes the client keeps in flight at most.
     pub depth: usize,
+    /// The client stops submitting this many steps before the faults stop, so that faults also
+    /// hit an idle pair, and the liveness phase starts from whatever they left (an apply report
+    /// lost on a connection that stays half-open, say). 0: it writes to the end.
+    pub idle_tail_steps: u64,
 }
 
 impl Swarm {
@@ -91,6 +95,7 @@ impl Swarm {
                 0
             },
             depth: rng.usize(1..=32),
+            idle_tail_steps: if rng.bool() { 0 } else { rng.u64(1..=1_500) },
         }
     }
 }
@@ -696,11 +701,13 @@ impl Sim<'_> {
     }
 
     /// The client submits while the primary takes writes, with the real node's queue headroom
-    /// (in the fault phase; in the liveness phase it only waits for what it submitted). Each
+    /// (in the fault phase but its idle tail; in the liveness phase it only waits for what it
+    /// submitted). Each
     /// submission's actions run before the next, as in the real node, so that queue space is
     /// accounted for.
     fn submit(&mut self) -> Result<(), SimFailure> {
-        if !self.faults {
+        let idle_tail = self.swarm.idle_tail_steps.min(self.opts.fault_steps / 2);
+        if !self.faults || self.step + idle_tail >= self.opts.fault_steps {
             return Ok(());
         }
         let now = self.now_us();
@@ -775,22 +782,24 @@ impl Sim<'_> {
             // As the real backup: take writes only while the queue has room for them; at the
             // first that would not fit, drop the connection (the primary reconnects, its Hello
             // lets us trim, and the catch-up resends the rest) instead of failing.
-            let (mut records, mut bytes) = (0u64, 0u64);
-            let fits = inputs.iter().position(|d| {
-                if let Delivery::Message(Message::Write { data, .. }) = d {
-                    records += 1;
-                    bytes += data.len() as u64;
-                    !node.queue.has_room_for(records, bytes)
-                } else {
-                    false
-                }
-            });
+            let fits = node
+                .queue
+                .first_write_without_room(inputs.iter().map(|d| match d {
+                    Delivery::Message(Message::Write { seq, data, .. }) => Some((*seq, data.len())),
+                    _ => None,
+                }));
             if let Some(at) = fits {
                 inputs.truncate(at);
                 inputs.push(Delivery::Disconnected);
                 close = true;
                 self.report.room_drops += 1;
-                events.push("backup queue has no room: dropping the connection".to_string());
+                events.push(format!(
+                    "backup queue has no room ({} records from {:?}, {} of {} bytes free): dropping the connection",
+                    node.queue.len_records(),
+                    node.queue.first_seq(),
+                    node.queue.free_bytes(),
+                    node.queue.capacity_bytes()
+                ));
             }
         }
         for d in inputs {

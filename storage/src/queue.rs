@@ -901,14 +901,30 @@ impl PersistentQueue {
         self.tail - self.head
     }
 
-    /// Whether records with payloads totalling `payload_bytes`, in `records` records, can be
-    /// appended now whatever the tail's position: their sizes plus one record's worth of lap
-    /// skipped at the end of the ring. A backup checks incoming writes with it before taking
-    /// them (and drops the connection rather than fail when they would not fit).
-    pub fn has_room_for(&self, records: u64, payload_bytes: u64) -> bool {
-        let needed = records * record_total(0) + payload_bytes + records * 7;
-        let wrap = record_total(self.max_payload() as u64);
-        needed + wrap <= self.free_bytes()
+    /// Of `incoming` items in order (`Some((seq, payload_len))` for a write, `None` for anything
+    /// else), the index of the first write that [`append`](Self::append) would refuse for want
+    /// of room, were all before it appended; `None` when all fit. The records are placed exactly
+    /// as `append` places them (with the lap skipped at the end of the ring). Only the writes
+    /// that would be appended count: `next_seq()` and the ones following it in order, not
+    /// duplicates or writes after a gap. A backup checks incoming writes with it before taking
+    /// them.
+    pub fn first_write_without_room(
+        &self,
+        incoming: impl IntoIterator<Item = Option<(u64, usize)>>,
+    ) -> Option<usize> {
+        let mut room = RoomCheck {
+            capacity: self.cap(),
+            head: self.head,
+            tail: self.tail,
+        };
+        let mut next = self.next_seq;
+        incoming.into_iter().position(|item| match item {
+            Some((seq, payload_len)) if seq == next => {
+                next += 1;
+                !room.take(payload_len)
+            }
+            _ => false,
+        })
     }
 
     /// `capacity_bytes() - used_bytes()`. An append needs the record size rounded up to 8
@@ -1194,10 +1210,8 @@ impl PersistentQueue {
         payload: &[u8],
     ) -> Result<(), StorageError> {
         let cap = self.cap();
-        let total = record_total(payload.len() as u64);
+        let Placement { skip, total } = Placement::at(cap, self.tail, payload.len());
         debug_assert!(total <= max_record_bytes(cap));
-        let room = cap - self.tail % cap;
-        let skip = if room < total { room } else { 0 };
         let needed = skip + total;
         let free = self.free_bytes();
         if needed > free {
@@ -1472,4 +1486,49 @@ pub fn inspect_queue(path: &Path) -> Result<QueueInfo, StorageError> {
         cut_reason: c.cut_reason,
         in_use: map::is_locked_by_writer(&file),
     })
+}
+
+/// Where a record goes when appended at ring position `tail`.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    /// Bytes skipped to the end of the lap first (0 unless the record would cross it).
+    skip: u64,
+    /// The record's own size in the ring.
+    total: u64,
+}
+
+impl Placement {
+    fn at(capacity: u64, tail: u64, payload_len: usize) -> Placement {
+        let total = record_total(payload_len as u64);
+        let room = capacity - tail % capacity;
+        Placement {
+            skip: if room < total { room } else { 0 },
+            total,
+        }
+    }
+}
+
+/// A dry run of appends on a queue's current ring positions.
+#[derive(Debug, Clone)]
+struct RoomCheck {
+    capacity: u64,
+    head: u64,
+    tail: u64,
+}
+
+impl RoomCheck {
+    /// Whether one more record with `payload_len` bytes fits after those already taken; if so,
+    /// its room is taken.
+    fn take(&mut self, payload_len: usize) -> bool {
+        let Placement { skip, total } = Placement::at(self.capacity, self.tail, payload_len);
+        if self.tail - self.head + skip + total > self.capacity {
+            return false;
+        }
+        // As in `write_record`: an empty ring's skip moves its head along, so costs nothing.
+        if self.head == self.tail {
+            self.head += skip;
+        }
+        self.tail += skip + total;
+        true
+    }
 }

@@ -5,6 +5,7 @@ mod crash;
 mod model;
 mod queue_api;
 mod region_api;
+mod room;
 mod torn;
 mod wrap;
 
