@@ -1307,7 +1307,12 @@ impl Backup {
         if !matches!(self.state, BackupState::Connected { .. }) {
             return;
         }
-        if self.now_us.saturating_sub(self.last_heard_us) > self.cfg.ack_timeout_us {
+        // A primary that announced no silence timeout predates the primary's heartbeat: its
+        // idle silence means nothing.
+        let primary_heartbeats = self.peer_silence_timeout_us != 0;
+        if primary_heartbeats
+            && self.now_us.saturating_sub(self.last_heard_us) > self.cfg.ack_timeout_us
+        {
             // The primary heartbeats too: this silence is a dead primary or a connection whose
             // primary-to-backup direction is gone (our acks may still arrive, so the primary
             // cannot tell). Dropping it makes the primary reconnect, and its Hello carries the

@@ -586,6 +586,43 @@ fn heartbeats_follow_the_silence_timeout_the_peer_announced() {
 }
 
 #[test]
+fn a_primary_that_announces_no_silence_timeout_is_not_expected_to_heartbeat() {
+    // A primary from before the heartbeat: its Hello's last four bytes are zero, and it sends
+    // nothing while idle. The backup keeps it, and heartbeats at its own pace.
+    let mut b = Node::new(Role::Backup, cfg(2, PeerLossPolicy::Block));
+    b.core.on_connected();
+    b.core.on_message(Message::Hello(crate::wire::Hello {
+        role: crate::wire::WireRole::Primary,
+        node_id: 1,
+        peer_node_id: 0,
+        region_size: REGION,
+        queue_format_version: 1,
+        applied_through: 0,
+        last_seq: 0,
+        first_seq: 0,
+        queue_capacity: 1 << 20,
+        silence_timeout_us: 0,
+    }));
+    b.core.end_batch();
+    b.run();
+    b.outbox.clear();
+    for now in (100..=10_000).step_by(100) {
+        b.tick(now);
+        assert!(!b.hung_up, "dropped an old idle primary at {now} us");
+    }
+    let acks = b
+        .outbox
+        .iter()
+        .filter(|m| matches!(m, Message::Ack { .. }))
+        .count();
+    // Every 250 us, seen on ticks 100 us apart: every third tick.
+    assert!(
+        (30..=45).contains(&acks),
+        "{acks} heartbeats in 10 ack timeouts"
+    );
+}
+
+#[test]
 fn heartbeats_do_not_hide_writes_lost_on_the_way_to_the_backup() {
     let mut pair = Pair::new(PeerLossPolicy::Continue);
     pair.p.tick(0);

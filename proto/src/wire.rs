@@ -83,10 +83,11 @@ pub struct Hello {
     /// Capacity of the speaker's queue in bytes (the backup's must be at least the primary's).
     pub queue_capacity: u64,
     /// The speaker drops the connection after this long without a frame from the peer, so the
-    /// peer sends something at least every quarter of it (its heartbeat). 0: not announced (a
-    /// peer that does not say; the listener then paces its heartbeat by its own ack timeout).
-    /// Announcing it lets the two nodes run different `ack_timeout_ms` without one of them
-    /// taking the other's idle silence for a death.
+    /// peer sends something at least every quarter of it (its heartbeat). Announcing it lets
+    /// the two nodes run different `ack_timeout_ms` without one of them taking the other's idle
+    /// silence for a death. 0: not announced, as by a node from before the primary's heartbeat
+    /// (these bytes were reserved): the peer paces its heartbeat by its own ack timeout, and a
+    /// backup expects no heartbeat from such a primary.
     pub silence_timeout_us: u32,
 }
 
