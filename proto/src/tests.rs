@@ -266,6 +266,23 @@ impl Pair {
         panic!("pair did not settle");
     }
 
+    /// Both nodes idle from `now` for `ticks` ticks 100 us apart, exchanging only heartbeats;
+    /// neither may drop the other. Returns the time reached.
+    fn idle(&mut self, mut now: u64, ticks: u32) -> u64 {
+        for _ in 0..ticks {
+            now += 100;
+            self.b.tick(now);
+            self.settle();
+            self.p.tick(now);
+            self.settle();
+            assert!(
+                !self.p.hung_up && !self.b.hung_up,
+                "a live peer was dropped at {now} us"
+            );
+        }
+        now
+    }
+
     fn assert_converged(&self) {
         assert_eq!(self.p.disk.region, self.b.disk.region, "regions differ");
     }
@@ -432,18 +449,7 @@ fn idle_heartbeats_keep_the_connection_and_silence_ends_it(dies: Role) {
     let mut pair = Pair::new(PeerLossPolicy::Continue);
     pair.p.write(0, 9, 4);
     pair.settle();
-    let mut now = 0;
-    for _ in 0..100 {
-        now += 100;
-        pair.b.tick(now);
-        pair.settle();
-        pair.p.tick(now);
-        pair.settle();
-        assert!(
-            !pair.p.hung_up && !pair.b.hung_up,
-            "dropped a live peer at {now} us"
-        );
-    }
+    let now = pair.idle(0, 100);
     assert_eq!(pair.p.core.phase(), Phase::Synchronous);
     pair.up = false;
     let survivor = match dies {
@@ -555,18 +561,7 @@ fn heartbeats_follow_the_silence_timeout_the_peer_announced() {
         up: false,
     };
     pair.connect();
-    let mut now = 0;
-    for _ in 0..200 {
-        now += 100;
-        pair.b.tick(now);
-        pair.settle();
-        pair.p.tick(now);
-        pair.settle();
-        assert!(
-            !pair.p.hung_up && !pair.b.hung_up,
-            "a live peer was dropped at {now} us"
-        );
-    }
+    let mut now = pair.idle(0, 200);
     // And the primary, idle, sends at least every 2 ms (a quarter of the backup's timeout).
     let mut sent_at = Vec::new();
     for _ in 0..200 {

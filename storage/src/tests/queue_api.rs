@@ -211,6 +211,18 @@ fn a_record_that_must_wrap_needs_the_rest_of_the_lap_too() {
     }
     q.trim_through(1).unwrap(); // head at 152: 1024 bytes free, but split 872 + 152
     assert_eq!(q.free_bytes(), 1024);
+    // A backup's room check sees it coming; a write that fits in the rest of the lap leaves
+    // 176 bytes, so the next one of 200 bytes (248 with its header, after a skip of 24) does
+    // not fit, but one of 100 does. Duplicates and non-writes take no room.
+    assert_eq!(q.first_write_without_room([Some((5, max))]), Some(0));
+    assert_eq!(
+        q.first_write_without_room([None, Some((5, 800)), Some((4, 9)), Some((6, 200))]),
+        Some(3)
+    );
+    assert_eq!(
+        q.first_write_without_room([Some((5, 800)), Some((6, 100))]),
+        None
+    );
     let e = q.append(5, 0, &vec![0u8; max]).unwrap_err();
     assert!(
         matches!(

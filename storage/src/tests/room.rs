@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 
-use super::{new_queue, offset_for, payload, push};
+use super::{new_queue, offset_for, payload};
 use crate::StorageError;
 
 /// An item a backup may find among incoming messages.
@@ -81,28 +81,4 @@ proptest! {
         }
         prop_assert_eq!(predicted, failed_at);
     }
-}
-
-#[test]
-fn a_write_that_must_wrap_needs_the_rest_of_the_lap_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut q, _) = new_queue(dir.path(), 4096);
-    let max = q.max_payload();
-    push(&mut q, 100, 0); // 152 bytes at 0
-    for _ in 0..3 {
-        push(&mut q, max, 0); // 1024 bytes each: tail at 3224, 872 bytes left in the lap
-    }
-    q.trim_through(1).unwrap(); // head at 152: 1024 bytes free, but split 872 + 152
-    assert_eq!(q.free_bytes(), 1024);
-    // 1024 bytes would fit the free total, but not after skipping the rest of the lap.
-    assert_eq!(q.first_write_without_room([Some((5, max))]), Some(0));
-    // A write that fits in the rest of the lap; the next one no longer fits anywhere.
-    assert_eq!(
-        q.first_write_without_room([None, Some((5, 800)), Some((4, 9)), Some((6, 200))]),
-        Some(3)
-    );
-    assert_eq!(
-        q.first_write_without_room([Some((5, 800)), Some((6, 100))]),
-        None
-    );
 }
