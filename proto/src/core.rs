@@ -827,11 +827,8 @@ impl Primary {
                     }
                     other => self.violation(format!("unexpected {:?} during replay", other.kind())),
                 }
-                // A long replay keeps the driver busy, and it ticks only when idle: keep the
-                // backup's silence timer fed from here.
-                if matches!(self.state, PrimaryState::Recovering { .. }) && self.heartbeat_due() {
-                    self.report_applied();
-                }
+                // A long replay keeps the driver busy, and it ticks only when idle.
+                self.heartbeat_while_recovering();
             }
             (
                 PrimaryState::Synchronous,
@@ -875,11 +872,7 @@ impl Primary {
                         timeout_us: self.cfg.handshake_timeout_us,
                     }));
                 }
-                // The backup is connected from its Hello on, and its silence timer runs while
-                // it replays to us.
-                if matches!(self.state, PrimaryState::Recovering { .. }) && self.heartbeat_due() {
-                    self.report_applied();
-                }
+                self.heartbeat_while_recovering();
             }
             PrimaryState::Disconnected | PrimaryState::Failed => {}
         }
@@ -911,6 +904,14 @@ impl Primary {
         self.send(Message::Applied {
             through: self.committed_through,
         });
+    }
+
+    /// The backup is connected from its Hello on, and its silence timer runs while it replays
+    /// to us: keep it fed.
+    fn heartbeat_while_recovering(&mut self) {
+        if matches!(self.state, PrimaryState::Recovering { .. }) && self.heartbeat_due() {
+            self.report_applied();
+        }
     }
 
     fn heartbeat_due(&self) -> bool {
@@ -1271,15 +1272,19 @@ impl Backup {
             }
             (BackupState::Connected { .. }, Message::Applied { through }) => self.trim(through),
             (BackupState::Connected { .. }, Message::Reject { code, reason }) => {
-                self.finish_batch();
-                self.actions
-                    .push(Action::Disconnect(PeerFault::Rejected { code, reason }));
-                self.state = BackupState::Idle;
+                self.hang_up(PeerFault::Rejected { code, reason })
             }
             (BackupState::Connected { .. }, other) => {
                 self.violation(format!("unexpected {:?} from the primary", other.kind()))
             }
         }
+    }
+
+    /// Drops the connection for `fault`, after acknowledging and applying what it delivered.
+    fn hang_up(&mut self, fault: PeerFault) {
+        self.finish_batch();
+        self.actions.push(Action::Disconnect(fault));
+        self.state = BackupState::Idle;
     }
 
     fn finish_batch(&mut self) {
@@ -1317,12 +1322,9 @@ impl Backup {
             // primary-to-backup direction is gone (our acks may still arrive, so the primary
             // cannot tell). Dropping it makes the primary reconnect, and its Hello carries the
             // apply point it could not deliver, so our queue is trimmed.
-            self.finish_batch();
-            self.actions.push(Action::Disconnect(PeerFault::Silent {
+            return self.hang_up(PeerFault::Silent {
                 timeout_us: self.cfg.ack_timeout_us,
-            }));
-            self.state = BackupState::Idle;
-            return;
+            });
         }
         let report_due = self.committed_through > self.reported_applied && {
             let since = *self.unreported_since_us.get_or_insert(self.now_us);
