@@ -912,16 +912,12 @@ impl PersistentQueue {
         &self,
         incoming: impl IntoIterator<Item = Option<(u64, usize)>>,
     ) -> Option<usize> {
-        let mut room = RoomCheck {
-            capacity: self.cap(),
-            head: self.head,
-            tail: self.tail,
-        };
+        let mut room = self.room_check();
         let mut next = self.next_seq;
         incoming.into_iter().position(|item| match item {
             Some((seq, payload_len)) if seq == next => {
                 next += 1;
-                !room.take(payload_len)
+                room.take(payload_len).is_err()
             }
             _ => false,
         })
@@ -1178,6 +1174,15 @@ impl PersistentQueue {
 
     /// Before bytes up to virtual position `new_end` are written (overwriting `new_end - cap`
     /// and below), make sure the durable `scan_start` is past them.
+    /// A dry run of appends from the ring's current positions.
+    fn room_check(&self) -> RoomCheck {
+        RoomCheck {
+            capacity: self.cap(),
+            head: self.head,
+            tail: self.tail,
+        }
+    }
+
     fn make_room_durable(&mut self, new_end: u64) -> Result<(), StorageError> {
         let cap = self.cap();
         if new_end <= self.scan_start_durable + cap {
@@ -1209,34 +1214,25 @@ impl PersistentQueue {
         region_offset: u64,
         payload: &[u8],
     ) -> Result<(), StorageError> {
-        let cap = self.cap();
-        let Placement { skip, total } = Placement::at(cap, self.tail, payload.len());
-        debug_assert!(total <= max_record_bytes(cap));
-        let needed = skip + total;
-        let free = self.free_bytes();
-        if needed > free {
-            return Err(StorageError::Full { needed, free });
+        let mut ring = self.room_check();
+        let Placement { skip, total } = ring.take(payload.len())?;
+        debug_assert!(total <= max_record_bytes(self.cap()));
+        self.make_room_durable(ring.tail)?;
+        if skip >= RECORD_HEADER_BYTES {
+            let pad = RecHeader {
+                kind: Kind::Pad,
+                payload_len: (skip - RECORD_HEADER_BYTES) as u32,
+                seq: self.next_seq,
+                vpos: self.tail,
+                region_offset: 0,
+                epoch: self.meta.epoch,
+            };
+            self.put_record(&pad, &[]);
+            self.last_rec_pos = Some(self.tail);
         }
-        self.make_room_durable(self.tail + needed)?;
-        let was_empty = self.head == self.tail;
-        if skip > 0 {
-            if skip >= RECORD_HEADER_BYTES {
-                let pad = RecHeader {
-                    kind: Kind::Pad,
-                    payload_len: (skip - RECORD_HEADER_BYTES) as u32,
-                    seq: self.next_seq,
-                    vpos: self.tail,
-                    region_offset: 0,
-                    epoch: self.meta.epoch,
-                };
-                self.put_record(&pad, &[]);
-                self.last_rec_pos = Some(self.tail);
-            }
-            self.tail += skip;
-            if was_empty {
-                self.head = self.tail;
-            }
-        }
+        // The head moves along with the skip only when the ring was empty.
+        self.head = ring.head;
+        self.tail += skip;
         let h = RecHeader {
             kind,
             payload_len: payload.len() as u32,
@@ -1508,7 +1504,8 @@ impl Placement {
     }
 }
 
-/// A dry run of appends on a queue's current ring positions.
+/// Ring positions for placing appends: the queue's own, or a dry run's (see
+/// [`PersistentQueue::first_write_without_room`]).
 #[derive(Debug, Clone)]
 struct RoomCheck {
     capacity: u64,
@@ -1517,18 +1514,20 @@ struct RoomCheck {
 }
 
 impl RoomCheck {
-    /// Whether one more record with `payload_len` bytes fits after those already taken; if so,
-    /// its room is taken.
-    fn take(&mut self, payload_len: usize) -> bool {
-        let Placement { skip, total } = Placement::at(self.capacity, self.tail, payload_len);
-        if self.tail - self.head + skip + total > self.capacity {
-            return false;
+    /// Takes the room of one more record with `payload_len` bytes after those already taken:
+    /// where it goes, or `Full` when it does not fit.
+    fn take(&mut self, payload_len: usize) -> Result<Placement, StorageError> {
+        let placement = Placement::at(self.capacity, self.tail, payload_len);
+        let needed = placement.skip + placement.total;
+        let free = self.capacity - (self.tail - self.head);
+        if needed > free {
+            return Err(StorageError::Full { needed, free });
         }
-        // As in `write_record`: an empty ring's skip moves its head along, so costs nothing.
+        // An empty ring's skip moves its head along, so it costs nothing.
         if self.head == self.tail {
-            self.head += skip;
+            self.head += placement.skip;
         }
-        self.tail += skip + total;
-        true
+        self.tail += needed;
+        Ok(placement)
     }
 }
