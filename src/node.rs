@@ -706,9 +706,6 @@ const SUBMIT_BATCH: usize = 256;
 const CATCH_UP_CHUNK: usize = 256 << 10;
 /// Stop taking submissions while this much is waiting to be sent.
 const SEND_BACKLOG_PAUSE: usize = 8 << 20;
-/// The primary keeps this fraction of its queue free, so that a backup with a queue of the same
-/// size always has room for what the primary has not yet reported applied.
-const PRIMARY_QUEUE_HEADROOM_DIV: u64 = 4;
 /// `power`/`pmem`: the longest a durable-applied checkpoint waits while the node is busy.
 const CHECKPOINT_INTERVAL_US: u64 = 2_000;
 /// A new connection must say Hello within this time.
@@ -1050,7 +1047,6 @@ impl Poller {
             return Ok(false);
         }
         let mut worked = false;
-        let headroom = self.queue.capacity_bytes() / PRIMARY_QUEUE_HEADROOM_DIV;
         for _ in 0..SUBMIT_BATCH {
             if !self.core.accepts_submissions() {
                 break;
@@ -1069,8 +1065,7 @@ impl Poller {
             let Some((position, sub)) = popped else {
                 break;
             };
-            let needed = sub.data.len() as u64 + 64;
-            if self.queue.free_bytes() < needed + headroom {
+            if !self.queue.admits_new_write(sub.data.len()) {
                 // Backpressure until the backup confirms applying and we can trim.
                 self.stash = Some((position, sub));
                 break;

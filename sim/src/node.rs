@@ -373,12 +373,6 @@ impl SimNode {
         Ok(true)
     }
 
-    /// Whether the queue has room for a write of `len` bytes with the real node's headroom
-    /// (a quarter of the ring kept free for the backup's reports to catch up).
-    pub fn has_room_for(&self, len: usize) -> bool {
-        self.queue.free_bytes() >= len as u64 + 64 + self.queue.capacity_bytes() / 4
-    }
-
     pub fn policy(&self) -> PeerLossPolicy {
         self.cfg.on_peer_loss
     }

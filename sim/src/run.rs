@@ -722,7 +722,7 @@ impl Sim<'_> {
                 break;
             }
             let len = self.rng.usize(1..=MAX_WRITE);
-            if !p.has_room_for(len) {
+            if !p.queue.admits_new_write(len) {
                 break;
             }
             let offset = self.rng.u64(0..=REGION_BYTES - len as u64);

@@ -901,6 +901,14 @@ impl PersistentQueue {
         self.tail - self.head
     }
 
+    /// Whether a primary may take a new write of `payload_len` bytes: room for it (with a
+    /// generous 64 bytes of header and padding) while a quarter of the ring stays free. A
+    /// backup's queue of the same size may hold more than the primary's (records the primary
+    /// trimmed while its apply report is in flight); the quarter keeps room for them.
+    pub fn admits_new_write(&self, payload_len: usize) -> bool {
+        self.free_bytes() >= payload_len as u64 + 64 + self.capacity_bytes() / 4
+    }
+
     /// Of `incoming` items in order (`Some((seq, payload_len))` for a write, `None` for anything
     /// else), the index of the first write that [`append`](Self::append) would refuse for want
     /// of room, were all before it appended; `None` when all fit. The records are placed exactly
