@@ -3,23 +3,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use mirror::{ConfigBuilder, Mirror, MirrorError, Phase, Ticket};
+use mirror::{Mirror, MirrorError, Phase, Ticket};
 
-fn base(dir: &Path, role: &str, region_size: &str) -> ConfigBuilder {
-    let mut b = ConfigBuilder::new();
-    b.set("role", role).unwrap();
-    b.set(
-        "region",
-        dir.join(format!("{role}.region")).to_str().unwrap(),
-    )
-    .unwrap();
-    b.set("queue", dir.join(format!("{role}.queue")).to_str().unwrap())
-        .unwrap();
-    b.set("region_size", region_size).unwrap();
-    b.set("queue_size", "4MiB").unwrap();
-    b.set("idle_spin_us", "20").unwrap();
-    b
-}
+mod common;
+use common::base;
 
 fn backup(dir: &Path) -> Mirror {
     let mut b = base(dir, "backup", "1MiB");

@@ -173,21 +173,13 @@ fn a_full_queue_while_degraded_pushes_back_then_drains_when_the_link_heals() {
 fn an_idle_connection_half_open_toward_the_backup_is_dropped_by_the_backup() {
     let dir = tempfile::tempdir().unwrap();
     let node = |role: &str| {
-        let mut b = mirror::ConfigBuilder::new();
+        let mut b = base(dir.path(), role, "1MiB");
         for (k, v) in [
-            ("role", role),
-            ("region_size", "1MiB"),
-            ("queue_size", "4MiB"),
-            ("idle_spin_us", "20"),
             ("ack_timeout_ms", "300"),
             ("handshake_timeout_ms", "300"),
             ("reconnect_interval_ms", "20"),
         ] {
             b.set(k, v).unwrap();
-        }
-        for file in ["region", "queue"] {
-            let path = dir.path().join(format!("{role}.{file}"));
-            b.set(file, path.to_str().unwrap()).unwrap();
         }
         b
     };

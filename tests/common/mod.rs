@@ -15,6 +15,24 @@ pub mod proxy;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mirror");
 
+/// The configuration of an in-process test node in `dir` (files `{role}.region` and
+/// `{role}.queue`), with short spins for two cores.
+pub fn base(dir: &Path, role: &str, region_size: &str) -> mirror::ConfigBuilder {
+    let mut b = mirror::ConfigBuilder::new();
+    b.set("role", role).unwrap();
+    b.set(
+        "region",
+        dir.join(format!("{role}.region")).to_str().unwrap(),
+    )
+    .unwrap();
+    b.set("queue", dir.join(format!("{role}.queue")).to_str().unwrap())
+        .unwrap();
+    b.set("region_size", region_size).unwrap();
+    b.set("queue_size", "4MiB").unwrap();
+    b.set("idle_spin_us", "20").unwrap();
+    b
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
