@@ -10,12 +10,14 @@
 #![warn(missing_docs)]
 
 pub mod core;
+pub mod term;
 pub mod wire;
 
 pub use crate::core::{
     check_write, Action, Backup, Core, CoreConfig, CoreStats, FatalError, PeerFault,
     PeerLossPolicy, Phase, Primary, Record, Recovered, SubmitError,
 };
+pub use crate::term::{common_point, TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES};
 pub use crate::wire::{
     encode_write, Hello, Message, RejectCode, WireError, WireRole, PROTOCOL_VERSION,
 };
