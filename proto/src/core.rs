@@ -18,7 +18,9 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::wire::{Hello, Message, RejectCode, WireRole, MAX_WRITE_LEN};
+use crate::handshake::{check_compatible, reconcile, Identity, LogView, Unreconcilable};
+use crate::term::TermHistory;
+use crate::wire::{Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_LEN};
 
 /// What the primary does with writes while the backup is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +50,10 @@ pub struct CoreConfig {
     /// Both: a handshake (or the replay that follows it) that makes no progress for this long fails.
     pub handshake_timeout_us: u64,
     /// Whether the queue must be made durable (`SyncQueue`) before a request is acknowledged
-    /// (backup) or applied without an ack (degraded primary). True in `power` and `pmem` modes.
+    /// (backup) or applied (primary: with or without an ack, so that every write completed to a
+    /// caller is in the primary's own durable queue and survives its power loss). True in
+    /// `power` and `pmem` modes. The primary's sync runs after the pass's sends, so it overlaps
+    /// the round trip to the backup.
     pub sync_queue_before_ack: bool,
     /// Largest payload of one write (bounded by the queue's record size and the wire).
     pub max_write_len: usize,
@@ -75,6 +80,10 @@ pub struct Recovered {
     pub last_seq: u64,
     /// Records held in the queue with `seq > applied_through`, in order.
     pub unapplied: Vec<Record>,
+    /// The highest term the node persisted.
+    pub current_term: u64,
+    /// Terms along the node's log.
+    pub term_history: TermHistory,
 }
 
 /// One write request.
@@ -82,6 +91,8 @@ pub struct Recovered {
 pub struct Record {
     /// Sequence number.
     pub seq: u64,
+    /// Term of the primary incarnation that assigned `seq`.
+    pub term: u64,
     /// Byte offset in the region.
     pub offset: u64,
     /// Bytes to write.
@@ -123,6 +134,16 @@ pub enum PeerFault {
         /// Reason text from the peer.
         reason: String,
     },
+    /// The primary wrote degraded while the backup, which planned from the primary's `Hello`,
+    /// started replaying records at the same seqs: reconnect, and the next handshake sees the
+    /// new writes (whose newer term wins).
+    #[error("the primary wrote through seq {wrote_through} during the handshake while the backup replays from seq {replay_from}; reconnecting")]
+    HandshakeRaced {
+        /// The primary's last seq now.
+        wrote_through: u64,
+        /// The first seq the backup replays.
+        replay_from: u64,
+    },
 }
 
 /// Conditions that stop a node: continuing could lose or corrupt data, or the configuration is wrong.
@@ -143,6 +164,18 @@ pub enum FatalError {
     /// The two queues cannot be reconciled without a full copy of the region.
     #[error("cannot recover without a full remirror: {0}")]
     Unrecoverable(String),
+}
+
+impl From<Unreconcilable> for FatalError {
+    fn from(u: Unreconcilable) -> Self {
+        match u {
+            Unreconcilable::StaleTerm { .. } => {
+                let (code, reason) = u.reject();
+                FatalError::Rejected { code, reason }
+            }
+            Unreconcilable::Unrecoverable(why) => FatalError::Unrecoverable(why),
+        }
+    }
 }
 
 /// A request the core makes of its driver. Execute in order.
@@ -201,6 +234,38 @@ pub enum Action {
     },
     /// A recovery handshake started: reset the "bytes moved by the last recovery" counter.
     RecoveryStarted,
+    /// Persist `term` as the node's current term (durable before the next action): a primary's
+    /// new term before its first write, a backup's record of the newest primary it met.
+    PersistTerm {
+        /// The term.
+        term: u64,
+    },
+    /// Backup: the queue's records in `(after, through]` are a divergent suffix. Save them
+    /// (durably, beside the queue) and send `RepairRequest`s naming the byte ranges they wrote.
+    RequestRepair {
+        /// The common point.
+        after: u64,
+        /// The last divergent seq.
+        through: u64,
+    },
+    /// Primary: send the current bytes of these region ranges as `RepairData` messages.
+    SendRegion {
+        /// The ranges the backup asked for.
+        ranges: Vec<RegionRange>,
+    },
+    /// Backup: write repair bytes into the region (not through the queue).
+    RepairRegion {
+        /// Byte offset.
+        offset: u64,
+        /// The primary's bytes.
+        data: Bytes,
+    },
+    /// Backup: make the region durable (it holds the repaired ranges), then drop every queue
+    /// record after `after` (the saved divergent suffix).
+    TruncateAfter {
+        /// The common point.
+        after: u64,
+    },
     /// Stop the node with this error.
     Fatal(FatalError),
 }
@@ -330,6 +395,8 @@ pub struct CoreStats {
     pub degraded: bool,
     /// Number of completed recoveries (handshakes that reached the synchronous phase).
     pub recoveries: u64,
+    /// The node's current term.
+    pub current_term: u64,
 }
 
 #[derive(Debug)]
@@ -346,11 +413,23 @@ enum PrimaryState {
     },
     Recovering {
         last_rx_us: u64,
-        backup_last: u64,
-        primary_last: u64,
+        /// Where the backup holds the primary's history once the handshake is done: the
+        /// primary takes a replay up to it (if it is above our last seq), `ReplayDone` carries
+        /// it, and the primary sends the records after it.
+        backup_holds_through: u64,
+        /// The backup drops a divergent suffix after this common point: it sends
+        /// `RepairRequest`s, the primary answers them and then sends `RepairDone`.
+        repair_after: Option<u64>,
     },
     Synchronous,
     Failed,
+}
+
+/// The primary's log as its `Hello` announced it: the backup plans from this view, so the
+/// primary evaluates the same rule on it.
+#[derive(Debug, Clone)]
+struct AnnouncedView {
+    view: LogView,
 }
 
 /// The primary's state machine.
@@ -375,8 +454,14 @@ pub struct Primary {
     degraded_batch: Vec<Pending>,
     acked_through: u64,
     sent_through: u64,
-    /// Our last_seq when we sent the Hello of the current handshake.
-    hello_last_seq: u64,
+    /// Our log as the Hello of the current handshake announced it.
+    announced: Option<AnnouncedView>,
+    /// The term of this incarnation: every seq it assigns carries it.
+    current_term: u64,
+    history: TermHistory,
+    /// Highest seq of our own queue known durable (per the durability mode): a record is
+    /// applied, and its caller completed, only once it is.
+    durable_through: u64,
     awaiting_since_us: Option<u64>,
     /// When the backup was last heard from (any message).
     last_heard_us: u64,
@@ -396,6 +481,9 @@ impl Primary {
     pub fn new(cfg: CoreConfig, rec: Recovered) -> Self {
         assert!(cfg.node_id != 0, "node id 0 is reserved");
         assert!(rec.applied_through <= rec.last_seq, "applied beyond queue");
+        // Any start may have lost the unsynced tail of our queue, whose seqs we are about to
+        // assign again: a new term tells those writes apart from the lost ones.
+        let current_term = rec.current_term.max(rec.term_history.last_term()) + 1;
         let delay = rec
             .unapplied
             .into_iter()
@@ -420,7 +508,10 @@ impl Primary {
             degraded_batch: Vec::new(),
             acked_through: 0,
             sent_through: 0,
-            hello_last_seq: 0,
+            announced: None,
+            current_term,
+            history: rec.term_history,
+            durable_through: rec.last_seq,
             awaiting_since_us: None,
             last_heard_us: 0,
             last_sent_us: 0,
@@ -428,7 +519,16 @@ impl Primary {
             wrote_this_batch: false,
             degraded: false,
             recoveries: 0,
-            actions: Vec::new(),
+            actions: vec![Action::PersistTerm { term: current_term }],
+        }
+    }
+
+    fn view(&self) -> LogView {
+        LogView {
+            current_term: self.current_term,
+            history: self.history.clone(),
+            last_seq: self.last_seq(),
+            first_seq: self.first_seq,
         }
     }
 
@@ -439,6 +539,15 @@ impl Primary {
     /// Whether `submit` may be called now. While it is false the driver leaves submissions in
     /// its ring (backpressure).
     pub fn accepts_submissions(&self) -> bool {
+        // A full term history (many restarts that wrote while the backup was away) waits for
+        // the backup to catch up and trim, as a full queue does.
+        if self
+            .history
+            .check_append(self.next_seq, self.current_term)
+            .is_err()
+        {
+            return false;
+        }
         match self.state {
             PrimaryState::Synchronous => true,
             // Under `continue`, a handshake with a peer that does not answer (half-open, stalled)
@@ -462,8 +571,21 @@ impl Primary {
             return Err(SubmitError::NotAccepting);
         }
         let seq = self.next_seq;
+        let term = self.current_term;
+        if self.history.note_append(seq, term).is_err() {
+            return Err(SubmitError::NotAccepting);
+        }
         self.next_seq += 1;
-        let record = Record { seq, offset, data };
+        if !self.cfg.sync_queue_before_ack {
+            // Durable as written (process mode: the page cache survives a process crash).
+            self.durable_through = seq;
+        }
+        let record = Record {
+            seq,
+            term,
+            offset,
+            data,
+        };
         self.first_seq.get_or_insert(seq);
         self.actions.push(Action::Append {
             record: record.clone(),
@@ -472,6 +594,7 @@ impl Primary {
         if self.state == PrimaryState::Synchronous {
             self.send(Message::Write {
                 seq,
+                term,
                 offset,
                 data: record.data.clone(),
             });
@@ -504,14 +627,30 @@ impl Primary {
         }
     }
 
+    /// Makes every appended record durable (one sync for the whole pass), so that records
+    /// may be applied and their callers completed.
+    fn sync_own_queue(&mut self) {
+        if self.durable_through < self.last_seq() {
+            self.actions.push(Action::SyncQueue);
+            self.durable_through = self.last_seq();
+        }
+    }
+
     fn flush_degraded_batch(&mut self) {
         if self.degraded_batch.is_empty() {
             return;
         }
-        if self.cfg.sync_queue_before_ack {
-            self.actions.push(Action::SyncQueue);
-        }
+        self.sync_own_queue();
         for p in std::mem::take(&mut self.degraded_batch) {
+            self.apply_pending(p);
+        }
+    }
+
+    /// Applies the delayed records through `through` that our own queue holds durably.
+    fn apply_delayed_through(&mut self, through: u64) {
+        let through = through.min(self.durable_through);
+        while self.delay.front().is_some_and(|p| p.record.seq <= through) {
+            let p = self.delay.pop_front().expect("front checked");
             self.apply_pending(p);
         }
     }
@@ -548,6 +687,8 @@ impl Primary {
             last,
             &mut self.actions,
         );
+        self.history
+            .forget_before(self.peer_applied.min(self.committed_through));
     }
 
     fn lose_peer(&mut self, fault: Option<PeerFault>) {
@@ -561,12 +702,8 @@ impl Primary {
         if self.cfg.on_peer_loss == PeerLossPolicy::Continue && !self.delay.is_empty() {
             // Every delayed request is in our own queue; apply it without the ack and go degraded.
             self.degraded = true;
-            if self.cfg.sync_queue_before_ack {
-                self.actions.push(Action::SyncQueue);
-            }
-            while let Some(p) = self.delay.pop_front() {
-                self.apply_pending(p);
-            }
+            self.sync_own_queue();
+            self.apply_delayed_through(u64::MAX);
             self.commit_applied();
         }
     }
@@ -588,21 +725,17 @@ impl Primary {
         self.state = PrimaryState::Handshaking {
             since_us: self.now_us,
         };
-        self.hello_last_seq = self.last_seq();
+        let view = self.view();
         // The Hello reports our applied point; progress reports continue from there.
         self.reported_through = self.committed_through;
-        self.send(Message::Hello(Hello {
-            role: WireRole::Primary,
-            node_id: self.cfg.node_id,
-            peer_node_id: self.peer_node_id,
-            region_size: self.cfg.region_size,
-            queue_format_version: self.cfg.queue_format_version,
-            applied_through: self.committed_through,
-            last_seq: self.last_seq(),
-            first_seq: self.first_seq.unwrap_or(0),
-            queue_capacity: self.cfg.queue_capacity,
-            silence_timeout_us: announced_silence_timeout(self.cfg.ack_timeout_us),
-        }));
+        let hello = hello_of(
+            &identity(&self.cfg, WireRole::Primary, self.peer_node_id),
+            &view,
+            self.committed_through,
+            self.cfg.ack_timeout_us,
+        );
+        self.announced = Some(AnnouncedView { view });
+        self.send(Message::Hello(hello));
     }
 
     /// An attempt to connect to the backup failed. Under `continue`, requests recovered from our
@@ -626,61 +759,29 @@ impl Primary {
     }
 
     fn on_hello(&mut self, h: Hello) {
-        if h.role != WireRole::Backup {
-            return self.fail(FatalError::Incompatible(format!(
-                "peer {} is a {:?}, expected a backup",
-                h.node_id, h.role
-            )));
+        let own = identity(&self.cfg, WireRole::Primary, self.peer_node_id);
+        if let Err((_, why)) = check_compatible(&own, &h) {
+            return self.fail(FatalError::Incompatible(why));
         }
-        if h.region_size != self.cfg.region_size {
-            return self.fail(FatalError::Incompatible(format!(
-                "backup region is {} bytes, this primary's is {} bytes",
-                h.region_size, self.cfg.region_size
-            )));
-        }
-        if h.queue_format_version != self.cfg.queue_format_version {
-            return self.fail(FatalError::Incompatible(format!(
-                "backup queue format version {}, this primary's is {}",
-                h.queue_format_version, self.cfg.queue_format_version
-            )));
-        }
-        if self.peer_node_id != 0 && h.node_id != self.peer_node_id {
-            return self.fail(FatalError::Incompatible(format!(
-                "backup node id is {:#x}, this primary is bound to {:#x} (was the backup's queue recreated?)",
-                h.node_id, self.peer_node_id
-            )));
-        }
+        let Some(announced) = self.announced.take() else {
+            return self.violation("Hello before ours was sent".into());
+        };
+        // The same rule the backup applied, on the same two views.
+        let plan = match reconcile(&announced.view, &LogView::of_hello(&h)) {
+            Ok(plan) => plan,
+            Err(u) => return self.fail(u.into()),
+        };
         let p_last = self.last_seq();
-        if h.last_seq > self.hello_last_seq && p_last > self.hello_last_seq {
-            // The backup holds records we lost, and we gave their sequence numbers to degraded
-            // writes since our Hello: two different histories.
-            return self.fail(FatalError::Unrecoverable(format!(
-                "backup holds records through {} that this primary lacks, but it wrote {} .. {} degraded meanwhile",
-                h.last_seq,
-                self.hello_last_seq + 1,
-                p_last
-            )));
-        }
-        if h.last_seq < p_last {
-            // The backup misses (h.last_seq, p_last]; our queue must still hold all of them.
-            let p_first = self.first_seq.unwrap_or(p_last + 1);
-            if p_first > h.last_seq + 1 {
-                return self.fail(FatalError::Unrecoverable(format!(
-                    "backup has records through {}, but this primary's queue starts at {}",
-                    h.last_seq, p_first
-                )));
-            }
-        } else if h.last_seq > p_last {
-            let b_first = if h.first_seq == 0 {
-                h.last_seq + 1
-            } else {
-                h.first_seq
-            };
-            if b_first > p_last + 1 {
-                return self.fail(FatalError::Unrecoverable(format!(
-                    "this primary has records through {p_last}, but the backup's queue starts at {b_first}"
-                )));
-            }
+        let holds = plan.backup_holds_through;
+        if holds > announced.view.last_seq && p_last > announced.view.last_seq {
+            // The backup replays seqs that we gave to degraded writes since our Hello. Its
+            // records were never completed to a caller (they are not in our durable queue);
+            // ours were. The next handshake sees ours, whose term is newer, and the backup
+            // drops its copies instead.
+            return self.lose_peer(Some(PeerFault::HandshakeRaced {
+                wrote_through: p_last,
+                replay_from: announced.view.last_seq + 1,
+            }));
         }
         if self.peer_node_id == 0 {
             self.peer_node_id = h.node_id;
@@ -688,34 +789,48 @@ impl Primary {
         }
         self.peer_silence_timeout_us = h.silence_timeout_us;
         self.actions.push(Action::RecoveryStarted);
-        // Everything the backup holds is acknowledged: apply what we hold of it.
-        let known = h.last_seq.min(p_last);
-        while self.delay.front().is_some_and(|p| p.record.seq <= known) {
-            let p = self.delay.pop_front().expect("front checked");
-            self.apply_pending(p);
-        }
+        // What the backup holds of our history is acknowledged: apply what we hold of it.
+        self.apply_delayed_through(holds.min(p_last));
         self.commit_applied();
-        self.trim(h.applied_through);
+        // The backup's apply point counts only on the history we share: never trim a record
+        // because the backup applied its own, divergent record of the same seq.
+        self.trim(h.applied_through.min(holds));
         self.state = PrimaryState::Recovering {
             last_rx_us: self.now_us,
-            backup_last: h.last_seq,
-            primary_last: p_last,
+            backup_holds_through: holds,
+            repair_after: plan.backup_discards.then_some(plan.common),
         };
     }
 
-    fn on_replayed_write(&mut self, seq: u64, offset: u64, data: Bytes, backup_last: u64) {
-        if seq != self.next_seq || seq > backup_last {
+    fn on_replayed_write(&mut self, record: Record, backup_holds_through: u64) {
+        let seq = record.seq;
+        if seq != self.next_seq || seq > backup_holds_through {
             return self.violation(format!(
-                "replayed write {seq}, expected {} (backup announced through {backup_last})",
+                "replayed write {seq}, expected {} (backup announced through {backup_holds_through})",
                 self.next_seq
             ));
         }
-        if let Err(e) = check_write(offset, data.len(), self.cfg.region_size, usize::MAX) {
+        if let Err(e) = check_write(
+            record.offset,
+            record.data.len(),
+            self.cfg.region_size,
+            usize::MAX,
+        ) {
+            return self.violation(format!("replayed write {seq}: {e}"));
+        }
+        if record.term > self.current_term {
+            return self.violation(format!(
+                "replayed write {seq} carries term {}, above this primary's term {}",
+                record.term, self.current_term
+            ));
+        }
+        if let Err(e) = self.history.note_append(seq, record.term) {
             return self.violation(format!("replayed write {seq}: {e}"));
         }
         self.next_seq += 1;
+        // Durable (for completion purposes) as soon as written: it completes no caller.
+        self.durable_through = self.durable_through.max(seq);
         self.first_seq.get_or_insert(seq);
-        let record = Record { seq, offset, data };
         self.actions.push(Action::Append {
             record: record.clone(),
             recovery: true,
@@ -726,20 +841,32 @@ impl Primary {
         });
     }
 
-    fn on_replay_done(&mut self, through: u64, backup_last: u64, primary_last: u64) {
-        if through != backup_last || self.last_seq() != backup_last.max(primary_last) {
+    fn on_replay_done(
+        &mut self,
+        through: u64,
+        backup_holds_through: u64,
+        repair_after: Option<u64>,
+    ) {
+        if through != backup_holds_through || self.last_seq() < backup_holds_through {
             return self.violation(format!(
-                "replay ended at {through}, expected {backup_last} (primary now at {})",
+                "replay ended at {through}, expected {backup_holds_through} (primary now at {})",
                 self.last_seq()
             ));
         }
         self.commit_applied();
-        self.acked_through = backup_last.min(self.last_seq());
-        self.sent_through = self.last_seq();
-        if backup_last < primary_last {
+        if let Some(common) = repair_after {
+            // Every range asked for was answered (in order) before this: the backup may drop
+            // its divergent suffix now, and takes our records after the common point.
+            self.send(Message::RepairDone { through: common });
+        }
+        let p_last = self.last_seq();
+        let holds = backup_holds_through;
+        self.acked_through = holds;
+        self.sent_through = p_last;
+        if holds < p_last {
             self.actions.push(Action::SendQueued {
-                from_seq: backup_last + 1,
-                through_seq: primary_last,
+                from_seq: holds + 1,
+                through_seq: p_last,
             });
             self.last_sent_us = self.now_us;
             self.awaiting_since_us = Some(self.now_us);
@@ -758,14 +885,7 @@ impl Primary {
         }
         let progressed = received_through > self.acked_through;
         self.acked_through = received_through;
-        while self
-            .delay
-            .front()
-            .is_some_and(|p| p.record.seq <= received_through)
-        {
-            let p = self.delay.pop_front().expect("front checked");
-            self.apply_pending(p);
-        }
+        self.apply_delayed_through(received_through);
         // The timeout restarts only on progress: a heartbeat (an ack of nothing new) must not
         // hide writes lost on their way to a backup that is otherwise alive.
         self.awaiting_since_us = if self.acked_through == self.sent_through {
@@ -807,23 +927,37 @@ impl Primary {
             (PrimaryState::Handshaking { .. }, Message::Hello(h)) => self.on_hello(h),
             (
                 PrimaryState::Recovering {
-                    backup_last,
-                    primary_last,
+                    backup_holds_through,
+                    repair_after,
                     ..
                 },
                 m,
             ) => {
                 self.state = PrimaryState::Recovering {
                     last_rx_us: self.now_us,
-                    backup_last,
-                    primary_last,
+                    backup_holds_through,
+                    repair_after,
                 };
                 match m {
-                    Message::Write { seq, offset, data } => {
-                        self.on_replayed_write(seq, offset, data, backup_last)
+                    Message::Write {
+                        seq,
+                        term,
+                        offset,
+                        data,
+                    } => self.on_replayed_write(
+                        Record {
+                            seq,
+                            term,
+                            offset,
+                            data,
+                        },
+                        backup_holds_through,
+                    ),
+                    Message::RepairRequest { ranges } if repair_after.is_some() => {
+                        self.on_repair_request(ranges)
                     }
                     Message::ReplayDone { through } => {
-                        self.on_replay_done(through, backup_last, primary_last)
+                        self.on_replay_done(through, backup_holds_through, repair_after)
                     }
                     other => self.violation(format!("unexpected {:?} during replay", other.kind())),
                 }
@@ -878,9 +1012,26 @@ impl Primary {
         }
     }
 
+    fn on_repair_request(&mut self, ranges: Vec<RegionRange>) {
+        if let Some(bad) = ranges
+            .iter()
+            .find(|r| r.offset.saturating_add(r.len) > self.cfg.region_size)
+        {
+            return self.violation(format!(
+                "repair of {} bytes at offset {} is outside the region of {} bytes",
+                bad.len, bad.offset, self.cfg.region_size
+            ));
+        }
+        self.actions.push(Action::SendRegion { ranges });
+    }
+
     /// The driver finished one pass of inputs: group-commit what the pass produced.
     pub fn end_batch(&mut self) {
         self.flush_degraded_batch();
+        // The pass's writes are on their way to the backup (the sends come first): make our
+        // own copies durable meanwhile, so that the ack finds them applicable.
+        self.sync_own_queue();
+        self.apply_delayed_through(self.acked_through);
         self.commit_applied();
         if self.wrote_this_batch
             && self.state == PrimaryState::Synchronous
@@ -938,6 +1089,7 @@ impl Primary {
             in_flight: self.delay.len() as u64,
             degraded: self.degraded,
             recoveries: self.recoveries,
+            current_term: self.current_term,
         }
     }
 }
@@ -948,6 +1100,12 @@ enum BackupState {
     Connected {
         primary_id: u64,
         catchup_through: u64,
+        /// The primary's term: no write of this connection may carry a higher one.
+        primary_term: u64,
+        /// Our records after this common point are a divergent suffix, kept (and still in
+        /// the queue) until the primary's `RepairDone`; meanwhile we acknowledge only through
+        /// it and take no write.
+        repair_after: Option<u64>,
     },
     Failed,
 }
@@ -980,6 +1138,11 @@ pub struct Backup {
     /// The silence timeout the primary announced in its Hello (0: not announced).
     peer_silence_timeout_us: u32,
     recoveries: u64,
+    /// The highest primary term met (persisted before anything of that term is acknowledged).
+    current_term: u64,
+    history: TermHistory,
+    /// Test-only breakage (the simulator's canary): match logs by seq alone.
+    seq_only_matching: bool,
     actions: Vec<Action>,
 }
 
@@ -993,6 +1156,36 @@ pub const APPLIED_REPORT_DELAY_US: u64 = 100;
 /// (a shorter announcement only makes the peer heartbeat more often).
 fn announced_silence_timeout(ack_timeout_us: u64) -> u32 {
     u32::try_from(ack_timeout_us).unwrap_or(u32::MAX)
+}
+
+/// What a node says of itself in the compatibility check and its Hello.
+fn identity(cfg: &CoreConfig, role: WireRole, peer_node_id: u64) -> Identity {
+    Identity {
+        role,
+        node_id: cfg.node_id,
+        peer_node_id,
+        region_size: cfg.region_size,
+        queue_format_version: cfg.queue_format_version,
+        queue_capacity: cfg.queue_capacity,
+    }
+}
+
+/// The Hello of either role.
+fn hello_of(own: &Identity, view: &LogView, applied_through: u64, ack_timeout_us: u64) -> Hello {
+    Hello {
+        role: own.role,
+        node_id: own.node_id,
+        peer_node_id: own.peer_node_id,
+        region_size: own.region_size,
+        queue_format_version: own.queue_format_version,
+        applied_through: applied_through.min(view.last_seq),
+        last_seq: view.last_seq,
+        first_seq: view.first_seq.unwrap_or(0),
+        queue_capacity: own.queue_capacity,
+        silence_timeout_us: announced_silence_timeout(ack_timeout_us),
+        current_term: view.current_term,
+        term_history: view.history.clone(),
+    }
 }
 
 /// How often a node must send something so that its peer, which announced
@@ -1031,10 +1224,59 @@ impl Backup {
             last_heard_us: 0,
             peer_silence_timeout_us: 0,
             recoveries: 0,
+            current_term: rec.current_term.max(rec.term_history.last_term()),
+            history: rec.term_history,
+            seq_only_matching: false,
             actions: Vec::new(),
         };
         b.apply_received();
         b
+    }
+
+    /// The simulator's second canary: a backup that matches logs by seq alone (it takes a
+    /// record of another term at the same seq for the same write, as before terms existed).
+    /// The simulator's checkers must catch the silent divergence that follows.
+    #[cfg(feature = "canary")]
+    pub fn break_log_matching_for_canary(&mut self) {
+        self.seq_only_matching = true;
+    }
+
+    fn view(&self) -> LogView {
+        LogView {
+            current_term: self.current_term,
+            history: self.history.clone(),
+            last_seq: self.last_seq(),
+            first_seq: self.first_seq,
+        }
+    }
+
+    /// Where this backup's log matches the connected primary's: its last seq, or the common
+    /// point while a divergent suffix awaits repair. Acks and apply reports never go past it.
+    fn matched_through(&self) -> u64 {
+        match self.state {
+            BackupState::Connected {
+                repair_after: Some(common),
+                ..
+            } => common,
+            _ => self.last_seq(),
+        }
+    }
+
+    /// The plan for a primary that announced `h` (the same rule the primary applies).
+    fn plan(&self, h: &Hello) -> Result<crate::handshake::Reconciliation, Unreconcilable> {
+        let mut primary = LogView::of_hello(h);
+        let mut own = self.view();
+        if self.seq_only_matching {
+            // The canary: every seq carries the same term on both sides.
+            primary.history = TermHistory::new();
+            own.history = TermHistory::new();
+            for view in [&mut primary, &mut own] {
+                if view.last_seq > 0 {
+                    let _ = view.history.note_append(1, 1);
+                }
+            }
+        }
+        reconcile(&primary, &own)
     }
 
     fn last_seq(&self) -> u64 {
@@ -1076,80 +1318,8 @@ impl Backup {
         if self.state == BackupState::Failed {
             return Err((RejectCode::ProtocolViolation, "backup has failed".into()));
         }
-        if h.role != WireRole::Primary {
-            return Err((
-                RejectCode::Role,
-                format!(
-                    "this node is a backup and peer {:#x} is not a primary",
-                    h.node_id
-                ),
-            ));
-        }
-        if h.node_id == self.cfg.node_id {
-            return Err((
-                RejectCode::Role,
-                "peer has this backup's own node id".into(),
-            ));
-        }
-        if h.region_size != self.cfg.region_size {
-            return Err((
-                RejectCode::RegionSize,
-                format!(
-                    "backup region is {} bytes, primary's is {} bytes",
-                    self.cfg.region_size, h.region_size
-                ),
-            ));
-        }
-        if h.queue_format_version != self.cfg.queue_format_version {
-            return Err((
-                RejectCode::QueueFormat,
-                format!(
-                    "backup queue format version {}, primary's {}",
-                    self.cfg.queue_format_version, h.queue_format_version
-                ),
-            ));
-        }
-        if h.queue_capacity > self.cfg.queue_capacity {
-            return Err((
-                RejectCode::QueueCapacity,
-                format!(
-                    "backup queue holds {} bytes, less than the primary's {} bytes; set queue_size on the backup at least as large",
-                    self.cfg.queue_capacity, h.queue_capacity
-                ),
-            ));
-        }
-        if self.peer_node_id != 0 && h.node_id != self.peer_node_id {
-            return Err((
-                RejectCode::WrongPeer,
-                format!(
-                    "this backup is bound to primary {:#x}; refusing primary {:#x}",
-                    self.peer_node_id, h.node_id
-                ),
-            ));
-        }
-        if h.peer_node_id != 0 && h.peer_node_id != self.cfg.node_id {
-            return Err((
-                RejectCode::WrongPeer,
-                format!(
-                    "primary {:#x} is bound to backup {:#x}, this is {:#x}",
-                    h.node_id, h.peer_node_id, self.cfg.node_id
-                ),
-            ));
-        }
-        let b_last = self.last_seq();
-        if b_last > h.last_seq {
-            let b_first = self.first_seq.unwrap_or(b_last + 1);
-            if b_first > h.last_seq + 1 {
-                return Err((
-                    RejectCode::Unrecoverable,
-                    format!(
-                        "primary has records through {}, but this backup's queue starts at {b_first}",
-                        h.last_seq
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        check_compatible(&identity(&self.cfg, WireRole::Backup, self.peer_node_id), h)?;
+        self.plan(h).map(|_| ()).map_err(|u| u.reject())
     }
 
     fn on_hello(&mut self, h: Hello) {
@@ -1157,53 +1327,81 @@ impl Backup {
             self.actions.push(Action::Reject { code, reason });
             return;
         }
+        let plan = match self.plan(&h) {
+            Ok(plan) => plan,
+            Err(u) => {
+                let (code, reason) = u.reject();
+                self.actions.push(Action::Reject { code, reason });
+                return;
+            }
+        };
+        debug_assert!(self.to_apply.is_empty(), "applied at on_connected");
         if self.peer_node_id == 0 {
             self.peer_node_id = h.node_id;
             self.actions.push(Action::BindPeer { node_id: h.node_id });
         }
+        if h.current_term > self.current_term {
+            // Durable before we acknowledge anything of that term: a stale primary we meet
+            // later is then refused even after our restart.
+            self.current_term = h.current_term;
+            self.actions.push(Action::PersistTerm {
+                term: h.current_term,
+            });
+        }
         self.actions.push(Action::RecoveryStarted);
         let b_last = self.last_seq();
-        self.actions.push(Action::Send(Message::Hello(Hello {
-            role: WireRole::Backup,
-            node_id: self.cfg.node_id,
-            peer_node_id: self.peer_node_id,
-            region_size: self.cfg.region_size,
-            queue_format_version: self.cfg.queue_format_version,
-            applied_through: self.committed_through,
-            last_seq: b_last,
-            first_seq: self.first_seq.unwrap_or(0),
-            queue_capacity: self.cfg.queue_capacity,
-            silence_timeout_us: announced_silence_timeout(self.cfg.ack_timeout_us),
-        })));
-        if b_last > h.last_seq {
+        // Our Hello tells the truth (our whole log); the primary derives the same plan.
+        let hello = hello_of(
+            &identity(&self.cfg, WireRole::Backup, self.peer_node_id),
+            &self.view(),
+            self.committed_through,
+            self.cfg.ack_timeout_us,
+        );
+        self.actions.push(Action::Send(Message::Hello(hello)));
+        let repair_after = plan.backup_discards.then_some(plan.common);
+        if let Some(common) = repair_after {
+            self.actions.push(Action::RequestRepair {
+                after: common,
+                through: b_last,
+            });
+        } else if b_last > h.last_seq {
             self.actions.push(Action::SendQueued {
                 from_seq: h.last_seq + 1,
                 through_seq: b_last,
             });
         }
-        self.actions
-            .push(Action::Send(Message::ReplayDone { through: b_last }));
-        self.trim(h.applied_through);
-        self.reported_applied = self.committed_through;
-        self.last_ack_us = self.now_us;
+        self.actions.push(Action::Send(Message::ReplayDone {
+            through: plan.backup_holds_through,
+        }));
         self.peer_silence_timeout_us = h.silence_timeout_us;
-        self.recoveries += 1;
         self.state = BackupState::Connected {
             primary_id: h.node_id,
             catchup_through: h.last_seq,
+            primary_term: h.current_term,
+            repair_after,
         };
+        // The primary's apply point counts only on the history we share.
+        self.trim(h.applied_through.min(plan.backup_holds_through));
+        self.reported_applied = self.committed_through.min(self.matched_through());
+        self.last_ack_us = self.now_us;
+        self.recoveries += 1;
     }
 
     fn trim(&mut self, primary_applied: u64) {
         let last = self.last_seq();
+        // Never past the history we share with the primary: its apply report speaks of its
+        // records, not of a divergent suffix of ours with the same seqs.
+        let matched = self.matched_through();
         trim_queue(
             &mut self.peer_applied,
-            primary_applied,
-            self.committed_through,
+            primary_applied.min(matched),
+            self.committed_through.min(matched),
             &mut self.first_seq,
             last,
             &mut self.actions,
         );
+        self.history
+            .forget_before(self.peer_applied.min(self.committed_through));
     }
 
     fn violation(&mut self, what: String) {
@@ -1243,33 +1441,35 @@ impl Backup {
             }
             (
                 BackupState::Connected {
-                    catchup_through, ..
+                    repair_after: Some(common),
+                    ..
                 },
-                Message::Write { seq, offset, data },
-            ) => {
-                if seq < self.next_seq {
-                    self.ack_due = true; // a duplicate (resent after a reconnect); ack again
-                } else if seq > self.next_seq {
-                    self.violation(format!(
-                        "write {seq} leaves a gap after {}",
-                        self.last_seq()
-                    ));
-                } else if let Err(e) =
-                    check_write(offset, data.len(), self.cfg.region_size, usize::MAX)
-                {
-                    self.violation(format!("write {seq}: {e}"));
-                } else {
-                    self.next_seq += 1;
-                    self.first_seq.get_or_insert(seq);
-                    let record = Record { seq, offset, data };
-                    self.actions.push(Action::Append {
-                        record: record.clone(),
-                        recovery: seq <= catchup_through,
-                    });
-                    self.to_apply.push(record);
-                    self.ack_due = true;
-                }
+                m,
+            ) if !matches!(m, Message::Applied { .. } | Message::Reject { .. }) => {
+                self.on_repair_message(common, m)
             }
+            (
+                BackupState::Connected {
+                    catchup_through,
+                    primary_term,
+                    ..
+                },
+                Message::Write {
+                    seq,
+                    term,
+                    offset,
+                    data,
+                },
+            ) => self.on_write(
+                Record {
+                    seq,
+                    term,
+                    offset,
+                    data,
+                },
+                catchup_through,
+                primary_term,
+            ),
             (BackupState::Connected { .. }, Message::Applied { through }) => self.trim(through),
             (BackupState::Connected { .. }, Message::Reject { code, reason }) => {
                 self.hang_up(PeerFault::Rejected { code, reason })
@@ -1277,6 +1477,85 @@ impl Backup {
             (BackupState::Connected { .. }, other) => {
                 self.violation(format!("unexpected {:?} from the primary", other.kind()))
             }
+        }
+    }
+
+    fn on_write(&mut self, record: Record, catchup_through: u64, primary_term: u64) {
+        let seq = record.seq;
+        if seq < self.next_seq {
+            // A duplicate (resent after a reconnect) is the same write only if the terms
+            // match (log matching); then acknowledge it again.
+            let held = self.history.term_at(seq);
+            if held == Some(record.term) || self.seq_only_matching {
+                self.ack_due = true;
+            } else {
+                self.violation(format!(
+                    "write {seq} of term {} is a duplicate of a record of term {held:?}: two histories",
+                    record.term
+                ));
+            }
+        } else if seq > self.next_seq {
+            self.violation(format!(
+                "write {seq} leaves a gap after {}",
+                self.last_seq()
+            ));
+        } else if let Err(e) = check_write(
+            record.offset,
+            record.data.len(),
+            self.cfg.region_size,
+            usize::MAX,
+        ) {
+            self.violation(format!("write {seq}: {e}"));
+        } else if record.term > primary_term {
+            self.violation(format!(
+                "write {seq} carries term {}, above the primary's announced term {primary_term}",
+                record.term
+            ));
+        } else if let Err(e) = self.history.note_append(seq, record.term) {
+            self.violation(format!("write {seq}: {e}"));
+        } else {
+            self.next_seq += 1;
+            self.first_seq.get_or_insert(seq);
+            self.actions.push(Action::Append {
+                record: record.clone(),
+                recovery: seq <= catchup_through,
+            });
+            self.to_apply.push(record);
+            self.ack_due = true;
+        }
+    }
+
+    /// While a divergent suffix awaits repair, the primary sends the bytes of its ranges and
+    /// then `RepairDone`; nothing else.
+    fn on_repair_message(&mut self, common: u64, msg: Message) {
+        match msg {
+            Message::RepairData { offset, data } => {
+                if let Err(e) = check_write(offset, data.len(), self.cfg.region_size, usize::MAX) {
+                    return self.violation(format!("repair data: {e}"));
+                }
+                self.actions.push(Action::RepairRegion { offset, data });
+            }
+            Message::RepairDone { through } if through == common => self.drop_divergent(common),
+            other => self.violation(format!(
+                "unexpected {:?} while repairing after seq {common}",
+                other.kind()
+            )),
+        }
+    }
+
+    /// The repair is complete: our records after `common` go (they were saved at the
+    /// handshake), and the primary's follow.
+    fn drop_divergent(&mut self, common: u64) {
+        self.actions.push(Action::TruncateAfter { after: common });
+        self.next_seq = common + 1;
+        self.history.truncate_after(common);
+        self.first_seq = self.first_seq.filter(|&f| f <= common);
+        self.applied_through = self.applied_through.min(common);
+        self.commit_requested = self.commit_requested.min(common);
+        self.committed_through = self.committed_through.min(common);
+        self.reported_applied = self.reported_applied.min(common);
+        if let BackupState::Connected { repair_after, .. } = &mut self.state {
+            *repair_after = None;
         }
     }
 
@@ -1294,12 +1573,13 @@ impl Backup {
                 self.actions.push(Action::SyncQueue);
             }
             if matches!(self.state, BackupState::Connected { .. }) {
-                self.reported_applied = self.committed_through;
+                let matched = self.matched_through();
+                self.reported_applied = self.committed_through.min(matched);
                 self.unreported_since_us = None;
                 self.last_ack_us = self.now_us;
                 self.actions.push(Action::Send(Message::Ack {
-                    received_through: self.last_seq(),
-                    applied_through: self.committed_through,
+                    received_through: matched,
+                    applied_through: self.reported_applied,
                 }));
             }
         }
@@ -1326,10 +1606,11 @@ impl Backup {
                 timeout_us: self.cfg.ack_timeout_us,
             });
         }
-        let report_due = self.committed_through > self.reported_applied && {
-            let since = *self.unreported_since_us.get_or_insert(self.now_us);
-            self.now_us.saturating_sub(since) >= APPLIED_REPORT_DELAY_US
-        };
+        let report_due = self.committed_through.min(self.matched_through()) > self.reported_applied
+            && {
+                let since = *self.unreported_since_us.get_or_insert(self.now_us);
+                self.now_us.saturating_sub(since) >= APPLIED_REPORT_DELAY_US
+            };
         // The heartbeat: an idle primary takes a silence of its whole silence timeout for a dead
         // backup (`PeerFault::Silent`); a repeated ack says we are here.
         let heartbeat_due = self.now_us.saturating_sub(self.last_ack_us)
@@ -1370,6 +1651,7 @@ impl Backup {
             in_flight: self.to_apply.len() as u64,
             degraded: false,
             recoveries: self.recoveries,
+            current_term: self.current_term,
         }
     }
 }

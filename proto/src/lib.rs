@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod core;
+pub mod handshake;
 pub mod term;
 pub mod wire;
 
@@ -19,7 +20,8 @@ pub use crate::core::{
 };
 pub use crate::term::{common_point, TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES};
 pub use crate::wire::{
-    encode_write, Hello, Message, RejectCode, WireError, WireRole, PROTOCOL_VERSION,
+    encode_write, Hello, Message, RegionRange, RejectCode, WireError, WireRole, MAX_REPAIR_RANGES,
+    PROTOCOL_VERSION,
 };
 
 #[cfg(test)]

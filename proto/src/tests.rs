@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::core::*;
+use crate::handshake::{merged_ranges, repair_pieces, repair_requests};
+use crate::term::TermHistory;
 use crate::wire::{Message, RejectCode};
 
 const REGION: u64 = 4096;
@@ -24,6 +26,8 @@ struct Durable {
     applied_through: u64,
     peer_node_id: u64,
     region: Vec<u8>,
+    current_term: u64,
+    history: TermHistory,
 }
 
 struct Node {
@@ -39,6 +43,8 @@ struct Node {
     /// Set when the core asked to drop the connection.
     hung_up: bool,
     applied_log: Vec<u64>,
+    /// Records this node dropped as a divergent suffix (saved before they went).
+    discarded: Vec<Record>,
 }
 
 fn cfg(node_id: u64, policy: PeerLossPolicy) -> CoreConfig {
@@ -67,6 +73,8 @@ fn recovered(disk: &Durable) -> Recovered {
             .range(disk.applied_through + 1..)
             .map(|(_, r)| r.clone())
             .collect(),
+        current_term: disk.current_term,
+        term_history: disk.history.clone(),
     }
 }
 
@@ -98,6 +106,7 @@ impl Node {
             fatal: None,
             hung_up: false,
             applied_log: Vec::new(),
+            discarded: Vec::new(),
         };
         n.run();
         n
@@ -126,6 +135,7 @@ impl Node {
                         self.recovery_bytes += r.data.len() as u64;
                         self.outbox.push(Message::Write {
                             seq,
+                            term: r.term,
                             offset: r.offset,
                             data: r.data.clone(),
                         });
@@ -136,8 +146,49 @@ impl Node {
                     if recovery {
                         self.recovery_bytes += record.data.len() as u64;
                     }
+                    self.disk
+                        .history
+                        .note_append(record.seq, record.term)
+                        .expect("term order");
                     self.disk.next_seq += 1;
                     self.disk.queue.insert(record.seq, record);
+                }
+                Action::PersistTerm { term } => {
+                    assert!(term >= self.disk.current_term, "term goes back");
+                    self.disk.current_term = term;
+                }
+                Action::RequestRepair { after, through } => {
+                    let suffix: Vec<Record> = self
+                        .disk
+                        .queue
+                        .range(after + 1..=through)
+                        .map(|(_, r)| r.clone())
+                        .collect();
+                    assert_eq!(suffix.len() as u64, through - after, "suffix not held");
+                    let ranges =
+                        merged_ranges(suffix.iter().map(|r| (r.offset, r.data.len() as u64)));
+                    self.outbox.extend(repair_requests(&ranges));
+                    self.discarded.extend(suffix);
+                }
+                Action::SendRegion { ranges } => {
+                    for (offset, len) in repair_pieces(&ranges) {
+                        let o = offset as usize;
+                        self.recovery_bytes += len;
+                        self.outbox.push(Message::RepairData {
+                            offset,
+                            data: Bytes::copy_from_slice(&self.disk.region[o..o + len as usize]),
+                        });
+                    }
+                }
+                Action::RepairRegion { offset, data } => {
+                    let o = offset as usize;
+                    self.disk.region[o..o + data.len()].copy_from_slice(&data);
+                }
+                Action::TruncateAfter { after } => {
+                    self.disk.queue.retain(|&s, _| s <= after);
+                    self.disk.next_seq = after + 1;
+                    self.disk.history.truncate_after(after);
+                    self.disk.applied_through = self.disk.applied_through.min(after);
                 }
                 Action::SyncQueue => {}
                 Action::Apply(r) => {
@@ -602,6 +653,8 @@ fn a_primary_that_announces_no_silence_timeout_is_not_expected_to_heartbeat() {
         first_seq: 0,
         queue_capacity: 1 << 20,
         silence_timeout_us: 0,
+        current_term: 1,
+        term_history: TermHistory::new(),
     }));
     b.core.end_batch();
     b.run();
@@ -831,6 +884,8 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
         first_seq: 0,
         queue_capacity: 1 << 20,
         silence_timeout_us: 0,
+        current_term: 1,
+        term_history: TermHistory::new(),
     }));
     p2.run();
     assert!(matches!(p2.fatal, Some(FatalError::Incompatible(_))));
@@ -847,6 +902,7 @@ fn gaps_and_out_of_range_writes_from_a_primary_are_protocol_violations() {
     b.run();
     b.core.on_message(Message::Write {
         seq: 5,
+        term: 1,
         offset: 0,
         data: Bytes::from_static(b"x"),
     });
@@ -866,6 +922,7 @@ fn gaps_and_out_of_range_writes_from_a_primary_are_protocol_violations() {
     b.run();
     b.core.on_message(Message::Write {
         seq: 1,
+        term: 1,
         offset: REGION - 1,
         data: Bytes::from_static(b"xy"),
     });
@@ -1070,28 +1127,124 @@ fn block_primary_takes_no_writes_while_a_handshake_hangs() {
     assert!(!pair.p.core.accepts_submissions());
 }
 
+/// A power-mode primary (its own queue synced before it applies) and its backup.
+fn power_pair(policy: PeerLossPolicy) -> Pair {
+    let power = |id| CoreConfig {
+        sync_queue_before_ack: true,
+        ..cfg(id, policy)
+    };
+    let mut pair = Pair {
+        p: Node::new(Role::Primary, power(1)),
+        b: Node::new(Role::Backup, power(2)),
+        up: false,
+    };
+    pair.connect();
+    pair
+}
+
+impl Pair {
+    /// The primary's writes in flight reach the backup, which appends and acknowledges them;
+    /// then the primary's machine loses power before the ack arrives, and its queue keeps only
+    /// the records through `keeps_through` (the rest was not synced). It restarts.
+    fn primary_loses_power_after_the_backup_acked(&mut self, keeps_through: u64) {
+        let msgs: Vec<_> = self.p.outbox.drain(..).collect();
+        for m in msgs {
+            self.b.core.on_message(m);
+        }
+        self.b.core.end_batch();
+        self.b.run();
+        self.up = false;
+        self.b.core.on_disconnected();
+        self.b.run();
+        self.b.outbox.clear(); // the acks die with the connection
+        let disk = &mut self.p.disk;
+        disk.queue.retain(|&s, _| s <= keeps_through);
+        disk.next_seq = keeps_through + 1;
+        disk.history.truncate_after(keeps_through);
+        disk.applied_through = disk.applied_through.min(keeps_through);
+        self.p.crash_and_restart();
+    }
+}
+
 #[test]
-fn divergent_histories_stop_the_primary() {
-    let mut pair = Pair::new(PeerLossPolicy::Continue);
+fn power_primary_applies_and_completes_only_what_its_own_queue_holds_durably() {
+    let mut pair = power_pair(PeerLossPolicy::Block);
+    pair.p.write(0, 1, 8);
+    let mut actions = Vec::new();
+    pair.p.core.drain_actions(&mut actions);
+    assert!(actions.is_empty());
+    // The submit pass ends with the primary's own sync, after its sends (they overlap).
+    let t = pair.p.next_ticket;
+    pair.p.core.submit(t, 8, Bytes::from(vec![2u8; 8])).unwrap();
+    pair.p.core.end_batch();
+    pair.p.core.drain_actions(&mut actions);
+    let send = actions
+        .iter()
+        .position(|a| matches!(a, Action::Send(Message::Write { .. })));
+    let sync = actions.iter().position(|a| matches!(a, Action::SyncQueue));
+    assert!(
+        send.is_some() && sync.is_some() && send < sync,
+        "{actions:?}"
+    );
+}
+
+/// The four steps of the divergence the terms exist for (issue "Terms and log matching"):
+/// 1. the primary writes seq 2, the backup appends and acks it;
+/// 2. the primary loses power before its own record of seq 2 is durable (so it never
+///    applied or completed it: it applies only what its own queue holds durably);
+/// 3. it restarts with the backup unreachable and gives seq 2 to a new degraded write;
+/// 4. the backup answers. Before terms, both Hellos said last_seq 2 and the regions stayed
+///    different for good. Now the backup sees a divergent suffix, saves it, repairs its byte
+///    range from the primary's region and takes the primary's seq 2.
+#[test]
+fn a_continue_primary_that_lost_power_and_wrote_degraded_converges_with_its_backup() {
+    let mut pair = power_pair(PeerLossPolicy::Continue);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    let lost = pair.p.write(8, 2, 8);
+    pair.primary_loses_power_after_the_backup_acked(1);
+    assert_eq!(pair.p.completed, 0, "seq 2 never completed (ticket {lost})");
+    assert!(
+        pair.b.disk.queue.contains_key(&2),
+        "the backup holds the old seq 2"
+    );
+    // Step 3: the backup is unreachable; the primary goes degraded and reuses seq 2.
+    pair.p.core.on_connect_failed();
+    pair.p.run();
+    pair.p.write(16, 3, 8);
+    assert_eq!(pair.p.completed, 1, "the degraded write completed");
+    assert_eq!(pair.p.disk.queue[&2].term, 2, "seq 2 is of the new term");
+    // Step 4.
+    pair.connect();
+    pair.assert_converged();
+    assert!(
+        region_has(&pair.b, 16, 3, 8),
+        "the completed write is on the backup"
+    );
+    assert!(
+        region_has(&pair.b, 8, 0, 8),
+        "the dropped write's bytes were repaired"
+    );
+    assert_eq!(pair.b.discarded.len(), 1);
+    assert_eq!((pair.b.discarded[0].seq, pair.b.discarded[0].term), (2, 1));
+    assert_eq!(pair.b.disk.queue.get(&2).map(|r| r.term), Some(2));
+    assert!(pair.p.fatal.is_none() && pair.b.fatal.is_none());
+    // And it mirrors on.
+    pair.p.write(24, 4, 8);
+    pair.settle();
+    pair.assert_converged();
+    assert_eq!(pair.p.completed, 2);
+}
+
+#[test]
+fn a_degraded_write_during_the_handshake_makes_the_backup_drop_its_copy_at_the_next_one() {
+    let mut pair = power_pair(PeerLossPolicy::Continue);
     pair.p.write(0, 1, 8);
     pair.settle();
     pair.p.write(8, 2, 8);
-    // The backup gets seq 2; the primary dies and loses it (power loss of its unsynced tail).
-    let msgs: Vec<_> = pair.p.outbox.drain(..).collect();
-    for m in msgs {
-        pair.b.core.on_message(m);
-    }
-    pair.b.core.end_batch();
-    pair.b.run();
-    // The primary dies before the ack arrives (nothing applied), losing its unsynced tail.
-    pair.up = false;
-    pair.b.core.on_disconnected();
-    pair.b.run();
-    pair.b.outbox.clear(); // lost with the old connection
-    pair.p.disk.queue.retain(|&s, _| s < 2);
-    pair.p.disk.next_seq = 2;
-    pair.p.crash_and_restart();
-    // It connects; before the backup's Hello arrives it writes degraded, reusing seq 2.
+    pair.primary_loses_power_after_the_backup_acked(1);
+    // It connects; before the backup's Hello arrives it writes degraded, reusing seq 2. The
+    // backup planned from the Hello (a replay of its seq 2): the primary reconnects instead.
     pair.p.core.on_connected();
     pair.p.run();
     let hello = pair.p.outbox.remove(0);
@@ -1104,8 +1257,106 @@ fn divergent_histories_stop_the_primary() {
         pair.p.core.on_message(m);
     }
     pair.p.run();
+    assert!(pair.p.hung_up, "the primary drops the raced handshake");
+    assert!(pair.p.fatal.is_none(), "{:?}", pair.p.fatal);
+    pair.b.core.on_disconnected();
+    pair.b.run();
+    pair.p.core.on_disconnected();
+    pair.p.run();
+    pair.connect();
+    pair.assert_converged();
+    assert!(region_has(&pair.b, 16, 3, 8));
+    assert_eq!(pair.b.discarded.len(), 1);
+}
+
+#[test]
+fn a_primary_that_lost_its_tail_without_writing_takes_it_back_from_the_backup() {
+    // The same loss under `block`: no degraded write, so the backup's records extend the
+    // primary's log; they are replayed (in their old term) and nothing is discarded.
+    let mut pair = power_pair(PeerLossPolicy::Block);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.p.write(8, 2, 8);
+    pair.primary_loses_power_after_the_backup_acked(1);
+    pair.connect();
+    pair.assert_converged();
+    assert!(region_has(&pair.p, 8, 2, 8));
+    assert!(pair.b.discarded.is_empty());
+    assert!(pair.p.applied_log.contains(&2), "replayed and applied");
+    assert_eq!(pair.p.disk.history.term_at(2), Some(1), "in its old term");
+    pair.p.write(24, 4, 8);
+    assert_eq!(pair.p.disk.queue[&3].term, 2, "new writes in the new term");
+    pair.settle();
+    pair.assert_converged();
+}
+
+#[test]
+fn both_lose_different_tails_and_converge() {
+    // The primary keeps seq 2 and loses 3; the backup lost 2 before acking it (its crash
+    // came before its sync). The primary restarts, writes 3 degraded; the backup is a prefix.
+    let mut pair = power_pair(PeerLossPolicy::Continue);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.p.write(8, 2, 8);
+    pair.p.write(16, 3, 8);
+    pair.up = false;
+    pair.p.outbox.clear();
+    pair.b.core.on_disconnected();
+    pair.b.run();
+    let disk = &mut pair.p.disk;
+    disk.queue.retain(|&s, _| s <= 2);
+    disk.next_seq = 3;
+    disk.history.truncate_after(2);
+    pair.p.crash_and_restart();
+    pair.p.core.on_connect_failed();
+    pair.p.run();
+    pair.p.write(24, 5, 8);
+    pair.connect();
+    pair.assert_converged();
+    assert!(region_has(&pair.b, 8, 2, 8) && region_has(&pair.b, 24, 5, 8));
     assert!(
-        matches!(pair.p.fatal, Some(FatalError::Unrecoverable(_))),
+        region_has(&pair.b, 16, 0, 8),
+        "the lost, never completed write is nowhere"
+    );
+}
+
+#[test]
+fn a_duplicate_of_another_term_is_not_acknowledged() {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.b.core.on_message(Message::Write {
+        seq: 1,
+        term: 7,
+        offset: 0,
+        data: Bytes::from_static(b"other"),
+    });
+    pair.b.run();
+    assert!(
+        pair.b.hung_up,
+        "a duplicate seq of another term is two histories"
+    );
+}
+
+#[test]
+fn a_stale_primary_is_refused_with_its_term() {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.disconnect();
+    // The backup met a newer primary incarnation (term 5) than this one's.
+    let mut disk = pair.b.disk.clone();
+    disk.current_term = 5;
+    pair.b = Node::start(Role::Backup, cfg(2, PeerLossPolicy::Block), disk);
+    pair.connect();
+    assert!(
+        matches!(
+            &pair.p.fatal,
+            Some(FatalError::Rejected {
+                code: RejectCode::StaleTerm,
+                ..
+            })
+        ),
         "{:?}",
         pair.p.fatal
     );

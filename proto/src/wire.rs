@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic        0x52494D4C ("LMIR" as bytes on the wire)
-//!      4    1 version      PROTOCOL_VERSION (1)
+//!      4    1 version      PROTOCOL_VERSION (2)
 //!      5    1 kind         MessageKind
 //!      6    2 reserved     must be 0
 //!      8    4 body_len     bytes of body that follow the header (<= MAX_BODY_LEN)
@@ -19,19 +19,26 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use crate::term::{TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES};
+
 /// Frame magic ("LMIR" read as little-endian u32).
 pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"LMIR");
 /// The protocol version this build speaks. A peer with another version is refused at the frame
 /// level, before any message of it is interpreted.
-pub const PROTOCOL_VERSION: u8 = 1;
+///
+/// Version 2 added terms: `Write` carries the term of the seq, `Hello` the speaker's current term
+/// and term history, and the repair messages (`RepairRequest`, `RepairData`, `RepairDone`).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Size of the frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest body accepted: the largest write payload plus the write message's own fields.
-pub const MAX_BODY_LEN: usize = MAX_WRITE_LEN + 20;
+pub const MAX_BODY_LEN: usize = MAX_WRITE_LEN + WRITE_FIXED_LEN;
 /// Largest payload of one write request (16 MiB).
 pub const MAX_WRITE_LEN: usize = 16 << 20;
 /// Longest reason text a `Reject` carries.
 pub const MAX_REASON_LEN: usize = 1024;
+/// Most byte ranges one `RepairRequest` carries (a longer list is sent as several messages).
+pub const MAX_REPAIR_RANGES: usize = 65_536;
 
 /// Which node speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +96,20 @@ pub struct Hello {
     /// (these bytes were reserved): the peer paces its heartbeat by its own ack timeout, and a
     /// backup expects no heartbeat from such a primary.
     pub silence_timeout_us: u32,
+    /// The highest term the speaker has persisted (a primary's is the term of its new writes).
+    pub current_term: u64,
+    /// The terms along the speaker's log (see [`crate::term`]); validated on decode against
+    /// `last_seq`.
+    pub term_history: TermHistory,
+}
+
+/// A byte range of the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
 }
 
 /// Why a node refused a connection.
@@ -111,6 +132,8 @@ pub enum RejectCode {
     QueueFormat = 7,
     /// The backup's queue is smaller than the primary's.
     QueueCapacity = 8,
+    /// The speaker has seen a higher term than the peer's: the peer is a stale primary.
+    StaleTerm = 9,
 }
 
 impl RejectCode {
@@ -124,6 +147,7 @@ impl RejectCode {
             6 => RejectCode::ProtocolViolation,
             7 => RejectCode::QueueFormat,
             8 => RejectCode::QueueCapacity,
+            9 => RejectCode::StaleTerm,
             other => {
                 return Err(WireError::BadField {
                     field: "reject.code",
@@ -151,6 +175,8 @@ pub enum Message {
     Write {
         /// Sequence number (consecutive, from 1).
         seq: u64,
+        /// Term of the primary incarnation that assigned `seq` (never 0).
+        term: u64,
         /// Byte offset in the region.
         offset: u64,
         /// The bytes to write (1..=MAX_WRITE_LEN).
@@ -171,7 +197,27 @@ pub enum Message {
     },
     /// Backup to primary: the replay of records the primary was missing is complete.
     ReplayDone {
-        /// Last sequence number replayed (the backup's last_seq at the handshake).
+        /// The seq the primary's log ends at once the replay is applied: the backup's last seq
+        /// when it replayed, the common point when it replayed nothing.
+        through: u64,
+    },
+    /// Backup to primary, during the handshake: the byte ranges the backup's divergent suffix
+    /// wrote (merged). The primary answers with their current bytes (`RepairData`).
+    RepairRequest {
+        /// The ranges (1..=[`MAX_REPAIR_RANGES`]).
+        ranges: Vec<RegionRange>,
+    },
+    /// Primary to backup: the current bytes of a region range the backup asked to repair.
+    RepairData {
+        /// Byte offset in the region.
+        offset: u64,
+        /// The bytes (1..=MAX_WRITE_LEN).
+        data: Bytes,
+    },
+    /// Primary to backup: every requested range was sent; the backup may now drop its divergent
+    /// suffix (every record after `through`) and take the primary's records after it.
+    RepairDone {
+        /// The common point of the two histories.
         through: u64,
     },
 }
@@ -192,10 +238,20 @@ pub enum MessageKind {
     Applied = 5,
     /// [`Message::ReplayDone`]
     ReplayDone = 6,
+    /// [`Message::RepairRequest`]
+    RepairRequest = 7,
+    /// [`Message::RepairData`]
+    RepairData = 8,
+    /// [`Message::RepairDone`]
+    RepairDone = 9,
 }
 
-const HELLO_BODY_LEN: usize = 1 + 3 + 8 * 7 + 4 + 4;
-const WRITE_FIXED_LEN: usize = 8 + 8 + 4;
+/// Hello without its term entries.
+const HELLO_FIXED_LEN: usize = 1 + 3 + 8 * 7 + 4 + 4 + 8 + 4 + 4;
+const TERM_ENTRY_LEN: usize = 16;
+const WRITE_FIXED_LEN: usize = 8 + 8 + 8 + 4;
+const REPAIR_DATA_FIXED_LEN: usize = 8 + 4;
+const REPAIR_RANGE_LEN: usize = 16;
 
 /// Everything that can be wrong with bytes received from a peer.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -256,6 +312,9 @@ pub enum WireError {
     /// A reject reason is not UTF-8.
     #[error("reject reason is not valid UTF-8")]
     BadUtf8,
+    /// A Hello's term history is malformed or goes backwards.
+    #[error("peer's term history is invalid: {0}")]
+    BadTermHistory(#[source] TermHistoryError),
 }
 
 impl Message {
@@ -268,16 +327,21 @@ impl Message {
             Message::Ack { .. } => MessageKind::Ack,
             Message::Applied { .. } => MessageKind::Applied,
             Message::ReplayDone { .. } => MessageKind::ReplayDone,
+            Message::RepairRequest { .. } => MessageKind::RepairRequest,
+            Message::RepairData { .. } => MessageKind::RepairData,
+            Message::RepairDone { .. } => MessageKind::RepairDone,
         }
     }
 
     fn body_len(&self) -> usize {
         match self {
-            Message::Hello(_) => HELLO_BODY_LEN,
+            Message::Hello(h) => HELLO_FIXED_LEN + TERM_ENTRY_LEN * h.term_history.entries().len(),
             Message::Reject { reason, .. } => 2 + 2 + reason.len().min(MAX_REASON_LEN),
             Message::Write { data, .. } => WRITE_FIXED_LEN + data.len(),
             Message::Ack { .. } => 16,
-            Message::Applied { .. } | Message::ReplayDone { .. } => 8,
+            Message::Applied { .. } | Message::ReplayDone { .. } | Message::RepairDone { .. } => 8,
+            Message::RepairRequest { ranges } => 8 + REPAIR_RANGE_LEN * ranges.len(),
+            Message::RepairData { data, .. } => REPAIR_DATA_FIXED_LEN + data.len(),
         }
     }
 
@@ -292,8 +356,14 @@ impl Message {
     /// Never for messages built by the engine: a `Write` longer than [`MAX_WRITE_LEN`] is a caller
     /// bug that the engine rejects before it builds the message; this function debug-asserts it.
     pub fn encode(&self, out: &mut BytesMut) {
-        if let Message::Write { seq, offset, data } = self {
-            return encode_write(*seq, *offset, data, out);
+        if let Message::Write {
+            seq,
+            term,
+            offset,
+            data,
+        } = self
+        {
+            return encode_write(*seq, *term, *offset, data, out);
         }
         let body_len = self.body_len();
         let start = begin_frame(out, self.kind(), body_len);
@@ -310,6 +380,14 @@ impl Message {
                 out.put_u64_le(h.queue_capacity);
                 out.put_u32_le(h.queue_format_version);
                 out.put_u32_le(h.silence_timeout_us);
+                out.put_u64_le(h.current_term);
+                let entries = h.term_history.entries();
+                out.put_u32_le(entries.len() as u32);
+                out.put_u32_le(0);
+                for e in entries {
+                    out.put_u64_le(e.term);
+                    out.put_u64_le(e.first_seq);
+                }
             }
             Message::Reject { code, reason } => {
                 let reason = truncate_utf8(reason, MAX_REASON_LEN);
@@ -325,8 +403,23 @@ impl Message {
                 out.put_u64_le(*received_through);
                 out.put_u64_le(*applied_through);
             }
-            Message::Applied { through } | Message::ReplayDone { through } => {
-                out.put_u64_le(*through)
+            Message::Applied { through }
+            | Message::ReplayDone { through }
+            | Message::RepairDone { through } => out.put_u64_le(*through),
+            Message::RepairRequest { ranges } => {
+                debug_assert!(!ranges.is_empty() && ranges.len() <= MAX_REPAIR_RANGES);
+                out.put_u32_le(ranges.len() as u32);
+                out.put_u32_le(0);
+                for r in ranges {
+                    out.put_u64_le(r.offset);
+                    out.put_u64_le(r.len);
+                }
+            }
+            Message::RepairData { offset, data } => {
+                debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
+                out.put_u64_le(*offset);
+                out.put_u32_le(data.len() as u32);
+                out.put_slice(data);
             }
         }
         finish_frame(out, start);
@@ -372,6 +465,9 @@ impl Message {
             4 => MessageKind::Ack,
             5 => MessageKind::Applied,
             6 => MessageKind::ReplayDone,
+            7 => MessageKind::RepairRequest,
+            8 => MessageKind::RepairData,
+            9 => MessageKind::RepairDone,
             other => return Err(WireError::UnknownKind { kind: other }),
         };
         if buf.len() < FRAME_HEADER_LEN + body_len {
@@ -390,10 +486,18 @@ impl Message {
         let mut frame = buf.split_to(FRAME_HEADER_LEN + body_len);
         Ok(Some(match msg {
             Body::Done(m) => m,
-            Body::Write { seq, offset } => {
+            Body::Write { seq, term, offset } => {
                 frame.advance(FRAME_HEADER_LEN + WRITE_FIXED_LEN);
                 Message::Write {
                     seq,
+                    term,
+                    offset,
+                    data: frame.freeze(),
+                }
+            }
+            Body::RepairData { offset } => {
+                frame.advance(FRAME_HEADER_LEN + REPAIR_DATA_FIXED_LEN);
+                Message::RepairData {
                     offset,
                     data: frame.freeze(),
                 }
@@ -406,10 +510,11 @@ impl Message {
 ///
 /// `data` must be 1..=[`MAX_WRITE_LEN`] bytes; the engine validates writes before they get here
 /// (debug-asserted).
-pub fn encode_write(seq: u64, offset: u64, data: &[u8], out: &mut BytesMut) {
+pub fn encode_write(seq: u64, term: u64, offset: u64, data: &[u8], out: &mut BytesMut) {
     debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
     let start = begin_frame(out, MessageKind::Write, WRITE_FIXED_LEN + data.len());
     out.put_u64_le(seq);
+    out.put_u64_le(term);
     out.put_u64_le(offset);
     out.put_u32_le(data.len() as u32);
     out.put_slice(data);
@@ -440,6 +545,11 @@ enum Body {
     /// A write whose payload is taken from the frame without a copy by the caller.
     Write {
         seq: u64,
+        term: u64,
+        offset: u64,
+    },
+    /// Likewise for repair bytes.
+    RepairData {
         offset: u64,
     },
 }
@@ -449,7 +559,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
     let bad_len = || WireError::BadLength { kind, len };
     Ok(match kind {
         MessageKind::Hello => {
-            if len != HELLO_BODY_LEN {
+            if len < HELLO_FIXED_LEN || (len - HELLO_FIXED_LEN) % TERM_ENTRY_LEN != 0 {
                 return Err(bad_len());
             }
             let role = WireRole::from_byte(body.get_u8())?;
@@ -463,6 +573,34 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             let queue_capacity = body.get_u64_le();
             let queue_format_version = body.get_u32_le();
             let silence_timeout_us = body.get_u32_le();
+            let current_term = body.get_u64_le();
+            let entry_count = body.get_u32_le() as usize;
+            if body.get_u32_le() != 0 {
+                return Err(WireError::Reserved);
+            }
+            if entry_count > MAX_TERM_ENTRIES {
+                return Err(WireError::BadTermHistory(TermHistoryError::TooMany {
+                    count: entry_count,
+                    max: MAX_TERM_ENTRIES,
+                }));
+            }
+            if body.len() != entry_count * TERM_ENTRY_LEN {
+                return Err(bad_len());
+            }
+            let entries = (0..entry_count)
+                .map(|_| TermEntry {
+                    term: body.get_u64_le(),
+                    first_seq: body.get_u64_le(),
+                })
+                .collect();
+            let term_history =
+                TermHistory::for_log(entries, last_seq).map_err(WireError::BadTermHistory)?;
+            if term_history.last_term() > current_term {
+                return Err(WireError::BadField {
+                    field: "hello.current_term",
+                    value: current_term,
+                });
+            }
             if node_id == 0 {
                 return Err(WireError::BadField {
                     field: "hello.node_id",
@@ -492,6 +630,8 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                 first_seq,
                 queue_capacity,
                 silence_timeout_us,
+                current_term,
+                term_history,
             }))
         }
         MessageKind::Reject => {
@@ -513,6 +653,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                 return Err(bad_len());
             }
             let seq = body.get_u64_le();
+            let term = body.get_u64_le();
             let offset = body.get_u64_le();
             let data_len = body.get_u32_le() as usize;
             if data_len != body.len() || data_len == 0 || data_len > MAX_WRITE_LEN {
@@ -524,7 +665,57 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                     value: 0,
                 });
             }
-            Body::Write { seq, offset }
+            if term == 0 {
+                return Err(WireError::BadField {
+                    field: "write.term",
+                    value: 0,
+                });
+            }
+            Body::Write { seq, term, offset }
+        }
+        MessageKind::RepairData => {
+            if len < REPAIR_DATA_FIXED_LEN {
+                return Err(bad_len());
+            }
+            let offset = body.get_u64_le();
+            let data_len = body.get_u32_le() as usize;
+            if data_len != body.len() || data_len == 0 || data_len > MAX_WRITE_LEN {
+                return Err(bad_len());
+            }
+            Body::RepairData { offset }
+        }
+        MessageKind::RepairRequest => {
+            if len < 8 {
+                return Err(bad_len());
+            }
+            let count = body.get_u32_le() as usize;
+            if body.get_u32_le() != 0 {
+                return Err(WireError::Reserved);
+            }
+            if count == 0 || count > MAX_REPAIR_RANGES || body.len() != count * REPAIR_RANGE_LEN {
+                return Err(bad_len());
+            }
+            let mut ranges = Vec::with_capacity(count);
+            for _ in 0..count {
+                let offset = body.get_u64_le();
+                let len = body.get_u64_le();
+                if len == 0 || offset.checked_add(len).is_none() {
+                    return Err(WireError::BadField {
+                        field: "repair_request.len",
+                        value: len,
+                    });
+                }
+                ranges.push(RegionRange { offset, len });
+            }
+            Body::Done(Message::RepairRequest { ranges })
+        }
+        MessageKind::RepairDone => {
+            if len != 8 {
+                return Err(bad_len());
+            }
+            Body::Done(Message::RepairDone {
+                through: body.get_u64_le(),
+            })
         }
         MessageKind::Ack => {
             if len != 16 {
@@ -599,6 +790,18 @@ mod tests {
             first_seq: 3,
             queue_capacity: 1 << 20,
             silence_timeout_us: 1_000_000,
+            current_term: 4,
+            term_history: TermHistory::from_entries(vec![
+                TermEntry {
+                    term: 1,
+                    first_seq: 1,
+                },
+                TermEntry {
+                    term: 3,
+                    first_seq: 11,
+                },
+            ])
+            .unwrap(),
         })
     }
 
@@ -612,9 +815,24 @@ mod tests {
             },
             Message::Write {
                 seq: 1,
+                term: 2,
                 offset: 4096,
                 data: Bytes::from_static(b"hello"),
             },
+            Message::RepairRequest {
+                ranges: vec![
+                    RegionRange { offset: 0, len: 5 },
+                    RegionRange {
+                        offset: 100,
+                        len: 4096,
+                    },
+                ],
+            },
+            Message::RepairData {
+                offset: 100,
+                data: Bytes::from_static(b"bytes"),
+            },
+            Message::RepairDone { through: 7 },
             Message::Ack {
                 received_through: 5,
                 applied_through: 4,
@@ -632,6 +850,7 @@ mod tests {
         let mut full = BytesMut::new();
         Message::Write {
             seq: 3,
+            term: 1,
             offset: 0,
             data: Bytes::from(vec![1u8; 100]),
         }
@@ -663,11 +882,74 @@ mod tests {
     fn other_protocol_version_is_refused() {
         let mut buf = BytesMut::new();
         Message::Applied { through: 1 }.encode(&mut buf);
-        buf[4] = 2;
+        buf[4] = 1;
         assert_eq!(
             Message::decode(&mut buf),
-            Err(WireError::UnsupportedVersion { found: 2 })
+            Err(WireError::UnsupportedVersion { found: 1 })
         );
+    }
+
+    /// Re-frames `msg` after `patch` edited its body (the crc is recomputed, so only the
+    /// field checks can refuse it).
+    fn reframed(msg: &Message, patch: impl FnOnce(&mut Vec<u8>)) -> BytesMut {
+        let mut buf = BytesMut::new();
+        msg.encode(&mut buf);
+        let mut body = buf[FRAME_HEADER_LEN..].to_vec();
+        patch(&mut body);
+        let mut out = BytesMut::new();
+        let start = begin_frame(&mut out, msg.kind(), body.len());
+        out.put_slice(&body);
+        finish_frame(&mut out, start);
+        out
+    }
+
+    #[test]
+    fn a_term_history_that_goes_backwards_or_past_the_log_is_refused() {
+        let hello = sample_hello();
+        // Entry 1's term (3) becomes 1: not above entry 0's.
+        let entry1_term = HELLO_FIXED_LEN + TERM_ENTRY_LEN;
+        let mut buf = reframed(&hello, |b| b[entry1_term] = 1);
+        assert!(matches!(
+            Message::decode(&mut buf),
+            Err(WireError::BadTermHistory(TermHistoryError::Backwards {
+                index: 1,
+                ..
+            }))
+        ));
+        // Entry 1 starts at seq 13, after last_seq 12.
+        let entry1_seq = entry1_term + 8;
+        let mut buf = reframed(&hello, |b| b[entry1_seq] = 13);
+        assert!(matches!(
+            Message::decode(&mut buf),
+            Err(WireError::BadTermHistory(TermHistoryError::BeyondLog {
+                index: 1,
+                ..
+            }))
+        ));
+        // current_term (4) below the history's last term (3 -> 5).
+        let mut buf = reframed(&hello, |b| b[entry1_term] = 5);
+        assert!(matches!(
+            Message::decode(&mut buf),
+            Err(WireError::BadField {
+                field: "hello.current_term",
+                ..
+            })
+        ));
+        // A term of 0 in a write.
+        let write = Message::Write {
+            seq: 1,
+            term: 1,
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+        };
+        let mut buf = reframed(&write, |b| b[8] = 0);
+        assert!(matches!(
+            Message::decode(&mut buf),
+            Err(WireError::BadField {
+                field: "write.term",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -746,18 +1028,45 @@ mod tests {
                         first_seq: last.min(a),
                         queue_capacity: size / 2,
                         silence_timeout_us: v.rotate_left(7),
+                        current_term: 9,
+                        term_history: if last == 0 {
+                            TermHistory::new()
+                        } else {
+                            TermHistory::from_entries(vec![TermEntry {
+                                term: 9,
+                                first_seq: last,
+                            }])
+                            .unwrap()
+                        },
                     })
                 }),
             (
                 1..u64::MAX,
+                1..u64::MAX,
                 any::<u64>(),
                 proptest::collection::vec(any::<u8>(), 1..300)
             )
-                .prop_map(|(seq, offset, d)| Message::Write {
+                .prop_map(|(seq, term, offset, d)| Message::Write {
                     seq,
+                    term,
                     offset,
                     data: Bytes::from(d)
                 }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 1..100)).prop_map(
+                |(offset, d)| Message::RepairData {
+                    offset,
+                    data: Bytes::from(d)
+                }
+            ),
+            proptest::collection::vec((0..u64::MAX / 2, 1..u64::MAX / 2), 1..20).prop_map(|r| {
+                Message::RepairRequest {
+                    ranges: r
+                        .into_iter()
+                        .map(|(offset, len)| RegionRange { offset, len })
+                        .collect(),
+                }
+            }),
+            any::<u64>().prop_map(|t| Message::RepairDone { through: t }),
             (0..u64::MAX / 2, 0..u64::MAX / 2).prop_map(|(a, b)| Message::Ack {
                 received_through: a.max(b),
                 applied_through: a.min(b)
@@ -797,7 +1106,7 @@ mod tests {
 
         #[test]
         fn valid_header_with_arbitrary_body_never_panics(
-            kind in 0u8..8, body in proptest::collection::vec(any::<u8>(), 0..120)
+            kind in 0u8..11, body in proptest::collection::vec(any::<u8>(), 0..120)
         ) {
             let mut buf = BytesMut::new();
             buf.put_u32_le(FRAME_MAGIC);

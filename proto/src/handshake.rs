@@ -1,0 +1,306 @@
+//! The handshake's decisions, one function each, used by both roles: whether the peer is
+//! compatible ([`check_compatible`]) and how the two logs are reconciled ([`reconcile`]). Each
+//! side evaluates them on the same two views (the primary's `Hello` and the backup's log), so
+//! both reach the same plan without a further round trip.
+
+use crate::term::{common_point, TermHistory};
+use crate::wire::{Hello, Message, RegionRange, RejectCode, WireRole, MAX_REPAIR_RANGES};
+
+/// What the handshake needs to know of one node's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogView {
+    /// The node's current term.
+    pub current_term: u64,
+    /// Terms along its log.
+    pub history: TermHistory,
+    /// Its last seq.
+    pub last_seq: u64,
+    /// Its oldest held seq (None: nothing held).
+    pub first_seq: Option<u64>,
+}
+
+impl LogView {
+    /// The view a `Hello` announces.
+    pub fn of_hello(h: &Hello) -> Self {
+        LogView {
+            current_term: h.current_term,
+            history: h.term_history.clone(),
+            last_seq: h.last_seq,
+            first_seq: (h.first_seq != 0).then_some(h.first_seq),
+        }
+    }
+
+    /// Whether the node's queue still holds every seq from `from` to its last seq.
+    fn holds_from(&self, from: u64) -> bool {
+        from > self.last_seq || self.first_seq.is_some_and(|f| f <= from)
+    }
+}
+
+/// How the two logs are brought together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// The highest seq both logs hold with the same term: identical records through it.
+    pub common: u64,
+    /// The backup's records in `(common, backup_last]` are a divergent suffix that the primary's
+    /// newer history supersedes: the backup saves and drops them, and repairs their byte ranges
+    /// from the primary's region.
+    pub backup_discards: bool,
+    /// The seq through which the backup holds the primary's history once the handshake is done
+    /// (its last seq when it keeps its log, else `common`). The primary takes
+    /// `(primary_last, backup_holds_through]` from the backup (a replay) when this is above
+    /// its own last seq, and sends `(backup_holds_through, primary_last]` otherwise.
+    pub backup_holds_through: u64,
+}
+
+/// Why two logs cannot be reconciled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreconcilable {
+    /// The backup has seen a newer primary: this one is stale and must never write again.
+    StaleTerm {
+        /// The primary's current term.
+        primary_term: u64,
+        /// The backup's.
+        backup_term: u64,
+    },
+    /// Anything else: the reason, for the peer and the log.
+    Unrecoverable(String),
+}
+
+impl Unreconcilable {
+    /// The reject code and reason a backup answers with.
+    pub fn reject(&self) -> (RejectCode, String) {
+        match self {
+            Unreconcilable::StaleTerm {
+                primary_term,
+                backup_term,
+            } => (
+                RejectCode::StaleTerm,
+                format!(
+                    "primary's term {primary_term} is older than term {backup_term} that this backup has seen: a newer primary exists"
+                ),
+            ),
+            Unreconcilable::Unrecoverable(why) => (RejectCode::Unrecoverable, why.clone()),
+        }
+    }
+}
+
+/// The reconciliation rule (see docs/PROTOCOL.md, "Log matching"):
+/// - the primary's term must be at least the backup's (else it is stale);
+/// - the two logs agree through their [`common_point`];
+/// - when both go on past it, the suffix whose first record has the higher term wins. The
+///   primary's always does while there is one primary at a time (its term is the newest);
+///   a backup's winning suffix means a newer primary exists, which this primary cannot repair;
+/// - whoever must send records must still hold them.
+pub fn reconcile(primary: &LogView, backup: &LogView) -> Result<Reconciliation, Unreconcilable> {
+    if primary.current_term < backup.current_term {
+        return Err(Unreconcilable::StaleTerm {
+            primary_term: primary.current_term,
+            backup_term: backup.current_term,
+        });
+    }
+    let common = common_point(
+        &primary.history,
+        primary.last_seq,
+        &backup.history,
+        backup.last_seq,
+    )
+    .ok_or_else(|| {
+        Unreconcilable::Unrecoverable(format!(
+            "the two queues share no term on any seq (primary {:?} through {}, backup {:?} through {}): they cannot be reconciled from their queues",
+            primary.history.entries(),
+            primary.last_seq,
+            backup.history.entries(),
+            backup.last_seq
+        ))
+    })?;
+    let backup_discards = primary.last_seq > common && backup.last_seq > common;
+    if backup_discards {
+        let at = common + 1;
+        let primary_term = primary.history.term_at(at).unwrap_or(0);
+        let backup_term = backup.history.term_at(at).unwrap_or(0);
+        if backup_term > primary_term {
+            return Err(Unreconcilable::Unrecoverable(format!(
+                "the backup's history is newer from seq {at} on (term {backup_term}, this primary's is term {primary_term}): a newer primary wrote it"
+            )));
+        }
+    }
+    let backup_holds_through = if backup_discards {
+        common
+    } else {
+        backup.last_seq
+    };
+    if backup_holds_through > primary.last_seq && !backup.holds_from(primary.last_seq + 1) {
+        return Err(Unreconcilable::Unrecoverable(format!(
+            "primary has records through {}, but the backup's queue starts at {}",
+            primary.last_seq,
+            backup.first_seq.unwrap_or(backup.last_seq + 1)
+        )));
+    }
+    if !primary.holds_from(backup_holds_through + 1) {
+        return Err(Unreconcilable::Unrecoverable(format!(
+            "backup has records through {backup_holds_through}, but the primary's queue starts at {}",
+            primary.first_seq.unwrap_or(primary.last_seq + 1)
+        )));
+    }
+    Ok(Reconciliation {
+        common,
+        backup_discards,
+        backup_holds_through,
+    })
+}
+
+/// What a node knows of itself for the compatibility check.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity {
+    /// This node's role.
+    pub role: WireRole,
+    /// This node's id.
+    pub node_id: u64,
+    /// The peer it is bound to (0: none).
+    pub peer_node_id: u64,
+    /// Region size.
+    pub region_size: u64,
+    /// Queue format version.
+    pub queue_format_version: u32,
+    /// Queue capacity in bytes.
+    pub queue_capacity: u64,
+}
+
+/// The compatibility rule, for both roles: the peer has the other role and another node id,
+/// the same region size and queue format, the binding of each side names the other, and the
+/// backup's queue is at least as large as the primary's.
+pub fn check_compatible(own: &Identity, peer: &Hello) -> Result<(), (RejectCode, String)> {
+    let expected = match own.role {
+        WireRole::Primary => WireRole::Backup,
+        WireRole::Backup => WireRole::Primary,
+    };
+    if peer.role != expected {
+        return Err((
+            RejectCode::Role,
+            format!(
+                "this node is a {:?} and peer {:#x} is a {:?}, expected a {expected:?}",
+                own.role, peer.node_id, peer.role
+            ),
+        ));
+    }
+    if peer.node_id == own.node_id {
+        return Err((RejectCode::Role, "peer has this node's own node id".into()));
+    }
+    if peer.region_size != own.region_size {
+        return Err((
+            RejectCode::RegionSize,
+            format!(
+                "this node's region is {} bytes, the peer's is {} bytes",
+                own.region_size, peer.region_size
+            ),
+        ));
+    }
+    if peer.queue_format_version != own.queue_format_version {
+        return Err((
+            RejectCode::QueueFormat,
+            format!(
+                "this node's queue format version is {}, the peer's is {}",
+                own.queue_format_version, peer.queue_format_version
+            ),
+        ));
+    }
+    let (primary_capacity, backup_capacity) = match own.role {
+        WireRole::Primary => (own.queue_capacity, peer.queue_capacity),
+        WireRole::Backup => (peer.queue_capacity, own.queue_capacity),
+    };
+    if primary_capacity > backup_capacity {
+        return Err((
+            RejectCode::QueueCapacity,
+            format!(
+                "backup queue holds {backup_capacity} bytes, less than the primary's {primary_capacity} bytes; set queue_size on the backup at least as large"
+            ),
+        ));
+    }
+    if own.peer_node_id != 0 && peer.node_id != own.peer_node_id {
+        return Err((
+            RejectCode::WrongPeer,
+            format!(
+                "this node is bound to {:#x}; refusing {:#x} (was the peer's queue recreated, or is it a second primary?)",
+                own.peer_node_id, peer.node_id
+            ),
+        ));
+    }
+    if peer.peer_node_id != 0 && peer.peer_node_id != own.node_id {
+        return Err((
+            RejectCode::WrongPeer,
+            format!(
+                "peer {:#x} is bound to {:#x}, this node is {:#x}",
+                peer.node_id, peer.peer_node_id, own.node_id
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of region one `RepairData` message carries at most.
+pub const REPAIR_CHUNK_BYTES: u64 = 1 << 20;
+
+/// The byte ranges written by `writes` (offset, length), sorted and merged where they overlap
+/// or touch: what a backup asks the primary to repair after dropping a divergent suffix.
+pub fn merged_ranges(writes: impl IntoIterator<Item = (u64, u64)>) -> Vec<RegionRange> {
+    let mut ranges: Vec<RegionRange> = writes
+        .into_iter()
+        .filter(|&(_, len)| len > 0)
+        .map(|(offset, len)| RegionRange { offset, len })
+        .collect();
+    ranges.sort_by_key(|r| r.offset);
+    let mut merged: Vec<RegionRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.offset <= last.offset + last.len => {
+                let end = (last.offset + last.len).max(r.offset + r.len);
+                last.len = end - last.offset;
+            }
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// The `RepairRequest` messages for `ranges` (several when there are more than
+/// [`MAX_REPAIR_RANGES`]).
+pub fn repair_requests(ranges: &[RegionRange]) -> impl Iterator<Item = Message> + '_ {
+    ranges
+        .chunks(MAX_REPAIR_RANGES)
+        .map(|c| Message::RepairRequest { ranges: c.to_vec() })
+}
+
+/// `ranges` cut into pieces of at most [`REPAIR_CHUNK_BYTES`]: one `RepairData` each.
+pub fn repair_pieces(ranges: &[RegionRange]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    ranges.iter().flat_map(|r| {
+        (0..r.len.div_ceil(REPAIR_CHUNK_BYTES)).map(move |i| {
+            let start = i * REPAIR_CHUNK_BYTES;
+            (r.offset + start, (r.len - start).min(REPAIR_CHUNK_BYTES))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_merge_where_they_overlap_or_touch() {
+        let r = merged_ranges([(10, 5), (0, 4), (15, 1), (3, 2), (100, 0), (50, 10)]);
+        let want = [(0, 5), (10, 6), (50, 10)].map(|(offset, len)| RegionRange { offset, len });
+        assert_eq!(r, want);
+        let pieces: Vec<_> = repair_pieces(&[RegionRange {
+            offset: 7,
+            len: 2 * REPAIR_CHUNK_BYTES + 1,
+        }])
+        .collect();
+        assert_eq!(
+            pieces,
+            [
+                (7, REPAIR_CHUNK_BYTES),
+                (7 + REPAIR_CHUNK_BYTES, REPAIR_CHUNK_BYTES),
+                (7 + 2 * REPAIR_CHUNK_BYTES, 1)
+            ]
+        );
+    }
+}
