@@ -377,7 +377,7 @@ impl RdmaPingPong {
     pub fn round_trip(&mut self) -> Result<u64, crate::transport::TransportError> {
         use crate::transport::Connection;
         let t = Instant::now();
-        self.client.send_write(1, 0, &self.data)?;
+        self.client.send_write(1, 1, 0, &self.data)?;
         while !self.client.flush()? {}
         self.inbox.clear();
         while self.client.poll_recv(&mut self.inbox, 1)? == 0 {

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -17,11 +17,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
+use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
 use mirror_proto::{
-    check_write, Action, Backup, Core, CoreConfig, Message, Phase, Primary, RejectCode,
+    check_write, Action, Backup, Core, CoreConfig, Message, Phase, Primary, RegionRange, RejectCode,
 };
 use mirror_ring::{Consumer, Producer, SubmitRing};
-use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, StorageError};
+use mirror_storage::{
+    discarded_path, save_discarded, DiscardedRecord, Durability, PersistentQueue, QueueParams,
+    Region, StorageError,
+};
 
 use crate::config::{Config, Role, TransportKind};
 use crate::error::{MirrorError, Result};
@@ -70,6 +74,28 @@ pub struct Stats {
     pub writes_completed: u64,
     /// Why the node failed, if it did.
     pub failure: Option<String>,
+    /// The node's current term (a primary's: the term of its writes).
+    pub current_term: u64,
+    /// The last divergent suffix this node dropped (backup), if any since it opened.
+    pub last_divergence: Option<Divergence>,
+}
+
+/// A divergent suffix a backup dropped at a handshake: records a primary whose history is newer
+/// never completed to any caller (see docs/PROTOCOL.md, "Log matching"), saved before they went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Divergence {
+    /// The common point: every dropped record had a higher seq.
+    pub common_seq: u64,
+    /// The last dropped seq.
+    pub through_seq: u64,
+    /// Records dropped.
+    pub records: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Region bytes repaired from the primary (the ranges the records wrote, merged).
+    pub repaired_bytes: u64,
+    /// The file they were saved to (format: docs/FORMAT.md, "Discarded-records file").
+    pub file: PathBuf,
 }
 
 struct Submission {
@@ -233,7 +259,7 @@ impl Mirror {
             tracing::warn!(
                 queue = %cfg.queue.display(),
                 cut_bytes = report.torn_tail_cut_bytes,
-                "cut a torn tail from the queue (a write that was never acknowledged)"
+                "cut records from the queue's tail that did not verify (appends not yet durable when the node stopped, or torn); the peer replays any of them it holds, and a new term tells new writes at those seqs apart"
             );
         }
         let region = Arc::new(Region::open_or_create(
@@ -347,6 +373,8 @@ impl Mirror {
             writes_submitted: 0,
             writes_completed: 0,
             failure: None,
+            current_term: queue.current_term(),
+            last_divergence: None,
         };
         let shared = Arc::new(Shared {
             completed: CachePadded::new(AtomicU64::new(0)),
@@ -395,6 +423,7 @@ impl Mirror {
             last_checkpoint_us: 0,
             recovery_bytes: 0,
             recovery_records: 0,
+            last_divergence: None,
             recoveries_seen: 0,
             submitted: 0,
         };
@@ -742,6 +771,7 @@ struct Poller {
     last_checkpoint_us: u64,
     recovery_bytes: u64,
     recovery_records: u64,
+    last_divergence: Option<Divergence>,
     recoveries_seen: u64,
     submitted: u64,
 }
@@ -1103,7 +1133,10 @@ impl Poller {
                     through_seq,
                 } => self.send_queued(from_seq, through_seq, &mut broken)?,
                 Action::Append { record, recovery } => {
-                    match self.queue.append(record.seq, record.offset, &record.data) {
+                    match self
+                        .queue
+                        .append(record.seq, record.term, record.offset, &record.data)
+                    {
                         Ok(()) => {}
                         Err(StorageError::Full { needed, free }) => {
                             return Err(Stop::Fatal(format!(
@@ -1118,7 +1151,37 @@ impl Poller {
                         self.recovery_records += 1;
                     }
                 }
-                Action::SyncQueue => self.queue.sync()?,
+                Action::SyncQueue => {
+                    // Hand what this pass sends to the network first: a primary's own sync then
+                    // overlaps the round trip to the backup instead of adding to it.
+                    if let Some(c) = self.conn.as_mut() {
+                        if let Err(e) = c.flush() {
+                            broken.get_or_insert(e.to_string());
+                        }
+                    }
+                    self.queue.sync()?
+                }
+                Action::PersistTerm { term } => self.queue.set_current_term(term)?,
+                Action::RequestRepair { after, through } => {
+                    self.save_divergent_suffix(after, through, &mut broken)?
+                }
+                Action::SendRegion { ranges } => self.send_region(&ranges, &mut broken)?,
+                Action::RepairRegion { offset, data } => {
+                    self.region.write(offset, &data)?;
+                    self.recovery_bytes += data.len() as u64;
+                }
+                Action::TruncateAfter { after } => {
+                    // The repaired ranges must be durable before the records that explain them
+                    // leave the queue (a crash in between redoes the whole repair).
+                    if self.cfg.durability != Durability::Process {
+                        self.region.sync()?;
+                    }
+                    self.queue.truncate_after(after)?;
+                    tracing::warn!(
+                        common_seq = after,
+                        "dropped this backup's divergent suffix; the primary's records follow"
+                    );
+                }
                 Action::Apply(record) => {
                     if self.cfg.crash_before_apply_seq == Some(record.seq)
                         || self.shared.crash_armed.load(Ordering::Relaxed)
@@ -1174,6 +1237,94 @@ impl Poller {
         Ok(worked)
     }
 
+    /// Saves the divergent suffix `(after, through]` durably beside the queue, then asks the
+    /// primary for the current bytes of every range it wrote.
+    fn save_divergent_suffix(
+        &mut self,
+        after: u64,
+        through: u64,
+        broken: &mut Option<String>,
+    ) -> Result<(), Stop> {
+        let mut records = Vec::new();
+        for rec in self.queue.iter_from(after + 1) {
+            let rec = rec?;
+            if rec.seq > through {
+                break;
+            }
+            records.push(DiscardedRecord {
+                seq: rec.seq,
+                term: rec.term,
+                region_offset: rec.offset,
+                payload: rec.payload.to_vec(),
+            });
+        }
+        if records.len() as u64 != through - after {
+            return Err(Stop::Fatal(format!(
+                "queue {} lacks records of its divergent suffix ({after}, {through}]",
+                self.cfg.queue.display()
+            )));
+        }
+        let saved_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let file = discarded_path(&self.cfg.queue, after, saved_unix_ms);
+        save_discarded(&file, self.queue.node_id(), after, saved_unix_ms, &records)?;
+        let ranges = merged_ranges(
+            records
+                .iter()
+                .map(|r| (r.region_offset, r.payload.len() as u64)),
+        );
+        let divergence = Divergence {
+            common_seq: after,
+            through_seq: through,
+            records: records.len() as u64,
+            bytes: records.iter().map(|r| r.payload.len() as u64).sum(),
+            repaired_bytes: ranges.iter().map(|r| r.len).sum(),
+            file,
+        };
+        tracing::warn!(
+            common_seq = after,
+            through_seq = through,
+            records = divergence.records,
+            bytes = divergence.bytes,
+            file = %divergence.file.display(),
+            "this backup's queue diverges from the primary's newer history after the common point: saved the divergent records; repairing their byte ranges from the primary"
+        );
+        self.last_divergence = Some(divergence);
+        if let Some(c) = self.conn.as_mut() {
+            for m in repair_requests(&ranges) {
+                if let Err(e) = c.send(&m) {
+                    broken.get_or_insert(e.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the current bytes of `ranges` (a backup repairing a divergent suffix).
+    fn send_region(
+        &mut self,
+        ranges: &[RegionRange],
+        broken: &mut Option<String>,
+    ) -> Result<(), Stop> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        for (offset, len) in repair_pieces(ranges) {
+            let mut data = vec![0u8; len as usize];
+            self.region.read(offset, &mut data)?;
+            self.recovery_bytes += len;
+            if let Err(e) = conn.send(&Message::RepairData {
+                offset,
+                data: Bytes::from(data),
+            }) {
+                broken.get_or_insert(e.to_string());
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     fn send_queued(
         &mut self,
         from_seq: u64,
@@ -1192,7 +1343,7 @@ impl Poller {
             if rec.seq != expect {
                 break;
             }
-            if let Err(e) = conn.send_write(rec.seq, rec.offset, rec.payload) {
+            if let Err(e) = conn.send_write(rec.seq, rec.term, rec.offset, rec.payload) {
                 broken.get_or_insert(e.to_string());
                 return Ok(());
             }
@@ -1246,6 +1397,8 @@ impl Poller {
         s.recoveries = core.recoveries;
         s.last_recovery_bytes = self.recovery_bytes;
         s.last_recovery_records = self.recovery_records;
+        s.current_term = core.current_term;
+        s.last_divergence.clone_from(&self.last_divergence);
     }
 
     /// Prepares to sleep: announces it to submitters and returns the descriptors to sleep on, or

@@ -462,6 +462,8 @@ pub struct Primary {
     /// Highest seq of our own queue known durable (per the durability mode): a record is
     /// applied, and its caller completed, only once it is.
     durable_through: u64,
+    /// Test-only breakage (the simulator's canary): match logs by seq alone.
+    seq_only_matching: bool,
     awaiting_since_us: Option<u64>,
     /// When the backup was last heard from (any message).
     last_heard_us: u64,
@@ -512,6 +514,7 @@ impl Primary {
             current_term,
             history: rec.term_history,
             durable_through: rec.last_seq,
+            seq_only_matching: false,
             awaiting_since_us: None,
             last_heard_us: 0,
             last_sent_us: 0,
@@ -530,6 +533,13 @@ impl Primary {
             last_seq: self.last_seq(),
             first_seq: self.first_seq,
         }
+    }
+
+    /// The simulator's second canary, primary side: see
+    /// [`Backup::break_log_matching_for_canary`].
+    #[cfg(feature = "canary")]
+    pub fn break_log_matching_for_canary(&mut self) {
+        self.seq_only_matching = true;
     }
 
     fn last_seq(&self) -> u64 {
@@ -767,7 +777,11 @@ impl Primary {
             return self.violation("Hello before ours was sent".into());
         };
         // The same rule the backup applied, on the same two views.
-        let plan = match reconcile(&announced.view, &LogView::of_hello(&h)) {
+        let plan = match reconcile_as_built(
+            &announced.view,
+            &LogView::of_hello(&h),
+            self.seq_only_matching,
+        ) {
             Ok(plan) => plan,
             Err(u) => return self.fail(u.into()),
         };
@@ -1158,6 +1172,27 @@ fn announced_silence_timeout(ack_timeout_us: u64) -> u32 {
     u32::try_from(ack_timeout_us).unwrap_or(u32::MAX)
 }
 
+/// [`reconcile`], or for the simulator's canary a build that matches logs by seq alone (every
+/// seq carries the same term on both sides, as before terms existed).
+fn reconcile_as_built(
+    primary: &LogView,
+    backup: &LogView,
+    seq_only_matching: bool,
+) -> Result<crate::handshake::Reconciliation, Unreconcilable> {
+    if !seq_only_matching {
+        return reconcile(primary, backup);
+    }
+    let blind = |v: &LogView| {
+        let mut v = v.clone();
+        v.history = TermHistory::new();
+        if v.last_seq > 0 {
+            let _ = v.history.note_append(1, 1);
+        }
+        v
+    };
+    reconcile(&blind(primary), &blind(backup))
+}
+
 /// What a node says of itself in the compatibility check and its Hello.
 fn identity(cfg: &CoreConfig, role: WireRole, peer_node_id: u64) -> Identity {
     Identity {
@@ -1264,19 +1299,7 @@ impl Backup {
 
     /// The plan for a primary that announced `h` (the same rule the primary applies).
     fn plan(&self, h: &Hello) -> Result<crate::handshake::Reconciliation, Unreconcilable> {
-        let mut primary = LogView::of_hello(h);
-        let mut own = self.view();
-        if self.seq_only_matching {
-            // The canary: every seq carries the same term on both sides.
-            primary.history = TermHistory::new();
-            own.history = TermHistory::new();
-            for view in [&mut primary, &mut own] {
-                if view.last_seq > 0 {
-                    let _ = view.history.note_append(1, 1);
-                }
-            }
-        }
-        reconcile(&primary, &own)
+        reconcile_as_built(&LogView::of_hello(h), &self.view(), self.seq_only_matching)
     }
 
     fn last_seq(&self) -> u64 {
@@ -1646,7 +1669,7 @@ impl Backup {
         CoreStats {
             next_seq: self.next_seq,
             applied_through: self.applied_through,
-            acked_through: self.last_seq(),
+            acked_through: self.matched_through(),
             peer_applied_through: self.peer_applied,
             in_flight: self.to_apply.len() as u64,
             degraded: false,

@@ -80,10 +80,13 @@ pub fn recovered(replay: ReplayState) -> Recovered {
             .into_iter()
             .map(|r| Record {
                 seq: r.seq,
+                term: r.term,
                 offset: r.offset,
                 data: Bytes::from(r.payload),
             })
             .collect(),
+        current_term: replay.current_term,
+        term_history: replay.term_history,
     }
 }
 

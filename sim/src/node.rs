@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
+use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
 use mirror_proto::{Action, Backup, Core, CoreConfig, Message, PeerLossPolicy, Primary, Record};
 use mirror_storage::{Durability, PersistentQueue, QueueParams, StorageError};
 
@@ -37,6 +38,8 @@ pub(crate) enum Effect {
     Complete(u64),
     /// About to write record `seq` into the region.
     Apply(u64),
+    /// The backup saved and will drop these records (seq, term): its divergent suffix.
+    Discard(Vec<(u64, u64)>),
     /// The core stopped the node.
     Fatal(String),
 }
@@ -48,6 +51,8 @@ pub(crate) struct Recovery {
     /// The region as it will be once the node replayed its queue's unapplied records: it
     /// must hold the writes of every seq through `last_seq`.
     pub rebuilt: Vec<u8>,
+    /// The terms along its recovered log.
+    pub terms: mirror_proto::TermHistory,
 }
 
 /// What one execution of the core's actions did.
@@ -75,7 +80,16 @@ pub(crate) struct SimNode {
     /// Highest `applied_through` checkpointed.
     pub durable_applied: u64,
     cfg: CoreConfig,
-    canary_apply_before_ack: bool,
+    canaries: Canaries,
+}
+
+/// The simulator's canaries: deliberately broken nodes its checkers must catch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Canaries {
+    /// The primary applies each write at submission, before the backup's ack.
+    pub apply_before_ack: bool,
+    /// The backup matches logs by seq alone (acks a duplicate seq of another term).
+    pub seq_only_matching: bool,
 }
 
 fn storage(e: StorageError) -> String {
@@ -92,7 +106,7 @@ impl SimNode {
         role: Role,
         node_id: u64,
         policy: PeerLossPolicy,
-        canary_apply_before_ack: bool,
+        canaries: Canaries,
     ) -> Result<SimNode, String> {
         let queue_path = dir.join(match role {
             Role::Primary => "primary.queue",
@@ -132,7 +146,7 @@ impl SimNode {
             durable,
             cfg,
             (region.clone(), region),
-            canary_apply_before_ack,
+            canaries,
         )
         .map(|(node, _)| node)
     }
@@ -146,7 +160,7 @@ impl SimNode {
         durable: DurableImage,
         cfg: CoreConfig,
         (region, region_durable): (Vec<u8>, Vec<u8>),
-        canary_apply_before_ack: bool,
+        canaries: Canaries,
     ) -> Result<(SimNode, Recovery), String> {
         let hook = durable
             .hook(&queue_path)
@@ -169,11 +183,24 @@ impl SimNode {
         let recovery = Recovery {
             last_seq: replay.last_seq,
             rebuilt,
+            terms: replay.term_history.clone(),
         };
         let rec = crate::recovered(replay);
         let core = match role {
-            Role::Primary => Core::Primary(Primary::new(cfg.clone(), rec)),
-            Role::Backup => Core::Backup(Backup::new(cfg.clone(), rec)),
+            Role::Primary => {
+                let mut primary = Primary::new(cfg.clone(), rec);
+                if canaries.seq_only_matching {
+                    primary.break_log_matching_for_canary();
+                }
+                Core::Primary(primary)
+            }
+            Role::Backup => {
+                let mut backup = Backup::new(cfg.clone(), rec);
+                if canaries.seq_only_matching {
+                    backup.break_log_matching_for_canary();
+                }
+                Core::Backup(backup)
+            }
         };
         let node = SimNode {
             role,
@@ -188,7 +215,7 @@ impl SimNode {
             durable_last_seq,
             durable_applied,
             cfg,
-            canary_apply_before_ack,
+            canaries,
         };
         Ok((node, recovery))
     }
@@ -213,7 +240,7 @@ impl SimNode {
             durable_last_seq,
             durable_applied,
             cfg,
-            canary_apply_before_ack,
+            canaries,
             ..
         } = self;
         drop(queue);
@@ -233,14 +260,7 @@ impl SimNode {
         } else {
             (durable, (region, region_durable))
         };
-        let (node, recovery) = Self::start(
-            role,
-            queue_path,
-            durable,
-            cfg,
-            region,
-            canary_apply_before_ack,
-        )?;
+        let (node, recovery) = Self::start(role, queue_path, durable, cfg, region, canaries)?;
         let last = node.queue.last_seq();
         let applied = node.queue.applied_through();
         if last < durable_last_seq || applied < durable_applied {
@@ -288,6 +308,7 @@ impl SimNode {
                         }
                         writes.push(Message::Write {
                             seq: r.seq,
+                            term: r.term,
                             offset: r.offset,
                             data: Bytes::copy_from_slice(r.payload),
                         });
@@ -307,9 +328,9 @@ impl SimNode {
                 }
                 Action::Append { record, recovery } => {
                     self.queue
-                        .append(record.seq, record.offset, &record.data)
+                        .append(record.seq, record.term, record.offset, &record.data)
                         .map_err(storage)?;
-                    if self.canary_apply_before_ack && self.role == Role::Primary && !recovery {
+                    if self.canaries.apply_before_ack && self.role == Role::Primary && !recovery {
                         // The canary: the delay buffer skipped, applied before the backup's ack.
                         effects.push(Effect::Apply(record.seq));
                         self.write_region(&record);
@@ -338,6 +359,55 @@ impl SimNode {
                     effects.push(Effect::Close);
                 }
                 Action::RecoveryStarted => {}
+                Action::PersistTerm { term } => {
+                    self.queue.set_current_term(term).map_err(storage)?;
+                    // A metadata update is a barrier: every earlier append is durable.
+                    self.durable_last_seq = self.queue.last_seq();
+                }
+                Action::RequestRepair { after, through } => {
+                    let mut suffix = Vec::new();
+                    for r in self.queue.iter_from(after + 1) {
+                        let r = r.map_err(storage)?;
+                        if r.seq > through {
+                            break;
+                        }
+                        suffix.push((r.seq, r.term, r.offset, r.payload.len() as u64));
+                    }
+                    if suffix.len() as u64 != through - after {
+                        return Err(format!(
+                            "{role:?} lacks its divergent suffix ({after}, {through}]"
+                        ));
+                    }
+                    let ranges = merged_ranges(suffix.iter().map(|s| (s.2, s.3)));
+                    effects.push(Effect::Discard(suffix.iter().map(|s| (s.0, s.1)).collect()));
+                    for msg in repair_requests(&ranges) {
+                        effects.push(Effect::Send {
+                            msg,
+                            durable: (self.durable_last_seq, self.durable_applied),
+                        });
+                    }
+                }
+                Action::SendRegion { ranges } => {
+                    for (offset, len) in repair_pieces(&ranges) {
+                        let at = offset as usize;
+                        let data = Bytes::copy_from_slice(&self.region[at..at + len as usize]);
+                        effects.push(Effect::Send {
+                            msg: Message::RepairData { offset, data },
+                            durable: (self.durable_last_seq, self.durable_applied),
+                        });
+                    }
+                }
+                Action::RepairRegion { offset, data } => {
+                    let at = offset as usize;
+                    self.region[at..at + data.len()].copy_from_slice(&data);
+                }
+                Action::TruncateAfter { after } => {
+                    // The node syncs its region first (the repaired ranges), then truncates.
+                    self.region_durable.copy_from_slice(&self.region);
+                    self.queue.truncate_after(after).map_err(storage)?;
+                    self.durable_last_seq = after;
+                    self.durable_applied = self.durable_applied.min(after);
+                }
                 Action::Fatal(e) => effects.push(Effect::Fatal(e.to_string())),
             }
         }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use mirror_proto::{Message, PeerLossPolicy, Phase};
 
 use crate::net::{frame, Connection, Delivery, End};
-use crate::node::{Effect, Executed, Recovery, Role, SimNode};
+use crate::node::{Canaries, Effect, Executed, Recovery, Role, SimNode};
 use crate::{MAX_WRITE, REGION_BYTES, STEP_US};
 
 /// How a run is shaped (the faults themselves are drawn from the seed: [`Swarm`]).
@@ -20,6 +20,9 @@ pub struct SimOptions {
     pub liveness_steps: u64,
     /// The canary: the primary applies each write at submission, before the backup's ack.
     pub canary_apply_before_ack: bool,
+    /// The second canary: both nodes match logs by seq alone, as before terms (the backup
+    /// takes a record of another term at the same seq for the same write).
+    pub canary_seq_only_matching: bool,
     /// Print every fault and phase change (for replaying one seed).
     pub trace: bool,
 }
@@ -30,6 +33,7 @@ impl Default for SimOptions {
             fault_steps: 3_000,
             liveness_steps: 20_000,
             canary_apply_before_ack: false,
+            canary_seq_only_matching: false,
             trace: false,
         }
     }
@@ -63,6 +67,10 @@ pub struct Swarm {
     /// hit an idle pair, and the liveness phase starts from whatever they left (an apply report
     /// lost on a connection that stays half-open, say). 0: it writes to the end.
     pub idle_tail_steps: u64,
+    /// Percent of crashes after which the node comes back to find its peer unreachable for a
+    /// while (a power cut that also took the network, a peer slow to answer): a `continue`
+    /// primary then writes degraded before any Hello, at seqs its peer may hold.
+    pub isolated_restart_percent: u32,
 }
 
 impl Swarm {
@@ -96,6 +104,7 @@ impl Swarm {
             },
             depth: rng.usize(1..=32),
             idle_tail_steps: if rng.bool() { 0 } else { rng.u64(1..=1_500) },
+            isolated_restart_percent: rng.u32(0..=100),
         }
     }
 }
@@ -119,6 +128,10 @@ pub enum Checker {
     DurabilityLost,
     /// Regions differ from each other or from the replay of the history.
     RegionsDiffer,
+    /// A node discarded (as a divergent suffix) a record whose write a caller saw complete.
+    CompletedWriteDiscarded,
+    /// Both nodes are synchronous with nothing in flight, yet their regions differ.
+    SilentDivergence,
     /// A node stopped (storage error, fatal error of the core, a full backup queue).
     NodeStopped,
 }
@@ -181,6 +194,10 @@ pub struct SimReport {
     pub recovery_records: u64,
     /// Payload bytes moved by catch-ups.
     pub recovery_bytes: u64,
+    /// Records dropped as divergent suffixes (saved, then repaired from the primary).
+    pub discarded_records: u64,
+    /// Crashes after which the node came back to an unreachable peer.
+    pub isolated_restarts: u64,
     /// Hash of everything that happened: the same seed must give the same hash.
     pub trace_hash: u64,
 }
@@ -204,6 +221,8 @@ impl SimReport {
         self.room_drops += other.room_drops;
         self.recovery_records += other.recovery_records;
         self.recovery_bytes += other.recovery_bytes;
+        self.discarded_records += other.discarded_records;
+        self.isolated_restarts += other.isolated_restarts;
     }
 }
 
@@ -219,8 +238,10 @@ struct Client {
     /// Tickets of the current primary incarnation awaiting completion: ticket -> (seq, id).
     pending: BTreeMap<u64, (u64, usize)>,
     next_ticket: u64,
-    /// The history: seq -> id of the write that holds it now.
-    history: BTreeMap<u64, usize>,
+    /// The history: seq -> (term, id of the write) that holds it now.
+    history: BTreeMap<u64, (u64, usize)>,
+    /// Every write ever given a seq: (seq, term) -> id.
+    assigned: BTreeMap<(u64, u64), usize>,
     /// Seqs whose completion the client saw.
     completed: BTreeMap<u64, usize>,
     /// Seqs submitted while the primary was not synchronous (degraded writes under
@@ -264,6 +285,8 @@ struct Sim<'o> {
     faults: bool,
     client: Client,
     report: SimReport,
+    /// The converged state checker 8 last compared (see `check_no_silent_divergence`).
+    divergence_checked: Option<[u64; 5]>,
 }
 
 fn idx(r: Role) -> usize {
@@ -317,10 +340,9 @@ impl<'o> Sim<'o> {
         let Some(node) = self.nodes[idx(r)].take() else {
             return Ok(());
         };
-        // A `continue` primary's power loss is a documented limitation (two histories; see the
-        // crate docs): crash it as a process.
-        let power = self.rng.u32(0..100) < self.swarm.power_loss_percent
-            && !(r == Role::Primary && node.policy() == PeerLossPolicy::Continue);
+        // Every node, every policy: a `continue` primary's power loss too (terms and log
+        // matching keep the two histories apart; checkers 8 and 9 hold them to it).
+        let power = self.rng.u32(0..100) < self.swarm.power_loss_percent;
         self.report.crashes[idx(r)] += 1;
         if power {
             self.report.power_losses += 1;
@@ -344,13 +366,33 @@ impl<'o> Sim<'o> {
             // The client's waits fail with the process.
             self.client.pending.clear();
         }
+        let last_before = node.queue.last_seq();
+        if node.durable_last_seq < last_before {
+            self.trace(format_args!(
+                "{r:?} holds seqs {}..={last_before} not yet durable",
+                node.durable_last_seq + 1
+            ));
+        }
         let (node, tear, recovery) = node
             .crash_and_restart(power, &mut self.rng)
             .map_err(|e| self.fail(Checker::DurabilityLost, e))?;
+        if recovery.last_seq < last_before {
+            self.trace(format_args!(
+                "{r:?} lost seqs {}..={last_before}",
+                recovery.last_seq + 1
+            ));
+        }
         self.check_recovery(r, &recovery)?;
         self.report.torn_words += tear.written_words;
         self.nodes[idx(r)] = None;
         self.down_until[idx(r)] = self.step + self.rng.u64(0..300);
+        if self.rng.u32(0..100) < self.swarm.isolated_restart_percent {
+            // It comes back to an unreachable peer.
+            let until = self.down_until[idx(r)] + self.rng.u64(1..=600);
+            self.partitioned_until = self.partitioned_until.max(until);
+            self.report.isolated_restarts += 1;
+            self.trace(format_args!("the network is down until step {until}"));
+        }
         self.restarting[idx(r)] = Some(node);
         Ok(())
     }
@@ -359,7 +401,15 @@ impl<'o> Sim<'o> {
     /// part way through: after an append and before its sync, after the ack arrived and before
     /// the apply, after the apply and before the completion... Returns whether it is still up.
     fn execute(&mut self, r: Role) -> Result<bool, SimFailure> {
-        let crash = if self.armed[idx(r)] {
+        self.execute_or_defer_crash(r, false)
+    }
+
+    /// `execute`, where an armed crash may wait for a later batch (`defer`): a submission's
+    /// batch sends its write last, so a crash landing in it never follows the send; deferring
+    /// lets crashes also land in the pass's closing batch, after the sends and before the
+    /// primary's own sync (a power cut while the sync overlaps the round trip).
+    fn execute_or_defer_crash(&mut self, r: Role, defer: bool) -> Result<bool, SimFailure> {
+        let crash = if self.armed[idx(r)] && !defer {
             Some(&mut self.rng)
         } else {
             None
@@ -403,9 +453,18 @@ impl<'o> Sim<'o> {
                     writes,
                 } => {
                     // Checker 4: only what the peer lacks.
-                    let peer_last = self.nodes[idx(other(r))]
-                        .as_ref()
-                        .map(|p| p.queue.last_seq());
+                    // What the peer holds of this node's history: the two logs agree through
+                    // their common point (a seq the peer holds with another term is not the
+                    // same record: a divergent suffix, or degraded writes of a newer term).
+                    let peer_last = match (&self.nodes[idx(r)], &self.nodes[idx(other(r))]) {
+                        (Some(me), Some(peer)) => mirror_proto::common_point(
+                            me.queue.term_history(),
+                            me.queue.last_seq(),
+                            peer.queue.term_history(),
+                            peer.queue.last_seq(),
+                        ),
+                        _ => None,
+                    };
                     if let Some(peer_last) = peer_last {
                         if from_seq <= peer_last {
                             return Err(self.fail(
@@ -457,6 +516,7 @@ impl<'o> Sim<'o> {
                         self.check_backup_holds(seq)?;
                     }
                 }
+                Effect::Discard(records) => self.check_discarded(r, &records)?,
                 Effect::Fatal(why) => {
                     return Err(self.fail(Checker::NodeStopped, format!("{r:?}: {why}")));
                 }
@@ -478,9 +538,22 @@ impl<'o> Sim<'o> {
         let mut expect = vec![0u8; REGION_BYTES as usize];
         let mut masked = vec![false; REGION_BYTES as usize];
         let mut next = 1;
-        for (&seq, &id) in &self.client.history {
+        for (&seq, &(term, id)) in &self.client.history {
             let w = &self.client.writes[id];
             let range = w.offset as usize..w.offset as usize + w.data.len();
+            let held_term = rec.terms.term_at(seq).filter(|&t| t != term);
+            if let (true, Some(held_term)) = (seq <= rec.last_seq, held_term) {
+                // The node holds another write at this seq: a divergent suffix that the next
+                // handshake saves, repairs and drops (checkers 8 and 9 judge that). Neither
+                // write's bytes say anything here.
+                masked[range].fill(true);
+                if let Some(&held) = self.client.assigned.get(&(seq, held_term)) {
+                    let w = &self.client.writes[held];
+                    masked[w.offset as usize..w.offset as usize + w.data.len()].fill(true);
+                }
+                next += 1;
+                continue;
+            }
             if seq <= rec.last_seq {
                 if seq != next {
                     return Err(self.fail(
@@ -506,6 +579,26 @@ impl<'o> Sim<'o> {
                     rec.last_seq
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checker 9: a node discards (as a divergent suffix) only records whose writes no caller
+    /// saw complete: a completed write is in the primary's durable queue, so its history wins.
+    fn check_discarded(&mut self, r: Role, records: &[(u64, u64)]) -> Result<(), SimFailure> {
+        self.report.discarded_records += records.len() as u64;
+        self.trace(format_args!("{r:?} discards {records:?}"));
+        for &(seq, term) in records {
+            let id = self.client.assigned.get(&(seq, term)).copied();
+            if id.is_some() && self.client.completed.get(&seq) == id.as_ref() {
+                return Err(self.fail(
+                    Checker::CompletedWriteDiscarded,
+                    format!(
+                        "{r:?} discards seq {seq} of term {term}, completed write {}",
+                        id.unwrap_or_default()
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -734,6 +827,7 @@ impl Sim<'_> {
             });
             let ticket = self.client.next_ticket;
             let synchronous = p.core.phase() == Phase::Synchronous;
+            let term = p.core.stats().current_term;
             let seq = match p.core.submit(ticket, offset, data) {
                 Ok(seq) => seq,
                 Err(e) => {
@@ -749,14 +843,16 @@ impl Sim<'_> {
                     ),
                 ));
             }
-            self.client.history.insert(seq, id);
+            self.client.history.insert(seq, (term, id));
+            self.client.assigned.insert((seq, term), id);
             self.client.pending.insert(ticket, (seq, id));
             if synchronous {
                 self.client.degraded.remove(&seq);
             } else {
                 self.client.degraded.insert(seq);
             }
-            self.execute(Role::Primary)?;
+            let defer = self.rng.bool();
+            self.execute_or_defer_crash(Role::Primary, defer)?;
         }
         Ok(())
     }
@@ -826,6 +922,14 @@ impl Sim<'_> {
             node.core.on_tick();
         }
         node.core.end_batch();
+        // A power cut while the node syncs records it has already sent (the sync overlaps the
+        // round trip): rare for a crash drawn per step, as the window is one batch wide, so
+        // this batch draws its own, twenty times as likely. Seeds without crashes stay so.
+        let sends_unsynced = node.durable_last_seq < node.queue.last_seq();
+        if sends_unsynced && self.chance(self.swarm.crash_ppm.saturating_mul(20)) {
+            self.armed[idx(r)] = true;
+            self.trace(format_args!("{r:?} will die during its sync"));
+        }
         if !self.execute(r)? {
             return Ok(worked);
         }
@@ -870,7 +974,43 @@ impl Sim<'_> {
         };
         self.run_node(first)?;
         self.run_node(other(first))?;
+        self.check_no_silent_divergence()?;
         self.step += 1;
+        Ok(())
+    }
+
+    /// Checker 8: whenever both nodes are synchronous with everything applied and nothing in
+    /// flight, their regions are identical (the end of the run also compares them with the
+    /// replay of the history). A pair that disagrees on what a seq means stays synchronous
+    /// while its regions differ: this catches it at once.
+    fn check_no_silent_divergence(&mut self) -> Result<(), SimFailure> {
+        if !self.converged() {
+            return Ok(());
+        }
+        let (Some(p), Some(b)) = (&self.nodes[0], &self.nodes[1]) else {
+            return Ok(());
+        };
+        // Compare once per converged state, not once per idle step.
+        let (ps, bs) = (p.core.stats(), b.core.stats());
+        let state = [
+            ps.applied_through,
+            bs.applied_through,
+            ps.recoveries,
+            bs.recoveries,
+            self.report.crashes[0] + self.report.crashes[1],
+        ];
+        if self.divergence_checked == Some(state) {
+            return Ok(());
+        }
+        self.divergence_checked = Some(state);
+        if let Some(at) = p.region.iter().zip(&b.region).position(|(x, y)| x != y) {
+            return Err(self.fail(
+                Checker::SilentDivergence,
+                format!(
+                    "both nodes are synchronous and idle, but their regions differ at byte {at}"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -900,7 +1040,7 @@ impl Sim<'_> {
         let last = p.core.stats().next_seq - 1;
         let mut expect = vec![0u8; REGION_BYTES as usize];
         for seq in 1..=last {
-            let Some(&id) = self.client.history.get(&seq) else {
+            let Some(&(_, id)) = self.client.history.get(&seq) else {
                 return Err(self.fail(
                     Checker::RegionsDiffer,
                     format!("seq {seq} was applied but no write was ever given that seq"),
@@ -910,7 +1050,7 @@ impl Sim<'_> {
             expect[w.offset as usize..w.offset as usize + w.data.len()].copy_from_slice(&w.data);
         }
         for (&seq, &id) in &self.client.completed {
-            if seq > last || self.client.history.get(&seq) != Some(&id) {
+            if seq > last || self.client.history.get(&seq).map(|h| h.1) != Some(id) {
                 return Err(self.fail(
                     Checker::CompletedWriteLost,
                     format!("completed write {id} (seq {seq}) is not in the final history (last seq {last})"),
@@ -947,10 +1087,23 @@ pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, S
         Role::Primary,
         ids.0,
         swarm.policy,
-        opts.canary_apply_before_ack,
+        Canaries {
+            apply_before_ack: opts.canary_apply_before_ack,
+            seq_only_matching: opts.canary_seq_only_matching,
+        },
     )
     .map_err(setup)?;
-    let backup = SimNode::create(dir, Role::Backup, ids.1, swarm.policy, false).map_err(setup)?;
+    let backup = SimNode::create(
+        dir,
+        Role::Backup,
+        ids.1,
+        swarm.policy,
+        Canaries {
+            apply_before_ack: false,
+            seq_only_matching: opts.canary_seq_only_matching,
+        },
+    )
+    .map_err(setup)?;
     let mut sim = Sim {
         seed,
         opts,
@@ -965,6 +1118,7 @@ pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, S
         next_conn_id: 0,
         next_connect_step: 0,
         partitioned_until: 0,
+        divergence_checked: None,
         faults: true,
         client: Client {
             next_ticket: 1,

@@ -83,11 +83,12 @@ impl SendBatch {
     pub(crate) fn push_write(
         &mut self,
         seq: u64,
+        term: u64,
         offset: u64,
         data: &[u8],
     ) -> Result<(), TransportError> {
         self.check_backlog()?;
-        encode_write(seq, offset, data, &mut self.buf);
+        encode_write(seq, term, offset, data, &mut self.buf);
         Ok(())
     }
 
@@ -142,7 +143,13 @@ pub trait Connection: Send {
     /// Queues `msg` into the current send batch (no system call).
     fn send(&mut self, msg: &Message) -> Result<(), TransportError>;
     /// Queues a `Write` message built from borrowed parts (no intermediate allocation).
-    fn send_write(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<(), TransportError>;
+    fn send_write(
+        &mut self,
+        seq: u64,
+        term: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), TransportError>;
     /// Hands the batch to the network as far as it takes it. Returns whether nothing is left queued.
     fn flush(&mut self) -> Result<bool, TransportError>;
     /// Bytes queued and not yet handed to the network.

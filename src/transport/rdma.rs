@@ -1246,8 +1246,14 @@ impl Connection for RdmaConnection {
         self.tx.push(msg)
     }
 
-    fn send_write(&mut self, seq: u64, offset: u64, data: &[u8]) -> Result<(), TransportError> {
-        self.tx.push_write(seq, offset, data)
+    fn send_write(
+        &mut self,
+        seq: u64,
+        term: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        self.tx.push_write(seq, term, offset, data)
     }
 
     fn flush(&mut self) -> Result<bool, TransportError> {

@@ -5,6 +5,8 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
+use mirror_proto::TermHistoryError;
+
 use crate::Role;
 
 /// Errors from the queue and region files.
@@ -15,11 +17,14 @@ use crate::Role;
 /// - the file on disk: [`BadMagic`](Self::BadMagic),
 ///   [`UnsupportedVersion`](Self::UnsupportedVersion),
 ///   [`HeaderChecksum`](Self::HeaderChecksum), [`MetaChecksum`](Self::MetaChecksum),
-///   [`CorruptHeader`](Self::CorruptHeader), [`CorruptRecord`](Self::CorruptRecord);
+///   [`CorruptMeta`](Self::CorruptMeta), [`CorruptHeader`](Self::CorruptHeader),
+///   [`CorruptRecord`](Self::CorruptRecord);
 /// - configuration: [`AlreadyExists`](Self::AlreadyExists),
 ///   [`RoleMismatch`](Self::RoleMismatch), [`RegionSizeMismatch`](Self::RegionSizeMismatch);
 /// - the caller: [`SeqOutOfOrder`](Self::SeqOutOfOrder), [`PayloadSize`](Self::PayloadSize),
 ///   [`ResetBackwards`](Self::ResetBackwards), [`OutOfRange`](Self::OutOfRange),
+///   [`Term`](Self::Term), [`CurrentTermBackwards`](Self::CurrentTermBackwards),
+///   [`TruncateBelowTrim`](Self::TruncateBelowTrim),
 ///   [`InvalidArgument`](Self::InvalidArgument);
 /// - flow control, not a fault: [`Full`](Self::Full).
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +81,22 @@ pub enum StorageError {
         /// crc computed over the header bytes.
         computed: u32,
     },
-    /// Neither metadata slot (peer id, applied_through, epoch) passes its crc32c.
+    /// Neither metadata slot (peer id, applied_through, epoch, role, terms) passes its crc32c.
     #[error("{}: both queue metadata slots fail their checksum: the header is damaged", path.display())]
     MetaChecksum {
         /// The file.
         path: PathBuf,
+    },
+    /// The current metadata slot passes its crc32c but one of its fields is invalid (written by
+    /// a faulty writer, or damaged and re-checksummed): the queue cannot be trusted.
+    #[error("queue {}: metadata field {field} is invalid: {why}", path.display())]
+    CorruptMeta {
+        /// The file.
+        path: PathBuf,
+        /// The field: `"role"`, `"term_history"` or `"current_term"`.
+        field: &'static str,
+        /// What is wrong with it.
+        why: String,
     },
     /// A header field or the file size is inconsistent.
     #[error("{}: corrupt queue header: {why}", path.display())]
@@ -145,6 +161,34 @@ pub enum StorageError {
         /// The value passed in.
         requested: u64,
     },
+    /// `append` was given a term that the queue's term history refuses (lower than the log's
+    /// last term, a new term that would not start after the last one, term 0, or a history
+    /// already holding the maximum number of entries). Nothing was written.
+    #[error("{}: append refused by the term history: {source}", path.display())]
+    Term {
+        /// The queue file.
+        path: PathBuf,
+        /// The rule the append breaks.
+        #[source]
+        source: TermHistoryError,
+    },
+    /// `set_current_term` may only raise the current term.
+    #[error("set_current_term({requested}) refused: the current term is already {current} and terms never go backwards")]
+    CurrentTermBackwards {
+        /// Current term.
+        current: u64,
+        /// The value passed in.
+        requested: u64,
+    },
+    /// `truncate_after` was asked to keep the log through a seq whose records are already
+    /// gone (trimmed, or skipped by a reset): it cannot be the point two logs have in common.
+    #[error("truncate_after({requested}) refused: the records through seq {trimmed_through} are already gone (trimmed), so seq {requested} cannot be where the log is cut")]
+    TruncateBelowTrim {
+        /// The seq passed in.
+        requested: u64,
+        /// The highest seq already gone: `first_seq - 1`, or `last_seq` for an empty queue.
+        trimmed_through: u64,
+    },
     /// A byte range does not fit in the region (checked without overflow).
     #[error("range at offset {offset} with length {len} exceeds the region size of {size} bytes")]
     OutOfRange {
@@ -208,7 +252,8 @@ impl StorageError {
 pub enum CutReason {
     /// The record magic is wrong (torn, zeroed, or never written).
     BadMagic,
-    /// Unknown record kind or a non-zero reserved field.
+    /// Unknown record kind, a non-zero reserved field, or a term that does not fit the kind
+    /// (0 on a DATA record, non-zero on a PAD or RESET record).
     BadKind,
     /// Length or region range out of bounds, or the record would cross the end of the ring.
     BadLength,
@@ -216,6 +261,19 @@ pub enum CutReason {
     StalePosition,
     /// The crc32c over the record does not match.
     Checksum,
+    /// A DATA record's term contradicts the term history in the metadata, or is lower than the
+    /// term of the DATA record before it: it is not part of the log the history describes (for
+    /// example a record discarded by `truncate_after`).
+    Term {
+        /// The record's seq.
+        seq: u64,
+        /// The term it carries.
+        found: u64,
+        /// The term the history gives that seq; where the history does not reach down to it,
+        /// the bound the record exceeds (the history's first term) or falls below (the previous
+        /// record's term); 0 when the history is empty (a log without DATA records).
+        expected: u64,
+    },
     /// The sequence number does not continue the log.
     SeqGap {
         /// Seq the scan expected.
@@ -235,7 +293,9 @@ impl fmt::Display for CutReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CutReason::BadMagic => f.write_str("bad record magic"),
-            CutReason::BadKind => f.write_str("unknown record kind or non-zero reserved field"),
+            CutReason::BadKind => {
+                f.write_str("unknown record kind, non-zero reserved field, or a term unfit for the kind")
+            }
             CutReason::BadLength => f.write_str("record length or region range out of bounds"),
             CutReason::StalePosition => f.write_str("record from an earlier lap of the ring"),
             CutReason::Checksum => f.write_str("record checksum mismatch"),
@@ -243,6 +303,14 @@ impl fmt::Display for CutReason {
                 write!(f, "sequence gap: expected seq {expected}, found {found}")
             }
             CutReason::Epoch { found } => write!(f, "record epoch {found} out of order"),
+            CutReason::Term {
+                seq,
+                found,
+                expected,
+            } => write!(
+                f,
+                "record seq {seq} carries term {found}, but the term history and the log before it call for term {expected}"
+            ),
         }
     }
 }

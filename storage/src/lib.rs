@@ -5,20 +5,21 @@
 //!
 //! - a [`Region`]: the mirrored memory, a file of exactly `region_size` bytes mapped shared.
 //!   Nothing else is in that file, so any tool can compare two regions.
-//! - a [`PersistentQueue`]: a ring of records, one per write request (`seq`, region offset,
-//!   payload), with strictly consecutive sequence numbers. The node appends a record per write
-//!   and trims records once the *other* node confirms it applied them. After a crash, reopening
-//!   the queue verifies every record from the head (magic, position, crc32c, epoch, seq
-//!   continuity) and cuts a torn tail. The queue header also keeps the small metadata the
-//!   engine needs across restarts (peer id, `applied_through`).
+//! - a [`PersistentQueue`]: a ring of records, one per write request (`seq`, term, region
+//!   offset, payload), with strictly consecutive sequence numbers. The node appends a record per
+//!   write and trims records once the *other* node confirms it applied them. After a crash,
+//!   reopening the queue verifies every record from the head (magic, position, crc32c, epoch,
+//!   seq continuity, term against the term history) and cuts a torn tail. The queue header also
+//!   keeps the small metadata the engine needs across restarts (peer id, `applied_through`,
+//!   role, current term, term history).
 //!
 //! ```text
-//!   engine poller ──append(seq, off, bytes)──▶ PersistentQueue ──sync()──▶ durable (per mode)
-//!        │                                        ▲   │
-//!        │ write(off, bytes) + sync()             │   └─ trim_through(seq) when the peer confirms
-//!        ▼                                        │
-//!     Region ◀── read()/as_ptr() from app threads │
-//!                                                 └─ open(): scan, verify, cut torn tail
+//!   engine poller ──append(seq, term, off, bytes)──▶ PersistentQueue ──sync()──▶ durable
+//!        │                                              ▲   │
+//!        │ write(off, bytes) + sync()                   │   └─ trim_through(seq) when the peer confirms
+//!        ▼                                              │
+//!     Region ◀── read()/as_ptr() from app threads       │
+//!                                                       └─ open(): scan, verify, cut torn tail
 //! ```
 //!
 //! # Durability modes
@@ -51,6 +52,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod discarded;
 mod error;
 mod format;
 mod map;
@@ -63,6 +65,10 @@ mod tests;
 use std::fmt;
 use std::str::FromStr;
 
+pub use discarded::{
+    discarded_path, list_discarded, read_discarded, save_discarded, DiscardedFile, DiscardedRecord,
+    DISCARDED_MAGIC, DISCARDED_VERSION,
+};
 pub use error::{CutReason, StorageError};
 pub use format::{
     CAPACITY_ALIGN_BYTES, FORMAT_VERSION, HEADER_BYTES, MAX_CAPACITY_BYTES, MAX_RECORD_BYTES,
@@ -131,7 +137,7 @@ impl FromStr for Durability {
     }
 }
 
-/// A node's role, stored in its queue header.
+/// A node's role, stored in its queue's metadata (it changes at a failover).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The node applications write to.

@@ -1,16 +1,20 @@
 //! The persistent queue: a ring of write-request records in an mmapped file.
 //!
 //! The byte layout and the crash-safety argument are in `docs/FORMAT.md` ("Queue file (format
-//! version 1)"); this module implements them. In short:
+//! version 2)"); this module implements them. In short:
 //!
 //! - the static header block (identity, sizes) is written once and crc-protected;
-//! - peer id, `applied_through` and the recovery epoch live in two crc-protected metadata
-//!   slots written alternately, each write made durable before the next may start;
+//! - peer id, `applied_through`, the recovery epoch, the role, the current term and the term
+//!   history live in two crc-protected metadata slots written alternately, each write made
+//!   durable before the next may start;
 //! - the ring cursors are single u64 words. `scan_start` and `trimmed_through` are trusted by
 //!   recovery but are safe at any value they ever held; `head`, `tail` and `next_seq` are hints
 //!   for observers and are never trusted;
+//! - every DATA record carries the term that assigned its seq; a record that starts a new term is
+//!   written only after the history entry naming it is durable;
 //! - recovery scans from `scan_start`, verifying every record (magic, position, length, crc,
-//!   epoch, seq continuity), and cuts the log at the first record that fails.
+//!   epoch, seq continuity, term against the history), and cuts the log at the first record
+//!   that fails.
 //!
 //! Concurrency: one mutator (`&mut self`). Other threads or processes may read the header
 //! words with Acquire loads; see [`inspect_queue`].
@@ -21,12 +25,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use mirror_proto::TermHistory;
+
 use crate::format::{
     self, check_header, header_crc_start, max_payload, max_record_bytes, record_total, seal,
-    stored_crc, Kind, Limits, Meta, RecHeader, StaticError, StaticHeader, HDR, HEADER_BYTES,
-    HEADER_HOT_END, META_APPLIED, META_CRC, META_EPOCH, META_GEN, META_PEER, META_SLOT_OFF,
-    OFF_HEAD, OFF_NEXT_SEQ, OFF_SCAN_START, OFF_TAIL, OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
-    STATIC_BYTES,
+    stored_crc, Kind, Limits, Meta, RecHeader, StaticError, StaticHeader, CURSOR_LINE, HDR,
+    HEADER_BYTES, META_SLOT_BYTES, META_SLOT_OFF, OFF_HEAD, OFF_NEXT_SEQ, OFF_SCAN_START, OFF_TAIL,
+    OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES, STATIC_BYTES,
 };
 use crate::map::{self, Mapping};
 use crate::{CutReason, Durability, Role, StorageError};
@@ -38,7 +43,8 @@ const DATA_OFF: usize = HEADER_BYTES as usize;
 pub struct QueueParams {
     /// This node's id (non-zero; 0 means "unbound" in `peer_node_id`).
     pub node_id: u64,
-    /// This node's role; stored in the header and checked by `open_or_create`.
+    /// This node's role at creation; kept in the metadata (it changes at a failover, see
+    /// [`PersistentQueue::set_role`]) and checked by `open_or_create`.
     pub role: Role,
     /// Size of the mirrored region in bytes; records must address bytes below it.
     pub region_size: u64,
@@ -51,6 +57,8 @@ pub struct QueueParams {
 pub struct RecordRef<'a> {
     /// Sequence number.
     pub seq: u64,
+    /// Term of the primary that assigned `seq` (never 0).
+    pub term: u64,
     /// Region offset the payload is to be written at.
     pub offset: u64,
     /// The bytes to write.
@@ -87,6 +95,8 @@ pub struct RecoveryReport {
 pub struct OwnedRecord {
     /// Sequence number.
     pub seq: u64,
+    /// Term of the primary that assigned `seq` (never 0).
+    pub term: u64,
     /// Region offset.
     pub offset: u64,
     /// The bytes to write.
@@ -109,6 +119,10 @@ pub struct ReplayState {
     /// Set when the newest records were cut (damaged) although the region already held them:
     /// the queue was renumbered to continue after this seq.
     pub renumbered_after: Option<u64>,
+    /// Highest term this node has seen (durable).
+    pub current_term: u64,
+    /// Terms along the log (durable; no entry starts after `last_seq`).
+    pub term_history: TermHistory,
 }
 
 /// Read-only view of a queue file, from [`inspect_queue`].
@@ -118,7 +132,7 @@ pub struct QueueInfo {
     pub format_version: u32,
     /// Owner node id.
     pub node_id: u64,
-    /// Owner role.
+    /// Owner's role (from the current metadata slot).
     pub role: Role,
     /// Region size the queue was created for.
     pub region_size: u64,
@@ -128,8 +142,13 @@ pub struct QueueInfo {
     pub peer_node_id: u64,
     /// Engine-maintained applied watermark.
     pub applied_through: u64,
-    /// Recovery epoch of the last read-write open.
+    /// Recovery epoch of the last read-write open (or `truncate_after`).
     pub epoch: u64,
+    /// Highest term the owner has seen.
+    pub current_term: u64,
+    /// The term history a recovery would keep: the stored one without the entries that start
+    /// after `last_seq` (persisted ahead of records that did not survive).
+    pub term_history: TermHistory,
     /// Header word `scan_start` (where recovery starts scanning).
     pub scan_start: u64,
     /// Header word `trimmed_through`.
@@ -168,9 +187,13 @@ pub struct PersistentQueue {
     durability: Durability,
     stat: StaticHeader,
     limits: Limits,
-    /// Current metadata and the slot (0 = A, 1 = B) it is stored in.
+    /// Current metadata and the slot (0 = A, 1 = B) it is stored in. `meta.history` is the
+    /// durable history (an entry is persisted before its first record) without the entries
+    /// below the durable trim point, which every barrier forgets in memory.
     meta: Meta,
     meta_slot: usize,
+    /// The current slot was written since the last barrier (which must then flush it).
+    meta_dirty: bool,
     /// Virtual position of the first live DATA record, or `tail` when empty.
     head: u64,
     /// Virtual position where the next record goes.
@@ -178,6 +201,10 @@ pub struct PersistentQueue {
     next_seq: u64,
     len_records: u64,
     trimmed_through: u64,
+    /// `trimmed_through` as of the last barrier (0 at open, before the first one): the media
+    /// hold it or a later value. Histories are pruned only below it, so that whatever slot and
+    /// trim point a crash leaves, the history covers every record recovery keeps live.
+    trimmed_through_durable: u64,
     /// Value of the `scan_start` word in memory, and the value known durable (after the last
     /// barrier). Durable media hold a value in `scan_start_durable..=scan_start`.
     scan_start: u64,
@@ -217,13 +244,14 @@ impl fmt::Debug for PersistentQueue {
             .field("path", &self.path)
             .field("durability", &self.durability)
             .field("node_id", &self.stat.node_id)
-            .field("role", &self.stat.role)
+            .field("role", &self.meta.role)
             .field("capacity_bytes", &self.stat.capacity)
             .field("head", &self.head)
             .field("tail", &self.tail)
             .field("next_seq", &self.next_seq)
             .field("len_records", &self.len_records)
             .field("epoch", &self.meta.epoch)
+            .field("current_term", &self.meta.current_term)
             .finish()
     }
 }
@@ -301,28 +329,59 @@ fn limits_of(stat: &StaticHeader) -> Limits {
     }
 }
 
-/// Reads both metadata slots (Acquire loads) and picks the valid one with the larger
-/// generation. A slot being rewritten concurrently (live queue) fails its crc and is skipped.
-fn read_meta(map: &Mapping) -> Option<(Meta, usize)> {
-    let mut best: Option<(Meta, usize)> = None;
-    for (i, &base) in META_SLOT_OFF.iter().enumerate() {
+/// Copies one metadata slot out of the mapping with Acquire loads of its words.
+fn load_slot(map: &Mapping, base: usize) -> [u8; META_SLOT_BYTES] {
+    let mut b = [0u8; META_SLOT_BYTES];
+    for (i, chunk) in b.chunks_exact_mut(8).enumerate() {
         // Acquire: pairs with the Release stores in `write_meta`; the crc, not the ordering,
         // is what rejects a half-written slot.
-        let w = |o: usize| map.word(base + o).load(Ordering::Acquire);
-        let m = Meta::from_words(
-            w(META_GEN),
-            w(META_PEER),
-            w(META_APPLIED),
-            w(META_EPOCH),
-            w(META_CRC),
-        );
-        if let Some(m) = m {
-            if best.map_or(true, |(b, _)| m.generation > b.generation) {
-                best = Some((m, i));
+        let w = map.word(base + i * 8).load(Ordering::Acquire);
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+/// Reads both metadata slots and picks the valid one with the larger generation, then checks
+/// its fields. A slot being rewritten concurrently (live queue) fails its crc and is skipped;
+/// both failing is [`StorageError::MetaChecksum`], a valid slot with an invalid field
+/// [`StorageError::CorruptMeta`].
+fn read_meta(map: &Mapping, path: &Path) -> Result<(Meta, usize), StorageError> {
+    let mut best: Option<(u64, usize, [u8; META_SLOT_BYTES])> = None;
+    for (i, &base) in META_SLOT_OFF.iter().enumerate() {
+        let b = load_slot(map, base);
+        if let Some(generation) = Meta::valid_generation(&b) {
+            if best.map_or(true, |(g, _, _)| generation > g) {
+                best = Some((generation, i, b));
             }
         }
     }
-    best
+    let (_, slot, b) = best.ok_or_else(|| StorageError::MetaChecksum {
+        path: path.to_path_buf(),
+    })?;
+    let meta = Meta::decode(&b).map_err(|e| StorageError::CorruptMeta {
+        path: path.to_path_buf(),
+        field: e.field,
+        why: e.why,
+    })?;
+    Ok((meta, slot))
+}
+
+/// Whether a DATA record's `term` belongs at `seq` in the log the `history` describes, after a
+/// DATA record of term `previous` (0: none): terms never decrease along the log, and equal the
+/// history's where it covers `seq`; below its first entry (forgotten with the trim point) any
+/// term up to its first term fits. `Err` carries the term called for (see `CutReason::Term`).
+fn check_record_term(history: &TermHistory, previous: u64, seq: u64, term: u64) -> Result<(), u64> {
+    if term < previous {
+        return Err(previous);
+    }
+    match (history.term_at(seq), history.entries().first()) {
+        (Some(t), _) if t == term => Ok(()),
+        (Some(t), _) => Err(t),
+        (None, Some(first)) if term <= first.term => Ok(()),
+        (None, Some(first)) => Err(first.term),
+        // An empty history describes a log without DATA records.
+        (None, None) => Err(0),
+    }
 }
 
 /// Result of the recovery scan.
@@ -344,13 +403,7 @@ struct Scan {
 /// Scans the ring from `scan_start`, verifying each record; stops at the first that fails.
 /// Reads with raw copies, so it is also safe on a live queue written by another process (a
 /// record overwritten mid-read fails its crc). Bounded: never looks past one lap.
-fn scan(
-    map: &Mapping,
-    lim: &Limits,
-    scan_start: u64,
-    trimmed_through: u64,
-    max_epoch: u64,
-) -> Scan {
+fn scan(map: &Mapping, lim: &Limits, scan_start: u64, trimmed_through: u64, meta: &Meta) -> Scan {
     let cap = lim.capacity;
     let lap_end = scan_start.saturating_add(cap);
     let mut scratch = [0u8; 4096];
@@ -366,6 +419,7 @@ fn scan(
     };
     let mut head: Option<u64> = None;
     let mut last_epoch = 0u64;
+    let mut last_data_term = 0u64;
     loop {
         let room = cap - pos % cap;
         let rec_pos = if room < RECORD_HEADER_BYTES {
@@ -401,7 +455,7 @@ fn scan(
             s.stop = Some(CutReason::Checksum);
             break;
         }
-        if h.epoch > max_epoch || h.epoch < last_epoch {
+        if h.epoch > meta.epoch || h.epoch < last_epoch {
             s.stop = Some(CutReason::Epoch { found: h.epoch });
             break;
         }
@@ -421,6 +475,17 @@ fn scan(
                 break;
             }
         };
+        if h.kind == Kind::Data {
+            if let Err(expected) = check_record_term(&meta.history, last_data_term, h.seq, h.term) {
+                s.stop = Some(CutReason::Term {
+                    seq: h.seq,
+                    found: h.term,
+                    expected,
+                });
+                break;
+            }
+            last_data_term = h.term;
+        }
         last_epoch = h.epoch;
         s.log_next = Some(next);
         s.last_rec_pos = Some(rec_pos);
@@ -482,6 +547,18 @@ fn conclude(
     }
 }
 
+/// Refuses a `scan_start` word that cannot be a ring position (the scan relies on alignment
+/// and on room for a lap above it).
+fn check_scan_start(path: &Path, scan_start: u64) -> Result<(), StorageError> {
+    if scan_start % 8 != 0 || scan_start > u64::MAX / 2 {
+        return Err(StorageError::CorruptHeader {
+            path: path.to_path_buf(),
+            why: format!("scan_start word {scan_start} is not a valid ring position"),
+        });
+    }
+    Ok(())
+}
+
 impl PersistentQueue {
     /// Creates a new queue file at `path` (fails with [`StorageError::AlreadyExists`] if
     /// anything exists there) and opens it.
@@ -523,7 +600,6 @@ impl PersistentQueue {
             node_id: params.node_id,
             region_size: params.region_size,
             capacity: params.capacity_bytes,
-            role: params.role,
         };
         let tmp = tmp_path(path);
         let file = OpenOptions::new()
@@ -533,14 +609,14 @@ impl PersistentQueue {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| StorageError::io(&tmp, "create", e))?;
-        let built = Self::build_new_file(&file, &tmp, path, &stat, durability);
+        let built = Self::build_new_file(&file, &tmp, path, &stat, params.role, durability);
         // The temporary name goes away whether or not the link happened.
         let _ = std::fs::remove_file(&tmp);
         built?;
         if durability != Durability::Process {
             map::sync_parent_dir(path)?;
         }
-        Self::open_locked(path, file, durability, |_| {})
+        Self::open_locked(path, file, durability, None, |_| {})
     }
 
     fn build_new_file(
@@ -548,6 +624,7 @@ impl PersistentQueue {
         tmp: &Path,
         path: &Path,
         stat: &StaticHeader,
+        role: Role,
         durability: Durability,
     ) -> Result<(), StorageError> {
         map::lock_exclusive(file, tmp)?;
@@ -555,20 +632,19 @@ impl PersistentQueue {
         map::allocate(file, len, tmp)?;
         let mut page = vec![0u8; HEADER_BYTES as usize];
         page[..STATIC_BYTES].copy_from_slice(&stat.encode());
+        // Slot A, generation 1: no peer, nothing applied, epoch 0, term 0, empty history (slot
+        // B stays zero: invalid).
         let meta = Meta {
             generation: 1,
-            ..Meta::default()
+            peer_node_id: 0,
+            applied_through: 0,
+            epoch: 0,
+            current_term: 0,
+            role,
+            history: TermHistory::new(),
         };
         let a = META_SLOT_OFF[0];
-        for (o, v) in [
-            (META_GEN, meta.generation),
-            (META_PEER, meta.peer_node_id),
-            (META_APPLIED, meta.applied_through),
-            (META_EPOCH, meta.epoch),
-            (META_CRC, u64::from(meta.crc())),
-        ] {
-            page[a + o..a + o + 8].copy_from_slice(&v.to_le_bytes());
-        }
+        page[a..a + META_SLOT_BYTES].copy_from_slice(&meta.encode());
         // scan_start = trimmed_through = head = tail = 0 (already zero); next_seq hint = 1.
         page[OFF_NEXT_SEQ..OFF_NEXT_SEQ + 8].copy_from_slice(&1u64.to_le_bytes());
         file.write_all_at(&page, 0)
@@ -632,56 +708,64 @@ impl PersistentQueue {
         expect: Option<&QueueParams>,
     ) -> Result<(Self, RecoveryReport), StorageError> {
         let file = Self::open_file_locked(path, durability)?;
-        if let Some(params) = expect {
-            let stat = read_static(&file, path)?;
-            if stat.role != params.role {
-                return Err(StorageError::RoleMismatch {
-                    path: path.to_path_buf(),
-                    file: stat.role,
-                    expected: params.role,
-                });
-            }
-            if stat.region_size != params.region_size {
-                return Err(StorageError::RegionSizeMismatch {
-                    path: path.to_path_buf(),
-                    file: stat.region_size,
-                    expected: params.region_size,
-                });
-            }
-        }
-        Self::open_locked(path, file, durability, |_| {})
+        Self::open_locked(path, file, durability, expect, |_| {})
     }
 
-    /// Recovers the queue in the locked `file`. `before_barrier` runs on the recovered queue
-    /// before the first thing recovery writes (the new epoch and its barrier), so that a crash
-    /// hook installed there sees that barrier too.
+    /// The checks of [`open_or_create`](Self::open_or_create) on an existing queue, before
+    /// anything is written: the role (from the metadata) and the region size.
+    fn check_expected(
+        path: &Path,
+        stat: &StaticHeader,
+        meta: &Meta,
+        params: &QueueParams,
+    ) -> Result<(), StorageError> {
+        if meta.role != params.role {
+            return Err(StorageError::RoleMismatch {
+                path: path.to_path_buf(),
+                file: meta.role,
+                expected: params.role,
+            });
+        }
+        if stat.region_size != params.region_size {
+            return Err(StorageError::RegionSizeMismatch {
+                path: path.to_path_buf(),
+                file: stat.region_size,
+                expected: params.region_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Recovers the queue in the locked `file`, after checking it against `expect` (if given).
+    /// `before_barrier` runs on the recovered queue before the first thing recovery writes (the
+    /// new epoch and its barrier), so that a crash hook installed there sees that barrier too.
     fn open_locked(
         path: &Path,
         file: File,
         durability: Durability,
+        expect: Option<&QueueParams>,
         before_barrier: impl FnOnce(&mut Self),
     ) -> Result<(Self, RecoveryReport), StorageError> {
         let stat = read_static(&file, path)?;
         let limits = limits_of(&stat);
         let len = (HEADER_BYTES + stat.capacity) as usize;
         let map = Mapping::map_rw(&file, len, durability, path)?;
-        let (meta, meta_slot) = read_meta(&map).ok_or_else(|| StorageError::MetaChecksum {
-            path: path.to_path_buf(),
-        })?;
+        let (mut meta, meta_slot) = read_meta(&map, path)?;
+        if let Some(params) = expect {
+            Self::check_expected(path, &stat, &meta, params)?;
+        }
         // Acquire on the cursor words: pairs with this queue's own Release stores in an
         // earlier session of this process; across a crash the values simply are what the file
         // holds. Recovery never trusts head/tail/next_seq beyond reporting.
         let scan_start = map.word(OFF_SCAN_START).load(Ordering::Acquire);
         let trimmed_through = map.word(OFF_TRIMMED_THROUGH).load(Ordering::Acquire);
         let tail_hint = map.word(OFF_TAIL).load(Ordering::Acquire);
-        if scan_start % 8 != 0 || scan_start > u64::MAX / 2 {
-            return Err(StorageError::CorruptHeader {
-                path: path.to_path_buf(),
-                why: format!("scan_start word {scan_start} is not a valid ring position"),
-            });
-        }
-        let s = scan(&map, &limits, scan_start, trimmed_through, meta.epoch);
+        check_scan_start(path, scan_start)?;
+        let s = scan(&map, &limits, scan_start, trimmed_through, &meta);
         let c = conclude(&s, stat.capacity, scan_start, trimmed_through, tail_hint);
+        // An entry persisted ahead of its first record, which then did not survive, covers
+        // nothing (see FORMAT.md, "Recovery"); the new-epoch write below persists the cut.
+        meta.history.truncate_after(c.next_seq - 1);
 
         let mut q = PersistentQueue {
             path: path.to_path_buf(),
@@ -692,11 +776,14 @@ impl PersistentQueue {
             limits,
             meta,
             meta_slot,
+            meta_dirty: false,
             head: s.head,
             tail: s.end,
             next_seq: s.log_next.unwrap_or(c.next_seq),
             len_records: s.live_records,
             trimmed_through,
+            // After a process crash the word read may not be on the media yet.
+            trimmed_through_durable: 0,
             scan_start,
             scan_start_durable: scan_start,
             last_rec_pos: s.last_rec_pos,
@@ -712,20 +799,16 @@ impl PersistentQueue {
 
         // New epoch, durable before any record of this session can be (see FORMAT.md,
         // "Ghost records").
-        let epoch = meta
-            .epoch
-            .checked_add(1)
-            .ok_or_else(|| StorageError::CorruptHeader {
-                path: path.to_path_buf(),
-                why: "recovery epoch exhausted".into(),
-            })?;
-        let new_meta = Meta { epoch, ..meta };
+        let new_meta = Meta {
+            epoch: q.next_epoch()?,
+            ..q.meta.clone()
+        };
         q.write_meta(new_meta)?;
         if c.needs_marker {
             // Durable trims went past the last surviving record: the log must say where the
             // numbering continues, or the next appended record would look like a gap.
             debug_assert_eq!(q.len_records, 0);
-            q.write_record(Kind::Reset, c.next_seq, 0, &[])?;
+            q.write_record(Kind::Reset, c.next_seq, 0, 0, &[])?;
             q.head = q.tail;
             q.next_seq = c.next_seq;
             q.barrier()?;
@@ -761,6 +844,7 @@ impl PersistentQueue {
             let rec = rec?;
             unapplied.push(OwnedRecord {
                 seq: rec.seq,
+                term: rec.term,
                 offset: rec.offset,
                 payload: rec.payload.to_vec(),
             });
@@ -772,6 +856,8 @@ impl PersistentQueue {
             last_seq: self.last_seq(),
             unapplied,
             renumbered_after,
+            current_term: self.current_term(),
+            term_history: self.term_history().clone(),
         })
     }
 
@@ -786,7 +872,7 @@ impl PersistentQueue {
         hook: CrashHook,
     ) -> Result<(Self, RecoveryReport), StorageError> {
         let file = Self::open_file_locked(path, durability)?;
-        Self::open_locked(path, file, durability, |q| q.test_hook = Some(hook))
+        Self::open_locked(path, file, durability, None, |q| q.test_hook = Some(hook))
     }
 
     /// Opens an existing queue file read-write and takes its exclusive lock.
@@ -816,9 +902,50 @@ impl PersistentQueue {
         self.stat.node_id
     }
 
-    /// This node's role (from the header).
+    /// This node's role (from the metadata).
     pub fn role(&self) -> Role {
-        self.stat.role
+        self.meta.role
+    }
+
+    /// Changes this node's role (a failover). Durable per mode before returning.
+    pub fn set_role(&mut self, role: Role) -> Result<(), StorageError> {
+        if role == self.meta.role {
+            return Ok(());
+        }
+        self.write_meta(Meta {
+            role,
+            ..self.meta.clone()
+        })
+    }
+
+    /// The highest term this node has seen (durable): never below the last term of
+    /// [`term_history`](Self::term_history).
+    pub fn current_term(&self) -> u64 {
+        self.meta.current_term
+    }
+
+    /// Raises the current term (the node saw, or starts, a newer term). Equal: a no-op; lower:
+    /// [`StorageError::CurrentTermBackwards`]. Durable per mode before returning.
+    pub fn set_current_term(&mut self, term: u64) -> Result<(), StorageError> {
+        if term < self.meta.current_term {
+            return Err(StorageError::CurrentTermBackwards {
+                current: self.meta.current_term,
+                requested: term,
+            });
+        }
+        if term == self.meta.current_term {
+            return Ok(());
+        }
+        self.write_meta(Meta {
+            current_term: term,
+            ..self.meta.clone()
+        })
+    }
+
+    /// The terms along the log: no entry starts after [`last_seq`](Self::last_seq), and the
+    /// entries below the (durable) trim point are forgotten (the one covering it stays).
+    pub fn term_history(&self) -> &TermHistory {
+        &self.meta.history
     }
 
     /// Region size the queue was created for.
@@ -848,7 +975,7 @@ impl PersistentQueue {
         }
         self.write_meta(Meta {
             peer_node_id: id,
-            ..self.meta
+            ..self.meta.clone()
         })
     }
 
@@ -865,7 +992,7 @@ impl PersistentQueue {
         }
         self.write_meta(Meta {
             applied_through: seq,
-            ..self.meta
+            ..self.meta.clone()
         })
     }
 
@@ -886,7 +1013,7 @@ impl PersistentQueue {
     }
 
     /// Largest payload one record can carry in this queue: a quarter of the capacity minus the
-    /// 48-byte record header, capped at 1 GiB - 48.
+    /// 56-byte record header, capped at 1 GiB - 56.
     pub fn max_payload(&self) -> usize {
         self.limits.max_payload as usize
     }
@@ -937,13 +1064,54 @@ impl PersistentQueue {
         self.stat.capacity - self.used_bytes()
     }
 
-    /// Appends a record. `seq` must equal [`next_seq`](Self::next_seq); `payload` must be
-    /// `1..=max_payload()` bytes and `offset..offset+len` must lie inside the region.
+    /// Appends a record of `term`. `seq` must equal [`next_seq`](Self::next_seq); `payload`
+    /// must be `1..=max_payload()` bytes and `offset..offset+len` must lie inside the region;
+    /// `term` must be allowed by the term history ([`TermHistory::check_append`]: not 0, not
+    /// below the log's last term), else [`StorageError::Term`]. Nothing is written on an error.
+    ///
+    /// The first record of a new term first persists the history entry naming it (and raises
+    /// the current term to `term` if it is higher): a metadata update, durable before the
+    /// record is written, so every durable record's term is in the durable history.
     ///
     /// Returns [`StorageError::Full`] when there is no room (nothing is written; trim and
     /// retry). The record is durable after the next [`sync`](Self::sync) (Power/Pmem), or at
     /// once against a process crash (all modes).
-    pub fn append(&mut self, seq: u64, offset: u64, payload: &[u8]) -> Result<(), StorageError> {
+    pub fn append(
+        &mut self,
+        seq: u64,
+        term: u64,
+        offset: u64,
+        payload: &[u8],
+    ) -> Result<(), StorageError> {
+        self.check_append_args(seq, offset, payload)?;
+        let starts_term = self
+            .meta
+            .history
+            .check_append(seq, term)
+            .map_err(|source| StorageError::Term {
+                path: self.path.clone(),
+                source,
+            })?;
+        if starts_term {
+            // Room first: an entry must not be persisted for a record that is then refused.
+            self.room_check().take(payload.len())?;
+            self.persist_term_start(seq, term)?;
+        }
+        let written = self.write_record(Kind::Data, seq, term, offset, payload);
+        if written.is_err() && starts_term {
+            // The room was checked, so a barrier failed: the new entry covers no record.
+            // Recovery drops it from the durable history the same way.
+            self.meta.history.truncate_after(self.last_seq());
+        }
+        written?;
+        self.next_seq += 1;
+        self.len_records += 1;
+        self.publish_cursors();
+        Ok(())
+    }
+
+    /// The checks of [`append`](Self::append) that do not involve terms or room.
+    fn check_append_args(&self, seq: u64, offset: u64, payload: &[u8]) -> Result<(), StorageError> {
         if seq != self.next_seq {
             return Err(StorageError::SeqOutOfOrder {
                 expected: self.next_seq,
@@ -972,11 +1140,21 @@ impl PersistentQueue {
                 why: "sequence numbers exhausted".into(),
             });
         }
-        self.write_record(Kind::Data, seq, offset, payload)?;
-        self.next_seq += 1;
-        self.len_records += 1;
-        self.publish_cursors();
         Ok(())
+    }
+
+    /// Persists the history entry `(term, seq)` (and `current_term >= term`) before the record
+    /// `seq` that starts the term is written.
+    fn persist_term_start(&mut self, seq: u64, term: u64) -> Result<(), StorageError> {
+        let mut m = self.meta.clone();
+        m.history
+            .note_append(seq, term)
+            .map_err(|source| StorageError::Term {
+                path: self.path.clone(),
+                source,
+            })?;
+        m.current_term = m.current_term.max(term);
+        self.write_meta(m)
     }
 
     /// Durability barrier for everything appended, trimmed or reset since the last one:
@@ -1027,13 +1205,8 @@ impl PersistentQueue {
         }
         // head may have stopped on an implicit wrap skip; normalise to the tail.
         let head = head.min(self.tail);
-        // Order (Process-mode crash safety): trimmed_through before the head hint. Release:
-        // observers that Acquire-load `head` also see the trim point it follows from.
-        self.trimmed_through = limit;
-        self.map
-            .word(OFF_TRIMMED_THROUGH)
-            .store(limit, Ordering::Release);
-        self.stored();
+        // Order (Process-mode crash safety): trimmed_through before the head hint.
+        self.raise_trim_point(limit);
         self.head = head;
         self.len_records -= dropped;
         self.header_dirty = true;
@@ -1060,20 +1233,12 @@ impl PersistentQueue {
         // Order matters for a crash in the middle (see FORMAT.md, "reset_to"):
         // 1. trimmed_through = next_seq - 1: from here on, recovery yields next_seq or later.
         let tt = next_seq - 1;
-        if tt > self.trimmed_through {
-            self.trimmed_through = tt;
-            // Release: as in trim_through (observers see the trim point before the head hint
-            // that follows from it). Crash order comes from program order, not from this.
-            self.map
-                .word(OFF_TRIMMED_THROUGH)
-                .store(tt, Ordering::Release);
-            self.stored();
-        }
+        self.raise_trim_point(tt);
         self.head = self.tail;
         self.len_records = 0;
         // 2. a RESET record, so records appended after it continue the log without a gap.
         if next_seq > self.next_seq {
-            self.write_record(Kind::Reset, next_seq, 0, &[])?;
+            self.write_record(Kind::Reset, next_seq, 0, 0, &[])?;
             self.head = self.tail;
             self.next_seq = next_seq;
         }
@@ -1081,6 +1246,178 @@ impl PersistentQueue {
         self.publish_cursors();
         // 3. durable before returning.
         self.barrier()
+    }
+
+    /// Discards every record with seq `> seq`: a divergent suffix the protocol decided to drop
+    /// (the caller saved what it needs of them first). Afterwards `next_seq() == seq + 1`, the
+    /// term history has no entry after `seq`, `applied_through() <= seq`, and a new epoch has
+    /// begun. Durable per mode before returning, and crash-safe at every point: a crash
+    /// recovers either the old log or the truncated one, and a discarded record never comes
+    /// back after records appended later (see FORMAT.md, "Truncation").
+    ///
+    /// A no-op when `seq >= last_seq()`. Refused with [`StorageError::TruncateBelowTrim`] when
+    /// the records through `seq` are already gone: `seq < first_seq() - 1`, or, for an empty
+    /// queue, `seq < last_seq()` (in particular whenever `seq` is below the trim point).
+    pub fn truncate_after(&mut self, seq: u64) -> Result<(), StorageError> {
+        let gone_through = self.first_seq().map_or(self.last_seq(), |first| first - 1);
+        if seq < gone_through {
+            return Err(StorageError::TruncateBelowTrim {
+                requested: seq,
+                trimmed_through: gone_through,
+            });
+        }
+        if seq >= self.last_seq() {
+            return Ok(());
+        }
+        // From here the queue holds records, and seq + 1 ..= last_seq are live.
+        if self.meta.applied_through > seq {
+            // Lowering applied_through is always safe (replay is idempotent); it must be
+            // durable before the records it covers can disappear, or a crash could recover a
+            // log that ends below applied_through (and would be renumbered past it).
+            self.write_meta(Meta {
+                applied_through: seq,
+                ..self.meta.clone()
+            })?;
+        }
+        let first = self.next_seq - self.len_records;
+        let cut = self.truncation_point(seq)?;
+        if !cut.keeps_live && self.trimmed_through_durable < seq {
+            // Every live record goes, and scan_start may point at the first of them: then
+            // recovery takes the numbering from trimmed_through alone, so it must say `seq`,
+            // durably, before that record is erased. (The trim point can lag `first_seq - 1`
+            // after a crash tore the cursor line, or after a RESET whose trim point was lost.)
+            self.raise_trim_point(seq);
+            self.barrier()?;
+        }
+        // (a) Erase the header of the first discarded record (the log now ends at `cut.at`).
+        self.erase_header_at(cut.at)?;
+        // (b) The cursors.
+        self.end_log_at(&cut, seq, first);
+        // (c) A new epoch, so that records written from now on are newer than every discarded
+        // one (which the scan's epoch rule then refuses after them), and the history without
+        // the discarded terms.
+        let mut m = Meta {
+            epoch: self.next_epoch()?,
+            ..self.meta.clone()
+        };
+        m.history.truncate_after(seq);
+        self.write_meta(m)
+    }
+
+    /// Where the log ends if it keeps the records through `seq` (live or not). Requires
+    /// `first_seq() - 1 <= seq < last_seq()`.
+    fn truncation_point(&self, seq: u64) -> Result<TruncationPoint, StorageError> {
+        let keeps_live = self.first_seq() != Some(seq + 1);
+        // Keeping live records: the cut follows record `seq`. Keeping none: it follows the
+        // last record before the head (the records from scan_start on are intact), or is the
+        // head itself when scan_start is there.
+        let (from, until) = if keeps_live {
+            (self.head, self.tail)
+        } else {
+            (self.scan_start, self.head)
+        };
+        let mut pos = from;
+        let mut last = None;
+        while pos < until {
+            let (rec_pos, h) = self.record_at(pos)?;
+            if rec_pos >= until {
+                break; // a lap-end skip right before the head
+            }
+            let end = rec_pos + h.total();
+            if keeps_live && h.kind == Kind::Data && h.seq == seq {
+                return Ok(TruncationPoint {
+                    at: end,
+                    anchor: Some(rec_pos),
+                    keeps_live,
+                });
+            }
+            last = Some((rec_pos, end));
+            pos = end;
+        }
+        if keeps_live {
+            return Err(StorageError::CorruptRecord {
+                path: self.path.clone(),
+                at: self.head % self.cap(),
+                why: format!("record seq {seq} is not between the head and the tail"),
+            });
+        }
+        Ok(match last {
+            Some((anchor, end)) => TruncationPoint {
+                at: end,
+                anchor: Some(anchor),
+                keeps_live,
+            },
+            None => TruncationPoint {
+                at: self.head,
+                anchor: None,
+                keeps_live,
+            },
+        })
+    }
+
+    /// Step (b) of `truncate_after`: the log in memory ends at `cut`, after record `seq`; the
+    /// live records were `first..`.
+    fn end_log_at(&mut self, cut: &TruncationPoint, seq: u64, first: u64) {
+        self.tail = cut.at;
+        // The barrier of step (a) covered everything below the old tail.
+        self.flushed_upto = cut.at;
+        self.next_seq = seq + 1;
+        if cut.keeps_live {
+            self.len_records = seq + 1 - first;
+        } else {
+            self.head = cut.at;
+            self.len_records = 0;
+        }
+        // The anchor is a kept record; with none known, trimmed_through carries the numbering.
+        // Either way scan_start cannot move onto a discarded record.
+        self.last_rec_pos = cut.anchor;
+        self.header_dirty = true;
+        self.publish_cursors();
+        debug_assert_eq!(self.head == self.tail, self.len_records == 0);
+    }
+
+    /// Zeroes the record header that starts at `pos` (after an implicit lap-end skip, as a
+    /// scan would read it), then runs a barrier that makes it and everything before the tail
+    /// durable.
+    fn erase_header_at(&mut self, pos: u64) -> Result<(), StorageError> {
+        let cap = self.cap();
+        let room = cap - pos % cap;
+        let at = if room < RECORD_HEADER_BYTES {
+            pos + room
+        } else {
+            pos
+        };
+        debug_assert!(at + RECORD_HEADER_BYTES <= self.tail);
+        let off = DATA_OFF + (at % cap) as usize;
+        self.map.bytes_mut(off, HDR).fill(0);
+        self.stored();
+        self.flushed_upto = self.flushed_upto.min(at);
+        self.barrier()
+    }
+
+    /// Stores a higher trim point (no barrier). Release: observers that Acquire-load the head
+    /// hint stored after it also see the trim point it follows from; crash order comes from
+    /// program order and barriers, not from this.
+    fn raise_trim_point(&mut self, through: u64) {
+        if through > self.trimmed_through {
+            self.trimmed_through = through;
+            self.map
+                .word(OFF_TRIMMED_THROUGH)
+                .store(through, Ordering::Release);
+            self.stored();
+            self.header_dirty = true;
+        }
+    }
+
+    /// The epoch after the current one.
+    fn next_epoch(&self) -> Result<u64, StorageError> {
+        self.meta
+            .epoch
+            .checked_add(1)
+            .ok_or_else(|| StorageError::CorruptHeader {
+                path: self.path.clone(),
+                why: "recovery epoch exhausted".into(),
+            })
     }
 
     /// Live records with seq `>= seq`, in order. Each record's crc is verified as it is read;
@@ -1101,8 +1438,9 @@ impl PersistentQueue {
     }
 
     /// Header of the record at or after `pos` (skipping an implicit wrap), validated but crc
-    /// unchecked. Only used between head and tail, where every record was written or verified
-    /// by this handle; a failure there means the mapping was modified behind our back.
+    /// unchecked. Only used between scan_start and tail, where every record was written or
+    /// verified by this handle and nothing is overwritten; a failure there means the mapping
+    /// was modified behind our back.
     fn record_at(&self, pos: u64) -> Result<(u64, RecHeader), StorageError> {
         let cap = self.cap();
         let room = cap - pos % cap;
@@ -1219,6 +1557,7 @@ impl PersistentQueue {
         &mut self,
         kind: Kind,
         seq: u64,
+        term: u64,
         region_offset: u64,
         payload: &[u8],
     ) -> Result<(), StorageError> {
@@ -1234,6 +1573,7 @@ impl PersistentQueue {
                 vpos: self.tail,
                 region_offset: 0,
                 epoch: self.meta.epoch,
+                term: 0,
             };
             self.put_record(&pad, &[]);
             self.last_rec_pos = Some(self.tail);
@@ -1248,6 +1588,7 @@ impl PersistentQueue {
             vpos: self.tail,
             region_offset,
             epoch: self.meta.epoch,
+            term,
         };
         self.put_record(&h, payload);
         self.last_rec_pos = Some(self.tail);
@@ -1279,10 +1620,11 @@ impl PersistentQueue {
         self.stored();
     }
 
-    /// Writes the other metadata slot with `m` (generation + 1) and makes it durable.
-    fn write_meta(&mut self, m: Meta) -> Result<(), StorageError> {
+    /// Writes the other metadata slot with `m` (generation + 1, and its history without the
+    /// entries below the durable trim point) and makes it durable.
+    fn write_meta(&mut self, mut m: Meta) -> Result<(), StorageError> {
         let slot = 1 - self.meta_slot;
-        let generation =
+        m.generation =
             self.meta
                 .generation
                 .checked_add(1)
@@ -1290,24 +1632,26 @@ impl PersistentQueue {
                     path: self.path.clone(),
                     why: "metadata generation exhausted".into(),
                 })?;
-        let m = Meta { generation, ..m };
+        // So that the slot never fills up with entries nobody compares any more. Only below the
+        // durable trim point: if this slot reaches the media and a newer trim point does not,
+        // the records above the older one are live again and their entries must be there.
+        m.history.forget_before(self.trimmed_through_durable);
+        let bytes = m.encode();
         let base = META_SLOT_OFF[slot];
         // Release on each store: an observer that reads a matching crc (Acquire) reads a
         // consistent slot; a half-written slot fails its crc and the observer uses the other.
         // Crash safety comes from the crc and from the other slot being durable already.
-        for (o, v) in [
-            (META_GEN, m.generation),
-            (META_PEER, m.peer_node_id),
-            (META_APPLIED, m.applied_through),
-            (META_EPOCH, m.epoch),
-            (META_CRC, u64::from(m.crc())),
-        ] {
-            self.map.word(base + o).store(v, Ordering::Release);
+        for (i, word) in bytes.chunks_exact(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            self.map
+                .word(base + i * 8)
+                .store(u64::from_le_bytes(w), Ordering::Release);
         }
         self.stored();
         self.meta = m;
         self.meta_slot = slot;
-        self.header_dirty = true;
+        self.meta_dirty = true;
         // The slot must be durable before the next meta write may overwrite the other one.
         self.barrier()
     }
@@ -1321,13 +1665,18 @@ impl PersistentQueue {
         }
     }
 
-    /// File ranges written since the last barrier: the hot header bytes and the data between
-    /// `flushed_upto` and `tail` (at most two pieces around the wrap).
-    fn dirty_ranges(&self) -> ([(usize, usize); 3], usize) {
-        let mut r = [(0usize, 0usize); 3];
+    /// File ranges written since the last barrier: the cursor line, the metadata slot if one
+    /// was written, and the data between `flushed_upto` and `tail` (at most two pieces around
+    /// the wrap).
+    fn dirty_ranges(&self) -> ([(usize, usize); 4], usize) {
+        let mut r = [(0usize, 0usize); 4];
         let mut n = 0;
-        r[n] = (0, HEADER_HOT_END);
+        r[n] = CURSOR_LINE;
         n += 1;
+        if self.meta_dirty {
+            r[n] = (META_SLOT_OFF[self.meta_slot], META_SLOT_BYTES);
+            n += 1;
+        }
         let cap = self.cap();
         let len = self.tail - self.flushed_upto.min(self.tail);
         if len >= cap {
@@ -1368,7 +1717,13 @@ impl PersistentQueue {
         }
         self.flushed_upto = self.tail;
         self.scan_start_durable = self.scan_start;
+        self.trimmed_through_durable = self.trimmed_through;
+        // Nothing below the durable trim point is compared any more (see write_meta).
+        self.meta
+            .history
+            .forget_before(self.trimmed_through_durable);
         self.header_dirty = false;
+        self.meta_dirty = false;
         Ok(())
     }
 }
@@ -1411,6 +1766,7 @@ impl<'a> Iterator for Records<'a> {
             return match self.q.verified_body(pos, &h) {
                 Ok(payload) => Some(Ok(RecordRef {
                     seq: h.seq,
+                    term: h.term,
                     offset: h.region_offset,
                     payload,
                 })),
@@ -1436,17 +1792,15 @@ pub fn inspect_queue(path: &Path) -> Result<QueueInfo, StorageError> {
     let limits = limits_of(&stat);
     let map = Mapping::map_ro(&file, (HEADER_BYTES + stat.capacity) as usize, path)?;
     // A live writer may be rewriting a slot; retry a few times before calling it damaged.
-    let mut meta = None;
+    let mut meta = read_meta(&map, path);
     for _ in 0..8 {
-        meta = read_meta(&map);
-        if meta.is_some() {
+        if !matches!(meta, Err(StorageError::MetaChecksum { .. })) {
             break;
         }
         std::thread::yield_now();
+        meta = read_meta(&map, path);
     }
-    let (meta, _) = meta.ok_or_else(|| StorageError::MetaChecksum {
-        path: path.to_path_buf(),
-    })?;
+    let (meta, _) = meta?;
     // Acquire: pairs with the writer's Release stores (publish_cursors, trim_through,
     // set_scan_start), so records below an observed tail are completely written.
     let scan_start = map.word(OFF_SCAN_START).load(Ordering::Acquire);
@@ -1454,28 +1808,27 @@ pub fn inspect_queue(path: &Path) -> Result<QueueInfo, StorageError> {
     let head_hint = map.word(OFF_HEAD).load(Ordering::Acquire);
     let tail_hint = map.word(OFF_TAIL).load(Ordering::Acquire);
     let next_seq_hint = map.word(OFF_NEXT_SEQ).load(Ordering::Acquire);
-    if scan_start % 8 != 0 || scan_start > u64::MAX / 2 {
-        return Err(StorageError::CorruptHeader {
-            path: path.to_path_buf(),
-            why: format!("scan_start word {scan_start} is not a valid ring position"),
-        });
-    }
-    let s = scan(&map, &limits, scan_start, trimmed_through, meta.epoch);
+    check_scan_start(path, scan_start)?;
+    let s = scan(&map, &limits, scan_start, trimmed_through, &meta);
     let c = conclude(&s, stat.capacity, scan_start, trimmed_through, tail_hint);
     let (records, bytes, first_seq) = if c.needs_marker {
         (0, 0, None)
     } else {
         (s.live_records, s.end - s.head, s.first_live_seq)
     };
+    let mut term_history = meta.history;
+    term_history.truncate_after(c.next_seq - 1);
     Ok(QueueInfo {
         format_version: format::FORMAT_VERSION,
         node_id: stat.node_id,
-        role: stat.role,
+        role: meta.role,
         region_size: stat.region_size,
         capacity_bytes: stat.capacity,
         peer_node_id: meta.peer_node_id,
         applied_through: meta.applied_through,
         epoch: meta.epoch,
+        current_term: meta.current_term,
+        term_history,
         scan_start,
         trimmed_through,
         head_hint,
@@ -1490,6 +1843,17 @@ pub fn inspect_queue(path: &Path) -> Result<QueueInfo, StorageError> {
         cut_reason: c.cut_reason,
         in_use: map::is_locked_by_writer(&file),
     })
+}
+
+/// Where `truncate_after` cuts the log.
+#[derive(Debug, Clone, Copy)]
+struct TruncationPoint {
+    /// The new tail: the position right after the last record kept.
+    at: u64,
+    /// The last record kept (the new anchor), if one is known.
+    anchor: Option<u64>,
+    /// Whether live records are kept (else the queue ends up empty).
+    keeps_live: bool,
 }
 
 /// Where a record goes when appended at ring position `tail`.

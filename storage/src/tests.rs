@@ -6,7 +6,9 @@ mod model;
 mod queue_api;
 mod region_api;
 mod room;
+mod terms;
 mod torn;
+mod truncate;
 mod wrap;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +47,16 @@ pub(crate) fn offset_for(seq: u64) -> u64 {
     (seq * 4096) % (REGION / 2)
 }
 
+/// All live records as (seq, term) pairs, panicking on a verification error.
+pub(crate) fn terms(q: &PersistentQueue) -> Vec<(u64, u64)> {
+    q.iter_from(0)
+        .map(|r| {
+            let r = r.expect("live record fails verification");
+            (r.seq, r.term)
+        })
+        .collect()
+}
+
 /// All live records as owned tuples, panicking on a verification error.
 pub(crate) fn records(q: &PersistentQueue) -> Vec<(u64, u64, Vec<u8>)> {
     q.iter_from(0)
@@ -61,12 +73,30 @@ pub(crate) fn new_queue(dir: &Path, capacity: u64) -> (PersistentQueue, PathBuf)
     (q, path)
 }
 
-/// Appends `seq = next_seq()` with a payload of `len` bytes.
+/// Appends `seq = next_seq()` with a payload of `len` bytes, in the log's last term (term 1 for
+/// the first record).
 pub(crate) fn push(q: &mut PersistentQueue, len: usize, salt: u64) -> u64 {
+    let term = q.term_history().last_term().max(1);
+    push_term(q, term, len, salt)
+}
+
+/// Appends `seq = next_seq()` of `term` with a payload of `len` bytes.
+pub(crate) fn push_term(q: &mut PersistentQueue, term: u64, len: usize, salt: u64) -> u64 {
     let seq = q.next_seq();
-    q.append(seq, offset_for(seq), &payload(seq, len, salt))
+    q.append(seq, term, offset_for(seq), &payload(seq, len, salt))
         .unwrap();
     seq
+}
+
+/// A term history from `(term, first_seq)` pairs.
+pub(crate) fn history(entries: &[(u64, u64)]) -> mirror_proto::TermHistory {
+    mirror_proto::TermHistory::from_entries(
+        entries
+            .iter()
+            .map(|&(term, first_seq)| mirror_proto::TermEntry { term, first_seq })
+            .collect(),
+    )
+    .unwrap()
 }
 
 /// Simple xorshift PRNG for tests that need many cheap random choices from one seed.

@@ -286,6 +286,34 @@ pub fn status(queue: &Path) -> CliResult {
     }
     println!("  applied_through  {}", i.applied_through);
     println!("  next_seq         {}", i.next_seq);
+    println!("  current_term     {}", i.current_term);
+    let history: Vec<String> = i
+        .term_history
+        .entries()
+        .iter()
+        .map(|e| format!("term {} from seq {}", e.term, e.first_seq))
+        .collect();
+    println!(
+        "  term history     {}",
+        if history.is_empty() {
+            "empty".to_string()
+        } else {
+            history.join(", ")
+        }
+    );
+    // Divergent suffixes this node dropped (saved before the repair removed them).
+    for path in mirror_storage::list_discarded(queue).map_err(mirror::MirrorError::from)? {
+        match mirror_storage::read_discarded(&path) {
+            Ok(d) => println!(
+                "  discarded        {} records after seq {} ({} bytes) in {}",
+                d.records.len(),
+                d.common_seq,
+                d.records.iter().map(|r| r.payload.len()).sum::<usize>(),
+                path.display()
+            ),
+            Err(e) => println!("  discarded        {} (unreadable: {e})", path.display()),
+        }
+    }
     if i.torn_tail_cut_bytes > 0 {
         println!(
             "  torn tail        {} bytes would be cut at the next open ({:?})",

@@ -27,6 +27,10 @@ pub struct SimArgs {
     /// The canary: the primary applies writes before the backup's ack (the checkers must fail)
     #[arg(long)]
     pub canary: bool,
+    /// The second canary: the backup matches logs by seq alone, ignoring terms (the checkers
+    /// must fail)
+    #[arg(long)]
+    pub canary_log_matching: bool,
     /// Directory for the simulated nodes' queue files (default /dev/shm when present)
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
@@ -44,6 +48,7 @@ pub fn sim(a: &SimArgs) -> CliResult {
     let opts = SimOptions {
         fault_steps: a.fault_steps,
         canary_apply_before_ack: a.canary,
+        canary_seq_only_matching: a.canary_log_matching,
         trace: a.seed.is_some(),
         ..SimOptions::default()
     };
@@ -66,8 +71,13 @@ pub fn sim(a: &SimArgs) -> CliResult {
             Err(f) => {
                 println!("FAILED: {f}");
                 println!(
-                    "replay: mirror sim --seed {seed}{}{}",
+                    "replay: mirror sim --seed {seed}{}{}{}",
                     if a.canary { " --canary" } else { "" },
+                    if a.canary_log_matching {
+                        " --canary-log-matching"
+                    } else {
+                        ""
+                    },
                     if a.fault_steps != SimOptions::default().fault_steps {
                         format!(" --fault-steps {}", a.fault_steps)
                     } else {
@@ -87,7 +97,7 @@ pub fn sim(a: &SimArgs) -> CliResult {
         }
     }
     println!(
-        "{} seeds passed in {:.1} s: {} steps, {} completed writes, crashes primary {} / backup {} ({} mid-batch, {} power losses, {} words torn), {} cuts, {} half-open, {} partitions, {} frames mangled, {} backup-full drops, {} records moved by catch-ups; slowest convergence {} steps",
+        "{} seeds passed in {:.1} s: {} steps, {} completed writes, crashes primary {} / backup {} ({} mid-batch, {} power losses, {} words torn), {} cuts, {} half-open, {} partitions, {} frames mangled, {} backup-full drops, {} records moved by catch-ups, {} divergent records dropped; slowest convergence {} steps",
         seeds.len(),
         started.elapsed().as_secs_f64(),
         total.steps,
@@ -103,6 +113,7 @@ pub fn sim(a: &SimArgs) -> CliResult {
         total.mangled,
         total.room_drops,
         total.recovery_records,
+        total.discarded_records,
         total.convergence_steps
     );
     Ok(ExitCode::SUCCESS)

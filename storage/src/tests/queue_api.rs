@@ -30,7 +30,9 @@ fn new_queue_is_empty_and_starts_at_seq_1() {
     assert_eq!(q.len_records(), 0);
     assert_eq!(q.used_bytes(), 0);
     assert_eq!(q.free_bytes(), 8192);
-    assert_eq!(q.max_payload(), 8192 / 4 - 48);
+    assert_eq!(q.max_payload(), 8192 / 4 - 56);
+    assert_eq!(q.current_term(), 0);
+    assert!(q.term_history().is_empty());
     assert_eq!(q.iter_from(0).count(), 0);
     assert_eq!(q.epoch(), 1);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096 + 8192);
@@ -122,7 +124,7 @@ fn append_with_wrong_seq_is_refused() {
     let (mut q, _) = new_queue(dir.path(), 4096);
     push(&mut q, 10, 0);
     for bad in [0, 1, 3, u64::MAX] {
-        let e = q.append(bad, 0, b"x").unwrap_err();
+        let e = q.append(bad, 1, 0, b"x").unwrap_err();
         assert!(
             matches!(e, StorageError::SeqOutOfOrder { expected: 2, got } if got == bad),
             "{e}"
@@ -136,17 +138,17 @@ fn payload_must_be_1_to_max_payload_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let (mut q, _) = new_queue(dir.path(), 4096);
     let max = q.max_payload();
-    let e = q.append(1, 0, &[]).unwrap_err();
+    let e = q.append(1, 1, 0, &[]).unwrap_err();
     assert!(
         matches!(e, StorageError::PayloadSize { len: 0, max: m } if m == max),
         "{e}"
     );
-    let e = q.append(1, 0, &vec![1u8; max + 1]).unwrap_err();
+    let e = q.append(1, 1, 0, &vec![1u8; max + 1]).unwrap_err();
     assert!(
         matches!(e, StorageError::PayloadSize { len, .. } if len == max + 1),
         "{e}"
     );
-    q.append(1, 0, &vec![1u8; max]).unwrap();
+    q.append(1, 1, 0, &vec![1u8; max]).unwrap();
     assert_eq!(records(&q)[0].2.len(), max);
 }
 
@@ -160,13 +162,13 @@ fn append_outside_the_region_is_refused_without_overflow() {
         (u64::MAX, 1),
         (u64::MAX - 3, 8),
     ] {
-        let e = q.append(1, off, &vec![0u8; len]).unwrap_err();
+        let e = q.append(1, 1, off, &vec![0u8; len]).unwrap_err();
         assert!(
             matches!(e, StorageError::OutOfRange { offset, len: l, size: REGION } if offset == off && l == len as u64),
             "{e}"
         );
     }
-    q.append(1, REGION - 1, b"z").unwrap();
+    q.append(1, 1, REGION - 1, b"z").unwrap();
 }
 
 #[test]
@@ -178,7 +180,7 @@ fn full_queue_reports_needed_and_free_and_recovers_after_trim() {
         push(&mut q, len, 0);
     }
     assert_eq!(q.free_bytes(), 0);
-    let e = q.append(5, 0, &vec![0u8; len]).unwrap_err();
+    let e = q.append(5, 1, 0, &vec![0u8; len]).unwrap_err();
     assert!(
         matches!(
             e,
@@ -205,15 +207,16 @@ fn a_record_that_must_wrap_needs_the_rest_of_the_lap_too() {
     let dir = tempfile::tempdir().unwrap();
     let (mut q, _) = new_queue(dir.path(), 4096);
     let max = q.max_payload();
-    push(&mut q, 100, 0); // 152 bytes at 0
+    push(&mut q, 100, 0); // 160 bytes at 0
     for _ in 0..3 {
-        push(&mut q, max, 0); // 1024 bytes each: tail at 3224, 872 bytes left in the lap
+        push(&mut q, max, 0); // 1024 bytes each: tail at 3232, 864 bytes left in the lap
     }
-    q.trim_through(1).unwrap(); // head at 152: 1024 bytes free, but split 872 + 152
+    q.trim_through(1).unwrap(); // head at 160: 1024 bytes free, but split 864 + 160
     assert_eq!(q.free_bytes(), 1024);
-    // A backup's room check sees it coming; a write that fits in the rest of the lap leaves
-    // 176 bytes, so the next one of 200 bytes (248 with its header, after a skip of 24) does
-    // not fit, but one of 100 does. Duplicates and non-writes take no room.
+    // A backup's room check sees it coming; a write of 800 bytes (856 with its header) fits in
+    // the rest of the lap and leaves 168 bytes, so the next one of 200 bytes (256 with its
+    // header, after a skip of 8) does not fit, but one of 100 (160 + 8) does. Duplicates and
+    // non-writes take no room.
     assert_eq!(q.first_write_without_room([Some((5, max))]), Some(0));
     assert_eq!(
         q.first_write_without_room([None, Some((5, 800)), Some((4, 9)), Some((6, 200))]),
@@ -223,20 +226,20 @@ fn a_record_that_must_wrap_needs_the_rest_of_the_lap_too() {
         q.first_write_without_room([Some((5, 800)), Some((6, 100))]),
         None
     );
-    let e = q.append(5, 0, &vec![0u8; max]).unwrap_err();
+    let e = q.append(5, 1, 0, &vec![0u8; max]).unwrap_err();
     assert!(
         matches!(
             e,
             StorageError::Full {
-                needed: 1896,
+                needed: 1888,
                 free: 1024
             }
         ),
         "{e}"
     );
     // A record that fits in the rest of the lap does not wrap.
-    q.append(5, 0, &vec![0u8; 800]).unwrap();
-    assert_eq!(q.used_bytes(), 3 * 1024 + 848);
+    q.append(5, 1, 0, &vec![0u8; 800]).unwrap();
+    assert_eq!(q.used_bytes(), 3 * 1024 + 856);
 }
 
 #[test]
@@ -345,18 +348,18 @@ fn durable_trims_past_the_surviving_log_get_a_reset_record() {
     let dir = tempfile::tempdir().unwrap();
     let (mut q, path) = new_queue(dir.path(), 8192);
     for _ in 0..5 {
-        push(&mut q, 20, 0); // 72 bytes each
+        push(&mut q, 20, 0); // 80 bytes each
     }
     q.trim_through(5).unwrap();
     drop(q);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&[0u8; 3 * 72], 4096 + 2 * 72).unwrap();
+    f.write_all_at(&[0u8; 3 * 80], 4096 + 2 * 80).unwrap();
     drop(f);
     let (mut q, rep) = PersistentQueue::open(&path, Durability::Process).unwrap();
     assert!(rep.reset_marker_written);
     assert_eq!(
         (rep.records, rep.next_seq, rep.torn_tail_cut_bytes),
-        (0, 6, 3 * 72)
+        (0, 6, 3 * 80)
     );
     push(&mut q, 20, 1);
     drop(q);
@@ -429,20 +432,20 @@ fn open_refuses_another_format_version() {
     let dir = tempfile::tempdir().unwrap();
     let (q, path) = new_queue(dir.path(), 4096);
     drop(q);
-    patch(&path, 8, &2u32.to_le_bytes());
+    patch(&path, 8, &3u32.to_le_bytes());
     let e = PersistentQueue::open(&path, Durability::Process).unwrap_err();
     assert!(
         matches!(
             e,
             StorageError::UnsupportedVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),
         "{e}"
     );
-    assert!(e.to_string().contains("version 2"), "{e}");
+    assert!(e.to_string().contains("version 3"), "{e}");
 }
 
 #[test]
@@ -646,15 +649,15 @@ fn iter_from_reports_a_record_damaged_in_memory() {
         push(&mut q, 30, 0);
     }
     // Damage the second record's payload behind the queue's back (as bit rot would).
-    let second = 48 + 32; // first record: 48 + 30 -> 80 bytes
-    let at = crate::format::HEADER_BYTES as usize + second + 48 + 3;
+    let second = 56 + 32; // first record: 56 + 30 -> 88 bytes
+    let at = crate::format::HEADER_BYTES as usize + second + 56 + 3;
     q.map.bytes_mut(at, 1)[0] ^= 0xFF;
     let got: Vec<_> = q.iter_from(0).collect();
     assert_eq!(got.len(), 2, "the iterator stops after the error");
     assert!(got[0].is_ok());
     let e = got[1].as_ref().unwrap_err();
     assert!(
-        matches!(e, StorageError::CorruptRecord { at: 80, .. }),
+        matches!(e, StorageError::CorruptRecord { at: 88, .. }),
         "{e}"
     );
     // Skipping over it without reading it is fine.
@@ -674,8 +677,8 @@ fn inspect_reports_what_recovery_would_do_without_modifying_the_file() {
     }
     q.trim_through(2).unwrap();
     drop(q);
-    // Tear the last record.
-    let last_at = 4096 + 5 * 112;
+    // Tear the last record (60 bytes of payload: 120-byte records).
+    let last_at = 4096 + 5 * 120;
     patch(&path, last_at + 60, &[0x55]);
     let before = std::fs::read(&path).unwrap();
     let info = inspect_queue(&path).unwrap();
@@ -684,7 +687,7 @@ fn inspect_reports_what_recovery_would_do_without_modifying_the_file() {
         before,
         "inspect must not write"
     );
-    assert_eq!(info.format_version, 1);
+    assert_eq!(info.format_version, 2);
     assert_eq!(
         (
             info.node_id,
@@ -699,9 +702,11 @@ fn inspect_reports_what_recovery_would_do_without_modifying_the_file() {
         (info.records, info.first_seq, info.last_seq, info.next_seq),
         (3, Some(3), 5, 6)
     );
-    assert_eq!(info.torn_tail_cut_bytes, 112);
+    assert_eq!(info.torn_tail_cut_bytes, 120);
     assert_eq!(info.cut_reason, Some(crate::CutReason::Checksum));
-    assert_eq!(info.tail_hint, 6 * 112);
+    assert_eq!(info.tail_hint, 6 * 120);
+    assert_eq!(info.current_term, 1);
+    assert_eq!(info.term_history, super::history(&[(1, 1)]));
     assert!(!info.in_use);
     let (q, rep) = PersistentQueue::open(&path, Durability::Process).unwrap();
     assert_eq!(

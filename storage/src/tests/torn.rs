@@ -6,10 +6,12 @@ use super::{new_queue, push, records};
 use crate::{CutReason, Durability, PersistentQueue};
 
 const DATA: usize = crate::format::HEADER_BYTES as usize;
-/// Payload length used here: 48 + 37 = 85, padded to 88, so the record has 3 padding bytes
+/// Payload length used here: 56 + 37 = 93, padded to 96, so the record has 3 padding bytes
 /// (which the crc covers).
 const LEN: usize = 37;
-const TOTAL: usize = 88;
+const TOTAL: usize = 96;
+/// The record header's size.
+const HDR: usize = crate::RECORD_HEADER_BYTES as usize;
 
 type Recs = Vec<(u64, u64, Vec<u8>)>;
 
@@ -76,7 +78,7 @@ fn recovery_keeps_exactly_the_complete_prefix_when_the_last_record_is_torn_anywh
         img[last + p..last + TOTAL].fill(0);
         // (Zeroing the zero padding changes nothing: then the record is complete.)
         let torn = img != good;
-        assert_eq!(torn, p < LEN + 48, "byte {p}");
+        assert_eq!(torn, p < LEN + HDR, "byte {p}");
         if torn {
             check_recovery(
                 &path,
@@ -109,9 +111,11 @@ fn the_reported_reason_names_what_failed() {
     let (good, _) = image_with(dir.path(), 3);
     let last = DATA + 2 * TOTAL;
     let path = dir.path().join("t");
-    let cases: [(usize, CutReason); 6] = [
+    let cases: [(usize, CutReason); 8] = [
         (0, CutReason::BadMagic),
         (8, CutReason::BadKind),
+        (48, CutReason::BadKind), // term 1 -> 0: a DATA record without a term
+        (49, CutReason::Checksum), // term 1 -> 257: the term is covered by the crc
         (13, CutReason::BadLength), // payload_len += 256: the record no longer fits the max
         (24, CutReason::StalePosition),
         (16, CutReason::Checksum), // seq is covered by the crc
@@ -141,7 +145,7 @@ fn a_damaged_record_in_the_middle_ends_the_log_there() {
     let path = dir.path().join("t");
     for k in 0..6 {
         let mut img = good.clone();
-        img[DATA + k * TOTAL + 48 + 5] ^= 0x80;
+        img[DATA + k * TOTAL + HDR + 5] ^= 0x80;
         check_recovery(
             &path,
             &img,
@@ -161,14 +165,14 @@ fn a_torn_record_right_after_a_wrap_pad_is_cut_and_the_pad_kept() {
     for _ in 0..3 {
         push(&mut q, max, 0); // 3 * 1024
     }
-    push(&mut q, 500, 0); // 552 bytes: tail at 3624, 472 left in the lap
+    push(&mut q, 500, 0); // 560 bytes: tail at 3632, 464 left in the lap
     q.trim_through(2).unwrap();
-    push(&mut q, 900, 0); // 952 bytes: pad 472, record at 4096 (physical 0)
+    push(&mut q, 900, 0); // 960 bytes: pad 464, record at 4096 (physical 0)
     let want = records(&q);
     assert_eq!(want.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 4, 5]);
     drop(q);
     let good = std::fs::read(&path).unwrap();
-    for p in [0usize, 20, 47, 48, 500, 951] {
+    for p in [0usize, 20, 55, 56, 500, 955] {
         let mut img = good.clone();
         img[DATA + p] ^= 0x04;
         check_recovery(
@@ -176,7 +180,7 @@ fn a_torn_record_right_after_a_wrap_pad_is_cut_and_the_pad_kept() {
             &img,
             &want,
             2,
-            952,
+            960,
             &format!("wrapped record, byte {p}"),
         );
     }

@@ -21,7 +21,7 @@ fn many_laps_with_trims_and_reopens_keep_every_live_record() {
         }) as usize;
         let seq = q.next_seq();
         let p = payload(seq, len, 0);
-        match q.append(seq, offset_for(seq), &p) {
+        match q.append(seq, 1, offset_for(seq), &p) {
             Ok(()) => model.push_back((seq, offset_for(seq), p)),
             Err(StorageError::Full { needed, free }) => {
                 assert!(needed > free);
@@ -80,18 +80,18 @@ fn a_lap_end_too_short_for_a_header_is_skipped_without_a_pad() {
     for _ in 0..3 {
         push(&mut q, max, 0); // 3 * 1024
     }
-    push(&mut q, 936, 0); // 984 bytes: tail at 4056, 40 bytes left (< 48-byte header)
+    push(&mut q, 928, 0); // 984 bytes: tail at 4056, 40 bytes left (< 56-byte header)
     assert_eq!(q.tail, 4056);
     q.trim_through(2).unwrap();
     push(&mut q, 100, 0); // skips the 40 bytes, lands at 4096
-    assert_eq!(q.tail, 4096 + 152);
+    assert_eq!(q.tail, 4096 + 160);
     let want = records(&q);
     assert_eq!(want.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 4, 5]);
     drop(q);
     let good = std::fs::read(&path).unwrap();
     let (q, rep) = PersistentQueue::open(&path, Durability::Process).unwrap();
     assert_eq!(records(&q), want);
-    assert_eq!(rep.bytes, 4248 - 2048);
+    assert_eq!(rep.bytes, 4256 - 2048);
     drop(q);
     // Tear the record after the skip: the 40 skipped bytes count towards the cut.
     let mut img = good;
@@ -99,6 +99,6 @@ fn a_lap_end_too_short_for_a_header_is_skipped_without_a_pad() {
     std::fs::write(&path, &img).unwrap();
     let (q, rep) = PersistentQueue::open(&path, Durability::Process).unwrap();
     assert_eq!(records(&q), want[..2]);
-    assert_eq!(rep.torn_tail_cut_bytes, 192);
+    assert_eq!(rep.torn_tail_cut_bytes, 200);
     assert_eq!(q.next_seq(), 5);
 }
