@@ -99,10 +99,11 @@ fn garbage_other_versions_and_a_second_primary_are_refused_without_harm() {
     let _ = s.read_to_end(&mut reply);
     drop(s);
 
-    // A frame of another protocol version: the reply is a Reject frame (kind 2).
+    // A frame of another protocol version (1: a node from before terms): the reply is a
+    // Reject frame (kind 2) with code ProtocolVersion (1) naming both versions.
     let mut frame = Vec::new();
     frame.extend_from_slice(b"LMIR");
-    frame.push(2); // version 2
+    frame.push(1); // version 1
     frame.push(1); // Hello
     frame.extend_from_slice(&[0, 0]);
     frame.extend_from_slice(&0u32.to_le_bytes());
@@ -113,8 +114,13 @@ fn garbage_other_versions_and_a_second_primary_are_refused_without_harm() {
     let mut reply = Vec::new();
     let _ = s.read_to_end(&mut reply);
     assert!(
-        reply.len() >= 16 && &reply[0..4] == b"LMIR" && reply[5] == 2,
+        reply.len() >= 20 && &reply[0..4] == b"LMIR" && reply[5] == 2 && reply[16] == 1,
         "reply {reply:?}"
+    );
+    let reason = String::from_utf8_lossy(&reply[20..]);
+    assert!(
+        reason.contains("version 1") && reason.contains("version 2"),
+        "{reason}"
     );
     drop(s);
 

@@ -125,7 +125,7 @@ fn a_damaged_tail_is_cut_and_the_pair_recovers_around_it() {
     });
     let cut_logged = std::fs::read_to_string(pair.path("backup-1.log"))
         .unwrap()
-        .contains("torn tail");
+        .contains("cut records from the queue's tail");
     assert!(cut_logged, "the cut was not reported");
     finish_and_verify(&pair, primary, Some(backup), 0);
 }

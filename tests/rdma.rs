@@ -107,14 +107,17 @@ fn transport_carries_frames_intact_and_in_order_across_ring_wraps() {
         while next_send < sizes.len() && client.pending_send_bytes() < (4 << 20) {
             let seq = next_send as u64 + 1;
             client
-                .send_write(seq, seq * 8, &pattern(seq, sizes[next_send]))
+                .send_write(seq, 1, seq * 8, &pattern(seq, sizes[next_send]))
                 .unwrap();
             next_send += 1;
         }
         client.flush().unwrap();
         server.poll_recv(&mut got, 512).unwrap();
         for m in got.drain(..) {
-            let Message::Write { seq, offset, data } = m else {
+            let Message::Write {
+                seq, offset, data, ..
+            } = m
+            else {
                 panic!("unexpected {m:?}")
             };
             assert_eq!(seq, next_recv as u64 + 1, "frames out of order");

@@ -3,36 +3,13 @@
 //! backup acknowledged or what it applied degraded, completions come in order, and after a final
 //! reconnect both regions equal the model.
 #![no_main]
-use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use mirror_proto::{
-    Action, Backup, Core, CoreConfig, Message, PeerLossPolicy, Primary, Record, Recovered,
-};
+use mirror_proto::testing::{Durable, Node, Role};
+use mirror_proto::{CoreConfig, PeerLossPolicy};
 
 const REGION: u64 = 1024;
-
-#[derive(Clone, Default)]
-struct Disk {
-    queue: BTreeMap<u64, Record>,
-    next_seq: u64,
-    applied: u64,
-    peer: u64,
-    region: Vec<u8>,
-}
-
-struct Node {
-    primary: bool,
-    cfg: CoreConfig,
-    core: Core,
-    disk: Disk,
-    out: Vec<Message>,
-    hung_up: bool,
-    completed: u64,
-    next_ticket: u64,
-    failed: bool,
-}
 
 fn cfg(id: u64, policy: PeerLossPolicy) -> CoreConfig {
     CoreConfig {
@@ -49,85 +26,16 @@ fn cfg(id: u64, policy: PeerLossPolicy) -> CoreConfig {
     }
 }
 
-impl Node {
-    fn start(primary: bool, cfg: CoreConfig, disk: Disk) -> Node {
-        let rec = Recovered {
-            peer_node_id: disk.peer,
-            applied_through: disk.applied,
-            first_seq: disk.queue.keys().next().copied(),
-            last_seq: disk.next_seq - 1,
-            unapplied: disk.queue.range(disk.applied + 1..).map(|(_, r)| r.clone()).collect(),
-        };
-        let core = if primary {
-            Core::Primary(Primary::new(cfg.clone(), rec))
-        } else {
-            Core::Backup(Backup::new(cfg.clone(), rec))
-        };
-        let mut n = Node { primary, cfg, core, disk, out: vec![], hung_up: false, completed: 0, next_ticket: 1, failed: false };
-        n.run();
-        n
-    }
-
-    fn run(&mut self) {
-        let mut actions = Vec::new();
-        self.core.drain_actions(&mut actions);
-        for a in actions {
-            match a {
-                Action::Send(m) => self.out.push(m),
-                Action::SendQueued { from_seq, through_seq } => {
-                    for s in from_seq..=through_seq {
-                        let r = self.disk.queue.get(&s).expect("asked to send a record it does not hold");
-                        self.out.push(Message::Write { seq: s, offset: r.offset, data: r.data.clone() });
-                    }
-                }
-                Action::Append { record, .. } => {
-                    assert_eq!(record.seq, self.disk.next_seq);
-                    self.disk.next_seq += 1;
-                    self.disk.queue.insert(record.seq, record);
-                }
-                Action::SyncQueue => {}
-                Action::Apply(r) => {
-                    let o = r.offset as usize;
-                    self.disk.region[o..o + r.data.len()].copy_from_slice(&r.data);
-                }
-                Action::CommitApplied { through } => {
-                    assert!(through >= self.disk.applied);
-                    self.disk.applied = through;
-                }
-                Action::Trim { through } => {
-                    assert!(through <= self.disk.applied);
-                    self.disk.queue.retain(|&s, _| s > through);
-                }
-                Action::BindPeer { node_id } => self.disk.peer = node_id,
-                Action::Complete { ticket } => {
-                    assert!(ticket > self.completed);
-                    self.completed = ticket;
-                }
-                Action::Disconnect(_) => self.hung_up = true,
-                Action::Reject { .. } => self.hung_up = true,
-                Action::RecoveryStarted => {}
-                Action::Fatal(_) => self.failed = true,
-            }
-        }
-    }
-
-    fn crash(&mut self) {
-        let disk = self.disk.clone();
-        *self = Node::start(self.primary, self.cfg.clone(), disk);
-    }
-}
-
 fuzz_target!(|ops: &[u8]| {
     let policy = if ops.first().is_some_and(|b| b & 1 == 1) { PeerLossPolicy::Block } else { PeerLossPolicy::Continue };
-    let fresh = || Disk { next_seq: 1, region: vec![0; REGION as usize], ..Disk::default() };
-    let mut p = Node::start(true, cfg(1, policy), fresh());
-    let mut b = Node::start(false, cfg(2, policy), fresh());
+    let mut p = Node::start(Role::Primary, cfg(1, policy), Durable::fresh(REGION));
+    let mut b = Node::start(Role::Backup, cfg(2, policy), Durable::fresh(REGION));
     let mut up = false;
     let mut now = 0u64;
     let mut model: Vec<(u64, Vec<u8>)> = Vec::new();
     let connect = |p: &mut Node, b: &mut Node| {
-        p.out.clear();
-        b.out.clear();
+        p.outbox.clear();
+        b.outbox.clear();
         p.hung_up = false;
         b.hung_up = false;
         b.core.on_connected();
@@ -137,8 +45,8 @@ fuzz_target!(|ops: &[u8]| {
     };
     let deliver = |p: &mut Node, b: &mut Node, rounds: usize| {
         for _ in 0..rounds {
-            let to_b: Vec<_> = p.out.drain(..).collect();
-            let to_p: Vec<_> = b.out.drain(..).collect();
+            let to_b: Vec<_> = p.outbox.drain(..).collect();
+            let to_p: Vec<_> = b.outbox.drain(..).collect();
             if to_b.is_empty() && to_p.is_empty() { break; }
             for m in to_b { b.core.on_message(m); }
             b.core.end_batch();
@@ -149,7 +57,7 @@ fuzz_target!(|ops: &[u8]| {
         }
     };
     for chunk in ops.chunks(3).take(200) {
-        if p.failed { return; }
+        if p.fatal.is_some() { return; }
         let (op, x, y) = (chunk[0] % 8, *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0));
         now += 37;
         p.core.set_now(now);
@@ -178,7 +86,7 @@ fuzz_target!(|ops: &[u8]| {
             5 => {
                 up = false;
                 b.core.on_disconnected(); b.run();
-                if x & 1 == 0 { p.crash() } else { p.core.on_disconnected(); p.run(); b.crash() }
+                if x & 1 == 0 { p.crash_and_restart() } else { p.core.on_disconnected(); p.run(); b.crash_and_restart() }
             }
             6 => { p.core.on_tick(); p.core.end_batch(); p.run(); b.core.on_tick(); b.core.end_batch(); b.run(); }
             _ => if !up { p.core.on_connect_failed(); p.run(); },
@@ -189,7 +97,7 @@ fuzz_target!(|ops: &[u8]| {
             b.core.on_disconnected(); b.run();
         }
     }
-    if p.failed { return; }
+    if p.fatal.is_some() { return; }
     // Liveness: reconnect and settle; everything submitted converges on both nodes. Time moves
     // in steps shorter than a heartbeat interval (a quarter of the ack timeout), so a live
     // connection never looks silent; one that idled past a timeout before is replaced once.
@@ -210,7 +118,7 @@ fuzz_target!(|ops: &[u8]| {
             b.core.on_tick(); b.core.end_batch(); b.run();
         }
         deliver(&mut p, &mut b, 50);
-        if p.failed { return; }
+        if p.fatal.is_some() { return; }
         assert!(round == 0 || !(p.hung_up || b.hung_up), "a fresh connection dropped while settling");
         if !(p.hung_up || b.hung_up) { break; }
     }

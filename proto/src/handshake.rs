@@ -149,6 +149,13 @@ pub fn reconcile(primary: &LogView, backup: &LogView) -> Result<Reconciliation, 
     })
 }
 
+fn role_name(role: WireRole) -> &'static str {
+    match role {
+        WireRole::Primary => "primary",
+        WireRole::Backup => "backup",
+    }
+}
+
 /// What a node knows of itself for the compatibility check.
 #[derive(Debug, Clone, Copy)]
 pub struct Identity {
@@ -216,11 +223,12 @@ pub fn check_compatible(own: &Identity, peer: &Hello) -> Result<(), (RejectCode,
             ),
         ));
     }
+    let (me, them) = (role_name(own.role), role_name(peer.role));
     if own.peer_node_id != 0 && peer.node_id != own.peer_node_id {
         return Err((
             RejectCode::WrongPeer,
             format!(
-                "this node is bound to {:#x}; refusing {:#x} (was the peer's queue recreated, or is it a second primary?)",
+                "this {me} is bound to {them} {:#x}; refusing {them} {:#x} (a second {them}, or was its queue recreated?)",
                 own.peer_node_id, peer.node_id
             ),
         ));
@@ -229,7 +237,7 @@ pub fn check_compatible(own: &Identity, peer: &Hello) -> Result<(), (RejectCode,
         return Err((
             RejectCode::WrongPeer,
             format!(
-                "peer {:#x} is bound to {:#x}, this node is {:#x}",
+                "{them} {:#x} is bound to {me} {:#x}, this {me} is {:#x}",
                 peer.node_id, peer.peer_node_id, own.node_id
             ),
         ));

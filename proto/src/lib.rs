@@ -12,6 +12,8 @@
 pub mod core;
 pub mod handshake;
 pub mod term;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod wire;
 
 pub use crate::core::{

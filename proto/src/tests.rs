@@ -1,51 +1,14 @@
 //! Tests of the protocol core for every path: a small in-memory driver executes the actions (queue,
 //! region, header as plain collections) and a link moves messages between two cores.
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 
 use crate::core::*;
-use crate::handshake::{merged_ranges, repair_pieces, repair_requests};
 use crate::term::TermHistory;
+use crate::testing::{Node, Role};
 use crate::wire::{Message, RejectCode};
 
 const REGION: u64 = 4096;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Primary,
-    Backup,
-}
-
-/// What survives a crash of a node: its queue file and its region file.
-#[derive(Debug, Clone, Default)]
-struct Durable {
-    queue: BTreeMap<u64, Record>,
-    next_seq: u64,
-    applied_through: u64,
-    peer_node_id: u64,
-    region: Vec<u8>,
-    current_term: u64,
-    history: TermHistory,
-}
-
-struct Node {
-    role: Role,
-    cfg: CoreConfig,
-    core: Core,
-    disk: Durable,
-    outbox: Vec<Message>,
-    completed: u64,
-    next_ticket: u64,
-    recovery_bytes: u64,
-    fatal: Option<FatalError>,
-    /// Set when the core asked to drop the connection.
-    hung_up: bool,
-    applied_log: Vec<u64>,
-    /// Records this node dropped as a divergent suffix (saved before they went).
-    discarded: Vec<Record>,
-}
 
 fn cfg(node_id: u64, policy: PeerLossPolicy) -> CoreConfig {
     CoreConfig {
@@ -59,183 +22,6 @@ fn cfg(node_id: u64, policy: PeerLossPolicy) -> CoreConfig {
         max_write_len: 1024,
         queue_capacity: 1 << 20,
         deferred_commit: false,
-    }
-}
-
-fn recovered(disk: &Durable) -> Recovered {
-    Recovered {
-        peer_node_id: disk.peer_node_id,
-        applied_through: disk.applied_through,
-        first_seq: disk.queue.keys().next().copied(),
-        last_seq: disk.next_seq - 1,
-        unapplied: disk
-            .queue
-            .range(disk.applied_through + 1..)
-            .map(|(_, r)| r.clone())
-            .collect(),
-        current_term: disk.current_term,
-        term_history: disk.history.clone(),
-    }
-}
-
-impl Node {
-    fn new(role: Role, cfg: CoreConfig) -> Node {
-        let disk = Durable {
-            next_seq: 1,
-            region: vec![0; REGION as usize],
-            ..Durable::default()
-        };
-        Node::start(role, cfg, disk)
-    }
-
-    fn start(role: Role, cfg: CoreConfig, disk: Durable) -> Node {
-        let rec = recovered(&disk);
-        let core = match role {
-            Role::Primary => Core::Primary(Primary::new(cfg.clone(), rec)),
-            Role::Backup => Core::Backup(Backup::new(cfg.clone(), rec)),
-        };
-        let mut n = Node {
-            role,
-            cfg,
-            core,
-            disk,
-            outbox: Vec::new(),
-            completed: 0,
-            next_ticket: 1,
-            recovery_bytes: 0,
-            fatal: None,
-            hung_up: false,
-            applied_log: Vec::new(),
-            discarded: Vec::new(),
-        };
-        n.run();
-        n
-    }
-
-    /// A crash: everything volatile is lost; queue and region survive (durability `process`).
-    fn crash_and_restart(&mut self) {
-        let disk = self.disk.clone();
-        *self = Node::start(self.role, self.cfg.clone(), disk);
-    }
-
-    fn run(&mut self) {
-        let mut actions = Vec::new();
-        self.core.drain_actions(&mut actions);
-        for a in actions {
-            match a {
-                Action::Send(m) => self.outbox.push(m),
-                Action::SendQueued {
-                    from_seq,
-                    through_seq,
-                } => {
-                    for seq in from_seq..=through_seq {
-                        let r = self.disk.queue.get(&seq).unwrap_or_else(|| {
-                            panic!("{:?} asked to send {seq} which it does not hold", self.role)
-                        });
-                        self.recovery_bytes += r.data.len() as u64;
-                        self.outbox.push(Message::Write {
-                            seq,
-                            term: r.term,
-                            offset: r.offset,
-                            data: r.data.clone(),
-                        });
-                    }
-                }
-                Action::Append { record, recovery } => {
-                    assert_eq!(record.seq, self.disk.next_seq, "append out of order");
-                    if recovery {
-                        self.recovery_bytes += record.data.len() as u64;
-                    }
-                    self.disk
-                        .history
-                        .note_append(record.seq, record.term)
-                        .expect("term order");
-                    self.disk.next_seq += 1;
-                    self.disk.queue.insert(record.seq, record);
-                }
-                Action::PersistTerm { term } => {
-                    assert!(term >= self.disk.current_term, "term goes back");
-                    self.disk.current_term = term;
-                }
-                Action::RequestRepair { after, through } => {
-                    let suffix: Vec<Record> = self
-                        .disk
-                        .queue
-                        .range(after + 1..=through)
-                        .map(|(_, r)| r.clone())
-                        .collect();
-                    assert_eq!(suffix.len() as u64, through - after, "suffix not held");
-                    let ranges =
-                        merged_ranges(suffix.iter().map(|r| (r.offset, r.data.len() as u64)));
-                    self.outbox.extend(repair_requests(&ranges));
-                    self.discarded.extend(suffix);
-                }
-                Action::SendRegion { ranges } => {
-                    for (offset, len) in repair_pieces(&ranges) {
-                        let o = offset as usize;
-                        self.recovery_bytes += len;
-                        self.outbox.push(Message::RepairData {
-                            offset,
-                            data: Bytes::copy_from_slice(&self.disk.region[o..o + len as usize]),
-                        });
-                    }
-                }
-                Action::RepairRegion { offset, data } => {
-                    let o = offset as usize;
-                    self.disk.region[o..o + data.len()].copy_from_slice(&data);
-                }
-                Action::TruncateAfter { after } => {
-                    self.disk.queue.retain(|&s, _| s <= after);
-                    self.disk.next_seq = after + 1;
-                    self.disk.history.truncate_after(after);
-                    self.disk.applied_through = self.disk.applied_through.min(after);
-                }
-                Action::SyncQueue => {}
-                Action::Apply(r) => {
-                    let o = r.offset as usize;
-                    self.disk.region[o..o + r.data.len()].copy_from_slice(&r.data);
-                    self.applied_log.push(r.seq);
-                }
-                Action::CommitApplied { through } => {
-                    assert!(through >= self.disk.applied_through);
-                    self.disk.applied_through = through;
-                }
-                Action::Trim { through } => {
-                    assert!(through <= self.disk.applied_through, "trim past own apply");
-                    self.disk.queue.retain(|&s, _| s > through);
-                }
-                Action::BindPeer { node_id } => self.disk.peer_node_id = node_id,
-                Action::Complete { ticket } => {
-                    assert!(ticket > self.completed, "completion out of order");
-                    self.completed = ticket;
-                }
-                Action::Disconnect(_) => self.hung_up = true,
-                Action::Reject { code, reason } => {
-                    self.outbox.push(Message::Reject { code, reason });
-                    self.hung_up = true;
-                }
-                Action::RecoveryStarted => self.recovery_bytes = 0,
-                Action::Fatal(e) => self.fatal = Some(e),
-            }
-        }
-    }
-
-    fn write(&mut self, offset: u64, byte: u8, len: usize) -> u64 {
-        let t = self.next_ticket;
-        self.next_ticket += 1;
-        self.core
-            .submit(t, offset, Bytes::from(vec![byte; len]))
-            .expect("submit");
-        self.core.end_batch();
-        self.run();
-        t
-    }
-
-    fn tick(&mut self, now_us: u64) {
-        self.core.set_now(now_us);
-        self.core.on_tick();
-        self.core.end_batch();
-        self.run();
     }
 }
 
@@ -1157,11 +943,7 @@ impl Pair {
         self.b.core.on_disconnected();
         self.b.run();
         self.b.outbox.clear(); // the acks die with the connection
-        let disk = &mut self.p.disk;
-        disk.queue.retain(|&s, _| s <= keeps_through);
-        disk.next_seq = keeps_through + 1;
-        disk.history.truncate_after(keeps_through);
-        disk.applied_through = disk.applied_through.min(keeps_through);
+        self.p.disk.lose_tail_after(keeps_through);
         self.p.crash_and_restart();
     }
 }
@@ -1303,10 +1085,7 @@ fn both_lose_different_tails_and_converge() {
     pair.p.outbox.clear();
     pair.b.core.on_disconnected();
     pair.b.run();
-    let disk = &mut pair.p.disk;
-    disk.queue.retain(|&s, _| s <= 2);
-    disk.next_seq = 3;
-    disk.history.truncate_after(2);
+    pair.p.disk.lose_tail_after(2);
     pair.p.crash_and_restart();
     pair.p.core.on_connect_failed();
     pair.p.run();

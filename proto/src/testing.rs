@@ -1,0 +1,269 @@
+//! An in-memory driver of the core, shared by the protocol tests and the fuzz target
+//! (`fuzz/fuzz_targets/protocol_ops.rs`): it executes the actions (queue, region, header as
+//! plain collections) with the assertions a real driver's storage would make (appends in order,
+//! trims never past the node's own apply, completions in order, terms never going back).
+//! Compiled for tests, and for others with the `testing` feature.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::core::*;
+use crate::handshake::{merged_ranges, repair_pieces, repair_requests};
+use crate::term::TermHistory;
+use crate::wire::Message;
+
+/// Which role a [`Node`] plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// A primary.
+    Primary,
+    /// A backup.
+    Backup,
+}
+
+/// What survives a crash of a node: its queue file and its region file.
+#[derive(Debug, Clone, Default)]
+pub struct Durable {
+    /// Queue records by seq.
+    pub queue: BTreeMap<u64, Record>,
+    /// The queue's next seq.
+    pub next_seq: u64,
+    /// The header's applied_through.
+    pub applied_through: u64,
+    /// The bound peer.
+    pub peer_node_id: u64,
+    /// The region bytes.
+    pub region: Vec<u8>,
+    /// The persisted current term.
+    pub current_term: u64,
+    /// The persisted term history.
+    pub history: TermHistory,
+}
+
+impl Durable {
+    /// A new node's files: an empty queue and a zeroed region of `region_size` bytes.
+    pub fn fresh(region_size: u64) -> Durable {
+        Durable {
+            next_seq: 1,
+            region: vec![0; region_size as usize],
+            ..Durable::default()
+        }
+    }
+
+    /// A power loss of the queue's unsynced tail: only the records through `keeps_through`
+    /// survive (as queue recovery would leave them).
+    pub fn lose_tail_after(&mut self, keeps_through: u64) {
+        self.queue.retain(|&s, _| s <= keeps_through);
+        self.next_seq = keeps_through + 1;
+        self.history.truncate_after(keeps_through);
+        self.applied_through = self.applied_through.min(keeps_through);
+    }
+}
+
+/// A core with its files as plain collections; [`Node::run`] executes its actions.
+pub struct Node {
+    /// The role.
+    pub role: Role,
+    /// The core's configuration.
+    pub cfg: CoreConfig,
+    /// The core.
+    pub core: Core,
+    /// Its files.
+    pub disk: Durable,
+    /// Messages it sent, not yet delivered.
+    pub outbox: Vec<Message>,
+    /// Highest completed ticket.
+    pub completed: u64,
+    /// The next ticket [`Node::write`] uses.
+    pub next_ticket: u64,
+    /// Payload bytes the last recovery moved.
+    pub recovery_bytes: u64,
+    /// The core's fatal error, if it stopped.
+    pub fatal: Option<FatalError>,
+    /// Set when the core asked to drop the connection.
+    pub hung_up: bool,
+    /// Seqs applied since the node started, in order.
+    pub applied_log: Vec<u64>,
+    /// Records this node dropped as a divergent suffix (saved before they went).
+    pub discarded: Vec<Record>,
+}
+
+/// What a node recovers from `disk`.
+pub fn recovered(disk: &Durable) -> Recovered {
+    Recovered {
+        peer_node_id: disk.peer_node_id,
+        applied_through: disk.applied_through,
+        first_seq: disk.queue.keys().next().copied(),
+        last_seq: disk.next_seq - 1,
+        unapplied: disk
+            .queue
+            .range(disk.applied_through + 1..)
+            .map(|(_, r)| r.clone())
+            .collect(),
+        current_term: disk.current_term,
+        term_history: disk.history.clone(),
+    }
+}
+
+impl Node {
+    /// A new node with fresh files.
+    pub fn new(role: Role, cfg: CoreConfig) -> Node {
+        let disk = Durable::fresh(cfg.region_size);
+        Node::start(role, cfg, disk)
+    }
+
+    /// A node that starts from `disk` (and executes its first actions).
+    pub fn start(role: Role, cfg: CoreConfig, disk: Durable) -> Node {
+        let rec = recovered(&disk);
+        let core = match role {
+            Role::Primary => Core::Primary(Primary::new(cfg.clone(), rec)),
+            Role::Backup => Core::Backup(Backup::new(cfg.clone(), rec)),
+        };
+        let mut n = Node {
+            role,
+            cfg,
+            core,
+            disk,
+            outbox: Vec::new(),
+            completed: 0,
+            next_ticket: 1,
+            recovery_bytes: 0,
+            fatal: None,
+            hung_up: false,
+            applied_log: Vec::new(),
+            discarded: Vec::new(),
+        };
+        n.run();
+        n
+    }
+
+    /// A crash: everything volatile is lost; queue and region survive (durability `process`).
+    pub fn crash_and_restart(&mut self) {
+        let disk = self.disk.clone();
+        *self = Node::start(self.role, self.cfg.clone(), disk);
+    }
+
+    /// Executes the core's pending actions, in order.
+    pub fn run(&mut self) {
+        let mut actions = Vec::new();
+        self.core.drain_actions(&mut actions);
+        for a in actions {
+            match a {
+                Action::Send(m) => self.outbox.push(m),
+                Action::SendQueued {
+                    from_seq,
+                    through_seq,
+                } => {
+                    for seq in from_seq..=through_seq {
+                        let r = self.disk.queue.get(&seq).unwrap_or_else(|| {
+                            panic!("{:?} asked to send {seq} which it does not hold", self.role)
+                        });
+                        self.recovery_bytes += r.data.len() as u64;
+                        self.outbox.push(Message::Write {
+                            seq,
+                            term: r.term,
+                            offset: r.offset,
+                            data: r.data.clone(),
+                        });
+                    }
+                }
+                Action::Append { record, recovery } => {
+                    assert_eq!(record.seq, self.disk.next_seq, "append out of order");
+                    if recovery {
+                        self.recovery_bytes += record.data.len() as u64;
+                    }
+                    self.disk
+                        .history
+                        .note_append(record.seq, record.term)
+                        .expect("term order");
+                    self.disk.next_seq += 1;
+                    self.disk.queue.insert(record.seq, record);
+                }
+                Action::PersistTerm { term } => {
+                    assert!(term >= self.disk.current_term, "term goes back");
+                    self.disk.current_term = term;
+                }
+                Action::RequestRepair { after, through } => {
+                    let suffix: Vec<Record> = self
+                        .disk
+                        .queue
+                        .range(after + 1..=through)
+                        .map(|(_, r)| r.clone())
+                        .collect();
+                    assert_eq!(suffix.len() as u64, through - after, "suffix not held");
+                    let ranges =
+                        merged_ranges(suffix.iter().map(|r| (r.offset, r.data.len() as u64)));
+                    self.outbox.extend(repair_requests(&ranges));
+                    self.discarded.extend(suffix);
+                }
+                Action::SendRegion { ranges } => {
+                    for (offset, len) in repair_pieces(&ranges) {
+                        let o = offset as usize;
+                        self.recovery_bytes += len;
+                        self.outbox.push(Message::RepairData {
+                            offset,
+                            data: Bytes::copy_from_slice(&self.disk.region[o..o + len as usize]),
+                        });
+                    }
+                }
+                Action::RepairRegion { offset, data } => {
+                    let o = offset as usize;
+                    self.disk.region[o..o + data.len()].copy_from_slice(&data);
+                }
+                Action::TruncateAfter { after } => {
+                    self.disk.queue.retain(|&s, _| s <= after);
+                    self.disk.next_seq = after + 1;
+                    self.disk.history.truncate_after(after);
+                    self.disk.applied_through = self.disk.applied_through.min(after);
+                }
+                Action::SyncQueue => {}
+                Action::Apply(r) => {
+                    let o = r.offset as usize;
+                    self.disk.region[o..o + r.data.len()].copy_from_slice(&r.data);
+                    self.applied_log.push(r.seq);
+                }
+                Action::CommitApplied { through } => {
+                    assert!(through >= self.disk.applied_through);
+                    self.disk.applied_through = through;
+                }
+                Action::Trim { through } => {
+                    assert!(through <= self.disk.applied_through, "trim past own apply");
+                    self.disk.queue.retain(|&s, _| s > through);
+                }
+                Action::BindPeer { node_id } => self.disk.peer_node_id = node_id,
+                Action::Complete { ticket } => {
+                    assert!(ticket > self.completed, "completion out of order");
+                    self.completed = ticket;
+                }
+                Action::Disconnect(_) => self.hung_up = true,
+                Action::Reject { code, reason } => {
+                    self.outbox.push(Message::Reject { code, reason });
+                    self.hung_up = true;
+                }
+                Action::RecoveryStarted => self.recovery_bytes = 0,
+                Action::Fatal(e) => self.fatal = Some(e),
+            }
+        }
+    }
+
+    /// Submits `len` bytes of `byte` at `offset` and ends the batch; returns the ticket.
+    pub fn write(&mut self, offset: u64, byte: u8, len: usize) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        self.core
+            .submit(t, offset, Bytes::from(vec![byte; len]))
+            .expect("submit");
+        self.core.end_batch();
+        self.run();
+        t
+    }
+
+    /// Time passes to `now_us`; an idle pass.
+    pub fn tick(&mut self, now_us: u64) {
+        self.core.set_now(now_us);
+        self.core.on_tick();
+        self.core.end_batch();
+        self.run();
+    }
+}
