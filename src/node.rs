@@ -7,6 +7,7 @@
 //! on. The poller busy-polls while there is work and for `idle_spin` after it, then sleeps in
 //! `poll(2)` on the connection, the listener and an eventfd that submitters ring.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -424,6 +425,7 @@ impl Mirror {
             recovery_bytes: 0,
             recovery_records: 0,
             last_divergence: None,
+            catch_up: None,
             recoveries_seen: 0,
             submitted: 0,
         };
@@ -772,8 +774,24 @@ struct Poller {
     recovery_bytes: u64,
     recovery_records: u64,
     last_divergence: Option<Divergence>,
+    /// A catch-up (or replay) being streamed to the peer.
+    catch_up: Option<CatchUp>,
     recoveries_seen: u64,
     submitted: u64,
+}
+
+/// A stream of queued records to the peer that goes on across passes, and what the core sent
+/// after it (which must follow it on the connection).
+struct CatchUp {
+    next_seq: u64,
+    through_seq: u64,
+    behind: VecDeque<Outgoing>,
+}
+
+/// Something the core sent while a catch-up was being streamed.
+enum Outgoing {
+    Message(Message),
+    Queued { from_seq: u64, through_seq: u64 },
 }
 
 /// Why a pass stopped the node.
@@ -854,6 +872,14 @@ impl Poller {
                 }
             }
         }
+        if self.catch_up.is_some() {
+            let mut broken = None;
+            worked |= self.continue_catch_up(&mut broken)?;
+            if let Some(why) = broken {
+                self.drop_connection(&why);
+                worked = true;
+            }
+        }
         let mut no_room = false;
         if self.cfg.role == Role::Backup {
             // Take writes only while the queue has room for them. The primary's headroom covers
@@ -925,6 +951,7 @@ impl Poller {
     }
 
     fn drop_connection(&mut self, why: &str) {
+        self.catch_up = None;
         if let Some(c) = self.conn.take() {
             tracing::warn!(peer = %c.peer(), reason = why, "connection lost");
         }
@@ -1081,10 +1108,12 @@ impl Poller {
             if !self.core.accepts_submissions() {
                 break;
             }
-            if self
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.pending_send_bytes() > SEND_BACKLOG_PAUSE)
+            // New writes follow a catch-up in progress, and wait while the peer lags.
+            if self.catch_up.is_some()
+                || self
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.pending_send_bytes() > SEND_BACKLOG_PAUSE)
             {
                 break;
             }
@@ -1121,13 +1150,7 @@ impl Poller {
         let mut broken: Option<String> = None;
         for action in actions.drain(..) {
             match action {
-                Action::Send(msg) => {
-                    if let Some(c) = self.conn.as_mut() {
-                        if let Err(e) = c.send(&msg) {
-                            broken.get_or_insert(e.to_string());
-                        }
-                    }
-                }
+                Action::Send(msg) => self.send_in_order(msg, &mut broken),
                 Action::SendQueued {
                     from_seq,
                     through_seq,
@@ -1325,53 +1348,110 @@ impl Poller {
         Ok(())
     }
 
+    /// Starts streaming the queue's records `from_seq..=through_seq` to the peer (a catch-up or
+    /// a replay). The stream is resumable: it stops whenever the send buffer is over
+    /// `SEND_BACKLOG_PAUSE` and goes on in later passes, so a slow peer never holds the poller
+    /// (and a caller driving it); what the core sends meanwhile waits behind it, in order.
     fn send_queued(
         &mut self,
         from_seq: u64,
         through_seq: u64,
         broken: &mut Option<String>,
     ) -> Result<(), Stop> {
-        let Some(conn) = self.conn.as_mut() else {
+        if self.conn.is_none() {
             return Ok(());
-        };
-        let mut expect = from_seq;
-        for rec in self.queue.iter_from(from_seq) {
-            let rec = rec?;
-            if rec.seq > through_seq {
-                break;
+        }
+        match self.catch_up.as_mut() {
+            // The core streams one catch-up per connection; one that follows waits its turn.
+            Some(c) => c.behind.push_back(Outgoing::Queued {
+                from_seq,
+                through_seq,
+            }),
+            None => {
+                self.catch_up = Some(CatchUp {
+                    next_seq: from_seq,
+                    through_seq,
+                    behind: VecDeque::new(),
+                })
             }
-            if rec.seq != expect {
-                break;
-            }
-            if let Err(e) = conn.send_write(rec.seq, rec.term, rec.offset, rec.payload) {
+        }
+        self.continue_catch_up(broken).map(|_| ())
+    }
+
+    /// Sends `msg`, or queues it behind a catch-up in progress.
+    fn send_in_order(&mut self, msg: Message, broken: &mut Option<String>) {
+        if let Some(c) = self.catch_up.as_mut() {
+            c.behind.push_back(Outgoing::Message(msg));
+        } else if let Some(c) = self.conn.as_mut() {
+            if let Err(e) = c.send(&msg) {
                 broken.get_or_insert(e.to_string());
-                return Ok(());
             }
-            self.recovery_bytes += rec.payload.len() as u64;
-            self.recovery_records += 1;
-            expect += 1;
-            // Stream a long catch-up: hand each chunk to the network as it is encoded, so the
-            // peer works on it meanwhile, and keep the send buffer bounded.
-            let pending = conn.pending_send_bytes();
-            let sent = if pending > SEND_BACKLOG_PAUSE {
-                flush_blocking(conn.as_mut())
-            } else if pending > CATCH_UP_CHUNK {
-                conn.flush().map(|_| ())
-            } else {
-                Ok(())
+        }
+    }
+
+    /// Hands more of the catch-up in progress to the network, then what waits behind it.
+    /// Returns whether it sent anything.
+    fn continue_catch_up(&mut self, broken: &mut Option<String>) -> Result<bool, Stop> {
+        let mut worked = false;
+        while let Some(c) = self.catch_up.as_mut() {
+            let Some(conn) = self.conn.as_mut() else {
+                self.catch_up = None;
+                break;
             };
-            if let Err(e) = sent {
-                broken.get_or_insert(e.to_string());
-                return Ok(());
+            if c.next_seq <= c.through_seq {
+                for rec in self.queue.iter_from(c.next_seq) {
+                    let rec = rec?;
+                    if rec.seq != c.next_seq || rec.seq > c.through_seq {
+                        break;
+                    }
+                    // Stream: hand each chunk to the network as it is encoded (the peer works
+                    // on it meanwhile), and stop while the peer lags (resumed next pass).
+                    if conn.pending_send_bytes() > CATCH_UP_CHUNK {
+                        if let Err(e) = conn.flush() {
+                            broken.get_or_insert(e.to_string());
+                            return Ok(worked);
+                        }
+                        if conn.pending_send_bytes() > SEND_BACKLOG_PAUSE {
+                            return Ok(worked);
+                        }
+                    }
+                    if let Err(e) = conn.send_write(rec.seq, rec.term, rec.offset, rec.payload) {
+                        broken.get_or_insert(e.to_string());
+                        return Ok(worked);
+                    }
+                    worked = true;
+                    self.recovery_bytes += rec.payload.len() as u64;
+                    self.recovery_records += 1;
+                    c.next_seq += 1;
+                }
+                if c.next_seq <= c.through_seq {
+                    return Err(Stop::Fatal(format!(
+                        "queue {} lacks record {} needed to catch up the peer (through {})",
+                        self.cfg.queue.display(),
+                        c.next_seq,
+                        c.through_seq
+                    )));
+                }
+            }
+            match c.behind.pop_front() {
+                Some(Outgoing::Message(m)) => {
+                    worked = true;
+                    if let Err(e) = conn.send(&m) {
+                        broken.get_or_insert(e.to_string());
+                        return Ok(worked);
+                    }
+                }
+                Some(Outgoing::Queued {
+                    from_seq,
+                    through_seq,
+                }) => {
+                    c.next_seq = from_seq;
+                    c.through_seq = through_seq;
+                }
+                None => self.catch_up = None,
             }
         }
-        if expect != through_seq + 1 {
-            return Err(Stop::Fatal(format!(
-                "queue {} lacks record {expect} needed to catch up the peer (through {through_seq})",
-                self.cfg.queue.display()
-            )));
-        }
-        Ok(())
+        Ok(worked)
     }
 
     fn publish_stats(&mut self) {
@@ -1412,7 +1492,16 @@ impl Poller {
                 .consumer
                 .as_ref()
                 .is_some_and(|c| !c.is_empty() && self.core.accepts_submissions());
-        if has_submissions || self.shared.shutdown.load(Ordering::Acquire) {
+        // A catch-up waits for the peer to drain the send buffer: wake when it has room. Over
+        // RDMA room shows up in memory (credits), not on a descriptor: poll again instead.
+        let catch_up_ready = match (&self.catch_up, &self.conn) {
+            (Some(_), Some(c)) => c.send_ready_fd().map(Some),
+            _ => Some(None),
+        };
+        if has_submissions
+            || self.shared.shutdown.load(Ordering::Acquire)
+            || catch_up_ready.is_none()
+        {
             self.shared.poller_sleeping.store(false, Ordering::Relaxed);
             return None;
         }
@@ -1433,6 +1522,13 @@ impl Poller {
         }
         for (c, _) in &self.pending {
             watch(c.wait_fd());
+        }
+        if let Some((fd, events)) = catch_up_ready.flatten() {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
         }
         if let Some((fd, events)) = self.connecting.as_ref().and_then(|(c, _)| c.wait_fd()) {
             fds.push(libc::pollfd {
@@ -1554,30 +1650,6 @@ fn start_connecting(cfg: &Config, peer: &str) -> Result<Box<dyn Connecting>, Tra
             ),
         }),
     }
-}
-
-fn flush_blocking(conn: &mut dyn Connection) -> Result<(), TransportError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !conn.flush()? {
-        if Instant::now() > deadline {
-            return Err(TransportError::Backlog { limit: 0 });
-        }
-        match conn.send_ready_fd() {
-            Some((fd, events)) => {
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, 10) };
-            }
-            // Room shows up in memory (RDMA credits): poll again soon, leaving the core to
-            // the peer meanwhile.
-            None => std::thread::yield_now(),
-        }
-    }
-    Ok(())
 }
 
 /// Reads the queue file of a node that is not running and reports what it holds (for `mirror status`).

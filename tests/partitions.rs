@@ -227,3 +227,50 @@ fn an_idle_connection_half_open_toward_the_backup_is_dropped_by_the_backup() {
     let b_region = std::fs::read(dir.path().join("backup.region")).unwrap();
     assert!(p_region == b_region, "regions differ");
 }
+
+/// A catch-up far larger than the send pause (8 MiB) into a link that stalls in the middle of
+/// it: the primary streams what the network takes, keeps its poller free, notices the silent
+/// backup within its ack timeout and goes on degraded. (It used to flush in a blocking loop
+/// for up to 30 s, holding the poller, and then reported a send backlog "over 0 bytes".)
+#[test]
+fn a_catch_up_into_a_stalled_link_does_not_hold_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pair, proxy) = pair_through_proxy(dir.path(), "continue");
+    pair.rate = 0;
+    pair.write_size = 4096;
+    pair.extra
+        .extend(["--set".to_string(), "queue_size=256MiB".to_string()]);
+    let backup = pair.start_backup(0);
+    let mut primary = pair.start_primary(0, 0, 16);
+    wait_writes(&mut primary, 200);
+    proxy.set_mode(Mode::Stall);
+    primary.wait_until("degraded", Duration::from_secs(10), |p| {
+        p.get("progress", "degraded").as_deref() == Some("1")
+    });
+    // About 120 MiB of degraded writes for the catch-up, which the proxy then slows to about
+    // 13 MB/s (64 KiB per 5 ms): it takes seconds.
+    wait_writes(&mut primary, 30_000);
+    proxy.cut();
+    proxy.set_delay(Duration::from_millis(5));
+    let recoveries = primary.num("progress", "recoveries");
+    proxy.set_mode(Mode::Pass);
+    primary.wait_until("the catch-up starts", Duration::from_secs(30), |p| {
+        p.num("progress", "recoveries") > recoveries
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.set_mode(Mode::Stall);
+    let stalled_at = std::time::Instant::now();
+    primary.wait_until(
+        "degraded within the ack timeout",
+        Duration::from_secs(5),
+        |p| p.get("progress", "degraded").as_deref() == Some("1"),
+    );
+    eprintln!(
+        "degraded {:?} after the link stalled mid catch-up",
+        stalled_at.elapsed()
+    );
+    wait_writes(&mut primary, 200);
+    proxy.set_delay(Duration::ZERO);
+    proxy.set_mode(Mode::Pass);
+    finish_and_verify(&pair, primary, Some(backup), 0);
+}
