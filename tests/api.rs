@@ -42,6 +42,8 @@ fn write_submit_wait_read_stats_close() {
         p.wait(*t, Some(Duration::from_secs(10))).unwrap();
     }
     // Zero-copy view.
+    // SAFETY: the region stays mapped while `p` is open, and every write above completed (the
+    // poller no longer writes those bytes).
     let view = unsafe { std::slice::from_raw_parts(p.region_ptr(), p.region_len() as usize) };
     assert_eq!(&view[1000 + 99 * 8..1000 + 100 * 8], &99u64.to_le_bytes());
     let s = p.stats();

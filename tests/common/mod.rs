@@ -141,6 +141,7 @@ impl Node {
     }
 
     pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
