@@ -240,6 +240,24 @@ struct mirror_stats {
      * Size of the region in bytes.
      */
     uint64_t region_size;
+    /**
+     * The node's current term (a primary's: the term of its writes). Appended in version 2.
+     */
+    uint64_t current_term;
+    /**
+     * Backup: records dropped by the last divergent-suffix repair since the node opened (0:
+     * none). They were saved first to `<queue>.discarded-after-<seq>-<ms>` beside the queue
+     * (`mirror status` lists those files).
+     */
+    uint64_t diverged_records;
+    /**
+     * Their payload bytes.
+     */
+    uint64_t diverged_bytes;
+    /**
+     * The common point of that repair: every dropped record had a higher seq.
+     */
+    uint64_t diverged_after_seq;
 };
 
 #ifdef __cplusplus

@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -414,8 +415,15 @@ static void test_pair_and_error_paths(mirror *p, mirror *b, uint16_t port) {
     CHECK_RC(mirror_stats(p, &s), MIRROR_EINVAL);
     CHECK(last_error_contains("size"));
     CHECK(s.size == 0 && s.next_seq == UINT64_C(0xEEEEEEEEEEEEEEEE));
-    s.size = sizeof s - 1;
+    /* Below the first version of the struct: refused. */
+    s.size = offsetof(struct mirror_stats, current_term) - 1;
     CHECK_RC(mirror_stats(p, &s), MIRROR_EINVAL);
+    /* A caller built against the first version gets exactly its fields. */
+    s.size = offsetof(struct mirror_stats, current_term);
+    s.current_term = UINT64_C(0xEEEEEEEEEEEEEEEE);
+    CHECK_RC(mirror_stats(p, &s), MIRROR_OK);
+    CHECK(s.size == offsetof(struct mirror_stats, current_term));
+    CHECK(s.current_term == UINT64_C(0xEEEEEEEEEEEEEEEE) && s.next_seq == 1003);
     CHECK_RC(mirror_stats(p, NULL), MIRROR_EINVAL);
     CHECK_RC(mirror_stats(NULL, &s), MIRROR_EINVAL);
     s = stats_of(p);
@@ -427,6 +435,8 @@ static void test_pair_and_error_paths(mirror *p, mirror *b, uint16_t port) {
     CHECK(s.next_seq == 1003);
     CHECK(s.region_size == REGION_SIZE);
     CHECK(s.queue_capacity > 0);
+    CHECK(s.current_term >= 1); /* a primary starts a new term at every open */
+    CHECK(s.diverged_records == 0 && s.diverged_bytes == 0);
     struct {
         struct mirror_stats s;
         unsigned char newer_fields[64];

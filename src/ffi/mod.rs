@@ -93,10 +93,20 @@ pub struct mirror_stats {
     pub writes_completed: u64,
     /// Size of the region in bytes.
     pub region_size: u64,
+    /// The node's current term (a primary's: the term of its writes). Appended in version 2.
+    pub current_term: u64,
+    /// Backup: records dropped by the last divergent-suffix repair since the node opened (0:
+    /// none). They were saved first to `<queue>.discarded-after-<seq>-<ms>` beside the queue
+    /// (`mirror status` lists those files).
+    pub diverged_records: u64,
+    /// Their payload bytes.
+    pub diverged_bytes: u64,
+    /// The common point of that repair: every dropped record had a higher seq.
+    pub diverged_after_seq: u64,
 }
 
 /// The smallest `mirror_stats.size` accepted: the size of the first version of the struct.
-const STATS_V1_SIZE: usize = std::mem::size_of::<mirror_stats>();
+const STATS_V1_SIZE: usize = std::mem::offset_of!(mirror_stats, current_term);
 
 fn phase_code(p: Phase) -> c_int {
     match p {
@@ -422,6 +432,10 @@ pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) 
             writes_submitted: s.writes_submitted,
             writes_completed: s.writes_completed,
             region_size: m.node.region_len(),
+            current_term: s.current_term,
+            diverged_records: s.last_divergence.as_ref().map_or(0, |d| d.records),
+            diverged_bytes: s.last_divergence.as_ref().map_or(0, |d| d.bytes),
+            diverged_after_seq: s.last_divergence.as_ref().map_or(0, |d| d.common_seq),
         };
         // SAFETY: the caller's struct is valid for `caller_size >= filled` bytes (contract);
         // `snapshot` is a local of `size_of::<mirror_stats>() >= filled` bytes; they cannot
