@@ -277,7 +277,7 @@ impl Mirror {
                 "records cut from the queue were already applied to the region; renumbering after them"
             );
         }
-        let recovered = mirror_sim::recovered(replay);
+        let recovered = mirror_proto::Recovered::from(replay);
         let max_write = cfg.max_write.min(queue.max_payload());
         let core_cfg = CoreConfig {
             node_id: queue.node_id(),

@@ -123,3 +123,67 @@ fn both_nodes_lose_different_tails_and_converge() {
     });
     finish_and_verify(&pair, primary, Some(backup), 1);
 }
+
+/// A peer whose Hello carries a term history that goes backwards is refused with a Reject
+/// naming the problem, and the backup keeps serving.
+#[test]
+fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use bytes::BytesMut;
+    use mirror_proto::{Hello, Message, TermEntry, TermHistory, WireRole};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pair = terms_pair(dir.path());
+    let mut backup = pair.start_backup(0);
+    let hello = Message::Hello(Hello {
+        role: WireRole::Primary,
+        node_id: 77,
+        peer_node_id: 0,
+        region_size: pair.region_size,
+        queue_format_version: mirror_storage::FORMAT_VERSION,
+        applied_through: 0,
+        last_seq: 20,
+        first_seq: 1,
+        queue_capacity: 1 << 20,
+        silence_timeout_us: 0,
+        current_term: 9,
+        term_history: TermHistory::from_entries(vec![
+            TermEntry {
+                term: 3,
+                first_seq: 1,
+            },
+            TermEntry {
+                term: 5,
+                first_seq: 10,
+            },
+        ])
+        .unwrap(),
+    });
+    let mut frame = BytesMut::new();
+    hello.encode(&mut frame);
+    // The second entry's term (5, at body offset 84 + 16) becomes 2: backwards. Re-checksum the
+    // frame (header bytes 0..12, then the body) so that only the history check can refuse it.
+    frame[16 + 84 + 16] = 2;
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[..12]), &frame[16..]);
+    frame[12..16].copy_from_slice(&crc.to_le_bytes());
+    let mut s = TcpStream::connect(&pair.addr).unwrap();
+    s.write_all(&frame).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let mut buf = BytesMut::from(&reply[..]);
+    match Message::decode(&mut buf) {
+        Ok(Some(Message::Reject { reason, .. })) => assert!(
+            reason.contains("term history") && reason.contains("backwards"),
+            "{reason}"
+        ),
+        other => panic!("expected a Reject, got {other:?} from {reply:?}"),
+    }
+    // The backup is unharmed: a real pair still works.
+    let mut primary = pair.start_primary(0, 300, 4);
+    let st = primary.wait_exit(Duration::from_secs(60));
+    assert!(st.success(), "{}", tail(&primary.log));
+    assert!(backup.stop().success());
+}

@@ -63,33 +63,6 @@ mod run;
 
 pub use run::{run_seed, Checker, SimFailure, SimOptions, SimReport, Swarm};
 
-use bytes::Bytes;
-use mirror_proto::{Record, Recovered};
-use mirror_storage::ReplayState;
-
-/// The core's view of what a restarting node recovered from its queue. The one conversion,
-/// used by the simulator and by the real node (`mirror::Mirror::open`).
-pub fn recovered(replay: ReplayState) -> Recovered {
-    Recovered {
-        peer_node_id: replay.peer_node_id,
-        applied_through: replay.applied_through,
-        first_seq: replay.first_seq,
-        last_seq: replay.last_seq,
-        unapplied: replay
-            .unapplied
-            .into_iter()
-            .map(|r| Record {
-                seq: r.seq,
-                term: r.term,
-                offset: r.offset,
-                data: Bytes::from(r.payload),
-            })
-            .collect(),
-        current_term: replay.current_term,
-        term_history: replay.term_history,
-    }
-}
-
 /// Virtual time per simulation step, in microseconds.
 pub const STEP_US: u64 = 20;
 /// Size of the simulated region.

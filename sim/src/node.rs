@@ -185,7 +185,7 @@ impl SimNode {
             rebuilt,
             terms: replay.term_history.clone(),
         };
-        let rec = crate::recovered(replay);
+        let rec = mirror_proto::Recovered::from(replay);
         let core = match role {
             Role::Primary => {
                 let mut primary = Primary::new(cfg.clone(), rec);

@@ -57,6 +57,7 @@ mod error;
 mod format;
 mod map;
 mod queue;
+mod recovered;
 mod region;
 
 #[cfg(test)]
