@@ -1,0 +1,582 @@
+//! The primary/backup state machine.
+//!
+//! Inputs are method calls (`submit`, `on_message`, `on_connected`, `on_tick`, ...); outputs are
+//! [`Action`]s that the driver (the real node or a simulator) must execute **in order** before it
+//! feeds the next input. The core never touches a socket, a file or a clock: time comes in through
+//! [`Core::set_now`], and everything persistent is done by the driver on the core's request.
+//!
+//! The safety rules of the mechanism fall out of the structure:
+//! - the primary emits `Apply` for a client write only from the ack transition (or, under
+//!   `on_peer_loss = continue`, from the peer-loss transition, which marks the node degraded);
+//! - the backup emits `Send(Ack)` only after the `Append`s (and, in `power`/`pmem` modes, the
+//!   `SyncQueue`) of every request it acknowledges;
+//! - a node emits `Trim` only up to what the *other* node reported durably applied, and never past
+//!   what it applied itself.
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::handshake::{reconcile, Identity, LogView, Unreconcilable};
+use crate::term::TermHistory;
+use crate::wire::{Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_LEN};
+
+mod backup;
+mod primary;
+
+pub use backup::{Backup, APPLIED_REPORT_DELAY_US};
+pub use primary::Primary;
+
+/// What the primary does with writes while the backup is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerLossPolicy {
+    /// Apply locally without an ack and keep the requests in the primary's queue (degraded mode);
+    /// they are replayed into the backup when it returns.
+    Continue,
+    /// Hold writes until the backup returns; callers see their own timeout expire meanwhile.
+    Block,
+}
+
+/// Settings of a core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// This node's id (from its queue header; never 0).
+    pub node_id: u64,
+    /// Size of the mirrored region in bytes.
+    pub region_size: u64,
+    /// Queue file format version of this node; peers must match.
+    pub queue_format_version: u32,
+    /// Primary only: behaviour while the backup is unreachable.
+    pub on_peer_loss: PeerLossPolicy,
+    /// Primary: an outstanding write not acknowledged within this time, or a backup silent this
+    /// long, means the backup is lost. Backup: a primary silent this long is dropped. Both
+    /// announce it in their Hello (`silence_timeout_us`) so that the peer heartbeats in time.
+    pub ack_timeout_us: u64,
+    /// Both: a handshake (or the replay that follows it) that makes no progress for this long fails.
+    pub handshake_timeout_us: u64,
+    /// Whether the queue must be made durable (`SyncQueue`) before a request is acknowledged
+    /// (backup) or applied (primary: with or without an ack, so that every write completed to a
+    /// caller is in the primary's own durable queue and survives its power loss). True in
+    /// `power` and `pmem` modes. The primary's sync runs after the pass's sends, so it overlaps
+    /// the round trip to the backup.
+    pub sync_queue_before_ack: bool,
+    /// Largest payload of one write (bounded by the queue's record size and the wire).
+    pub max_write_len: usize,
+    /// Capacity of this node's queue in bytes (announced in the handshake).
+    pub queue_capacity: u64,
+    /// When false, executing `CommitApplied` (in order) makes it durable, and the core counts it
+    /// durable at once. When true, `CommitApplied` is a request that the driver may batch (a
+    /// periodic checkpoint); the core reports to the peer and trims only up to what the driver
+    /// confirms with [`Core::on_applied_durable`]. Nodes in `power`/`pmem` mode defer, so that a
+    /// region sync is not paid per batch.
+    pub deferred_commit: bool,
+}
+
+/// What a node recovered from its own queue when it started.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// Node id of the peer this node is bound to (0: none yet).
+    pub peer_node_id: u64,
+    /// Highest sequence number durably applied to this node's region.
+    pub applied_through: u64,
+    /// Oldest sequence number held in the queue, if any.
+    pub first_seq: Option<u64>,
+    /// Highest sequence number ever appended (0 if none).
+    pub last_seq: u64,
+    /// Records held in the queue with `seq > applied_through`, in order.
+    pub unapplied: Vec<Record>,
+    /// The highest term the node persisted.
+    pub current_term: u64,
+    /// Terms along the node's log.
+    pub term_history: TermHistory,
+}
+
+/// One write request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Sequence number.
+    pub seq: u64,
+    /// Term of the primary incarnation that assigned `seq`.
+    pub term: u64,
+    /// Byte offset in the region.
+    pub offset: u64,
+    /// Bytes to write.
+    pub data: Bytes,
+}
+
+/// Why a connection was dropped by the core.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum PeerFault {
+    /// The backup did not acknowledge an outstanding write in time.
+    #[error("backup did not acknowledge within {timeout_us} us")]
+    AckTimeout {
+        /// The configured timeout.
+        timeout_us: u64,
+    },
+    /// The peer sent nothing, not even its heartbeat, for this long: its host died or restarted
+    /// without our connection noticing, or the connection is half-open (our frames or theirs
+    /// vanish on the way).
+    #[error("peer silent for {timeout_us} us (no frame, not even a heartbeat)")]
+    Silent {
+        /// This node's ack timeout, which bounds the silence.
+        timeout_us: u64,
+    },
+    /// The handshake or replay stalled.
+    #[error("handshake made no progress within {timeout_us} us")]
+    HandshakeTimeout {
+        /// The configured timeout.
+        timeout_us: u64,
+    },
+    /// The peer broke the protocol.
+    #[error("peer broke the protocol: {0}")]
+    Violation(String),
+    /// The peer refused us.
+    #[error("peer rejected the connection ({code:?}): {reason}")]
+    Rejected {
+        /// Code from the peer.
+        code: RejectCode,
+        /// Reason text from the peer.
+        reason: String,
+    },
+    /// The primary wrote degraded while the backup, which planned from the primary's `Hello`,
+    /// started replaying records at the same seqs: reconnect, and the next handshake sees the
+    /// new writes (whose newer term wins).
+    #[error("the primary wrote through seq {wrote_through} during the handshake while the backup replays from seq {replay_from}; reconnecting")]
+    HandshakeRaced {
+        /// The primary's last seq now.
+        wrote_through: u64,
+        /// The first seq the backup replays.
+        replay_from: u64,
+    },
+}
+
+/// Conditions that stop a node: continuing could lose or corrupt data, or the configuration is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum FatalError {
+    /// The peer refused this node for a reason retrying cannot fix.
+    #[error("peer rejected this node ({code:?}): {reason}")]
+    Rejected {
+        /// Code from the peer.
+        code: RejectCode,
+        /// Reason text.
+        reason: String,
+    },
+    /// The peer is not compatible with this node.
+    #[error("incompatible peer: {0}")]
+    Incompatible(String),
+    /// The two queues cannot be reconciled without a full copy of the region.
+    #[error("cannot recover without a full remirror: {0}")]
+    Unrecoverable(String),
+}
+
+impl From<Unreconcilable> for FatalError {
+    fn from(u: Unreconcilable) -> Self {
+        match u {
+            Unreconcilable::StaleTerm { .. } => {
+                let (code, reason) = u.reject();
+                FatalError::Rejected { code, reason }
+            }
+            Unreconcilable::Unrecoverable(why) => FatalError::Unrecoverable(why),
+        }
+    }
+}
+
+/// A request the core makes of its driver. Execute in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send this message on the current connection.
+    Send(Message),
+    /// Send a `Write` message for every record in the local queue with `from_seq <= seq <= through_seq`,
+    /// in order (catch-up of a peer that missed them). Count their bytes as recovery traffic.
+    SendQueued {
+        /// First sequence number to send.
+        from_seq: u64,
+        /// Last sequence number to send.
+        through_seq: u64,
+    },
+    /// Append this record to the local persistent queue.
+    Append {
+        /// The record.
+        record: Record,
+        /// Part of a recovery (catch-up or replay): count its bytes as recovery traffic.
+        recovery: bool,
+    },
+    /// Make every appended record durable per the durability mode (group commit).
+    SyncQueue,
+    /// Write this record into the local region.
+    Apply(Record),
+    /// Make the region durable through every `Apply` so far and record `through` as the queue
+    /// header's `applied_through`.
+    CommitApplied {
+        /// Highest applied sequence number.
+        through: u64,
+    },
+    /// Delete local queue records with `seq <= through`.
+    Trim {
+        /// Sequence number to trim through.
+        through: u64,
+    },
+    /// Persist the peer's node id in the queue header: from now on only that peer is accepted.
+    BindPeer {
+        /// The peer's node id.
+        node_id: u64,
+    },
+    /// Every submission with a ticket `<= ticket` is complete.
+    Complete {
+        /// Highest completed ticket.
+        ticket: u64,
+    },
+    /// Close the current connection (the driver then reconnects as usual).
+    Disconnect(PeerFault),
+    /// Send this reject and close the current connection.
+    Reject {
+        /// The code.
+        code: RejectCode,
+        /// Human-readable detail.
+        reason: String,
+    },
+    /// A recovery handshake started: reset the "bytes moved by the last recovery" counter.
+    RecoveryStarted,
+    /// Persist `term` as the node's current term (durable before the next action): a primary's
+    /// new term before its first write, a backup's record of the newest primary it met.
+    PersistTerm {
+        /// The term.
+        term: u64,
+    },
+    /// Backup: the queue's records in `(after, through]` are a divergent suffix. Save them
+    /// (durably, beside the queue) and send `RepairRequest`s naming the byte ranges they wrote.
+    RequestRepair {
+        /// The common point.
+        after: u64,
+        /// The last divergent seq.
+        through: u64,
+    },
+    /// Primary: send the current bytes of these region ranges as `RepairData` messages.
+    SendRegion {
+        /// The ranges the backup asked for.
+        ranges: Vec<RegionRange>,
+    },
+    /// Backup: write repair bytes into the region (not through the queue).
+    RepairRegion {
+        /// Byte offset.
+        offset: u64,
+        /// The primary's bytes.
+        data: Bytes,
+    },
+    /// Backup: make the region durable (it holds the repaired ranges), then drop every queue
+    /// record after `after` (the saved divergent suffix).
+    TruncateAfter {
+        /// The common point.
+        after: u64,
+    },
+    /// Stop the node with this error.
+    Fatal(FatalError),
+}
+
+/// Why a submission was refused by the core (the driver validates first; these are API misuse).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The node is not a primary.
+    #[error("writes are only accepted by a primary")]
+    NotPrimary,
+    /// The node cannot take writes now (see [`Core::accepts_submissions`]).
+    #[error("node is not accepting writes now")]
+    NotAccepting,
+    /// Empty or oversized write.
+    #[error("write of {len} bytes is outside 1..={max}")]
+    BadLength {
+        /// Length given.
+        len: usize,
+        /// Largest allowed.
+        max: usize,
+    },
+    /// The write does not fit in the region.
+    #[error(
+        "write at offset {offset} of {len} bytes does not fit in the region of {region_size} bytes"
+    )]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// Region size.
+        region_size: u64,
+    },
+}
+
+/// Checks that a write of `len` bytes at `offset` is valid for a region of `region_size` bytes.
+pub fn check_write(
+    offset: u64,
+    len: usize,
+    region_size: u64,
+    max_write_len: usize,
+) -> Result<(), SubmitError> {
+    let max = max_write_len.min(MAX_WRITE_LEN);
+    if len == 0 || len > max {
+        return Err(SubmitError::BadLength { len, max });
+    }
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= region_size => Ok(()),
+        _ => Err(SubmitError::OutOfRange {
+            offset,
+            len,
+            region_size,
+        }),
+    }
+}
+
+/// The commit rule, for both roles: asks the driver to make applies through `applied` durable
+/// (once per new point). Returns the point to count durable at once when commits are not deferred.
+fn request_commit(
+    applied: u64,
+    requested: &mut u64,
+    deferred: bool,
+    actions: &mut Vec<Action>,
+) -> Option<u64> {
+    if applied <= *requested {
+        return None;
+    }
+    *requested = applied;
+    actions.push(Action::CommitApplied { through: applied });
+    (!deferred).then_some(applied)
+}
+
+/// The trim rule, for both roles: records go once the *peer* reported them durably applied, and
+/// never past what this node applied itself. `peer_applied` only grows.
+fn trim_queue(
+    peer_applied: &mut u64,
+    reported: u64,
+    own_applied: u64,
+    first_seq: &mut Option<u64>,
+    last_seq: u64,
+    actions: &mut Vec<Action>,
+) {
+    *peer_applied = (*peer_applied).max(reported);
+    let through = (*peer_applied).min(own_applied);
+    if let Some(first) = *first_seq {
+        if through >= first {
+            actions.push(Action::Trim { through });
+            *first_seq = if through >= last_seq {
+                None
+            } else {
+                Some(through + 1)
+            };
+        }
+    }
+}
+
+/// Connection phase, as seen from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No peer connection.
+    Disconnected,
+    /// Hellos being exchanged.
+    Handshaking,
+    /// The primary is taking the records it missed from the backup.
+    Recovering,
+    /// Writes are mirrored synchronously.
+    Synchronous,
+    /// Stopped by a fatal error.
+    Failed,
+}
+
+/// A snapshot of the core's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// Next sequence number to be assigned or received.
+    pub next_seq: u64,
+    /// Highest sequence number applied locally.
+    pub applied_through: u64,
+    /// Highest sequence number the peer acknowledged receiving (primary) / this node received (backup).
+    pub acked_through: u64,
+    /// Highest sequence number the peer reported durably applied.
+    pub peer_applied_through: u64,
+    /// Writes sent and not yet acknowledged, plus held writes (primary).
+    pub in_flight: u64,
+    /// The primary is applying writes without the backup (on_peer_loss = continue).
+    pub degraded: bool,
+    /// Number of completed recoveries (handshakes that reached the synchronous phase).
+    pub recoveries: u64,
+    /// The node's current term.
+    pub current_term: u64,
+}
+
+/// The silence timeout a node announces in its Hello: its ack timeout, clamped to the field
+/// (a shorter announcement only makes the peer heartbeat more often).
+fn announced_silence_timeout(ack_timeout_us: u64) -> u32 {
+    u32::try_from(ack_timeout_us).unwrap_or(u32::MAX)
+}
+
+/// [`reconcile`], or for the simulator's canary a build that matches logs by seq alone (every
+/// seq carries the same term on both sides, as before terms existed).
+fn reconcile_as_built(
+    primary: &LogView,
+    backup: &LogView,
+    seq_only_matching: bool,
+) -> Result<crate::handshake::Reconciliation, Unreconcilable> {
+    if !seq_only_matching {
+        return reconcile(primary, backup);
+    }
+    let blind = |v: &LogView| {
+        let mut v = v.clone();
+        v.history = TermHistory::new();
+        if v.last_seq > 0 {
+            let _ = v.history.note_append(1, 1);
+        }
+        v
+    };
+    reconcile(&blind(primary), &blind(backup))
+}
+
+/// What a node says of itself in the compatibility check and its Hello.
+fn identity(cfg: &CoreConfig, role: WireRole, peer_node_id: u64) -> Identity {
+    Identity {
+        role,
+        node_id: cfg.node_id,
+        peer_node_id,
+        region_size: cfg.region_size,
+        queue_format_version: cfg.queue_format_version,
+        queue_capacity: cfg.queue_capacity,
+    }
+}
+
+/// The Hello of either role.
+fn hello_of(own: &Identity, view: &LogView, applied_through: u64, ack_timeout_us: u64) -> Hello {
+    Hello {
+        role: own.role,
+        node_id: own.node_id,
+        peer_node_id: own.peer_node_id,
+        region_size: own.region_size,
+        queue_format_version: own.queue_format_version,
+        applied_through: applied_through.min(view.last_seq),
+        last_seq: view.last_seq,
+        first_seq: view.first_seq.unwrap_or(0),
+        queue_capacity: own.queue_capacity,
+        silence_timeout_us: announced_silence_timeout(ack_timeout_us),
+        current_term: view.current_term,
+        term_history: view.history.clone(),
+    }
+}
+
+/// How often a node must send something so that its peer, which announced
+/// `peer_silence_timeout_us`, never takes it for dead: four heartbeats per timeout leave room
+/// for scheduling delays. A peer that announced nothing is paced by our own ack timeout.
+fn heartbeat_interval_us(peer_silence_timeout_us: u32, own_ack_timeout_us: u64) -> u64 {
+    let timeout = match peer_silence_timeout_us {
+        0 => own_ack_timeout_us,
+        announced => u64::from(announced),
+    };
+    (timeout / 4).max(1)
+}
+
+/// Either role's state machine, with the inputs both share.
+#[derive(Debug)]
+pub enum Core {
+    /// A primary.
+    Primary(Primary),
+    /// A backup.
+    Backup(Backup),
+}
+
+impl Core {
+    /// Sets the current time (microseconds on any monotonic clock). Call once per poll pass.
+    pub fn set_now(&mut self, now_us: u64) {
+        match self {
+            Core::Primary(p) => p.set_now(now_us),
+            Core::Backup(b) => b.set_now(now_us),
+        }
+    }
+    /// See [`Primary::on_connected`] / [`Backup::on_connected`].
+    pub fn on_connected(&mut self) {
+        match self {
+            Core::Primary(p) => p.on_connected(),
+            Core::Backup(b) => b.on_connected(),
+        }
+    }
+    /// A connection attempt failed (primary only; the backup listens).
+    pub fn on_connect_failed(&mut self) {
+        if let Core::Primary(p) = self {
+            p.on_connect_failed()
+        }
+    }
+    /// The connection is gone.
+    pub fn on_disconnected(&mut self) {
+        match self {
+            Core::Primary(p) => p.on_disconnected(),
+            Core::Backup(b) => b.on_disconnected(),
+        }
+    }
+    /// A message from the peer.
+    pub fn on_message(&mut self, msg: Message) {
+        match self {
+            Core::Primary(p) => p.on_message(msg),
+            Core::Backup(b) => b.on_message(msg),
+        }
+    }
+    /// The driver made everything applied through `through` durable (only needed with
+    /// [`CoreConfig::deferred_commit`]).
+    pub fn on_applied_durable(&mut self, through: u64) {
+        match self {
+            Core::Primary(p) => p.on_applied_durable(through),
+            Core::Backup(b) => b.on_applied_durable(through),
+        }
+    }
+    /// Time passes.
+    pub fn on_tick(&mut self) {
+        match self {
+            Core::Primary(p) => p.on_tick(),
+            Core::Backup(b) => b.on_tick(),
+        }
+    }
+    /// End of one poll pass.
+    pub fn end_batch(&mut self) {
+        match self {
+            Core::Primary(p) => p.end_batch(),
+            Core::Backup(b) => b.end_batch(),
+        }
+    }
+    /// Takes one client write (primary only).
+    pub fn submit(&mut self, ticket: u64, offset: u64, data: Bytes) -> Result<u64, SubmitError> {
+        match self {
+            Core::Primary(p) => p.submit(ticket, offset, data),
+            Core::Backup(_) => Err(SubmitError::NotPrimary),
+        }
+    }
+    /// Whether `submit` may be called now.
+    pub fn accepts_submissions(&self) -> bool {
+        match self {
+            Core::Primary(p) => p.accepts_submissions(),
+            Core::Backup(_) => false,
+        }
+    }
+    /// Moves the pending actions to the end of `out`, in order.
+    pub fn drain_actions(&mut self, out: &mut Vec<Action>) {
+        match self {
+            Core::Primary(p) => p.drain_actions(out),
+            Core::Backup(b) => b.drain_actions(out),
+        }
+    }
+    /// Connection phase.
+    pub fn phase(&self) -> Phase {
+        match self {
+            Core::Primary(p) => p.phase(),
+            Core::Backup(b) => b.phase(),
+        }
+    }
+    /// Counters.
+    pub fn stats(&self) -> CoreStats {
+        match self {
+            Core::Primary(p) => p.stats(),
+            Core::Backup(b) => b.stats(),
+        }
+    }
+    /// The driver hit an error it cannot continue from (e.g. the queue device failed).
+    pub fn fail(&mut self) {
+        match self {
+            Core::Primary(p) => p.stop(),
+            Core::Backup(b) => b.stop(),
+        }
+    }
+}
