@@ -1,0 +1,271 @@
+//! Opening a node: recover its queue and region, build the protocol core from what they hold,
+//! bind the listener (backup), and start the polling thread.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use crossbeam_utils::CachePadded;
+use mirror_proto::{Backup, Core, CoreConfig, Primary};
+use mirror_ring::SubmitRing;
+use mirror_storage::{Durability, PersistentQueue, QueueParams, Region};
+
+use crate::config::{Config, Role, TransportKind};
+use crate::error::{MirrorError, Result};
+use crate::transport::tcp::TcpAcceptor;
+use crate::transport::{Listener, TransportError};
+
+use super::*;
+
+impl Mirror {
+    /// Opens the node's queue and region (recovering them after a crash) and starts its poller.
+    ///
+    /// A backup binds its listen address before this returns. A primary connects in the
+    /// background; until the backup answers, writes wait (`block`) or proceed degraded
+    /// (`continue`).
+    pub fn open(cfg: Config) -> Result<Mirror> {
+        #[cfg(not(feature = "rdma"))]
+        if cfg.transport == TransportKind::Rdma {
+            return Err(MirrorError::Unsupported(
+                "transport 'rdma' is not available in this build: build with `--features rdma` (needs libibverbs-dev, librdmacm-dev and libclang), or use 'tcp'".into(),
+            ));
+        }
+        #[cfg(feature = "rdma")]
+        if cfg.transport == TransportKind::Rdma && cfg.role == Role::Primary {
+            // The backup checks its device when it binds; the primary connects in the background,
+            // so check its device here: a wrong name or a port that is down is a clear error at
+            // open, not a primary that silently never connects.
+            let s = crate::transport::rdma::RdmaSettings::from_config(&cfg);
+            let found = crate::transport::rdma::probe(&s).map_err(|e| MirrorError::Io {
+                context: "opening the RDMA device".into(),
+                source: std::io::Error::other(e),
+            })?;
+            tracing::info!(device = %found, "RDMA transport");
+        }
+        let storage_role = match cfg.role {
+            Role::Primary => mirror_storage::Role::Primary,
+            Role::Backup => mirror_storage::Role::Backup,
+        };
+        let params = QueueParams {
+            node_id: loop {
+                let id = fastrand::u64(..);
+                if id != 0 {
+                    break id;
+                }
+            },
+            role: storage_role,
+            region_size: cfg.region_size,
+            capacity_bytes: cfg.queue_size,
+        };
+        let (queue, report) = PersistentQueue::open_or_create(&cfg.queue, &params, cfg.durability)?;
+        if report.torn_tail_cut_bytes > 0 {
+            tracing::warn!(
+                queue = %cfg.queue.display(),
+                cut_bytes = report.torn_tail_cut_bytes,
+                "cut records from the queue's tail that did not verify (appends not yet durable when the node stopped, or torn); the peer replays any of them it holds, and a new term tells new writes at those seqs apart"
+            );
+        }
+        let region = Arc::new(Region::open_or_create(
+            &cfg.region,
+            cfg.region_size,
+            cfg.durability,
+        )?);
+        let mut queue = queue;
+        let replay = queue.replay_state()?;
+        if let Some(after) = replay.renumbered_after {
+            tracing::warn!(
+                queue = %cfg.queue.display(),
+                cut_through = after,
+                "records cut from the queue were already applied to the region; renumbering after them"
+            );
+        }
+        let recovered = mirror_proto::Recovered::from(replay);
+        let max_write = cfg.max_write.min(queue.max_payload());
+        let core_cfg = CoreConfig {
+            node_id: queue.node_id(),
+            region_size: cfg.region_size,
+            queue_format_version: mirror_storage::FORMAT_VERSION,
+            on_peer_loss: cfg.on_peer_loss,
+            ack_timeout_us: cfg.ack_timeout.as_micros() as u64,
+            handshake_timeout_us: cfg.handshake_timeout.as_micros() as u64,
+            sync_queue_before_ack: cfg.durability != Durability::Process,
+            max_write_len: max_write,
+            queue_capacity: queue.capacity_bytes(),
+            // In `power`/`pmem`, syncing the region per batch would cost a system call per
+            // batch on top of the ack's queue sync: commits are checkpointed instead.
+            deferred_commit: cfg.durability != Durability::Process,
+        };
+        let core = match cfg.role {
+            Role::Primary => Core::Primary(Primary::new(core_cfg, recovered)),
+            Role::Backup => Core::Backup(Backup::new(core_cfg, recovered)),
+        };
+        let (acceptor, listen_addr) =
+            match cfg.role {
+                Role::Backup => {
+                    let addr = cfg.listen.ok_or(MirrorError::Config(
+                        crate::error::ConfigError::Missing { key: "listen" },
+                    ))?;
+                    let listening = |e: TransportError| MirrorError::Io {
+                        context: format!("listening on {addr}"),
+                        source: std::io::Error::other(e.to_string()),
+                    };
+                    let local = |e: TransportError| MirrorError::Io {
+                        context: "reading the listen address".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    };
+                    let (acceptor, bound): (Box<dyn Listener>, SocketAddr) = match cfg.transport {
+                        TransportKind::Tcp => {
+                            let a = TcpAcceptor::bind(addr).map_err(listening)?;
+                            let bound = a.local_addr().map_err(local)?;
+                            (Box::new(a), bound)
+                        }
+                        #[cfg(feature = "rdma")]
+                        TransportKind::Rdma => {
+                            use crate::transport::rdma::{RdmaAcceptor, RdmaSettings};
+                            let a = RdmaAcceptor::bind(addr, RdmaSettings::from_config(&cfg))
+                                .map_err(listening)?;
+                            let bound = a.local_addr().map_err(local)?;
+                            tracing::info!(device = %a.describe, "RDMA transport");
+                            (Box::new(a), bound)
+                        }
+                        #[cfg(not(feature = "rdma"))]
+                        TransportKind::Rdma => unreachable!("refused at the top of open"),
+                    };
+                    (Some(acceptor), Some(bound))
+                }
+                Role::Primary => (None, None),
+            };
+        // SAFETY: eventfd(2) with valid flags; we check the result before wrapping it.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(MirrorError::Io {
+                context: "creating the poller's eventfd".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `efd` is a fresh, valid file descriptor that nothing else owns.
+        let wake_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let (producer, consumer) = match cfg.role {
+            Role::Primary => {
+                let (p, c) = SubmitRing::with_capacity(cfg.submit_ring).map_err(|e| {
+                    MirrorError::Config(crate::error::ConfigError::BadValue {
+                        key: "submit_ring".into(),
+                        value: cfg.submit_ring.to_string(),
+                        why: e.to_string(),
+                    })
+                })?;
+                (Some(p), Some(c))
+            }
+            Role::Backup => (None, None),
+        };
+        let stats = Stats {
+            role: cfg.role,
+            phase: core.phase(),
+            next_seq: queue.next_seq(),
+            applied_through: queue.applied_through(),
+            acked_through: 0,
+            peer_applied_through: 0,
+            queue_records: queue.len_records(),
+            queue_bytes: queue.used_bytes(),
+            queue_capacity: queue.capacity_bytes(),
+            in_flight: 0,
+            degraded: false,
+            recoveries: 0,
+            last_recovery_bytes: 0,
+            last_recovery_records: 0,
+            writes_submitted: 0,
+            writes_completed: 0,
+            failure: None,
+            current_term: queue.current_term(),
+            last_divergence: None,
+        };
+        let shared = Arc::new(Shared {
+            completed: CachePadded::new(AtomicU64::new(0)),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            shutdown: AtomicBool::new(false),
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            cond: Condvar::new(),
+            poller_sleeping: AtomicBool::new(false),
+            wake_fd,
+            stats: Mutex::new(stats),
+            crash_armed: AtomicBool::new(false),
+            callers_driving: AtomicUsize::new(0),
+        });
+        tracing::info!(
+            role = %cfg.role,
+            node_id = format_args!("{:#x}", queue.node_id()),
+            next_seq = queue.next_seq(),
+            applied_through = queue.applied_through(),
+            recovered_records = report.records,
+            "node opened"
+        );
+        let poller = Poller {
+            cfg: cfg.clone(),
+            core,
+            queue,
+            region: Arc::clone(&region),
+            shared: Arc::clone(&shared),
+            consumer,
+            stash: None,
+            conn: None,
+            connecting: None,
+            acceptor,
+            pending: Vec::new(),
+            actions: Vec::new(),
+            inbox: Vec::new(),
+            start: Instant::now(),
+            last_work: Instant::now(),
+            last_stats: Instant::now(),
+            last_step_at: Instant::now(),
+            stopped: false,
+            next_connect_at_us: 0,
+            next_accept_at_us: 0,
+            commit_pending: None,
+            last_checkpoint_us: 0,
+            recovery_bytes: 0,
+            recovery_records: 0,
+            last_divergence: None,
+            catch_up: None,
+            recoveries_seen: 0,
+            submitted: 0,
+        };
+        let driver = Arc::new(Mutex::new(poller));
+        let cpu = cfg.cpu;
+        let thread_driver = Arc::clone(&driver);
+        let thread_shared = Arc::clone(&shared);
+        let handle = std::thread::Builder::new()
+            .name(format!("mirror-{}", cfg.role))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+                        tracing::warn!(cpu, "could not pin the poller to this CPU");
+                    }
+                }
+                let shared = Arc::clone(&thread_shared);
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    poller_thread(thread_driver, thread_shared);
+                }));
+                if result.is_err() {
+                    shared.fail("poller thread panicked (a bug)".into());
+                }
+            })
+            .map_err(|source| MirrorError::Io {
+                context: "starting the poller thread".into(),
+                source,
+            })?;
+        Ok(Mirror {
+            cfg,
+            shared,
+            region,
+            producer,
+            driver,
+            poller: Mutex::new(Some(handle)),
+            listen_addr,
+            max_write,
+        })
+    }
+}

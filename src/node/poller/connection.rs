@@ -1,0 +1,180 @@
+//! The connection's life: a primary connects (and reconnects) to its backup; a backup accepts
+//! connections, reads their first `Hello` without blocking, and refuses a second primary
+//! without disturbing the current one.
+
+use std::time::Instant;
+
+use mirror_proto::{Core, Message, Phase, RejectCode};
+
+use crate::config::{Config, Role, TransportKind};
+use crate::error::Result;
+use crate::transport::tcp::TcpConnecting;
+use crate::transport::{Connecting, TransportError};
+
+use super::*;
+
+/// How often a connected backup looks for new connections (see `accept_and_greet`).
+const ACCEPT_INTERVAL_CONNECTED_US: u64 = 1_000;
+
+impl Poller {
+    pub(super) fn manage_connection(&mut self, now: u64) -> bool {
+        match self.cfg.role {
+            Role::Primary => {
+                if self.conn.is_some() || self.core.phase() != Phase::Disconnected {
+                    return false;
+                }
+                if let Some((attempt, deadline_us)) = self.connecting.as_mut() {
+                    let failure = match attempt.poll() {
+                        Ok(Some(c)) => {
+                            tracing::info!(peer = %c.peer(), "connected to backup");
+                            self.connecting = None;
+                            self.conn = Some(c);
+                            self.core.on_connected();
+                            return true;
+                        }
+                        Ok(None) if now < *deadline_us => return false,
+                        Ok(None) => "no answer in time".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::debug!(peer = ?self.cfg.peer, error = %failure, "backup not reachable");
+                    self.connecting = None;
+                    self.core.on_connect_failed();
+                    return true;
+                }
+                if now < self.next_connect_at_us {
+                    return false;
+                }
+                self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
+                let peer = self.cfg.peer.clone().unwrap_or_default();
+                match start_connecting(&self.cfg, &peer) {
+                    Ok(attempt) => {
+                        let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
+                        self.connecting = Some((attempt, deadline));
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "backup not reachable");
+                        self.core.on_connect_failed();
+                    }
+                }
+                true
+            }
+            Role::Backup => self.accept_and_greet(now),
+        }
+    }
+
+    /// Backup: accepts new connections and adopts one once its Hello passes the checks. A Hello
+    /// from the primary already connected (same node id) replaces the old connection (the
+    /// primary restarted or its link broke); any other is refused without disturbing it.
+    pub(super) fn accept_and_greet(&mut self, now: u64) -> bool {
+        let mut worked = false;
+        // accept(2) is a system call: while connected, look for newcomers every millisecond
+        // rather than on every pass, so the data path's receive loop stays tight (a restarted
+        // primary waits that much longer; its handshake takes longer anyway).
+        let accept_due = self.conn.is_none() || now >= self.next_accept_at_us;
+        if let Some(acceptor) = self.acceptor.as_mut().filter(|_| accept_due) {
+            self.next_accept_at_us = now + ACCEPT_INTERVAL_CONNECTED_US;
+            loop {
+                match acceptor.try_accept() {
+                    Ok(Some(c)) => {
+                        tracing::info!(peer = %c.peer(), "incoming connection");
+                        self.pending.push((c, Instant::now() + HELLO_DEADLINE));
+                        worked = true;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        break;
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let mut first = Vec::new();
+            let result = self.pending[i].0.poll_recv(&mut first, 1);
+            match result {
+                Ok(0) if Instant::now() < self.pending[i].1 => {
+                    i += 1;
+                    continue;
+                }
+                Ok(0) => {
+                    let (c, _) = self.pending.swap_remove(i);
+                    tracing::warn!(peer = %c.peer(), "no Hello in time; closing");
+                }
+                Ok(_) => {
+                    let (mut c, _) = self.pending.swap_remove(i);
+                    worked = true;
+                    let Core::Backup(backup) = &self.core else {
+                        unreachable!("only backups accept")
+                    };
+                    let verdict = match first.first() {
+                        Some(Message::Hello(h)) => backup.check_hello(h),
+                        Some(other) => Err((
+                            RejectCode::ProtocolViolation,
+                            format!("first message was {:?}, expected Hello", other.kind()),
+                        )),
+                        None => unreachable!("poll_recv returned 1"),
+                    };
+                    match verdict {
+                        Ok(()) => {
+                            if let Some(old) = self.conn.take() {
+                                tracing::info!(old = %old.peer(), new = %c.peer(), "primary reconnected; replacing its old connection");
+                                self.core.on_disconnected();
+                            }
+                            self.core.on_connected();
+                            for m in first {
+                                self.core.on_message(m);
+                            }
+                            self.conn = Some(c);
+                        }
+                        Err((code, reason)) => {
+                            tracing::warn!(peer = %c.peer(), ?code, %reason, "refusing connection");
+                            let _ = c.send(&Message::Reject { code, reason });
+                            let _ = c.flush();
+                        }
+                    }
+                }
+                Err(e) => {
+                    let (c, _) = self.pending.swap_remove(i);
+                    tracing::warn!(peer = %c.peer(), error = %e, "bad first bytes; closing");
+                    let code = match e {
+                        TransportError::Wire(mirror_proto::WireError::UnsupportedVersion {
+                            ..
+                        }) => Some(RejectCode::ProtocolVersion),
+                        TransportError::Wire(_) => Some(RejectCode::ProtocolViolation),
+                        _ => None,
+                    };
+                    if let Some(code) = code {
+                        let mut c = c;
+                        let _ = c.send(&Message::Reject {
+                            code,
+                            reason: e.to_string(),
+                        });
+                        let _ = c.flush();
+                    }
+                }
+            }
+        }
+        worked
+    }
+}
+
+/// Starts connecting to the backup over the configured transport (never blocks; the caller
+/// bounds the attempt with `handshake_timeout`).
+fn start_connecting(cfg: &Config, peer: &str) -> Result<Box<dyn Connecting>, TransportError> {
+    match cfg.transport {
+        TransportKind::Tcp => Ok(Box::new(TcpConnecting::start(peer)?)),
+        #[cfg(feature = "rdma")]
+        TransportKind::Rdma => Ok(Box::new(crate::transport::rdma::RdmaConnecting::start(
+            peer,
+            crate::transport::rdma::RdmaSettings::from_config(cfg),
+        )?)),
+        #[cfg(not(feature = "rdma"))]
+        TransportKind::Rdma => Err(TransportError::Io {
+            context: "connecting over RDMA",
+            source: std::io::Error::other(
+                "the RDMA transport is not built (build with --features rdma)",
+            ),
+        }),
+    }
+}

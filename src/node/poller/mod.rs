@@ -1,0 +1,470 @@
+//! The polling thread: one pass reads the connection, takes submissions, lets the core tick,
+//! executes its actions and flushes; it busy-polls while there is work and sleeps in poll(2)
+//! when idle. Connection management is in `connection.rs`, the action executor in `actions.rs`.
+
+use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mirror_proto::{Action, Core, Message};
+use mirror_ring::Consumer;
+use mirror_storage::{PersistentQueue, Region, StorageError};
+
+use crate::config::{Config, Role};
+use crate::error::Result;
+use crate::transport::{Connecting, Connection, Listener};
+
+use super::*;
+
+mod actions;
+mod connection;
+
+/// Largest number of messages taken from the connection per pass.
+const RECV_BATCH: usize = 512;
+/// Largest number of submissions taken from the ring per pass.
+const SUBMIT_BATCH: usize = 256;
+/// During a catch-up, hand queued records to the network in chunks of about this size.
+const CATCH_UP_CHUNK: usize = 256 << 10;
+/// Stop taking submissions while this much is waiting to be sent.
+const SEND_BACKLOG_PAUSE: usize = 8 << 20;
+/// `power`/`pmem`: the longest a durable-applied checkpoint waits while the node is busy.
+const CHECKPOINT_INTERVAL_US: u64 = 2_000;
+/// A new connection must say Hello within this time.
+const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+
+pub(super) struct Poller {
+    pub(super) cfg: Config,
+    pub(super) core: Core,
+    pub(super) queue: PersistentQueue,
+    pub(super) region: Arc<Region>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) consumer: Option<Consumer<Submission>>,
+    /// A submission taken from the ring that did not fit in the queue yet.
+    pub(super) stash: Option<(u64, Submission)>,
+    pub(super) conn: Option<Box<dyn Connection>>,
+    /// Primary over TCP: a connection attempt in progress, and when it gives up (us).
+    pub(super) connecting: Option<(Box<dyn Connecting>, u64)>,
+    pub(super) acceptor: Option<Box<dyn Listener>>,
+    pub(super) pending: Vec<(Box<dyn Connection>, Instant)>,
+    pub(super) actions: Vec<Action>,
+    pub(super) inbox: Vec<Message>,
+    pub(super) start: Instant,
+    pub(super) last_work: Instant,
+    pub(super) last_stats: Instant,
+    /// When the current (or last) step read the clock.
+    pub(super) last_step_at: Instant,
+    /// Set when a step failed the node.
+    pub(super) stopped: bool,
+    pub(super) next_connect_at_us: u64,
+    /// Backup: next time to look for new connections while one is established.
+    pub(super) next_accept_at_us: u64,
+    /// `power`/`pmem`: applied through this seq, not yet checkpointed.
+    pub(super) commit_pending: Option<u64>,
+    pub(super) last_checkpoint_us: u64,
+    pub(super) recovery_bytes: u64,
+    pub(super) recovery_records: u64,
+    pub(super) last_divergence: Option<Divergence>,
+    /// A catch-up (or replay) being streamed to the peer.
+    pub(super) catch_up: Option<CatchUp>,
+    pub(super) recoveries_seen: u64,
+    pub(super) submitted: u64,
+}
+
+/// A stream of queued records to the peer that goes on across passes, and what the core sent
+/// after it (which must follow it on the connection).
+pub(super) struct CatchUp {
+    next_seq: u64,
+    through_seq: u64,
+    behind: VecDeque<Outgoing>,
+}
+
+/// Something the core sent while a catch-up was being streamed.
+pub(super) enum Outgoing {
+    Message(Message),
+    Queued { from_seq: u64, through_seq: u64 },
+}
+
+/// Why a pass stopped the node.
+pub(super) enum Stop {
+    Fatal(String),
+}
+
+impl From<StorageError> for Stop {
+    fn from(e: StorageError) -> Self {
+        Stop::Fatal(e.to_string())
+    }
+}
+
+impl Poller {
+    /// One pass of the event loop plus its bookkeeping. After [`Step::Stopped`] the node has
+    /// failed and further steps do nothing.
+    pub(super) fn step(&mut self) -> Step {
+        if self.stopped {
+            return Step::Stopped;
+        }
+        // The clock is read once per pass (it showed up at ~10 % of a pipelined profile when read
+        // several times per pass).
+        let t = Instant::now();
+        self.last_step_at = t;
+        let now = t.duration_since(self.start).as_micros() as u64;
+        self.core.set_now(now);
+        let worked = match self.pass(now) {
+            Ok(w) => w,
+            Err(Stop::Fatal(reason)) => {
+                self.core.fail();
+                self.conn = None;
+                self.stopped = true;
+                self.publish_stats();
+                self.shared.fail(reason);
+                return Step::Stopped;
+            }
+        };
+        if worked {
+            self.last_work = t;
+        }
+        if worked || t.duration_since(self.last_stats) > Duration::from_millis(1) {
+            self.publish_stats();
+            self.last_stats = t;
+        }
+        if worked {
+            Step::Worked
+        } else if t.duration_since(self.last_work) >= self.cfg.idle_spin {
+            Step::Idle
+        } else {
+            Step::Spinning
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(c) = self.conn.as_mut() {
+            let _ = c.flush();
+        }
+        if let Err(e) = self.queue.sync() {
+            tracing::warn!(error = %e, "final queue sync failed");
+        }
+        if let Err(Stop::Fatal(e)) = self.checkpoint(0) {
+            tracing::warn!(error = %e, "final checkpoint failed");
+        }
+        self.publish_stats();
+        self.shared.notify_waiters();
+    }
+
+    /// One pass of the event loop. Returns whether anything happened.
+    fn pass(&mut self, now: u64) -> Result<bool, Stop> {
+        let mut worked = false;
+        worked |= self.manage_connection(now);
+        if let Some(conn) = self.conn.as_mut() {
+            match conn.poll_recv(&mut self.inbox, RECV_BATCH) {
+                Ok(n) => worked |= n > 0,
+                Err(e) => {
+                    self.drop_connection(&e.to_string());
+                    worked = true;
+                }
+            }
+        }
+        if self.catch_up.is_some() {
+            let mut broken = None;
+            worked |= self.continue_catch_up(&mut broken)?;
+            if let Some(why) = broken {
+                self.drop_connection(&why);
+                worked = true;
+            }
+        }
+        let mut no_room = false;
+        if self.cfg.role == Role::Backup {
+            // Take writes only while the queue has room for them. The primary's headroom covers
+            // its own queue; ours can hold more (records the primary already trimmed while its
+            // applied report to us is in flight). Rather than fail, drop the connection: the
+            // primary reconnects, its Hello lets us trim, and the catch-up resends the rest.
+            let full_at = self
+                .queue
+                .first_write_without_room(self.inbox.iter().map(|m| match m {
+                    Message::Write { seq, data, .. } => Some((*seq, data.len())),
+                    _ => None,
+                }));
+            if let Some(at) = full_at {
+                self.inbox.truncate(at);
+                no_room = true;
+            }
+        }
+        for msg in self.inbox.drain(..) {
+            self.core.on_message(msg);
+        }
+        if no_room {
+            self.drop_connection(
+                "the queue has no room for the next write (it trims after the reconnect)",
+            );
+            worked = true;
+        }
+        worked |= self.take_submissions()?;
+        if !worked {
+            self.core.on_tick();
+        }
+        self.core.end_batch();
+        worked |= self.execute_actions()?;
+        if let Some(conn) = self.conn.as_mut() {
+            if let Err(e) = conn.flush() {
+                self.drop_connection(&e.to_string());
+                worked = true;
+            }
+        }
+        // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
+        worked |= self.execute_actions()?;
+        if self.checkpoint_due(now, worked) {
+            self.checkpoint(now)?;
+            worked |= self.execute_actions()?;
+        }
+        Ok(worked)
+    }
+
+    /// `power`/`pmem`: whether to make pending applies durable now — every
+    /// `CHECKPOINT_INTERVAL_US`, as soon as the node is idle, or when the queue is half full
+    /// (trims wait for checkpoints).
+    fn checkpoint_due(&self, now: u64, worked: bool) -> bool {
+        self.commit_pending.is_some()
+            && (!worked
+                || now.saturating_sub(self.last_checkpoint_us) >= CHECKPOINT_INTERVAL_US
+                || self.queue.used_bytes() > self.queue.capacity_bytes() / 2)
+    }
+
+    /// Syncs the region, then records `applied_through` with a full barrier of the queue (which
+    /// also makes every earlier append durable, keeping `last_seq >= applied_through` on disk),
+    /// and tells the core: only now may the peer trim what we applied.
+    fn checkpoint(&mut self, now: u64) -> Result<(), Stop> {
+        if let Some(through) = self.commit_pending.take() {
+            self.region.sync()?;
+            self.queue.set_applied_through(through)?;
+            self.core.on_applied_durable(through);
+            self.last_checkpoint_us = now;
+        }
+        Ok(())
+    }
+
+    fn drop_connection(&mut self, why: &str) {
+        self.catch_up = None;
+        if let Some(c) = self.conn.take() {
+            tracing::warn!(peer = %c.peer(), reason = why, "connection lost");
+        }
+        self.core.on_disconnected();
+    }
+
+    fn take_submissions(&mut self) -> Result<bool, Stop> {
+        if self.consumer.is_none() {
+            return Ok(false);
+        }
+        let mut worked = false;
+        for _ in 0..SUBMIT_BATCH {
+            if !self.core.accepts_submissions() {
+                break;
+            }
+            // New writes follow a catch-up in progress, and wait while the peer lags.
+            if self.catch_up.is_some()
+                || self
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.pending_send_bytes() > SEND_BACKLOG_PAUSE)
+            {
+                break;
+            }
+            let popped = match self.stash.take() {
+                Some(s) => Some(s),
+                None => self.consumer.as_mut().and_then(|c| c.try_pop()),
+            };
+            let Some((position, sub)) = popped else {
+                break;
+            };
+            if !self.queue.admits_new_write(sub.data.len()) {
+                // Backpressure until the backup confirms applying and we can trim.
+                self.stash = Some((position, sub));
+                break;
+            }
+            let ticket = position + 1;
+            debug_assert_eq!(ticket, self.submitted + 1, "tickets out of order");
+            self.submitted = ticket;
+            // Validated in `submit`; a failure here would be a bug, which stops the node.
+            self.core
+                .submit(ticket, sub.offset, sub.data)
+                .map_err(|e| Stop::Fatal(format!("submission refused by the core: {e}")))?;
+            worked = true;
+            // Execute as we go so that queue space is accounted for the next submission.
+            self.execute_actions()?;
+        }
+        Ok(worked)
+    }
+
+    fn publish_stats(&mut self) {
+        let core = self.core.stats();
+        if core.recoveries != self.recoveries_seen {
+            self.recoveries_seen = core.recoveries;
+            tracing::info!(
+                records = self.recovery_records,
+                bytes = self.recovery_bytes,
+                "recovery complete: moved only the missed requests"
+            );
+        }
+        let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.phase = self.core.phase();
+        s.next_seq = core.next_seq;
+        s.applied_through = core.applied_through;
+        s.acked_through = core.acked_through;
+        s.peer_applied_through = core.peer_applied_through;
+        s.queue_records = self.queue.len_records();
+        s.queue_bytes = self.queue.used_bytes();
+        s.in_flight = core.in_flight;
+        s.degraded = core.degraded;
+        s.recoveries = core.recoveries;
+        s.last_recovery_bytes = self.recovery_bytes;
+        s.last_recovery_records = self.recovery_records;
+        s.current_term = core.current_term;
+        s.last_divergence.clone_from(&self.last_divergence);
+    }
+
+    /// Prepares to sleep: announces it to submitters and returns the descriptors to sleep on, or
+    /// `None` when there is work after all.
+    fn prepare_park(&mut self) -> Option<Vec<libc::pollfd>> {
+        self.shared.poller_sleeping.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `wake_poller`.
+        fence(Ordering::SeqCst);
+        let has_submissions = self.stash.is_none()
+            && self
+                .consumer
+                .as_ref()
+                .is_some_and(|c| !c.is_empty() && self.core.accepts_submissions());
+        // A catch-up waits for the peer to drain the send buffer: wake when it has room. Over
+        // RDMA room shows up in memory (credits), not on a descriptor: poll again instead.
+        let catch_up_ready = match (&self.catch_up, &self.conn) {
+            (Some(_), Some(c)) => c.send_ready_fd().map(Some),
+            _ => Some(None),
+        };
+        if has_submissions
+            || self.shared.shutdown.load(Ordering::Acquire)
+            || catch_up_ready.is_none()
+        {
+            self.shared.poller_sleeping.store(false, Ordering::Relaxed);
+            return None;
+        }
+        let mut fds = Vec::with_capacity(3 + self.pending.len());
+        let mut watch = |fd: i32| {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+        };
+        watch(self.shared.wake_fd.as_raw_fd());
+        if let Some(c) = &self.conn {
+            watch(c.wait_fd());
+        }
+        if let Some(a) = &self.acceptor {
+            watch(a.wait_fd());
+        }
+        for (c, _) in &self.pending {
+            watch(c.wait_fd());
+        }
+        if let Some((fd, events)) = catch_up_ready.flatten() {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+        }
+        if let Some((fd, events)) = self.connecting.as_ref().and_then(|(c, _)| c.wait_fd()) {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+        }
+        Some(fds)
+    }
+}
+
+/// What one [`Poller::step`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Something happened.
+    Worked,
+    /// Nothing happened, within the idle spin.
+    Spinning,
+    /// Nothing happened for longer than the idle spin: time to sleep.
+    Idle,
+    /// The node failed.
+    Stopped,
+}
+
+/// Sleeps in poll(2) on `fds` (the first is the wake eventfd) for at most `timeout_ms`, then
+/// clears the wake-up and the sleeping flag.
+fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout_ms: i32) {
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    let mut counter = 0u64;
+    // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd (clears it).
+    unsafe {
+        libc::read(
+            shared.wake_fd.as_raw_fd(),
+            (&mut counter as *mut u64).cast(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+    shared.poller_sleeping.store(false, Ordering::Relaxed);
+}
+
+pub(super) fn lock_poller(driver: &Mutex<Poller>) -> std::sync::MutexGuard<'_, Poller> {
+    // A panic inside a step marks the node failed before unwinding; the state is not used again
+    // for anything but shutdown.
+    driver.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The polling thread: runs steps while no caller drives the loop itself, sleeps when idle.
+pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
+    loop {
+        if shared.shutdown.load(Ordering::Acquire) {
+            lock_poller(&driver).shutdown();
+            return;
+        }
+        if shared.callers_driving.load(Ordering::Acquire) > 0 {
+            // A waiting caller runs the loop (run to completion): stay off its CPU, but check
+            // back soon in case it stops.
+            let mut fds = [libc::pollfd {
+                fd: shared.wake_fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            sleep_on(&shared, &mut fds, 1);
+            continue;
+        }
+        let mut p = lock_poller(&driver);
+        let park = loop {
+            if shared.shutdown.load(Ordering::Acquire)
+                || shared.callers_driving.load(Ordering::Acquire) > 0
+            {
+                break None;
+            }
+            match p.step() {
+                Step::Stopped => return,
+                Step::Idle => {
+                    if let Some(fds) = p.prepare_park() {
+                        break Some(fds);
+                    }
+                }
+                Step::Worked | Step::Spinning => {}
+            }
+        };
+        drop(p);
+        if let Some(mut fds) = park {
+            // Wake at least every 5 ms for timers (ack timeout, reconnects, stats).
+            sleep_on(&shared, &mut fds, 5);
+        }
+    }
+}
+
+/// Counts a caller that drives the loop; the count drops when the guard does.
+pub(super) struct CallerDriving<'a>(pub(super) &'a Shared);
+
+impl Drop for CallerDriving<'_> {
+    fn drop(&mut self) {
+        self.0.callers_driving.fetch_sub(1, Ordering::AcqRel);
+    }
+}
