@@ -1,17 +1,21 @@
 //! Helpers for tests that run real `mirror` processes on loopback.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::borrow::{Borrow, BorrowMut};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 use mirror::workload::Workload;
 
 pub mod campaign;
+// The child-process harness of `mirror demo`, shared rather than copied.
+#[path = "../../src/bin/mirror/node_process.rs"]
+mod node_process;
 pub mod proxy;
+
+use node_process::{LogMode, NodeProcess, WaitError};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mirror");
 
@@ -34,19 +38,39 @@ pub fn base(dir: &Path, role: &str, region_size: &str) -> mirror::ConfigBuilder 
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    node_process::free_loopback_port().expect("a free loopback port")
 }
 
-/// A child `mirror` process whose stdout lines are parsed as `kind key=value ...`.
-pub struct Node {
-    pub name: String,
-    pub child: Child,
-    latest: Arc<Mutex<HashMap<String, HashMap<String, String>>>>,
-    pub log: PathBuf,
+/// A child `mirror` process whose stdout lines are parsed as `kind key=value ...`: the harness
+/// `mirror demo` uses too (src/bin/mirror/node_process.rs), whose failures panic here with the
+/// tail of the node's log. Everything else (`get`, `num`, `has`, `signal`, `kill9`, the `name`,
+/// `child` and `log` fields) is the shared [`NodeProcess`]'s, through `Deref`.
+pub struct Node(NodeProcess);
+
+impl Deref for Node {
+    type Target = NodeProcess;
+    fn deref(&self) -> &NodeProcess {
+        &self.0
+    }
+}
+
+impl DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut NodeProcess {
+        &mut self.0
+    }
+}
+
+// For `node_process::wait_until`, so that conditions get the `Node` itself.
+impl Borrow<NodeProcess> for Node {
+    fn borrow(&self) -> &NodeProcess {
+        &self.0
+    }
+}
+
+impl BorrowMut<NodeProcess> for Node {
+    fn borrow_mut(&mut self) -> &mut NodeProcess {
+        &mut self.0
+    }
 }
 
 impl Node {
@@ -57,12 +81,7 @@ impl Node {
     /// Like `spawn`, inside network namespace `netns` (`ip netns exec`, which execs in place:
     /// the child's pid is the node's).
     pub fn spawn_in(netns: Option<&str>, name: &str, args: &[String], log: &Path) -> Node {
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut cmd = match netns {
+        let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, BIN]);
@@ -70,120 +89,46 @@ impl Node {
             }
             None => Command::new(BIN),
         };
-        let mut child = cmd
-            .args(args)
-            .env("MIRROR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn mirror");
-        let latest = Arc::new(Mutex::new(HashMap::new()));
-        let sink = Arc::clone(&latest);
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let mut words = line.split_whitespace();
-                if let Some(kind) = words.next() {
-                    let map: HashMap<String, String> = words
-                        .filter_map(|w| w.split_once('='))
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect();
-                    sink.lock().unwrap().insert(kind.to_owned(), map);
-                }
-            }
-        });
-        Node {
-            name: name.to_owned(),
-            child,
-            latest,
-            log: log.to_owned(),
+        command.args(args).env("MIRROR_LOG", "info");
+        // Appended: a test may restart a node into the log of its previous run.
+        match NodeProcess::spawn(name, command, log, LogMode::Append) {
+            Ok(process) => Node(process),
+            Err(e) => panic!("spawn mirror ({name}): {e}"),
         }
-    }
-
-    pub fn get(&self, kind: &str, key: &str) -> Option<String> {
-        self.latest.lock().unwrap().get(kind)?.get(key).cloned()
-    }
-
-    pub fn num(&self, kind: &str, key: &str) -> u64 {
-        self.get(kind, key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    pub fn has(&self, kind: &str) -> bool {
-        self.latest.lock().unwrap().contains_key(kind)
     }
 
     /// Waits for `cond`; panics with the node's log on timeout or early exit.
     pub fn wait_until(&mut self, what: &str, timeout: Duration, cond: impl Fn(&Node) -> bool) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if cond(self) {
-                return;
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({st}) while waiting for {what}\n{}",
-                    self.name,
-                    tail(&self.log)
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what} on {}\n{}",
-                    self.name,
-                    tail(&self.log)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        match node_process::wait_until(self, timeout, cond) {
+            Ok(()) => {}
+            Err(WaitError::Exited(st)) => panic!(
+                "{} exited ({st}) while waiting for {what}\n{}",
+                self.name,
+                tail(&self.log)
+            ),
+            Err(_) => panic!(
+                "timed out waiting for {what} on {}\n{}",
+                self.name,
+                tail(&self.log)
+            ),
         }
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid with a valid signal number.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    pub fn kill9(&mut self) {
-        self.signal(libc::SIGKILL);
-        let _ = self.child.wait();
-    }
-
+    /// SIGTERM, then the exit status (within 20 s, else SIGKILL and a panic).
     pub fn stop(&mut self) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                self.kill9();
-                panic!("{} did not stop\n{}", self.name, tail(&self.log));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        match self.0.stop(Duration::from_secs(20)) {
+            Ok(st) => st,
+            Err(WaitError::Io(e)) => panic!("waiting for {}: {e}", self.name),
+            Err(_) => panic!("{} did not stop\n{}", self.name, tail(&self.log)),
         }
     }
 
+    /// The exit status (within `timeout`, else SIGKILL and a panic).
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                self.kill9();
-                panic!("{} did not exit\n{}", self.name, tail(&self.log));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.kill9();
+        match self.0.wait_exit(timeout) {
+            Ok(st) => st,
+            Err(WaitError::Io(e)) => panic!("waiting for {}: {e}", self.name),
+            Err(_) => panic!("{} did not exit\n{}", self.name, tail(&self.log)),
         }
     }
 }

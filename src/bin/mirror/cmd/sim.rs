@@ -8,8 +8,9 @@ use clap::Args;
 use mirror::MirrorError;
 use mirror_sim::{run_seed, SimOptions, SimReport};
 
-use crate::cli::CliResult;
+use super::shared::{scratch_base_dir, CliResult};
 
+/// The flags of `mirror sim`.
 #[derive(Args, Debug, Clone)]
 pub struct SimArgs {
     /// Number of seeds to run
@@ -36,15 +37,8 @@ pub struct SimArgs {
     pub dir: Option<std::path::PathBuf>,
 }
 
-pub fn sim(a: &SimArgs) -> CliResult {
-    let base = a.dir.clone().unwrap_or_else(|| {
-        let shm = std::path::Path::new("/dev/shm");
-        if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        }
-    });
+pub fn run(a: &SimArgs) -> CliResult {
+    let base = scratch_base_dir(a.dir.as_deref());
     let opts = SimOptions {
         fault_steps: a.fault_steps,
         canary_apply_before_ack: a.canary,

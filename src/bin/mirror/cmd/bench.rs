@@ -1,0 +1,217 @@
+//! `mirror bench`: sync write latency next to the raw TCP ping-pong floor (interleaved),
+//! pipelined throughput next to raw TCP streaming, and recovery (catch-up after K missed writes
+//! next to a full remirror of the region); a table per part, or one JSON document with `--json`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use mirror::MirrorError;
+
+use super::shared::{parse_size_arg, scratch_base_dir, split_set, CliResult};
+
+/// The flags of `mirror bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Payload sizes for the latency comparison
+    #[arg(long, value_delimiter = ',', default_value = "64,512,4096,65536")]
+    sizes: Vec<String>,
+    /// Writes (and round trips) per size
+    #[arg(long, default_value_t = 20_000)]
+    iterations: usize,
+    /// Queue depths for pipelined throughput
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    depths: Vec<usize>,
+    /// Payload sizes for pipelined throughput
+    #[arg(long, value_delimiter = ',', default_value = "64,4096")]
+    pipelined_sizes: Vec<String>,
+    /// Writes per pipelined measurement
+    #[arg(long, default_value_t = 200_000)]
+    pipelined_writes: u64,
+    /// Region sizes for the recovery benchmark ("": skip it)
+    #[arg(long, value_delimiter = ',', default_value = "256MiB,1GiB")]
+    recovery_regions: Vec<String>,
+    /// Missed writes for the recovery benchmark, as fractions of the region's 4 KiB slots
+    #[arg(long, value_delimiter = ',', default_value = "0.001,0.01")]
+    recovery_missed: Vec<f64>,
+    /// Machine-readable output (one JSON document on stdout)
+    #[arg(long)]
+    json: bool,
+    /// Write a latency CDF chart (SVG) of every size, floor and engine
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Any config key for both nodes: --set key=value (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Directory for the nodes' files (default /dev/shm when present, else the temp dir)
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+pub fn run(a: &BenchArgs) -> CliResult {
+    use mirror::bench;
+    // Memory-backed files by default: the benchmark measures the engine, not the page cache's
+    // writeback to this machine's disk (which throttles long runs of file-backed writes).
+    let base = scratch_base_dir(a.dir.as_deref());
+    let dir = base.join(format!("mirror-bench-{}", std::process::id()));
+    let io = |context: String| move |source| MirrorError::Io { context, source };
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mut extra = Vec::new();
+    for pair in &a.set {
+        let (key, value) = split_set(pair)?;
+        extra.push((key.to_owned(), value.to_owned()));
+    }
+    let extra_ref: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let say = |line: String| {
+        if !a.json {
+            println!("{line}");
+        }
+    };
+    let result = (|| -> CliResult {
+        let mut report = serde_json::Map::new();
+        // 1. Latency, interleaved with the floor.
+        let pair_dir = dir.join("latency");
+        std::fs::create_dir_all(&pair_dir).map_err(io("creating bench dir".into()))?;
+        let pair = bench::LocalPair::open(&pair_dir, 64 << 20, &extra_ref)?;
+        say(
+            "sync write latency vs raw TCP ping-pong floor (loopback, same run, interleaved; us)"
+                .into(),
+        );
+        say(format!(
+            "{:>8} {:>10} {:>10} {:>11} {:>10} {:>10} {:>11} {:>7} {:>7}",
+            "bytes",
+            "floor p50",
+            "floor p99",
+            "floor p99.9",
+            "sync p50",
+            "sync p99",
+            "sync p99.9",
+            "x p50",
+            "x p99"
+        ));
+        say(format!("(node files in {})", dir.display()));
+        let mut latency = Vec::new();
+        let mut plot_series = Vec::new();
+        for size in &a.sizes {
+            let payload = parse_size_arg(size)? as usize;
+            let c = bench::compare_sync_write(&pair, payload, a.iterations)?;
+            say(format!(
+                "{:>8} {:>10.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>11.1} {:>7.2} {:>7.2}",
+                payload,
+                c.floor.p50_us,
+                c.floor.p99_us,
+                c.floor.p999_us,
+                c.engine.p50_us,
+                c.engine.p99_us,
+                c.engine.p999_us,
+                c.ratio_p50(),
+                c.ratio_p99()
+            ));
+            let mut v = serde_json::to_value(&c).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("ratio_p50".into(), c.ratio_p50().into());
+                o.insert("ratio_p99".into(), c.ratio_p99().into());
+            }
+            latency.push(v);
+            plot_series.push((format!("floor {payload} B"), c.floor_ns.clone()));
+            plot_series.push((format!("sync write {payload} B"), c.engine_ns.clone()));
+        }
+        report.insert("sync_latency".into(), latency.into());
+        if let Some(p) = &a.plot {
+            bench::write_cdf_svg(
+                p,
+                "libmirror sync write vs TCP ping-pong floor (CDF)",
+                &plot_series,
+            )
+            .map_err(io(format!("writing {}", p.display())))?;
+            say(format!("latency CDF written to {}", p.display()));
+        }
+        // 2. Pipelined throughput next to raw TCP streaming.
+        say(String::new());
+        say("pipelined throughput (loopback)".into());
+        say(format!(
+            "{:>8} {:>6} {:>12} {:>10} {:>14} {:>8}",
+            "bytes", "depth", "writes/s", "MB/s", "TCP floor MB/s", "x floor"
+        ));
+        let mut pipelined = Vec::new();
+        for size in &a.pipelined_sizes {
+            let payload = parse_size_arg(size)? as usize;
+            let frame = payload + bench::WRITE_OVERHEAD;
+            let floor = bench::tcp_stream_mb_per_s(
+                (frame as u64 * a.pipelined_writes.min(100_000)).max(64 << 20),
+                frame * 64,
+            )
+            .map_err(io("TCP streaming floor".into()))?
+                * payload as f64
+                / frame as f64;
+            for &depth in &a.depths {
+                let t = bench::pipelined(&pair, payload, depth, a.pipelined_writes)?;
+                say(format!(
+                    "{:>8} {:>6} {:>12.0} {:>10.1} {:>14.1} {:>8.2}",
+                    payload,
+                    depth,
+                    t.writes_per_s,
+                    t.mb_per_s,
+                    floor,
+                    t.mb_per_s / floor
+                ));
+                let mut v = serde_json::to_value(t).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("tcp_floor_mb_per_s".into(), floor.into());
+                }
+                pipelined.push(v);
+            }
+        }
+        report.insert("pipelined".into(), pipelined.into());
+        pair.primary.close()?;
+        pair.backup.close()?;
+        drop(pair);
+        let _ = std::fs::remove_dir_all(&pair_dir);
+        // 3. Recovery: catch-up after K missed writes vs a full remirror.
+        let mut recovery = Vec::new();
+        if a.recovery_regions.iter().any(|r| !r.trim().is_empty()) && !a.recovery_missed.is_empty()
+        {
+            say(String::new());
+            say("recovery: catch-up after K missed 4 KiB writes vs streaming the whole region (loopback)".into());
+            say(format!(
+                "{:>10} {:>9} {:>12} {:>14} {:>13} {:>9}",
+                "region", "missed", "catch-up s", "catch-up bytes", "full copy s", "speedup"
+            ));
+            for region in a.recovery_regions.iter().filter(|r| !r.trim().is_empty()) {
+                let region_bytes = parse_size_arg(region)?;
+                for &frac in &a.recovery_missed {
+                    let missed = ((region_bytes / 4096) as f64 * frac).round().max(1.0) as u64;
+                    let rdir = dir.join("recovery");
+                    let _ = std::fs::remove_dir_all(&rdir);
+                    std::fs::create_dir_all(&rdir).map_err(io("creating bench dir".into()))?;
+                    let r = bench::recovery(&rdir, region_bytes, missed, 4096)?;
+                    let _ = std::fs::remove_dir_all(&rdir);
+                    say(format!(
+                        "{:>10} {:>9} {:>12.4} {:>14} {:>13.4} {:>8.1}x",
+                        region,
+                        missed,
+                        r.catch_up_s,
+                        r.catch_up_bytes,
+                        r.full_remirror_s,
+                        r.speedup
+                    ));
+                    recovery.push(serde_json::to_value(r).unwrap_or_default());
+                }
+            }
+        }
+        report.insert("recovery".into(), recovery.into());
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::Value::Object(report))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

@@ -1,0 +1,434 @@
+//! `mirror demo`: a backup and a primary process of this binary on loopback, writes, a SIGKILL of
+//! each node and its recovery, then a byte-for-byte check of both regions. The nodes are driven
+//! through their report lines by the harness the integration tests use too
+//! (src/bin/mirror/node_process.rs).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, ExitStatus};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use mirror::workload::Workload;
+use mirror::{ConfigBuilder, MirrorError};
+
+use super::primary::read_completions;
+use super::shared::{parse_size_arg, split_set, usage, CliResult};
+use crate::node_process::{self, free_loopback_port, LogMode, NodeProcess, WaitError};
+
+/// The flags of `mirror demo`.
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Working directory for the region and queue files (default: a new directory under /tmp)
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Region size
+    #[arg(long, default_value = "16MiB")]
+    region_size: String,
+    /// Bytes per write
+    #[arg(long, default_value = "64")]
+    write_size: String,
+    /// Writes per phase of the demo
+    #[arg(long, default_value_t = 20000)]
+    writes: u64,
+    /// Transport between the two processes: tcp | rdma (rdma needs a build with `--features rdma`
+    /// and an RDMA device; pick it with --set rdma_device=NAME --set rdma_gid_index=N)
+    #[arg(long, default_value = "tcp")]
+    transport: String,
+    /// Any config key for both nodes: --set key=value (repeatable), e.g. rdma_device=rxe0
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Keep the working directory afterwards
+    #[arg(long)]
+    keep: bool,
+}
+
+pub fn run(a: &DemoArgs) -> CliResult {
+    match a.transport.as_str() {
+        "tcp" => {}
+        "rdma" if cfg!(feature = "rdma") => {}
+        "rdma" => return Err(MirrorError::Unsupported(
+            "demo transport 'rdma' is not available in this build: build with `--features rdma`"
+                .into(),
+        )),
+        other => {
+            return Err(usage(format!(
+                "--transport expects 'tcp' or 'rdma', got '{other}'"
+            )))
+        }
+    }
+    // Check the keys once here, so that a typo is one clear error rather than two failed children.
+    let mut probe = ConfigBuilder::new();
+    for pair in &a.set {
+        let (key, value) = split_set(pair)?;
+        probe.set(key, value)?;
+    }
+    let region_size = parse_size_arg(&a.region_size)?;
+    let write_size = parse_size_arg(&a.write_size)?;
+    Workload::new(1, write_size as usize, region_size).map_err(usage)?;
+    let dir = match &a.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|source| MirrorError::Io {
+                context: format!("creating {}", d.display()),
+                source,
+            })?;
+            d.clone()
+        }
+        None => {
+            let d = std::env::temp_dir().join(format!("mirror-demo-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).map_err(|source| MirrorError::Io {
+                context: format!("creating {}", d.display()),
+                source,
+            })?;
+            d
+        }
+    };
+    let result = run_in(a, &dir, region_size, write_size);
+    if a.keep || result.as_ref().map_or(true, |c| *c != ExitCode::SUCCESS) {
+        println!("files kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// The five steps, with the nodes' files in `dir`.
+fn run_in(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliResult {
+    let port = free_loopback_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let p = |name: &str| dir.join(name).display().to_string();
+    let common = |region: &str, queue: &str| -> Vec<String> {
+        let mut v = vec![
+            "--region".into(),
+            p(region),
+            "--region-size".into(),
+            region_size.to_string(),
+            "--queue".into(),
+            p(queue),
+            "--queue-size".into(),
+            "64MiB".into(),
+        ];
+        v.extend(["--transport".to_string(), a.transport.clone()]);
+        for kv in &a.set {
+            v.extend(["--set".to_string(), kv.clone()]);
+        }
+        v
+    };
+    let mut backup_args = vec!["backup".to_string()];
+    backup_args.extend(common("backup.region", "backup.queue"));
+    backup_args.extend([
+        "--listen".into(),
+        addr.clone(),
+        "--report-ms".into(),
+        "100".into(),
+    ]);
+    let completions = dir.join("completions");
+    let primary_args = |start_id: u64| -> Vec<String> {
+        let mut v = vec!["primary".to_string()];
+        v.extend(common("primary.region", "primary.queue"));
+        v.extend([
+            "--peer".into(),
+            addr.clone(),
+            "--on-peer-loss".into(),
+            "continue".into(),
+            "--set".into(),
+            "ack_timeout_ms=300".into(),
+            "--set".into(),
+            "reconnect_interval_ms=50".into(),
+            "--write-size".into(),
+            write_size.to_string(),
+            "--start-id".into(),
+            start_id.to_string(),
+            "--completions".into(),
+            completions.display().to_string(),
+            "--report-ms".into(),
+            "50".into(),
+        ]);
+        v
+    };
+    let mut check = Checklist {
+        failures: Vec::new(),
+    };
+    let n = a.writes;
+    let t_demo = Instant::now();
+    let link = if a.transport == "rdma" {
+        "RDMA verbs; setup and liveness over TCP"
+    } else {
+        "TCP loopback"
+    };
+    println!("libmirror demo: primary + backup on {addr} ({link}), region {region_size} bytes, {write_size}-byte writes");
+    println!("files in {}", dir.display());
+
+    println!("\n1. start the backup and the primary; mirror {n} writes synchronously");
+    let mut backup = spawn_node("backup", &backup_args, &dir.join("backup.log"))?;
+    // Its first line: "backup listening on ...".
+    wait_for(
+        &mut backup,
+        "the backup to listen",
+        Duration::from_secs(10),
+        |b| b.has("backup"),
+    )?;
+    let mut primary = spawn_node("primary", &primary_args(0), &dir.join("primary-1.log"))?;
+    // Under `continue` the primary writes (degraded) while it connects; count from the moment
+    // it mirrors synchronously.
+    wait_for(
+        &mut primary,
+        "the primary to mirror synchronously",
+        Duration::from_secs(60),
+        |p| p.get("progress", "phase").as_deref() == Some("synchronous"),
+    )?;
+    let at_sync = primary.num("progress", "completed");
+    wait_for(
+        &mut primary,
+        &format!("{n} completed synchronous writes"),
+        Duration::from_secs(120),
+        |p| p.num("progress", "completed") >= at_sync + n,
+    )?;
+    let sync_p50 = primary.get("progress", "p50_us").unwrap_or_default();
+    let sync_p99 = primary.get("progress", "p99_us").unwrap_or_default();
+    println!(
+        "   {} writes completed; sync write latency so far p50={sync_p50} us p99={sync_p99} us",
+        primary.num("progress", "completed")
+    );
+    check.check(
+        primary.get("progress", "phase").as_deref() == Some("synchronous"),
+        "primary is mirroring synchronously",
+    );
+
+    println!("\n2. SIGKILL the backup mid-stream; the primary keeps writing (degraded)");
+    backup.kill9();
+    let at_kill = primary.num("progress", "completed");
+    wait_for(
+        &mut primary,
+        "degraded mode",
+        Duration::from_secs(10),
+        |p| p.get("progress", "degraded").as_deref() == Some("1"),
+    )?;
+    wait_for(
+        &mut primary,
+        "writes in degraded mode",
+        Duration::from_secs(60),
+        |p| p.num("progress", "completed") >= at_kill + n,
+    )?;
+    let backup_info = mirror::node::inspect(&dir.join("backup.queue"))?;
+    let backup_last = backup_info.last_seq;
+    println!(
+        "   backup killed after {at_kill} completions; it holds requests through seq {backup_last}; primary went on to {} completions",
+        primary.num("progress", "completed")
+    );
+    check.check(true, "primary kept writing while the backup was down");
+
+    println!("\n3. restart the backup: catch-up replays exactly the requests it missed");
+    let recoveries_before = primary.num("progress", "recoveries");
+    let mut backup = spawn_node("backup", &backup_args, &dir.join("backup-2.log"))?;
+    wait_for(
+        &mut primary,
+        "the backup's catch-up",
+        Duration::from_secs(30),
+        |p| {
+            p.num("progress", "recoveries") > recoveries_before
+                && p.get("progress", "phase").as_deref() == Some("synchronous")
+        },
+    )?;
+    let rec_records = primary.num("progress", "rec_records");
+    let rec_bytes = primary.num("progress", "rec_bytes");
+    let primary_next = primary.num("progress", "next_seq");
+    println!(
+        "   catch-up moved {rec_records} requests = {rec_bytes} payload bytes (region: {region_size} bytes; a full remirror would copy all of it)"
+    );
+    check.check(
+        rec_records > 0 && rec_bytes == rec_records * write_size,
+        "catch-up moved whole requests only",
+    );
+    check.check(
+        rec_records <= primary_next.saturating_sub(1 + backup_last),
+        format!(
+            "catch-up moved no request the backup already had (moved {rec_records}, missing at most {})",
+            primary_next.saturating_sub(1 + backup_last)
+        ),
+    );
+    check.check(
+        rec_bytes < region_size,
+        "catch-up moved less than the region",
+    );
+
+    println!("\n4. SIGKILL the primary between an ack and its apply; restart it");
+    let completed_before = primary.num("progress", "completed");
+    wait_for(
+        &mut primary,
+        "more synchronous writes",
+        Duration::from_secs(60),
+        |p| p.num("progress", "completed") >= completed_before + n / 2,
+    )?;
+    primary.signal(libc::SIGUSR1);
+    // No time limit: the fail point fires at the primary's next apply, and it is writing.
+    let status = primary.child.wait().map_err(|source| MirrorError::Io {
+        context: "waiting for the primary".into(),
+        source,
+    })?;
+    check.check(
+        status.signal() == Some(libc::SIGKILL),
+        format!("primary died by SIGKILL at the fail point ({status})"),
+    );
+    let pq = mirror::node::inspect(&dir.join("primary.queue"))?;
+    let bq = mirror::node::inspect(&dir.join("backup.queue"))?;
+    println!(
+        "   at the crash: primary applied through seq {}, backup holds through seq {}",
+        pq.applied_through, bq.last_seq
+    );
+    check.check(
+        bq.last_seq > pq.applied_through,
+        "the backup had acknowledged a write the primary had not applied",
+    );
+    let mut primary = spawn_node(
+        "primary",
+        &primary_args(10_000_000),
+        &dir.join("primary-2.log"),
+    )?;
+    wait_for(
+        &mut primary,
+        "the primary's recovery",
+        Duration::from_secs(30),
+        |p| p.get("progress", "phase").as_deref() == Some("synchronous"),
+    )?;
+    let applied = primary.num("progress", "applied");
+    println!(
+        "   restarted primary recovered: applied through seq {applied}, recovery moved {} requests",
+        primary.num("progress", "rec_records")
+    );
+    check.check(
+        applied >= bq.last_seq,
+        "restarted primary applied every request the backup acknowledged",
+    );
+
+    println!("\n5. write {n} more, stop both, compare the regions");
+    wait_for(
+        &mut primary,
+        &format!("{n} more writes"),
+        Duration::from_secs(120),
+        |p| p.num("progress", "completed") >= n,
+    )?;
+    let st = stop(&mut primary, Duration::from_secs(20))?;
+    check.check(st.success(), format!("primary stopped cleanly ({st})"));
+    let pq = mirror::node::inspect(&dir.join("primary.queue"))?;
+    wait_for(
+        &mut backup,
+        "the backup to apply everything",
+        Duration::from_secs(20),
+        |_| {
+            mirror::node::inspect(&dir.join("backup.queue"))
+                .map(|b| b.applied_through >= pq.last_seq)
+                .unwrap_or(false)
+        },
+    )?;
+    let st = stop(&mut backup, Duration::from_secs(20))?;
+    check.check(st.success(), format!("backup stopped cleanly ({st})"));
+    let pr = dir.join("primary.region");
+    let br = dir.join("backup.region");
+    let ca = mirror_storage::file_chunk_checksums(&pr, 64 << 10)?;
+    let cb = mirror_storage::file_chunk_checksums(&br, 64 << 10)?;
+    let differing = ca.iter().zip(&cb).filter(|(x, y)| x != y).count();
+    check.check(
+        differing == 0 && ca.len() == cb.len(),
+        format!(
+            "regions are byte-identical ({} chunks of 64 KiB compared, {differing} differ)",
+            ca.len()
+        ),
+    );
+    let completed = read_completions(&completions)?;
+    let w = Workload::new(1, write_size as usize, region_size).map_err(usage)?;
+    for (name, path) in [("primary", &pr), ("backup", &br)] {
+        let bytes = std::fs::read(path).map_err(|source| MirrorError::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })?;
+        let r = w.check(&bytes, &completed);
+        check.check(
+            r.is_ok(),
+            format!(
+                "{name} region holds all {} completed writes, none torn{}",
+                completed.len(),
+                r.err().map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+        );
+    }
+    // The primary's last line: "done writes=.. samples=.. p50_us=..".
+    let f = |k: &str| primary.get("done", k).unwrap_or_default();
+    println!(
+        "\nsync write latency ({write_size} B, {link}, last primary run of {} writes): p50={} us p90={} us p99={} us p99.9={} us max={} us",
+        f("samples"),
+        f("p50_us"),
+        f("p90_us"),
+        f("p99_us"),
+        f("p999_us"),
+        f("max_us")
+    );
+    println!("demo took {:.1} s", t_demo.elapsed().as_secs_f64());
+    if check.failures.is_empty() {
+        println!("\nDEMO PASSED: every check held");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("\nDEMO FAILED: {} check(s) failed", check.failures.len());
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// Starts a node: this same binary, whatever path it was started by.
+fn spawn_node(name: &str, args: &[String], log: &Path) -> Result<NodeProcess, MirrorError> {
+    let exe = std::env::current_exe().map_err(|source| MirrorError::Io {
+        context: "finding the mirror executable".into(),
+        source,
+    })?;
+    let mut command = Command::new(exe);
+    command.args(args);
+    NodeProcess::spawn(name, command, log, LogMode::Truncate)
+}
+
+/// Waits until `cond` holds on `node`; the error names `what` it waited for.
+fn wait_for(
+    node: &mut NodeProcess,
+    what: &str,
+    timeout: Duration,
+    cond: impl FnMut(&NodeProcess) -> bool,
+) -> Result<(), MirrorError> {
+    node_process::wait_until(node, timeout, cond).map_err(|e| {
+        let reason = match e {
+            WaitError::Exited(status) => {
+                format!("{} exited ({status}) while waiting for {what}", node.name)
+            }
+            WaitError::TimedOut | WaitError::Io(_) => format!("timed out waiting for {what}"),
+        };
+        MirrorError::Failed { reason }
+    })
+}
+
+/// SIGTERM, then waits (at most `timeout`, then SIGKILL) for the node to exit.
+fn stop(node: &mut NodeProcess, timeout: Duration) -> Result<ExitStatus, MirrorError> {
+    node.stop(timeout).map_err(|e| match e {
+        WaitError::Io(source) => MirrorError::Io {
+            context: format!("waiting for {}", node.name),
+            source,
+        },
+        WaitError::TimedOut | WaitError::Exited(_) => MirrorError::Failed {
+            reason: format!("{} did not stop within {timeout:?}", node.name),
+        },
+    })
+}
+
+/// The demo's checks: each prints `[ok]` or `[FAIL]`; the failures decide the exit code.
+struct Checklist {
+    failures: Vec<String>,
+}
+
+impl Checklist {
+    fn check(&mut self, cond: bool, what: impl Into<String>) {
+        let what = what.into();
+        if cond {
+            println!("  [ok]   {what}");
+        } else {
+            println!("  [FAIL] {what}");
+            self.failures.push(what);
+        }
+    }
+}

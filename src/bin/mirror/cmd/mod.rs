@@ -1,0 +1,12 @@
+//! The `mirror` subcommands, one module each: its flags (a clap `Args` struct) and its `run`.
+//! What several of them share is in [`shared`].
+
+pub mod backup;
+pub mod bench;
+pub mod check_workload;
+pub mod demo;
+pub mod primary;
+pub mod shared;
+pub mod sim;
+pub mod status;
+pub mod verify;

@@ -1,0 +1,222 @@
+//! `mirror primary`: run a primary node with a built-in seeded write workload, printing
+//! `progress` lines, appending completed write ids to a completions file, and a `done` line at
+//! the end. SIGUSR1 arms a crash between the next ack and its apply (the demo's and the tests'
+//! fail point).
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use mirror::workload::Workload;
+use mirror::{Mirror, MirrorError, Role, Ticket};
+
+use super::shared::{
+    build_config, parse_size_arg, stats_line, stop_flag, usage, CliResult, NodeArgs,
+};
+
+/// The flags of `mirror primary`.
+#[derive(Args, Debug, Clone)]
+pub struct PrimaryArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+}
+
+/// The built-in workload: seeded writes (the same seed gives the same bytes at the same offsets,
+/// which `mirror check-workload` checks), their pace and their depth.
+#[derive(Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// Number of writes (0: until SIGINT/SIGTERM)
+    #[arg(long, default_value_t = 0)]
+    pub writes: u64,
+    /// Bytes per write
+    #[arg(long, default_value = "64")]
+    pub write_size: String,
+    /// Workload seed (the same seed gives the same writes)
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Id of the first write (use a fresh range after a restart)
+    #[arg(long, default_value_t = 0)]
+    pub start_id: u64,
+    /// Writes per second (0: as fast as possible)
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Writes in flight at once (1: synchronous write calls)
+    #[arg(long, default_value_t = 1)]
+    pub depth: u64,
+    /// Append the id of every completed write to this file (one per line, written at once)
+    #[arg(long)]
+    pub completions: Option<PathBuf>,
+    /// Print a progress line this often (milliseconds; 0: never)
+    #[arg(long, default_value_t = 500)]
+    pub report_ms: u64,
+}
+
+/// Writes submitted and not yet completed, oldest first: (write id, ticket, submit time).
+type InFlight = VecDeque<(u64, Ticket, Instant)>;
+
+pub fn run(args: &PrimaryArgs) -> CliResult {
+    let w = &args.workload;
+    let cfg = build_config(&args.node, Role::Primary)?;
+    let write_size = parse_size_arg(&w.write_size)? as usize;
+    let workload = Workload::new(w.seed, write_size, cfg.region_size).map_err(usage)?;
+    let stop = stop_flag()?;
+    let crash = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&crash)).map_err(
+        |source| MirrorError::Io {
+            context: "installing SIGUSR1 handler".into(),
+            source,
+        },
+    )?;
+    let mut completions = match &w.completions {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| MirrorError::Io {
+                    context: format!("opening completions file {}", p.display()),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let m = Mirror::open(cfg)?;
+    println!("primary started");
+    let _ = std::io::stdout().flush();
+    let depth = w.depth.max(1) as usize;
+    let mut buf = vec![0u8; write_size];
+    let mut lat_ns: Vec<u64> = Vec::new();
+    let mut inflight = InFlight::new();
+    let mut next_id = w.start_id;
+    let end_id = if w.writes == 0 {
+        u64::MAX
+    } else {
+        w.start_id + w.writes
+    };
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    // Waits (at most 100 ms) for the oldest write in flight; once it completed, logs it and its
+    // latency.
+    let mut complete_oldest =
+        |m: &Mirror, inflight: &mut InFlight, lat_ns: &mut Vec<u64>| -> Result<(), MirrorError> {
+            let Some(&(id, ticket, t0)) = inflight.front() else {
+                return Ok(());
+            };
+            match m.wait(ticket, Some(Duration::from_millis(100))) {
+                Ok(()) => {}
+                Err(MirrorError::Timeout) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            inflight.pop_front();
+            lat_ns.push(t0.elapsed().as_nanos() as u64);
+            if let Some(f) = completions.as_mut() {
+                // One write(2) per line, so that a SIGKILL never leaves half a line for the
+                // next run to continue.
+                f.write_all(format!("{id}\n").as_bytes())
+                    .map_err(|source| MirrorError::Io {
+                        context: "writing completions file".into(),
+                        source,
+                    })?;
+            }
+            Ok(())
+        };
+    let report = |m: &Mirror, lat_ns: &[u64]| {
+        let s = m.stats();
+        println!(
+            "progress completed={} {} {}",
+            s.writes_completed,
+            stats_line(&s),
+            latency_summary(lat_ns)
+        );
+        let _ = std::io::stdout().flush();
+    };
+    while !stop.load(Ordering::Relaxed) && (next_id < end_id || !inflight.is_empty()) {
+        if crash.swap(false, Ordering::Relaxed) {
+            m.arm_crash_before_next_apply();
+        }
+        if next_id < end_id && inflight.len() < depth {
+            if w.rate > 0 {
+                let due = started
+                    + Duration::from_secs_f64((next_id - w.start_id) as f64 / w.rate as f64);
+                let now = Instant::now();
+                if due > now && inflight.is_empty() {
+                    std::thread::sleep((due - now).min(Duration::from_millis(5)));
+                    continue;
+                }
+            }
+            workload.fill(next_id, &mut buf);
+            let t0 = Instant::now();
+            let ticket = m.submit(workload.offset_of(next_id), &buf)?;
+            inflight.push_back((next_id, ticket, t0));
+            next_id += 1;
+        }
+        if inflight.len() >= depth || next_id >= end_id || w.rate > 0 {
+            complete_oldest(&m, &mut inflight, &mut lat_ns)?;
+        }
+        if w.report_ms > 0 && last_report.elapsed() >= Duration::from_millis(w.report_ms) {
+            report(&m, &lat_ns);
+            last_report = Instant::now();
+        }
+    }
+    // Drain what is in flight (bounded), so every completed write is logged.
+    let drain_deadline = Instant::now() + Duration::from_secs(5);
+    while !inflight.is_empty() && Instant::now() < drain_deadline {
+        complete_oldest(&m, &mut inflight, &mut lat_ns)?;
+    }
+    report(&m, &lat_ns);
+    m.close()?;
+    println!("done writes={} {}", lat_ns.len(), latency_summary(&lat_ns));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The ids in a completions file (written by `run` above, one per line).
+pub fn read_completions(path: &Path) -> Result<Vec<u64>, MirrorError> {
+    let text = std::fs::read_to_string(path).map_err(|source| MirrorError::Io {
+        context: format!("reading completions file {}", path.display()),
+        source,
+    })?;
+    // A SIGKILL can leave the last line cut: ignore a final line without its newline.
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .map(|l| {
+            l.trim()
+                .parse()
+                .map_err(|_| usage(format!("bad line '{l}' in {}", path.display())))
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `samples=.. p50_us=.. p90_us=.. p99_us=.. p999_us=.. max_us=..` of latencies in nanoseconds.
+fn latency_summary(lat_ns: &[u64]) -> String {
+    let mut v = lat_ns.to_vec();
+    v.sort_unstable();
+    let us = |ns: u64| ns as f64 / 1000.0;
+    format!(
+        "samples={} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} max_us={:.1}",
+        v.len(),
+        us(percentile(&v, 0.50)),
+        us(percentile(&v, 0.90)),
+        us(percentile(&v, 0.99)),
+        us(percentile(&v, 0.999)),
+        us(v.last().copied().unwrap_or(0))
+    )
+}

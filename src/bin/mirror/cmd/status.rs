@@ -1,0 +1,92 @@
+//! `mirror status`: what a node's queue file says (the node may be running or stopped).
+//!
+//! Scripts and tests read this output: keep the labels and their order.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+use mirror::MirrorError;
+
+use super::shared::CliResult;
+
+/// The flags of `mirror status`.
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Queue file
+    pub queue: PathBuf,
+}
+
+pub fn run(args: &StatusArgs) -> CliResult {
+    let queue: &Path = &args.queue;
+    let i = mirror::node::inspect(queue)?;
+    println!("queue {}", queue.display());
+    println!("  format_version   {}", i.format_version);
+    println!("  role             {}", i.role);
+    println!("  node_id          {:#x}", i.node_id);
+    println!(
+        "  bound peer       {}",
+        if i.peer_node_id == 0 {
+            "none yet".to_string()
+        } else {
+            format!("{:#x}", i.peer_node_id)
+        }
+    );
+    println!("  region_size      {} bytes", i.region_size);
+    println!("  capacity         {} bytes", i.capacity_bytes);
+    println!(
+        "  records          {} ({} bytes, {:.1}% full)",
+        i.records,
+        i.bytes,
+        100.0 * i.bytes as f64 / i.capacity_bytes.max(1) as f64
+    );
+    match i.first_seq {
+        Some(f) => println!("  seqs held        {f}..={}", i.last_seq),
+        None => println!("  seqs held        none (last seq {})", i.last_seq),
+    }
+    println!("  applied_through  {}", i.applied_through);
+    println!("  next_seq         {}", i.next_seq);
+    println!("  current_term     {}", i.current_term);
+    let history: Vec<String> = i
+        .term_history
+        .entries()
+        .iter()
+        .map(|e| format!("term {} from seq {}", e.term, e.first_seq))
+        .collect();
+    println!(
+        "  term history     {}",
+        if history.is_empty() {
+            "empty".to_string()
+        } else {
+            history.join(", ")
+        }
+    );
+    // Divergent suffixes this node dropped (saved before the repair removed them).
+    for path in mirror_storage::list_discarded(queue).map_err(MirrorError::from)? {
+        match mirror_storage::read_discarded(&path) {
+            Ok(d) => println!(
+                "  discarded        {} records after seq {} ({} bytes) in {}",
+                d.records.len(),
+                d.common_seq,
+                d.records.iter().map(|r| r.payload.len()).sum::<usize>(),
+                path.display()
+            ),
+            Err(e) => println!("  discarded        {} (unreadable: {e})", path.display()),
+        }
+    }
+    if i.torn_tail_cut_bytes > 0 {
+        println!(
+            "  torn tail        {} bytes would be cut at the next open ({:?})",
+            i.torn_tail_cut_bytes, i.cut_reason
+        );
+    }
+    println!(
+        "  in use           {}",
+        if i.in_use {
+            "yes (a running node holds it; figures are a snapshot)"
+        } else {
+            "no"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
