@@ -96,14 +96,15 @@ if [ "${1:-}" = "--" ]; then
   printf '%q ' "$@" >"$run/job.sh"
   echo >>"$run/job.sh"
 else
-  say "building on the host (release mirror, RDMA test binary; --features rdma)"
+  say "building on the host (release mirror, RDMA test binary; --features rdma,fail-points)"
   # A target directory of its own: building with another feature set in the shared one would
   # replace target/release/mirror and rebuild the crate on every switch.
   export CARGO_TARGET_DIR=$repo/target/rdma
   # The main clippy gate builds without the feature; lint the verbs code here.
-  cargo clippy --all-targets --features rdma -- -D warnings
-  cargo build --release --features rdma --bin mirror
-  test_bin=$(cargo test --features rdma --test rdma --no-run --message-format=json 2>/dev/null |
+  # fail-points: the kill campaign and the demo kill the primary between an ack and its apply.
+  cargo clippy --all-targets --features rdma,fail-points -- -D warnings
+  cargo build --release --features rdma,fail-points --bin mirror
+  test_bin=$(cargo test --features rdma,fail-points --test rdma --no-run --message-format=json 2>/dev/null |
     grep '"name":"rdma"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
   [ -x "$test_bin" ] || { echo "ci/softroce-test.sh: no RDMA test binary" >&2; exit 1; }
   cat >"$run/job.sh" <<EOF

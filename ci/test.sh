@@ -11,14 +11,17 @@ cargo fmt --all -- --check
 
 step "clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The test fail points (never in a release build) are code too.
+cargo clippy --workspace --all-targets --features fail-points -- -D warnings
 
 step "unit, property and integration tests"
 if command -v cargo-nextest >/dev/null 2>&1 || cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast
+  # fail-points: the kill campaigns kill the primary between an ack and its apply.
+  cargo nextest run --workspace --no-fail-fast --features fail-points
   # nextest does not run doctests
   cargo test --workspace --doc
 else
-  cargo test --workspace --no-fail-fast
+  cargo test --workspace --no-fail-fast --features fail-points
 fi
 
 step "loom model checking of the submission ring"
@@ -34,8 +37,7 @@ step "RDMA verbs over soft-RoCE in an emulated guest"
 bash ci/softroce-test.sh
 
 step "demo smoke (the README's main command, shortened)"
-cargo build --release --bin mirror
-./target/release/mirror demo --writes 2000
+bash ci/demo.sh --writes 2000
 
 step "benchmark smoke (each criterion bench once; mirror bench, small; never timed assertions)"
 cargo bench --bench ring --bench engine -- --test

@@ -92,7 +92,8 @@ pub struct Config {
     /// Run to completion: a caller waiting for its write runs the poller's loop itself.
     pub caller_drives: bool,
     /// Testing aid: the node kills its own process (SIGKILL) just before applying this sequence
-    /// number, i.e. after the backup acknowledged it and before the primary applied it.
+    /// number, i.e. after the backup acknowledged it and before the primary applied it. Set only
+    /// in builds with the cargo feature `fail-points`.
     pub crash_before_apply_seq: Option<u64>,
 }
 
@@ -153,7 +154,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "crash_before_apply_seq",
-        "testing: SIGKILL self before applying this seq",
+        "testing, builds with the feature fail-points only: SIGKILL self before applying this seq",
     ),
 ];
 
@@ -338,7 +339,16 @@ impl ConfigBuilder {
                     _ => return Err(bad(key, value, "expected 'true' or 'false'")),
                 })
             }
-            "crash_before_apply_seq" => self.crash_before_apply_seq = Some(parse_u64(key, value)?),
+            "crash_before_apply_seq" if cfg!(feature = "fail-points") => {
+                self.crash_before_apply_seq = Some(parse_u64(key, value)?)
+            }
+            "crash_before_apply_seq" => {
+                return Err(bad(
+                    key,
+                    value,
+                    "a test fail point, compiled only into builds with the cargo feature fail-points (never a release build)",
+                ))
+            }
             _ => {
                 return Err(ConfigError::UnknownKey {
                     key: key.to_owned(),

@@ -7,7 +7,7 @@ fn run(seed: u64, opts: &SimOptions) -> Result<SimReport, SimFailure> {
     run_seed(seed, opts, dir.path())
 }
 
-/// Seeds for `cargo test` (`mirror sim --seeds N` runs many more).
+/// Seeds for `cargo test` (`mirror-sim --seeds N` runs many more).
 const SEEDS: u64 = 300;
 
 #[test]
@@ -118,7 +118,7 @@ fn the_canary_matching_logs_by_seq_alone_is_caught() {
 /// records of term 1 (saved, repaired) and the pair converges; matching by seq alone (the
 /// canary, i.e. the code before terms) leaves both synchronous with different regions. Changes
 /// to the simulator's random draws move the scenario to another seed: find it again with
-/// `mirror sim --seeds 100` ("divergent records dropped") and `--seed N | grep discards`.
+/// `mirror-sim --seeds 100` ("divergent records dropped") and `--seed N | grep discards`.
 #[test]
 fn seed_24_is_the_four_step_divergence_and_only_terms_survive_it() {
     let report = run(24, &SimOptions::default()).unwrap();

@@ -119,6 +119,7 @@ struct Shared {
     wake_fd: OwnedFd,
     stats: Mutex<Stats>,
     /// Testing aid: kill the process before the next apply (see `arm_crash_before_next_apply`).
+    #[cfg(feature = "fail-points")]
     crash_armed: AtomicBool,
     /// Callers currently running the poller's loop themselves (run to completion).
     callers_driving: AtomicUsize,
@@ -446,7 +447,9 @@ impl Mirror {
 
     /// Testing aid for crash tests and the demo: the node kills its own process (SIGKILL) just
     /// before its next apply. On a primary in synchronous mode that is the instant after the
-    /// backup acknowledged a write and before the primary applied it.
+    /// backup acknowledged a write and before the primary applied it. Only in builds with the
+    /// cargo feature `fail-points` (tests and the demo), never in a release build.
+    #[cfg(feature = "fail-points")]
     #[doc(hidden)]
     pub fn arm_crash_before_next_apply(&self) {
         self.shared.crash_armed.store(true, Ordering::Relaxed);

@@ -192,6 +192,7 @@ impl Mirror {
             poller_sleeping: AtomicBool::new(false),
             wake_fd,
             stats: Mutex::new(stats),
+            #[cfg(feature = "fail-points")]
             crash_armed: AtomicBool::new(false),
             callers_driving: AtomicUsize::new(0),
         });

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod node_process;
 
-use cmd::{backup, bench, check_workload, demo, primary, sim, status, verify};
+use cmd::{backup, bench, check_workload, demo, primary, status, verify};
 
 #[derive(Parser)]
 #[command(
@@ -32,9 +32,6 @@ enum Command {
     /// (interleaved), pipelined throughput next to raw TCP streaming, and recovery (catch-up
     /// after K missed writes next to a full remirror of the region).
     Bench(bench::BenchArgs),
-    /// Deterministic simulation: the real protocol core and queue under seeded crashes, power
-    /// losses, partitions and a broken transport, checked from outside; prints the failing seed.
-    Sim(sim::SimArgs),
     /// Run a backup node until SIGINT/SIGTERM.
     Backup(backup::BackupArgs),
     /// Run a primary node with a built-in seeded write workload.
@@ -59,7 +56,6 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Sim(args) => sim::run(args),
         Command::Backup(args) => backup::run(args),
         Command::Primary(args) => primary::run(args),
         Command::Status(args) => status::run(args),

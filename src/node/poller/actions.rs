@@ -3,7 +3,6 @@
 //! divergent-suffix repair.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
@@ -78,8 +77,14 @@ impl Poller {
                     );
                 }
                 Action::Apply(record) => {
+                    // The test fail point (cargo feature `fail-points`, never in a release
+                    // build): die between the backup's ack and our apply.
+                    #[cfg(feature = "fail-points")]
                     if self.cfg.crash_before_apply_seq == Some(record.seq)
-                        || self.shared.crash_armed.load(Ordering::Relaxed)
+                        || self
+                            .shared
+                            .crash_armed
+                            .load(std::sync::atomic::Ordering::Relaxed)
                     {
                         tracing::warn!(
                             seq = record.seq,

@@ -7,6 +7,5 @@ pub mod check_workload;
 pub mod demo;
 pub mod primary;
 pub mod shared;
-pub mod sim;
 pub mod status;
 pub mod verify;

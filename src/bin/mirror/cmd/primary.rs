@@ -7,8 +7,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -67,13 +66,18 @@ pub fn run(args: &PrimaryArgs) -> CliResult {
     let write_size = parse_size_arg(&w.write_size)? as usize;
     let workload = Workload::new(w.seed, write_size, cfg.region_size).map_err(usage)?;
     let stop = stop_flag()?;
-    let crash = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&crash)).map_err(
-        |source| MirrorError::Io {
-            context: "installing SIGUSR1 handler".into(),
-            source,
-        },
-    )?;
+    // SIGUSR1 arms the test fail point (feature `fail-points` only: a release build keeps the
+    // signal's default action).
+    #[cfg(feature = "fail-points")]
+    let crash = {
+        let crash = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGUSR1, std::sync::Arc::clone(&crash))
+            .map_err(|source| MirrorError::Io {
+                context: "installing SIGUSR1 handler".into(),
+                source,
+            })?;
+        crash
+    };
     let mut completions = match &w.completions {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -138,6 +142,7 @@ pub fn run(args: &PrimaryArgs) -> CliResult {
         let _ = std::io::stdout().flush();
     };
     while !stop.load(Ordering::Relaxed) && (next_id < end_id || !inflight.is_empty()) {
+        #[cfg(feature = "fail-points")]
         if crash.swap(false, Ordering::Relaxed) {
             m.arm_crash_before_next_apply();
         }

@@ -1,44 +1,69 @@
-//! `mirror sim`: the deterministic simulator (crate `mirror-sim`) over many seeds, or one seed
-//! replayed with its trace.
+//! `mirror-sim`: the deterministic simulator over many seeds, or one seed replayed with its
+//! trace. A binary of its own, so that the `mirror` binary and `libmirror.so` carry none of the
+//! simulator's crash hooks (`cargo run --release -p mirror-sim -- --seeds 3000`).
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Args;
-use mirror::MirrorError;
+use clap::Parser;
 use mirror_sim::{run_seed, SimOptions, SimReport};
 
-use super::shared::{scratch_base_dir, CliResult};
-
-/// The flags of `mirror sim`.
-#[derive(Args, Debug, Clone)]
-pub struct SimArgs {
+/// Deterministic simulation of a libmirror pair: the real protocol core and queue under seeded
+/// crashes, power losses, partitions and a broken transport, checked from outside.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "mirror-sim")]
+struct SimArgs {
     /// Number of seeds to run
     #[arg(long, default_value_t = 1000)]
-    pub seeds: u64,
+    seeds: u64,
     /// First seed
     #[arg(long, default_value_t = 0)]
-    pub start: u64,
+    start: u64,
     /// Replay this one seed, printing every fault and phase change
     #[arg(long)]
-    pub seed: Option<u64>,
+    seed: Option<u64>,
     /// Steps with faults per seed
     #[arg(long, default_value_t = SimOptions::default().fault_steps)]
-    pub fault_steps: u64,
+    fault_steps: u64,
     /// The canary: the primary applies writes before the backup's ack (the checkers must fail)
     #[arg(long)]
-    pub canary: bool,
+    canary: bool,
     /// The second canary: the backup matches logs by seq alone, ignoring terms (the checkers
     /// must fail)
     #[arg(long)]
-    pub canary_log_matching: bool,
+    canary_log_matching: bool,
     /// Directory for the simulated nodes' queue files (default /dev/shm when present)
     #[arg(long)]
-    pub dir: Option<std::path::PathBuf>,
+    dir: Option<std::path::PathBuf>,
 }
 
-pub fn run(a: &SimArgs) -> CliResult {
-    let base = scratch_base_dir(a.dir.as_deref());
+fn main() -> ExitCode {
+    let a = SimArgs::parse();
+    match run(&a) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mirror-sim: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Where the nodes' queue files go: `--dir`, else /dev/shm when present (memory-backed: the
+/// simulator's own barriers model durability), else the temporary directory.
+fn scratch_dir(chosen: Option<&std::path::Path>) -> std::path::PathBuf {
+    if let Some(d) = chosen {
+        return d.to_path_buf();
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn run(a: &SimArgs) -> Result<ExitCode, String> {
+    let base = scratch_dir(a.dir.as_deref());
     let opts = SimOptions {
         fault_steps: a.fault_steps,
         canary_apply_before_ack: a.canary,
@@ -54,10 +79,7 @@ pub fn run(a: &SimArgs) -> CliResult {
     let mut total = SimReport::default();
     for (i, &seed) in seeds.iter().enumerate() {
         let dir = base.join(format!("mirror-sim-{}-{seed}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|source| MirrorError::Io {
-            context: format!("creating {}", dir.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let result = run_seed(seed, &opts, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         match result {
@@ -65,7 +87,7 @@ pub fn run(a: &SimArgs) -> CliResult {
             Err(f) => {
                 println!("FAILED: {f}");
                 println!(
-                    "replay: mirror sim --seed {seed}{}{}{}",
+                    "replay: mirror-sim --seed {seed}{}{}{}",
                     if a.canary { " --canary" } else { "" },
                     if a.canary_log_matching {
                         " --canary-log-matching"
