@@ -5,9 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
-use mirror_proto::{Action, Backup, Core, CoreConfig, Message, PeerLossPolicy, Primary, Record};
+use mirror_exec::{CheckpointStage, Executor, Hooks, Io, RegionStore};
+use mirror_proto::{Core, CoreConfig, Message, PeerLossPolicy};
 use mirror_storage::{Durability, PersistentQueue, QueueParams, StorageError};
 
 use crate::media::{power_loss_image, DurableImage, Tear};
@@ -65,22 +64,56 @@ pub(crate) struct Executed {
 
 pub(crate) struct SimNode {
     pub role: Role,
-    pub core: Core,
-    pub queue: PersistentQueue,
+    /// The core, the queue and the region, executed by the same rules as the real node
+    /// (`mirror-exec`).
+    pub exec: Executor<SimRegion, SimHooks>,
     queue_path: PathBuf,
     durable: DurableImage,
-    pub region: Vec<u8>,
-    region_durable: Vec<u8>,
-    pub commit_pending: Option<u64>,
-    pub last_checkpoint_us: u64,
-    /// Highest seq the queue made durable so far, by the queue's contract: a completed
-    /// `sync`, a checkpoint's `set_applied_through`, or recovery. A power loss must keep it
-    /// (checker 5 holds the queue to that contract on the rebuilt image).
-    pub durable_last_seq: u64,
-    /// Highest `applied_through` checkpointed.
-    pub durable_applied: u64,
     cfg: CoreConfig,
     canaries: Canaries,
+}
+
+/// The simulated region: what is written, and what a power loss would keep.
+pub(crate) struct SimRegion {
+    pub written: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+impl RegionStore for SimRegion {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        let at = offset as usize;
+        self.written[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        let at = offset as usize;
+        buf.copy_from_slice(&self.written[at..at + buf.len()]);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.durable.copy_from_slice(&self.written);
+        Ok(())
+    }
+}
+
+/// The simulation's hooks: the first canary, and a crash inside a checkpoint.
+pub(crate) struct SimHooks {
+    apply_at_append: bool,
+    /// Stop the next checkpoint after this many of its stages (a crash inside it).
+    die_after_stages: Option<u8>,
+}
+
+impl Hooks for SimHooks {
+    fn apply_at_append(&self) -> bool {
+        self.apply_at_append
+    }
+    fn checkpoint_step(&mut self, stage: CheckpointStage) -> bool {
+        let done = match stage {
+            CheckpointStage::RegionSynced => 0,
+            CheckpointStage::Recorded => 1,
+        };
+        self.die_after_stages != Some(done)
+    }
 }
 
 /// The simulator's canaries: deliberately broken nodes its checkers must catch.
@@ -88,7 +121,7 @@ pub(crate) struct SimNode {
 pub(crate) struct Canaries {
     /// The primary applies each write at submission, before the backup's ack.
     pub apply_before_ack: bool,
-    /// The backup matches logs by seq alone (acks a duplicate seq of another term).
+    /// The nodes match logs by seq alone (a backup acks a duplicate seq of another term).
     pub seq_only_matching: bool,
 }
 
@@ -151,15 +184,16 @@ impl SimNode {
         .map(|(node, _)| node)
     }
 
-    /// Opens the queue (recovery) and builds the core from what it recovered. `durable` is the
-    /// queue file's durable image so far: the hook is installed before recovery's own barrier,
-    /// which makes every record recovery scanned durable. `region` is (written, durable).
+    /// Opens the queue (recovery) and builds the executor and its core from what it recovered.
+    /// `durable` is the queue file's durable image so far: the hook is installed before
+    /// recovery's own barrier, which makes every record recovery scanned durable. `region` is
+    /// (written, durable).
     fn start(
         role: Role,
         queue_path: PathBuf,
         durable: DurableImage,
         cfg: CoreConfig,
-        (region, region_durable): (Vec<u8>, Vec<u8>),
+        (written, region_durable): (Vec<u8>, Vec<u8>),
         canaries: Canaries,
     ) -> Result<(SimNode, Recovery), String> {
         let hook = durable
@@ -169,13 +203,9 @@ impl SimNode {
             PersistentQueue::open_with_crash_hook(&queue_path, Durability::Process, hook)
                 .map_err(storage)?;
         let replay = queue.replay_state().map_err(storage)?;
-        // Durable: recovery's barrier covered every record it kept, and `applied_through` was
-        // read from a durable meta slot (or lowered by a renumbering, which is a barrier too).
-        let durable_applied = replay.applied_through;
-        let durable_last_seq = replay.last_seq;
         // What the node will hold once it replayed its own queue (the core applies the
         // unapplied records at once on a backup, after the handshake on a primary).
-        let mut rebuilt = region.clone();
+        let mut rebuilt = written.clone();
         for r in &replay.unapplied {
             let at = r.offset as usize;
             rebuilt[at..at + r.payload.len()].copy_from_slice(&r.payload);
@@ -185,39 +215,39 @@ impl SimNode {
             rebuilt,
             terms: replay.term_history.clone(),
         };
-        let rec = mirror_proto::Recovered::from(replay);
-        let core = match role {
-            Role::Primary => {
-                let mut primary = Primary::new(cfg.clone(), rec);
-                if canaries.seq_only_matching {
-                    primary.break_log_matching_for_canary();
-                }
-                Core::Primary(primary)
-            }
-            Role::Backup => {
-                let mut backup = Backup::new(cfg.clone(), rec);
-                if canaries.seq_only_matching {
-                    backup.break_log_matching_for_canary();
-                }
-                Core::Backup(backup)
-            }
+        let hooks = SimHooks {
+            apply_at_append: canaries.apply_before_ack && role == Role::Primary,
+            die_after_stages: None,
         };
+        let region = SimRegion {
+            written,
+            durable: region_durable,
+        };
+        let exec_role = match role {
+            Role::Primary => mirror_exec::Role::Primary,
+            Role::Backup => mirror_exec::Role::Backup,
+        };
+        let mut exec = Executor::with_replay(exec_role, cfg.clone(), queue, replay, region, hooks);
+        if canaries.seq_only_matching {
+            match &mut exec.core {
+                Core::Primary(p) => p.break_log_matching_for_canary(),
+                Core::Backup(b) => b.break_log_matching_for_canary(),
+            }
+        }
         let node = SimNode {
             role,
-            core,
-            queue,
+            exec,
             queue_path,
             durable,
-            region_durable,
-            region,
-            commit_pending: None,
-            last_checkpoint_us: 0,
-            durable_last_seq,
-            durable_applied,
             cfg,
             canaries,
         };
         Ok((node, recovery))
+    }
+
+    /// The region as written.
+    pub fn region(&self) -> &[u8] {
+        &self.exec.region.written
     }
 
     /// Crashes the node and starts it again from its files. A power loss keeps only durable
@@ -232,17 +262,14 @@ impl SimNode {
     ) -> Result<(SimNode, Tear, Recovery), String> {
         let SimNode {
             role,
-            queue,
+            exec,
             queue_path,
             durable,
-            region,
-            region_durable,
-            durable_last_seq,
-            durable_applied,
             cfg,
             canaries,
-            ..
         } = self;
+        let was_durable = exec.durable();
+        let Executor { queue, region, .. } = exec;
         drop(queue);
         let mut tear = Tear::default();
         let (durable, region) = if power_loss {
@@ -251,34 +278,36 @@ impl SimNode {
             let (img, t) = power_loss_image(&written, &durable.snapshot(), p_written, rng);
             std::fs::write(&queue_path, img).map_err(|e| io("writing queue image", e))?;
             tear = t;
-            let (img, t) = power_loss_image(&region, &region_durable, p_written, rng);
+            let (img, t) = power_loss_image(&region.written, &region.durable, p_written, rng);
             tear.dirty_words += t.dirty_words;
             tear.written_words += t.written_words;
             // After the power loss, what is on the media is all there is: durable.
             let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
             (durable, (img.clone(), img))
         } else {
-            (durable, (region, region_durable))
+            (durable, (region.written, region.durable))
         };
         let (node, recovery) = Self::start(role, queue_path, durable, cfg, region, canaries)?;
-        let last = node.queue.last_seq();
-        let applied = node.queue.applied_through();
-        if last < durable_last_seq || applied < durable_applied {
+        let last = node.exec.queue.last_seq();
+        let applied = node.exec.queue.applied_through();
+        if last < was_durable.last_seq || applied < was_durable.applied {
             return Err(format!(
-                "{role:?} queue lost durable state in a crash: last_seq {last} < {durable_last_seq} or applied_through {applied} < {durable_applied}"
+                "{role:?} queue lost durable state in a crash: last_seq {last} < {} or applied_through {applied} < {}",
+                was_durable.last_seq, was_durable.applied
             ));
         }
         Ok((node, tear, recovery))
     }
 
-    /// Executes the core's pending actions and returns what they ask of the simulation.
+    /// Executes the core's pending actions (through the shared executor) and returns what they
+    /// ask of the simulation.
     ///
     /// With `crash`, the node dies in the middle: when there are actions, only a random strict
     /// prefix of them runs (possibly none), and `cut` says how many of how many; the node must
     /// then be crashed. With no actions nothing happens (the crash waits for a later batch).
     pub fn execute(&mut self, crash: Option<&mut fastrand::Rng>) -> Result<Executed, String> {
         let mut actions = Vec::new();
-        self.core.drain_actions(&mut actions);
+        self.exec.core.drain_actions(&mut actions);
         let mut cut = None;
         if let Some(rng) = crash {
             if !actions.is_empty() {
@@ -288,159 +317,64 @@ impl SimNode {
             }
         }
         let role = self.role;
-        let storage = |e: StorageError| format!("{role:?} storage: {e}");
         let mut effects = Vec::new();
+        let mut io = Vec::new();
         for action in actions {
-            match action {
-                Action::Send(msg) => effects.push(Effect::Send {
-                    msg,
-                    durable: (self.durable_last_seq, self.durable_applied),
-                }),
-                Action::SendQueued {
-                    from_seq,
-                    through_seq,
-                } => {
-                    let mut writes = Vec::new();
-                    for r in self.queue.iter_from(from_seq) {
-                        let r = r.map_err(storage)?;
-                        if r.seq > through_seq {
-                            break;
-                        }
-                        writes.push(Message::Write {
-                            seq: r.seq,
-                            term: r.term,
-                            offset: r.offset,
-                            data: Bytes::copy_from_slice(r.payload),
-                        });
-                    }
-                    if writes.len() as u64 != through_seq + 1 - from_seq {
-                        return Err(format!(
-                            "{:?} asked to send {from_seq}..={through_seq} but its queue holds {} of them",
-                            self.role,
-                            writes.len()
-                        ));
-                    }
-                    effects.push(Effect::SendQueued {
+            self.exec
+                .execute(action, &mut io)
+                .map_err(|e| format!("{role:?} storage: {e}"))?;
+            for item in io.drain(..) {
+                let durable = self.exec.durable();
+                let effect = match item {
+                    Io::Send(msg) => Effect::Send {
+                        msg,
+                        durable: (durable.last_seq, durable.applied),
+                    },
+                    Io::SendQueued {
                         from_seq,
                         through_seq,
-                        writes,
-                    });
-                }
-                Action::Append { record, recovery } => {
-                    self.queue
-                        .append(record.seq, record.term, record.offset, &record.data)
-                        .map_err(storage)?;
-                    if self.canaries.apply_before_ack && self.role == Role::Primary && !recovery {
-                        // The canary: the delay buffer skipped, applied before the backup's ack.
-                        effects.push(Effect::Apply(record.seq));
-                        self.write_region(&record);
-                    }
-                }
-                Action::SyncQueue => {
-                    self.queue.sync().map_err(storage)?;
-                    self.durable_last_seq = self.queue.last_seq();
-                }
-                Action::Apply(record) => {
-                    effects.push(Effect::Apply(record.seq));
-                    self.write_region(&record);
-                }
-                Action::CommitApplied { through } => self.commit_pending = Some(through),
-                Action::Trim { through } => self.queue.trim_through(through).map_err(storage)?,
-                Action::BindPeer { node_id } => {
-                    self.queue.set_peer_node_id(node_id).map_err(storage)?
-                }
-                Action::Complete { ticket } => effects.push(Effect::Complete(ticket)),
-                Action::Disconnect(_) => effects.push(Effect::Close),
-                Action::Reject { code, reason } => {
-                    effects.push(Effect::Send {
-                        msg: Message::Reject { code, reason },
-                        durable: (self.durable_last_seq, self.durable_applied),
-                    });
-                    effects.push(Effect::Close);
-                }
-                Action::RecoveryStarted => {}
-                Action::PersistTerm { term } => {
-                    self.queue.set_current_term(term).map_err(storage)?;
-                    // A metadata update is a barrier: every earlier append is durable.
-                    self.durable_last_seq = self.queue.last_seq();
-                }
-                Action::RequestRepair { after, through } => {
-                    let mut suffix = Vec::new();
-                    for r in self.queue.iter_from(after + 1) {
-                        let r = r.map_err(storage)?;
-                        if r.seq > through {
-                            break;
+                    } => {
+                        let writes = self.exec.queued_writes(from_seq, through_seq).map_err(|lacks| {
+                            format!(
+                                "{role:?} asked to send {from_seq}..={through_seq} but its queue lacks {lacks}"
+                            )
+                        })?;
+                        Effect::SendQueued {
+                            from_seq,
+                            through_seq,
+                            writes,
                         }
-                        suffix.push((r.seq, r.term, r.offset, r.payload.len() as u64));
                     }
-                    if suffix.len() as u64 != through - after {
-                        return Err(format!(
-                            "{role:?} lacks its divergent suffix ({after}, {through}]"
-                        ));
-                    }
-                    let ranges = merged_ranges(suffix.iter().map(|s| (s.2, s.3)));
-                    effects.push(Effect::Discard(suffix.iter().map(|s| (s.0, s.1)).collect()));
-                    for msg in repair_requests(&ranges) {
+                    Io::Complete(ticket) => Effect::Complete(ticket),
+                    Io::Disconnect(_) => Effect::Close,
+                    Io::Reject { code, reason } => {
                         effects.push(Effect::Send {
-                            msg,
-                            durable: (self.durable_last_seq, self.durable_applied),
+                            msg: Message::Reject { code, reason },
+                            durable: (durable.last_seq, durable.applied),
                         });
+                        Effect::Close
                     }
-                }
-                Action::SendRegion { ranges } => {
-                    for (offset, len) in repair_pieces(&ranges) {
-                        let at = offset as usize;
-                        let data = Bytes::copy_from_slice(&self.region[at..at + len as usize]);
-                        effects.push(Effect::Send {
-                            msg: Message::RepairData { offset, data },
-                            durable: (self.durable_last_seq, self.durable_applied),
-                        });
+                    Io::Fatal(e) => Effect::Fatal(e.to_string()),
+                    Io::Discard { records, .. } => {
+                        Effect::Discard(records.iter().map(|r| (r.seq, r.term)).collect())
                     }
-                }
-                Action::RepairRegion { offset, data } => {
-                    let at = offset as usize;
-                    self.region[at..at + data.len()].copy_from_slice(&data);
-                }
-                Action::TruncateAfter { after } => {
-                    // The node syncs its region first (the repaired ranges), then truncates.
-                    self.region_durable.copy_from_slice(&self.region);
-                    self.queue.truncate_after(after).map_err(storage)?;
-                    self.durable_last_seq = after;
-                    self.durable_applied = self.durable_applied.min(after);
-                }
-                Action::Fatal(e) => effects.push(Effect::Fatal(e.to_string())),
+                    Io::Applied(seq) => Effect::Apply(seq),
+                };
+                effects.push(effect);
             }
         }
         Ok(Executed { effects, cut })
     }
 
-    fn write_region(&mut self, r: &Record) {
-        let at = r.offset as usize;
-        self.region[at..at + r.data.len()].copy_from_slice(&r.data);
-    }
-
-    /// The checkpoint of `power`/`pmem` (`Poller::checkpoint` in the real node): the region
-    /// becomes durable, then `applied_through` is recorded with a queue barrier (which makes
-    /// every earlier append durable too), then the core may report and trim.
-    ///
-    /// `die_after` stops it part way, for a crash: after the region sync (0) or after the
+    /// The checkpoint of `power`/`pmem` (the shared executor's): the region becomes durable,
+    /// then `applied_through` is recorded with a queue barrier, then the core may report and
+    /// trim. `die_after` stops it part way, for a crash: after the region sync (0) or after the
     /// queue's barrier, before the core hears of it (1). Returns whether it completed.
     pub fn checkpoint(&mut self, now_us: u64, die_after: Option<u8>) -> Result<bool, String> {
-        if let Some(through) = self.commit_pending.take() {
-            self.region_durable.copy_from_slice(&self.region);
-            if die_after == Some(0) {
-                return Ok(false);
-            }
-            self.queue.set_applied_through(through).map_err(storage)?;
-            self.durable_applied = through;
-            self.durable_last_seq = self.durable_last_seq.max(self.queue.last_seq());
-            if die_after == Some(1) {
-                return Ok(false);
-            }
-            self.core.on_applied_durable(through);
-            self.last_checkpoint_us = now_us;
-        }
-        Ok(true)
+        self.exec.hooks.die_after_stages = die_after;
+        let done = self.exec.checkpoint(now_us).map_err(storage);
+        self.exec.hooks.die_after_stages = None;
+        done
     }
 
     pub fn policy(&self) -> PeerLossPolicy {

@@ -366,11 +366,11 @@ impl<'o> Sim<'o> {
             // The client's waits fail with the process.
             self.client.pending.clear();
         }
-        let last_before = node.queue.last_seq();
-        if node.durable_last_seq < last_before {
+        let last_before = node.exec.queue.last_seq();
+        if node.exec.durable().last_seq < last_before {
             self.trace(format_args!(
                 "{r:?} holds seqs {}..={last_before} not yet durable",
-                node.durable_last_seq + 1
+                node.exec.durable().last_seq + 1
             ));
         }
         let (node, tear, recovery) = node
@@ -458,10 +458,10 @@ impl<'o> Sim<'o> {
                     // same record: a divergent suffix, or degraded writes of a newer term).
                     let peer_last = match (&self.nodes[idx(r)], &self.nodes[idx(other(r))]) {
                         (Some(me), Some(peer)) => mirror_proto::common_point(
-                            me.queue.term_history(),
-                            me.queue.last_seq(),
-                            peer.queue.term_history(),
-                            peer.queue.last_seq(),
+                            me.exec.queue.term_history(),
+                            me.exec.queue.last_seq(),
+                            peer.exec.queue.term_history(),
+                            peer.exec.queue.last_seq(),
                         ),
                         _ => None,
                     };
@@ -493,7 +493,7 @@ impl<'o> Sim<'o> {
                             // The node's own end is gone at once.
                             self.trace(format_args!("{r:?} closes"));
                             if let Some(n) = self.nodes[idx(r)].as_mut() {
-                                n.core.on_disconnected();
+                                n.exec.core.on_disconnected();
                             }
                         }
                     }
@@ -635,12 +635,12 @@ impl<'o> Sim<'o> {
             return Ok(());
         };
         if p.policy() == PeerLossPolicy::Continue
-            && (p.core.stats().degraded || self.client.degraded.contains(&seq))
+            && (p.exec.core.stats().degraded || self.client.degraded.contains(&seq))
         {
             return Ok(());
         }
         let (last, applied) = match (&self.nodes[1], &self.restarting[1]) {
-            (Some(b), _) | (None, Some(b)) => (b.durable_last_seq, b.durable_applied),
+            (Some(b), _) | (None, Some(b)) => (b.exec.durable().last_seq, b.exec.durable().applied),
             (None, None) => (0, 0),
         };
         if !durably_holds((last, applied), seq) {
@@ -762,7 +762,7 @@ impl Sim<'_> {
         let Some(p) = self.nodes[0].as_ref() else {
             return;
         };
-        if p.core.phase() != Phase::Disconnected || self.step < self.next_connect_step {
+        if p.exec.core.phase() != Phase::Disconnected || self.step < self.next_connect_step {
             return;
         }
         if self.conn.as_ref().is_some_and(|c| c.is_open(End::Primary)) {
@@ -772,14 +772,14 @@ impl Sim<'_> {
         let reachable = self.nodes[1].is_some() && self.step >= self.partitioned_until;
         if !reachable {
             if let Some(p) = self.nodes[0].as_mut() {
-                p.core.on_connect_failed();
+                p.exec.core.on_connect_failed();
             }
             return;
         }
         // The backup replaces a connection it still believes in (its peer restarted).
         if self.conn.as_ref().is_some_and(|c| c.is_open(End::Backup)) {
             if let Some(b) = self.nodes[1].as_mut() {
-                b.core.on_disconnected();
+                b.exec.core.on_disconnected();
             }
         }
         self.next_conn_id += 1;
@@ -788,7 +788,7 @@ impl Sim<'_> {
         self.trace(format_args!("connection {id}"));
         for i in [1, 0] {
             if let Some(n) = self.nodes[i].as_mut() {
-                n.core.on_connected();
+                n.exec.core.on_connected();
             }
         }
     }
@@ -805,17 +805,17 @@ impl Sim<'_> {
         }
         let now = self.now_us();
         if let Some(p) = self.nodes[0].as_mut() {
-            p.core.set_now(now);
+            p.exec.core.set_now(now);
         }
         while self.client.pending.len() < self.swarm.depth {
             let Some(p) = self.nodes[0].as_mut() else {
                 return Ok(());
             };
-            if !p.core.accepts_submissions() {
+            if !p.exec.core.accepts_submissions() {
                 break;
             }
             let len = self.rng.usize(1..=MAX_WRITE);
-            if !p.queue.admits_new_write(len) {
+            if !p.exec.queue.admits_new_write(len) {
                 break;
             }
             let offset = self.rng.u64(0..=REGION_BYTES - len as u64);
@@ -826,9 +826,9 @@ impl Sim<'_> {
                 data: data.clone(),
             });
             let ticket = self.client.next_ticket;
-            let synchronous = p.core.phase() == Phase::Synchronous;
-            let term = p.core.stats().current_term;
-            let seq = match p.core.submit(ticket, offset, data) {
+            let synchronous = p.exec.core.phase() == Phase::Synchronous;
+            let term = p.exec.core.stats().current_term;
+            let seq = match p.exec.core.submit(ticket, offset, data) {
                 Ok(seq) => seq,
                 Err(e) => {
                     return Err(self.fail(Checker::NodeStopped, format!("submission refused: {e}")))
@@ -869,7 +869,7 @@ impl Sim<'_> {
         }
         let now = self.now_us();
         let node = self.nodes[idx(r)].as_mut().expect("checked");
-        node.core.set_now(now);
+        node.exec.core.set_now(now);
         let worked = !inputs.is_empty();
         let mut close = false;
         // Said once the node is no longer borrowed.
@@ -879,6 +879,7 @@ impl Sim<'_> {
             // first that would not fit, drop the connection (the primary reconnects, its Hello
             // lets us trim, and the catch-up resends the rest) instead of failing.
             let fits = node
+                .exec
                 .queue
                 .first_write_without_room(inputs.iter().map(|d| match d {
                     Delivery::Message(Message::Write { seq, data, .. }) => Some((*seq, data.len())),
@@ -891,20 +892,20 @@ impl Sim<'_> {
                 self.report.room_drops += 1;
                 events.push(format!(
                     "backup queue has no room ({} records from {:?}, {} of {} bytes free): dropping the connection",
-                    node.queue.len_records(),
-                    node.queue.first_seq(),
-                    node.queue.free_bytes(),
-                    node.queue.capacity_bytes()
+                    node.exec.queue.len_records(),
+                    node.exec.queue.first_seq(),
+                    node.exec.queue.free_bytes(),
+                    node.exec.queue.capacity_bytes()
                 ));
             }
         }
         for d in inputs {
             match d {
-                Delivery::Message(m) => node.core.on_message(m),
-                Delivery::Disconnected => node.core.on_disconnected(),
+                Delivery::Message(m) => node.exec.core.on_message(m),
+                Delivery::Disconnected => node.exec.core.on_disconnected(),
                 Delivery::Garbage(e) => {
                     close = true;
-                    node.core.on_disconnected();
+                    node.exec.core.on_disconnected();
                     events.push(format!("{r:?} drops the connection: {e}"));
                 }
             }
@@ -919,13 +920,13 @@ impl Sim<'_> {
         }
         let node = self.nodes[idx(r)].as_mut().expect("checked");
         if !worked {
-            node.core.on_tick();
+            node.exec.core.on_tick();
         }
-        node.core.end_batch();
+        node.exec.core.end_batch();
         // A power cut while the node syncs records it has already sent (the sync overlaps the
         // round trip): rare for a crash drawn per step, as the window is one batch wide, so
         // this batch draws its own, twenty times as likely. Seeds without crashes stay so.
-        let sends_unsynced = node.durable_last_seq < node.queue.last_seq();
+        let sends_unsynced = node.exec.durable().last_seq < node.exec.queue.last_seq();
         if sends_unsynced && self.chance(self.swarm.crash_ppm.saturating_mul(20)) {
             self.armed[idx(r)] = true;
             self.trace(format_args!("{r:?} will die during its sync"));
@@ -933,13 +934,10 @@ impl Sim<'_> {
         if !self.execute(r)? {
             return Ok(worked);
         }
-        // Checkpoint as the real node: every 2 ms, when idle, or when the queue is half full.
+        // Checkpoint by the real node's rule (the shared executor's).
         let now = self.now_us();
         let node = self.nodes[idx(r)].as_mut().expect("still up");
-        let due = node.commit_pending.is_some()
-            && (!worked
-                || now.saturating_sub(node.last_checkpoint_us) >= 2_000
-                || node.queue.used_bytes() > node.queue.capacity_bytes() / 2);
+        let due = node.exec.checkpoint_due(now, worked);
         if due {
             // An armed node may die inside the checkpoint instead of in its next batch.
             let die_after = (self.armed[idx(r)] && self.rng.bool()).then(|| self.rng.u8(0..2));
@@ -991,7 +989,7 @@ impl Sim<'_> {
             return Ok(());
         };
         // Compare once per converged state, not once per idle step.
-        let (ps, bs) = (p.core.stats(), b.core.stats());
+        let (ps, bs) = (p.exec.core.stats(), b.exec.core.stats());
         let state = [
             ps.applied_through,
             bs.applied_through,
@@ -1003,7 +1001,7 @@ impl Sim<'_> {
             return Ok(());
         }
         self.divergence_checked = Some(state);
-        if let Some(at) = p.region.iter().zip(&b.region).position(|(x, y)| x != y) {
+        if let Some(at) = p.region().iter().zip(b.region()).position(|(x, y)| x != y) {
             return Err(self.fail(
                 Checker::SilentDivergence,
                 format!(
@@ -1020,15 +1018,15 @@ impl Sim<'_> {
         let (Some(p), Some(b)) = (&self.nodes[0], &self.nodes[1]) else {
             return false;
         };
-        let (ps, bs) = (p.core.stats(), b.core.stats());
+        let (ps, bs) = (p.exec.core.stats(), b.exec.core.stats());
         let last = ps.next_seq - 1;
-        p.core.phase() == Phase::Synchronous
+        p.exec.core.phase() == Phase::Synchronous
             && self.client.pending.is_empty()
             && ps.applied_through == last
             && bs.applied_through == last
             && bs.next_seq == ps.next_seq
-            && p.queue.len_records() == 0
-            && b.queue.len_records() == 0
+            && p.exec.queue.len_records() == 0
+            && b.exec.queue.len_records() == 0
     }
 
     /// Checkers 1 and regions: both regions equal the replay of the final history, and every
@@ -1037,7 +1035,7 @@ impl Sim<'_> {
         let (Some(p), Some(b)) = (&self.nodes[0], &self.nodes[1]) else {
             return Err(self.fail(Checker::NoConvergence, "a node is down at the end"));
         };
-        let last = p.core.stats().next_seq - 1;
+        let last = p.exec.core.stats().next_seq - 1;
         let mut expect = vec![0u8; REGION_BYTES as usize];
         for seq in 1..=last {
             let Some(&(_, id)) = self.client.history.get(&seq) else {
@@ -1057,7 +1055,7 @@ impl Sim<'_> {
                 ));
             }
         }
-        for (name, region) in [("primary", &p.region), ("backup", &b.region)] {
+        for (name, region) in [("primary", p.region()), ("backup", b.region())] {
             if let Some(at) = region.iter().zip(&expect).position(|(a, e)| a != e) {
                 return Err(self.fail(
                     Checker::RegionsDiffer,
@@ -1147,11 +1145,11 @@ pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, S
             let detail = match (&sim.nodes[0], &sim.nodes[1]) {
                 (Some(p), Some(b)) => format!(
                     "primary {:?} {:?} (queue {} records), backup {:?} (queue {} records), {} writes pending",
-                    p.core.phase(),
-                    p.core.stats(),
-                    p.queue.len_records(),
-                    b.core.stats(),
-                    b.queue.len_records(),
+                    p.exec.core.phase(),
+                    p.exec.core.stats(),
+                    p.exec.queue.len_records(),
+                    b.exec.core.stats(),
+                    b.exec.queue.len_records(),
                     sim.client.pending.len()
                 ),
                 _ => "a node is down".into(),

@@ -120,7 +120,7 @@ struct Shared {
     stats: Mutex<Stats>,
     /// Testing aid: kill the process before the next apply (see `arm_crash_before_next_apply`).
     #[cfg(feature = "fail-points")]
-    crash_armed: AtomicBool,
+    crash_armed: Arc<AtomicBool>,
     /// Callers currently running the poller's loop themselves (run to completion).
     callers_driving: AtomicUsize,
 }

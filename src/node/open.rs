@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
-use mirror_proto::{Backup, Core, CoreConfig, Primary};
+use mirror_proto::CoreConfig;
 use mirror_ring::SubmitRing;
 use mirror_storage::{Durability, PersistentQueue, QueueParams, Region};
 
@@ -17,7 +17,9 @@ use crate::error::{MirrorError, Result};
 use crate::transport::tcp::TcpAcceptor;
 use crate::transport::{Listener, TransportError};
 
+use super::poller::NodeHooks;
 use super::*;
+use mirror_exec::Executor;
 
 impl Mirror {
     /// Opens the node's queue and region (recovering them after a crash) and starts its poller.
@@ -81,7 +83,6 @@ impl Mirror {
                 "records cut from the queue were already applied to the region; renumbering after them"
             );
         }
-        let recovered = mirror_proto::Recovered::from(replay);
         let max_write = cfg.max_write.min(queue.max_payload());
         let core_cfg = CoreConfig {
             node_id: queue.node_id(),
@@ -97,10 +98,19 @@ impl Mirror {
             // batch on top of the ack's queue sync: commits are checkpointed instead.
             deferred_commit: cfg.durability != Durability::Process,
         };
-        let core = match cfg.role {
-            Role::Primary => Core::Primary(Primary::new(core_cfg, recovered)),
-            Role::Backup => Core::Backup(Backup::new(core_cfg, recovered)),
+        #[cfg(feature = "fail-points")]
+        let crash_armed = Arc::new(AtomicBool::new(false));
+        let hooks = NodeHooks {
+            #[cfg(feature = "fail-points")]
+            crash_before_apply_seq: cfg.crash_before_apply_seq,
+            #[cfg(feature = "fail-points")]
+            crash_armed: Arc::clone(&crash_armed),
         };
+        let role = match cfg.role {
+            Role::Primary => mirror_exec::Role::Primary,
+            Role::Backup => mirror_exec::Role::Backup,
+        };
+        let exec = Executor::with_replay(role, core_cfg, queue, replay, Arc::clone(&region), hooks);
         let (acceptor, listen_addr) =
             match cfg.role {
                 Role::Backup => {
@@ -162,14 +172,14 @@ impl Mirror {
         };
         let stats = Stats {
             role: cfg.role,
-            phase: core.phase(),
-            next_seq: queue.next_seq(),
-            applied_through: queue.applied_through(),
+            phase: exec.core.phase(),
+            next_seq: exec.queue.next_seq(),
+            applied_through: exec.queue.applied_through(),
             acked_through: 0,
             peer_applied_through: 0,
-            queue_records: queue.len_records(),
-            queue_bytes: queue.used_bytes(),
-            queue_capacity: queue.capacity_bytes(),
+            queue_records: exec.queue.len_records(),
+            queue_bytes: exec.queue.used_bytes(),
+            queue_capacity: exec.queue.capacity_bytes(),
             in_flight: 0,
             degraded: false,
             recoveries: 0,
@@ -178,7 +188,7 @@ impl Mirror {
             writes_submitted: 0,
             writes_completed: 0,
             failure: None,
-            current_term: queue.current_term(),
+            current_term: exec.queue.current_term(),
             last_divergence: None,
         };
         let shared = Arc::new(Shared {
@@ -193,22 +203,20 @@ impl Mirror {
             wake_fd,
             stats: Mutex::new(stats),
             #[cfg(feature = "fail-points")]
-            crash_armed: AtomicBool::new(false),
+            crash_armed,
             callers_driving: AtomicUsize::new(0),
         });
         tracing::info!(
             role = %cfg.role,
-            node_id = format_args!("{:#x}", queue.node_id()),
-            next_seq = queue.next_seq(),
-            applied_through = queue.applied_through(),
+            node_id = format_args!("{:#x}", exec.queue.node_id()),
+            next_seq = exec.queue.next_seq(),
+            applied_through = exec.queue.applied_through(),
             recovered_records = report.records,
             "node opened"
         );
         let poller = Poller {
             cfg: cfg.clone(),
-            core,
-            queue,
-            region: Arc::clone(&region),
+            exec,
             shared: Arc::clone(&shared),
             consumer,
             stash: None,
@@ -225,10 +233,6 @@ impl Mirror {
             stopped: false,
             next_connect_at_us: 0,
             next_accept_at_us: 0,
-            commit_pending: None,
-            last_checkpoint_us: 0,
-            recovery_bytes: 0,
-            recovery_records: 0,
             last_divergence: None,
             catch_up: None,
             recoveries_seen: 0,

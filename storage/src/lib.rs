@@ -57,7 +57,6 @@ mod error;
 mod format;
 mod map;
 mod queue;
-mod recovered;
 mod region;
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ impl Poller {
     pub(super) fn manage_connection(&mut self, now: u64) -> bool {
         match self.cfg.role {
             Role::Primary => {
-                if self.conn.is_some() || self.core.phase() != Phase::Disconnected {
+                if self.conn.is_some() || self.exec.core.phase() != Phase::Disconnected {
                     return false;
                 }
                 if let Some((attempt, deadline_us)) = self.connecting.as_mut() {
@@ -29,7 +29,7 @@ impl Poller {
                             tracing::info!(peer = %c.peer(), "connected to backup");
                             self.connecting = None;
                             self.conn = Some(c);
-                            self.core.on_connected();
+                            self.exec.core.on_connected();
                             return true;
                         }
                         Ok(None) if now < *deadline_us => return false,
@@ -38,7 +38,7 @@ impl Poller {
                     };
                     tracing::debug!(peer = ?self.cfg.peer, error = %failure, "backup not reachable");
                     self.connecting = None;
-                    self.core.on_connect_failed();
+                    self.exec.core.on_connect_failed();
                     return true;
                 }
                 if now < self.next_connect_at_us {
@@ -53,7 +53,7 @@ impl Poller {
                     }
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "backup not reachable");
-                        self.core.on_connect_failed();
+                        self.exec.core.on_connect_failed();
                     }
                 }
                 true
@@ -104,7 +104,7 @@ impl Poller {
                 Ok(_) => {
                     let (mut c, _) = self.pending.swap_remove(i);
                     worked = true;
-                    let Core::Backup(backup) = &self.core else {
+                    let Core::Backup(backup) = &self.exec.core else {
                         unreachable!("only backups accept")
                     };
                     let verdict = match first.first() {
@@ -119,11 +119,11 @@ impl Poller {
                         Ok(()) => {
                             if let Some(old) = self.conn.take() {
                                 tracing::info!(old = %old.peer(), new = %c.peer(), "primary reconnected; replacing its old connection");
-                                self.core.on_disconnected();
+                                self.exec.core.on_disconnected();
                             }
-                            self.core.on_connected();
+                            self.exec.core.on_connected();
                             for m in first {
-                                self.core.on_message(m);
+                                self.exec.core.on_message(m);
                             }
                             self.conn = Some(c);
                         }

@@ -8,15 +8,16 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mirror_proto::{Action, Core, Message};
+use mirror_proto::{Action, Message};
 use mirror_ring::Consumer;
-use mirror_storage::{PersistentQueue, Region, StorageError};
+use mirror_storage::{Region, StorageError};
 
 use crate::config::{Config, Role};
 use crate::error::Result;
 use crate::transport::{Connecting, Connection, Listener};
 
 use super::*;
+use mirror_exec::{Executor, Hooks};
 
 mod actions;
 mod connection;
@@ -29,16 +30,14 @@ const SUBMIT_BATCH: usize = 256;
 const CATCH_UP_CHUNK: usize = 256 << 10;
 /// Stop taking submissions while this much is waiting to be sent.
 const SEND_BACKLOG_PAUSE: usize = 8 << 20;
-/// `power`/`pmem`: the longest a durable-applied checkpoint waits while the node is busy.
-const CHECKPOINT_INTERVAL_US: u64 = 2_000;
 /// A new connection must say Hello within this time.
 const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 
 pub(super) struct Poller {
     pub(super) cfg: Config,
-    pub(super) core: Core,
-    pub(super) queue: PersistentQueue,
-    pub(super) region: Arc<Region>,
+    /// The core, the queue and the region, and the rules that execute the core's actions on
+    /// them (shared with the simulator).
+    pub(super) exec: Executor<Arc<Region>, NodeHooks>,
     pub(super) shared: Arc<Shared>,
     pub(super) consumer: Option<Consumer<Submission>>,
     /// A submission taken from the ring that did not fit in the queue yet.
@@ -60,16 +59,36 @@ pub(super) struct Poller {
     pub(super) next_connect_at_us: u64,
     /// Backup: next time to look for new connections while one is established.
     pub(super) next_accept_at_us: u64,
-    /// `power`/`pmem`: applied through this seq, not yet checkpointed.
-    pub(super) commit_pending: Option<u64>,
-    pub(super) last_checkpoint_us: u64,
-    pub(super) recovery_bytes: u64,
-    pub(super) recovery_records: u64,
     pub(super) last_divergence: Option<Divergence>,
     /// A catch-up (or replay) being streamed to the peer.
     pub(super) catch_up: Option<CatchUp>,
     pub(super) recoveries_seen: u64,
     pub(super) submitted: u64,
+}
+
+/// The node's hooks into the executor: the test fail point (feature `fail-points` only).
+pub(super) struct NodeHooks {
+    #[cfg(feature = "fail-points")]
+    pub(super) crash_before_apply_seq: Option<u64>,
+    #[cfg(feature = "fail-points")]
+    pub(super) crash_armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hooks for NodeHooks {
+    /// The test fail point (cargo feature `fail-points`, never in a release build): die between
+    /// the backup's ack and our apply.
+    #[cfg(feature = "fail-points")]
+    fn before_apply(&mut self, seq: u64) {
+        // Relaxed: a test arms it and the next apply may see it a pass later; nothing else is
+        // published through it.
+        if self.crash_before_apply_seq == Some(seq)
+            || self.crash_armed.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(seq, "fail point: killing this process before applying");
+            // SAFETY: kill(2) on our own pid with a valid signal number.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
 }
 
 /// A stream of queued records to the peer that goes on across passes, and what the core sent
@@ -109,11 +128,11 @@ impl Poller {
         let t = Instant::now();
         self.last_step_at = t;
         let now = t.duration_since(self.start).as_micros() as u64;
-        self.core.set_now(now);
+        self.exec.core.set_now(now);
         let worked = match self.pass(now) {
             Ok(w) => w,
             Err(Stop::Fatal(reason)) => {
-                self.core.fail();
+                self.exec.core.fail();
                 self.conn = None;
                 self.stopped = true;
                 self.publish_stats();
@@ -141,10 +160,10 @@ impl Poller {
         if let Some(c) = self.conn.as_mut() {
             let _ = c.flush();
         }
-        if let Err(e) = self.queue.sync() {
+        if let Err(e) = self.exec.queue.sync() {
             tracing::warn!(error = %e, "final queue sync failed");
         }
-        if let Err(Stop::Fatal(e)) = self.checkpoint(0) {
+        if let Err(e) = self.exec.checkpoint(0) {
             tracing::warn!(error = %e, "final checkpoint failed");
         }
         self.publish_stats();
@@ -179,6 +198,7 @@ impl Poller {
             // applied report to us is in flight). Rather than fail, drop the connection: the
             // primary reconnects, its Hello lets us trim, and the catch-up resends the rest.
             let full_at = self
+                .exec
                 .queue
                 .first_write_without_room(self.inbox.iter().map(|m| match m {
                     Message::Write { seq, data, .. } => Some((*seq, data.len())),
@@ -190,7 +210,7 @@ impl Poller {
             }
         }
         for msg in self.inbox.drain(..) {
-            self.core.on_message(msg);
+            self.exec.core.on_message(msg);
         }
         if no_room {
             self.drop_connection(
@@ -200,9 +220,9 @@ impl Poller {
         }
         worked |= self.take_submissions()?;
         if !worked {
-            self.core.on_tick();
+            self.exec.core.on_tick();
         }
-        self.core.end_batch();
+        self.exec.core.end_batch();
         worked |= self.execute_actions()?;
         if let Some(conn) = self.conn.as_mut() {
             if let Err(e) = conn.flush() {
@@ -212,34 +232,11 @@ impl Poller {
         }
         // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
         worked |= self.execute_actions()?;
-        if self.checkpoint_due(now, worked) {
-            self.checkpoint(now)?;
+        if self.exec.checkpoint_due(now, worked) {
+            self.exec.checkpoint(now)?;
             worked |= self.execute_actions()?;
         }
         Ok(worked)
-    }
-
-    /// `power`/`pmem`: whether to make pending applies durable now — every
-    /// `CHECKPOINT_INTERVAL_US`, as soon as the node is idle, or when the queue is half full
-    /// (trims wait for checkpoints).
-    fn checkpoint_due(&self, now: u64, worked: bool) -> bool {
-        self.commit_pending.is_some()
-            && (!worked
-                || now.saturating_sub(self.last_checkpoint_us) >= CHECKPOINT_INTERVAL_US
-                || self.queue.used_bytes() > self.queue.capacity_bytes() / 2)
-    }
-
-    /// Syncs the region, then records `applied_through` with a full barrier of the queue (which
-    /// also makes every earlier append durable, keeping `last_seq >= applied_through` on disk),
-    /// and tells the core: only now may the peer trim what we applied.
-    fn checkpoint(&mut self, now: u64) -> Result<(), Stop> {
-        if let Some(through) = self.commit_pending.take() {
-            self.region.sync()?;
-            self.queue.set_applied_through(through)?;
-            self.core.on_applied_durable(through);
-            self.last_checkpoint_us = now;
-        }
-        Ok(())
     }
 
     fn drop_connection(&mut self, why: &str) {
@@ -247,7 +244,7 @@ impl Poller {
         if let Some(c) = self.conn.take() {
             tracing::warn!(peer = %c.peer(), reason = why, "connection lost");
         }
-        self.core.on_disconnected();
+        self.exec.core.on_disconnected();
     }
 
     fn take_submissions(&mut self) -> Result<bool, Stop> {
@@ -256,7 +253,7 @@ impl Poller {
         }
         let mut worked = false;
         for _ in 0..SUBMIT_BATCH {
-            if !self.core.accepts_submissions() {
+            if !self.exec.core.accepts_submissions() {
                 break;
             }
             // New writes follow a catch-up in progress, and wait while the peer lags.
@@ -275,7 +272,7 @@ impl Poller {
             let Some((position, sub)) = popped else {
                 break;
             };
-            if !self.queue.admits_new_write(sub.data.len()) {
+            if !self.exec.queue.admits_new_write(sub.data.len()) {
                 // Backpressure until the backup confirms applying and we can trim.
                 self.stash = Some((position, sub));
                 break;
@@ -284,7 +281,8 @@ impl Poller {
             debug_assert_eq!(ticket, self.submitted + 1, "tickets out of order");
             self.submitted = ticket;
             // Validated in `submit`; a failure here would be a bug, which stops the node.
-            self.core
+            self.exec
+                .core
                 .submit(ticket, sub.offset, sub.data)
                 .map_err(|e| Stop::Fatal(format!("submission refused by the core: {e}")))?;
             worked = true;
@@ -295,28 +293,28 @@ impl Poller {
     }
 
     fn publish_stats(&mut self) {
-        let core = self.core.stats();
+        let core = self.exec.core.stats();
         if core.recoveries != self.recoveries_seen {
             self.recoveries_seen = core.recoveries;
             tracing::info!(
-                records = self.recovery_records,
-                bytes = self.recovery_bytes,
+                records = self.exec.recovery().records,
+                bytes = self.exec.recovery().bytes,
                 "recovery complete: moved only the missed requests"
             );
         }
         let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
-        s.phase = self.core.phase();
+        s.phase = self.exec.core.phase();
         s.next_seq = core.next_seq;
         s.applied_through = core.applied_through;
         s.acked_through = core.acked_through;
         s.peer_applied_through = core.peer_applied_through;
-        s.queue_records = self.queue.len_records();
-        s.queue_bytes = self.queue.used_bytes();
+        s.queue_records = self.exec.queue.len_records();
+        s.queue_bytes = self.exec.queue.used_bytes();
         s.in_flight = core.in_flight;
         s.degraded = core.degraded;
         s.recoveries = core.recoveries;
-        s.last_recovery_bytes = self.recovery_bytes;
-        s.last_recovery_records = self.recovery_records;
+        s.last_recovery_bytes = self.exec.recovery().bytes;
+        s.last_recovery_records = self.exec.recovery().records;
         s.current_term = core.current_term;
         s.last_divergence.clone_from(&self.last_divergence);
     }
@@ -331,7 +329,7 @@ impl Poller {
             && self
                 .consumer
                 .as_ref()
-                .is_some_and(|c| !c.is_empty() && self.core.accepts_submissions());
+                .is_some_and(|c| !c.is_empty() && self.exec.core.accepts_submissions());
         // A catch-up waits for the peer to drain the send buffer: wake when it has room. Over
         // RDMA room shows up in memory (credits), not on a descriptor: poll again instead.
         let catch_up_ready = match (&self.catch_up, &self.conn) {

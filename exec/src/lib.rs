@@ -1,0 +1,466 @@
+//! The one executor of the protocol core's actions on a node's own state, used by the real node
+//! (`src/node/`) and by the deterministic simulator (`sim/`), so that both follow the same rules:
+//!
+//! - it owns the core, the persistent queue and the region (behind [`RegionStore`]), and starts
+//!   the core from what the queue recovered ([`recovered`], the one conversion);
+//! - it executes every storage action itself (append, sync, trim, terms, peer binding, applies,
+//!   repairs, truncation) and hands the driver only the I/O it owns, as [`Io`], in order;
+//! - it holds the checkpoint policy of `power`/`pmem` (deferred commits, made durable region
+//!   first, then `applied_through` with a queue barrier, then reported to the core);
+//! - [`Hooks`] let a driver observe or interrupt chosen points (the node's test fail point, the
+//!   simulator's checkers, crashes inside a checkpoint, a canary).
+//!
+//! The driver keeps its own I/O: connections and frames, streaming a catch-up, completing
+//! callers, saving a divergent suffix to its file.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
+use mirror_proto::{
+    Action, Backup, Core, CoreConfig, FatalError, Message, PeerFault, Primary, Record, Recovered,
+    RejectCode,
+};
+use mirror_storage::{DiscardedRecord, PersistentQueue, Region, ReplayState, StorageError};
+use thiserror::Error;
+
+/// Why executing an action failed: the node cannot go on.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ExecError {
+    /// The queue or the region failed (I/O, a full queue, a refused append...).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The queue lacks records the core asked for (a divergent suffix to save).
+    #[error("the queue lacks records of ({after}, {through}]: found {found} of them")]
+    MissingRecords {
+        /// The range's start (exclusive).
+        after: u64,
+        /// Its end.
+        through: u64,
+        /// Records found.
+        found: u64,
+    },
+}
+
+/// The mirrored region as the executor needs it.
+pub trait RegionStore {
+    /// Writes `data` at `offset` (in bounds: the core validated it).
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError>;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
+    /// Everything written so far survives a power loss once this returns.
+    fn sync(&mut self) -> Result<(), StorageError>;
+}
+
+impl RegionStore for Arc<Region> {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        Region::write(self, offset, data)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        Region::read(self, offset, buf)
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        Region::sync(self)
+    }
+}
+
+/// Where a checkpoint stands (see [`Hooks::checkpoint_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointStage {
+    /// The region is durable; `applied_through` is not recorded yet.
+    RegionSynced,
+    /// `applied_through` is recorded with a queue barrier; the core has not heard of it.
+    Recorded,
+}
+
+/// Points a driver may observe or interrupt. Every method has a default that does nothing.
+pub trait Hooks {
+    /// Record `seq` is about to be written to the region.
+    fn before_apply(&mut self, _seq: u64) {}
+    /// The simulator's first canary: write a client record to the region at its append, before
+    /// any ack (the checkers must catch it).
+    fn apply_at_append(&self) -> bool {
+        false
+    }
+    /// A checkpoint reached `stage`; `false` stops it there (a crash inside it).
+    fn checkpoint_step(&mut self, _stage: CheckpointStage) -> bool {
+        true
+    }
+}
+
+/// No hooks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// I/O an action asks of the driver, in the order the driver must do it.
+#[derive(Debug)]
+pub enum Io {
+    /// Send this message on the current connection.
+    Send(Message),
+    /// Send the queue's records `from_seq..=through_seq` as `Write`s (a catch-up or a replay;
+    /// [`Executor::queued_writes`] reads them). Count them as recovery traffic.
+    SendQueued {
+        /// First seq.
+        from_seq: u64,
+        /// Last seq.
+        through_seq: u64,
+    },
+    /// Callers' tickets through this one are complete.
+    Complete(u64),
+    /// Close the connection.
+    Disconnect(PeerFault),
+    /// Send this reject and close the connection.
+    Reject {
+        /// The code.
+        code: RejectCode,
+        /// The reason.
+        reason: String,
+    },
+    /// Stop the node.
+    Fatal(FatalError),
+    /// A divergent suffix after `after`: save the records durably before doing the I/O that
+    /// follows (the repair requests).
+    Discard {
+        /// The common point.
+        after: u64,
+        /// Its last seq.
+        through: u64,
+        /// The records, in seq order.
+        records: Vec<DiscardedRecord>,
+    },
+    /// Record `seq` was written to the region (for the driver's bookkeeping).
+    Applied(u64),
+}
+
+/// Bytes and records a recovery moved (the driver adds what it streams for `SendQueued`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryTraffic {
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Records.
+    pub records: u64,
+}
+
+/// What the queue and the region hold durably, by their contracts: the queue's last seq made
+/// durable by a completed barrier, and the last checkpointed `applied_through`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DurablePoint {
+    /// Highest seq the queue made durable.
+    pub last_seq: u64,
+    /// Highest `applied_through` checkpointed.
+    pub applied: u64,
+}
+
+/// The core's view of what a restarting node recovered from its queue: the one conversion.
+pub fn recovered(replay: ReplayState) -> Recovered {
+    Recovered {
+        peer_node_id: replay.peer_node_id,
+        applied_through: replay.applied_through,
+        first_seq: replay.first_seq,
+        last_seq: replay.last_seq,
+        unapplied: replay
+            .unapplied
+            .into_iter()
+            .map(|r| Record {
+                seq: r.seq,
+                term: r.term,
+                offset: r.offset,
+                data: Bytes::from(r.payload),
+            })
+            .collect(),
+        current_term: replay.current_term,
+        term_history: replay.term_history,
+    }
+}
+
+/// `power`/`pmem`: the longest a checkpoint of applied records waits while the node is busy.
+pub const CHECKPOINT_INTERVAL_US: u64 = 2_000;
+
+/// Whether a node is a primary or a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Takes the application's writes.
+    Primary,
+    /// Keeps the second copy.
+    Backup,
+}
+
+/// The core with the node's queue and region, and the rules that execute its actions.
+pub struct Executor<R, H> {
+    /// The protocol core.
+    pub core: Core,
+    /// The node's persistent queue.
+    pub queue: PersistentQueue,
+    /// The node's region.
+    pub region: R,
+    /// The driver's hooks.
+    pub hooks: H,
+    deferred_commit: bool,
+    commit_pending: Option<u64>,
+    last_checkpoint_us: u64,
+    durable: DurablePoint,
+    recovery: RecoveryTraffic,
+}
+
+impl<R: RegionStore, H: Hooks> Executor<R, H> {
+    /// Starts the core of `role` from what `queue` recovered (the core's first actions, such as
+    /// a primary's new term or a backup's applies of its recovered records, are pending).
+    pub fn start(
+        role: Role,
+        cfg: CoreConfig,
+        mut queue: PersistentQueue,
+        region: R,
+        hooks: H,
+    ) -> Result<Self, StorageError> {
+        let replay = queue.replay_state()?;
+        Ok(Self::with_replay(role, cfg, queue, replay, region, hooks))
+    }
+
+    /// [`Self::start`] for a driver that already read the queue's [`ReplayState`] (to report a
+    /// renumbering, say).
+    pub fn with_replay(
+        role: Role,
+        cfg: CoreConfig,
+        queue: PersistentQueue,
+        replay: ReplayState,
+        region: R,
+        hooks: H,
+    ) -> Self {
+        // Durable: recovery's barrier covered every record it kept, and `applied_through` came
+        // from a durable metadata slot (or was lowered by a renumbering, a barrier too).
+        let durable = DurablePoint {
+            last_seq: replay.last_seq,
+            applied: replay.applied_through,
+        };
+        let deferred_commit = cfg.deferred_commit;
+        let rec = recovered(replay);
+        let core = match role {
+            Role::Primary => Core::Primary(Primary::new(cfg, rec)),
+            Role::Backup => Core::Backup(Backup::new(cfg, rec)),
+        };
+        Executor {
+            core,
+            queue,
+            region,
+            hooks,
+            deferred_commit,
+            commit_pending: None,
+            last_checkpoint_us: 0,
+            durable,
+            recovery: RecoveryTraffic::default(),
+        }
+    }
+
+    /// What the queue and the region hold durably.
+    pub fn durable(&self) -> DurablePoint {
+        self.durable
+    }
+
+    /// What the last recovery moved so far.
+    pub fn recovery(&self) -> RecoveryTraffic {
+        self.recovery
+    }
+
+    /// Counts records the driver streamed for `Io::SendQueued`.
+    pub fn count_recovery(&mut self, records: u64, bytes: u64) {
+        self.recovery.records += records;
+        self.recovery.bytes += bytes;
+    }
+
+    /// The `Write` messages of the queue's records `from_seq..=through_seq` (for a driver that
+    /// sends a catch-up at once), or the first seq it lacks.
+    pub fn queued_writes(&self, from_seq: u64, through_seq: u64) -> Result<Vec<Message>, u64> {
+        let mut writes = Vec::new();
+        for r in self.queue.iter_from(from_seq) {
+            let Ok(r) = r else { break };
+            if r.seq > through_seq || r.seq != from_seq + writes.len() as u64 {
+                break;
+            }
+            writes.push(Message::Write {
+                seq: r.seq,
+                term: r.term,
+                offset: r.offset,
+                data: Bytes::copy_from_slice(r.payload),
+            });
+        }
+        let next = from_seq + writes.len() as u64;
+        if next <= through_seq {
+            return Err(next);
+        }
+        Ok(writes)
+    }
+
+    fn queue_barrier_done(&mut self) {
+        self.durable.last_seq = self.queue.last_seq();
+    }
+
+    /// Executes one action of the core: the storage part here, the I/O handed to the driver
+    /// through `io`, in order.
+    pub fn execute(&mut self, action: Action, io: &mut Vec<Io>) -> Result<(), ExecError> {
+        match action {
+            Action::Send(msg) => io.push(Io::Send(msg)),
+            Action::SendQueued {
+                from_seq,
+                through_seq,
+            } => io.push(Io::SendQueued {
+                from_seq,
+                through_seq,
+            }),
+            Action::Append { record, recovery } => {
+                self.queue
+                    .append(record.seq, record.term, record.offset, &record.data)?;
+                if recovery {
+                    self.count_recovery(1, record.data.len() as u64);
+                }
+                if !recovery && self.hooks.apply_at_append() {
+                    io.push(Io::Applied(record.seq));
+                    self.region.write(record.offset, &record.data)?;
+                }
+            }
+            Action::SyncQueue => {
+                self.queue.sync()?;
+                self.queue_barrier_done();
+            }
+            Action::PersistTerm { term } => {
+                // A metadata update is a barrier: every earlier append is durable too.
+                self.queue.set_current_term(term)?;
+                self.queue_barrier_done();
+            }
+            Action::RequestRepair { after, through } => self.request_repair(after, through, io)?,
+            Action::SendRegion { ranges } => {
+                for (offset, len) in repair_pieces(&ranges) {
+                    let mut data = vec![0u8; len as usize];
+                    self.region.read(offset, &mut data)?;
+                    self.recovery.bytes += len;
+                    io.push(Io::Send(Message::RepairData {
+                        offset,
+                        data: Bytes::from(data),
+                    }));
+                }
+            }
+            Action::RepairRegion { offset, data } => {
+                self.region.write(offset, &data)?;
+                self.recovery.bytes += data.len() as u64;
+            }
+            Action::TruncateAfter { after } => {
+                // The repaired ranges are durable before the records that explain them go (a
+                // crash in between redoes the whole repair).
+                self.region.sync()?;
+                self.queue.truncate_after(after)?;
+                self.durable.last_seq = after;
+                self.durable.applied = self.durable.applied.min(after);
+            }
+            Action::Apply(record) => {
+                self.hooks.before_apply(record.seq);
+                io.push(Io::Applied(record.seq));
+                self.region.write(record.offset, &record.data)?;
+            }
+            Action::CommitApplied { through } => {
+                if self.deferred_commit {
+                    // Checkpointed soon (see `checkpoint`), not per batch.
+                    self.commit_pending = Some(through);
+                } else {
+                    // Durable as written (process mode: the page cache survives).
+                    self.queue.set_applied_through(through)?;
+                    self.queue_barrier_done();
+                    self.durable.applied = through;
+                }
+            }
+            Action::Trim { through } => self.queue.trim_through(through)?,
+            Action::BindPeer { node_id } => {
+                self.queue.set_peer_node_id(node_id)?;
+                self.queue_barrier_done();
+            }
+            Action::Complete { ticket } => io.push(Io::Complete(ticket)),
+            Action::Disconnect(fault) => io.push(Io::Disconnect(fault)),
+            Action::Reject { code, reason } => io.push(Io::Reject { code, reason }),
+            Action::RecoveryStarted => self.recovery = RecoveryTraffic::default(),
+            Action::Fatal(e) => io.push(Io::Fatal(e)),
+        }
+        Ok(())
+    }
+
+    /// Reads the divergent suffix `(after, through]`, hands it to the driver to save, then the
+    /// repair requests for the ranges it wrote.
+    fn request_repair(
+        &mut self,
+        after: u64,
+        through: u64,
+        io: &mut Vec<Io>,
+    ) -> Result<(), ExecError> {
+        let mut records = Vec::new();
+        for rec in self.queue.iter_from(after + 1) {
+            let rec = rec?;
+            if rec.seq > through {
+                break;
+            }
+            records.push(DiscardedRecord {
+                seq: rec.seq,
+                term: rec.term,
+                region_offset: rec.offset,
+                payload: rec.payload.to_vec(),
+            });
+        }
+        if records.len() as u64 != through - after {
+            return Err(ExecError::MissingRecords {
+                after,
+                through,
+                found: records.len() as u64,
+            });
+        }
+        let ranges = merged_ranges(
+            records
+                .iter()
+                .map(|r| (r.region_offset, r.payload.len() as u64)),
+        );
+        io.push(Io::Discard {
+            after,
+            through,
+            records,
+        });
+        io.extend(repair_requests(&ranges).map(Io::Send));
+        Ok(())
+    }
+
+    /// `power`/`pmem`: whether to make pending applies durable now: every
+    /// [`CHECKPOINT_INTERVAL_US`] while busy, as soon as the node is idle, or when the queue is
+    /// half full (trims wait for checkpoints).
+    pub fn checkpoint_due(&self, now_us: u64, worked: bool) -> bool {
+        self.commit_pending.is_some()
+            && (!worked
+                || now_us.saturating_sub(self.last_checkpoint_us) >= CHECKPOINT_INTERVAL_US
+                || self.queue.used_bytes() > self.queue.capacity_bytes() / 2)
+    }
+
+    /// The checkpoint: the region becomes durable, then `applied_through` is recorded with a
+    /// queue barrier (which makes every earlier append durable too), then the core may report
+    /// and trim. Returns `false` when a hook stopped it part way (a crash inside it).
+    pub fn checkpoint(&mut self, now_us: u64) -> Result<bool, StorageError> {
+        let Some(through) = self.commit_pending.take() else {
+            return Ok(true);
+        };
+        self.region.sync()?;
+        if !self.hooks.checkpoint_step(CheckpointStage::RegionSynced) {
+            return Ok(false);
+        }
+        self.queue.set_applied_through(through)?;
+        self.durable.applied = through;
+        self.queue_barrier_done();
+        if !self.hooks.checkpoint_step(CheckpointStage::Recorded) {
+            return Ok(false);
+        }
+        self.core.on_applied_durable(through);
+        self.last_checkpoint_us = now_us;
+        Ok(true)
+    }
+
+    /// Applies not yet checkpointed (`power`/`pmem`).
+    pub fn commit_pending(&self) -> Option<u64> {
+        self.commit_pending
+    }
+}
