@@ -21,8 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
 use mirror_proto::{
-    Action, Backup, Core, CoreConfig, FatalError, Message, PeerFault, Primary, Record, Recovered,
-    RejectCode,
+    Action, CoreConfig, FatalError, Message, PeerFault, Record, Recovered, RejectCode, Replica,
 };
 use mirror_storage::{DiscardedRecord, PersistentQueue, Region, ReplayState, StorageError};
 use thiserror::Error;
@@ -193,7 +192,7 @@ pub enum Role {
 /// The core with the node's queue and region, and the rules that execute its actions.
 pub struct Executor<R, H> {
     /// The protocol core.
-    pub core: Core,
+    pub core: Replica,
     /// The node's persistent queue.
     pub queue: PersistentQueue,
     /// The node's region.
@@ -240,8 +239,8 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         let deferred_commit = cfg.deferred_commit;
         let rec = recovered(replay);
         let core = match role {
-            Role::Primary => Core::Primary(Primary::new(cfg, rec)),
-            Role::Backup => Core::Backup(Backup::new(cfg, rec)),
+            Role::Primary => Replica::primary(cfg, rec),
+            Role::Backup => Replica::backup(cfg, rec),
         };
         Executor {
             core,

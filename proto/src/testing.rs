@@ -68,7 +68,7 @@ pub struct Node {
     /// The core's configuration.
     pub cfg: CoreConfig,
     /// The core.
-    pub core: Core,
+    pub core: Replica,
     /// Its files.
     pub disk: Durable,
     /// Messages it sent, not yet delivered.
@@ -117,8 +117,8 @@ impl Node {
     pub fn start(role: Role, cfg: CoreConfig, disk: Durable) -> Node {
         let rec = recovered(&disk);
         let core = match role {
-            Role::Primary => Core::Primary(Primary::new(cfg.clone(), rec)),
-            Role::Backup => Core::Backup(Backup::new(cfg.clone(), rec)),
+            Role::Primary => Replica::primary(cfg.clone(), rec),
+            Role::Backup => Replica::backup(cfg.clone(), rec),
         };
         let mut n = Node {
             role,

@@ -590,10 +590,7 @@ fn a_second_primary_is_refused_and_the_first_keeps_working() {
     let Message::Hello(h) = intruder.outbox[0].clone() else {
         panic!()
     };
-    let Core::Backup(b) = &pair.b.core else {
-        unreachable!()
-    };
-    let (code, _) = b.check_hello(&h).unwrap_err();
+    let (code, _) = pair.b.core.check_hello(&h).unwrap_err();
     assert_eq!(code, RejectCode::WrongPeer);
     // A rejected primary stops with a clear error.
     intruder.core.on_message(Message::Reject {
@@ -618,10 +615,10 @@ fn region_size_mismatch_is_refused_on_both_sides() {
     let Message::Hello(h) = p.outbox[0].clone() else {
         panic!()
     };
-    let Core::Backup(bc) = &b.core else {
-        unreachable!()
-    };
-    assert_eq!(bc.check_hello(&h).unwrap_err().0, RejectCode::RegionSize);
+    assert_eq!(
+        b.core.check_hello(&h).unwrap_err().0,
+        RejectCode::RegionSize
+    );
     let mut bh = h.clone();
     bh.role = crate::wire::WireRole::Backup;
     bh.node_id = 2;

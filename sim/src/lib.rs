@@ -1,6 +1,6 @@
 //! A deterministic simulator of a libmirror pair.
 //!
-//! It drives the real protocol core (`mirror_proto::Core`) and the real persistent queue
+//! It drives the real protocol core (`mirror_proto::Replica`) and the real persistent queue
 //! (`mirror_storage::PersistentQueue`, on files) of a primary and a backup on one thread, under
 //! faults drawn from a seed, and checks the outcome from outside:
 //!

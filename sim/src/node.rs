@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use mirror_exec::{CheckpointStage, Executor, Hooks, Io, RegionStore};
-use mirror_proto::{Core, CoreConfig, Message, PeerLossPolicy};
+use mirror_proto::{CoreConfig, Message, PeerLossPolicy};
 use mirror_storage::{Durability, PersistentQueue, QueueParams, StorageError};
 
 use crate::media::{power_loss_image, DurableImage, Tear};
@@ -229,10 +229,7 @@ impl SimNode {
         };
         let mut exec = Executor::with_replay(exec_role, cfg.clone(), queue, replay, region, hooks);
         if canaries.seq_only_matching {
-            match &mut exec.core {
-                Core::Primary(p) => p.break_log_matching_for_canary(),
-                Core::Backup(b) => b.break_log_matching_for_canary(),
-            }
+            exec.core.break_log_matching_for_canary();
         }
         let node = SimNode {
             role,

@@ -23,8 +23,9 @@ use crate::wire::{Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_L
 mod backup;
 mod primary;
 
-pub use backup::{Backup, APPLIED_REPORT_DELAY_US};
-pub use primary::Primary;
+use backup::BackupSide;
+pub use backup::APPLIED_REPORT_DELAY_US;
+use primary::PrimarySide;
 
 /// What the primary does with writes while the backup is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -471,112 +472,267 @@ fn heartbeat_interval_us(peer_silence_timeout_us: u32, own_ack_timeout_us: u64) 
     (timeout / 4).max(1)
 }
 
-/// Either role's state machine, with the inputs both share.
+/// What both roles keep: the node's log (its seqs, terms, apply and trim points), the peer it
+/// is bound to, time, and the actions waiting for the driver.
 #[derive(Debug)]
-pub enum Core {
-    /// A primary.
-    Primary(Primary),
-    /// A backup.
-    Backup(Backup),
+struct Common {
+    cfg: CoreConfig,
+    now_us: u64,
+    next_seq: u64,
+    first_seq: Option<u64>,
+    applied_through: u64,
+    /// Highest applied seq the driver was asked to make durable.
+    commit_requested: u64,
+    /// Highest applied seq known durable: what is reported to the peer and bounds trims.
+    committed_through: u64,
+    peer_node_id: u64,
+    peer_applied: u64,
+    /// A primary's: the term of its writes. A backup's: the highest primary term it met
+    /// (persisted before anything of that term is acknowledged).
+    current_term: u64,
+    history: TermHistory,
+    /// Test-only breakage (the simulator's canary): match logs by seq alone.
+    seq_only_matching: bool,
+    /// When the peer was last heard from (any message).
+    last_heard_us: u64,
+    /// The silence timeout the peer announced in its Hello (0: not announced).
+    peer_silence_timeout_us: u32,
+    recoveries: u64,
+    actions: Vec<Action>,
 }
 
-impl Core {
+impl Common {
+    fn new(cfg: CoreConfig, rec: &Recovered, current_term: u64) -> Common {
+        assert!(cfg.node_id != 0, "node id 0 is reserved");
+        assert!(rec.applied_through <= rec.last_seq, "applied beyond queue");
+        Common {
+            cfg,
+            now_us: 0,
+            next_seq: rec.last_seq + 1,
+            first_seq: rec.first_seq,
+            applied_through: rec.applied_through,
+            commit_requested: rec.applied_through,
+            committed_through: rec.applied_through,
+            peer_node_id: rec.peer_node_id,
+            peer_applied: 0,
+            current_term,
+            history: rec.term_history.clone(),
+            seq_only_matching: false,
+            last_heard_us: 0,
+            peer_silence_timeout_us: 0,
+            recoveries: 0,
+            actions: Vec::new(),
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    fn view(&self) -> LogView {
+        LogView {
+            current_term: self.current_term,
+            history: self.history.clone(),
+            last_seq: self.last_seq(),
+            first_seq: self.first_seq,
+        }
+    }
+}
+
+/// Which role a replica plays, and the state only that role has.
+#[derive(Debug)]
+enum Side {
+    Primary(PrimarySide),
+    Backup(BackupSide),
+}
+
+/// One replica of the mirrored log: a primary or a backup, the role being state of the replica
+/// (as a QUIC connection carries its side). Both roles share the log state, the commit and trim
+/// rules, the term history, the heartbeat and the handshake rule (`handshake.rs`); the role's
+/// own transitions are in `primary.rs` and `backup.rs`.
+///
+/// Inputs are the `on_*` methods, `submit`, `set_now` and `end_batch`; outputs are the
+/// [`Action`]s that [`Replica::drain_actions`] hands over, to be executed in order before the
+/// next input.
+#[derive(Debug)]
+pub struct Replica {
+    common: Common,
+    side: Side,
+}
+
+impl Replica {
+    /// A primary that recovered `rec` from its queue. Any start may have lost the unsynced tail
+    /// of its queue, whose seqs it is about to assign again: it starts a new term (its first
+    /// action persists it) so that those writes can be told apart from the lost ones.
+    pub fn primary(cfg: CoreConfig, rec: Recovered) -> Replica {
+        let current_term = rec.current_term.max(rec.term_history.last_term()) + 1;
+        let mut common = Common::new(cfg, &rec, current_term);
+        common
+            .actions
+            .push(Action::PersistTerm { term: current_term });
+        let side = PrimarySide::new(&rec);
+        Replica {
+            common,
+            side: Side::Primary(side),
+        }
+    }
+
+    /// A backup that recovered `rec` from its queue. Records not yet applied are applied at once
+    /// (the first batch of actions).
+    pub fn backup(cfg: CoreConfig, rec: Recovered) -> Replica {
+        let current_term = rec.current_term.max(rec.term_history.last_term());
+        let mut common = Common::new(cfg, &rec, current_term);
+        let mut side = BackupSide::new(rec);
+        side.apply_received(&mut common);
+        Replica {
+            common,
+            side: Side::Backup(side),
+        }
+    }
+
+    /// The simulator's second canary: a replica that matches logs by seq alone (it takes a
+    /// record of another term at the same seq for the same write, as before terms existed).
+    /// The simulator's checkers must catch the silent divergence that follows.
+    #[cfg(feature = "canary")]
+    pub fn break_log_matching_for_canary(&mut self) {
+        self.common.seq_only_matching = true;
+    }
+
+    /// This replica's role.
+    pub fn role(&self) -> WireRole {
+        match self.side {
+            Side::Primary(_) => WireRole::Primary,
+            Side::Backup(_) => WireRole::Backup,
+        }
+    }
+
     /// Sets the current time (microseconds on any monotonic clock). Call once per poll pass.
     pub fn set_now(&mut self, now_us: u64) {
-        match self {
-            Core::Primary(p) => p.set_now(now_us),
-            Core::Backup(b) => b.set_now(now_us),
-        }
+        self.common.now_us = self.common.now_us.max(now_us);
     }
-    /// See [`Primary::on_connected`] / [`Backup::on_connected`].
+
+    /// A connection to the peer was established (a primary then sends its Hello; a backup
+    /// is called before the primary's Hello is fed to it).
     pub fn on_connected(&mut self) {
-        match self {
-            Core::Primary(p) => p.on_connected(),
-            Core::Backup(b) => b.on_connected(),
+        match &mut self.side {
+            Side::Primary(p) => p.on_connected(&mut self.common),
+            Side::Backup(b) => b.on_connected(&mut self.common),
         }
     }
-    /// A connection attempt failed (primary only; the backup listens).
+
+    /// An attempt to connect failed (a primary's; a backup listens). Under `continue`, requests
+    /// recovered from the primary's own queue are then applied without the backup (degraded)
+    /// so that new writes can proceed; under `block` they wait.
     pub fn on_connect_failed(&mut self) {
-        if let Core::Primary(p) = self {
-            p.on_connect_failed()
+        if let Side::Primary(p) = &mut self.side {
+            p.on_connect_failed(&mut self.common)
         }
     }
+
     /// The connection is gone.
     pub fn on_disconnected(&mut self) {
-        match self {
-            Core::Primary(p) => p.on_disconnected(),
-            Core::Backup(b) => b.on_disconnected(),
+        match &mut self.side {
+            Side::Primary(p) => p.on_disconnected(&mut self.common),
+            Side::Backup(b) => b.on_disconnected(&mut self.common),
         }
     }
+
     /// A message from the peer.
     pub fn on_message(&mut self, msg: Message) {
-        match self {
-            Core::Primary(p) => p.on_message(msg),
-            Core::Backup(b) => b.on_message(msg),
+        match &mut self.side {
+            Side::Primary(p) => p.on_message(&mut self.common, msg),
+            Side::Backup(b) => b.on_message(&mut self.common, msg),
         }
     }
+
     /// The driver made everything applied through `through` durable (only needed with
     /// [`CoreConfig::deferred_commit`]).
     pub fn on_applied_durable(&mut self, through: u64) {
-        match self {
-            Core::Primary(p) => p.on_applied_durable(through),
-            Core::Backup(b) => b.on_applied_durable(through),
+        match &mut self.side {
+            Side::Primary(p) => p.on_applied_durable(&mut self.common, through),
+            Side::Backup(b) => b.on_applied_durable(&mut self.common, through),
         }
     }
-    /// Time passes.
+
+    /// Time passes; called at least once per poll pass while idle.
     pub fn on_tick(&mut self) {
-        match self {
-            Core::Primary(p) => p.on_tick(),
-            Core::Backup(b) => b.on_tick(),
+        match &mut self.side {
+            Side::Primary(p) => p.on_tick(&mut self.common),
+            Side::Backup(b) => b.on_tick(&mut self.common),
         }
     }
-    /// End of one poll pass.
+
+    /// The driver finished one pass of inputs: group-commit what the pass produced.
     pub fn end_batch(&mut self) {
-        match self {
-            Core::Primary(p) => p.end_batch(),
-            Core::Backup(b) => b.end_batch(),
+        match &mut self.side {
+            Side::Primary(p) => p.end_batch(&mut self.common),
+            Side::Backup(b) => b.end_batch(&mut self.common),
         }
     }
-    /// Takes one client write (primary only).
+
+    /// Takes one client write (primary only). `ticket`s must increase by one per call.
     pub fn submit(&mut self, ticket: u64, offset: u64, data: Bytes) -> Result<u64, SubmitError> {
-        match self {
-            Core::Primary(p) => p.submit(ticket, offset, data),
-            Core::Backup(_) => Err(SubmitError::NotPrimary),
+        match &mut self.side {
+            Side::Primary(p) => p.submit(&mut self.common, ticket, offset, data),
+            Side::Backup(_) => Err(SubmitError::NotPrimary),
         }
     }
-    /// Whether `submit` may be called now.
+
+    /// Whether `submit` may be called now. While it is false the driver leaves submissions in
+    /// its ring (backpressure).
     pub fn accepts_submissions(&self) -> bool {
-        match self {
-            Core::Primary(p) => p.accepts_submissions(),
-            Core::Backup(_) => false,
+        match &self.side {
+            Side::Primary(p) => p.accepts_submissions(&self.common),
+            Side::Backup(_) => false,
         }
     }
+
+    /// Whether a primary that sent `h` may connect to this backup. Pure: the driver uses it to
+    /// refuse a second primary without disturbing the current connection.
+    pub fn check_hello(&self, h: &Hello) -> Result<(), (RejectCode, String)> {
+        match &self.side {
+            Side::Backup(b) => b.check_hello(&self.common, h),
+            Side::Primary(_) => Err((
+                RejectCode::Role,
+                "this node is a primary: it takes no connections".into(),
+            )),
+        }
+    }
+
+    /// The primary this backup is connected to, if any (None on a primary).
+    pub fn connected_primary(&self) -> Option<u64> {
+        match &self.side {
+            Side::Backup(b) => b.connected_primary(),
+            Side::Primary(_) => None,
+        }
+    }
+
     /// Moves the pending actions to the end of `out`, in order.
     pub fn drain_actions(&mut self, out: &mut Vec<Action>) {
-        match self {
-            Core::Primary(p) => p.drain_actions(out),
-            Core::Backup(b) => b.drain_actions(out),
-        }
+        out.append(&mut self.common.actions);
     }
+
     /// Connection phase.
     pub fn phase(&self) -> Phase {
-        match self {
-            Core::Primary(p) => p.phase(),
-            Core::Backup(b) => b.phase(),
+        match &self.side {
+            Side::Primary(p) => p.phase(),
+            Side::Backup(b) => b.phase(),
         }
     }
+
     /// Counters.
     pub fn stats(&self) -> CoreStats {
-        match self {
-            Core::Primary(p) => p.stats(),
-            Core::Backup(b) => b.stats(),
+        match &self.side {
+            Side::Primary(p) => p.stats(&self.common),
+            Side::Backup(b) => b.stats(&self.common),
         }
     }
+
     /// The driver hit an error it cannot continue from (e.g. the queue device failed).
     pub fn fail(&mut self) {
-        match self {
-            Core::Primary(p) => p.stop(),
-            Core::Backup(b) => b.stop(),
+        match &mut self.side {
+            Side::Primary(p) => p.stop(),
+            Side::Backup(b) => b.stop(),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use mirror_proto::{Core, Message, Phase, RejectCode};
+use mirror_proto::{Message, Phase, RejectCode};
 
 use crate::config::{Config, Role, TransportKind};
 use crate::error::Result;
@@ -104,11 +104,8 @@ impl Poller {
                 Ok(_) => {
                     let (mut c, _) = self.pending.swap_remove(i);
                     worked = true;
-                    let Core::Backup(backup) = &self.exec.core else {
-                        unreachable!("only backups accept")
-                    };
                     let verdict = match first.first() {
-                        Some(Message::Hello(h)) => backup.check_hello(h),
+                        Some(Message::Hello(h)) => self.exec.core.check_hello(h),
                         Some(other) => Err((
                             RejectCode::ProtocolViolation,
                             format!("first message was {:?}, expected Hello", other.kind()),
