@@ -21,7 +21,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
 use mirror_proto::{
-    Action, CoreConfig, FatalError, Message, PeerFault, Record, Recovered, RejectCode, Replica,
+    Action, CoreConfig, FatalError, Message, PeerFault, PeerId, Record, Recovered, RejectCode,
+    Replica,
 };
 use mirror_storage::{DiscardedRecord, PersistentQueue, Region, ReplayState, StorageError};
 use thiserror::Error;
@@ -99,11 +100,18 @@ impl Hooks for NoHooks {}
 /// I/O an action asks of the driver, in the order the driver must do it.
 #[derive(Debug)]
 pub enum Io {
-    /// Send this message on the current connection.
-    Send(Message),
+    /// Send this message to `to` (a driver drops what is for a connection it no longer has).
+    Send {
+        /// The peer connection.
+        to: PeerId,
+        /// The message.
+        msg: Message,
+    },
     /// Send the queue's records `from_seq..=through_seq` as `Write`s (a catch-up or a replay;
     /// [`Executor::queued_writes`] reads them). Count them as recovery traffic.
     SendQueued {
+        /// The peer connection.
+        to: PeerId,
         /// First seq.
         from_seq: u64,
         /// Last seq.
@@ -111,10 +119,17 @@ pub enum Io {
     },
     /// Callers' tickets through this one are complete.
     Complete(u64),
-    /// Close the connection.
-    Disconnect(PeerFault),
-    /// Send this reject and close the connection.
+    /// Close this peer's connection.
+    Disconnect {
+        /// The peer connection.
+        peer: PeerId,
+        /// Why.
+        fault: PeerFault,
+    },
+    /// Send this reject to the peer and close its connection.
     Reject {
+        /// The peer connection.
+        peer: PeerId,
         /// The code.
         code: RejectCode,
         /// The reason.
@@ -302,11 +317,13 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
     /// through `io`, in order.
     pub fn execute(&mut self, action: Action, io: &mut Vec<Io>) -> Result<(), ExecError> {
         match action {
-            Action::Send(msg) => io.push(Io::Send(msg)),
+            Action::Send { to, msg } => io.push(Io::Send { to, msg }),
             Action::SendQueued {
+                to,
                 from_seq,
                 through_seq,
             } => io.push(Io::SendQueued {
+                to,
                 from_seq,
                 through_seq,
             }),
@@ -330,16 +347,23 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 self.queue.set_current_term(term)?;
                 self.queue_barrier_done();
             }
-            Action::RequestRepair { after, through } => self.request_repair(after, through, io)?,
-            Action::SendRegion { ranges } => {
+            Action::RequestRepair {
+                peer,
+                after,
+                through,
+            } => self.request_repair(peer, after, through, io)?,
+            Action::SendRegion { to, ranges } => {
                 for (offset, len) in repair_pieces(&ranges) {
                     let mut data = vec![0u8; len as usize];
                     self.region.read(offset, &mut data)?;
                     self.recovery.bytes += len;
-                    io.push(Io::Send(Message::RepairData {
-                        offset,
-                        data: Bytes::from(data),
-                    }));
+                    io.push(Io::Send {
+                        to,
+                        msg: Message::RepairData {
+                            offset,
+                            data: Bytes::from(data),
+                        },
+                    });
                 }
             }
             Action::RepairRegion { offset, data } => {
@@ -376,8 +400,8 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 self.queue_barrier_done();
             }
             Action::Complete { ticket } => io.push(Io::Complete(ticket)),
-            Action::Disconnect(fault) => io.push(Io::Disconnect(fault)),
-            Action::Reject { code, reason } => io.push(Io::Reject { code, reason }),
+            Action::Disconnect { peer, fault } => io.push(Io::Disconnect { peer, fault }),
+            Action::Reject { peer, code, reason } => io.push(Io::Reject { peer, code, reason }),
             Action::RecoveryStarted => self.recovery = RecoveryTraffic::default(),
             Action::Fatal(e) => io.push(Io::Fatal(e)),
         }
@@ -388,6 +412,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
     /// repair requests for the ranges it wrote.
     fn request_repair(
         &mut self,
+        peer: PeerId,
         after: u64,
         through: u64,
         io: &mut Vec<Io>,
@@ -422,7 +447,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             through,
             records,
         });
-        io.extend(repair_requests(&ranges).map(Io::Send));
+        io.extend(repair_requests(&ranges).map(|msg| Io::Send { to: peer, msg }));
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use mirror_proto::testing::{Durable, Node, Role};
+use mirror_proto::testing::{Durable, Node, Role, PEER};
 use mirror_proto::{CoreConfig, PeerLossPolicy};
 
 const REGION: u64 = 1024;
@@ -38,9 +38,9 @@ fuzz_target!(|ops: &[u8]| {
         b.outbox.clear();
         p.hung_up = false;
         b.hung_up = false;
-        b.core.on_connected();
+        b.core.on_connected(PEER);
         b.run();
-        p.core.on_connected();
+        p.core.on_connected(PEER);
         p.run();
     };
     let deliver = |p: &mut Node, b: &mut Node, rounds: usize| {
@@ -48,10 +48,10 @@ fuzz_target!(|ops: &[u8]| {
             let to_b: Vec<_> = p.outbox.drain(..).collect();
             let to_p: Vec<_> = b.outbox.drain(..).collect();
             if to_b.is_empty() && to_p.is_empty() { break; }
-            for m in to_b { b.core.on_message(m); }
+            for m in to_b { b.core.on_message(PEER, m); }
             b.core.end_batch();
             b.run();
-            for m in to_p { p.core.on_message(m); }
+            for m in to_p { p.core.on_message(PEER, m); }
             p.core.end_batch();
             p.run();
         }
@@ -80,21 +80,21 @@ fuzz_target!(|ops: &[u8]| {
             3 => if !up { connect(&mut p, &mut b); up = true; },
             4 => {
                 up = false;
-                p.core.on_disconnected(); p.core.end_batch(); p.run();
-                b.core.on_disconnected(); b.core.end_batch(); b.run();
+                p.core.on_disconnected(PEER); p.core.end_batch(); p.run();
+                b.core.on_disconnected(PEER); b.core.end_batch(); b.run();
             }
             5 => {
                 up = false;
-                b.core.on_disconnected(); b.run();
-                if x & 1 == 0 { p.crash_and_restart() } else { p.core.on_disconnected(); p.run(); b.crash_and_restart() }
+                b.core.on_disconnected(PEER); b.run();
+                if x & 1 == 0 { p.crash_and_restart() } else { p.core.on_disconnected(PEER); p.run(); b.crash_and_restart() }
             }
             6 => { p.core.on_tick(); p.core.end_batch(); p.run(); b.core.on_tick(); b.core.end_batch(); b.run(); }
             _ => if !up { p.core.on_connect_failed(); p.run(); },
         }
         if p.hung_up || b.hung_up {
             up = false;
-            p.core.on_disconnected(); p.run();
-            b.core.on_disconnected(); b.run();
+            p.core.on_disconnected(PEER); p.run();
+            b.core.on_disconnected(PEER); b.run();
         }
     }
     if p.fatal.is_some() { return; }
@@ -103,8 +103,8 @@ fuzz_target!(|ops: &[u8]| {
     // connection never looks silent; one that idled past a timeout before is replaced once.
     for round in 0..2 {
         if !up || p.hung_up || b.hung_up {
-            p.core.on_disconnected(); p.core.end_batch(); p.run();
-            b.core.on_disconnected(); b.core.end_batch(); b.run();
+            p.core.on_disconnected(PEER); p.core.end_batch(); p.run();
+            b.core.on_disconnected(PEER); b.core.end_batch(); b.run();
             connect(&mut p, &mut b);
             up = true;
         }

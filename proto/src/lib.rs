@@ -17,8 +17,8 @@ pub mod testing;
 pub mod wire;
 
 pub use crate::core::{
-    check_write, Action, CoreConfig, CoreStats, FatalError, PeerFault, PeerLossPolicy, Phase,
-    Record, Recovered, Replica, SubmitError,
+    check_write, Action, CoreConfig, CoreStats, FatalError, PeerFault, PeerId, PeerLossPolicy,
+    Phase, Record, Recovered, Replica, SubmitError,
 };
 pub use crate::term::{common_point, TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES};
 pub use crate::wire::{

@@ -3,6 +3,8 @@
 //! plain collections) with the assertions a real driver's storage would make (appends in order,
 //! trims never past the node's own apply, completions in order, terms never going back).
 //! Compiled for tests, and for others with the `testing` feature.
+//!
+//! Its nodes talk over one connection at a time, always named [`PEER`].
 
 use std::collections::BTreeMap;
 
@@ -12,6 +14,9 @@ use crate::core::*;
 use crate::handshake::{merged_ranges, repair_pieces, repair_requests};
 use crate::term::TermHistory;
 use crate::wire::Message;
+
+/// The one peer connection of the in-memory driver.
+pub const PEER: PeerId = PeerId(1);
 
 /// Which role a [`Node`] plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,10 +155,11 @@ impl Node {
         self.core.drain_actions(&mut actions);
         for a in actions {
             match a {
-                Action::Send(m) => self.outbox.push(m),
+                Action::Send { msg, .. } => self.outbox.push(msg),
                 Action::SendQueued {
                     from_seq,
                     through_seq,
+                    ..
                 } => {
                     for seq in from_seq..=through_seq {
                         let r = self.disk.queue.get(&seq).unwrap_or_else(|| {
@@ -184,7 +190,7 @@ impl Node {
                     assert!(term >= self.disk.current_term, "term goes back");
                     self.disk.current_term = term;
                 }
-                Action::RequestRepair { after, through } => {
+                Action::RequestRepair { after, through, .. } => {
                     let suffix: Vec<Record> = self
                         .disk
                         .queue
@@ -197,7 +203,7 @@ impl Node {
                     self.outbox.extend(repair_requests(&ranges));
                     self.discarded.extend(suffix);
                 }
-                Action::SendRegion { ranges } => {
+                Action::SendRegion { ranges, .. } => {
                     for (offset, len) in repair_pieces(&ranges) {
                         let o = offset as usize;
                         self.recovery_bytes += len;
@@ -236,8 +242,8 @@ impl Node {
                     assert!(ticket > self.completed, "completion out of order");
                     self.completed = ticket;
                 }
-                Action::Disconnect(_) => self.hung_up = true,
-                Action::Reject { code, reason } => {
+                Action::Disconnect { .. } => self.hung_up = true,
+                Action::Reject { code, reason, .. } => {
                     self.outbox.push(Message::Reject { code, reason });
                     self.hung_up = true;
                 }

@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use crate::core::*;
 use crate::term::TermHistory;
-use crate::testing::{Node, Role};
+use crate::testing::{Node, Role, PEER};
 use crate::wire::{Message, RejectCode};
 
 const REGION: u64 = 4096;
@@ -49,9 +49,9 @@ impl Pair {
         self.p.outbox.clear();
         self.b.outbox.clear();
         self.up = true;
-        self.b.core.on_connected();
+        self.b.core.on_connected(PEER);
         self.b.run();
-        self.p.core.on_connected();
+        self.p.core.on_connected(PEER);
         self.p.run();
         self.settle();
     }
@@ -60,10 +60,10 @@ impl Pair {
         self.up = false;
         self.p.outbox.clear();
         self.b.outbox.clear();
-        self.p.core.on_disconnected();
+        self.p.core.on_disconnected(PEER);
         self.p.core.end_batch();
         self.p.run();
-        self.b.core.on_disconnected();
+        self.b.core.on_disconnected(PEER);
         self.b.core.end_batch();
         self.b.run();
     }
@@ -80,12 +80,12 @@ impl Pair {
                 return;
             }
             for m in to_b {
-                self.b.core.on_message(m);
+                self.b.core.on_message(PEER, m);
             }
             self.b.core.end_batch();
             self.b.run();
             for m in to_p {
-                self.p.core.on_message(m);
+                self.p.core.on_message(PEER, m);
             }
             self.p.core.end_batch();
             self.p.run();
@@ -93,7 +93,7 @@ impl Pair {
                 // Deliver the last words (a Reject), then drop the link.
                 let to_p: Vec<_> = self.b.outbox.drain(..).collect();
                 for m in to_p {
-                    self.p.core.on_message(m);
+                    self.p.core.on_message(PEER, m);
                 }
                 self.p.run();
                 self.disconnect();
@@ -146,7 +146,7 @@ fn primary_applies_only_when_the_ack_arrives() {
     // Deliver the write to the backup only.
     let msgs: Vec<_> = pair.p.outbox.drain(..).collect();
     for m in msgs {
-        pair.b.core.on_message(m);
+        pair.b.core.on_message(PEER, m);
     }
     pair.b.core.end_batch();
     pair.b.run();
@@ -330,7 +330,7 @@ fn a_report_lost_on_a_half_open_link_reaches_the_backup_through_the_reconnect() 
         pair.b.tick(now);
         let to_p: Vec<_> = pair.b.outbox.drain(..).collect();
         for m in to_p {
-            pair.p.core.on_message(m);
+            pair.p.core.on_message(PEER, m);
         }
         pair.p.core.end_batch();
         pair.p.run();
@@ -427,21 +427,24 @@ fn a_primary_that_announces_no_silence_timeout_is_not_expected_to_heartbeat() {
     // A primary from before the heartbeat: its Hello's last four bytes are zero, and it sends
     // nothing while idle. The backup keeps it, and heartbeats at its own pace.
     let mut b = Node::new(Role::Backup, cfg(2, PeerLossPolicy::Block));
-    b.core.on_connected();
-    b.core.on_message(Message::Hello(crate::wire::Hello {
-        role: crate::wire::WireRole::Primary,
-        node_id: 1,
-        peer_node_id: 0,
-        region_size: REGION,
-        queue_format_version: 1,
-        applied_through: 0,
-        last_seq: 0,
-        first_seq: 0,
-        queue_capacity: 1 << 20,
-        silence_timeout_us: 0,
-        current_term: 1,
-        term_history: TermHistory::new(),
-    }));
+    b.core.on_connected(PEER);
+    b.core.on_message(
+        PEER,
+        Message::Hello(crate::wire::Hello {
+            role: crate::wire::WireRole::Primary,
+            node_id: 1,
+            peer_node_id: 0,
+            region_size: REGION,
+            queue_format_version: 1,
+            applied_through: 0,
+            last_seq: 0,
+            first_seq: 0,
+            queue_capacity: 1 << 20,
+            silence_timeout_us: 0,
+            current_term: 1,
+            term_history: TermHistory::new(),
+        }),
+    );
     b.core.end_batch();
     b.run();
     b.outbox.clear();
@@ -490,7 +493,7 @@ fn primary_crash_between_ack_and_apply_loses_nothing() {
     // Deliver the write; the backup acks; the ack is lost because the primary dies.
     let msgs: Vec<_> = pair.p.outbox.drain(..).collect();
     for m in msgs {
-        pair.b.core.on_message(m);
+        pair.b.core.on_message(PEER, m);
     }
     pair.b.core.end_batch();
     pair.b.run();
@@ -516,7 +519,7 @@ fn restarted_primary_takes_records_it_lost_from_the_backup() {
     pair.p.write(16, 3, 8);
     let msgs: Vec<_> = pair.p.outbox.drain(..).collect();
     for m in msgs {
-        pair.b.core.on_message(m);
+        pair.b.core.on_message(PEER, m);
     }
     pair.b.core.end_batch();
     pair.b.run();
@@ -563,7 +566,7 @@ fn backup_applies_received_but_unapplied_records_after_its_crash() {
     pair.p.write(0, 5, 8);
     let msgs: Vec<_> = pair.p.outbox.drain(..).collect();
     for m in msgs {
-        pair.b.core.on_message(m);
+        pair.b.core.on_message(PEER, m);
     }
     // Crash before the batch ended: queued, not applied, not acked.
     pair.b.run();
@@ -585,7 +588,7 @@ fn a_second_primary_is_refused_and_the_first_keeps_working() {
     pair.p.write(0, 1, 8);
     pair.settle();
     let mut intruder = Node::new(Role::Primary, cfg(99, PeerLossPolicy::Block));
-    intruder.core.on_connected();
+    intruder.core.on_connected(PEER);
     intruder.run();
     let Message::Hello(h) = intruder.outbox[0].clone() else {
         panic!()
@@ -593,10 +596,13 @@ fn a_second_primary_is_refused_and_the_first_keeps_working() {
     let (code, _) = pair.b.core.check_hello(&h).unwrap_err();
     assert_eq!(code, RejectCode::WrongPeer);
     // A rejected primary stops with a clear error.
-    intruder.core.on_message(Message::Reject {
-        code,
-        reason: "bound".into(),
-    });
+    intruder.core.on_message(
+        PEER,
+        Message::Reject {
+            code,
+            reason: "bound".into(),
+        },
+    );
     intruder.run();
     assert!(matches!(intruder.fatal, Some(FatalError::Rejected { .. })));
     pair.p.write(8, 2, 8);
@@ -610,7 +616,7 @@ fn region_size_mismatch_is_refused_on_both_sides() {
     let mut bcfg = cfg(2, PeerLossPolicy::Block);
     bcfg.region_size = REGION * 2;
     let b = Node::new(Role::Backup, bcfg);
-    p.core.on_connected();
+    p.core.on_connected(PEER);
     p.run();
     let Message::Hello(h) = p.outbox[0].clone() else {
         panic!()
@@ -623,7 +629,7 @@ fn region_size_mismatch_is_refused_on_both_sides() {
     bh.role = crate::wire::WireRole::Backup;
     bh.node_id = 2;
     bh.region_size = REGION * 2;
-    p.core.on_message(Message::Hello(bh));
+    p.core.on_message(PEER, Message::Hello(bh));
     p.run();
     assert!(matches!(p.fatal, Some(FatalError::Incompatible(_))));
 }
@@ -654,22 +660,25 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
         cfg(1, PeerLossPolicy::Block),
         pair.p.disk.clone(),
     );
-    p2.core.on_connected();
+    p2.core.on_connected(PEER);
     p2.run();
-    p2.core.on_message(Message::Hello(crate::wire::Hello {
-        role: crate::wire::WireRole::Backup,
-        node_id: 3,
-        peer_node_id: 0,
-        region_size: REGION,
-        queue_format_version: 1,
-        applied_through: 0,
-        last_seq: 0,
-        first_seq: 0,
-        queue_capacity: 1 << 20,
-        silence_timeout_us: 0,
-        current_term: 1,
-        term_history: TermHistory::new(),
-    }));
+    p2.core.on_message(
+        PEER,
+        Message::Hello(crate::wire::Hello {
+            role: crate::wire::WireRole::Backup,
+            node_id: 3,
+            peer_node_id: 0,
+            region_size: REGION,
+            queue_format_version: 1,
+            applied_through: 0,
+            last_seq: 0,
+            first_seq: 0,
+            queue_capacity: 1 << 20,
+            silence_timeout_us: 0,
+            current_term: 1,
+            term_history: TermHistory::new(),
+        }),
+    );
     p2.run();
     assert!(matches!(p2.fatal, Some(FatalError::Incompatible(_))));
 }
@@ -678,17 +687,20 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
 fn gaps_and_out_of_range_writes_from_a_primary_are_protocol_violations() {
     let mut b = Node::new(Role::Backup, cfg(2, PeerLossPolicy::Block));
     let mut p = Node::new(Role::Primary, cfg(1, PeerLossPolicy::Block));
-    p.core.on_connected();
+    p.core.on_connected(PEER);
     p.run();
-    b.core.on_connected();
-    b.core.on_message(p.outbox.remove(0));
+    b.core.on_connected(PEER);
+    b.core.on_message(PEER, p.outbox.remove(0));
     b.run();
-    b.core.on_message(Message::Write {
-        seq: 5,
-        term: 1,
-        offset: 0,
-        data: Bytes::from_static(b"x"),
-    });
+    b.core.on_message(
+        PEER,
+        Message::Write {
+            seq: 5,
+            term: 1,
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+        },
+    );
     b.run();
     assert!(b.hung_up);
     assert!(
@@ -697,18 +709,21 @@ fn gaps_and_out_of_range_writes_from_a_primary_are_protocol_violations() {
     );
 
     let mut b = Node::new(Role::Backup, cfg(2, PeerLossPolicy::Block));
-    b.core.on_connected();
+    b.core.on_connected(PEER);
     let mut p = Node::new(Role::Primary, cfg(1, PeerLossPolicy::Block));
-    p.core.on_connected();
+    p.core.on_connected(PEER);
     p.run();
-    b.core.on_message(p.outbox.remove(0));
+    b.core.on_message(PEER, p.outbox.remove(0));
     b.run();
-    b.core.on_message(Message::Write {
-        seq: 1,
-        term: 1,
-        offset: REGION - 1,
-        data: Bytes::from_static(b"xy"),
-    });
+    b.core.on_message(
+        PEER,
+        Message::Write {
+            seq: 1,
+            term: 1,
+            offset: REGION - 1,
+            data: Bytes::from_static(b"xy"),
+        },
+    );
     b.run();
     assert!(b.hung_up);
     assert!(b.disk.queue.is_empty());
@@ -717,10 +732,13 @@ fn gaps_and_out_of_range_writes_from_a_primary_are_protocol_violations() {
 #[test]
 fn an_ack_for_something_never_sent_drops_the_connection() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
-    pair.p.core.on_message(Message::Ack {
-        received_through: 10,
-        applied_through: 0,
-    });
+    pair.p.core.on_message(
+        PEER,
+        Message::Ack {
+            received_through: 10,
+            applied_through: 0,
+        },
+    );
     pair.p.run();
     assert!(pair.p.hung_up);
     assert!(pair.p.disk.region.iter().all(|&b| b == 0));
@@ -880,7 +898,7 @@ fn continue_primary_keeps_writing_while_a_handshake_hangs() {
     pair.settle();
     pair.disconnect();
     // Reconnect, but the backup never answers the Hello (half-open).
-    pair.p.core.on_connected();
+    pair.p.core.on_connected(PEER);
     pair.p.run();
     assert_eq!(pair.p.core.phase(), Phase::Handshaking);
     assert!(pair.p.core.accepts_submissions());
@@ -892,9 +910,9 @@ fn continue_primary_keeps_writing_while_a_handshake_hangs() {
     // The Hello finally arrives (late): the write made meanwhile is caught up.
     pair.p.outbox.clear();
     pair.up = true;
-    pair.b.core.on_connected();
+    pair.b.core.on_connected(PEER);
     pair.b.run();
-    pair.p.core.on_disconnected();
+    pair.p.core.on_disconnected(PEER);
     pair.p.run();
     pair.connect();
     pair.assert_converged();
@@ -905,7 +923,7 @@ fn continue_primary_keeps_writing_while_a_handshake_hangs() {
 fn block_primary_takes_no_writes_while_a_handshake_hangs() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
     pair.disconnect();
-    pair.p.core.on_connected();
+    pair.p.core.on_connected(PEER);
     pair.p.run();
     assert!(!pair.p.core.accepts_submissions());
 }
@@ -932,12 +950,12 @@ impl Pair {
     fn primary_loses_power_after_the_backup_acked(&mut self, keeps_through: u64) {
         let msgs: Vec<_> = self.p.outbox.drain(..).collect();
         for m in msgs {
-            self.b.core.on_message(m);
+            self.b.core.on_message(PEER, m);
         }
         self.b.core.end_batch();
         self.b.run();
         self.up = false;
-        self.b.core.on_disconnected();
+        self.b.core.on_disconnected(PEER);
         self.b.run();
         self.b.outbox.clear(); // the acks die with the connection
         self.p.disk.lose_tail_after(keeps_through);
@@ -957,9 +975,15 @@ fn power_primary_applies_and_completes_only_what_its_own_queue_holds_durably() {
     pair.p.core.submit(t, 8, Bytes::from(vec![2u8; 8])).unwrap();
     pair.p.core.end_batch();
     pair.p.core.drain_actions(&mut actions);
-    let send = actions
-        .iter()
-        .position(|a| matches!(a, Action::Send(Message::Write { .. })));
+    let send = actions.iter().position(|a| {
+        matches!(
+            a,
+            Action::Send {
+                msg: Message::Write { .. },
+                ..
+            }
+        )
+    });
     let sync = actions.iter().position(|a| matches!(a, Action::SyncQueue));
     assert!(
         send.is_some() && sync.is_some() && send < sync,
@@ -1024,23 +1048,23 @@ fn a_degraded_write_during_the_handshake_makes_the_backup_drop_its_copy_at_the_n
     pair.primary_loses_power_after_the_backup_acked(1);
     // It connects; before the backup's Hello arrives it writes degraded, reusing seq 2. The
     // backup planned from the Hello (a replay of its seq 2): the primary reconnects instead.
-    pair.p.core.on_connected();
+    pair.p.core.on_connected(PEER);
     pair.p.run();
     let hello = pair.p.outbox.remove(0);
     pair.p.write(16, 3, 8);
-    pair.b.core.on_connected();
-    pair.b.core.on_message(hello);
+    pair.b.core.on_connected(PEER);
+    pair.b.core.on_message(PEER, hello);
     pair.b.run();
     let from_b: Vec<_> = pair.b.outbox.drain(..).collect();
     for m in from_b {
-        pair.p.core.on_message(m);
+        pair.p.core.on_message(PEER, m);
     }
     pair.p.run();
     assert!(pair.p.hung_up, "the primary drops the raced handshake");
     assert!(pair.p.fatal.is_none(), "{:?}", pair.p.fatal);
-    pair.b.core.on_disconnected();
+    pair.b.core.on_disconnected(PEER);
     pair.b.run();
-    pair.p.core.on_disconnected();
+    pair.p.core.on_disconnected(PEER);
     pair.p.run();
     pair.connect();
     pair.assert_converged();
@@ -1080,7 +1104,7 @@ fn both_lose_different_tails_and_converge() {
     pair.p.write(16, 3, 8);
     pair.up = false;
     pair.p.outbox.clear();
-    pair.b.core.on_disconnected();
+    pair.b.core.on_disconnected(PEER);
     pair.b.run();
     pair.p.disk.lose_tail_after(2);
     pair.p.crash_and_restart();
@@ -1101,12 +1125,15 @@ fn a_duplicate_of_another_term_is_not_acknowledged() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
     pair.p.write(0, 1, 8);
     pair.settle();
-    pair.b.core.on_message(Message::Write {
-        seq: 1,
-        term: 7,
-        offset: 0,
-        data: Bytes::from_static(b"other"),
-    });
+    pair.b.core.on_message(
+        PEER,
+        Message::Write {
+            seq: 1,
+            term: 7,
+            offset: 0,
+            data: Bytes::from_static(b"other"),
+        },
+    );
     pair.b.run();
     assert!(
         pair.b.hung_up,

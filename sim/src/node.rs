@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use mirror_exec::{CheckpointStage, Executor, Hooks, Io, RegionStore};
-use mirror_proto::{CoreConfig, Message, PeerLossPolicy};
+use mirror_proto::{CoreConfig, Message, PeerId, PeerLossPolicy};
 use mirror_storage::{Durability, PersistentQueue, QueueParams, StorageError};
 
 use crate::media::{power_loss_image, DurableImage, Tear};
@@ -24,15 +24,20 @@ pub(crate) enum Role {
 pub(crate) enum Effect {
     /// Send this message to the peer. `durable` is the node's (last_seq, applied_through)
     /// made durable when the core's action was executed (not after the rest of the batch).
-    Send { msg: Message, durable: (u64, u64) },
+    Send {
+        to: PeerId,
+        msg: Message,
+        durable: (u64, u64),
+    },
     /// A catch-up from the queue: these `Write` messages, for seqs `from_seq..=through_seq`.
     SendQueued {
+        to: PeerId,
         from_seq: u64,
         through_seq: u64,
         writes: Vec<Message>,
     },
     /// Drop the connection (after sending what was queued before).
-    Close,
+    Close(PeerId),
     /// Every client ticket up to this one is complete.
     Complete(u64),
     /// About to write record `seq` into the region.
@@ -323,11 +328,13 @@ impl SimNode {
             for item in io.drain(..) {
                 let durable = self.exec.durable();
                 let effect = match item {
-                    Io::Send(msg) => Effect::Send {
+                    Io::Send { to, msg } => Effect::Send {
+                        to,
                         msg,
                         durable: (durable.last_seq, durable.applied),
                     },
                     Io::SendQueued {
+                        to,
                         from_seq,
                         through_seq,
                     } => {
@@ -337,19 +344,21 @@ impl SimNode {
                             )
                         })?;
                         Effect::SendQueued {
+                            to,
                             from_seq,
                             through_seq,
                             writes,
                         }
                     }
                     Io::Complete(ticket) => Effect::Complete(ticket),
-                    Io::Disconnect(_) => Effect::Close,
-                    Io::Reject { code, reason } => {
+                    Io::Disconnect { peer, .. } => Effect::Close(peer),
+                    Io::Reject { peer, code, reason } => {
                         effects.push(Effect::Send {
+                            to: peer,
                             msg: Message::Reject { code, reason },
                             durable: (durable.last_seq, durable.applied),
                         });
-                        Effect::Close
+                        Effect::Close(peer)
                     }
                     Io::Fatal(e) => Effect::Fatal(e.to_string()),
                     Io::Discard { records, .. } => {

@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::Path;
 
 use bytes::Bytes;
-use mirror_proto::{Message, PeerLossPolicy, Phase};
+use mirror_proto::{Message, PeerId, PeerLossPolicy, Phase};
 
 use crate::net::{frame, Connection, Delivery, End};
 use crate::node::{Canaries, Effect, Executed, Recovery, Role, SimNode};
@@ -432,10 +432,20 @@ impl<'o> Sim<'o> {
         Ok(self.nodes[idx(r)].is_some())
     }
 
+    /// Whether `peer` names the current connection (effects for an older one are dropped).
+    fn is_current(&self, peer: PeerId) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.id == peer.0)
+    }
+
     fn handle_effects(&mut self, r: Role, effects: Vec<Effect>) -> Result<(), SimFailure> {
         for e in effects {
             match e {
-                Effect::Send { msg, durable } => {
+                Effect::Send { to, .. } | Effect::SendQueued { to, .. } | Effect::Close(to)
+                    if !self.is_current(to) =>
+                {
+                    // For a connection that is gone.
+                }
+                Effect::Send { msg, durable, .. } => {
                     if let (
                         Role::Backup,
                         Message::Ack {
@@ -451,6 +461,7 @@ impl<'o> Sim<'o> {
                     from_seq,
                     through_seq,
                     writes,
+                    ..
                 } => {
                     // Checker 4: only what the peer lacks.
                     // What the peer holds of this node's history: the two logs agree through
@@ -484,7 +495,7 @@ impl<'o> Sim<'o> {
                         self.send(r, m);
                     }
                 }
-                Effect::Close => {
+                Effect::Close(peer) => {
                     let delay = self.rng.u64(0..5);
                     let step = self.step;
                     if let Some(c) = self.conn.as_mut() {
@@ -493,7 +504,7 @@ impl<'o> Sim<'o> {
                             // The node's own end is gone at once.
                             self.trace(format_args!("{r:?} closes"));
                             if let Some(n) = self.nodes[idx(r)].as_mut() {
-                                n.exec.core.on_disconnected();
+                                n.exec.core.on_disconnected(peer);
                             }
                         }
                     }
@@ -777,9 +788,10 @@ impl Sim<'_> {
             return;
         }
         // The backup replaces a connection it still believes in (its peer restarted).
-        if self.conn.as_ref().is_some_and(|c| c.is_open(End::Backup)) {
+        if let Some(old) = self.conn.as_ref().filter(|c| c.is_open(End::Backup)) {
+            let old = PeerId(old.id);
             if let Some(b) = self.nodes[1].as_mut() {
-                b.exec.core.on_disconnected();
+                b.exec.core.on_disconnected(old);
             }
         }
         self.next_conn_id += 1;
@@ -788,7 +800,7 @@ impl Sim<'_> {
         self.trace(format_args!("connection {id}"));
         for i in [1, 0] {
             if let Some(n) = self.nodes[i].as_mut() {
-                n.exec.core.on_connected();
+                n.exec.core.on_connected(PeerId(id));
             }
         }
     }
@@ -864,6 +876,8 @@ impl Sim<'_> {
         }
         let mut inputs = Vec::new();
         let step = self.step;
+        // Everything delivered comes from the current connection (no connection: nothing).
+        let peer = PeerId(self.conn.as_ref().map_or(0, |c| c.id));
         if let Some(c) = self.conn.as_mut() {
             c.deliver(end(r), step, &mut inputs);
         }
@@ -901,11 +915,11 @@ impl Sim<'_> {
         }
         for d in inputs {
             match d {
-                Delivery::Message(m) => node.exec.core.on_message(m),
-                Delivery::Disconnected => node.exec.core.on_disconnected(),
+                Delivery::Message(m) => node.exec.core.on_message(peer, m),
+                Delivery::Disconnected => node.exec.core.on_disconnected(peer),
                 Delivery::Garbage(e) => {
                     close = true;
-                    node.exec.core.on_disconnected();
+                    node.exec.core.on_disconnected(peer);
                     events.push(format!("{r:?} drops the connection: {e}"));
                 }
             }

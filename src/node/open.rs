@@ -235,6 +235,7 @@ impl Mirror {
             next_accept_at_us: 0,
             last_divergence: None,
             catch_up: None,
+            conn_peer: mirror_proto::PeerId(0),
             recoveries_seen: 0,
             submitted: 0,
         };

@@ -119,14 +119,22 @@ impl BackupSide {
 
     fn on_hello(&mut self, c: &mut Common, h: Hello) {
         if let Err((code, reason)) = self.check_hello(c, &h) {
-            c.actions.push(Action::Reject { code, reason });
+            c.actions.push(Action::Reject {
+                peer: c.to(),
+                code,
+                reason,
+            });
             return;
         }
         let plan = match self.plan(c, &h) {
             Ok(plan) => plan,
             Err(u) => {
                 let (code, reason) = u.reject();
-                c.actions.push(Action::Reject { code, reason });
+                c.actions.push(Action::Reject {
+                    peer: c.to(),
+                    code,
+                    reason,
+                });
                 return;
             }
         };
@@ -152,22 +160,24 @@ impl BackupSide {
             c.committed_through,
             c.cfg.ack_timeout_us,
         );
-        c.actions.push(Action::Send(Message::Hello(hello)));
+        c.send(Message::Hello(hello));
         let repair_after = plan.backup_discards.then_some(plan.common);
         if let Some(common) = repair_after {
             c.actions.push(Action::RequestRepair {
+                peer: c.to(),
                 after: common,
                 through: b_last,
             });
         } else if b_last > h.last_seq {
             c.actions.push(Action::SendQueued {
+                to: c.to(),
                 from_seq: h.last_seq + 1,
                 through_seq: b_last,
             });
         }
-        c.actions.push(Action::Send(Message::ReplayDone {
+        c.send(Message::ReplayDone {
             through: plan.backup_holds_through,
-        }));
+        });
         c.peer_silence_timeout_us = h.silence_timeout_us;
         self.state = BackupState::Connected {
             primary_id: h.node_id,
@@ -203,6 +213,7 @@ impl BackupSide {
         // Records appended before the violation stay valid: acknowledge and apply them first.
         self.finish_batch(c);
         c.actions.push(Action::Reject {
+            peer: c.to(),
             code: RejectCode::ProtocolViolation,
             reason: what,
         });
@@ -370,7 +381,10 @@ impl BackupSide {
     /// Drops the connection for `fault`, after acknowledging and applying what it delivered.
     fn hang_up(&mut self, c: &mut Common, fault: PeerFault) {
         self.finish_batch(c);
-        c.actions.push(Action::Disconnect(fault));
+        c.actions.push(Action::Disconnect {
+            peer: c.to(),
+            fault,
+        });
         self.state = BackupState::Idle;
     }
 
@@ -385,10 +399,10 @@ impl BackupSide {
                 self.reported_applied = c.committed_through.min(matched);
                 self.unreported_since_us = None;
                 self.last_ack_us = c.now_us;
-                c.actions.push(Action::Send(Message::Ack {
+                c.send(Message::Ack {
                     received_through: matched,
                     applied_through: self.reported_applied,
-                }));
+                });
             }
         }
         // The backup applies after acknowledging: the ack does not wait for the region.

@@ -183,14 +183,34 @@ impl From<Unreconcilable> for FatalError {
     }
 }
 
+/// Names one peer connection. Inputs say which connection they come from and actions which one
+/// they are for, so that a driver never hands a stale connection's frames to the core, nor the
+/// core's words for one connection to another (and so that a replica can later serve more
+/// than one peer). The driver chooses the ids: a new one for every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer#{}", self.0)
+    }
+}
+
 /// A request the core makes of its driver. Execute in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Send this message on the current connection.
-    Send(Message),
+    /// Send this message to the peer.
+    Send {
+        /// The peer connection.
+        to: PeerId,
+        /// The message.
+        msg: Message,
+    },
     /// Send a `Write` message for every record in the local queue with `from_seq <= seq <= through_seq`,
     /// in order (catch-up of a peer that missed them). Count their bytes as recovery traffic.
     SendQueued {
+        /// The peer connection.
+        to: PeerId,
         /// First sequence number to send.
         from_seq: u64,
         /// Last sequence number to send.
@@ -228,10 +248,17 @@ pub enum Action {
         /// Highest completed ticket.
         ticket: u64,
     },
-    /// Close the current connection (the driver then reconnects as usual).
-    Disconnect(PeerFault),
-    /// Send this reject and close the current connection.
+    /// Close this peer's connection (the driver then reconnects as usual).
+    Disconnect {
+        /// The peer connection.
+        peer: PeerId,
+        /// Why.
+        fault: PeerFault,
+    },
+    /// Send this reject to the peer and close its connection.
     Reject {
+        /// The peer connection.
+        peer: PeerId,
         /// The code.
         code: RejectCode,
         /// Human-readable detail.
@@ -248,6 +275,8 @@ pub enum Action {
     /// Backup: the queue's records in `(after, through]` are a divergent suffix. Save them
     /// (durably, beside the queue) and send `RepairRequest`s naming the byte ranges they wrote.
     RequestRepair {
+        /// The peer to ask.
+        peer: PeerId,
         /// The common point.
         after: u64,
         /// The last divergent seq.
@@ -255,6 +284,8 @@ pub enum Action {
     },
     /// Primary: send the current bytes of these region ranges as `RepairData` messages.
     SendRegion {
+        /// The peer that asked.
+        to: PeerId,
         /// The ranges the backup asked for.
         ranges: Vec<RegionRange>,
     },
@@ -499,6 +530,8 @@ struct Common {
     peer_silence_timeout_us: u32,
     recoveries: u64,
     actions: Vec<Action>,
+    /// The connection the replica talks to (None: none).
+    peer: Option<PeerId>,
 }
 
 impl Common {
@@ -522,7 +555,19 @@ impl Common {
             peer_silence_timeout_us: 0,
             recoveries: 0,
             actions: Vec::new(),
+            peer: None,
         }
+    }
+
+    /// The connection the replica talks to; `PeerId(0)` when there is none (a driver drops
+    /// what is addressed to a connection it does not have).
+    fn to(&self) -> PeerId {
+        self.peer.unwrap_or(PeerId(0))
+    }
+
+    fn send(&mut self, msg: Message) {
+        let to = self.to();
+        self.actions.push(Action::Send { to, msg });
     }
 
     fn last_seq(&self) -> u64 {
@@ -613,7 +658,8 @@ impl Replica {
 
     /// A connection to the peer was established (a primary then sends its Hello; a backup
     /// is called before the primary's Hello is fed to it).
-    pub fn on_connected(&mut self) {
+    pub fn on_connected(&mut self, peer: PeerId) {
+        self.common.peer = Some(peer);
         match &mut self.side {
             Side::Primary(p) => p.on_connected(&mut self.common),
             Side::Backup(b) => b.on_connected(&mut self.common),
@@ -629,16 +675,25 @@ impl Replica {
         }
     }
 
-    /// The connection is gone.
-    pub fn on_disconnected(&mut self) {
+    /// The connection to `peer` is gone (a connection the replica no longer talks to changes
+    /// nothing).
+    pub fn on_disconnected(&mut self, peer: PeerId) {
+        if self.common.peer != Some(peer) {
+            return;
+        }
         match &mut self.side {
             Side::Primary(p) => p.on_disconnected(&mut self.common),
             Side::Backup(b) => b.on_disconnected(&mut self.common),
         }
+        self.common.peer = None;
     }
 
-    /// A message from the peer.
-    pub fn on_message(&mut self, msg: Message) {
+    /// A message from `peer` (frames of a connection the replica no longer talks to are
+    /// dropped: they belong to a finished conversation).
+    pub fn on_message(&mut self, peer: PeerId, msg: Message) {
+        if self.common.peer != Some(peer) {
+            return;
+        }
         match &mut self.side {
             Side::Primary(p) => p.on_message(&mut self.common, msg),
             Side::Backup(b) => b.on_message(&mut self.common, msg),

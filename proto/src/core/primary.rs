@@ -254,7 +254,10 @@ impl PrimarySide {
 
     fn lose_peer(&mut self, c: &mut Common, fault: Option<PeerFault>) {
         if let Some(fault) = fault {
-            c.actions.push(Action::Disconnect(fault));
+            c.actions.push(Action::Disconnect {
+                peer: c.to(),
+                fault,
+            });
         }
         self.state = PrimaryState::Disconnected;
         self.awaiting_since_us = None;
@@ -441,6 +444,7 @@ impl PrimarySide {
         self.sent_through = p_last;
         if holds < p_last {
             c.actions.push(Action::SendQueued {
+                to: c.to(),
                 from_seq: holds + 1,
                 through_seq: p_last,
             });
@@ -620,7 +624,7 @@ impl PrimarySide {
                 ),
             );
         }
-        c.actions.push(Action::SendRegion { ranges });
+        c.actions.push(Action::SendRegion { to: c.to(), ranges });
     }
 
     /// The driver finished one pass of inputs: group-commit what the pass produced.
@@ -643,7 +647,7 @@ impl PrimarySide {
 
     fn send(&mut self, c: &mut Common, msg: Message) {
         self.last_sent_us = c.now_us;
-        c.actions.push(Action::Send(msg));
+        c.send(msg);
     }
 
     /// Sends our durable apply point. Also the heartbeat: repeating it costs the backup nothing

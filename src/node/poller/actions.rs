@@ -55,16 +55,17 @@ impl Poller {
 
     fn do_io(&mut self, item: Io, broken: &mut Option<String>) -> Result<(), Stop> {
         match item {
-            Io::Send(msg) => self.send_in_order(msg, broken),
+            Io::Send { to, msg } if self.is_current(to) => self.send_in_order(msg, broken),
             Io::SendQueued {
+                to,
                 from_seq,
                 through_seq,
-            } => self.send_queued(from_seq, through_seq, broken)?,
+            } if self.is_current(to) => self.send_queued(from_seq, through_seq, broken)?,
             Io::Complete(ticket) => self.shared.complete(ticket),
-            Io::Disconnect(fault) => {
+            Io::Disconnect { peer, fault } if self.is_current(peer) => {
                 broken.get_or_insert(fault.to_string());
             }
-            Io::Reject { code, reason } => {
+            Io::Reject { peer, code, reason } if self.is_current(peer) => {
                 if let Some(c) = self.conn.as_mut() {
                     let _ = c.send(&Message::Reject {
                         code,
@@ -81,6 +82,9 @@ impl Poller {
                 records,
             } => self.save_divergent_suffix(after, through, &records)?,
             Io::Applied(_) => {}
+            // For a connection that is gone: nothing to do.
+            Io::Send { .. } | Io::SendQueued { .. } | Io::Disconnect { .. } | Io::Reject { .. } => {
+            }
         }
         Ok(())
     }

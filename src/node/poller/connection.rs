@@ -29,7 +29,8 @@ impl Poller {
                             tracing::info!(peer = %c.peer(), "connected to backup");
                             self.connecting = None;
                             self.conn = Some(c);
-                            self.exec.core.on_connected();
+                            let peer = self.next_peer();
+                            self.exec.core.on_connected(peer);
                             return true;
                         }
                         Ok(None) if now < *deadline_us => return false,
@@ -115,12 +116,14 @@ impl Poller {
                     match verdict {
                         Ok(()) => {
                             if let Some(old) = self.conn.take() {
+                                let old_peer = self.conn_peer;
                                 tracing::info!(old = %old.peer(), new = %c.peer(), "primary reconnected; replacing its old connection");
-                                self.exec.core.on_disconnected();
+                                self.exec.core.on_disconnected(old_peer);
                             }
-                            self.exec.core.on_connected();
+                            let peer = self.next_peer();
+                            self.exec.core.on_connected(peer);
                             for m in first {
-                                self.exec.core.on_message(m);
+                                self.exec.core.on_message(peer, m);
                             }
                             self.conn = Some(c);
                         }

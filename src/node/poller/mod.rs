@@ -8,7 +8,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mirror_proto::{Action, Message};
+use mirror_proto::{Action, Message, PeerId};
 use mirror_ring::Consumer;
 use mirror_storage::{Region, StorageError};
 
@@ -62,6 +62,8 @@ pub(super) struct Poller {
     pub(super) last_divergence: Option<Divergence>,
     /// A catch-up (or replay) being streamed to the peer.
     pub(super) catch_up: Option<CatchUp>,
+    /// The id of the current connection (or of the last one).
+    pub(super) conn_peer: PeerId,
     pub(super) recoveries_seen: u64,
     pub(super) submitted: u64,
 }
@@ -210,7 +212,7 @@ impl Poller {
             }
         }
         for msg in self.inbox.drain(..) {
-            self.exec.core.on_message(msg);
+            self.exec.core.on_message(self.conn_peer, msg);
         }
         if no_room {
             self.drop_connection(
@@ -244,7 +246,19 @@ impl Poller {
         if let Some(c) = self.conn.take() {
             tracing::warn!(peer = %c.peer(), reason = why, "connection lost");
         }
-        self.exec.core.on_disconnected();
+        self.exec.core.on_disconnected(self.conn_peer);
+    }
+
+    /// A new id for the connection just made current: the core and this poller name every
+    /// connection apart, so nothing meant for an old one reaches a new one.
+    pub(super) fn next_peer(&mut self) -> PeerId {
+        self.conn_peer = PeerId(self.conn_peer.0 + 1);
+        self.conn_peer
+    }
+
+    /// Whether `peer` is the current connection (what is for another one is dropped).
+    pub(super) fn is_current(&self, peer: PeerId) -> bool {
+        self.conn.is_some() && self.conn_peer == peer
     }
 
     fn take_submissions(&mut self) -> Result<bool, Stop> {
