@@ -382,6 +382,11 @@ impl<'o> Sim<'o> {
                 recovery.last_seq + 1
             ));
         }
+        self.trace(format_args!(
+            "{r:?} recovered through seq {} with terms {:?}",
+            recovery.last_seq,
+            recovery.terms.entries()
+        ));
         self.check_recovery(r, &recovery)?;
         self.report.torn_words += tear.written_words;
         self.nodes[idx(r)] = None;
