@@ -1207,3 +1207,50 @@ fn deferred_commits_bound_reports_and_trims_by_what_the_driver_made_durable() {
     );
     pair.assert_converged();
 }
+
+/// Simulator seed 1527: a backup's apply report counts only on the history both logs hold at
+/// the handshake. Here the backup holds (and applied) seq 2, which the primary lost; the
+/// handshake plans a replay of it, but the connection dies before the replay lands, and the
+/// primary writes seq 2 anew, degraded, in its new term. Had it credited the backup's report
+/// (applied through 2), it would have trimmed its own new seq 2 as if the backup held it, and
+/// the next handshake would find no shared term to reconcile from.
+#[test]
+fn an_apply_report_of_records_still_to_be_replayed_trims_nothing() {
+    let mut pair = power_pair(PeerLossPolicy::Continue);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.p.write(8, 2, 8);
+    pair.primary_loses_power_after_the_backup_acked(1);
+    assert_eq!(pair.b.disk.applied_through, 2, "the backup applied seq 2");
+    // The handshake: the backup plans to replay seq 2, and the connection dies with it.
+    pair.up = true;
+    pair.b.core.on_connected(PEER);
+    pair.b.run();
+    pair.p.core.on_connected(PEER);
+    pair.p.run();
+    let hello = pair.p.outbox.remove(0);
+    pair.b.core.on_message(PEER, hello);
+    pair.b.run();
+    let from_b: Vec<_> = pair.b.outbox.drain(..).collect();
+    let b_hello = from_b
+        .into_iter()
+        .find(|m| matches!(m, Message::Hello(_)))
+        .expect("the backup's Hello");
+    pair.p.core.on_message(PEER, b_hello);
+    pair.p.run();
+    pair.disconnect();
+    // Degraded, the primary gives seq 2 to a new write, in its new term, and commits it.
+    pair.p.write(16, 3, 8);
+    pair.p.tick(1);
+    assert!(
+        pair.p.disk.queue.contains_key(&2),
+        "the primary trimmed its own seq 2 on the backup's report of another seq 2"
+    );
+    pair.connect();
+    pair.assert_converged();
+    assert!(
+        region_has(&pair.b, 16, 3, 8),
+        "the completed write is on the backup"
+    );
+    assert!(pair.p.fatal.is_none(), "{:?}", pair.p.fatal);
+}

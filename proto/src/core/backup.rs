@@ -185,8 +185,8 @@ impl BackupSide {
             primary_term: h.current_term,
             repair_after,
         };
-        // The primary's apply point counts only on the history we share.
-        self.trim(c, h.applied_through.min(plan.backup_holds_through));
+        // The primary's apply point counts only on the history both logs hold now.
+        self.trim(c, h.applied_through.min(plan.common));
         self.reported_applied = c.committed_through.min(self.matched_through(c));
         self.last_ack_us = c.now_us;
         c.recoveries += 1;
@@ -222,6 +222,7 @@ impl BackupSide {
 
     /// A new connection from a primary (the driver calls this before feeding its `Hello`).
     pub fn on_connected(&mut self, c: &mut Common) {
+        c.forget_peer_reports();
         if self.state != BackupState::Failed {
             self.finish_batch(c);
             self.state = BackupState::Idle;
@@ -230,6 +231,7 @@ impl BackupSide {
 
     /// The connection is gone.
     pub fn on_disconnected(&mut self, c: &mut Common) {
+        c.forget_peer_reports();
         if self.state != BackupState::Failed {
             self.finish_batch(c);
             self.state = BackupState::Idle;

@@ -565,6 +565,13 @@ impl Common {
         self.peer.unwrap_or(PeerId(0))
     }
 
+    /// A peer's apply report speaks of the history shared on its connection: once the
+    /// connection is gone, it no longer bounds trims (the next handshake restates it, clamped
+    /// to the common point).
+    fn forget_peer_reports(&mut self) {
+        self.peer_applied = 0;
+    }
+
     fn send(&mut self, msg: Message) {
         let to = self.to();
         self.actions.push(Action::Send { to, msg });

@@ -253,6 +253,7 @@ impl PrimarySide {
     }
 
     fn lose_peer(&mut self, c: &mut Common, fault: Option<PeerFault>) {
+        c.forget_peer_reports();
         if let Some(fault) = fault {
             c.actions.push(Action::Disconnect {
                 peer: c.to(),
@@ -361,9 +362,11 @@ impl PrimarySide {
         // What the backup holds of our history is acknowledged: apply what we hold of it.
         self.apply_delayed_through(c, holds.min(p_last));
         self.commit_applied(c);
-        // The backup's apply point counts only on the history we share: never trim a record
-        // because the backup applied its own, divergent record of the same seq.
-        self.trim(c, h.applied_through.min(holds));
+        // The backup's apply point counts only on the history both logs hold now: never trim a
+        // record because the backup applied its own, divergent record of the same seq, nor
+        // because it applied records it is about to replay to us (a replay cut short leaves
+        // our log to go on differently there; simulator seed 1527).
+        self.trim(c, h.applied_through.min(plan.common));
         self.state = PrimaryState::Recovering {
             last_rx_us: c.now_us,
             backup_holds_through: holds,
