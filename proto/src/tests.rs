@@ -1254,3 +1254,63 @@ fn an_apply_report_of_records_still_to_be_replayed_trims_nothing() {
     );
     assert!(pair.p.fatal.is_none(), "{:?}", pair.p.fatal);
 }
+
+/// Simulator seed 3070: a broken transport delivers the primary's `RepairDone` before the
+/// `RepairData` it closes. The backup must not drop its divergent suffix on a repair it did not
+/// fully receive (its region would keep the dropped write's bytes for good): it refuses, and
+/// the next handshake repairs the range.
+#[test]
+fn a_repair_done_ahead_of_its_data_drops_nothing() {
+    let mut pair = power_pair(PeerLossPolicy::Continue);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.p.write(8, 2, 8);
+    pair.primary_loses_power_after_the_backup_acked(1);
+    pair.p.core.on_connect_failed();
+    pair.p.run();
+    pair.p.write(16, 3, 8);
+    // The handshake by hand, so that the primary's repair messages can be reordered.
+    pair.up = true;
+    pair.b.core.on_connected(PEER);
+    pair.b.run();
+    pair.p.core.on_connected(PEER);
+    pair.p.run();
+    // The primary's Hello to the backup, the backup's plan (Hello, RepairRequest, ReplayDone)
+    // to the primary; what the primary answers is reordered on its way.
+    let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
+    for m in to_b {
+        pair.b.core.on_message(PEER, m);
+    }
+    pair.b.core.end_batch();
+    pair.b.run();
+    let to_p: Vec<_> = pair.b.outbox.drain(..).collect();
+    for m in to_p {
+        pair.p.core.on_message(PEER, m);
+    }
+    pair.p.core.end_batch();
+    pair.p.run();
+    let mut to_b: Vec<_> = pair.p.outbox.drain(..).collect();
+    let done = to_b
+        .iter()
+        .position(|m| matches!(m, Message::RepairDone { .. }))
+        .expect("the primary closes the repair");
+    let data = to_b
+        .iter()
+        .position(|m| matches!(m, Message::RepairData { .. }))
+        .expect("the primary sends the range");
+    to_b.swap(done, data);
+    for m in to_b {
+        pair.b.core.on_message(PEER, m);
+    }
+    pair.b.run();
+    assert!(pair.b.hung_up, "the backup refuses a repair it did not fully receive");
+    assert_eq!(
+        pair.b.disk.queue.get(&2).map(|r| r.term),
+        Some(1),
+        "the divergent record stays until a complete repair"
+    );
+    pair.disconnect();
+    pair.connect();
+    pair.assert_converged();
+    assert!(region_has(&pair.b, 8, 0, 8), "the range is repaired at the next handshake");
+}

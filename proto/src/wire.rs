@@ -219,6 +219,10 @@ pub enum Message {
     RepairDone {
         /// The common point of the two histories.
         through: u64,
+        /// Bytes of `RepairData` sent for this repair: the backup drops its suffix only if it
+        /// received exactly these (a broken transport that lost or reordered one must not
+        /// leave a range unrepaired).
+        bytes: u64,
     },
 }
 
@@ -339,7 +343,8 @@ impl Message {
             Message::Reject { reason, .. } => 2 + 2 + reason.len().min(MAX_REASON_LEN),
             Message::Write { data, .. } => WRITE_FIXED_LEN + data.len(),
             Message::Ack { .. } => 16,
-            Message::Applied { .. } | Message::ReplayDone { .. } | Message::RepairDone { .. } => 8,
+            Message::Applied { .. } | Message::ReplayDone { .. } => 8,
+            Message::RepairDone { .. } => 16,
             Message::RepairRequest { ranges } => 8 + REPAIR_RANGE_LEN * ranges.len(),
             Message::RepairData { data, .. } => REPAIR_DATA_FIXED_LEN + data.len(),
         }
@@ -403,9 +408,13 @@ impl Message {
                 out.put_u64_le(*received_through);
                 out.put_u64_le(*applied_through);
             }
-            Message::Applied { through }
-            | Message::ReplayDone { through }
-            | Message::RepairDone { through } => out.put_u64_le(*through),
+            Message::Applied { through } | Message::ReplayDone { through } => {
+                out.put_u64_le(*through)
+            }
+            Message::RepairDone { through, bytes } => {
+                out.put_u64_le(*through);
+                out.put_u64_le(*bytes);
+            }
             Message::RepairRequest { ranges } => {
                 debug_assert!(!ranges.is_empty() && ranges.len() <= MAX_REPAIR_RANGES);
                 out.put_u32_le(ranges.len() as u32);
@@ -710,11 +719,12 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             Body::Done(Message::RepairRequest { ranges })
         }
         MessageKind::RepairDone => {
-            if len != 8 {
+            if len != 16 {
                 return Err(bad_len());
             }
             Body::Done(Message::RepairDone {
                 through: body.get_u64_le(),
+                bytes: body.get_u64_le(),
             })
         }
         MessageKind::Ack => {
@@ -832,7 +842,10 @@ mod tests {
                 offset: 100,
                 data: Bytes::from_static(b"bytes"),
             },
-            Message::RepairDone { through: 7 },
+            Message::RepairDone {
+                through: 7,
+                bytes: 4101,
+            },
             Message::Ack {
                 received_through: 5,
                 applied_through: 4,
@@ -1066,7 +1079,8 @@ mod tests {
                         .collect(),
                 }
             }),
-            any::<u64>().prop_map(|t| Message::RepairDone { through: t }),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(through, bytes)| Message::RepairDone { through, bytes }),
             (0..u64::MAX / 2, 0..u64::MAX / 2).prop_map(|(a, b)| Message::Ack {
                 received_through: a.max(b),
                 applied_through: a.min(b)

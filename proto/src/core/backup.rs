@@ -33,6 +33,8 @@ pub(super) struct BackupSide {
     /// When this backup last sent an ack (its heartbeat is due a quarter of the primary's
     /// silence timeout later).
     last_ack_us: u64,
+    /// Bytes of `RepairData` received for the repair in progress (checked at `RepairDone`).
+    repair_bytes_received: u64,
 }
 
 /// How long a backup's applied progress may wait for the next ack before it is reported on its
@@ -50,6 +52,7 @@ impl BackupSide {
             reported_applied: 0,
             unreported_since_us: None,
             last_ack_us: 0,
+            repair_bytes_received: 0,
         }
     }
 
@@ -162,6 +165,7 @@ impl BackupSide {
         );
         c.send(Message::Hello(hello));
         let repair_after = plan.backup_discards.then_some(plan.common);
+        self.repair_bytes_received = 0;
         if let Some(common) = repair_after {
             c.actions.push(Action::RequestRepair {
                 peer: c.to(),
@@ -351,9 +355,16 @@ impl BackupSide {
                 if let Err(e) = check_write(offset, data.len(), c.cfg.region_size, usize::MAX) {
                     return self.violation(c, format!("repair data: {e}"));
                 }
+                self.repair_bytes_received += data.len() as u64;
                 c.actions.push(Action::RepairRegion { offset, data });
             }
-            Message::RepairDone { through } if through == common => self.drop_divergent(c, common),
+            // Every byte of the repair arrived (a transport that lost or reordered a frame
+            // must not leave a range unrepaired behind a dropped suffix; simulator seed 3070).
+            Message::RepairDone { through, bytes }
+                if through == common && bytes == self.repair_bytes_received =>
+            {
+                self.drop_divergent(c, common)
+            }
             other => self.violation(
                 c,
                 format!(

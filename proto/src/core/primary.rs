@@ -65,6 +65,8 @@ pub(super) struct PrimarySide {
     last_sent_us: u64,
     wrote_this_batch: bool,
     degraded: bool,
+    /// Bytes of region sent for the backup's repair requests in this handshake.
+    repair_bytes_sent: u64,
 }
 
 impl PrimarySide {
@@ -90,6 +92,7 @@ impl PrimarySide {
             last_sent_us: 0,
             wrote_this_batch: false,
             degraded: false,
+            repair_bytes_sent: 0,
         }
     }
 
@@ -359,6 +362,7 @@ impl PrimarySide {
         }
         c.peer_silence_timeout_us = h.silence_timeout_us;
         c.actions.push(Action::RecoveryStarted);
+        self.repair_bytes_sent = 0;
         // What the backup holds of our history is acknowledged: apply what we hold of it.
         self.apply_delayed_through(c, holds.min(p_last));
         self.commit_applied(c);
@@ -439,7 +443,14 @@ impl PrimarySide {
         if let Some(common) = repair_after {
             // Every range asked for was answered (in order) before this: the backup may drop
             // its divergent suffix now, and takes our records after the common point.
-            self.send(c, Message::RepairDone { through: common });
+            let bytes = self.repair_bytes_sent;
+            self.send(
+                c,
+                Message::RepairDone {
+                    through: common,
+                    bytes,
+                },
+            );
         }
         let p_last = c.last_seq();
         let holds = backup_holds_through;
@@ -627,6 +638,7 @@ impl PrimarySide {
                 ),
             );
         }
+        self.repair_bytes_sent += ranges.iter().map(|r| r.len).sum::<u64>();
         c.actions.push(Action::SendRegion { to: c.to(), ranges });
     }
 
