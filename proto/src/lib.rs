@@ -2,7 +2,7 @@
 //! ([`wire`]).
 //!
 //! Nothing in this crate performs I/O or reads a clock. The real node (TCP or RDMA) and the
-//! deterministic simulator drive the same [`core::Core`]: they feed it inputs (client writes,
+//! deterministic simulator drive the same [`core::Replica`]: they feed it inputs (client writes,
 //! messages from the peer, connection events, the time) and execute the [`core::Action`]s it emits,
 //! in order. See `docs/PROTOCOL.md` for the protocol and the argument for why it never loses an
 //! acknowledged write.
