@@ -1303,7 +1303,10 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
         pair.b.core.on_message(PEER, m);
     }
     pair.b.run();
-    assert!(pair.b.hung_up, "the backup refuses a repair it did not fully receive");
+    assert!(
+        pair.b.hung_up,
+        "the backup refuses a repair it did not fully receive"
+    );
     assert_eq!(
         pair.b.disk.queue.get(&2).map(|r| r.term),
         Some(1),
@@ -1312,5 +1315,8 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
     pair.disconnect();
     pair.connect();
     pair.assert_converged();
-    assert!(region_has(&pair.b, 8, 0, 8), "the range is repaired at the next handshake");
+    assert!(
+        region_has(&pair.b, 8, 0, 8),
+        "the range is repaired at the next handshake"
+    );
 }
