@@ -89,23 +89,15 @@ impl BackupSide {
                 c.actions.push(Action::Apply(record));
             }
         }
-        if let Some(durable) = request_commit(
-            c.applied_through,
-            &mut c.commit_requested,
-            c.cfg.deferred_commit,
-            &mut c.actions,
-        ) {
-            self.on_applied_durable(c, durable);
+        if c.commit_applied() {
+            self.trim(c, 0);
         }
     }
 
     /// The driver made everything applied through `through` durable (see
     /// [`CoreConfig::deferred_commit`]).
     pub fn on_applied_durable(&mut self, c: &mut Common, through: u64) {
-        let through = through.min(c.commit_requested);
-        if through > c.committed_through {
-            c.committed_through = through;
-            // Records the primary already confirmed may have waited for our own apply.
+        if c.applied_durable(through) {
             self.trim(c, 0);
         }
     }

@@ -565,6 +565,31 @@ impl Common {
         self.peer.unwrap_or(PeerId(0))
     }
 
+    /// The commit rule of both roles: asks the driver to make the applies so far durable (once
+    /// per new point). Returns whether the durable point advanced (commits not deferred).
+    fn commit_applied(&mut self) -> bool {
+        match request_commit(
+            self.applied_through,
+            &mut self.commit_requested,
+            self.cfg.deferred_commit,
+            &mut self.actions,
+        ) {
+            Some(durable) => self.applied_durable(durable),
+            None => false,
+        }
+    }
+
+    /// The driver made everything applied through `through` durable. Returns whether the
+    /// durable point advanced: records the peer already confirmed may have waited for it.
+    fn applied_durable(&mut self, through: u64) -> bool {
+        let through = through.min(self.commit_requested);
+        let advanced = through > self.committed_through;
+        if advanced {
+            self.committed_through = through;
+        }
+        advanced
+    }
+
     /// A peer's apply report speaks of the history shared on its connection: once the
     /// connection is gone, it no longer bounds trims (the next handshake restates it, clamped
     /// to the common point).
