@@ -187,3 +187,35 @@ fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
     assert!(st.success(), "{}", tail(&primary.log));
     assert!(backup.stop().success());
 }
+
+#[test]
+fn a_backup_that_lost_its_unacknowledged_tail_takes_it_again_from_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = terms_pair(dir.path());
+    run_then_kill(&pair, 2_000);
+    // The backup loses records it had not applied yet, as a power loss of its unsynced tail
+    // would; the primary still holds every one of them (it trims only what the backup
+    // applied) and resends them.
+    let b = mirror::node::inspect(&pair.path("backup.queue")).unwrap();
+    let b_cut = b.applied_through.max(b.last_seq.saturating_sub(50));
+    if b_cut < b.last_seq {
+        cut_queue_after(&pair.path("backup.queue"), b_cut);
+    }
+    let mut primary = Node::spawn(
+        "primary",
+        &pair.primary_args(10_000_000, 0, 4),
+        &pair.path("primary-1.log"),
+    );
+    let backup = pair.start_backup(1);
+    primary.wait_until("synchronous writes", Duration::from_secs(60), |p| {
+        p.get("progress", "degraded").as_deref() == Some("0")
+            && p.num("progress", "completed") >= 300
+    });
+    assert!(
+        list_discarded(&pair.path("backup.queue"))
+            .unwrap()
+            .is_empty(),
+        "a backup that only lost records discards nothing"
+    );
+    finish_and_verify(&pair, primary, Some(backup), 1);
+}
