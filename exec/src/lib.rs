@@ -146,6 +146,8 @@ pub enum Io {
         through: u64,
         /// The records, in seq order.
         records: Vec<DiscardedRecord>,
+        /// Bytes of region the repair asks for (the ranges the records wrote, merged).
+        repair_bytes: u64,
     },
     /// Record `seq` was written to the region (for the driver's bookkeeping).
     Applied(u64),
@@ -195,14 +197,8 @@ pub fn recovered(replay: ReplayState) -> Recovered {
 /// `power`/`pmem`: the longest a checkpoint of applied records waits while the node is busy.
 pub const CHECKPOINT_INTERVAL_US: u64 = 2_000;
 
-/// Whether a node is a primary or a backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Takes the application's writes.
-    Primary,
-    /// Keeps the second copy.
-    Backup,
-}
+/// Whether a node is a primary or a backup: the queue's own notion of it.
+pub use mirror_storage::Role;
 
 /// The core with the node's queue and region, and the rules that execute its actions.
 pub struct Executor<R, H> {
@@ -446,6 +442,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             after,
             through,
             records,
+            repair_bytes: ranges.iter().map(|r| r.len).sum(),
         });
         io.extend(repair_requests(&ranges).map(|msg| Io::Send { to: peer, msg }));
         Ok(())

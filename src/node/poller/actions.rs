@@ -80,7 +80,8 @@ impl Poller {
                 after,
                 through,
                 records,
-            } => self.save_divergent_suffix(after, through, &records)?,
+                repair_bytes,
+            } => self.save_divergent_suffix(after, through, &records, repair_bytes)?,
             Io::Applied(_) => {}
             // For a connection that is gone: nothing to do.
             Io::Send { .. } | Io::SendQueued { .. } | Io::Disconnect { .. } | Io::Reject { .. } => {
@@ -107,6 +108,7 @@ impl Poller {
         after: u64,
         through: u64,
         records: &[DiscardedRecord],
+        repair_bytes: u64,
     ) -> Result<(), Stop> {
         let saved_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -119,17 +121,12 @@ impl Poller {
             saved_unix_ms,
             records,
         )?;
-        let ranges = mirror_proto::handshake::merged_ranges(
-            records
-                .iter()
-                .map(|r| (r.region_offset, r.payload.len() as u64)),
-        );
         let divergence = Divergence {
             common_seq: after,
             through_seq: through,
             records: records.len() as u64,
             bytes: records.iter().map(|r| r.payload.len() as u64).sum(),
-            repaired_bytes: ranges.iter().map(|r| r.len).sum(),
+            repaired_bytes: repair_bytes,
             file,
         };
         tracing::warn!(
