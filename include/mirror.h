@@ -113,6 +113,26 @@ typedef struct mirror mirror;
 #define MIRROR_EPANIC -1015
 
 /**
+ * This node was a primary and a newer primary exists (a failover happened, or it was reopened
+ * as a primary after one): its pending and later writes fail with this. Start it as a backup
+ * (or `mirror_demote` it) to rejoin; promote it again only after that. The message says which
+ * term superseded it.
+ */
+#define MIRROR_EFENCED -1016
+
+/**
+ * `mirror_promote` refused: this backup is connected to a live primary. Demote that primary
+ * first, or force the promotion (which fences it).
+ */
+#define MIRROR_EPEERALIVE -1017
+
+/**
+ * `mirror_promote` refused: the backup is not caught up with what it acknowledged (a repair
+ * is in progress). Retry once its phase is synchronous.
+ */
+#define MIRROR_ENOTREADY -1018
+
+/**
  * Role of a node in `mirror_stats.role`.
  */
 #define MIRROR_ROLE_PRIMARY 1
@@ -258,6 +278,19 @@ struct mirror_stats {
      * The common point of that repair: every dropped record had a higher seq.
      */
     uint64_t diverged_after_seq;
+    /**
+     * This node's id (from its queue). Appended in version 3 (failover).
+     */
+    uint64_t node_id;
+    /**
+     * The node id of the peer it is bound to (0: none yet).
+     */
+    uint64_t peer_node_id;
+    /**
+     * 1 if this node was fenced (a newer primary exists) and has not been promoted since:
+     * writes fail with `MIRROR_EFENCED`. `mirror_last_error` after such a write says why.
+     */
+    int fenced;
 };
 
 #ifdef __cplusplus
@@ -453,6 +486,39 @@ int mirror_listen_port(const struct mirror *m, uint16_t *port);
  * `m` is NULL or a live handle.
  */
 int mirror_wait_synchronous(const struct mirror *m, int64_t timeout_us);
+
+/**
+ * Failover: promotes this backup to primary, live. It starts a new term (durable before its
+ * first write), connects to its `peer`, and takes writes alone (`on_peer_loss=continue`) or
+ * once the other node rejoins as its backup (`block`). `force` (non-zero) promotes even while
+ * connected to a live primary, which is then fenced at its first contact with this node. On
+ * success writes the new term to `*term` (if `term` is not NULL).
+ *
+ * The library never decides *when* to fail over (two nodes cannot tell a dead peer from a
+ * partition): a cluster manager or an operator calls this.
+ *
+ * Returns 0; `MIRROR_EROLE` (already a primary); `MIRROR_EPEERALIVE` (connected to a live
+ * primary and `force` is 0); `MIRROR_ENOTREADY` (a repair is in progress); `MIRROR_EMISSING`
+ * (no `peer` configured); `MIRROR_EFAILED`; `MIRROR_EINVAL`. The message says what to do.
+ * Thread safety: any thread.
+ *
+ * # Safety
+ * `m` is NULL or a live handle; `term` is NULL or valid for writing a `uint64_t`.
+ */
+int mirror_promote(const struct mirror *m, int force, uint64_t *term);
+
+/**
+ * Failover: demotes this primary to a backup, live. Writes not completed fail with
+ * `MIRROR_EROLE`; it listens for the new primary, which repairs what of its log the new
+ * history lacks and catches it up.
+ *
+ * Returns 0; `MIRROR_EROLE` (already a backup); `MIRROR_EMISSING` (no `listen` configured);
+ * `MIRROR_EFAILED`; `MIRROR_EINVAL`. Thread safety: any thread.
+ *
+ * # Safety
+ * `m` is NULL or a live handle.
+ */
+int mirror_demote(const struct mirror *m);
 
 /**
  * Extension. The library's version, e.g. "0.1.0" (static; never NULL). The ABI is that of

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use mirror_proto::PeerLossPolicy;
+use mirror_proto::{FencedPolicy, PeerLossPolicy};
 use mirror_storage::Durability;
 
 use crate::error::{ConfigError, MirrorError};
@@ -53,9 +53,11 @@ pub struct Config {
     pub queue: PathBuf,
     /// Capacity of the queue's record area in bytes.
     pub queue_size: u64,
-    /// Backup: address to listen on.
+    /// Address this node listens on: required of a backup; a primary that has it can be
+    /// demoted live, and meets (and fences, or is fenced by) a primary of another term there.
     pub listen: Option<SocketAddr>,
-    /// Primary: address of the backup.
+    /// Address of the other node, which a primary connects to: required of a primary; a
+    /// backup that has it can be promoted live.
     pub peer: Option<String>,
     /// Transport.
     pub transport: TransportKind,
@@ -69,6 +71,8 @@ pub struct Config {
     pub durability: Durability,
     /// Primary: behaviour while the backup is unreachable.
     pub on_peer_loss: PeerLossPolicy,
+    /// Primary: what to do once a newer primary is seen (fenced).
+    pub on_fenced: FencedPolicy,
     /// CPU to pin the polling thread to (none: not pinned).
     pub cpu: Option<usize>,
     /// How long the poller busy-polls after its last work before it sleeps in the kernel.
@@ -106,9 +110,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ("queue_size", "queue capacity (default 64MiB)"),
     (
         "listen",
-        "backup: address to listen on, e.g. 127.0.0.1:7400",
+        "address to listen on, e.g. 127.0.0.1:7400 (a backup needs it; set on both nodes for failover)",
     ),
-    ("peer", "primary: address of the backup"),
+    (
+        "peer",
+        "address of the other node's listen (a primary needs it; set on both nodes for failover)",
+    ),
     ("transport", "tcp (default) | rdma"),
     (
         "rdma_device",
@@ -121,6 +128,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     ("durability", "process (default) | power | pmem"),
     ("on_peer_loss", "continue (default) | block"),
+    (
+        "on_fenced",
+        "a primary that learns of a newer primary: demote (default, it rejoins as a backup) | stop",
+    ),
     ("cpu", "CPU to pin the poller to, or 'none' (default)"),
     (
         "idle_spin_us",
@@ -174,6 +185,7 @@ pub struct ConfigBuilder {
     rdma_gid_index: Option<Option<u8>>,
     durability: Option<Durability>,
     on_peer_loss: Option<PeerLossPolicy>,
+    on_fenced: Option<FencedPolicy>,
     cpu: Option<Option<usize>>,
     idle_spin_us: Option<u64>,
     wait_spin_us: Option<u64>,
@@ -317,6 +329,13 @@ impl ConfigBuilder {
                     _ => return Err(bad(key, value, "expected 'continue' or 'block'")),
                 })
             }
+            "on_fenced" => {
+                self.on_fenced = Some(match v {
+                    "demote" => FencedPolicy::Demote,
+                    "stop" => FencedPolicy::Stop,
+                    _ => return Err(bad(key, value, "expected 'demote' or 'stop'")),
+                })
+            }
             "cpu" => {
                 self.cpu = Some(if v == "none" || v.is_empty() {
                     None
@@ -432,32 +451,33 @@ impl ConfigBuilder {
                 format!("must be between 1 and {max_write_cap} (a quarter of queue_size, at most 16MiB)"),
             ));
         }
-        let (listen, peer) = match role {
-            Role::Backup => {
-                let listen = self.listen.as_deref().ok_or(missing("listen"))?;
-                let addr = resolve("listen", listen)?;
-                if self.peer.is_some() {
-                    return Err(bad(
-                        "peer",
-                        self.peer.as_deref().unwrap_or_default(),
-                        "a backup listens; 'peer' is for the primary",
-                    ));
-                }
-                (Some(addr), None)
-            }
-            Role::Primary => {
-                let peer = self.peer.clone().ok_or(missing("peer"))?;
-                resolve("peer", &peer)?;
-                if self.listen.is_some() {
-                    return Err(bad(
-                        "listen",
-                        self.listen.as_deref().unwrap_or_default(),
-                        "a primary connects to 'peer'; 'listen' is for the backup",
-                    ));
-                }
-                (None, Some(peer))
-            }
+        // A backup listens and a primary connects to its peer; a node with both can change
+        // its role live (promote, demote, fenced).
+        match role {
+            Role::Backup if self.listen.is_none() => return Err(missing("listen")),
+            Role::Primary if self.peer.is_none() => return Err(missing("peer")),
+            _ => {}
+        }
+        let listen = match self.listen.as_deref() {
+            Some(l) => Some(resolve("listen", l)?),
+            None => None,
         };
+        let peer = match self.peer.as_deref() {
+            Some(p) => {
+                resolve("peer", p)?;
+                Some(p.to_owned())
+            }
+            None => None,
+        };
+        if let (Some(l), Some(p)) = (listen, peer.as_deref()) {
+            if resolve("peer", p)? == l {
+                return Err(bad(
+                    "peer",
+                    p,
+                    "is this node's own 'listen' address: 'peer' is the other node's",
+                ));
+            }
+        }
         let submit_ring = self.submit_ring.unwrap_or(4096);
         if submit_ring == 0 || submit_ring > 1 << 20 {
             return Err(bad(
@@ -496,6 +516,7 @@ impl ConfigBuilder {
             rdma_gid_index: self.rdma_gid_index.unwrap_or(None),
             durability: self.durability.unwrap_or(Durability::Process),
             on_peer_loss: self.on_peer_loss.unwrap_or(PeerLossPolicy::Continue),
+            on_fenced: self.on_fenced.unwrap_or(FencedPolicy::Demote),
             cpu,
             idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
             wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),
@@ -605,8 +626,27 @@ mod tests {
 
     #[test]
     fn missing_and_contradictory_keys_are_refused() {
+        // Both addresses on one node: it can take either role live.
         let mut b = backup();
         b.set("peer", "127.0.0.1:1").unwrap();
+        let c = b.build().unwrap();
+        assert_eq!(c.peer.as_deref(), Some("127.0.0.1:1"));
+        b.set("role", "primary").unwrap();
+        assert!(b.build().unwrap().listen.is_some());
+        // ...but not its own address as its peer.
+        let listen = c.listen.unwrap().to_string();
+        b.set("peer", &listen).unwrap();
+        let e = b.build().unwrap_err().to_string();
+        assert!(e.contains("peer") && e.contains("own"), "{e}");
+        b.set("on_fenced", "stop").unwrap();
+        let e = b.set("on_fenced", "retire").unwrap_err().to_string();
+        assert!(e.contains("on_fenced") && e.contains("demote"), "{e}");
+        let mut b = ConfigBuilder::new();
+        b.set("role", "primary").unwrap();
+        b.set("region", "/tmp/r").unwrap();
+        b.set("region_size", "1MiB").unwrap();
+        b.set("queue", "/tmp/q").unwrap();
+        b.set("listen", "127.0.0.1:7400").unwrap();
         assert!(b.build().unwrap_err().to_string().contains("peer"));
         let mut b = ConfigBuilder::new();
         b.set("role", "primary").unwrap();

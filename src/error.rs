@@ -100,6 +100,20 @@ pub enum MirrorError {
         /// Why.
         reason: String,
     },
+    /// This node was a primary and a newer primary exists (a failover happened): it completes
+    /// no more writes of its old term. Its pending and later writes fail with this until it
+    /// is promoted again (after it rejoined as a backup).
+    #[error("{reason}")]
+    Fenced {
+        /// What fenced it, and what to do.
+        reason: String,
+    },
+    /// A promotion was refused (the message says why and what to do).
+    #[error("promotion refused: {0}")]
+    Promote(#[from] mirror_proto::PromoteError),
+    /// A demotion was refused.
+    #[error("demotion refused: {0}")]
+    Demote(#[from] mirror_proto::DemoteError),
     /// The build or machine does not support the requested feature.
     #[error("unsupported: {0}")]
     Unsupported(String),

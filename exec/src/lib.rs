@@ -22,7 +22,7 @@ use bytes::Bytes;
 use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
 use mirror_proto::{
     Action, CoreConfig, FatalError, Message, PeerFault, PeerId, Record, Recovered, RejectCode,
-    Replica,
+    Replica, WireRole, WritesRefused,
 };
 use mirror_storage::{DiscardedRecord, PersistentQueue, Region, ReplayState, StorageError};
 use thiserror::Error;
@@ -137,6 +137,8 @@ pub enum Io {
     },
     /// Stop the node.
     Fatal(FatalError),
+    /// This node stopped being a primary: fail every write not completed (and later ones).
+    RefuseWrites(WritesRefused),
     /// A divergent suffix after `after`: save the records durably before doing the I/O that
     /// follows (the repair requests).
     Discard {
@@ -336,6 +338,16 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             }
             Action::SyncQueue => {
                 self.queue.sync()?;
+                self.queue_barrier_done();
+            }
+            Action::RefuseWrites { reason } => io.push(Io::RefuseWrites(reason)),
+            Action::PersistRole { role, superseded } => {
+                // A metadata update is a barrier, like a term's.
+                let role = match role {
+                    WireRole::Primary => Role::Primary,
+                    WireRole::Backup => Role::Backup,
+                };
+                self.queue.set_role(role, superseded)?;
                 self.queue_barrier_done();
             }
             Action::PersistTerm { term } => {

@@ -17,6 +17,7 @@ fn cfg(id: u64, policy: PeerLossPolicy) -> CoreConfig {
         region_size: REGION,
         queue_format_version: 1,
         on_peer_loss: policy,
+        on_fenced: mirror_proto::FencedPolicy::Demote,
         ack_timeout_us: 100,
         handshake_timeout_us: 500,
         sync_queue_before_ack: false,

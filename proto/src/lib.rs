@@ -17,10 +17,14 @@ pub mod testing;
 pub mod wire;
 
 pub use crate::core::{
-    check_write, Action, CoreConfig, CoreStats, FatalError, PeerFault, PeerId, PeerLossPolicy,
-    Phase, Record, Recovered, Replica, SubmitError,
+    check_write, Action, CoreConfig, CoreStats, DemoteError, FatalError, Fence, FencedPolicy,
+    PeerFault, PeerId, PeerLossPolicy, Phase, PromoteError, Record, Recovered, Replica,
+    SubmitError, WritesRefused,
 };
-pub use crate::term::{common_point, TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES};
+pub use crate::term::{
+    common_point, next_term, term_tag, TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES,
+    TERM_TAG_BITS,
+};
 pub use crate::wire::{
     encode_write, Hello, Message, RegionRange, RejectCode, WireError, WireRole, MAX_REPAIR_RANGES,
     PROTOCOL_VERSION,

@@ -20,6 +20,28 @@
 
 use thiserror::Error;
 
+/// Bits at the bottom of a term that name the node that started it (its node id's low bits).
+///
+/// Log matching needs one term to be started by one node incarnation only. With failover, two
+/// nodes that both knew term `k` may each start a new term at the same moment (a forced
+/// promotion while the old primary restarts); `k + 1` on both would give two different writes
+/// the same (seq, term). A term is therefore `counter << TERM_TAG_BITS | tag(node)`: terms of
+/// different nodes never collide, and they still order by their counter first. Two nodes whose
+/// ids share the tag are refused at their handshake (`check_compatible`).
+pub const TERM_TAG_BITS: u32 = 16;
+
+/// The tag a node puts in the terms it starts.
+pub fn term_tag(node_id: u64) -> u64 {
+    node_id & ((1 << TERM_TAG_BITS) - 1)
+}
+
+/// The term a node starts when it becomes primary, knowing terms up to `known`: above every
+/// known term, and tagged with the node (see [`TERM_TAG_BITS`]).
+pub fn next_term(known: u64, node_id: u64) -> u64 {
+    let counter = (known >> TERM_TAG_BITS) + 1;
+    (counter << TERM_TAG_BITS) | term_tag(node_id)
+}
+
 /// Most entries a history keeps (and a `Hello` carries). A primary restart that writes adds one;
 /// entries older than the trim point are forgotten. Chosen so that a queue metadata slot of
 /// 1 KiB holds the whole history.

@@ -44,6 +44,8 @@ pub struct Durable {
     pub current_term: u64,
     /// The persisted term history.
     pub history: TermHistory,
+    /// The persisted superseded mark (fenced as a primary, not promoted since).
+    pub superseded: bool,
 }
 
 impl Durable {
@@ -92,6 +94,8 @@ pub struct Node {
     pub applied_log: Vec<u64>,
     /// Records this node dropped as a divergent suffix (saved before they went).
     pub discarded: Vec<Record>,
+    /// Why the core stopped taking writes, each time it did.
+    pub refused: Vec<WritesRefused>,
 }
 
 /// What a node recovers from `disk`.
@@ -138,6 +142,7 @@ impl Node {
             hung_up: false,
             applied_log: Vec::new(),
             discarded: Vec::new(),
+            refused: Vec::new(),
         };
         n.run();
         n
@@ -249,6 +254,14 @@ impl Node {
                 }
                 Action::RecoveryStarted => self.recovery_bytes = 0,
                 Action::Fatal(e) => self.fatal = Some(e),
+                Action::RefuseWrites { reason } => self.refused.push(reason),
+                Action::PersistRole { role, superseded } => {
+                    self.role = match role {
+                        crate::wire::WireRole::Primary => Role::Primary,
+                        crate::wire::WireRole::Backup => Role::Backup,
+                    };
+                    self.disk.superseded = superseded;
+                }
             }
         }
     }

@@ -10,12 +10,19 @@ use crate::wire::{Message, RejectCode};
 
 const REGION: u64 = 4096;
 
+/// The `n`-th term the primary of these tests (node 1) starts: counters in the high bits, the
+/// node's tag in the low ones (see `term::TERM_TAG_BITS`).
+fn term_no(n: u64) -> u64 {
+    (n << crate::TERM_TAG_BITS) | 1
+}
+
 fn cfg(node_id: u64, policy: PeerLossPolicy) -> CoreConfig {
     CoreConfig {
         node_id,
         region_size: REGION,
         queue_format_version: 1,
         on_peer_loss: policy,
+        on_fenced: crate::FencedPolicy::Demote,
         ack_timeout_us: 1_000,
         handshake_timeout_us: 5_000,
         sync_queue_before_ack: false,
@@ -1016,7 +1023,11 @@ fn a_continue_primary_that_lost_power_and_wrote_degraded_converges_with_its_back
     pair.p.run();
     pair.p.write(16, 3, 8);
     assert_eq!(pair.p.completed, 1, "the degraded write completed");
-    assert_eq!(pair.p.disk.queue[&2].term, 2, "seq 2 is of the new term");
+    assert_eq!(
+        pair.p.disk.queue[&2].term,
+        term_no(2),
+        "seq 2 is of the new term"
+    );
     // Step 4.
     pair.connect();
     pair.assert_converged();
@@ -1029,8 +1040,11 @@ fn a_continue_primary_that_lost_power_and_wrote_degraded_converges_with_its_back
         "the dropped write's bytes were repaired"
     );
     assert_eq!(pair.b.discarded.len(), 1);
-    assert_eq!((pair.b.discarded[0].seq, pair.b.discarded[0].term), (2, 1));
-    assert_eq!(pair.b.disk.queue.get(&2).map(|r| r.term), Some(2));
+    assert_eq!(
+        (pair.b.discarded[0].seq, pair.b.discarded[0].term),
+        (2, term_no(1))
+    );
+    assert_eq!(pair.b.disk.queue.get(&2).map(|r| r.term), Some(term_no(2)));
     assert!(pair.p.fatal.is_none() && pair.b.fatal.is_none());
     // And it mirrors on.
     pair.p.write(24, 4, 8);
@@ -1086,9 +1100,17 @@ fn a_primary_that_lost_its_tail_without_writing_takes_it_back_from_the_backup() 
     assert!(region_has(&pair.p, 8, 2, 8));
     assert!(pair.b.discarded.is_empty());
     assert!(pair.p.applied_log.contains(&2), "replayed and applied");
-    assert_eq!(pair.p.disk.history.term_at(2), Some(1), "in its old term");
+    assert_eq!(
+        pair.p.disk.history.term_at(2),
+        Some(term_no(1)),
+        "in its old term"
+    );
     pair.p.write(24, 4, 8);
-    assert_eq!(pair.p.disk.queue[&3].term, 2, "new writes in the new term");
+    assert_eq!(
+        pair.p.disk.queue[&3].term,
+        term_no(2),
+        "new writes in the new term"
+    );
     pair.settle();
     pair.assert_converged();
 }
@@ -1142,27 +1164,49 @@ fn a_duplicate_of_another_term_is_not_acknowledged() {
 }
 
 #[test]
-fn a_stale_primary_is_refused_with_its_term() {
-    let mut pair = Pair::new(PeerLossPolicy::Block);
-    pair.p.write(0, 1, 8);
-    pair.settle();
-    pair.disconnect();
-    // The backup met a newer primary incarnation (term 5) than this one's.
-    let mut disk = pair.b.disk.clone();
-    disk.current_term = 5;
-    pair.b = Node::start(Role::Backup, cfg(2, PeerLossPolicy::Block), disk);
-    pair.connect();
-    assert!(
-        matches!(
-            &pair.p.fatal,
-            Some(FatalError::Rejected {
-                code: RejectCode::StaleTerm,
-                ..
-            })
-        ),
-        "{:?}",
-        pair.p.fatal
-    );
+fn a_stale_primary_is_refused_and_fenced() {
+    for policy in [FencedPolicy::Demote, FencedPolicy::Stop] {
+        let mut pair = Pair::new(PeerLossPolicy::Block);
+        pair.disconnect();
+        let mut pcfg = cfg(1, PeerLossPolicy::Block);
+        pcfg.on_fenced = policy;
+        pair.p = Node::start(Role::Primary, pcfg, pair.p.disk.clone());
+        pair.connect();
+        pair.p.write(0, 1, 8);
+        pair.settle();
+        let pending = pair.p.write(8, 2, 8);
+        pair.disconnect();
+        // The backup met a newer primary incarnation (term 5) than this one's.
+        let mut disk = pair.b.disk.clone();
+        disk.current_term = term_no(5);
+        pair.b = Node::start(Role::Backup, cfg(2, PeerLossPolicy::Block), disk);
+        pair.connect();
+        assert!(
+            matches!(pair.p.refused[..], [WritesRefused::Fenced(_)]),
+            "{policy:?}: {:?}",
+            pair.p.refused
+        );
+        assert!(
+            pair.p.completed < pending,
+            "the pending write never completes"
+        );
+        assert!(pair.p.disk.superseded, "{policy:?}: the fence is persisted");
+        match policy {
+            FencedPolicy::Demote => {
+                assert_eq!(pair.p.core.role(), crate::WireRole::Backup);
+                assert!(pair.p.fatal.is_none());
+            }
+            FencedPolicy::Stop => assert!(
+                matches!(pair.p.fatal, Some(FatalError::Fenced(_))),
+                "{:?}",
+                pair.p.fatal
+            ),
+        }
+        assert!(matches!(
+            pair.p.core.submit(99, 0, Bytes::from_static(b"x")),
+            Err(_)
+        ));
+    }
 }
 
 #[test]
@@ -1309,7 +1353,7 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
     );
     assert_eq!(
         pair.b.disk.queue.get(&2).map(|r| r.term),
-        Some(1),
+        Some(term_no(1)),
         "the divergent record stays until a complete repair"
     );
     pair.disconnect();

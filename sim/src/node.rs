@@ -169,6 +169,7 @@ impl SimNode {
             region_size: REGION_BYTES,
             queue_format_version: mirror_storage::FORMAT_VERSION,
             on_peer_loss: policy,
+            on_fenced: mirror_proto::FencedPolicy::Demote,
             ack_timeout_us: 2_000,
             handshake_timeout_us: 4_000,
             // The simulated crash is a power loss: the `power`/`pmem` configuration.
@@ -365,6 +366,13 @@ impl SimNode {
                         Effect::Discard(records.iter().map(|r| (r.seq, r.term)).collect())
                     }
                     Io::Applied(seq) => Effect::Apply(seq),
+                    // The simulated cluster keeps its roles (no promotion yet): nothing may
+                    // fence its primary.
+                    Io::RefuseWrites(why) => {
+                        return Err(format!(
+                            "{role:?} refused writes ({why:?}) with no promotion"
+                        ))
+                    }
                 };
                 effects.push(effect);
             }

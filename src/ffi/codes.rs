@@ -5,6 +5,7 @@
 
 use std::ffi::{c_char, c_int};
 
+use mirror_proto::{DemoteError, PromoteError};
 use mirror_storage::StorageError;
 
 use crate::error::{ConfigError, MirrorError};
@@ -46,6 +47,17 @@ pub const MIRROR_EFAILED: c_int = -1013;
 pub const MIRROR_EUNSUPPORTED: c_int = -1014;
 /// A bug in libmirror: a panic was caught at the boundary. The handle may only be closed.
 pub const MIRROR_EPANIC: c_int = -1015;
+/// This node was a primary and a newer primary exists (a failover happened, or it was reopened
+/// as a primary after one): its pending and later writes fail with this. Start it as a backup
+/// (or `mirror_demote` it) to rejoin; promote it again only after that. The message says which
+/// term superseded it.
+pub const MIRROR_EFENCED: c_int = -1016;
+/// `mirror_promote` refused: this backup is connected to a live primary. Demote that primary
+/// first, or force the promotion (which fences it).
+pub const MIRROR_EPEERALIVE: c_int = -1017;
+/// `mirror_promote` refused: the backup is not caught up with what it acknowledged (a repair
+/// is in progress). Retry once its phase is synchronous.
+pub const MIRROR_ENOTREADY: c_int = -1018;
 
 /// Role of a node in `mirror_stats.role`.
 pub const MIRROR_ROLE_PRIMARY: c_int = 1;
@@ -93,6 +105,18 @@ const DESCRIPTIONS: &[(c_int, &std::ffi::CStr)] = &[
         c"not supported by this build or machine",
     ),
     (MIRROR_EPANIC, c"libmirror internal error (a bug)"),
+    (
+        MIRROR_EFENCED,
+        c"fenced: a newer primary exists; this node takes no writes as a primary",
+    ),
+    (
+        MIRROR_EPEERALIVE,
+        c"promotion refused: connected to a live primary (force fences it)",
+    ),
+    (
+        MIRROR_ENOTREADY,
+        c"promotion refused: not caught up with what it acknowledged",
+    ),
 ];
 
 /// The description of `code`; a fixed string for codes libmirror does not define.
@@ -133,6 +157,18 @@ pub(crate) fn code_of(e: &MirrorError) -> c_int {
         MirrorError::Closed => MIRROR_ECLOSED,
         MirrorError::Failed { .. } => MIRROR_EFAILED,
         MirrorError::Unsupported(_) => MIRROR_EUNSUPPORTED,
+        MirrorError::Fenced { .. } => MIRROR_EFENCED,
+        MirrorError::Promote(p) => match p {
+            PromoteError::AlreadyPrimary { .. } => MIRROR_EROLE,
+            PromoteError::PeerAlive { .. } => MIRROR_EPEERALIVE,
+            PromoteError::NotCaughtUp { .. } => MIRROR_ENOTREADY,
+            PromoteError::Failed => MIRROR_EFAILED,
+            _ => MIRROR_EFAILED,
+        },
+        MirrorError::Demote(d) => match d {
+            DemoteError::AlreadyBackup => MIRROR_EROLE,
+            _ => MIRROR_EFAILED,
+        },
     }
 }
 

@@ -103,6 +103,13 @@ pub struct mirror_stats {
     pub diverged_bytes: u64,
     /// The common point of that repair: every dropped record had a higher seq.
     pub diverged_after_seq: u64,
+    /// This node's id (from its queue). Appended in version 3 (failover).
+    pub node_id: u64,
+    /// The node id of the peer it is bound to (0: none yet).
+    pub peer_node_id: u64,
+    /// 1 if this node was fenced (a newer primary exists) and has not been promoted since:
+    /// writes fail with `MIRROR_EFENCED`. `mirror_last_error` after such a write says why.
+    pub fenced: c_int,
 }
 
 /// The smallest `mirror_stats.size` accepted: the size of the first version of the struct.
@@ -436,6 +443,9 @@ pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) 
             diverged_records: s.last_divergence.as_ref().map_or(0, |d| d.records),
             diverged_bytes: s.last_divergence.as_ref().map_or(0, |d| d.bytes),
             diverged_after_seq: s.last_divergence.as_ref().map_or(0, |d| d.common_seq),
+            node_id: s.node_id,
+            peer_node_id: s.peer_node_id,
+            fenced: c_int::from(s.fenced.is_some()),
         };
         // SAFETY: the caller's struct is valid for `caller_size >= filled` bytes (contract);
         // `snapshot` is a local of `size_of::<mirror_stats>() >= filled` bytes; they cannot
@@ -540,6 +550,58 @@ pub unsafe extern "C" fn mirror_wait_synchronous(m: *const mirror, timeout_us: i
         let m = unsafe { arg_ref(m, "m") }?;
         let timeout = timeout_of(timeout_us).unwrap_or(Duration::from_secs(u64::MAX / 4));
         m.node.wait_synchronous(timeout)?;
+        Ok(())
+    })
+}
+
+/// Failover: promotes this backup to primary, live. It starts a new term (durable before its
+/// first write), connects to its `peer`, and takes writes alone (`on_peer_loss=continue`) or
+/// once the other node rejoins as its backup (`block`). `force` (non-zero) promotes even while
+/// connected to a live primary, which is then fenced at its first contact with this node. On
+/// success writes the new term to `*term` (if `term` is not NULL).
+///
+/// The library never decides *when* to fail over (two nodes cannot tell a dead peer from a
+/// partition): a cluster manager or an operator calls this.
+///
+/// Returns 0; `MIRROR_EROLE` (already a primary); `MIRROR_EPEERALIVE` (connected to a live
+/// primary and `force` is 0); `MIRROR_ENOTREADY` (a repair is in progress); `MIRROR_EMISSING`
+/// (no `peer` configured); `MIRROR_EFAILED`; `MIRROR_EINVAL`. The message says what to do.
+/// Thread safety: any thread.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `term` is NULL or valid for writing a `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_promote(m: *const mirror, force: c_int, term: *mut u64) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        if !term.is_null() {
+            check_out(term, "term")?;
+        }
+        let new_term = m.node.promote(force != 0)?;
+        if !term.is_null() {
+            // SAFETY: non-NULL and aligned (checked above), writable per the contract.
+            unsafe { write_out(term, new_term) };
+        }
+        Ok(())
+    })
+}
+
+/// Failover: demotes this primary to a backup, live. Writes not completed fail with
+/// `MIRROR_EROLE`; it listens for the new primary, which repairs what of its log the new
+/// history lacks and catches it up.
+///
+/// Returns 0; `MIRROR_EROLE` (already a backup); `MIRROR_EMISSING` (no `listen` configured);
+/// `MIRROR_EFAILED`; `MIRROR_EINVAL`. Thread safety: any thread.
+///
+/// # Safety
+/// `m` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_demote(m: *const mirror) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        m.node.demote()?;
         Ok(())
     })
 }

@@ -10,14 +10,14 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
-use mirror_proto::{check_write, Phase};
+use mirror_proto::{check_write, Phase, WireRole};
 use mirror_ring::Producer;
 use mirror_storage::Region;
 
@@ -27,7 +27,7 @@ use crate::error::{MirrorError, Result};
 mod open;
 mod poller;
 
-use poller::{poller_thread, CallerDriving, Poller, Step};
+use poller::{lock_poller, poller_thread, CallerDriving, Poller, Step};
 
 /// Identifies a submitted write; tickets complete in the order they were issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,8 +36,15 @@ pub struct Ticket(pub u64);
 /// A snapshot of a node's state and counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
-    /// Primary or backup.
+    /// Primary or backup, now (a failover changes it).
     pub role: Role,
+    /// Why this node stopped taking writes as a primary, if it was fenced (a newer primary
+    /// exists) and has not been promoted since.
+    pub fenced: Option<String>,
+    /// This node's id (from its queue).
+    pub node_id: u64,
+    /// The node id of the peer it is bound to (0: none yet).
+    pub peer_node_id: u64,
     /// Connection phase.
     pub phase: Phase,
     /// Next sequence number to be assigned (primary) or received (backup).
@@ -118,6 +125,17 @@ struct Shared {
     poller_sleeping: AtomicBool,
     wake_fd: OwnedFd,
     stats: Mutex<Stats>,
+    /// The node's role now (`ROLE_*`): written by the poller after a role change (Release),
+    /// read by submitters (Acquire) to refuse writes on a backup at once.
+    role: AtomicU8,
+    /// Tickets that will never complete: the writes a primary had not completed when it stopped
+    /// being one (demoted or fenced), and submissions that reached it afterwards.
+    refused: Mutex<Vec<RefusedTickets>>,
+    /// Highest refused ticket (0: none), so that waiters look at `refused` only when it can
+    /// concern them. Written under the `refused` lock (Release), read by waiters (Acquire).
+    refused_through: AtomicU64,
+    /// Why the node was fenced, until it is promoted again.
+    fenced: Mutex<Option<String>>,
     /// Testing aid: kill the process before the next apply (see `arm_crash_before_next_apply`).
     #[cfg(feature = "fail-points")]
     crash_armed: Arc<AtomicBool>,
@@ -125,7 +143,78 @@ struct Shared {
     callers_driving: AtomicUsize,
 }
 
+/// A run of tickets that will never complete, and the error their callers get.
+#[derive(Debug, Clone)]
+struct RefusedTickets {
+    from: u64,
+    through: u64,
+    /// `Some(reason)`: fenced; `None`: demoted by the operator.
+    fenced: Option<String>,
+}
+
+const ROLE_PRIMARY: u8 = 1;
+const ROLE_BACKUP: u8 = 2;
+
 impl Shared {
+    fn role(&self) -> Role {
+        match self.role.load(Ordering::Acquire) {
+            ROLE_PRIMARY => Role::Primary,
+            _ => Role::Backup,
+        }
+    }
+
+    fn set_role(&self, role: WireRole) {
+        let code = match role {
+            WireRole::Primary => ROLE_PRIMARY,
+            WireRole::Backup => ROLE_BACKUP,
+        };
+        self.role.store(code, Ordering::Release);
+    }
+
+    fn fenced(&self) -> Option<String> {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Tickets `from..=through` will never complete; their waiters get the fenced error (with
+    /// `fenced`) or the role error.
+    fn refuse(&self, from: u64, through: u64, fenced: Option<String>) {
+        if from > through {
+            return;
+        }
+        let mut r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        r.push(RefusedTickets {
+            from,
+            through,
+            fenced,
+        });
+        // Release: a waiter that sees the new bound then finds the run under the lock.
+        self.refused_through.fetch_max(through, Ordering::Release);
+        drop(r);
+        self.notify_waiters();
+    }
+
+    /// The error of a ticket that will never complete, if it is one.
+    fn refusal(&self, ticket: u64) -> Option<MirrorError> {
+        if ticket > self.refused_through.load(Ordering::Acquire) {
+            return None;
+        }
+        let r = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        let run = r.iter().find(|t| (t.from..=t.through).contains(&ticket))?;
+        Some(match &run.fenced {
+            Some(reason) => MirrorError::Fenced {
+                reason: reason.clone(),
+            },
+            None => MirrorError::WrongRole {
+                role: Role::Backup,
+                what: "completing a write (it was pending when the node was demoted)",
+                needs: Role::Primary,
+            },
+        })
+    }
+
     fn wake_poller(&self) {
         // SeqCst fence pairs with the one in the poller's park path: either the poller sees our
         // push in the ring, or we see its `poller_sleeping = true` and ring the eventfd.
@@ -206,7 +295,7 @@ pub struct Mirror {
 impl std::fmt::Debug for Mirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mirror")
-            .field("role", &self.cfg.role)
+            .field("role", &self.shared.role())
             .field("region", &self.cfg.region)
             .finish_non_exhaustive()
     }
@@ -218,7 +307,8 @@ impl Mirror {
         &self.cfg
     }
 
-    /// Backup: the address it listens on (useful with port 0).
+    /// The address this node listens on (useful with port 0): a backup's, and a primary's that
+    /// has `listen` configured (for failover).
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen_addr
     }
@@ -238,13 +328,9 @@ impl Mirror {
     /// When the submission ring is full this waits for room (backpressure), for at most
     /// `write_timeout` if one is configured.
     pub fn submit(&self, offset: u64, data: &[u8]) -> Result<Ticket> {
-        let producer = self.producer.as_ref().ok_or(MirrorError::WrongRole {
-            role: self.cfg.role,
-            what: "writing",
-            needs: Role::Primary,
-        })?;
+        let producer = self.producer.as_ref().ok_or(MirrorError::Closed)?;
         check_write(offset, data.len(), self.cfg.region_size, self.max_write)?;
-        self.check_usable()?;
+        self.check_writable()?;
         let mut item = Submission {
             offset,
             data: Bytes::copy_from_slice(data),
@@ -259,7 +345,7 @@ impl Mirror {
                 }
                 Err(back) => {
                     item = back;
-                    self.check_usable()?;
+                    self.check_writable()?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(MirrorError::Timeout);
                     }
@@ -275,10 +361,30 @@ impl Mirror {
         }
     }
 
+    /// Whether a write may be submitted now: the node is a primary, was not fenced, and runs.
+    fn check_writable(&self) -> Result<()> {
+        if let Some(reason) = self.shared.fenced() {
+            return Err(MirrorError::Fenced { reason });
+        }
+        self.check_usable()?;
+        match self.shared.role() {
+            Role::Primary => Ok(()),
+            role => Err(MirrorError::WrongRole {
+                role,
+                what: "writing",
+                needs: Role::Primary,
+            }),
+        }
+    }
+
     /// Waits until the write with this ticket (and every earlier one) is acknowledged by the
     /// backup and applied here. `None` waits for as long as it takes.
     ///
     /// On [`MirrorError::Timeout`] the write stays pending and may still complete; wait again.
+    /// A write pending when the node stopped being a primary never completes: fenced (a newer
+    /// primary exists), [`MirrorError::Fenced`]; demoted, [`MirrorError::WrongRole`]. Either
+    /// way the new primary may hold it, if it received it before the failover (as with any
+    /// write whose outcome was unknown when a connection broke).
     pub fn wait(&self, ticket: Ticket, timeout: Option<Duration>) -> Result<()> {
         let issued = self.producer.as_ref().map_or(0, |p| p.pushed());
         if ticket.0 == 0 || ticket.0 > issued {
@@ -287,16 +393,26 @@ impl Mirror {
                 last: issued,
             });
         }
+        // A refused ticket may lie below a later completion (the node was promoted again and
+        // completes new tickets): look at the refusals first, and again whenever it wakes.
+        let refused = || self.shared.refusal(ticket.0);
         let done = || self.shared.completed.load(Ordering::Acquire) >= ticket.0;
+        if let Some(e) = refused() {
+            return Err(e);
+        }
         if done() {
             return Ok(());
         }
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
-        if self.cfg.caller_drives && self.drive_while_waiting(&done, deadline)? {
-            return Ok(());
+        let settled = || refused().is_some() || done();
+        if self.cfg.caller_drives && self.drive_while_waiting(&settled, deadline)? {
+            return refused().map_or(Ok(()), Err);
         }
         while start.elapsed() < self.cfg.wait_spin {
+            if let Some(e) = refused() {
+                return Err(e);
+            }
             if done() {
                 return Ok(());
             }
@@ -309,6 +425,9 @@ impl Mirror {
         let result = (|| {
             let mut guard = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             loop {
+                if let Some(e) = refused() {
+                    return Err(e);
+                }
                 if done() {
                     return Ok(());
                 }
@@ -391,6 +510,51 @@ impl Mirror {
         self.wait(ticket, self.cfg.write_timeout)
     }
 
+    /// Promotes this backup to primary, live: it starts a new term (durable before its first
+    /// write), connects to `peer`, and takes writes alone (`on_peer_loss = continue`) or once
+    /// the other node rejoins as its backup (`block`). Returns the new term.
+    ///
+    /// Refused ([`MirrorError::Promote`]) on a primary, while a repair is in progress, and
+    /// while connected to a live primary unless `force`: a forced promotion drops that
+    /// connection, and the old primary is fenced at its first contact with this node (its
+    /// pending and later writes fail with [`MirrorError::Fenced`]). Needs `peer` configured.
+    ///
+    /// The library never decides *when* to fail over (two nodes cannot tell a dead peer from
+    /// a partition): an operator or a cluster manager calls this.
+    pub fn promote(&self, force: bool) -> Result<u64> {
+        self.check_usable()?;
+        if self.cfg.peer.is_none() {
+            return Err(MirrorError::Config(crate::error::ConfigError::Missing {
+                key: "peer",
+            }));
+        }
+        self.with_poller(|p| p.promote(force))
+    }
+
+    /// Demotes this primary to a backup, live: writes not completed fail
+    /// ([`MirrorError::WrongRole`]), the connection to its backup ends, and it listens for the
+    /// new primary, which repairs what of its log the new history lacks and catches it up.
+    /// Needs `listen` configured.
+    pub fn demote(&self) -> Result<()> {
+        self.check_usable()?;
+        if self.listen_addr.is_none() {
+            return Err(MirrorError::Config(crate::error::ConfigError::Missing {
+                key: "listen",
+            }));
+        }
+        self.with_poller(|p| p.demote())
+    }
+
+    /// Runs `f` on the poller's state between two passes: the polling thread yields the state
+    /// to a caller that announces itself (as a caller that drives the loop does).
+    fn with_poller<T>(&self, f: impl FnOnce(&mut Poller) -> T) -> T {
+        self.shared.callers_driving.fetch_add(1, Ordering::AcqRel);
+        let _driving = CallerDriving(&self.shared);
+        self.shared.wake_poller();
+        let mut p = lock_poller(&self.driver);
+        f(&mut p)
+    }
+
     /// Copies region bytes out. A read that overlaps a write in progress may see part of it (as
     /// with any shared memory); bytes of completed writes are always seen.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -419,6 +583,8 @@ impl Mirror {
             .clone();
         s.writes_completed = self.shared.completed.load(Ordering::Acquire);
         s.writes_submitted = self.producer.as_ref().map_or(0, |p| p.pushed());
+        s.role = self.shared.role();
+        s.fenced = self.shared.fenced();
         if let Some(MirrorError::Failed { reason }) = self.shared.failure() {
             s.failure = Some(reason);
             s.phase = Phase::Failed;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -50,6 +50,10 @@ impl Mirror {
             Role::Primary => mirror_storage::Role::Primary,
             Role::Backup => mirror_storage::Role::Backup,
         };
+        let wire_role = match cfg.role {
+            Role::Primary => mirror_proto::WireRole::Primary,
+            Role::Backup => mirror_proto::WireRole::Backup,
+        };
         let params = QueueParams {
             node_id: loop {
                 let id = fastrand::u64(..);
@@ -75,6 +79,26 @@ impl Mirror {
             cfg.durability,
         )?);
         let mut queue = queue;
+        // The configured role decides (a queue's role is state: a failover changes it), except
+        // that a node superseded as a primary never takes writes as one again by a restart.
+        if cfg.role == Role::Primary && queue.superseded() {
+            return Err(MirrorError::Fenced {
+                reason: format!(
+                    "queue {}: this node was a primary superseded by a newer primary (it knows term {}); it takes no writes as a primary: start it as a backup to rejoin the new primary, and promote it once it has rejoined",
+                    cfg.queue.display(),
+                    queue.current_term()
+                ),
+            });
+        }
+        if queue.role() != storage_role {
+            tracing::warn!(
+                queue = %cfg.queue.display(),
+                was = ?queue.role(),
+                now = %cfg.role,
+                "the queue was last used in the other role; the configuration decides"
+            );
+        }
+        queue.set_role(storage_role, queue.superseded())?;
         let replay = queue.replay_state()?;
         if let Some(after) = replay.renumbered_after {
             tracing::warn!(
@@ -89,6 +113,7 @@ impl Mirror {
             region_size: cfg.region_size,
             queue_format_version: mirror_storage::FORMAT_VERSION,
             on_peer_loss: cfg.on_peer_loss,
+            on_fenced: cfg.on_fenced,
             ack_timeout_us: cfg.ack_timeout.as_micros() as u64,
             handshake_timeout_us: cfg.handshake_timeout.as_micros() as u64,
             sync_queue_before_ack: cfg.durability != Durability::Process,
@@ -111,42 +136,38 @@ impl Mirror {
             Role::Backup => mirror_exec::Role::Backup,
         };
         let exec = Executor::with_replay(role, core_cfg, queue, replay, Arc::clone(&region), hooks);
-        let (acceptor, listen_addr) =
-            match cfg.role {
-                Role::Backup => {
-                    let addr = cfg.listen.ok_or(MirrorError::Config(
-                        crate::error::ConfigError::Missing { key: "listen" },
-                    ))?;
-                    let listening = |e: TransportError| MirrorError::Io {
-                        context: format!("listening on {addr}"),
-                        source: std::io::Error::other(e.to_string()),
-                    };
-                    let local = |e: TransportError| MirrorError::Io {
-                        context: "reading the listen address".into(),
-                        source: std::io::Error::other(e.to_string()),
-                    };
-                    let (acceptor, bound): (Box<dyn Listener>, SocketAddr) = match cfg.transport {
-                        TransportKind::Tcp => {
-                            let a = TcpAcceptor::bind(addr).map_err(listening)?;
-                            let bound = a.local_addr().map_err(local)?;
-                            (Box::new(a), bound)
-                        }
-                        #[cfg(feature = "rdma")]
-                        TransportKind::Rdma => {
-                            use crate::transport::rdma::{RdmaAcceptor, RdmaSettings};
-                            let a = RdmaAcceptor::bind(addr, RdmaSettings::from_config(&cfg))
-                                .map_err(listening)?;
-                            let bound = a.local_addr().map_err(local)?;
-                            tracing::info!(device = %a.describe, "RDMA transport");
-                            (Box::new(a), bound)
-                        }
-                        #[cfg(not(feature = "rdma"))]
-                        TransportKind::Rdma => unreachable!("refused at the top of open"),
-                    };
-                    (Some(acceptor), Some(bound))
-                }
-                Role::Primary => (None, None),
-            };
+        let (acceptor, listen_addr) = match cfg.listen {
+            Some(addr) => {
+                let listening = |e: TransportError| MirrorError::Io {
+                    context: format!("listening on {addr}"),
+                    source: std::io::Error::other(e.to_string()),
+                };
+                let local = |e: TransportError| MirrorError::Io {
+                    context: "reading the listen address".into(),
+                    source: std::io::Error::other(e.to_string()),
+                };
+                let (acceptor, bound): (Box<dyn Listener>, SocketAddr) = match cfg.transport {
+                    TransportKind::Tcp => {
+                        let a = TcpAcceptor::bind(addr).map_err(listening)?;
+                        let bound = a.local_addr().map_err(local)?;
+                        (Box::new(a), bound)
+                    }
+                    #[cfg(feature = "rdma")]
+                    TransportKind::Rdma => {
+                        use crate::transport::rdma::{RdmaAcceptor, RdmaSettings};
+                        let a = RdmaAcceptor::bind(addr, RdmaSettings::from_config(&cfg))
+                            .map_err(listening)?;
+                        let bound = a.local_addr().map_err(local)?;
+                        tracing::info!(device = %a.describe, "RDMA transport");
+                        (Box::new(a), bound)
+                    }
+                    #[cfg(not(feature = "rdma"))]
+                    TransportKind::Rdma => unreachable!("refused at the top of open"),
+                };
+                (Some(acceptor), Some(bound))
+            }
+            None => (None, None),
+        };
         // SAFETY: eventfd(2) with valid flags; we check the result before wrapping it.
         let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -157,21 +178,20 @@ impl Mirror {
         }
         // SAFETY: `efd` is a fresh, valid file descriptor that nothing else owns.
         let wake_fd = unsafe { OwnedFd::from_raw_fd(efd) };
-        let (producer, consumer) = match cfg.role {
-            Role::Primary => {
-                let (p, c) = SubmitRing::with_capacity(cfg.submit_ring).map_err(|e| {
-                    MirrorError::Config(crate::error::ConfigError::BadValue {
-                        key: "submit_ring".into(),
-                        value: cfg.submit_ring.to_string(),
-                        why: e.to_string(),
-                    })
-                })?;
-                (Some(p), Some(c))
-            }
-            Role::Backup => (None, None),
-        };
+        // Either role has the ring: a backup can be promoted live.
+        let (producer, consumer) = SubmitRing::with_capacity(cfg.submit_ring).map_err(|e| {
+            MirrorError::Config(crate::error::ConfigError::BadValue {
+                key: "submit_ring".into(),
+                value: cfg.submit_ring.to_string(),
+                why: e.to_string(),
+            })
+        })?;
+        let (producer, consumer) = (Some(producer), Some(consumer));
         let stats = Stats {
             role: cfg.role,
+            fenced: None,
+            node_id: exec.queue.node_id(),
+            peer_node_id: exec.queue.peer_node_id(),
             phase: exec.core.phase(),
             next_seq: exec.queue.next_seq(),
             applied_through: exec.queue.applied_through(),
@@ -202,6 +222,13 @@ impl Mirror {
             poller_sleeping: AtomicBool::new(false),
             wake_fd,
             stats: Mutex::new(stats),
+            role: AtomicU8::new(match cfg.role {
+                Role::Primary => ROLE_PRIMARY,
+                Role::Backup => ROLE_BACKUP,
+            }),
+            refused: Mutex::new(Vec::new()),
+            refused_through: AtomicU64::new(0),
+            fenced: Mutex::new(None),
             #[cfg(feature = "fail-points")]
             crash_armed,
             callers_driving: AtomicUsize::new(0),
@@ -238,6 +265,7 @@ impl Mirror {
             conn_peer: mirror_proto::PeerId(0),
             recoveries_seen: 0,
             submitted: 0,
+            published_role: wire_role,
         };
         let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;

@@ -7,8 +7,6 @@ use std::path::PathBuf;
 
 use mirror_proto::TermHistoryError;
 
-use crate::Role;
-
 /// Errors from the queue and region files.
 ///
 /// Grouped by whose fault it is:
@@ -20,7 +18,7 @@ use crate::Role;
 ///   [`CorruptMeta`](Self::CorruptMeta), [`CorruptHeader`](Self::CorruptHeader),
 ///   [`CorruptRecord`](Self::CorruptRecord);
 /// - configuration: [`AlreadyExists`](Self::AlreadyExists),
-///   [`RoleMismatch`](Self::RoleMismatch), [`RegionSizeMismatch`](Self::RegionSizeMismatch);
+///   [`RegionSizeMismatch`](Self::RegionSizeMismatch);
 /// - the caller: [`SeqOutOfOrder`](Self::SeqOutOfOrder), [`PayloadSize`](Self::PayloadSize),
 ///   [`ResetBackwards`](Self::ResetBackwards), [`OutOfRange`](Self::OutOfRange),
 ///   [`Term`](Self::Term), [`CurrentTermBackwards`](Self::CurrentTermBackwards),
@@ -105,16 +103,6 @@ pub enum StorageError {
         path: PathBuf,
         /// What is wrong.
         why: String,
-    },
-    /// The queue was created for the other role.
-    #[error("{}: queue file belongs to a {file} node, but this node is configured as {expected}", path.display())]
-    RoleMismatch {
-        /// The file.
-        path: PathBuf,
-        /// Role stored in the file.
-        file: Role,
-        /// Role the caller asked for.
-        expected: Role,
     },
     /// The region size in the file (queue header, or region file length) differs from the
     /// configured one.

@@ -156,18 +156,24 @@ pub(crate) fn check_capacity(capacity: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Role encoding in the metadata slots.
-pub(crate) fn role_to_u32(role: Role) -> u32 {
-    match role {
-        Role::Primary => 1,
-        Role::Backup => 2,
+/// Role encoding in the metadata slots: 1 primary, 2 backup; 3 and 4 the same roles of a node
+/// that was superseded as a primary (fenced: it learned of a newer primary) and has not been
+/// promoted since. Such a node is refused as a primary at open.
+pub(crate) fn role_to_u32(role: Role, superseded: bool) -> u32 {
+    match (role, superseded) {
+        (Role::Primary, false) => 1,
+        (Role::Backup, false) => 2,
+        (Role::Primary, true) => 3,
+        (Role::Backup, true) => 4,
     }
 }
 
-pub(crate) fn role_from_u32(v: u32) -> Option<Role> {
+pub(crate) fn role_from_u32(v: u32) -> Option<(Role, bool)> {
     match v {
-        1 => Some(Role::Primary),
-        2 => Some(Role::Backup),
+        1 => Some((Role::Primary, false)),
+        2 => Some((Role::Backup, false)),
+        3 => Some((Role::Primary, true)),
+        4 => Some((Role::Backup, true)),
         _ => None,
     }
 }
@@ -273,6 +279,8 @@ pub(crate) struct Meta {
     /// Highest term this node has seen (never below `history.last_term()`).
     pub current_term: u64,
     pub role: Role,
+    /// Superseded as a primary (fenced) and not promoted since (role codes 3 and 4).
+    pub superseded: bool,
     /// Terms along the log (see `mirror_proto::term`).
     pub history: TermHistory,
 }
@@ -294,7 +302,7 @@ impl Meta {
         put_u64(&mut b, META_APPLIED, self.applied_through);
         put_u64(&mut b, META_EPOCH, self.epoch);
         put_u64(&mut b, META_CURRENT_TERM, self.current_term);
-        put_u32(&mut b, META_ROLE, role_to_u32(self.role));
+        put_u32(&mut b, META_ROLE, role_to_u32(self.role, self.superseded));
         let entries = self.history.entries();
         // A TermHistory never holds more than MAX_TERM_ENTRIES, which fill the slot exactly.
         debug_assert!(entries.len() <= MAX_TERM_ENTRIES);
@@ -324,9 +332,11 @@ impl Meta {
     /// a known role, a valid term history, and `current_term` not below its last term.
     pub(crate) fn decode(b: &[u8; META_SLOT_BYTES]) -> Result<Self, MetaFieldError> {
         let role_code = u32_at(b, META_ROLE);
-        let role = role_from_u32(role_code).ok_or_else(|| MetaFieldError {
+        let (role, superseded) = role_from_u32(role_code).ok_or_else(|| MetaFieldError {
             field: "role",
-            why: format!("unknown role code {role_code} (1 = primary, 2 = backup)"),
+            why: format!(
+                "unknown role code {role_code} (1 = primary, 2 = backup, 3/4 = the same, superseded)"
+            ),
         })?;
         let history = decode_history(b)?;
         let current_term = u64_at(b, META_CURRENT_TERM);
@@ -346,6 +356,7 @@ impl Meta {
             epoch: u64_at(b, META_EPOCH),
             current_term,
             role,
+            superseded,
             history,
         })
     }
@@ -557,6 +568,7 @@ mod tests {
             epoch: 4,
             current_term: 7,
             role: Role::Backup,
+            superseded: false,
             history: history(&[(2, 5), (7, 30)]),
         }
     }
@@ -668,7 +680,7 @@ mod tests {
             Meta::decode(&b).unwrap_err().field
         };
         assert_eq!(field_of(&|b| put_u32(b, META_ROLE, 0)), "role");
-        assert_eq!(field_of(&|b| put_u32(b, META_ROLE, 3)), "role");
+        assert_eq!(field_of(&|b| put_u32(b, META_ROLE, 5)), "role");
         assert_eq!(
             field_of(&|b| put_u32(b, META_ENTRY_COUNT, 61)),
             "term_history"

@@ -56,8 +56,39 @@ impl BackupSide {
         }
     }
 
+    /// A primary that became a backup, holding the records it appended and never applied
+    /// (they are applied now, as a backup applies what it holds).
+    pub(super) fn holding(records: Vec<Record>) -> BackupSide {
+        BackupSide::new(Recovered {
+            unapplied: records,
+            ..Recovered::default()
+        })
+    }
+
     pub(super) fn stop(&mut self) {
         self.state = BackupState::Failed;
+    }
+
+    /// Whether this backup may become a primary now (see [`Replica::promote`]).
+    pub(super) fn check_promotable(&self, c: &Common, force: bool) -> Result<(), PromoteError> {
+        match self.state {
+            BackupState::Failed => Err(PromoteError::Failed),
+            BackupState::Connected {
+                repair_after: Some(common),
+                ..
+            } => Err(PromoteError::NotCaughtUp {
+                why: format!(
+                    "it is repairing its divergent suffix after seq {common} from primary {:#x}; wait until `phase` is synchronous (or the connection ends), then promote",
+                    c.peer_node_id
+                ),
+            }),
+            BackupState::Connected { primary_id, .. } if !force => {
+                Err(PromoteError::PeerAlive {
+                    primary: primary_id,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Where this backup's log matches the connected primary's: its last seq, or the common

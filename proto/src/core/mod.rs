@@ -17,7 +17,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use crate::handshake::{reconcile, Identity, LogView, Unreconcilable};
-use crate::term::TermHistory;
+use crate::term::{next_term, TermHistory};
 use crate::wire::{Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_LEN};
 
 mod backup;
@@ -37,6 +37,18 @@ pub enum PeerLossPolicy {
     Block,
 }
 
+/// What a primary does once it learns that a newer primary exists (a higher term, from any
+/// message of any peer): it never applies or completes another write of its old term either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedPolicy {
+    /// Become a backup: the newer primary then repairs this node's divergent suffix and
+    /// catches it up (the default: the node rejoins without an operator).
+    Demote,
+    /// Stop the node (it fails with the fenced error); its queue remembers that it was
+    /// superseded, so reopening it as a primary is refused.
+    Stop,
+}
+
 /// Settings of a core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -48,6 +60,8 @@ pub struct CoreConfig {
     pub queue_format_version: u32,
     /// Primary only: behaviour while the backup is unreachable.
     pub on_peer_loss: PeerLossPolicy,
+    /// Primary only: what to do once superseded by a newer primary.
+    pub on_fenced: FencedPolicy,
     /// Primary: an outstanding write not acknowledged within this time, or a backup silent this
     /// long, means the backup is lost. Backup: a primary silent this long is dropped. Both
     /// announce it in their Hello (`silence_timeout_us`) so that the peer heartbeats in time.
@@ -149,6 +163,13 @@ pub enum PeerFault {
         /// The first seq the backup replays.
         replay_from: u64,
     },
+    /// This node changed its role (promoted, demoted or fenced): the conversation of the old
+    /// role ends; the next one starts with a new handshake.
+    #[error("this node is now a {now:?}; the connection of its old role ends")]
+    RoleChanged {
+        /// The new role.
+        now: WireRole,
+    },
 }
 
 /// Conditions that stop a node: continuing could lose or corrupt data, or the configuration is wrong.
@@ -169,6 +190,86 @@ pub enum FatalError {
     /// The two queues cannot be reconciled without a full copy of the region.
     #[error("cannot recover without a full remirror: {0}")]
     Unrecoverable(String),
+    /// A newer primary exists and this primary's policy (`on_fenced = stop`) is to stop.
+    #[error("{0}")]
+    Fenced(Fence),
+}
+
+/// Why a primary was fenced: the newer term it learned of, and from whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The newer term (None: a peer refused this primary as stale without naming it).
+    pub term: Option<u64>,
+    /// The node that told (0: unknown).
+    pub by_node: u64,
+    /// This primary's own term.
+    pub own_term: u64,
+}
+
+impl std::fmt::Display for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fenced: a newer primary exists (")?;
+        match self.term {
+            Some(t) => write!(f, "term {t}")?,
+            None => write!(f, "a newer term")?,
+        }
+        if self.by_node != 0 {
+            write!(f, ", learned from node {:#x}", self.by_node)?;
+        }
+        write!(
+            f,
+            ", above this primary's term {}); it completes no more writes",
+            self.own_term
+        )
+    }
+}
+
+/// Why writes stop being taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritesRefused {
+    /// The operator demoted this primary.
+    Demoted,
+    /// A newer primary exists.
+    Fenced(Fence),
+}
+
+/// Why a promotion was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum PromoteError {
+    /// The node is already a primary.
+    #[error("this node is already a primary (term {term})")]
+    AlreadyPrimary {
+        /// Its term.
+        term: u64,
+    },
+    /// The backup is connected to a primary that is alive: promoting it would make two.
+    #[error("this backup is connected to primary {primary:#x}, which is alive: demote that primary first, or force the promotion (which fences it: it completes no more writes once it meets this node)")]
+    PeerAlive {
+        /// The live primary.
+        primary: u64,
+    },
+    /// The backup's log or region is not in a state a primary can start from.
+    #[error("this backup is not caught up with what it acknowledged: {why}")]
+    NotCaughtUp {
+        /// What is missing, and what to do.
+        why: String,
+    },
+    /// The node has failed.
+    #[error("this node has failed; reopen it")]
+    Failed,
+}
+
+/// Why a demotion was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum DemoteError {
+    /// The node is already a backup.
+    #[error("this node is already a backup")]
+    AlreadyBackup,
+    /// The node has failed.
+    #[error("this node has failed; reopen it (as a backup to rejoin)")]
+    Failed,
 }
 
 impl From<Unreconcilable> for FatalError {
@@ -301,6 +402,22 @@ pub enum Action {
     TruncateAfter {
         /// The common point.
         after: u64,
+    },
+    /// This node stops being a primary: every submission not yet completed (and every later
+    /// one, until it is a primary again) fails with `reason`. Emitted before anything that
+    /// follows from the change; no `Complete` follows it for those tickets.
+    RefuseWrites {
+        /// Why.
+        reason: WritesRefused,
+    },
+    /// Persist the node's role in its queue (durable before the next action). `superseded`:
+    /// the node learned, as a primary, of a newer primary (it was fenced) and has not been
+    /// promoted since: reopening it as a primary is refused.
+    PersistRole {
+        /// The role.
+        role: WireRole,
+        /// Fenced and stopped.
+        superseded: bool,
     },
     /// Stop the node with this error.
     Fatal(FatalError),
@@ -642,7 +759,8 @@ impl Replica {
     /// of its queue, whose seqs it is about to assign again: it starts a new term (its first
     /// action persists it) so that those writes can be told apart from the lost ones.
     pub fn primary(cfg: CoreConfig, rec: Recovered) -> Replica {
-        let current_term = rec.current_term.max(rec.term_history.last_term()) + 1;
+        let known = rec.current_term.max(rec.term_history.last_term());
+        let current_term = next_term(known, cfg.node_id);
         let mut common = Common::new(cfg, &rec, current_term);
         common
             .actions
@@ -673,6 +791,149 @@ impl Replica {
     #[cfg(feature = "canary")]
     pub fn break_log_matching_for_canary(&mut self) {
         self.common.seq_only_matching = true;
+    }
+
+    /// Promotes this backup to primary: it starts a new term (persisted before its first
+    /// write) and takes writes, alone under `continue` or once a backup joins under `block`.
+    /// Refused while connected to a live primary unless `force` (the connection is dropped,
+    /// and that primary is fenced when it next meets this node), while a repair of a divergent
+    /// suffix is in progress, and on a primary. Returns the new term.
+    pub fn promote(&mut self, force: bool) -> Result<u64, PromoteError> {
+        let c = &mut self.common;
+        let b = match &mut self.side {
+            Side::Primary(_) => {
+                return Err(PromoteError::AlreadyPrimary {
+                    term: c.current_term,
+                })
+            }
+            Side::Backup(b) => b,
+        };
+        b.check_promotable(c, force)?;
+        // What the last pass received is acknowledged and applied before the role changes.
+        b.end_batch(c);
+        self.end_conversation(WireRole::Primary);
+        let c = &mut self.common;
+        let known = c.current_term.max(c.history.last_term());
+        let term = next_term(known, c.cfg.node_id);
+        c.current_term = term;
+        c.actions.push(Action::PersistTerm { term });
+        c.actions.push(Action::PersistRole {
+            role: WireRole::Primary,
+            superseded: false,
+        });
+        self.side = Side::Primary(PrimarySide::promoted(c));
+        Ok(term)
+    }
+
+    /// Demotes this primary to a backup: writes not completed fail (`RefuseWrites`), the
+    /// connection to its backup ends, and it waits for a primary, which will repair whatever
+    /// of its log the new history does not hold.
+    pub fn demote(&mut self) -> Result<(), DemoteError> {
+        match &self.side {
+            Side::Backup(_) => Err(DemoteError::AlreadyBackup),
+            Side::Primary(p) if p.is_failed() => Err(DemoteError::Failed),
+            Side::Primary(_) => {
+                self.common.actions.push(Action::RefuseWrites {
+                    reason: WritesRefused::Demoted,
+                });
+                self.become_backup(false);
+                Ok(())
+            }
+        }
+    }
+
+    /// A peer told this primary of a newer primary (`term`, when it named it): refuse every
+    /// write of the old term, then demote or stop as configured.
+    fn fence(&mut self, term: Option<u64>, by_node: u64) {
+        let Side::Primary(p) = &mut self.side else {
+            return;
+        };
+        if p.is_failed() {
+            return;
+        }
+        let c = &mut self.common;
+        let fence = Fence {
+            term,
+            by_node,
+            own_term: c.current_term,
+        };
+        c.actions.push(Action::RefuseWrites {
+            reason: WritesRefused::Fenced(fence),
+        });
+        if let Some(t) = term.filter(|&t| t > c.current_term) {
+            // A backup now: persisted before it acknowledges anything of that term. Stopped:
+            // its restart knows what superseded it.
+            c.current_term = t;
+            c.actions.push(Action::PersistTerm { term: t });
+        }
+        match c.cfg.on_fenced {
+            FencedPolicy::Demote => self.become_backup(true),
+            FencedPolicy::Stop => {
+                c.actions.push(Action::PersistRole {
+                    role: WireRole::Primary,
+                    superseded: true,
+                });
+                p.fail_fenced(c, fence);
+            }
+        }
+    }
+
+    /// The role switch of `demote` and of a fence under `demote`: the delayed and unflushed
+    /// records stay in the log (a backup applies what it holds; the next handshake repairs
+    /// what the new history lacks), and the conversation of the old role ends.
+    fn become_backup(&mut self, superseded: bool) {
+        let Side::Primary(p) = &mut self.side else {
+            return;
+        };
+        let held = p.take_unapplied();
+        self.end_conversation(WireRole::Backup);
+        let c = &mut self.common;
+        c.actions.push(Action::PersistRole {
+            role: WireRole::Backup,
+            superseded,
+        });
+        let mut side = BackupSide::holding(held);
+        side.apply_received(c);
+        self.side = Side::Backup(side);
+    }
+
+    /// Ends the connection of the role this node is leaving.
+    fn end_conversation(&mut self, now: WireRole) {
+        let c = &mut self.common;
+        if let Some(peer) = c.peer.take() {
+            c.actions.push(Action::Disconnect {
+                peer,
+                fault: PeerFault::RoleChanged { now },
+            });
+        }
+        c.forget_peer_reports();
+        c.peer_silence_timeout_us = 0;
+    }
+
+    /// A connection that this node accepted says `h` first: may it go on? A backup applies
+    /// [`Replica::check_hello`]. A primary hearing a primary of a newer term is fenced (and,
+    /// demoted, then judges `h` as a backup would); one of an older term is refused as stale
+    /// (it is fenced by the refusal); anything else is refused by role.
+    pub fn admit(&mut self, h: &Hello) -> Result<(), (RejectCode, String)> {
+        if let Side::Primary(p) = &self.side {
+            if p.is_failed() {
+                return Err((RejectCode::Role, "this primary has stopped".into()));
+            }
+            if h.role == WireRole::Primary && h.node_id != self.common.cfg.node_id {
+                if h.current_term > self.common.current_term {
+                    self.fence(Some(h.current_term), h.node_id);
+                } else {
+                    return Err((
+                        RejectCode::StaleTerm,
+                        format!(
+                            "primary {:#x} of term {} met primary {:#x} of the newer term {}: it is stale",
+                            h.node_id, h.current_term, self.common.cfg.node_id, self.common.current_term
+                        ),
+                    ));
+                }
+            }
+        }
+        self.check_hello(h)
     }
 
     /// This replica's role.
@@ -727,7 +988,12 @@ impl Replica {
             return;
         }
         match &mut self.side {
-            Side::Primary(p) => p.on_message(&mut self.common, msg),
+            Side::Primary(p) => {
+                if let Some((term, by_node)) = p.superseded_by(&self.common, &msg) {
+                    return self.fence(term, by_node);
+                }
+                p.on_message(&mut self.common, msg)
+            }
             Side::Backup(b) => b.on_message(&mut self.common, msg),
         }
     }

@@ -96,8 +96,73 @@ impl PrimarySide {
         }
     }
 
+    /// A backup just promoted: its log is the history so far (applied through its last seq),
+    /// and no write is delayed.
+    pub(super) fn promoted(c: &Common) -> PrimarySide {
+        debug_assert_eq!(c.applied_through, c.last_seq(), "promoted before applying");
+        PrimarySide::new(&Recovered {
+            last_seq: c.last_seq(),
+            ..Recovered::default()
+        })
+    }
+
     pub(super) fn stop(&mut self) {
         self.state = PrimaryState::Failed;
+    }
+
+    pub(super) fn is_failed(&self) -> bool {
+        self.state == PrimaryState::Failed
+    }
+
+    /// Whether `msg` says a newer primary exists: its term (when it names one) and the node
+    /// that said it. Any message of any peer counts: a backup's Hello or a replayed write of a
+    /// higher term, a primary's Hello, or a refusal as stale.
+    pub(super) fn superseded_by(&self, c: &Common, msg: &Message) -> Option<(Option<u64>, u64)> {
+        if self.is_failed() {
+            return None;
+        }
+        match msg {
+            Message::Hello(h) if h.current_term > c.current_term => {
+                Some((Some(h.current_term), h.node_id))
+            }
+            Message::Write { term, .. } if *term > c.current_term => {
+                Some((Some(*term), c.peer_node_id))
+            }
+            Message::Reject {
+                code: RejectCode::StaleTerm,
+                ..
+            } => Some((None, c.peer_node_id)),
+            _ => None,
+        }
+    }
+
+    /// The records appended and not applied (none of them completed): a primary that becomes
+    /// a backup keeps them in its log.
+    pub(super) fn take_unapplied(&mut self) -> Vec<Record> {
+        let mut held: Vec<Record> = self
+            .delay
+            .drain(..)
+            .chain(self.degraded_batch.drain(..))
+            .map(|p| p.record)
+            .collect();
+        held.sort_by_key(|r| r.seq);
+        self.state = PrimaryState::Failed;
+        held
+    }
+
+    /// Fenced under `on_fenced = stop`: the connection ends and the node stops.
+    pub(super) fn fail_fenced(&mut self, c: &mut Common, fence: Fence) {
+        if let Some(peer) = c.peer {
+            c.actions.push(Action::Disconnect {
+                peer,
+                fault: PeerFault::RoleChanged {
+                    now: WireRole::Primary,
+                },
+            });
+        }
+        self.delay.clear();
+        self.degraded_batch.clear();
+        self.fail(c, FatalError::Fenced(fence));
     }
 
     /// Whether `submit` may be called now. While it is false the driver leaves submissions in

@@ -83,6 +83,7 @@ impl Poller {
                 repair_bytes,
             } => self.save_divergent_suffix(after, through, &records, repair_bytes)?,
             Io::Applied(_) => {}
+            Io::RefuseWrites(why) => self.refuse_pending(why),
             // For a connection that is gone: nothing to do.
             Io::Send { .. } | Io::SendQueued { .. } | Io::Disconnect { .. } | Io::Reject { .. } => {
             }

@@ -1,12 +1,13 @@
-//! The connection's life: a primary connects (and reconnects) to its backup; a backup accepts
-//! connections, reads their first `Hello` without blocking, and refuses a second primary
-//! without disturbing the current one.
+//! The connection's life: a primary connects (and reconnects) to its peer; a node with a
+//! `listen` address accepts connections in either role, reads their first `Hello` without
+//! blocking, and lets the core judge it (a backup refuses a second primary without disturbing
+//! the current one; a primary meeting another primary fences it or is fenced by it).
 
 use std::time::Instant;
 
-use mirror_proto::{Message, Phase, RejectCode};
+use mirror_proto::{Message, Phase, RejectCode, WireRole};
 
-use crate::config::{Config, Role, TransportKind};
+use crate::config::{Config, TransportKind};
 use crate::error::Result;
 use crate::transport::tcp::TcpConnecting;
 use crate::transport::{Connecting, TransportError};
@@ -18,54 +19,61 @@ const ACCEPT_INTERVAL_CONNECTED_US: u64 = 1_000;
 
 impl Poller {
     pub(super) fn manage_connection(&mut self, now: u64) -> bool {
-        match self.cfg.role {
-            Role::Primary => {
-                if self.conn.is_some() || self.exec.core.phase() != Phase::Disconnected {
-                    return false;
-                }
-                if let Some((attempt, deadline_us)) = self.connecting.as_mut() {
-                    let failure = match attempt.poll() {
-                        Ok(Some(c)) => {
-                            tracing::info!(peer = %c.peer(), "connected to backup");
-                            self.connecting = None;
-                            self.conn = Some(c);
-                            let peer = self.next_peer();
-                            self.exec.core.on_connected(peer);
-                            return true;
-                        }
-                        Ok(None) if now < *deadline_us => return false,
-                        Ok(None) => "no answer in time".to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    tracing::debug!(peer = ?self.cfg.peer, error = %failure, "backup not reachable");
-                    self.connecting = None;
-                    self.exec.core.on_connect_failed();
-                    return true;
-                }
-                if now < self.next_connect_at_us {
-                    return false;
-                }
-                self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
-                let peer = self.cfg.peer.clone().unwrap_or_default();
-                match start_connecting(&self.cfg, &peer) {
-                    Ok(attempt) => {
-                        let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
-                        self.connecting = Some((attempt, deadline));
-                    }
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "backup not reachable");
-                        self.exec.core.on_connect_failed();
-                    }
-                }
-                true
-            }
-            Role::Backup => self.accept_and_greet(now),
+        let mut worked = self.accept_and_greet(now);
+        if self.exec.core.role() == WireRole::Primary && self.cfg.peer.is_some() {
+            worked |= self.connect_to_peer(now);
         }
+        worked
     }
 
-    /// Backup: accepts new connections and adopts one once its Hello passes the checks. A Hello
-    /// from the primary already connected (same node id) replaces the old connection (the
-    /// primary restarted or its link broke); any other is refused without disturbing it.
+    /// A primary: connects to its peer, again after every loss.
+    fn connect_to_peer(&mut self, now: u64) -> bool {
+        if self.conn.is_some() || self.exec.core.phase() != Phase::Disconnected {
+            return false;
+        }
+        if let Some((attempt, deadline_us)) = self.connecting.as_mut() {
+            let failure = match attempt.poll() {
+                Ok(Some(c)) => {
+                    tracing::info!(peer = %c.peer(), "connected to backup");
+                    self.connecting = None;
+                    self.conn = Some(c);
+                    let peer = self.next_peer();
+                    self.exec.core.on_connected(peer);
+                    return true;
+                }
+                Ok(None) if now < *deadline_us => return false,
+                Ok(None) => "no answer in time".to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::debug!(peer = ?self.cfg.peer, error = %failure, "backup not reachable");
+            self.connecting = None;
+            self.exec.core.on_connect_failed();
+            return true;
+        }
+        if now < self.next_connect_at_us {
+            return false;
+        }
+        self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
+        let peer = self.cfg.peer.clone().unwrap_or_default();
+        match start_connecting(&self.cfg, &peer) {
+            Ok(attempt) => {
+                let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
+                self.connecting = Some((attempt, deadline));
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "backup not reachable");
+                self.exec.core.on_connect_failed();
+            }
+        }
+        true
+    }
+
+    /// Accepts new connections (a node with `listen`, in either role) and adopts one once the
+    /// core admits its Hello. On a backup, a Hello from the primary already connected (same
+    /// node id) replaces the old connection (the primary restarted or its link broke); any
+    /// other is refused without disturbing it. On a primary, a primary of a newer term fences
+    /// this node (which, demoted, adopts the connection as a backup); an older one is refused
+    /// as stale, which fences it.
     pub(super) fn accept_and_greet(&mut self, now: u64) -> bool {
         let mut worked = false;
         // accept(2) is a system call: while connected, look for newcomers every millisecond
@@ -106,7 +114,9 @@ impl Poller {
                     let (mut c, _) = self.pending.swap_remove(i);
                     worked = true;
                     let verdict = match first.first() {
-                        Some(Message::Hello(h)) => self.exec.core.check_hello(h),
+                        // A primary hearing a newer primary is fenced here (and, demoted,
+                        // judges the Hello as a backup).
+                        Some(Message::Hello(h)) => self.exec.core.admit(h),
                         Some(other) => Err((
                             RejectCode::ProtocolViolation,
                             format!("first message was {:?}, expected Hello", other.kind()),

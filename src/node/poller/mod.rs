@@ -8,12 +8,12 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mirror_proto::{Action, Message, PeerId};
+use mirror_proto::{Action, Message, PeerId, WireRole, WritesRefused};
 use mirror_ring::Consumer;
 use mirror_storage::{Region, StorageError};
 
-use crate::config::{Config, Role};
-use crate::error::Result;
+use crate::config::Config;
+use crate::error::{MirrorError, Result};
 use crate::transport::{Connecting, Connection, Listener};
 
 use super::*;
@@ -66,6 +66,8 @@ pub(super) struct Poller {
     pub(super) conn_peer: PeerId,
     pub(super) recoveries_seen: u64,
     pub(super) submitted: u64,
+    /// The role last published to callers.
+    pub(super) published_role: WireRole,
 }
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
@@ -134,11 +136,7 @@ impl Poller {
         let worked = match self.pass(now) {
             Ok(w) => w,
             Err(Stop::Fatal(reason)) => {
-                self.exec.core.fail();
-                self.conn = None;
-                self.stopped = true;
-                self.publish_stats();
-                self.shared.fail(reason);
+                self.stop_node(reason);
                 return Step::Stopped;
             }
         };
@@ -156,6 +154,105 @@ impl Poller {
         } else {
             Step::Spinning
         }
+    }
+
+    /// The node cannot go on: fail it (callers see why).
+    fn stop_node(&mut self, reason: String) {
+        self.exec.core.fail();
+        self.conn = None;
+        self.stopped = true;
+        self.publish_stats();
+        self.shared.fail(reason);
+    }
+
+    /// [`Mirror::promote`], between two passes.
+    pub(super) fn promote(&mut self, force: bool) -> Result<u64> {
+        self.check_running()?;
+        let term = self.exec.core.promote(force)?;
+        self.after_role_change()?;
+        tracing::warn!(
+            term,
+            force,
+            "promoted to primary: a new term; connecting to the peer to make it this node's backup"
+        );
+        Ok(term)
+    }
+
+    /// [`Mirror::demote`], between two passes.
+    pub(super) fn demote(&mut self) -> Result<()> {
+        self.check_running()?;
+        self.exec.core.demote()?;
+        self.after_role_change()?;
+        tracing::warn!("demoted to backup: waiting for the new primary");
+        Ok(())
+    }
+
+    fn check_running(&self) -> Result<()> {
+        match self.shared.failure() {
+            Some(e) => Err(e),
+            None if self.stopped => Err(MirrorError::Closed),
+            None => Ok(()),
+        }
+    }
+
+    /// Executes what a role change asked for and publishes the new role.
+    fn after_role_change(&mut self) -> Result<()> {
+        if let Err(Stop::Fatal(reason)) = self.execute_actions() {
+            self.stop_node(reason.clone());
+            return Err(MirrorError::Failed { reason });
+        }
+        self.role_changed();
+        Ok(())
+    }
+
+    /// The core's role may have changed: publish it, and start the connection life of the
+    /// new role (a primary connects at once; a backup drops an attempt in progress).
+    pub(super) fn role_changed(&mut self) {
+        let role = self.exec.core.role();
+        if role == self.published_role {
+            return;
+        }
+        self.published_role = role;
+        self.shared.set_role(role);
+        self.connecting = None;
+        self.next_connect_at_us = 0;
+        if role == WireRole::Primary {
+            *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        self.publish_stats();
+    }
+
+    /// The core stopped taking writes (`RefuseWrites`): every ticket not completed fails, and
+    /// so does every submission still in the ring.
+    pub(super) fn refuse_pending(&mut self, why: WritesRefused) {
+        let fenced = match why {
+            WritesRefused::Fenced(f) => {
+                let reason = format!(
+                    "{f}; start this node as a backup (or demote it) to rejoin the new primary"
+                );
+                tracing::error!(%reason, "fenced");
+                *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(reason.clone());
+                Some(reason)
+            }
+            WritesRefused::Demoted => None,
+        };
+        let completed = self.shared.completed.load(Ordering::Acquire);
+        self.shared
+            .refuse(completed + 1, self.submitted, fenced.clone());
+        self.refuse_ring(fenced);
+    }
+
+    /// Refuses every submission waiting in the ring (the node is not a primary now).
+    fn refuse_ring(&mut self, fenced: Option<String>) {
+        let first = self.submitted + 1;
+        if self.stash.take().is_some() {
+            self.submitted += 1;
+        }
+        while let Some((position, _)) = self.consumer.as_mut().and_then(|c| c.try_pop()) {
+            self.submitted = position + 1;
+        }
+        self.shared.refuse(first, self.submitted, fenced);
     }
 
     fn shutdown(&mut self) {
@@ -194,7 +291,7 @@ impl Poller {
             }
         }
         let mut no_room = false;
-        if self.cfg.role == Role::Backup {
+        if self.exec.core.role() == WireRole::Backup {
             // Take writes only while the queue has room for them. The primary's headroom covers
             // its own queue; ours can hold more (records the primary already trimmed while its
             // applied report to us is in flight). Rather than fail, drop the connection: the
@@ -221,6 +318,7 @@ impl Poller {
             worked = true;
         }
         worked |= self.take_submissions()?;
+        self.role_changed();
         if !worked {
             self.exec.core.on_tick();
         }
@@ -262,8 +360,14 @@ impl Poller {
     }
 
     fn take_submissions(&mut self) -> Result<bool, Stop> {
-        if self.consumer.is_none() {
+        if self.stash.is_none() && !self.consumer.as_ref().is_some_and(|c| !c.is_empty()) {
             return Ok(false);
+        }
+        if self.exec.core.role() != WireRole::Primary {
+            // Submitted while the node stopped being a primary (the submitter checked the
+            // role just before it changed).
+            self.refuse_ring(self.shared.fenced());
+            return Ok(true);
         }
         let mut worked = false;
         for _ in 0..SUBMIT_BATCH {
@@ -317,6 +421,11 @@ impl Poller {
             );
         }
         let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        s.role = match self.exec.core.role() {
+            WireRole::Primary => crate::config::Role::Primary,
+            WireRole::Backup => crate::config::Role::Backup,
+        };
+        s.peer_node_id = self.exec.queue.peer_node_id();
         s.phase = self.exec.core.phase();
         s.next_seq = core.next_seq;
         s.applied_through = core.applied_through;

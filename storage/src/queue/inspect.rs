@@ -29,6 +29,8 @@ pub struct QueueInfo {
     pub node_id: u64,
     /// Owner's role (from the current metadata slot).
     pub role: Role,
+    /// Superseded as a primary (fenced) and not promoted since.
+    pub superseded: bool,
     /// Region size the queue was created for.
     pub region_size: u64,
     /// Ring capacity in bytes.
@@ -115,6 +117,7 @@ pub fn inspect_queue(path: &Path) -> Result<QueueInfo, StorageError> {
         format_version: format::FORMAT_VERSION,
         node_id: stat.node_id,
         role: meta.role,
+        superseded: meta.superseded,
         region_size: stat.region_size,
         capacity_bytes: stat.capacity,
         peer_node_id: meta.peer_node_id,

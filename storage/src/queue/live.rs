@@ -33,13 +33,17 @@ pub struct RecordRef<'a> {
 }
 
 impl PersistentQueue {
-    /// Changes this node's role (a failover). Durable per mode before returning.
-    pub fn set_role(&mut self, role: Role) -> Result<(), StorageError> {
-        if role == self.meta.role {
+    /// Changes this node's role (a failover) and its superseded mark: set when a primary
+    /// learns of a newer primary (fenced), cleared when it is promoted again. A node with the
+    /// mark must not take writes as a primary (reopened as one, it is refused; as a backup it
+    /// rejoins). Durable per mode before returning.
+    pub fn set_role(&mut self, role: Role, superseded: bool) -> Result<(), StorageError> {
+        if role == self.meta.role && superseded == self.meta.superseded {
             return Ok(());
         }
         self.write_meta(Meta {
             role,
+            superseded,
             ..self.meta.clone()
         })
     }

@@ -344,6 +344,7 @@ impl PersistentQueue {
             epoch: 0,
             current_term: 0,
             role,
+            superseded: false,
             history: TermHistory::new(),
         };
         let a = META_SLOT_OFF[0];
@@ -381,9 +382,11 @@ impl PersistentQueue {
         Self::open_checked(path, durability, None)
     }
 
-    /// Opens the queue at `path` if it exists, after checking that its role and region size
-    /// match `params` ([`StorageError::RoleMismatch`], [`StorageError::RegionSizeMismatch`];
-    /// checked before anything is written); otherwise creates it. For an existing file, its
+    /// Opens the queue at `path` if it exists, after checking that its region size matches
+    /// `params` ([`StorageError::RegionSizeMismatch`], checked before anything is written);
+    /// otherwise creates it with `params.role`. The role of an existing file is not checked:
+    /// it is state (a failover changes it), and the node decides what its configured role
+    /// means against it ([`role`](Self::role), [`superseded`](Self::superseded)). For an existing file, its
     /// `node_id` and `capacity_bytes` win over `params` (compare [`node_id`](Self::node_id) if
     /// that matters to you).
     pub fn open_or_create(
@@ -415,20 +418,12 @@ impl PersistentQueue {
     }
 
     /// The checks of [`open_or_create`](Self::open_or_create) on an existing queue, before
-    /// anything is written: the role (from the metadata) and the region size.
+    /// anything is written: the region size.
     fn check_expected(
         path: &Path,
         stat: &StaticHeader,
-        meta: &Meta,
         params: &QueueParams,
     ) -> Result<(), StorageError> {
-        if meta.role != params.role {
-            return Err(StorageError::RoleMismatch {
-                path: path.to_path_buf(),
-                file: meta.role,
-                expected: params.role,
-            });
-        }
         if stat.region_size != params.region_size {
             return Err(StorageError::RegionSizeMismatch {
                 path: path.to_path_buf(),
@@ -483,6 +478,12 @@ impl PersistentQueue {
     /// This node's role (from the metadata).
     pub fn role(&self) -> Role {
         self.meta.role
+    }
+
+    /// Whether this node was superseded as a primary (fenced) and not promoted since (see
+    /// [`PersistentQueue::set_role`]): it must not take writes as a primary.
+    pub fn superseded(&self) -> bool {
+        self.meta.superseded
     }
 
     /// The highest term this node has seen (durable): never below the last term of

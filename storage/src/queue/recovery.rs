@@ -301,7 +301,7 @@ impl PersistentQueue {
         let map = Mapping::map_rw(&file, len, durability, path)?;
         let (mut meta, meta_slot) = read_meta(&map, path)?;
         if let Some(params) = expect {
-            Self::check_expected(path, &stat, &meta, params)?;
+            Self::check_expected(path, &stat, params)?;
         }
         // Acquire on the cursor words: pairs with this queue's own Release stores in an
         // earlier session of this process; across a crash the values simply are what the file

@@ -136,7 +136,7 @@ impl Model {
                     Role::Primary => Role::Backup,
                     Role::Backup => Role::Primary,
                 };
-                q.set_role(self.role).unwrap();
+                q.set_role(self.role, false).unwrap();
             }
             Op::Sync => q.sync().unwrap(),
         }

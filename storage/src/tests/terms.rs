@@ -447,26 +447,24 @@ fn set_current_term_only_raises_and_is_durable() {
 }
 
 #[test]
-fn set_role_is_durable_and_checked_by_open_or_create() {
+fn set_role_and_the_superseded_mark_are_durable() {
     let dir = tempfile::tempdir().unwrap();
     let (mut q, path) = new_queue(dir.path(), 4096);
     push(&mut q, 10, 0);
-    q.set_role(Role::Backup).unwrap();
-    q.set_role(Role::Backup).unwrap();
-    assert_eq!(q.role(), Role::Backup);
+    q.set_role(Role::Primary, true).unwrap();
+    assert_eq!((q.role(), q.superseded()), (Role::Primary, true));
     drop(q);
-    let e = PersistentQueue::open_or_create(&path, &params(4096), Durability::Process).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            StorageError::RoleMismatch {
-                file: Role::Backup,
-                expected: Role::Primary,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    // Opened with any configured role, the file says what the node was.
+    let (mut q, _) =
+        PersistentQueue::open_or_create(&path, &params(4096), Durability::Process).unwrap();
+    assert_eq!((q.role(), q.superseded()), (Role::Primary, true));
+    assert!(inspect_queue(&path).unwrap().superseded);
+    q.set_role(Role::Backup, true).unwrap();
+    assert_eq!((q.role(), q.superseded()), (Role::Backup, true));
+    q.set_role(Role::Backup, false).unwrap();
+    q.set_role(Role::Backup, false).unwrap();
+    assert_eq!((q.role(), q.superseded()), (Role::Backup, false));
+    drop(q);
     let p = QueueParams {
         role: Role::Backup,
         ..params(4096)
