@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use mirror_proto::{FencedPolicy, PeerLossPolicy};
+use mirror_proto::{FencedPolicy, PeerLossPolicy, SplitBrainPolicy};
 use mirror_storage::Durability;
 
 use crate::error::{ConfigError, MirrorError};
@@ -73,6 +73,8 @@ pub struct Config {
     pub on_peer_loss: PeerLossPolicy,
     /// Primary: what to do once a newer primary is seen (fenced).
     pub on_fenced: FencedPolicy,
+    /// What to do when a handshake finds a split brain.
+    pub after_split_brain: SplitBrainPolicy,
     /// CPU to pin the polling thread to (none: not pinned).
     pub cpu: Option<usize>,
     /// How long the poller busy-polls after its last work before it sleeps in the kernel.
@@ -132,6 +134,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "on_fenced",
         "a primary that learns of a newer primary: demote (default, it rejoins as a backup) | stop",
     ),
+    (
+        "after_split_brain",
+        "disconnect (default) | discard-younger-primary | discard-least-changes | discard-node:<node id>",
+    ),
     ("cpu", "CPU to pin the poller to, or 'none' (default)"),
     (
         "idle_spin_us",
@@ -186,6 +192,7 @@ pub struct ConfigBuilder {
     durability: Option<Durability>,
     on_peer_loss: Option<PeerLossPolicy>,
     on_fenced: Option<FencedPolicy>,
+    after_split_brain: Option<SplitBrainPolicy>,
     cpu: Option<Option<usize>>,
     idle_spin_us: Option<u64>,
     wait_spin_us: Option<u64>,
@@ -334,6 +341,22 @@ impl ConfigBuilder {
                     "demote" => FencedPolicy::Demote,
                     "stop" => FencedPolicy::Stop,
                     _ => return Err(bad(key, value, "expected 'demote' or 'stop'")),
+                })
+            }
+            "after_split_brain" => {
+                self.after_split_brain = Some(match v {
+                    "disconnect" => SplitBrainPolicy::Disconnect,
+                    "discard-younger-primary" => SplitBrainPolicy::DiscardYoungerPrimary,
+                    "discard-least-changes" => SplitBrainPolicy::DiscardLeastChanges,
+                    _ => match v.strip_prefix("discard-node:").map(parse_node_id) {
+                        Some(Ok(id)) => SplitBrainPolicy::DiscardNode(id),
+                        Some(Err(why)) => return Err(bad(key, value, why)),
+                        None => return Err(bad(
+                            key,
+                            value,
+                            "expected 'disconnect', 'discard-younger-primary', 'discard-least-changes' or 'discard-node:<node id>'",
+                        )),
+                    },
                 })
             }
             "cpu" => {
@@ -517,6 +540,7 @@ impl ConfigBuilder {
             durability: self.durability.unwrap_or(Durability::Process),
             on_peer_loss: self.on_peer_loss.unwrap_or(PeerLossPolicy::Continue),
             on_fenced: self.on_fenced.unwrap_or(FencedPolicy::Demote),
+            after_split_brain: self.after_split_brain.unwrap_or_default(),
             cpu,
             idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
             wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),
@@ -532,6 +556,21 @@ impl ConfigBuilder {
             caller_drives: self.caller_drives.unwrap_or(true),
             crash_before_apply_seq: self.crash_before_apply_seq,
         })
+    }
+}
+
+/// Parses a node id as `mirror status` prints it (`0x` and hex) or in decimal; never 0.
+pub fn parse_node_id(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse::<u64>(),
+    };
+    match parsed {
+        Ok(0) => Err("node id 0 is not a node (it means none)".into()),
+        Ok(id) => Ok(id),
+        Err(_) => Err(format!(
+            "'{s}' is not a node id (hex with 0x as `mirror status` prints it, or decimal)"
+        )),
     }
 }
 

@@ -8,37 +8,20 @@ use std::time::{Duration, Instant};
 use mirror::{Mirror, MirrorError, Phase, Role};
 
 mod common;
-use common::free_port;
+use common::{failover_node, free_port};
 
 const REGION: &str = "1MiB";
 
 /// Node `name` in `dir`: it listens on `own` and knows `peer`, so it can take either role.
 fn node(dir: &Path, name: &str, role: &str, own: u16, peer: u16, extra: &[(&str, &str)]) -> Mirror {
-    let mut b = mirror::ConfigBuilder::new();
-    for (k, v) in [
-        ("role", role),
-        (
-            "region",
-            &dir.join(format!("{name}.region")).to_string_lossy(),
-        ),
-        (
-            "queue",
-            &dir.join(format!("{name}.queue")).to_string_lossy(),
-        ),
-        ("region_size", REGION),
-        ("queue_size", "4MiB"),
-        ("idle_spin_us", "20"),
-        ("listen", &format!("127.0.0.1:{own}")),
-        ("peer", &format!("127.0.0.1:{peer}")),
-        ("ack_timeout_ms", "500"),
-        ("reconnect_interval_ms", "20"),
-    ] {
-        b.set(k, v).unwrap();
-    }
-    for (k, v) in extra {
-        b.set(k, v).unwrap();
-    }
-    Mirror::open(b.build().unwrap()).unwrap()
+    failover_node(
+        dir,
+        name,
+        role,
+        &format!("127.0.0.1:{own}"),
+        &format!("127.0.0.1:{peer}"),
+        extra,
+    )
 }
 
 /// Writes `n` 64-byte records, record `i` at `(base + i) * 64 % region` with bytes `tag, i`.
@@ -250,7 +233,8 @@ fn a_fenced_primary_that_stops_is_refused_as_a_primary_at_reopen() {
     wait_until("the old primary to stop", || {
         a.stats().phase == Phase::Failed
     });
-    assert!(matches!(a.write(0, b"x"), Err(MirrorError::Fenced { .. })));
+    let e = a.write(0, b"x").unwrap_err();
+    assert!(matches!(e, MirrorError::Fenced { .. }), "{e}");
     drop(a);
     let mut cfg = mirror::ConfigBuilder::new();
     for (k, v) in [

@@ -148,6 +148,8 @@ fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
         first_seq: 1,
         queue_capacity: 1 << 20,
         silence_timeout_us: 0,
+        alone_from: 0,
+        discard_node: 0,
         current_term: 9,
         term_history: TermHistory::from_entries(vec![
             TermEntry {

@@ -193,6 +193,7 @@ pub fn recovered(replay: ReplayState) -> Recovered {
             .collect(),
         current_term: replay.current_term,
         term_history: replay.term_history,
+        alone_from: replay.alone_from,
     }
 }
 
@@ -341,6 +342,10 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 self.queue_barrier_done();
             }
             Action::RefuseWrites { reason } => io.push(Io::RefuseWrites(reason)),
+            Action::PersistAloneFrom { seq } => {
+                self.queue.set_alone_from(seq)?;
+                self.queue_barrier_done();
+            }
             Action::PersistRole { role, superseded } => {
                 // A metadata update is a barrier, like a term's.
                 let role = match role {

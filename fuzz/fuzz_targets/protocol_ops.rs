@@ -18,6 +18,7 @@ fn cfg(id: u64, policy: PeerLossPolicy) -> CoreConfig {
         queue_format_version: 1,
         on_peer_loss: policy,
         on_fenced: mirror_proto::FencedPolicy::Demote,
+        after_split_brain: mirror_proto::SplitBrainPolicy::Disconnect,
         ack_timeout_us: 100,
         handshake_timeout_us: 500,
         sync_queue_before_ack: false,

@@ -17,6 +17,11 @@ pub struct LogView {
     pub last_seq: u64,
     /// Its oldest held seq (None: nothing held).
     pub first_seq: Option<u64>,
+    /// The first seq it completed as a primary without its peer that the peer has not
+    /// confirmed holding since (0: none; see [`Hello::alone_from`]).
+    pub alone_from: u64,
+    /// Its node id.
+    pub node_id: u64,
 }
 
 impl LogView {
@@ -27,6 +32,25 @@ impl LogView {
             history: h.term_history.clone(),
             last_seq: h.last_seq,
             first_seq: (h.first_seq != 0).then_some(h.first_seq),
+            alone_from: h.alone_from,
+            node_id: h.node_id,
+        }
+    }
+
+    /// Whether the node may have completed writes after `common` that only it holds: it has
+    /// records past `common` and an unconfirmed stretch of writes completed alone (which may
+    /// run on past `common` even when it starts below).
+    fn completed_alone_after(&self, common: u64) -> bool {
+        self.alone_from != 0 && self.alone_from <= self.last_seq && self.last_seq > common
+    }
+
+    /// What its log holds after `common`, for a split-brain policy.
+    fn suffix_after(&self, common: u64) -> Suffix {
+        Suffix {
+            node_id: self.node_id,
+            records: self.last_seq.saturating_sub(common),
+            first_term: self.history.term_at(common + 1).unwrap_or(0),
+            completed_alone: self.completed_alone_after(common),
         }
     }
 
@@ -62,8 +86,136 @@ pub enum Unreconcilable {
         /// The backup's.
         backup_term: u64,
     },
+    /// Both logs go on past their common point and the backup's suffix holds writes completed
+    /// to callers (it wrote them as a primary, without this peer): discarding them needs a
+    /// policy's or an operator's decision ([`decide_split_brain`]).
+    SplitBrain(SplitBrain),
     /// Anything else: the reason, for the peer and the log.
     Unrecoverable(String),
+}
+
+/// One side of a split brain: what its log holds after the common point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Suffix {
+    /// The node.
+    pub node_id: u64,
+    /// Records after the common point ("changes").
+    pub records: u64,
+    /// The term of its first record after the common point: the later a node became the
+    /// primary that wrote them, the higher.
+    pub first_term: u64,
+    /// Whether some of them were completed to callers.
+    pub completed_alone: bool,
+}
+
+/// Two logs that both went on past their common point, the backup's with completed writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitBrain {
+    /// The highest seq both hold with the same term.
+    pub common: u64,
+    /// The primary's side.
+    pub primary: Suffix,
+    /// The backup's side.
+    pub backup: Suffix,
+}
+
+impl std::fmt::Display for SplitBrain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let side = |s: &Suffix| {
+            format!(
+                "node {:#x}: {} records from term {}{}",
+                s.node_id,
+                s.records,
+                s.first_term,
+                if s.completed_alone {
+                    ", some completed to callers"
+                } else {
+                    ", none completed"
+                }
+            )
+        };
+        write!(
+            f,
+            "split brain after seq {}: {}; {}",
+            self.common,
+            side(&self.primary),
+            side(&self.backup)
+        )
+    }
+}
+
+/// What to do after a split brain (DRBD's vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitBrainPolicy {
+    /// Stay apart and say so until an operator names the node to discard.
+    #[default]
+    Disconnect,
+    /// Discard the writes of the node that became primary last (the higher first term).
+    DiscardYoungerPrimary,
+    /// Discard the writes of the node with fewer records after the common point (a tie: the
+    /// younger primary's).
+    DiscardLeastChanges,
+    /// Discard this node's writes.
+    DiscardNode(u64),
+}
+
+/// A split-brain decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Stay apart.
+    StayApart,
+    /// The backup's suffix goes (saved first), as in any repair.
+    DiscardBackup,
+    /// The primary's suffix goes: the primary becomes a backup and the backup a primary (a
+    /// new term), and the next handshake repairs the old primary.
+    DiscardPrimary,
+}
+
+/// The split-brain rule, for both sides: an operator's resolution (either node's `discard`,
+/// naming one of the two; two different names keep them apart) wins over the policy. It
+/// depends on the two suffixes only, never on who is primary now, so the handshake after a
+/// `DiscardPrimary` role swap reaches the same loser.
+pub fn decide_split_brain(
+    policy: SplitBrainPolicy,
+    sb: &SplitBrain,
+    operator_discards: [u64; 2],
+) -> Verdict {
+    let (p, b) = (&sb.primary, &sb.backup);
+    let loser_is = |id: u64| {
+        if id == p.node_id {
+            Verdict::DiscardPrimary
+        } else if id == b.node_id {
+            Verdict::DiscardBackup
+        } else {
+            Verdict::StayApart
+        }
+    };
+    let named: Vec<u64> = operator_discards
+        .into_iter()
+        .filter(|&id| id == p.node_id || id == b.node_id)
+        .collect();
+    if let Some(&first) = named.first() {
+        return if named.iter().all(|&id| id == first) {
+            loser_is(first)
+        } else {
+            Verdict::StayApart
+        };
+    }
+    let younger = || match p.first_term.cmp(&b.first_term) {
+        std::cmp::Ordering::Greater => Verdict::DiscardPrimary,
+        std::cmp::Ordering::Less => Verdict::DiscardBackup,
+        std::cmp::Ordering::Equal => Verdict::StayApart,
+    };
+    match policy {
+        SplitBrainPolicy::Disconnect => Verdict::StayApart,
+        SplitBrainPolicy::DiscardYoungerPrimary => younger(),
+        SplitBrainPolicy::DiscardLeastChanges => match p.records.cmp(&b.records) {
+            std::cmp::Ordering::Less => Verdict::DiscardPrimary,
+            std::cmp::Ordering::Greater => Verdict::DiscardBackup,
+            std::cmp::Ordering::Equal => younger(),
+        },
+        SplitBrainPolicy::DiscardNode(id) => loser_is(id),
+    }
 }
 
 impl Unreconcilable {
@@ -79,6 +231,7 @@ impl Unreconcilable {
                     "primary's term {primary_term} is older than term {backup_term} that this backup has seen: a newer primary exists"
                 ),
             ),
+            Unreconcilable::SplitBrain(sb) => (RejectCode::SplitBrain, sb.to_string()),
             Unreconcilable::Unrecoverable(why) => (RejectCode::Unrecoverable, why.clone()),
         }
     }
@@ -92,6 +245,17 @@ impl Unreconcilable {
 ///   a backup's winning suffix means a newer primary exists, which this primary cannot repair;
 /// - whoever must send records must still hold them.
 pub fn reconcile(primary: &LogView, backup: &LogView) -> Result<Reconciliation, Unreconcilable> {
+    reconcile_resolving(primary, backup, false)
+}
+
+/// [`reconcile`], and a split brain stops it ([`Unreconcilable::SplitBrain`]) unless
+/// `discard_backup`: a split-brain decision ([`Verdict::DiscardBackup`]) drops the backup's
+/// suffix whatever its terms.
+pub fn reconcile_resolving(
+    primary: &LogView,
+    backup: &LogView,
+    discard_backup: bool,
+) -> Result<Reconciliation, Unreconcilable> {
     if primary.current_term < backup.current_term {
         return Err(Unreconcilable::StaleTerm {
             primary_term: primary.current_term,
@@ -114,7 +278,14 @@ pub fn reconcile(primary: &LogView, backup: &LogView) -> Result<Reconciliation, 
         ))
     })?;
     let backup_discards = primary.last_seq > common && backup.last_seq > common;
-    if backup_discards {
+    if backup_discards && !discard_backup && backup.completed_alone_after(common) {
+        return Err(Unreconcilable::SplitBrain(SplitBrain {
+            common,
+            primary: primary.suffix_after(common),
+            backup: backup.suffix_after(common),
+        }));
+    }
+    if backup_discards && !discard_backup {
         let at = common + 1;
         let primary_term = primary.history.term_at(at).unwrap_or(0);
         let backup_term = backup.history.term_at(at).unwrap_or(0);
@@ -310,5 +481,163 @@ mod tests {
                 (7 + 2 * REPAIR_CHUNK_BYTES, 1)
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod split_brain_tests {
+    use super::*;
+
+    fn suffix(node_id: u64, records: u64, first_term: u64) -> Suffix {
+        Suffix {
+            node_id,
+            records,
+            first_term,
+            completed_alone: true,
+        }
+    }
+
+    /// Primary 0xa (3 records from term 5), backup 0xb (7 records from term 9).
+    fn sb() -> SplitBrain {
+        SplitBrain {
+            common: 10,
+            primary: suffix(0xa, 3, 5),
+            backup: suffix(0xb, 7, 9),
+        }
+    }
+
+    #[test]
+    fn each_policy_names_its_loser() {
+        use SplitBrainPolicy::*;
+        let none = [0, 0];
+        assert_eq!(
+            decide_split_brain(Disconnect, &sb(), none),
+            Verdict::StayApart
+        );
+        // The backup became primary later (term 9): its writes go.
+        assert_eq!(
+            decide_split_brain(DiscardYoungerPrimary, &sb(), none),
+            Verdict::DiscardBackup
+        );
+        // The primary has fewer records: its writes go.
+        assert_eq!(
+            decide_split_brain(DiscardLeastChanges, &sb(), none),
+            Verdict::DiscardPrimary
+        );
+        // A tie in changes falls back to the younger primary.
+        let mut tie = sb();
+        tie.primary.records = 7;
+        assert_eq!(
+            decide_split_brain(DiscardLeastChanges, &tie, none),
+            Verdict::DiscardBackup
+        );
+        assert_eq!(
+            decide_split_brain(DiscardNode(0xa), &sb(), none),
+            Verdict::DiscardPrimary
+        );
+        assert_eq!(
+            decide_split_brain(DiscardNode(0xb), &sb(), none),
+            Verdict::DiscardBackup
+        );
+        // A node that is neither: stay apart.
+        assert_eq!(
+            decide_split_brain(DiscardNode(0xc), &sb(), none),
+            Verdict::StayApart
+        );
+    }
+
+    #[test]
+    fn an_operators_choice_wins_and_two_different_choices_stay_apart() {
+        use SplitBrainPolicy::*;
+        for policy in [Disconnect, DiscardYoungerPrimary, DiscardNode(0xb)] {
+            assert_eq!(
+                decide_split_brain(policy, &sb(), [0, 0xa]),
+                Verdict::DiscardPrimary
+            );
+            assert_eq!(
+                decide_split_brain(policy, &sb(), [0xa, 0xa]),
+                Verdict::DiscardPrimary
+            );
+            assert_eq!(
+                decide_split_brain(policy, &sb(), [0xa, 0xb]),
+                Verdict::StayApart
+            );
+        }
+        // A name that is neither node is no choice.
+        assert_eq!(
+            decide_split_brain(Disconnect, &sb(), [0xc, 0]),
+            Verdict::StayApart
+        );
+    }
+
+    #[test]
+    fn the_verdict_survives_the_role_swap_it_causes() {
+        // After `DiscardPrimary` the two nodes swap roles; the next handshake must name the
+        // same loser.
+        use SplitBrainPolicy::*;
+        let swapped = SplitBrain {
+            common: 10,
+            primary: sb().backup,
+            backup: sb().primary,
+        };
+        for policy in [DiscardYoungerPrimary, DiscardLeastChanges, DiscardNode(0xa)] {
+            let loser = |s: &SplitBrain, v: Verdict| match v {
+                Verdict::DiscardPrimary => s.primary.node_id,
+                Verdict::DiscardBackup => s.backup.node_id,
+                Verdict::StayApart => 0,
+            };
+            let before = loser(&sb(), decide_split_brain(policy, &sb(), [0, 0]));
+            let after = loser(&swapped, decide_split_brain(policy, &swapped, [0, 0]));
+            assert_eq!(before, after, "{policy:?}");
+        }
+    }
+
+    fn view(node_id: u64, entries: &[(u64, u64)], last_seq: u64, alone_from: u64) -> LogView {
+        let history = TermHistory::from_entries(
+            entries
+                .iter()
+                .map(|&(term, first_seq)| crate::term::TermEntry { term, first_seq })
+                .collect(),
+        )
+        .unwrap();
+        LogView {
+            current_term: entries.last().map_or(0, |e| e.0),
+            history,
+            last_seq,
+            first_seq: Some(1),
+            alone_from,
+            node_id,
+        }
+    }
+
+    #[test]
+    fn a_split_brain_needs_writes_completed_on_the_side_that_would_lose_them() {
+        // Both go past seq 10; the backup's suffix (term 3) was completed alone.
+        let p = view(0xa, &[(1, 1), (5, 11)], 14, 11);
+        let b = view(0xb, &[(1, 1), (3, 11)], 17, 11);
+        match reconcile(&p, &b) {
+            Err(Unreconcilable::SplitBrain(sb)) => {
+                assert_eq!(sb.common, 10);
+                assert_eq!((sb.primary.records, sb.backup.records), (4, 7));
+                assert_eq!((sb.primary.first_term, sb.backup.first_term), (5, 3));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Resolved against the backup, it discards as in any repair.
+        let plan = reconcile_resolving(&p, &b, true).unwrap();
+        assert!(plan.backup_discards);
+        // Nothing completed on the backup's side (an unacknowledged tail): no split brain.
+        let b = view(0xb, &[(1, 1), (3, 11)], 17, 0);
+        assert!(reconcile(&p, &b).unwrap().backup_discards);
+        // A mark at or below the common point still counts while the log goes past it: the
+        // stretch it starts may run on past the common point (the safe side).
+        let b = view(0xb, &[(1, 1), (3, 11)], 17, 9);
+        assert!(matches!(
+            reconcile(&p, &b),
+            Err(Unreconcilable::SplitBrain(_))
+        ));
+        // No suffix, no split brain: the backup's records are replayed into the primary.
+        let b = view(0xb, &[(1, 1)], 10, 9);
+        assert!(!reconcile(&p, &b).unwrap().backup_discards);
     }
 }

@@ -11,15 +11,16 @@
 
 pub mod core;
 pub mod handshake;
+pub use crate::handshake::{SplitBrain, SplitBrainPolicy, Suffix, Verdict};
 pub mod term;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod wire;
 
 pub use crate::core::{
-    check_write, Action, CoreConfig, CoreStats, DemoteError, FatalError, Fence, FencedPolicy,
-    PeerFault, PeerId, PeerLossPolicy, Phase, PromoteError, Record, Recovered, Replica,
-    SubmitError, WritesRefused,
+    check_write, policy_name, Action, CoreConfig, CoreStats, DemoteError, FatalError, Fence,
+    FencedPolicy, PeerFault, PeerId, PeerLossPolicy, Phase, PromoteError, Record, Recovered,
+    Replica, SubmitError, WritesRefused,
 };
 pub use crate::term::{
     common_point, next_term, term_tag, TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES,

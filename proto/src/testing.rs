@@ -46,6 +46,8 @@ pub struct Durable {
     pub history: TermHistory,
     /// The persisted superseded mark (fenced as a primary, not promoted since).
     pub superseded: bool,
+    /// The persisted start of the writes completed without the peer (0: none).
+    pub alone_from: u64,
 }
 
 impl Durable {
@@ -112,6 +114,7 @@ pub fn recovered(disk: &Durable) -> Recovered {
             .collect(),
         current_term: disk.current_term,
         term_history: disk.history.clone(),
+        alone_from: disk.alone_from,
     }
 }
 
@@ -223,6 +226,10 @@ impl Node {
                     self.disk.region[o..o + data.len()].copy_from_slice(&data);
                 }
                 Action::TruncateAfter { after } => {
+                    assert!(
+                        self.disk.alone_from <= after,
+                        "writes completed alone dropped without clearing their mark"
+                    );
                     self.disk.queue.retain(|&s, _| s <= after);
                     self.disk.next_seq = after + 1;
                     self.disk.history.truncate_after(after);
@@ -255,6 +262,7 @@ impl Node {
                 Action::RecoveryStarted => self.recovery_bytes = 0,
                 Action::Fatal(e) => self.fatal = Some(e),
                 Action::RefuseWrites { reason } => self.refused.push(reason),
+                Action::PersistAloneFrom { seq } => self.disk.alone_from = seq,
                 Action::PersistRole { role, superseded } => {
                     self.role = match role {
                         crate::wire::WireRole::Primary => Role::Primary,

@@ -28,7 +28,10 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"LMIR");
 ///
 /// Version 2 added terms: `Write` carries the term of the seq, `Hello` the speaker's current term
 /// and term history, and the repair messages (`RepairRequest`, `RepairData`, `RepairDone`).
-pub const PROTOCOL_VERSION: u8 = 2;
+/// Version 3 added failover: `Hello` carries where the speaker began writing without its
+/// peer (`alone_from`, for split-brain detection) and an operator's split-brain resolution
+/// (`discard_node`); `Reject` has the code `SplitBrain`.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Size of the frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest body accepted: the largest write payload plus the write message's own fields.
@@ -101,6 +104,14 @@ pub struct Hello {
     /// The terms along the speaker's log (see [`crate::term`]); validated on decode against
     /// `last_seq`.
     pub term_history: TermHistory,
+    /// The first seq the speaker applied (and completed) as a primary without its peer's
+    /// acknowledgement that the peer has not confirmed holding since (0: none). Writes from
+    /// here on were completed to callers and may exist on this node only: a handshake that
+    /// would discard them is a split brain.
+    pub alone_from: u64,
+    /// An operator's split-brain resolution: the node id whose divergent writes are to be
+    /// discarded (0: none).
+    pub discard_node: u64,
 }
 
 /// A byte range of the region.
@@ -134,6 +145,9 @@ pub enum RejectCode {
     QueueCapacity = 8,
     /// The speaker has seen a higher term than the peer's: the peer is a stale primary.
     StaleTerm = 9,
+    /// Both nodes completed writes the other lacks (a split brain) and the policy keeps them
+    /// apart, or resolves it by changing roles (the reason says which).
+    SplitBrain = 10,
 }
 
 impl RejectCode {
@@ -148,6 +162,7 @@ impl RejectCode {
             7 => RejectCode::QueueFormat,
             8 => RejectCode::QueueCapacity,
             9 => RejectCode::StaleTerm,
+            10 => RejectCode::SplitBrain,
             other => {
                 return Err(WireError::BadField {
                     field: "reject.code",
@@ -251,7 +266,7 @@ pub enum MessageKind {
 }
 
 /// Hello without its term entries.
-const HELLO_FIXED_LEN: usize = 1 + 3 + 8 * 7 + 4 + 4 + 8 + 4 + 4;
+const HELLO_FIXED_LEN: usize = 1 + 3 + 8 * 7 + 4 + 4 + 8 + 4 + 4 + 8 + 8;
 const TERM_ENTRY_LEN: usize = 16;
 const WRITE_FIXED_LEN: usize = 8 + 8 + 8 + 4;
 const REPAIR_DATA_FIXED_LEN: usize = 8 + 4;
@@ -389,6 +404,8 @@ impl Message {
                 let entries = h.term_history.entries();
                 out.put_u32_le(entries.len() as u32);
                 out.put_u32_le(0);
+                out.put_u64_le(h.alone_from);
+                out.put_u64_le(h.discard_node);
                 for e in entries {
                     out.put_u64_le(e.term);
                     out.put_u64_le(e.first_seq);
@@ -587,6 +604,8 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             if body.get_u32_le() != 0 {
                 return Err(WireError::Reserved);
             }
+            let alone_from = body.get_u64_le();
+            let discard_node = body.get_u64_le();
             if entry_count > MAX_TERM_ENTRIES {
                 return Err(WireError::BadTermHistory(TermHistoryError::TooMany {
                     count: entry_count,
@@ -628,6 +647,12 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                     value: first_seq,
                 });
             }
+            if alone_from > last_seq {
+                return Err(WireError::BadField {
+                    field: "hello.alone_from",
+                    value: alone_from,
+                });
+            }
             Body::Done(Message::Hello(Hello {
                 role,
                 node_id,
@@ -641,6 +666,8 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                 silence_timeout_us,
                 current_term,
                 term_history,
+                alone_from,
+                discard_node,
             }))
         }
         MessageKind::Reject => {
@@ -800,6 +827,8 @@ mod tests {
             first_seq: 3,
             queue_capacity: 1 << 20,
             silence_timeout_us: 1_000_000,
+            alone_from: 0,
+            discard_node: 0,
             current_term: 4,
             term_history: TermHistory::from_entries(vec![
                 TermEntry {
@@ -1041,6 +1070,8 @@ mod tests {
                         first_seq: last.min(a),
                         queue_capacity: size / 2,
                         silence_timeout_us: v.rotate_left(7),
+                        alone_from: extra.min(last),
+                        discard_node: peer,
                         current_term: 9,
                         term_history: if last == 0 {
                             TermHistory::new()

@@ -170,6 +170,7 @@ impl SimNode {
             queue_format_version: mirror_storage::FORMAT_VERSION,
             on_peer_loss: policy,
             on_fenced: mirror_proto::FencedPolicy::Demote,
+            after_split_brain: mirror_proto::SplitBrainPolicy::Disconnect,
             ack_timeout_us: 2_000,
             handshake_timeout_us: 4_000,
             // The simulated crash is a power loss: the `power`/`pmem` configuration.

@@ -82,6 +82,9 @@ pub struct Stats {
     pub current_term: u64,
     /// The last divergent suffix this node dropped (backup), if any since it opened.
     pub last_divergence: Option<Divergence>,
+    /// A split brain that keeps this node apart from its peer (see
+    /// [`Mirror::resolve_split_brain`]), if the last handshake found one.
+    pub split_brain: Option<String>,
 }
 
 /// A divergent suffix a backup dropped at a handshake: records a primary whose history is newer
@@ -543,6 +546,15 @@ impl Mirror {
             }));
         }
         self.with_poller(|p| p.demote())
+    }
+
+    /// Resolves a split brain by hand (the `disconnect` policy leaves it to an operator): the
+    /// divergent writes of `discard_node` (this node's id or its peer's, as `mirror status`
+    /// shows them) are discarded at the next handshake, saved to a file beside that node's queue
+    /// first. The choice travels in this node's Hello, so running it on either node is enough.
+    pub fn resolve_split_brain(&self, discard_node: u64) -> Result<()> {
+        self.check_usable()?;
+        self.with_poller(|p| p.resolve_split_brain(discard_node))
     }
 
     /// Runs `f` on the poller's state between two passes: the polling thread yields the state

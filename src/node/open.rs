@@ -114,6 +114,7 @@ impl Mirror {
             queue_format_version: mirror_storage::FORMAT_VERSION,
             on_peer_loss: cfg.on_peer_loss,
             on_fenced: cfg.on_fenced,
+            after_split_brain: cfg.after_split_brain,
             ack_timeout_us: cfg.ack_timeout.as_micros() as u64,
             handshake_timeout_us: cfg.handshake_timeout.as_micros() as u64,
             sync_queue_before_ack: cfg.durability != Durability::Process,
@@ -210,6 +211,7 @@ impl Mirror {
             failure: None,
             current_term: exec.queue.current_term(),
             last_divergence: None,
+            split_brain: None,
         };
         let shared = Arc::new(Shared {
             completed: CachePadded::new(AtomicU64::new(0)),

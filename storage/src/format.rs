@@ -58,6 +58,9 @@ pub(crate) const META_ENTRY_COUNT: usize = 44;
 /// u32 crc in the low half of this u64 word; the high half is zero. The crc is computed with
 /// the whole word taken as zero.
 pub(crate) const META_CRC: usize = 48;
+/// The first seq the node completed as a primary without its peer (0: none; a word that was
+/// zero before failover existed).
+pub(crate) const META_ALONE_FROM: usize = 56;
 /// Term history entries: `entry_count` pairs (term u64, first_seq u64); the rest is zero.
 pub(crate) const META_ENTRIES: usize = 64;
 const META_ENTRY_BYTES: usize = 16;
@@ -281,6 +284,8 @@ pub(crate) struct Meta {
     pub role: Role,
     /// Superseded as a primary (fenced) and not promoted since (role codes 3 and 4).
     pub superseded: bool,
+    /// The first seq this node completed as a primary without its peer (0: none).
+    pub alone_from: u64,
     /// Terms along the log (see `mirror_proto::term`).
     pub history: TermHistory,
 }
@@ -303,6 +308,7 @@ impl Meta {
         put_u64(&mut b, META_EPOCH, self.epoch);
         put_u64(&mut b, META_CURRENT_TERM, self.current_term);
         put_u32(&mut b, META_ROLE, role_to_u32(self.role, self.superseded));
+        put_u64(&mut b, META_ALONE_FROM, self.alone_from);
         let entries = self.history.entries();
         // A TermHistory never holds more than MAX_TERM_ENTRIES, which fill the slot exactly.
         debug_assert!(entries.len() <= MAX_TERM_ENTRIES);
@@ -357,6 +363,7 @@ impl Meta {
             current_term,
             role,
             superseded,
+            alone_from: u64_at(b, META_ALONE_FROM),
             history,
         })
     }
@@ -569,6 +576,7 @@ mod tests {
             current_term: 7,
             role: Role::Backup,
             superseded: false,
+            alone_from: 29,
             history: history(&[(2, 5), (7, 30)]),
         }
     }
@@ -681,6 +689,15 @@ mod tests {
         };
         assert_eq!(field_of(&|b| put_u32(b, META_ROLE, 0)), "role");
         assert_eq!(field_of(&|b| put_u32(b, META_ROLE, 5)), "role");
+        // Roles 3 and 4: superseded primary and backup.
+        for (code, role) in [(3, Role::Primary), (4, Role::Backup)] {
+            let mut b = good;
+            put_u32(&mut b, META_ROLE, code);
+            reseal(&mut b);
+            let m = Meta::decode(&b).unwrap();
+            assert_eq!((m.role, m.superseded), (role, true));
+            assert_eq!(Meta::decode(&m.encode()).unwrap().superseded, true);
+        }
         assert_eq!(
             field_of(&|b| put_u32(b, META_ENTRY_COUNT, 61)),
             "term_history"
@@ -774,7 +791,7 @@ mod tests {
         assert_eq!(u32_at(&b, 40), 2);
         assert_eq!(u32_at(&b, 44), 2);
         assert_eq!(u32_at(&b, 52), 0);
-        assert_eq!(u64_at(&b, 56), 0);
+        assert_eq!(u64_at(&b, 56), 29, "alone_from");
         assert_eq!([u64_at(&b, 64), u64_at(&b, 72)], [2, 5]);
         assert_eq!([u64_at(&b, 80), u64_at(&b, 88)], [7, 30]);
         assert!(b[96..].iter().all(|&x| x == 0));

@@ -37,6 +37,44 @@ pub fn base(dir: &Path, role: &str, region_size: &str) -> mirror::ConfigBuilder 
     b
 }
 
+/// An in-process node `name` in `dir` (files `{name}.region`, `{name}.queue`) that listens on
+/// `listen` and knows `peer`, so that it can take either role (failover tests).
+pub fn failover_node(
+    dir: &Path,
+    name: &str,
+    role: &str,
+    listen: &str,
+    peer: &str,
+    extra: &[(&str, &str)],
+) -> mirror::Mirror {
+    let mut b = mirror::ConfigBuilder::new();
+    for (k, v) in [
+        ("role", role),
+        (
+            "region",
+            &dir.join(format!("{name}.region")).to_string_lossy(),
+        ),
+        (
+            "queue",
+            &dir.join(format!("{name}.queue")).to_string_lossy(),
+        ),
+        ("region_size", "1MiB"),
+        ("queue_size", "4MiB"),
+        ("idle_spin_us", "20"),
+        ("listen", listen),
+        ("peer", peer),
+        ("ack_timeout_ms", "500"),
+        ("handshake_timeout_ms", "1000"),
+        ("reconnect_interval_ms", "20"),
+    ] {
+        b.set(k, v).unwrap();
+    }
+    for (k, v) in extra {
+        b.set(k, v).unwrap();
+    }
+    mirror::Mirror::open(b.build().unwrap()).unwrap()
+}
+
 pub fn free_port() -> u16 {
     node_process::free_loopback_port().expect("a free loopback port")
 }

@@ -104,12 +104,14 @@ impl BackupSide {
     }
 
     /// The plan for a primary that announced `h` (the same rule the primary applies).
-    fn plan(
-        &self,
-        c: &Common,
-        h: &Hello,
-    ) -> Result<crate::handshake::Reconciliation, Unreconcilable> {
-        reconcile_as_built(&LogView::of_hello(h), &c.view(), c.seq_only_matching)
+    fn plan(&self, c: &Common, h: &Hello) -> Planned {
+        plan_with_policy(
+            c,
+            &LogView::of_hello(h),
+            h.discard_node,
+            &c.view(),
+            c.resolve_discard,
+        )
     }
 
     pub(super) fn apply_received(&mut self, c: &mut Common) {
@@ -140,7 +142,12 @@ impl BackupSide {
             return Err((RejectCode::ProtocolViolation, "backup has failed".into()));
         }
         check_compatible(&identity(&c.cfg, WireRole::Backup, c.peer_node_id), h)?;
-        self.plan(c, h).map(|_| ()).map_err(|u| u.reject())
+        match self.plan(c, h) {
+            // A split brain is answered by `on_hello` (our Hello first, so that the primary
+            // reaches the same verdict).
+            Planned::Plan(_) | Planned::SplitBrain(..) => Ok(()),
+            Planned::Refused(u) => Err(u.reject()),
+        }
     }
 
     fn on_hello(&mut self, c: &mut Common, h: Hello) {
@@ -153,8 +160,9 @@ impl BackupSide {
             return;
         }
         let plan = match self.plan(c, &h) {
-            Ok(plan) => plan,
-            Err(u) => {
+            Planned::Plan(plan) => plan,
+            Planned::SplitBrain(sb, verdict) => return self.answer_split_brain(c, &h, sb, verdict),
+            Planned::Refused(u) => {
                 let (code, reason) = u.reject();
                 c.actions.push(Action::Reject {
                     peer: c.to(),
@@ -164,6 +172,11 @@ impl BackupSide {
                 return;
             }
         };
+        if h.discard_node != 0 || c.resolve_discard != 0 {
+            // An operator's resolution is used once.
+            c.resolve_discard = 0;
+        }
+        c.split_brain = None;
         debug_assert!(self.to_apply.is_empty(), "applied at on_connected");
         if c.peer_node_id == 0 {
             c.peer_node_id = h.node_id;
@@ -185,6 +198,7 @@ impl BackupSide {
             &c.view(),
             c.committed_through,
             c.cfg.ack_timeout_us,
+            0,
         );
         c.send(Message::Hello(hello));
         let repair_after = plan.backup_discards.then_some(plan.common);
@@ -217,6 +231,38 @@ impl BackupSide {
         self.reported_applied = c.committed_through.min(self.matched_through(c));
         self.last_ack_us = c.now_us;
         c.recoveries += 1;
+    }
+
+    /// A split brain the policy did not resolve by discarding our suffix: our Hello (so that
+    /// the primary reaches the same verdict), then the refusal. Resolved in our favour, we
+    /// become the primary; the old primary, a backup then, is repaired by us.
+    fn answer_split_brain(&mut self, c: &mut Common, h: &Hello, sb: SplitBrain, verdict: Verdict) {
+        let hello = hello_of(
+            &identity(&c.cfg, WireRole::Backup, c.peer_node_id),
+            &c.view(),
+            c.committed_through,
+            c.cfg.ack_timeout_us,
+            c.resolve_discard,
+        );
+        c.send(Message::Hello(hello));
+        let reason = if verdict == Verdict::DiscardPrimary {
+            c.resolve_discard = 0;
+            c.split_brain = None;
+            c.role_change = Some(RoleChange::WinSplitBrain);
+            format!(
+                "{sb}; resolved: the writes of primary {:#x} after seq {} are discarded (saved), and backup {:#x} becomes the primary",
+                h.node_id, sb.common, c.cfg.node_id
+            )
+        } else {
+            let why = split_brain_text(&sb, c.cfg.after_split_brain);
+            c.split_brain = Some(why.clone());
+            why
+        };
+        c.actions.push(Action::Reject {
+            peer: c.to(),
+            code: RejectCode::SplitBrain,
+            reason,
+        });
     }
 
     fn trim(&mut self, c: &mut Common, primary_applied: u64) {
@@ -401,6 +447,11 @@ impl BackupSide {
     /// The repair is complete: our records after `common` go (they were saved at the
     /// handshake), and the primary's follow.
     fn drop_divergent(&mut self, c: &mut Common, common: u64) {
+        if c.alone_from > common {
+            // What we completed alone was saved (at the handshake) and goes now. Cleared
+            // first: a crash in between leaves a suffix that the next handshake discards again.
+            c.clear_alone();
+        }
         c.actions.push(Action::TruncateAfter { after: common });
         c.next_seq = common + 1;
         c.history.truncate_after(common);
@@ -511,6 +562,7 @@ impl BackupSide {
             degraded: false,
             recoveries: c.recoveries,
             current_term: c.current_term,
+            split_brain: c.split_brain.clone(),
         }
     }
 }

@@ -16,7 +16,10 @@
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::handshake::{reconcile, Identity, LogView, Unreconcilable};
+use crate::handshake::{
+    decide_split_brain, reconcile_resolving, Identity, LogView, SplitBrain, SplitBrainPolicy,
+    Unreconcilable, Verdict,
+};
 use crate::term::{next_term, TermHistory};
 use crate::wire::{Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_LEN};
 
@@ -62,6 +65,9 @@ pub struct CoreConfig {
     pub on_peer_loss: PeerLossPolicy,
     /// Primary only: what to do once superseded by a newer primary.
     pub on_fenced: FencedPolicy,
+    /// What to do when a handshake finds a split brain (both nodes completed writes the other
+    /// lacks). Configure the same on both nodes: where they differ, the stricter holds.
+    pub after_split_brain: SplitBrainPolicy,
     /// Primary: an outstanding write not acknowledged within this time, or a backup silent this
     /// long, means the backup is lost. Backup: a primary silent this long is dropped. Both
     /// announce it in their Hello (`silence_timeout_us`) so that the peer heartbeats in time.
@@ -103,6 +109,9 @@ pub struct Recovered {
     pub current_term: u64,
     /// Terms along the node's log.
     pub term_history: TermHistory,
+    /// The first seq the node completed as a primary without its peer (0: none; see
+    /// [`Hello::alone_from`]).
+    pub alone_from: u64,
 }
 
 /// One write request.
@@ -163,6 +172,10 @@ pub enum PeerFault {
         /// The first seq the backup replays.
         replay_from: u64,
     },
+    /// A split brain keeps the two nodes apart (the text says which writes each holds, and
+    /// what the operator may do).
+    #[error("{0}")]
+    SplitBrain(String),
     /// This node changed its role (promoted, demoted or fenced): the conversation of the old
     /// role ends; the next one starts with a new handshake.
     #[error("this node is now a {now:?}; the connection of its old role ends")]
@@ -231,6 +244,9 @@ pub enum WritesRefused {
     Demoted,
     /// A newer primary exists.
     Fenced(Fence),
+    /// A split brain was resolved against this primary's writes (by the policy or an
+    /// operator): they are discarded (saved first) and the other node becomes the primary.
+    LostSplitBrain(SplitBrain),
 }
 
 /// Why a promotion was refused.
@@ -280,6 +296,9 @@ impl From<Unreconcilable> for FatalError {
                 FatalError::Rejected { code, reason }
             }
             Unreconcilable::Unrecoverable(why) => FatalError::Unrecoverable(why),
+            // Answered by the split-brain policy where it arises; were it to stop a node, it
+            // would say what it is.
+            Unreconcilable::SplitBrain(sb) => FatalError::Unrecoverable(sb.to_string()),
         }
     }
 }
@@ -410,6 +429,12 @@ pub enum Action {
         /// Why.
         reason: WritesRefused,
     },
+    /// Persist where this node began completing writes without its peer (0: clear), durable
+    /// before the next action (an apply whose caller completes).
+    PersistAloneFrom {
+        /// The first such seq.
+        seq: u64,
+    },
     /// Persist the node's role in its queue (durable before the next action). `superseded`:
     /// the node learned, as a primary, of a newer primary (it was fenced) and has not been
     /// promoted since: reopening it as a primary is refused.
@@ -532,7 +557,7 @@ pub enum Phase {
 }
 
 /// A snapshot of the core's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CoreStats {
     /// Next sequence number to be assigned or received.
     pub next_seq: u64,
@@ -550,6 +575,9 @@ pub struct CoreStats {
     pub recoveries: u64,
     /// The node's current term.
     pub current_term: u64,
+    /// The split brain that keeps this node from its peer, if the last handshake found one
+    /// the policy did not resolve.
+    pub split_brain: Option<String>,
 }
 
 /// The silence timeout a node announces in its Hello: its ack timeout, clamped to the field
@@ -564,9 +592,10 @@ fn reconcile_as_built(
     primary: &LogView,
     backup: &LogView,
     seq_only_matching: bool,
+    discard_backup: bool,
 ) -> Result<crate::handshake::Reconciliation, Unreconcilable> {
     if !seq_only_matching {
-        return reconcile(primary, backup);
+        return reconcile_resolving(primary, backup, discard_backup);
     }
     let blind = |v: &LogView| {
         let mut v = v.clone();
@@ -576,7 +605,44 @@ fn reconcile_as_built(
         }
         v
     };
-    reconcile(&blind(primary), &blind(backup))
+    reconcile_resolving(&blind(primary), &blind(backup), discard_backup)
+}
+
+/// How a handshake's two logs come together: the plan, or a split brain and its verdict (the
+/// same on both sides: see [`decide_split_brain`]).
+enum Planned {
+    Plan(crate::handshake::Reconciliation),
+    SplitBrain(SplitBrain, Verdict),
+    Refused(Unreconcilable),
+}
+
+/// The reconciliation of both roles with the split-brain policy applied.
+fn plan_with_policy(
+    c: &Common,
+    primary: &LogView,
+    primary_discard: u64,
+    backup: &LogView,
+    backup_discard: u64,
+) -> Planned {
+    match reconcile_as_built(primary, backup, c.seq_only_matching, false) {
+        Ok(plan) => Planned::Plan(plan),
+        Err(Unreconcilable::SplitBrain(sb)) => {
+            let verdict = decide_split_brain(
+                c.cfg.after_split_brain,
+                &sb,
+                [primary_discard, backup_discard],
+            );
+            if verdict == Verdict::DiscardBackup {
+                match reconcile_as_built(primary, backup, c.seq_only_matching, true) {
+                    Ok(plan) => Planned::Plan(plan),
+                    Err(u) => Planned::Refused(u),
+                }
+            } else {
+                Planned::SplitBrain(sb, verdict)
+            }
+        }
+        Err(u) => Planned::Refused(u),
+    }
 }
 
 /// What a node says of itself in the compatibility check and its Hello.
@@ -592,7 +658,13 @@ fn identity(cfg: &CoreConfig, role: WireRole, peer_node_id: u64) -> Identity {
 }
 
 /// The Hello of either role.
-fn hello_of(own: &Identity, view: &LogView, applied_through: u64, ack_timeout_us: u64) -> Hello {
+fn hello_of(
+    own: &Identity,
+    view: &LogView,
+    applied_through: u64,
+    ack_timeout_us: u64,
+    discard_node: u64,
+) -> Hello {
     Hello {
         role: own.role,
         node_id: own.node_id,
@@ -606,6 +678,8 @@ fn hello_of(own: &Identity, view: &LogView, applied_through: u64, ack_timeout_us
         silence_timeout_us: announced_silence_timeout(ack_timeout_us),
         current_term: view.current_term,
         term_history: view.history.clone(),
+        alone_from: view.alone_from,
+        discard_node,
     }
 }
 
@@ -649,6 +723,43 @@ struct Common {
     actions: Vec<Action>,
     /// The connection the replica talks to (None: none).
     peer: Option<PeerId>,
+    /// See [`Recovered::alone_from`] (persisted on every change).
+    alone_from: u64,
+    /// An operator's split-brain resolution: the node whose divergent writes go (0: none).
+    /// Announced in every Hello until a resolution used it.
+    resolve_discard: u64,
+    /// The split brain found at the last handshake, while it keeps the nodes apart.
+    split_brain: Option<String>,
+    /// A role change a handshake decided, done once the current input is.
+    role_change: Option<RoleChange>,
+}
+
+/// A role change decided inside a handshake (a split-brain verdict).
+#[derive(Debug, Clone, Copy)]
+enum RoleChange {
+    /// This backup's writes won: it becomes the primary.
+    WinSplitBrain,
+    /// This primary's writes lost: it becomes a backup.
+    LoseSplitBrain(SplitBrain),
+}
+
+/// What a node says of a split brain that keeps it apart from its peer.
+fn split_brain_text(sb: &SplitBrain, policy: SplitBrainPolicy) -> String {
+    format!(
+        "{sb}. The policy (after_split_brain = {}) keeps the nodes apart: choose the node whose writes after seq {} are discarded (they are saved to a file first) with `mirror resolve --discard NODE` (or Mirror::resolve_split_brain)",
+        policy_name(policy),
+        sb.common
+    )
+}
+
+/// A policy as the configuration spells it.
+pub fn policy_name(policy: SplitBrainPolicy) -> String {
+    match policy {
+        SplitBrainPolicy::Disconnect => "disconnect".into(),
+        SplitBrainPolicy::DiscardYoungerPrimary => "discard-younger-primary".into(),
+        SplitBrainPolicy::DiscardLeastChanges => "discard-least-changes".into(),
+        SplitBrainPolicy::DiscardNode(id) => format!("discard-node:{id:#x}"),
+    }
 }
 
 impl Common {
@@ -673,6 +784,28 @@ impl Common {
             recoveries: 0,
             actions: Vec::new(),
             peer: None,
+            alone_from: rec.alone_from,
+            resolve_discard: 0,
+            split_brain: None,
+            role_change: None,
+        }
+    }
+
+    /// This node completes `seq` (and what follows) without its peer: remember, durably
+    /// before the completion, where that began.
+    fn note_alone(&mut self, seq: u64) {
+        if self.alone_from == 0 {
+            self.alone_from = seq;
+            self.actions.push(Action::PersistAloneFrom { seq });
+        }
+    }
+
+    /// The peer confirmed holding everything this node completed alone (or those records
+    /// left the log): nothing is this node's only.
+    fn clear_alone(&mut self) {
+        if self.alone_from != 0 {
+            self.alone_from = 0;
+            self.actions.push(Action::PersistAloneFrom { seq: 0 });
         }
     }
 
@@ -729,6 +862,8 @@ impl Common {
             history: self.history.clone(),
             last_seq: self.last_seq(),
             first_seq: self.first_seq,
+            alone_from: self.alone_from,
+            node_id: self.cfg.node_id,
         }
     }
 }
@@ -996,6 +1131,28 @@ impl Replica {
             }
             Side::Backup(b) => b.on_message(&mut self.common, msg),
         }
+        match self.common.role_change.take() {
+            Some(RoleChange::WinSplitBrain) => {
+                if let Err(e) = self.promote(true) {
+                    self.common.split_brain = Some(format!(
+                        "won a split brain but could not become the primary: {e}"
+                    ));
+                }
+            }
+            Some(RoleChange::LoseSplitBrain(sb)) => {
+                self.common.actions.push(Action::RefuseWrites {
+                    reason: WritesRefused::LostSplitBrain(sb),
+                });
+                self.become_backup(false);
+            }
+            None => {}
+        }
+    }
+
+    /// An operator's split-brain resolution: the writes of node `discard_node` (this node's
+    /// id or its peer's) after the common point go at the next handshake (saved first).
+    pub fn resolve_split_brain(&mut self, discard_node: u64) {
+        self.common.resolve_discard = discard_node;
     }
 
     /// The driver made everything applied through `through` durable (only needed with

@@ -41,6 +41,8 @@ enum PrimaryState {
 #[derive(Debug, Clone)]
 struct AnnouncedView {
     view: LogView,
+    /// The operator's split-brain resolution it announced.
+    discard_node: u64,
 }
 
 /// The primary's side of a [`Replica`]: the state only that role has.
@@ -67,6 +69,8 @@ pub(super) struct PrimarySide {
     degraded: bool,
     /// Bytes of region sent for the backup's repair requests in this handshake.
     repair_bytes_sent: u64,
+    /// Once the backup acknowledges this seq, it holds every write this node completed alone.
+    alone_clear_at: Option<u64>,
 }
 
 impl PrimarySide {
@@ -93,6 +97,7 @@ impl PrimarySide {
             wrote_this_batch: false,
             degraded: false,
             repair_bytes_sent: 0,
+            alone_clear_at: None,
         }
     }
 
@@ -270,6 +275,9 @@ impl PrimarySide {
             return;
         }
         self.sync_own_queue(c);
+        if let Some(first) = self.degraded_batch.first() {
+            c.note_alone(first.record.seq);
+        }
         for p in std::mem::take(&mut self.degraded_batch) {
             self.apply_pending(c, p);
         }
@@ -328,6 +336,9 @@ impl PrimarySide {
             // Every delayed request is in our own queue; apply it without the ack and go degraded.
             self.degraded = true;
             self.sync_own_queue(c);
+            if let Some(front) = self.delay.front() {
+                c.note_alone(front.record.seq);
+            }
             self.apply_delayed_through(c, u64::MAX);
             self.commit_applied(c);
         }
@@ -356,8 +367,12 @@ impl PrimarySide {
             &view,
             c.committed_through,
             c.cfg.ack_timeout_us,
+            c.resolve_discard,
         );
-        self.announced = Some(AnnouncedView { view });
+        self.announced = Some(AnnouncedView {
+            view,
+            discard_node: c.resolve_discard,
+        });
         self.send(c, Message::Hello(hello));
     }
 
@@ -390,14 +405,33 @@ impl PrimarySide {
             return self.violation(c, "Hello before ours was sent".into());
         };
         // The same rule the backup applied, on the same two views.
-        let plan = match reconcile_as_built(
+        let plan = match plan_with_policy(
+            c,
             &announced.view,
+            announced.discard_node,
             &LogView::of_hello(&h),
-            c.seq_only_matching,
+            h.discard_node,
         ) {
-            Ok(plan) => plan,
-            Err(u) => return self.fail(c, u.into()),
+            Planned::Plan(plan) => plan,
+            Planned::SplitBrain(sb, Verdict::DiscardPrimary) => {
+                // Our writes after the common point lose: the backup becomes the primary
+                // (it decided the same) and repairs us once we are its backup.
+                c.resolve_discard = 0;
+                c.role_change = Some(RoleChange::LoseSplitBrain(sb));
+                return;
+            }
+            Planned::SplitBrain(sb, _) => {
+                let why = split_brain_text(&sb, c.cfg.after_split_brain);
+                c.split_brain = Some(why.clone());
+                return self.lose_peer(c, Some(PeerFault::SplitBrain(why)));
+            }
+            Planned::Refused(u) => return self.fail(c, u.into()),
         };
+        if announced.discard_node != 0 || h.discard_node != 0 {
+            // An operator's resolution is used once.
+            c.resolve_discard = 0;
+        }
+        c.split_brain = None;
         let p_last = c.last_seq();
         let holds = plan.backup_holds_through;
         if holds > announced.view.last_seq && p_last > announced.view.last_seq {
@@ -524,6 +558,11 @@ impl PrimarySide {
         }
         self.state = PrimaryState::Synchronous;
         self.degraded = false;
+        if holds >= p_last {
+            c.clear_alone();
+        } else if c.alone_from != 0 {
+            self.alone_clear_at = Some(p_last);
+        }
         c.recoveries += 1;
     }
 
@@ -539,6 +578,13 @@ impl PrimarySide {
         }
         let progressed = received_through > self.acked_through;
         self.acked_through = received_through;
+        if self
+            .alone_clear_at
+            .is_some_and(|through| received_through >= through)
+        {
+            self.alone_clear_at = None;
+            c.clear_alone();
+        }
         self.apply_delayed_through(c, received_through);
         // The timeout restarts only on progress: a heartbeat (an ack of nothing new) must not
         // hide writes lost on their way to a backup that is otherwise alive.
@@ -575,6 +621,19 @@ impl PrimarySide {
                         reason,
                     }),
                 );
+            }
+            // A split brain the policy keeps apart: retry (an operator may resolve it meanwhile).
+            (
+                _,
+                Message::Reject {
+                    code: RejectCode::SplitBrain,
+                    reason,
+                },
+            ) => {
+                if !matches!(self.state, PrimaryState::Disconnected) {
+                    c.split_brain = Some(reason.clone());
+                    self.lose_peer(c, Some(PeerFault::SplitBrain(reason)));
+                }
             }
             // Configuration mismatches (version, region size, roles, binding, capacity) and an
             // unrecoverable history do not heal by reconnecting.
@@ -767,6 +826,7 @@ impl PrimarySide {
             degraded: self.degraded,
             recoveries: c.recoveries,
             current_term: c.current_term,
+            split_brain: c.split_brain.clone(),
         }
     }
 }

@@ -30,6 +30,12 @@ impl Poller {
                         }
                     }
                 }
+                // Promoted (by an operator or a split-brain verdict): the fence of an earlier
+                // role no longer holds. In order: a fence earlier in this batch came first.
+                Action::PersistRole {
+                    role: mirror_proto::WireRole::Primary,
+                    superseded: false,
+                } => *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) = None,
                 Action::BindPeer { node_id } => {
                     tracing::info!(peer = format_args!("{node_id:#x}"), "bound to peer")
                 }

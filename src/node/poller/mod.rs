@@ -178,6 +178,28 @@ impl Poller {
         Ok(term)
     }
 
+    /// [`Mirror::resolve_split_brain`], between two passes.
+    pub(super) fn resolve_split_brain(&mut self, discard_node: u64) -> Result<()> {
+        self.check_running()?;
+        let own = self.exec.queue.node_id();
+        let peer = self.exec.queue.peer_node_id();
+        if discard_node != own && discard_node != peer {
+            return Err(MirrorError::Config(crate::error::ConfigError::BadValue {
+                key: "discard".into(),
+                value: format!("{discard_node:#x}"),
+                why: format!("names neither this node ({own:#x}) nor its peer ({peer:#x})"),
+            }));
+        }
+        self.exec.core.resolve_split_brain(discard_node);
+        tracing::warn!(
+            discard = format_args!("{discard_node:#x}"),
+            "split brain: the operator chose whose divergent writes go at the next handshake"
+        );
+        // Meet the peer again now rather than at the next retry.
+        self.next_connect_at_us = 0;
+        Ok(())
+    }
+
     /// [`Mirror::demote`], between two passes.
     pub(super) fn demote(&mut self) -> Result<()> {
         self.check_running()?;
@@ -216,9 +238,6 @@ impl Poller {
         self.shared.set_role(role);
         self.connecting = None;
         self.next_connect_at_us = 0;
-        if role == WireRole::Primary {
-            *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        }
         self.publish_stats();
     }
 
@@ -231,6 +250,17 @@ impl Poller {
                     "{f}; start this node as a backup (or demote it) to rejoin the new primary"
                 );
                 tracing::error!(%reason, "fenced");
+                *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(reason.clone());
+                Some(reason)
+            }
+            WritesRefused::LostSplitBrain(sb) => {
+                let reason = format!(
+                    "{sb}; resolved against this primary (after_split_brain = {}, or an operator): its writes after seq {} are discarded (saved to a file beside the queue) and the other node becomes the primary",
+                    mirror_proto::policy_name(self.cfg.after_split_brain),
+                    sb.common
+                );
+                tracing::error!(%reason, "lost a split brain");
                 *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some(reason.clone());
                 Some(reason)
@@ -439,6 +469,7 @@ impl Poller {
         s.last_recovery_bytes = self.exec.recovery().bytes;
         s.last_recovery_records = self.exec.recovery().records;
         s.current_term = core.current_term;
+        s.split_brain.clone_from(&core.split_brain);
         s.last_divergence.clone_from(&self.last_divergence);
     }
 

@@ -43,6 +43,8 @@ pub struct QueueInfo {
     pub epoch: u64,
     /// Highest term the owner has seen.
     pub current_term: u64,
+    /// The first seq the owner completed as a primary without its peer (0: none).
+    pub alone_from: u64,
     /// The term history a recovery would keep: the stored one without the entries that start
     /// after `last_seq` (persisted ahead of records that did not survive).
     pub term_history: TermHistory,
@@ -124,6 +126,11 @@ pub fn inspect_queue(path: &Path) -> Result<QueueInfo, StorageError> {
         applied_through: meta.applied_through,
         epoch: meta.epoch,
         current_term: meta.current_term,
+        alone_from: if meta.alone_from > c.next_seq - 1 {
+            0
+        } else {
+            meta.alone_from
+        },
         term_history,
         scan_start,
         trimmed_through,

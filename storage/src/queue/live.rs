@@ -66,6 +66,18 @@ impl PersistentQueue {
         })
     }
 
+    /// Records where this node began completing writes without its peer (0: clears it). Durable
+    /// per mode before returning (before the completion it guards).
+    pub fn set_alone_from(&mut self, seq: u64) -> Result<(), StorageError> {
+        if seq == self.meta.alone_from {
+            return Ok(());
+        }
+        self.write_meta(Meta {
+            alone_from: seq,
+            ..self.meta.clone()
+        })
+    }
+
     /// Binds (or, with 0, unbinds) the peer. Durable per mode before returning.
     pub fn set_peer_node_id(&mut self, id: u64) -> Result<(), StorageError> {
         if id == self.meta.peer_node_id {

@@ -345,6 +345,7 @@ impl PersistentQueue {
             current_term: 0,
             role,
             superseded: false,
+            alone_from: 0,
             history: TermHistory::new(),
         };
         let a = META_SLOT_OFF[0];
@@ -484,6 +485,18 @@ impl PersistentQueue {
     /// [`PersistentQueue::set_role`]): it must not take writes as a primary.
     pub fn superseded(&self) -> bool {
         self.meta.superseded
+    }
+
+    /// The first seq this node completed as a primary without its peer, that the peer has not
+    /// confirmed holding since (0: none): records from there on may exist here only (see
+    /// [`PersistentQueue::set_alone_from`]). Never above the last seq.
+    pub fn alone_from(&self) -> u64 {
+        if self.meta.alone_from > self.last_seq() {
+            // Those records did not survive (an unsynced tail): none of them completed.
+            0
+        } else {
+            self.meta.alone_from
+        }
     }
 
     /// The highest term this node has seen (durable): never below the last term of

@@ -83,6 +83,8 @@ pub struct ReplayState {
     pub current_term: u64,
     /// Terms along the log (durable; no entry starts after `last_seq`).
     pub term_history: TermHistory,
+    /// See [`PersistentQueue::alone_from`].
+    pub alone_from: u64,
 }
 
 /// Whether a DATA record's `term` belongs at `seq` in the log the `history` describes, after a
@@ -407,6 +409,7 @@ impl PersistentQueue {
             renumbered_after,
             current_term: self.current_term(),
             term_history: self.term_history().clone(),
+            alone_from: self.alone_from(),
         })
     }
 }
