@@ -7,7 +7,9 @@
 #      (shared library), then under valgrind (static library) with no definite/indirect leak;
 #   4. the two-process C test: a backup and a primary process through the C API, SIGKILL of each
 #      in turn under load, both peer-loss policies, then byte-identical regions and every
-#      completed write on both nodes;
+#      completed write on both nodes; then 20 rounds of failover under load (SIGKILL the
+#      primary, promote the backup through mirror_promote or `mirror promote`, restart the old
+#      primary as a backup), with the same checks;
 #   5. ci/install.sh into a temporary prefix, then the example (ffi/examples/kvlog.c) and the
 #      C++17 test built with pkg-config exactly as an integrator would, and run.
 # Sanitizers and valgrind run without suppressions.
@@ -80,6 +82,10 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
   bash ffi/tests/two_process.sh ffi/build/node "$release/mirror" continue 12
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   bash ffi/tests/two_process.sh ffi/build/node "$release/mirror" block 12
+
+part "failover under load: 20 rounds of SIGKILL the primary, promote the backup, rejoin the old primary"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  bash ffi/tests/failover.sh ffi/build/node "$release/mirror" 20
 
 part "install (ci/install.sh) into a temporary prefix; build against it with pkg-config"
 prefix=$tmp/prefix

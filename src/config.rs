@@ -75,6 +75,8 @@ pub struct Config {
     pub on_fenced: FencedPolicy,
     /// What to do when a handshake finds a split brain.
     pub after_split_brain: SplitBrainPolicy,
+    /// Run the local control endpoint (a Unix socket beside the queue, `<queue>.ctl`).
+    pub control_socket: bool,
     /// CPU to pin the polling thread to (none: not pinned).
     pub cpu: Option<usize>,
     /// How long the poller busy-polls after its last work before it sleeps in the kernel.
@@ -135,6 +137,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "a primary that learns of a newer primary: demote (default, it rejoins as a backup) | stop",
     ),
     (
+        "control_socket",
+        "on (default): serve `mirror promote/demote/resolve/status --live` on <queue>.ctl | off",
+    ),
+    (
         "after_split_brain",
         "disconnect (default) | discard-younger-primary | discard-least-changes | discard-node:<node id>",
     ),
@@ -193,6 +199,7 @@ pub struct ConfigBuilder {
     on_peer_loss: Option<PeerLossPolicy>,
     on_fenced: Option<FencedPolicy>,
     after_split_brain: Option<SplitBrainPolicy>,
+    control_socket: Option<bool>,
     cpu: Option<Option<usize>>,
     idle_spin_us: Option<u64>,
     wait_spin_us: Option<u64>,
@@ -343,14 +350,33 @@ impl ConfigBuilder {
                     _ => return Err(bad(key, value, "expected 'demote' or 'stop'")),
                 })
             }
+            "control_socket" => {
+                self.control_socket = Some(match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(bad(key, value, "expected 'on' or 'off'")),
+                })
+            }
             "after_split_brain" => {
                 self.after_split_brain = Some(match v {
                     "disconnect" => SplitBrainPolicy::Disconnect,
                     "discard-younger-primary" => SplitBrainPolicy::DiscardYoungerPrimary,
                     "discard-least-changes" => SplitBrainPolicy::DiscardLeastChanges,
-                    _ => match v.strip_prefix("discard-node:").map(parse_node_id) {
-                        Some(Ok(id)) => SplitBrainPolicy::DiscardNode(id),
-                        Some(Err(why)) => return Err(bad(key, value, why)),
+                    _ => match v
+                        .strip_prefix("discard-node:")
+                        .map(str::parse::<crate::control::DiscardNode>)
+                    {
+                        Some(Ok(crate::control::DiscardNode::Id(id))) => {
+                            SplitBrainPolicy::DiscardNode(id)
+                        }
+                        Some(Ok(_)) => {
+                            return Err(bad(
+                                key,
+                                value,
+                                "name the node by its id (as `mirror status` prints it): both nodes read this setting",
+                            ))
+                        }
+                        Some(Err(why)) => return Err(bad(key, value, why.to_string())),
                         None => return Err(bad(
                             key,
                             value,
@@ -541,6 +567,7 @@ impl ConfigBuilder {
             on_peer_loss: self.on_peer_loss.unwrap_or(PeerLossPolicy::Continue),
             on_fenced: self.on_fenced.unwrap_or(FencedPolicy::Demote),
             after_split_brain: self.after_split_brain.unwrap_or_default(),
+            control_socket: self.control_socket.unwrap_or(true),
             cpu,
             idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
             wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),
@@ -556,21 +583,6 @@ impl ConfigBuilder {
             caller_drives: self.caller_drives.unwrap_or(true),
             crash_before_apply_seq: self.crash_before_apply_seq,
         })
-    }
-}
-
-/// Parses a node id as `mirror status` prints it (`0x` and hex) or in decimal; never 0.
-pub fn parse_node_id(s: &str) -> Result<u64, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => s.parse::<u64>(),
-    };
-    match parsed {
-        Ok(0) => Err("node id 0 is not a node (it means none)".into()),
-        Ok(id) => Ok(id),
-        Err(_) => Err(format!(
-            "'{s}' is not a node id (hex with 0x as `mirror status` prints it, or decimal)"
-        )),
     }
 }
 

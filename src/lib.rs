@@ -20,6 +20,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod ffi;
 pub mod node;

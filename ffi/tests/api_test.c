@@ -6,14 +6,17 @@
  * sanitizers, under valgrind (see ci/ffi-test.sh). Ends with the line "N passed, N failed".
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -133,7 +136,8 @@ static void test_codes_and_strings(void) {
     const int codes[] = {MIRROR_EINVAL,   MIRROR_EKEY,      MIRROR_EVALUE,      MIRROR_EMISSING,
                          MIRROR_ESTORAGE, MIRROR_EBUSY,     MIRROR_EIO,         MIRROR_ERANGE,
                          MIRROR_EROLE,    MIRROR_ETICKET,   MIRROR_ETIMEDOUT,   MIRROR_ECLOSED,
-                         MIRROR_EFAILED,  MIRROR_EUNSUPPORTED, MIRROR_EPANIC};
+                         MIRROR_EFAILED,  MIRROR_EUNSUPPORTED, MIRROR_EPANIC,  MIRROR_EFENCED,
+                         MIRROR_EPEERALIVE, MIRROR_ENOTREADY};
     const size_t n = sizeof codes / sizeof codes[0];
     for (size_t i = 0; i < n; i++) {
         const char *s = mirror_strerror(codes[i]);
@@ -265,7 +269,7 @@ static void test_open_errors(void) {
     CHECK_RC(mirror_config_set(cfg, "listen", "not an address"), MIRROR_OK);
     CHECK_RC(mirror_open(cfg, &m), MIRROR_EVALUE);
     CHECK(last_error_contains("listen"));
-    CHECK_RC(mirror_config_set(cfg, "listen", "127.0.0.1:0"), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "listen", "127.0.0.1:1"), MIRROR_OK);
     CHECK_RC(mirror_config_set(cfg, "peer", "127.0.0.1:1"), MIRROR_OK);
     CHECK_RC(mirror_open(cfg, &m), MIRROR_EVALUE);
     CHECK(last_error_contains("peer"));
@@ -290,11 +294,19 @@ static void test_open_errors(void) {
     CHECK(m == sentinel);
     mirror_config_free(cfg);
 
+    /* Either role may have both addresses (failover), but not its own address as its peer. */
     cfg = base_config("primary", "bad", "1MiB");
     CHECK_RC(mirror_config_set(cfg, "peer", "127.0.0.1:1"), MIRROR_OK);
-    CHECK_RC(mirror_config_set(cfg, "listen", "127.0.0.1:0"), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "listen", "127.0.0.1:1"), MIRROR_OK);
     CHECK_RC(mirror_open(cfg, &m), MIRROR_EVALUE);
-    CHECK(last_error_contains("listen"));
+    CHECK(last_error_contains("peer"));
+    mirror_config_free(cfg);
+    cfg = base_config("primary", "bad", "1MiB");
+    CHECK_RC(mirror_config_set(cfg, "peer", "127.0.0.1:1"), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "on_fenced", "retire"), MIRROR_EVALUE);
+    CHECK(last_error_contains("on_fenced"));
+    CHECK_RC(mirror_config_set(cfg, "after_split_brain", "discard-node:0"), MIRROR_EVALUE);
+    CHECK(last_error_contains("after_split_brain"));
     mirror_config_free(cfg);
 
     /* Files held by an open node: MIRROR_EBUSY. A port in use: MIRROR_EIO. */
@@ -333,6 +345,22 @@ static void test_pair_and_error_paths(mirror *p, mirror *b, uint16_t port) {
     CHECK_RC(mirror_listen_port(b, NULL), MIRROR_EINVAL);
     CHECK_RC(mirror_wait_synchronous(p, 10 * SECOND_US), MIRROR_OK);
     CHECK_RC(mirror_wait_synchronous(NULL, 0), MIRROR_EINVAL);
+
+    /* Failover calls that cannot be done here: each refused with its code and a message. */
+    uint64_t term = 77;
+    CHECK_RC(mirror_promote(p, 0, &term), MIRROR_EROLE);
+    CHECK(term == 77 && last_error_contains("already a primary"));
+    CHECK_RC(mirror_promote(b, 0, &term), MIRROR_EMISSING); /* this backup has no `peer` */
+    CHECK(term == 77 && last_error_contains("peer"));
+    CHECK_RC(mirror_demote(b), MIRROR_EROLE);
+    CHECK(last_error_contains("already a backup"));
+    CHECK_RC(mirror_demote(p), MIRROR_EMISSING); /* this primary has no `listen` */
+    CHECK(last_error_contains("listen"));
+    CHECK_RC(mirror_promote(NULL, 0, &term), MIRROR_EINVAL);
+    CHECK_RC(mirror_demote(NULL), MIRROR_EINVAL);
+    uint64_t words[2] = {0, 0};
+    CHECK_RC(mirror_promote(b, 1, (uint64_t *)((char *)words + 1)), MIRROR_EINVAL);
+    CHECK(last_error_contains("misaligned"));
 
     /* write, read back, region view */
     const char hello[] = "hello, mirror";
@@ -601,6 +629,77 @@ static void test_peer_failure(void) {
     CHECK_RC(mirror_close(b), MIRROR_OK);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* failover: a forced promotion fences the old primary */
+
+static int open_either(const char *name, const char *role, uint16_t own, uint16_t peer,
+                       mirror **out) {
+    mirror_config *cfg = base_config(role, name, "1MiB");
+    char listen[64], peer_addr[64];
+    snprintf(listen, sizeof listen, "127.0.0.1:%u", (unsigned)own);
+    snprintf(peer_addr, sizeof peer_addr, "127.0.0.1:%u", (unsigned)peer);
+    CHECK_RC(mirror_config_set(cfg, "listen", listen), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "peer", peer_addr), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "on_peer_loss", "block"), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "reconnect_interval_ms", "20"), MIRROR_OK);
+    int rc = mirror_open(cfg, out);
+    mirror_config_free(cfg);
+    return rc;
+}
+
+/* A free loopback port: bind port 0, read it back, release it. */
+static uint16_t free_port(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(bind(fd, (struct sockaddr *)&a, sizeof a) == 0);
+    socklen_t len = sizeof a;
+    REQUIRE(getsockname(fd, (struct sockaddr *)&a, &len) == 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static void test_forced_promotion_fences(void) {
+    uint16_t px = free_port(), py = free_port();
+    mirror *x = NULL, *y = NULL;
+    REQUIRE(open_either("fx", "primary", px, py, &x) == MIRROR_OK);
+    REQUIRE(open_either("fy", "backup", py, px, &y) == MIRROR_OK);
+    CHECK_RC(mirror_wait_synchronous(x, 10 * SECOND_US), MIRROR_OK);
+    CHECK_RC(mirror_write(x, 0, "before", 6), MIRROR_OK);
+    for (int i = 0; i < 2000 && stats_of(y).phase != MIRROR_PHASE_SYNCHRONOUS; i++) sleep_ms(5);
+    /* x is alive: promoting y is refused unless forced. */
+    uint64_t term = 0;
+    CHECK_RC(mirror_promote(y, 0, &term), MIRROR_EPEERALIVE);
+    CHECK(last_error_contains("force"));
+    CHECK_RC(mirror_promote(y, 1, &term), MIRROR_OK);
+    CHECK(term > stats_of(x).current_term);
+    CHECK(stats_of(y).role == MIRROR_ROLE_PRIMARY);
+    /* x learns of the newer term at its first contact with y: no write of its old term
+     * completes after that, and its callers get MIRROR_EFENCED. */
+    int rc = MIRROR_OK;
+    for (int i = 0; i < 2000 && rc == MIRROR_OK; i++) {
+        rc = mirror_write(x, 64, "stale", 5);
+        if (rc == MIRROR_OK) sleep_ms(5);
+    }
+    CHECK_RC(rc, MIRROR_EFENCED);
+    CHECK(last_error_contains("newer primary"));
+    struct mirror_stats xs = stats_of(x);
+    CHECK(xs.fenced == 1);
+    /* Demoted (the default on_fenced), x rejoins y as its backup. */
+    for (int i = 0; i < 2000 && stats_of(x).role != MIRROR_ROLE_BACKUP; i++) sleep_ms(5);
+    CHECK(stats_of(x).role == MIRROR_ROLE_BACKUP);
+    CHECK_RC(mirror_wait_synchronous(y, 10 * SECOND_US), MIRROR_OK);
+    CHECK_RC(mirror_write(y, 128, "after", 5), MIRROR_OK);
+    CHECK(backup_caught_up(y, x));
+    CHECK(regions_equal(y, x));
+    CHECK_RC(mirror_write(x, 0, "x", 1), MIRROR_EFENCED);
+    CHECK_RC(mirror_close(x), MIRROR_OK);
+    CHECK_RC(mirror_close(y), MIRROR_OK);
+}
+
 int main(void) {
     alarm(600); /* a hang is a failure (SIGALRM ends the process) */
     strcpy(tmpdir, "/tmp/mirror-ffi-api-XXXXXX");
@@ -624,6 +723,7 @@ int main(void) {
 
     test_continue_degraded();
     test_peer_failure();
+    test_forced_promotion_fences();
 
     remove_tmpdir();
     return finish();

@@ -4,6 +4,9 @@
  *
  *   node backup  DIR PORT PORTFILE                      PORT 0 picks a port and writes it to PORTFILE
  *   node primary DIR PORT COMPLETIONS START_ID POLICY   POLICY: block | continue
+ *   node failover NAME DIR OWN_PORT PEER_PORT COMPLETIONS ROLE
+ *                 either role (ffi/tests/failover.sh): writes while it is the primary, and
+ *                 SIGUSR1 promotes it (mirror_promote); `on_peer_loss = block`
  *
  * The primary writes the seeded, self-checking workload of `mirror::workload::Workload` (seed 1,
  * 64-byte writes: the same bytes, so `mirror check-workload` verifies a region from outside),
@@ -234,6 +237,125 @@ static int run_primary(const char *dir, const char *port_arg, const char *comple
     return 0;
 }
 
+/* ----------------------------------------------------------------------------------------- */
+/* failover: a node that can take either role (ffi/tests/failover.sh) */
+
+static volatile sig_atomic_t promote_requested;
+
+static void on_promote_signal(int sig) {
+    (void)sig;
+    promote_requested = 1;
+}
+
+static int current_role(mirror *m, uint64_t *term) {
+    struct mirror_stats s;
+    s.size = sizeof s;
+    int rc = mirror_stats(m, &s);
+    if (rc != MIRROR_OK) die("mirror_stats", rc);
+    if (s.phase == MIRROR_PHASE_FAILED) {
+        fprintf(stderr, "node: failed\n");
+        exit(2);
+    }
+    if (term != NULL) *term = s.current_term;
+    return s.role;
+}
+
+/* Writes as long as it is the primary: ids start at term << 20 (terms only grow across the
+ * pair, so the ids of a later primary are above every earlier one, as the check expects). */
+static int run_failover(const char *name, const char *dir, const char *own, const char *peer,
+                        const char *completions, const char *role) {
+    char region[512], queue[512], listen[64], peer_addr[64];
+    snprintf(region, sizeof region, "%s/%s.region", dir, name);
+    snprintf(queue, sizeof queue, "%s/%s.queue", dir, name);
+    snprintf(listen, sizeof listen, "127.0.0.1:%s", own);
+    snprintf(peer_addr, sizeof peer_addr, "127.0.0.1:%s", peer);
+    mirror_config *cfg = mirror_config_new();
+    if (cfg == NULL) die("mirror_config_new", MIRROR_EPANIC);
+    const char *keys[][2] = {
+        {"role", role},          {"region", region},         {"region_size", REGION_SIZE},
+        {"queue", queue},        {"queue_size", "4MiB"},     {"idle_spin_us", "20"},
+        {"wait_spin_us", "5"},   {"ack_timeout_ms", "500"},  {"reconnect_interval_ms", "20"},
+        {"listen", listen},      {"peer", peer_addr},        {"on_peer_loss", "block"},
+    };
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        int rc = mirror_config_set(cfg, keys[i][0], keys[i][1]);
+        if (rc != MIRROR_OK) die("mirror_config_set", rc);
+    }
+    int fd = open(completions, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        perror("node: opening completions");
+        return 2;
+    }
+    mirror *m = NULL;
+    int rc = mirror_open(cfg, &m);
+    mirror_config_free(cfg);
+    if (rc != MIRROR_OK) die("mirror_open", rc);
+    fprintf(stderr, "node: %s opened as %s\n", name, role);
+
+    struct inflight ring[DEPTH];
+    size_t head = 0, count = 0;
+    uint64_t next_id = 0, term = 0, writing_term = 0;
+    unsigned char buf[WRITE_SIZE];
+    while (!stop || count > 0) {
+        if (promote_requested) {
+            /* The old primary's death reaches us a moment after its SIGKILL: until then the
+             * promotion is refused as "connected to a live primary". */
+            uint64_t new_term = 0;
+            rc = mirror_promote(m, 0, &new_term);
+            if (rc == MIRROR_OK) {
+                promote_requested = 0;
+                fprintf(stderr, "node: %s promoted, term %llu\n", name,
+                        (unsigned long long)new_term);
+            } else if (rc != MIRROR_EPEERALIVE) {
+                die("mirror_promote", rc);
+            } else {
+                sleep_ms(2);
+                continue;
+            }
+        }
+        if (current_role(m, &term) != MIRROR_ROLE_PRIMARY) {
+            if (count > 0) {
+                fprintf(stderr, "node: %s lost the primary role with writes in flight\n", name);
+                return 2;
+            }
+            sleep_ms(5);
+            continue;
+        }
+        if (term != writing_term) {
+            writing_term = term;
+            next_id = term << 20;
+        }
+        if (!stop && count < DEPTH) {
+            fill(next_id, buf);
+            uint64_t t = 0;
+            rc = mirror_submit(m, offset_of(next_id), buf, sizeof buf, &t);
+            if (rc != MIRROR_OK) die("mirror_submit", rc);
+            ring[(head + count) % DEPTH] = (struct inflight){next_id, t};
+            count++;
+            next_id++;
+            continue;
+        }
+        rc = mirror_wait(m, ring[head].ticket, stop ? 10 * SECOND_US : 100000);
+        if (rc == MIRROR_ETIMEDOUT) {
+            if (stop) die("draining mirror_wait", rc);
+            continue;
+        }
+        if (rc != MIRROR_OK) die("mirror_wait", rc);
+        log_completion(fd, ring[head].id);
+        head = (head + 1) % DEPTH;
+        count--;
+    }
+    if (current_role(m, NULL) == MIRROR_ROLE_PRIMARY) {
+        rc = mirror_wait_synchronous(m, 30 * SECOND_US);
+        if (rc != MIRROR_OK) die("mirror_wait_synchronous", rc);
+    }
+    close(fd);
+    rc = mirror_close(m);
+    if (rc != MIRROR_OK) die("mirror_close", rc);
+    fprintf(stderr, "node: %s closed\n", name);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     /* The workload's checksum must be CRC-32C (its standard check value). */
     if (crc32c((const unsigned char *)"123456789", 9) != UINT32_C(0xE3069283)) {
@@ -246,6 +368,14 @@ int main(int argc, char **argv) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    struct sigaction usr1;
+    memset(&usr1, 0, sizeof usr1);
+    usr1.sa_handler = on_promote_signal;
+    sigemptyset(&usr1.sa_mask);
+    sigaction(SIGUSR1, &usr1, NULL);
+    if (argc == 8 && strcmp(argv[1], "failover") == 0) {
+        return run_failover(argv[2], argv[3], argv[4], argv[5], argv[6], argv[7]);
+    }
     if (argc == 5 && strcmp(argv[1], "backup") == 0) {
         return run_backup(argv[2], argv[3], argv[4]);
     }
@@ -261,6 +391,7 @@ int main(int argc, char **argv) {
     }
     fprintf(stderr,
             "usage: node backup DIR PORT PORTFILE\n"
-            "       node primary DIR PORT COMPLETIONS START_ID block|continue\n");
+            "       node primary DIR PORT COMPLETIONS START_ID block|continue\n"
+            "       node failover NAME DIR OWN_PORT PEER_PORT COMPLETIONS primary|backup\n");
     return 2;
 }

@@ -13,6 +13,12 @@ mod codes;
 
 pub use codes::*;
 
+/// The C API's code (a negative `MIRROR_E*` value) of an engine error: also what the control
+/// endpoint reports with a refusal.
+pub fn error_code(e: &crate::MirrorError) -> c_int {
+    codes::code_of(e)
+}
+
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Once;
 use std::time::Duration;
@@ -527,7 +533,7 @@ pub unsafe extern "C" fn mirror_listen_port(m: *const mirror, port: *mut u16) ->
         let addr = m.node.listen_addr().ok_or_else(|| {
             FfiError::new(
                 MIRROR_EROLE,
-                "this node is a primary; only a backup listens",
+                "this node does not listen: a backup must, and a primary does when `listen` is set",
             )
         })?;
         // SAFETY: `port` passed check_out and is writable per the contract.

@@ -24,10 +24,13 @@ use mirror_storage::Region;
 use crate::config::{Config, Role};
 use crate::error::{MirrorError, Result};
 
+mod control;
 mod open;
 mod poller;
 
-use poller::{lock_poller, poller_thread, CallerDriving, Poller, Step};
+use control::NodeOps;
+
+use poller::{poller_thread, CallerDriving, Poller, Step};
 
 /// Identifies a submitted write; tickets complete in the order they were issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,6 +83,8 @@ pub struct Stats {
     pub failure: Option<String>,
     /// The node's current term (a primary's: the term of its writes).
     pub current_term: u64,
+    /// The address of the peer connection, if there is one.
+    pub peer_address: Option<String>,
     /// The last divergent suffix this node dropped (backup), if any since it opened.
     pub last_divergence: Option<Divergence>,
     /// A split brain that keeps this node apart from its peer (see
@@ -290,6 +295,10 @@ pub struct Mirror {
     /// The poller's state; the polling thread and, while they wait, callers run its steps.
     driver: Arc<Mutex<Poller>>,
     poller: Mutex<Option<JoinHandle<()>>>,
+    /// Promote, demote, resolve: shared with the control endpoint.
+    ops: Arc<NodeOps>,
+    /// The local control endpoint (a Unix socket beside the queue), unless configured off.
+    control: Mutex<Option<crate::control::ControlServer>>,
     listen_addr: Option<SocketAddr>,
     /// Largest write: `max_write` from the config, capped by what one queue record can hold.
     max_write: usize,
@@ -525,13 +534,7 @@ impl Mirror {
     /// The library never decides *when* to fail over (two nodes cannot tell a dead peer from
     /// a partition): an operator or a cluster manager calls this.
     pub fn promote(&self, force: bool) -> Result<u64> {
-        self.check_usable()?;
-        if self.cfg.peer.is_none() {
-            return Err(MirrorError::Config(crate::error::ConfigError::Missing {
-                key: "peer",
-            }));
-        }
-        self.with_poller(|p| p.promote(force))
+        self.ops.promote(force)
     }
 
     /// Demotes this primary to a backup, live: writes not completed fail
@@ -539,13 +542,7 @@ impl Mirror {
     /// new primary, which repairs what of its log the new history lacks and catches it up.
     /// Needs `listen` configured.
     pub fn demote(&self) -> Result<()> {
-        self.check_usable()?;
-        if self.listen_addr.is_none() {
-            return Err(MirrorError::Config(crate::error::ConfigError::Missing {
-                key: "listen",
-            }));
-        }
-        self.with_poller(|p| p.demote())
+        self.ops.demote()
     }
 
     /// Resolves a split brain by hand (the `disconnect` policy leaves it to an operator): the
@@ -553,18 +550,7 @@ impl Mirror {
     /// shows them) are discarded at the next handshake, saved to a file beside that node's queue
     /// first. The choice travels in this node's Hello, so running it on either node is enough.
     pub fn resolve_split_brain(&self, discard_node: u64) -> Result<()> {
-        self.check_usable()?;
-        self.with_poller(|p| p.resolve_split_brain(discard_node))
-    }
-
-    /// Runs `f` on the poller's state between two passes: the polling thread yields the state
-    /// to a caller that announces itself (as a caller that drives the loop does).
-    fn with_poller<T>(&self, f: impl FnOnce(&mut Poller) -> T) -> T {
-        self.shared.callers_driving.fetch_add(1, Ordering::AcqRel);
-        let _driving = CallerDriving(&self.shared);
-        self.shared.wake_poller();
-        let mut p = lock_poller(&self.driver);
-        f(&mut p)
+        self.ops.resolve_split_brain(discard_node)
     }
 
     /// Copies region bytes out. A read that overlaps a write in progress may see part of it (as
@@ -587,20 +573,8 @@ impl Mirror {
 
     /// A snapshot of the node's counters.
     pub fn stats(&self) -> Stats {
-        let mut s = self
-            .shared
-            .stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        s.writes_completed = self.shared.completed.load(Ordering::Acquire);
+        let mut s = self.ops.stats();
         s.writes_submitted = self.producer.as_ref().map_or(0, |p| p.pushed());
-        s.role = self.shared.role();
-        s.fenced = self.shared.fenced();
-        if let Some(MirrorError::Failed { reason }) = self.shared.failure() {
-            s.failure = Some(reason);
-            s.phase = Phase::Failed;
-        }
         s
     }
 
@@ -608,6 +582,17 @@ impl Mirror {
     /// then fail with [`MirrorError::Closed`]; what they queued stays in the queue and is recovered
     /// at the next open. Idempotent.
     pub fn close(&self) -> Result<()> {
+        // No operator request arrives while the node goes.
+        let control = self
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(c) = control {
+            if let Err(e) = c.stop() {
+                tracing::warn!(error = %e, "stopping the control endpoint");
+            }
+        }
         self.shared.shutdown.store(true, Ordering::Release);
         self.shared.poller_sleeping.store(true, Ordering::Relaxed);
         self.shared.wake_poller();

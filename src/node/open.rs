@@ -212,6 +212,7 @@ impl Mirror {
             current_term: exec.queue.current_term(),
             last_divergence: None,
             split_brain: None,
+            peer_address: None,
         };
         let shared = Arc::new(Shared {
             completed: CachePadded::new(AtomicU64::new(0)),
@@ -293,6 +294,26 @@ impl Mirror {
                 context: "starting the poller thread".into(),
                 source,
             })?;
+        let ops = Arc::new(NodeOps {
+            shared: Arc::clone(&shared),
+            driver: Arc::clone(&driver),
+            can_dial: cfg.peer.is_some(),
+            can_listen: listen_addr.is_some(),
+        });
+        // After the queue's lock: no other node uses this socket path.
+        let control = if cfg.control_socket {
+            let path = crate::control::control_socket_path(&cfg.queue);
+            let target: Arc<dyn crate::control::ControlTarget> = ops.clone();
+            match crate::control::ControlServer::start(&path, target) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no control endpoint: `mirror promote`, `demote`, `resolve` and `status --live` cannot reach this node (the Rust and C APIs can)");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Mirror {
             cfg,
             shared,
@@ -300,6 +321,8 @@ impl Mirror {
             producer,
             driver,
             poller: Mutex::new(Some(handle)),
+            ops,
+            control: Mutex::new(control),
             listen_addr,
             max_write,
         })

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod node_process;
 
-use cmd::{backup, bench, check_workload, demo, primary, status, verify};
+use cmd::{backup, bench, check_workload, control, demo, primary, status, verify};
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +36,18 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Run a primary node with a built-in seeded write workload.
     Primary(primary::PrimaryArgs),
-    /// Show what a node's queue file says (the node may be running or stopped).
+    /// Show what a node's queue file says (the node may be running or stopped), or with
+    /// --live what the running node says.
     Status(status::StatusArgs),
+    /// Failover: make a running backup the primary (a new term). Refused while it is connected
+    /// to a live primary, unless --force (which fences that primary).
+    Promote(control::PromoteArgs),
+    /// Failover: make a running primary a backup (its pending writes fail; it waits for the new
+    /// primary, which repairs and catches it up).
+    Demote(control::DemoteArgs),
+    /// Split brain: name the node whose divergent writes are discarded at the next handshake
+    /// (saved to a file first).
+    Resolve(control::ResolveArgs),
     /// Compare two region files chunk by chunk and list the chunks that differ.
     Verify(verify::VerifyArgs),
     /// Check a region file against a workload and a completions file.
@@ -59,6 +69,9 @@ fn main() -> ExitCode {
         Command::Backup(args) => backup::run(args),
         Command::Primary(args) => primary::run(args),
         Command::Status(args) => status::run(args),
+        Command::Promote(args) => control::promote(args),
+        Command::Demote(args) => control::demote(args),
+        Command::Resolve(args) => control::resolve(args),
         Command::Verify(args) => verify::run(args),
         Command::CheckWorkload(args) => check_workload::run(args),
     };

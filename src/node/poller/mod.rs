@@ -395,7 +395,9 @@ impl Poller {
         }
         if self.exec.core.role() != WireRole::Primary {
             // Submitted while the node stopped being a primary (the submitter checked the
-            // role just before it changed).
+            // role just before it changed). The change's own actions first: a fence among
+            // them says why these fail.
+            self.execute_actions()?;
             self.refuse_ring(self.shared.fenced());
             return Ok(true);
         }
@@ -470,6 +472,7 @@ impl Poller {
         s.last_recovery_records = self.exec.recovery().records;
         s.current_term = core.current_term;
         s.split_brain.clone_from(&core.split_brain);
+        s.peer_address = self.conn.as_ref().map(|c| c.peer().to_string());
         s.last_divergence.clone_from(&self.last_divergence);
     }
 

@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod bench;
 pub mod check_workload;
+pub mod control;
 pub mod demo;
 pub mod primary;
 pub mod shared;

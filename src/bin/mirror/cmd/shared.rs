@@ -55,10 +55,10 @@ pub struct NodeArgs {
     /// Queue capacity (default 64MiB)
     #[arg(long)]
     pub queue_size: Option<String>,
-    /// Backup: address to listen on
+    /// Address to listen on (a backup needs it; give both nodes both addresses for failover)
     #[arg(long)]
     pub listen: Option<String>,
-    /// Primary: address of the backup
+    /// Address of the other node (a primary needs it)
     #[arg(long)]
     pub peer: Option<String>,
     /// tcp | rdma

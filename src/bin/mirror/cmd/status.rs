@@ -15,14 +15,32 @@ use super::shared::CliResult;
 pub struct StatusArgs {
     /// Queue file
     pub queue: PathBuf,
+    /// Ask the running node (its control socket, `<queue>.ctl`) instead of reading the file:
+    /// role, term, phase, peer, degraded, fenced, split brain, queue fill, last recovery
+    #[arg(long)]
+    pub live: bool,
 }
 
 pub fn run(args: &StatusArgs) -> CliResult {
+    if args.live {
+        return super::control::live_status(&super::control::NodeRef {
+            queue: Some(args.queue.clone()),
+            socket: None,
+        });
+    }
     let queue: &Path = &args.queue;
     let i = mirror::node::inspect(queue)?;
     println!("queue {}", queue.display());
     println!("  format_version   {}", i.format_version);
-    println!("  role             {}", i.role);
+    println!(
+        "  role             {}{}",
+        i.role,
+        if i.superseded {
+            " (superseded: fenced by a newer primary; refused as a primary until it rejoins)"
+        } else {
+            ""
+        }
+    );
     println!("  node_id          {:#x}", i.node_id);
     println!(
         "  bound peer       {}",
