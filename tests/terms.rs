@@ -165,9 +165,9 @@ fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
     });
     let mut frame = BytesMut::new();
     hello.encode(&mut frame);
-    // The second entry's term (5, at body offset 84 + 16) becomes 2: backwards. Re-checksum the
+    // The second entry's term (5, at body offset 100 + 16) becomes 2: backwards. Re-checksum the
     // frame (header bytes 0..12, then the body) so that only the history check can refuse it.
-    frame[16 + 84 + 16] = 2;
+    frame[16 + 100 + 16] = 2;
     let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[..12]), &frame[16..]);
     frame[12..16].copy_from_slice(&crc.to_le_bytes());
     let mut s = TcpStream::connect(&pair.addr).unwrap();

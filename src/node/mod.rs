@@ -319,6 +319,11 @@ impl Mirror {
         &self.cfg
     }
 
+    /// This node's role now (a failover changes it).
+    pub fn role(&self) -> Role {
+        self.shared.role()
+    }
+
     /// The address this node listens on (useful with port 0): a backup's, and a primary's that
     /// has `listen` configured (for failover).
     pub fn listen_addr(&self) -> Option<SocketAddr> {

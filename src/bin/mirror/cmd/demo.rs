@@ -1,5 +1,7 @@
 //! `mirror demo`: a backup and a primary process of this binary on loopback, writes, a SIGKILL of
-//! each node and its recovery, then a byte-for-byte check of both regions. The nodes are driven
+//! each node and its recovery, a byte-for-byte check of both regions, then a failover (the
+//! primary dies, the backup is promoted, the old primary rejoins as a backup) and the check
+//! again. The nodes are driven
 //! through their report lines by the harness the integration tests use too
 //! (src/bin/mirror/node_process.rs).
 
@@ -362,7 +364,9 @@ fn run_in(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliRes
             ),
         );
     }
-    // The primary's last line: "done writes=.. samples=.. p50_us=..".
+    failover_act(a, dir, region_size, write_size, &completions, &mut check)?;
+
+    // The primary's last line (of step 5): "done writes=.. samples=.. p50_us=..".
     let f = |k: &str| primary.get("done", k).unwrap_or_default();
     println!(
         "\nsync write latency ({write_size} B, {link}, last primary run of {} writes): p50={} us p90={} us p99={} us p99.9={} us max={} us",
@@ -381,6 +385,236 @@ fn run_in(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliRes
         println!("\nDEMO FAILED: {} check(s) failed", check.failures.len());
         Ok(ExitCode::from(1))
     }
+}
+
+/// Step 6: failover. Both nodes now know each other's address. The primary dies, the backup is
+/// promoted (`mirror promote`, through its control socket) and writes alone; the old primary
+/// comes back as a backup and rejoins, moving only what it missed (and repairing what it held
+/// that the new history does not); then both regions are checked again.
+fn failover_act(
+    a: &DemoArgs,
+    dir: &Path,
+    region_size: u64,
+    write_size: u64,
+    completions: &Path,
+    check: &mut Checklist,
+) -> Result<(), MirrorError> {
+    let n = a.writes / 4;
+    println!("\n6. failover: kill the primary, promote the backup, write, rejoin the old primary as a backup");
+    let (pa, pb) = (free_loopback_port()?, free_loopback_port()?);
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let p = |name: &str| dir.join(name).display().to_string();
+    let node_args = |files: &str, listen: &str, peer: &str| -> Vec<String> {
+        let mut v = vec![
+            "--region".into(),
+            p(&format!("{files}.region")),
+            "--region-size".into(),
+            region_size.to_string(),
+            "--queue".into(),
+            p(&format!("{files}.queue")),
+            "--queue-size".into(),
+            "64MiB".into(),
+            "--transport".into(),
+            a.transport.clone(),
+            "--listen".into(),
+            listen.into(),
+            "--peer".into(),
+            peer.into(),
+            "--set".into(),
+            "ack_timeout_ms=300".into(),
+            "--set".into(),
+            "reconnect_interval_ms=50".into(),
+        ];
+        for kv in &a.set {
+            v.extend(["--set".to_string(), kv.clone()]);
+        }
+        v
+    };
+    let workload = |start_id: u64| -> Vec<String> {
+        vec![
+            "--write-size".into(),
+            write_size.to_string(),
+            "--start-id".into(),
+            start_id.to_string(),
+            "--completions".into(),
+            completions.display().to_string(),
+            "--report-ms".into(),
+            "50".into(),
+        ]
+    };
+    // B (the backup's files) writes once it is promoted: alone, under `continue`.
+    let mut b_args = vec!["backup".to_string()];
+    b_args.extend(node_args("backup", &addr_b, &addr_a));
+    b_args.extend([
+        "--on-peer-loss".into(),
+        "continue".into(),
+        "--write-when-primary".into(),
+    ]);
+    b_args.extend(workload(0));
+    let mut b = spawn_node("backup", &b_args, &dir.join("backup-3.log"))?;
+    wait_for(
+        &mut b,
+        "the backup to listen",
+        Duration::from_secs(10),
+        |b| b.has("backup"),
+    )?;
+    let mut a_args = vec!["primary".to_string()];
+    a_args.extend(node_args("primary", &addr_a, &addr_b));
+    a_args.extend([
+        "--on-peer-loss".into(),
+        "block".into(),
+        "--depth".into(),
+        "8".into(),
+    ]);
+    a_args.extend(workload(20_000_000));
+    let mut primary = spawn_node("primary", &a_args, &dir.join("primary-3.log"))?;
+    wait_for(
+        &mut primary,
+        "the primary to mirror synchronously",
+        Duration::from_secs(60),
+        |p| p.get("progress", "phase").as_deref() == Some("synchronous"),
+    )?;
+    let from = primary.num("progress", "completed");
+    wait_for(&mut primary, "writes", Duration::from_secs(60), |p| {
+        p.num("progress", "completed") >= from + n
+    })?;
+    primary.kill9();
+    let aq = mirror::node::inspect(&dir.join("primary.queue"))?;
+    println!(
+        "   primary killed mid-stream (on_peer_loss=block, 8 writes in flight): its queue holds through seq {}",
+        aq.last_seq
+    );
+    let t_promote = Instant::now();
+    let exe = std::env::current_exe().map_err(|source| MirrorError::Io {
+        context: "finding the mirror executable".into(),
+        source,
+    })?;
+    let promoted = loop {
+        // Refused ("connected to a live primary") until the backup sees the primary gone.
+        let out = Command::new(&exe)
+            .args(["promote", &p("backup.queue")])
+            .output()
+            .map_err(|source| MirrorError::Io {
+                context: "running mirror promote".into(),
+                source,
+            })?;
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        if t_promote.elapsed() > Duration::from_secs(10) {
+            return Err(MirrorError::Failed {
+                reason: format!(
+                    "mirror promote kept failing: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    wait_for(
+        &mut b,
+        "the new primary's first writes",
+        Duration::from_secs(30),
+        |b| b.num("progress", "completed") > 0,
+    )?;
+    println!(
+        "   `mirror promote` -> {promoted}; the new primary completed its first writes {:.0} ms after the promote command started (alone: on_peer_loss=continue)",
+        t_promote.elapsed().as_secs_f64() * 1000.0
+    );
+    check.check(
+        promoted.starts_with("promoted term="),
+        "the backup was promoted",
+    );
+    wait_for(
+        &mut b,
+        "writes on the new primary",
+        Duration::from_secs(60),
+        |b| b.num("progress", "completed") >= n,
+    )?;
+    let bq = mirror::node::inspect(&dir.join("backup.queue"))?;
+    println!(
+        "   the new primary is at seq {} (term {}); restart the old primary as a backup",
+        bq.last_seq, bq.current_term
+    );
+    let recoveries_before = b.num("progress", "recoveries");
+    let mut old_args = vec!["backup".to_string()];
+    old_args.extend(node_args("primary", &addr_a, &addr_b));
+    old_args.extend(["--report-ms".into(), "50".into()]);
+    let mut old = spawn_node("old primary", &old_args, &dir.join("primary-4.log"))?;
+    wait_for(
+        &mut b,
+        "the old primary's rejoin",
+        Duration::from_secs(30),
+        |b| {
+            b.num("progress", "recoveries") > recoveries_before
+                && b.get("progress", "phase").as_deref() == Some("synchronous")
+        },
+    )?;
+    let rec_records = b.num("progress", "rec_records");
+    let rec_bytes = b.num("progress", "rec_bytes");
+    let diverged: Vec<mirror_storage::DiscardedFile> =
+        mirror_storage::list_discarded(&dir.join("primary.queue"))?
+            .iter()
+            .map(|f| mirror_storage::read_discarded(f))
+            .collect::<Result<_, _>>()?;
+    let diverged_records: usize = diverged.iter().map(|d| d.records.len()).sum();
+    let diverged_bytes: usize = diverged
+        .iter()
+        .flat_map(|d| &d.records)
+        .map(|r| r.payload.len())
+        .sum();
+    println!(
+        "   rejoin moved {rec_records} requests = {rec_bytes} payload bytes (and repaired its {diverged_records} divergent records, {diverged_bytes} bytes, saved first); region: {region_size} bytes"
+    );
+    check.check(
+        rec_bytes + diverged_bytes as u64 * 2 < region_size,
+        "the rejoin moved only what diverged or was missed, far less than the region",
+    );
+    let st = stop(&mut b, Duration::from_secs(20))?;
+    check.check(st.success(), format!("new primary stopped cleanly ({st})"));
+    let last = mirror::node::inspect(&dir.join("backup.queue"))?.last_seq;
+    wait_for(
+        &mut old,
+        "the old primary to apply everything",
+        Duration::from_secs(20),
+        |_| {
+            mirror::node::inspect(&dir.join("primary.queue"))
+                .map(|q| q.applied_through >= last)
+                .unwrap_or(false)
+        },
+    )?;
+    let st = stop(&mut old, Duration::from_secs(20))?;
+    check.check(st.success(), format!("old primary stopped cleanly ({st})"));
+    let pr = dir.join("primary.region");
+    let br = dir.join("backup.region");
+    let ca = mirror_storage::file_chunk_checksums(&pr, 64 << 10)?;
+    let cb = mirror_storage::file_chunk_checksums(&br, 64 << 10)?;
+    let differing = ca.iter().zip(&cb).filter(|(x, y)| x != y).count();
+    check.check(
+        differing == 0 && ca.len() == cb.len(),
+        format!(
+            "after the failover, regions are byte-identical ({differing} of {} chunks differ)",
+            ca.len()
+        ),
+    );
+    let completed = read_completions(completions)?;
+    let w = Workload::new(1, write_size as usize, region_size).map_err(usage)?;
+    for (name, path) in [("old primary", &pr), ("new primary", &br)] {
+        let bytes = std::fs::read(path).map_err(|source| MirrorError::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })?;
+        let r = w.check(&bytes, &completed);
+        check.check(
+            r.is_ok(),
+            format!(
+                "{name}'s region holds all {} writes completed on either primary{}",
+                completed.len(),
+                r.err().map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// Starts a node: this same binary, whatever path it was started by.

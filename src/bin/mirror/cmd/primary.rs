@@ -61,10 +61,8 @@ pub struct WorkloadArgs {
 type InFlight = VecDeque<(u64, Ticket, Instant)>;
 
 pub fn run(args: &PrimaryArgs) -> CliResult {
-    let w = &args.workload;
     let cfg = build_config(&args.node, Role::Primary)?;
-    let write_size = parse_size_arg(&w.write_size)? as usize;
-    let workload = Workload::new(w.seed, write_size, cfg.region_size).map_err(usage)?;
+    let mut writer = Writer::new(&args.workload, cfg.region_size)?;
     let stop = stop_flag()?;
     // SIGUSR1 arms the test fail point (feature `fail-points` only: a release build keeps the
     // signal's default action).
@@ -78,107 +76,181 @@ pub fn run(args: &PrimaryArgs) -> CliResult {
             })?;
         crash
     };
-    let mut completions = match &w.completions {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|source| MirrorError::Io {
-                    context: format!("opening completions file {}", p.display()),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
     let m = Mirror::open(cfg)?;
     println!("primary started");
     let _ = std::io::stdout().flush();
-    let depth = w.depth.max(1) as usize;
-    let mut buf = vec![0u8; write_size];
-    let mut lat_ns: Vec<u64> = Vec::new();
-    let mut inflight = InFlight::new();
-    let mut next_id = w.start_id;
-    let end_id = if w.writes == 0 {
-        u64::MAX
-    } else {
-        w.start_id + w.writes
-    };
-    let started = Instant::now();
     let mut last_report = Instant::now();
-    // Waits (at most 100 ms) for the oldest write in flight; once it completed, logs it and its
-    // latency.
-    let mut complete_oldest =
-        |m: &Mirror, inflight: &mut InFlight, lat_ns: &mut Vec<u64>| -> Result<(), MirrorError> {
-            let Some(&(id, ticket, t0)) = inflight.front() else {
-                return Ok(());
-            };
-            match m.wait(ticket, Some(Duration::from_millis(100))) {
-                Ok(()) => {}
-                Err(MirrorError::Timeout) => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            inflight.pop_front();
-            lat_ns.push(t0.elapsed().as_nanos() as u64);
-            if let Some(f) = completions.as_mut() {
-                // One write(2) per line, so that a SIGKILL never leaves half a line for the
-                // next run to continue.
-                f.write_all(format!("{id}\n").as_bytes())
+    while !stop.load(Ordering::Relaxed) && writer.has_work() {
+        #[cfg(feature = "fail-points")]
+        if crash.swap(false, Ordering::Relaxed) {
+            m.arm_crash_before_next_apply();
+        }
+        writer.step(&m)?;
+        if writer.report_due(&mut last_report) {
+            writer.report(&m);
+        }
+    }
+    writer.drain(&m)?;
+    writer.report(&m);
+    m.close()?;
+    println!(
+        "done writes={} {}",
+        writer.lat_ns.len(),
+        latency_summary(&writer.lat_ns)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The built-in workload's writer: submits seeded writes (at most `depth` in flight, at `rate`),
+/// logs each completion, and measures latency. Used by `mirror primary`, and by `mirror backup
+/// --write-when-primary` once it is promoted.
+pub struct Writer {
+    workload: Workload,
+    buf: Vec<u8>,
+    inflight: InFlight,
+    next_id: u64,
+    end_id: u64,
+    first_id: u64,
+    depth: usize,
+    rate: u64,
+    started: Instant,
+    report_ms: u64,
+    /// Latencies of completed writes, in nanoseconds.
+    pub lat_ns: Vec<u64>,
+    completions: Option<std::fs::File>,
+}
+
+impl Writer {
+    pub fn new(w: &WorkloadArgs, region_size: u64) -> Result<Writer, MirrorError> {
+        let write_size = parse_size_arg(&w.write_size)? as usize;
+        let workload = Workload::new(w.seed, write_size, region_size).map_err(usage)?;
+        let completions = match &w.completions {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
                     .map_err(|source| MirrorError::Io {
-                        context: "writing completions file".into(),
+                        context: format!("opening completions file {}", p.display()),
                         source,
-                    })?;
-            }
-            Ok(())
+                    })?,
+            ),
+            None => None,
         };
-    let report = |m: &Mirror, lat_ns: &[u64]| {
+        Ok(Writer {
+            workload,
+            buf: vec![0u8; write_size],
+            inflight: InFlight::new(),
+            next_id: w.start_id,
+            end_id: if w.writes == 0 {
+                u64::MAX
+            } else {
+                w.start_id + w.writes
+            },
+            first_id: w.start_id,
+            depth: w.depth.max(1) as usize,
+            rate: w.rate,
+            started: Instant::now(),
+            report_ms: w.report_ms,
+            lat_ns: Vec::new(),
+            completions,
+        })
+    }
+
+    /// Writes remain to submit or to complete.
+    pub fn has_work(&self) -> bool {
+        self.next_id < self.end_id || !self.inflight.is_empty()
+    }
+
+    /// Continues at id `at` at least: a node promoted in term `t` writes from `t << 24` on, so
+    /// that the ids of a later primary are above every earlier one (as `check-workload` expects).
+    pub fn skip_to(&mut self, at: u64) {
+        if at > self.next_id {
+            self.end_id = self.end_id.saturating_add(at - self.next_id);
+            self.next_id = at;
+        }
+    }
+
+    /// Submits one write, or waits (at most 100 ms) for the oldest in flight.
+    pub fn step(&mut self, m: &Mirror) -> Result<(), MirrorError> {
+        if self.next_id < self.end_id && self.inflight.len() < self.depth {
+            if self.rate > 0 {
+                let due = self.started
+                    + Duration::from_secs_f64(
+                        (self.next_id - self.first_id) as f64 / self.rate as f64,
+                    );
+                let now = Instant::now();
+                if due > now && self.inflight.is_empty() {
+                    std::thread::sleep((due - now).min(Duration::from_millis(5)));
+                    return Ok(());
+                }
+            }
+            self.workload.fill(self.next_id, &mut self.buf);
+            let t0 = Instant::now();
+            let ticket = m.submit(self.workload.offset_of(self.next_id), &self.buf)?;
+            self.inflight.push_back((self.next_id, ticket, t0));
+            self.next_id += 1;
+        }
+        if self.inflight.len() >= self.depth || self.next_id >= self.end_id || self.rate > 0 {
+            self.complete_oldest(m)?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most 100 ms) for the oldest write in flight; once it completed, logs it and
+    /// its latency.
+    fn complete_oldest(&mut self, m: &Mirror) -> Result<(), MirrorError> {
+        let Some(&(id, ticket, t0)) = self.inflight.front() else {
+            return Ok(());
+        };
+        match m.wait(ticket, Some(Duration::from_millis(100))) {
+            Ok(()) => {}
+            Err(MirrorError::Timeout) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.inflight.pop_front();
+        self.lat_ns.push(t0.elapsed().as_nanos() as u64);
+        if let Some(f) = self.completions.as_mut() {
+            // One write(2) per line, so that a SIGKILL never leaves half a line for the next
+            // run to continue.
+            f.write_all(format!("{id}\n").as_bytes())
+                .map_err(|source| MirrorError::Io {
+                    context: "writing completions file".into(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Completes what is in flight (bounded), so that every completed write is logged.
+    pub fn drain(&mut self, m: &Mirror) -> Result<(), MirrorError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.inflight.is_empty() && Instant::now() < deadline {
+            self.complete_oldest(m)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a progress line is due (and, if so, restarts the period).
+    pub fn report_due(&self, last: &mut Instant) -> bool {
+        let due = self.report_ms > 0 && last.elapsed() >= Duration::from_millis(self.report_ms);
+        if due {
+            *last = Instant::now();
+        }
+        due
+    }
+
+    /// `progress completed=.. <stats> <latencies>`.
+    pub fn report(&self, m: &Mirror) {
         let s = m.stats();
         println!(
             "progress completed={} {} {}",
             s.writes_completed,
             stats_line(&s),
-            latency_summary(lat_ns)
+            latency_summary(&self.lat_ns)
         );
         let _ = std::io::stdout().flush();
-    };
-    while !stop.load(Ordering::Relaxed) && (next_id < end_id || !inflight.is_empty()) {
-        #[cfg(feature = "fail-points")]
-        if crash.swap(false, Ordering::Relaxed) {
-            m.arm_crash_before_next_apply();
-        }
-        if next_id < end_id && inflight.len() < depth {
-            if w.rate > 0 {
-                let due = started
-                    + Duration::from_secs_f64((next_id - w.start_id) as f64 / w.rate as f64);
-                let now = Instant::now();
-                if due > now && inflight.is_empty() {
-                    std::thread::sleep((due - now).min(Duration::from_millis(5)));
-                    continue;
-                }
-            }
-            workload.fill(next_id, &mut buf);
-            let t0 = Instant::now();
-            let ticket = m.submit(workload.offset_of(next_id), &buf)?;
-            inflight.push_back((next_id, ticket, t0));
-            next_id += 1;
-        }
-        if inflight.len() >= depth || next_id >= end_id || w.rate > 0 {
-            complete_oldest(&m, &mut inflight, &mut lat_ns)?;
-        }
-        if w.report_ms > 0 && last_report.elapsed() >= Duration::from_millis(w.report_ms) {
-            report(&m, &lat_ns);
-            last_report = Instant::now();
-        }
     }
-    // Drain what is in flight (bounded), so every completed write is logged.
-    let drain_deadline = Instant::now() + Duration::from_secs(5);
-    while !inflight.is_empty() && Instant::now() < drain_deadline {
-        complete_oldest(&m, &mut inflight, &mut lat_ns)?;
-    }
-    report(&m, &lat_ns);
-    m.close()?;
-    println!("done writes={} {}", lat_ns.len(), latency_summary(&lat_ns));
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The ids in a completions file (written by `run` above, one per line).
