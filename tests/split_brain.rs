@@ -28,6 +28,14 @@ struct Cluster {
 impl Cluster {
     /// A primary (`continue`) and B backup, mirroring, both with `policy`.
     fn new(policy: &str) -> Cluster {
+        // The nodes' logs, shown for a failing test (MIRROR_LOG=debug for more).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("MIRROR_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let (pa, pb) = (free_port(), free_port());
         let to_a = FaultProxy::start(format!("127.0.0.1:{pa}").parse().unwrap());
@@ -242,6 +250,12 @@ fn discard_node_discards_the_named_nodes_writes() {
 
 #[test]
 fn disconnect_keeps_them_apart_until_an_operator_resolves_it() {
+    for resolve_on_the_primary in [true, false] {
+        disconnect_then_resolve(resolve_on_the_primary);
+    }
+}
+
+fn disconnect_then_resolve(resolve_on_the_primary: bool) {
     let c = Cluster::new("disconnect");
     c.split(30, 10);
     c.heal();
@@ -260,9 +274,13 @@ fn disconnect_keeps_them_apart_until_an_operator_resolves_it() {
     // A name that is neither node is refused.
     let e = c.b.resolve_split_brain(0x1234_5678).unwrap_err();
     assert!(e.to_string().contains("neither"), "{e}");
-    // The operator discards A's writes (from either node).
+    // The operator discards A's writes, from either node.
     let a_id = c.a.stats().node_id;
-    c.b.resolve_split_brain(a_id).unwrap();
+    if resolve_on_the_primary {
+        c.b.resolve_split_brain(a_id).unwrap();
+    } else {
+        c.a.resolve_split_brain(a_id).unwrap();
+    }
     assert_converged(&c.b, &c.a);
     assert_discarded_exactly(&c, "a", 100, 30, 2);
     assert!(has(&c.a, 400, 5, 4));

@@ -148,6 +148,9 @@ pub enum RejectCode {
     /// Both nodes completed writes the other lacks (a split brain) and the policy keeps them
     /// apart, or resolves it by changing roles (the reason says which).
     SplitBrain = 10,
+    /// The speaker cannot take a connection now (a primary that stopped, fenced): the peer
+    /// retries later, and an operator restarts the speaker (as a backup).
+    Unavailable = 11,
 }
 
 impl RejectCode {
@@ -163,6 +166,7 @@ impl RejectCode {
             8 => RejectCode::QueueCapacity,
             9 => RejectCode::StaleTerm,
             10 => RejectCode::SplitBrain,
+            11 => RejectCode::Unavailable,
             other => {
                 return Err(WireError::BadField {
                     field: "reject.code",

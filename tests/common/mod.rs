@@ -127,7 +127,8 @@ impl Node {
             }
             None => Command::new(BIN),
         };
-        command.args(args).env("MIRROR_LOG", "info");
+        let log_filter = std::env::var("MIRROR_TEST_NODE_LOG").unwrap_or_else(|_| "info".into());
+        command.args(args).env("MIRROR_LOG", log_filter);
         // Appended: a test may restart a node into the log of its previous run.
         match NodeProcess::spawn(name, command, log, LogMode::Append) {
             Ok(process) => Node(process),

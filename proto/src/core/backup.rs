@@ -152,6 +152,12 @@ impl BackupSide {
 
     fn on_hello(&mut self, c: &mut Common, h: Hello) {
         if let Err((code, reason)) = self.check_hello(c, &h) {
+            if code == RejectCode::StaleTerm {
+                // Our Hello first: the stale primary learns the exact term that superseded it.
+                c.send(Message::Hello(
+                    c.own_hello(WireRole::Backup, c.resolve_discard),
+                ));
+            }
             c.actions.push(Action::Reject {
                 peer: c.to(),
                 code,
@@ -172,7 +178,8 @@ impl BackupSide {
                 return;
             }
         };
-        if h.discard_node != 0 || c.resolve_discard != 0 {
+        let resolution = c.resolve_discard;
+        if h.discard_node != 0 || resolution != 0 {
             // An operator's resolution is used once.
             c.resolve_discard = 0;
         }
@@ -193,14 +200,8 @@ impl BackupSide {
         c.actions.push(Action::RecoveryStarted);
         let b_last = c.last_seq();
         // Our Hello tells the truth (our whole log); the primary derives the same plan.
-        let hello = hello_of(
-            &identity(&c.cfg, WireRole::Backup, c.peer_node_id),
-            &c.view(),
-            c.committed_through,
-            c.cfg.ack_timeout_us,
-            0,
-        );
-        c.send(Message::Hello(hello));
+        // It announces the resolution this plan used, so that the primary reaches the same one.
+        c.send(Message::Hello(c.own_hello(WireRole::Backup, resolution)));
         let repair_after = plan.backup_discards.then_some(plan.common);
         self.repair_bytes_received = 0;
         if let Some(common) = repair_after {
@@ -237,14 +238,16 @@ impl BackupSide {
     /// the primary reaches the same verdict), then the refusal. Resolved in our favour, we
     /// become the primary; the old primary, a backup then, is repaired by us.
     fn answer_split_brain(&mut self, c: &mut Common, h: &Hello, sb: SplitBrain, verdict: Verdict) {
-        let hello = hello_of(
-            &identity(&c.cfg, WireRole::Backup, c.peer_node_id),
-            &c.view(),
-            c.committed_through,
-            c.cfg.ack_timeout_us,
-            c.resolve_discard,
-        );
-        c.send(Message::Hello(hello));
+        if h.current_term > c.current_term {
+            // We know of that term now: a promotion of ours must start above it.
+            c.current_term = h.current_term;
+            c.actions.push(Action::PersistTerm {
+                term: h.current_term,
+            });
+        }
+        c.send(Message::Hello(
+            c.own_hello(WireRole::Backup, c.resolve_discard),
+        ));
         let reason = if verdict == Verdict::DiscardPrimary {
             c.resolve_discard = 0;
             c.split_brain = None;

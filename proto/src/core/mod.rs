@@ -743,6 +743,14 @@ enum RoleChange {
     LoseSplitBrain(SplitBrain),
 }
 
+/// The refusal of a primary that stopped (fenced under `on_fenced = stop`, or failed).
+fn stopped_primary() -> (RejectCode, String) {
+    (
+        RejectCode::Unavailable,
+        "this primary has stopped (fenced, or failed); restart it as a backup to rejoin".into(),
+    )
+}
+
 /// What a node says of a split brain that keeps it apart from its peer.
 fn split_brain_text(sb: &SplitBrain, policy: SplitBrainPolicy) -> String {
     format!(
@@ -845,6 +853,17 @@ impl Common {
     /// to the common point).
     fn forget_peer_reports(&mut self) {
         self.peer_applied = 0;
+    }
+
+    /// This node's Hello in `role`, announcing the operator's resolution `discard_node`.
+    fn own_hello(&self, role: WireRole, discard_node: u64) -> Hello {
+        hello_of(
+            &identity(&self.cfg, role, self.peer_node_id),
+            &self.view(),
+            self.committed_through,
+            self.cfg.ack_timeout_us,
+            discard_node,
+        )
     }
 
     fn send(&mut self, msg: Message) {
@@ -1052,11 +1071,16 @@ impl Replica {
     pub fn admit(&mut self, h: &Hello) -> Result<(), (RejectCode, String)> {
         if let Side::Primary(p) = &self.side {
             if p.is_failed() {
-                return Err((RejectCode::Role, "this primary has stopped".into()));
+                return Err(stopped_primary());
             }
             if h.role == WireRole::Primary && h.node_id != self.common.cfg.node_id {
                 if h.current_term > self.common.current_term {
                     self.fence(Some(h.current_term), h.node_id);
+                    if matches!(&self.side, Side::Primary(p) if p.is_failed()) {
+                        // Fenced and stopped (`on_fenced = stop`): the newer primary retries
+                        // until an operator restarts this node as its backup.
+                        return Err(stopped_primary());
+                    }
                 } else {
                     return Err((
                         RejectCode::StaleTerm,
@@ -1069,6 +1093,13 @@ impl Replica {
             }
         }
         self.check_hello(h)
+    }
+
+    /// What this node says of itself now: sent ahead of a `StaleTerm` refusal, so that the
+    /// stale primary learns the exact term that superseded it (and persists it).
+    pub fn hello(&self) -> Hello {
+        let c = &self.common;
+        c.own_hello(self.role(), c.resolve_discard)
     }
 
     /// This replica's role.

@@ -362,13 +362,7 @@ impl PrimarySide {
         let view = c.view();
         // The Hello reports our applied point; progress reports continue from there.
         self.reported_through = c.committed_through;
-        let hello = hello_of(
-            &identity(&c.cfg, WireRole::Primary, c.peer_node_id),
-            &view,
-            c.committed_through,
-            c.cfg.ack_timeout_us,
-            c.resolve_discard,
-        );
+        let hello = c.own_hello(WireRole::Primary, c.resolve_discard);
         self.announced = Some(AnnouncedView {
             view,
             discard_node: c.resolve_discard,
@@ -622,7 +616,20 @@ impl PrimarySide {
                     }),
                 );
             }
-            // A split brain the policy keeps apart: retry (an operator may resolve it meanwhile).
+            // A split brain the policy keeps apart, or a peer that cannot take us now: retry
+            // (an operator may resolve it, or restart the peer, meanwhile).
+            (
+                _,
+                Message::Reject {
+                    code: RejectCode::Unavailable,
+                    reason,
+                },
+            ) => {
+                if !matches!(self.state, PrimaryState::Disconnected) {
+                    let code = RejectCode::Unavailable;
+                    self.lose_peer(c, Some(PeerFault::Rejected { code, reason }));
+                }
+            }
             (
                 _,
                 Message::Reject {

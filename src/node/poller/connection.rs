@@ -139,6 +139,11 @@ impl Poller {
                         }
                         Err((code, reason)) => {
                             tracing::warn!(peer = %c.peer(), ?code, %reason, "refusing connection");
+                            if code == RejectCode::StaleTerm {
+                                // Our Hello first: the stale primary learns the exact term that
+                                // superseded it (it is fenced by either message).
+                                let _ = c.send(&Message::Hello(self.exec.core.hello()));
+                            }
                             let _ = c.send(&Message::Reject { code, reason });
                             let _ = c.flush();
                         }

@@ -187,7 +187,15 @@ impl Writer {
             }
             self.workload.fill(self.next_id, &mut self.buf);
             let t0 = Instant::now();
-            let ticket = m.submit(self.workload.offset_of(self.next_id), &self.buf)?;
+            let ticket = match m.submit(self.workload.offset_of(self.next_id), &self.buf) {
+                Ok(t) => t,
+                // The node is not the primary now: nothing to do until it is one again.
+                Err(e) if not_the_primary(&e) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             self.inflight.push_back((self.next_id, ticket, t0));
             self.next_id += 1;
         }
@@ -206,6 +214,11 @@ impl Writer {
         match m.wait(ticket, Some(Duration::from_millis(100))) {
             Ok(()) => {}
             Err(MirrorError::Timeout) => return Ok(()),
+            // Pending when the node was demoted or fenced: it never completes (not logged).
+            Err(e) if not_the_primary(&e) => {
+                self.inflight.pop_front();
+                return Ok(());
+            }
             Err(e) => return Err(e),
         }
         self.inflight.pop_front();
@@ -251,6 +264,14 @@ impl Writer {
         );
         let _ = std::io::stdout().flush();
     }
+}
+
+/// The node is not (or no longer) the primary: a demotion, a fence, a lost split brain.
+fn not_the_primary(e: &MirrorError) -> bool {
+    matches!(
+        e,
+        MirrorError::WrongRole { .. } | MirrorError::Fenced { .. }
+    )
 }
 
 /// The ids in a completions file (written by `run` above, one per line).
