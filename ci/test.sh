@@ -42,7 +42,9 @@ bash ci/demo.sh --writes 2000
 step "benchmark smoke (each criterion bench once; mirror bench, small; never timed assertions)"
 cargo bench --bench ring --bench engine -- --test
 ./target/release/mirror bench --iterations 500 --sizes 64,4096 --pipelined-writes 2000 \
-  --recovery-regions 16MiB --recovery-missed 0.01 --json > target/bench-smoke.json
+  --recovery-regions 16MiB --recovery-missed 0.01 --failover-rounds 3 --failover-region 16MiB \
+  --json > target/bench-smoke.json
 grep -q '"sync_latency"' target/bench-smoke.json
+grep -q '"failover"' target/bench-smoke.json
 
 step "all passed"

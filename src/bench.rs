@@ -620,6 +620,132 @@ pub fn recovery(
     })
 }
 
+/// Failover measured over rounds (see [`failover`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FailoverRun {
+    /// Region size in bytes.
+    pub region_bytes: u64,
+    /// Rounds (each: the primary goes, the backup is promoted, the old primary rejoins).
+    pub rounds: usize,
+    /// Promote call → first completed write on the new primary, per round (ns).
+    pub failover_ns: Vec<u64>,
+    /// Its percentiles.
+    pub failover: Percentiles,
+    /// Payload bytes each rejoin moved (the writes the old primary missed; a divergent suffix
+    /// would add its repaired ranges), per round.
+    pub rejoin_bytes: Vec<u64>,
+}
+
+/// Failover on a region of `region_bytes`: a pair in this process over loopback TCP (the new
+/// primary writes alone, `on_peer_loss = continue`). Each round the primary goes (closed: to
+/// the backup a dead peer), the backup is promoted and writes `writes_between` 4 KiB writes, then
+/// the old primary is reopened as a backup and rejoins; the roles swap for the next round.
+pub fn failover(
+    dir: &Path,
+    region_bytes: u64,
+    rounds: usize,
+    writes_between: u64,
+) -> Result<FailoverRun, MirrorError> {
+    let payload = 4096usize;
+    let port = |p: u16| format!("127.0.0.1:{p}");
+    let free = || -> Result<u16, MirrorError> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| MirrorError::Io {
+            context: "finding a free port".into(),
+            source,
+        })?;
+        Ok(l.local_addr()
+            .map_err(|source| MirrorError::Io {
+                context: "finding a free port".into(),
+                source,
+            })?
+            .port())
+    };
+    let ports = [free()?, free()?];
+    let open = |i: usize, role: &str| -> Result<Mirror, MirrorError> {
+        let name = ["a", "b"][i];
+        let mut b = ConfigBuilder::new();
+        b.set("role", role)?;
+        b.set(
+            "region",
+            &dir.join(format!("{name}.region")).display().to_string(),
+        )?;
+        b.set(
+            "queue",
+            &dir.join(format!("{name}.queue")).display().to_string(),
+        )?;
+        b.set("region_size", &region_bytes.to_string())?;
+        b.set("queue_size", "256MiB")?;
+        b.set("listen", &port(ports[i]))?;
+        b.set("peer", &port(ports[1 - i]))?;
+        b.set("on_peer_loss", "continue")?;
+        b.set("reconnect_interval_ms", "2")?;
+        b.set("control_socket", "off")?;
+        Mirror::open(b.build()?)
+    };
+    let wait = |what: &dyn Fn() -> bool| -> Result<(), MirrorError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !what() {
+            if Instant::now() > deadline {
+                return Err(MirrorError::Timeout);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    };
+    let data = vec![0x5au8; payload];
+    let slots = (region_bytes / payload as u64).max(1);
+    let mut primary = open(0, "primary")?;
+    let mut backup = open(1, "backup")?;
+    let mut p_idx = 0;
+    primary.wait_synchronous(Duration::from_secs(30))?;
+    let mut failover_ns = Vec::with_capacity(rounds);
+    let mut rejoin_bytes = Vec::with_capacity(rounds);
+    let mut at = 0u64;
+    for _ in 0..rounds {
+        for _ in 0..writes_between {
+            primary.write(
+                (at.wrapping_mul(2654435761) % slots) * payload as u64,
+                &data,
+            )?;
+            at += 1;
+        }
+        drop(primary);
+        wait(&|| backup.stats().phase == crate::Phase::Disconnected)?;
+        let t = Instant::now();
+        backup.promote(false)?;
+        backup.write((at % slots) * payload as u64, &data)?;
+        failover_ns.push(t.elapsed().as_nanos() as u64);
+        at += 1;
+        for _ in 0..writes_between {
+            backup.write(
+                (at.wrapping_mul(2654435761) % slots) * payload as u64,
+                &data,
+            )?;
+            at += 1;
+        }
+        let recoveries = backup.stats().recoveries;
+        let old = open(p_idx, "backup")?;
+        wait(&|| {
+            let s = backup.stats();
+            s.recoveries > recoveries
+                && s.phase == crate::Phase::Synchronous
+                && old.stats().applied_through + 1 >= s.next_seq
+        })?;
+        rejoin_bytes.push(backup.stats().last_recovery_bytes);
+        primary = backup;
+        backup = old;
+        p_idx = 1 - p_idx;
+    }
+    let failover = Percentiles::of(&mut failover_ns.clone());
+    Ok(FailoverRun {
+        region_bytes,
+        rounds,
+        failover_ns,
+        failover,
+        rejoin_bytes,
+    })
+}
+
 /// Writes a latency CDF (one line per series) as an SVG chart with a log-scaled time axis.
 pub fn write_cdf_svg(path: &Path, title: &str, series: &[(String, Vec<u64>)]) -> io::Result<()> {
     const W: f64 = 800.0;

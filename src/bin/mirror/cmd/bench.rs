@@ -34,6 +34,12 @@ pub struct BenchArgs {
     /// Missed writes for the recovery benchmark, as fractions of the region's 4 KiB slots
     #[arg(long, value_delimiter = ',', default_value = "0.001,0.01")]
     recovery_missed: Vec<f64>,
+    /// Failover rounds (promote → first completed write, and the rejoin's bytes; 0: skip)
+    #[arg(long, default_value_t = 10)]
+    failover_rounds: usize,
+    /// Region size for the failover benchmark
+    #[arg(long, default_value = "256MiB")]
+    failover_region: String,
     /// Machine-readable output (one JSON document on stdout)
     #[arg(long)]
     json: bool,
@@ -203,6 +209,32 @@ pub fn run(a: &BenchArgs) -> CliResult {
             }
         }
         report.insert("recovery".into(), recovery.into());
+        // 4. Failover: promote → first completed write, and what each rejoin moved.
+        if a.failover_rounds > 0 {
+            let region_bytes = parse_size_arg(&a.failover_region)?;
+            let fdir = dir.join("failover");
+            let _ = std::fs::remove_dir_all(&fdir);
+            std::fs::create_dir_all(&fdir).map_err(io("creating bench dir".into()))?;
+            let f = bench::failover(&fdir, region_bytes, a.failover_rounds, 1000)?;
+            let _ = std::fs::remove_dir_all(&fdir);
+            let mut bytes = f.rejoin_bytes.clone();
+            bytes.sort_unstable();
+            let median_bytes = bytes.get(bytes.len() / 2).copied().unwrap_or(0);
+            say(String::new());
+            say(format!(
+                "failover ({} rounds, region {}, 1000 4 KiB writes between): promote -> first completed write p50 {:.1} us p99 {:.1} us; each rejoin moved median {} bytes = {:.3}% of the region",
+                f.rounds,
+                a.failover_region,
+                f.failover.p50_us,
+                f.failover.p99_us,
+                median_bytes,
+                median_bytes as f64 * 100.0 / region_bytes as f64
+            ));
+            report.insert(
+                "failover".into(),
+                serde_json::to_value(&f).unwrap_or_default(),
+            );
+        }
         if a.json {
             println!(
                 "{}",
