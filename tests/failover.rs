@@ -24,6 +24,18 @@ fn node(dir: &Path, name: &str, role: &str, own: u16, peer: u16, extra: &[(&str,
     )
 }
 
+/// A primary `a` and a backup `b` in `dir`, each knowing the other's address, and their ports.
+fn pair(
+    dir: &Path,
+    a_extra: &[(&str, &str)],
+    b_extra: &[(&str, &str)],
+) -> (Mirror, Mirror, (u16, u16)) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = node(dir, "a", "primary", pa, pb, a_extra);
+    let b = node(dir, "b", "backup", pb, pa, b_extra);
+    (a, b, (pa, pb))
+}
+
 /// Writes `n` 64-byte records, record `i` at `(base + i) * 64 % region` with bytes `tag, i`.
 fn write_some(m: &Mirror, base: u64, n: u64, tag: u8) {
     for i in 0..n {
@@ -58,21 +70,9 @@ fn assert_mirrored(primary: &Mirror, backup: &Mirror) {
 #[test]
 fn promoted_backup_takes_writes_and_the_old_primary_rejoins_without_remirror() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let a = node(
+    let (a, b, (pa, pb)) = pair(
         dir.path(),
-        "a",
-        "primary",
-        pa,
-        pb,
         &[("on_peer_loss", "block")],
-    );
-    let b = node(
-        dir.path(),
-        "b",
-        "backup",
-        pb,
-        pa,
         &[("on_peer_loss", "continue")],
     );
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
@@ -114,21 +114,9 @@ fn promoted_backup_takes_writes_and_the_old_primary_rejoins_without_remirror() {
 #[test]
 fn live_demote_and_promote_swap_the_roles_back_and_forth() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let a = node(
+    let (a, b, _) = pair(
         dir.path(),
-        "a",
-        "primary",
-        pa,
-        pb,
         &[("on_peer_loss", "block")],
-    );
-    let b = node(
-        dir.path(),
-        "b",
-        "backup",
-        pb,
-        pa,
         &[("on_peer_loss", "block")],
     );
     let (mut primary, mut backup) = (&a, &b);
@@ -157,21 +145,9 @@ fn live_demote_and_promote_swap_the_roles_back_and_forth() {
 #[test]
 fn a_forced_promotion_fences_the_old_primary_which_rejoins_as_a_backup() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let a = node(
+    let (a, b, _) = pair(
         dir.path(),
-        "a",
-        "primary",
-        pa,
-        pb,
         &[("on_peer_loss", "block")],
-    );
-    let b = node(
-        dir.path(),
-        "b",
-        "backup",
-        pb,
-        pa,
         &[("on_peer_loss", "block")],
     );
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
@@ -213,17 +189,8 @@ fn a_forced_promotion_fences_the_old_primary_which_rejoins_as_a_backup() {
 #[test]
 fn a_fenced_primary_that_stops_is_refused_as_a_primary_at_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
     let stop = [("on_peer_loss", "block"), ("on_fenced", "stop")];
-    let a = node(dir.path(), "a", "primary", pa, pb, &stop);
-    let b = node(
-        dir.path(),
-        "b",
-        "backup",
-        pb,
-        pa,
-        &[("on_peer_loss", "block")],
-    );
+    let (a, b, (pa, pb)) = pair(dir.path(), &stop, &[("on_peer_loss", "block")]);
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
     write_some(&a, 0, 10, 1);
     wait_until("the backup to be connected", || {
@@ -259,16 +226,7 @@ fn a_fenced_primary_that_stops_is_refused_as_a_primary_at_reopen() {
 #[test]
 fn promotions_and_demotions_that_cannot_be_done_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let a = node(
-        dir.path(),
-        "a",
-        "primary",
-        pa,
-        pb,
-        &[("on_peer_loss", "block")],
-    );
-    let b = node(dir.path(), "b", "backup", pb, pa, &[]);
+    let (a, b, _) = pair(dir.path(), &[("on_peer_loss", "block")], &[]);
     let e = a.promote(false).unwrap_err();
     assert!(
         matches!(

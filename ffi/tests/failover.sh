@@ -20,46 +20,19 @@ rounds=$3
 
 work=$(mktemp -d /tmp/mirror-ffi-failover-XXXXXX)
 declare -A pid port
-passed=0
-failed=0
-
-finish() { echo "failover: $passed passed, $failed failed"; }
-
-cleanup() {
-  local rc=$?
-  for name in a b; do
-    if [ -n "${pid[$name]:-}" ]; then
-      kill -KILL "${pid[$name]}" 2>/dev/null || true
-      wait "${pid[$name]}" 2>/dev/null || true
+test_name=failover
+logs=("$work/a.log" "$work/b.log" "$work/promote.log")
+kill_nodes() {
+  local n
+  for n in a b; do
+    if [ -n "${pid[$n]:-}" ]; then
+      kill -KILL "${pid[$n]}" 2>/dev/null || true
+      wait "${pid[$n]}" 2>/dev/null || true
     fi
   done
-  if [ "$rc" -ne 0 ] || [ "$failed" -ne 0 ] || [ -n "${MIRROR_KEEP_WORK:-}" ]; then
-    echo "--- a log (tail) ---"; tail -n 30 "$work/a.log" 2>/dev/null || true
-    echo "--- b log (tail) ---"; tail -n 30 "$work/b.log" 2>/dev/null || true
-    echo "(kept $work)"
-  else
-    rm -rf "$work"
-  fi
 }
-trap cleanup EXIT
-
-fail() {
-  echo "failover: FAILED: $*" >&2
-  failed=$((failed + 1))
-  finish
-  exit 1
-}
-
-check() { # check DESCRIPTION COMMAND...
-  local what=$1
-  shift
-  if "$@"; then
-    passed=$((passed + 1))
-  else
-    echo "failover: check failed: $what" >&2
-    failed=$((failed + 1))
-  fi
-}
+# shellcheck source=ffi/tests/harness.sh
+source "$(dirname "$0")/harness.sh"
 
 export MIRROR_LOG=${MIRROR_LOG:-info}
 
@@ -88,12 +61,6 @@ start() { # start NAME ROLE
   pid[$name]=$!
 }
 
-alive() { kill -0 "$1" 2>/dev/null; }
-
-completed() {
-  if [ -f "$work/completions" ]; then wc -l <"$work/completions"; else echo 0; fi
-}
-
 wait_progress() { # wait_progress N: N more completed writes, both nodes up
   local need=$1 before deadline
   before=$(completed)
@@ -106,22 +73,9 @@ wait_progress() { # wait_progress N: N more completed writes, both nodes up
   done
 }
 
-nap() { sleep "$(printf '0.%03d' $((RANDOM % $1)))"; }
-
 stop_cleanly() { # stop_cleanly NAME
-  kill -TERM "${pid[$1]}"
-  local deadline=$((SECONDS + 60)) st=0
-  while alive "${pid[$1]}"; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "$1 did not stop within 60 s"
-    sleep 0.05
-  done
-  wait "${pid[$1]}" || st=$?
+  stop_process "${pid[$1]}" "$1"
   pid[$1]=""
-  [ "$st" -eq 0 ] || fail "$1 exited with status $st"
-}
-
-status_field() { # status_field QUEUE FIELD
-  "$mirror_bin" status "$1" | awk -v f="$2" '$1 == f { print $2 }'
 }
 
 # --- the run ---------------------------------------------------------------------------------

@@ -20,47 +20,18 @@ rounds=$4
 work=$(mktemp -d /tmp/mirror-ffi-2p-XXXXXX)
 backup_pid=""
 primary_pid=""
-passed=0
-failed=0
 port=0
-
-finish() {
-  echo "two_process: $passed passed, $failed failed"
-}
-
-cleanup() {
-  local rc=$?
+test_name=two_process
+logs=("$work/primary.log" "$work/backup.log")
+kill_nodes() {
+  local pid
   for pid in $backup_pid $primary_pid; do
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  if [ "$rc" -ne 0 ] || [ "$failed" -ne 0 ] || [ -n "${MIRROR_KEEP_WORK:-}" ]; then
-    echo "--- primary log (tail) ---"; tail -n 30 "$work/primary.log" 2>/dev/null || true
-    echo "--- backup log (tail) ---"; tail -n 30 "$work/backup.log" 2>/dev/null || true
-    echo "(kept $work)"
-  else
-    rm -rf "$work"
-  fi
 }
-trap cleanup EXIT
-
-fail() {
-  echo "two_process: FAILED: $*" >&2
-  failed=$((failed + 1))
-  finish
-  exit 1
-}
-
-check() { # check DESCRIPTION COMMAND...
-  local what=$1
-  shift
-  if "$@"; then
-    passed=$((passed + 1))
-  else
-    echo "two_process: check failed: $what" >&2
-    failed=$((failed + 1))
-  fi
-}
+# shellcheck source=ffi/tests/harness.sh
+source "$(dirname "$0")/harness.sh"
 
 export MIRROR_LOG=${MIRROR_LOG:-info}
 
@@ -72,12 +43,6 @@ start_backup() {
 start_primary() { # start_primary FIRST_ID
   "$node" primary "$work" "$port" "$work/completions" "$1" "$policy" >>"$work/primary.log" 2>&1 &
   primary_pid=$!
-}
-
-alive() { kill -0 "$1" 2>/dev/null; }
-
-completed() {
-  if [ -f "$work/completions" ]; then wc -l <"$work/completions"; else echo 0; fi
 }
 
 # Waits until the primary completed `need` more writes (both nodes must stay up).
@@ -93,26 +58,7 @@ wait_progress() {
   done
 }
 
-# A random sleep of 0..$1 milliseconds.
-nap() { sleep "$(printf '0.%03d' $((RANDOM % $1)))"; }
-
-# SIGTERM and wait for a clean exit (status 0) within 60 s.
-stop_cleanly() { # stop_cleanly PID NAME
-  kill -TERM "$1"
-  local deadline=$((SECONDS + 60))
-  while alive "$1"; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "$2 did not stop within 60 s"
-    sleep 0.05
-  done
-  local st=0
-  wait "$1" || st=$?
-  [ "$st" -eq 0 ] || fail "$2 exited with status $st"
-}
-
-# A number from `mirror status QUEUE` (e.g. next_seq, applied_through).
-status_field() { # status_field QUEUE FIELD
-  "$mirror_bin" status "$1" | awk -v f="$2" '$1 == f { print $2 }'
-}
+stop_cleanly() { stop_process "$1" "$2"; } # stop_cleanly PID NAME
 
 # --- the run ---------------------------------------------------------------------------------
 start_backup

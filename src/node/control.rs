@@ -24,7 +24,8 @@ pub(super) struct NodeOps {
 }
 
 impl NodeOps {
-    fn check_usable(&self) -> Result<()> {
+    /// The node runs: not failed, not closing.
+    pub(super) fn check_usable(&self) -> Result<()> {
         if let Some(e) = self.shared.failure() {
             return Err(e);
         }

@@ -331,13 +331,7 @@ impl Mirror {
     }
 
     fn check_usable(&self) -> Result<()> {
-        if let Some(e) = self.shared.failure() {
-            return Err(e);
-        }
-        if self.shared.shutdown.load(Ordering::Acquire) {
-            return Err(MirrorError::Closed);
-        }
-        Ok(())
+        self.ops.check_usable()
     }
 
     /// Submits a write and returns at once with its ticket (pipelining). The bytes are copied.
