@@ -696,7 +696,7 @@ mod tests {
             reseal(&mut b);
             let m = Meta::decode(&b).unwrap();
             assert_eq!((m.role, m.superseded), (role, true));
-            assert_eq!(Meta::decode(&m.encode()).unwrap().superseded, true);
+            assert!(Meta::decode(&m.encode()).unwrap().superseded);
         }
         assert_eq!(
             field_of(&|b| put_u32(b, META_ENTRY_COUNT, 61)),
