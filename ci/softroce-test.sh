@@ -118,9 +118,19 @@ step "devices"
 ibv_devices
 ibv_devinfo -d rxe0 | grep -E 'hca_id|transport|state|active_mtu|link_layer' || rc=1
 step "verbs floor: ibv_rc_pingpong, 64 B, 5000 round trips (two processes over rxe0, GID 1)"
-ibv_rc_pingpong -d rxe0 -g 1 -s 64 -n 5000 >/tmp/pp-server.txt 2>&1 &
-sleep 0.3
-ibv_rc_pingpong -d rxe0 -g 1 -s 64 -n 5000 10.77.0.1 >/tmp/pp-client.txt 2>&1 || rc=1
+# The server listens on TCP for the queue pair's details: a client that comes too early (a busy
+# machine) is refused and retries; neither side may wait for ever.
+timeout 120 ibv_rc_pingpong -d rxe0 -g 1 -s 64 -n 5000 >/tmp/pp-server.txt 2>&1 &
+pp_ok=0
+for _ in \$(seq 1 50); do
+  sleep 0.3
+  if timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -s 64 -n 5000 10.77.0.1 >/tmp/pp-client.txt 2>&1; then
+    pp_ok=1
+    break
+  fi
+  grep -q 'Connection refused\|Couldn.t connect' /tmp/pp-client.txt || break
+done
+[ "\$pp_ok" = 1 ] || rc=1
 wait || rc=1
 cat /tmp/pp-client.txt
 export MIRROR_IBV_RC_PINGPONG_US=\$(sed -n 's/.* = \([0-9.]*\) usec\/iter.*/\1/p' /tmp/pp-client.txt | tail -1)
