@@ -240,9 +240,11 @@ impl Unreconcilable {
 /// The reconciliation rule (see docs/PROTOCOL.md, "Log matching"):
 /// - the primary's term must be at least the backup's (else it is stale);
 /// - the two logs agree through their [`common_point`];
-/// - when both go on past it, the suffix whose first record has the higher term wins. The
-///   primary's always does while there is one primary at a time (its term is the newest);
-///   a backup's winning suffix means a newer primary exists, which this primary cannot repair;
+/// - when both go on past it, the primary's suffix wins and the backup's is discarded (saved
+///   first), unless the backup completed some of it alone as a primary: that is a split brain,
+///   which a policy or an operator decides ([`decide_split_brain`]). Whatever its terms, a
+///   suffix with nothing completed alone was completed nowhere (a write completed with a peer
+///   is in the peer's log, at or below the common point), so discarding it loses nothing;
 /// - whoever must send records must still hold them.
 pub fn reconcile(primary: &LogView, backup: &LogView) -> Result<Reconciliation, Unreconcilable> {
     reconcile_resolving(primary, backup, false)
@@ -284,16 +286,6 @@ pub fn reconcile_resolving(
             primary: primary.suffix_after(common),
             backup: backup.suffix_after(common),
         }));
-    }
-    if backup_discards && !discard_backup {
-        let at = common + 1;
-        let primary_term = primary.history.term_at(at).unwrap_or(0);
-        let backup_term = backup.history.term_at(at).unwrap_or(0);
-        if backup_term > primary_term {
-            return Err(Unreconcilable::Unrecoverable(format!(
-                "the backup's history is newer from seq {at} on (term {backup_term}, this primary's is term {primary_term}): a newer primary wrote it"
-            )));
-        }
     }
     let backup_holds_through = if backup_discards {
         common
@@ -636,6 +628,20 @@ mod split_brain_tests {
             reconcile(&p, &b),
             Err(Unreconcilable::SplitBrain(_))
         ));
+        // A newer suffix with nothing completed alone is discarded all the same: it was
+        // completed nowhere.
+        // (The primary's term is above: it won a split brain, or was promoted since.)
+        let b = view(0xb, &[(1, 1), (9, 11)], 17, 0);
+        let p10 = LogView {
+            current_term: 10,
+            ..p.clone()
+        };
+        assert!(reconcile(&p10, &b).unwrap().backup_discards);
+        // Logs that differ from their first record diverge after seq 0.
+        let p0 = view(0xa, &[(5, 1)], 4, 0);
+        let b0 = view(0xb, &[(3, 1)], 6, 0);
+        let plan = reconcile(&p0, &b0).unwrap();
+        assert_eq!((plan.common, plan.backup_discards), (0, true));
         // No suffix, no split brain: the backup's records are replayed into the primary.
         let b = view(0xb, &[(1, 1)], 10, 9);
         assert!(!reconcile(&p, &b).unwrap().backup_discards);

@@ -291,9 +291,11 @@ impl TermHistory {
 
 /// Where two logs stop agreeing: the highest seq `s <= min(last_a, last_b)` that both histories
 /// give the same term (then, by log matching, both logs hold the same records through `s`).
-/// `Some(0)` when they agree on nothing but one of them is empty. `None` when both hold records
-/// but their histories share no term on any seq both cover: the logs cannot be reconciled from
-/// their queues (a divergence below a trim point, which the protocol never allows).
+/// `Some(0)` when they agree on nothing but one of them is empty, or when both histories reach
+/// back to seq 1 (nothing forgotten) and differ there: the logs diverge from their first record.
+/// `None` when both hold records but their histories share no term on any seq both cover and
+/// one of them forgot its start: the logs cannot be reconciled from their queues (a divergence
+/// below a trim point, which the protocol never allows).
 pub fn common_point(a: &TermHistory, last_a: u64, b: &TermHistory, last_b: u64) -> Option<u64> {
     if last_a == 0 || last_b == 0 {
         return Some(0);
@@ -315,7 +317,8 @@ pub fn common_point(a: &TermHistory, last_a: u64, b: &TermHistory, last_b: u64) 
             best = Some(best.map_or(to, |x| x.max(to)));
         }
     }
-    best
+    let from_the_start = |h: &TermHistory| h.entries.first().is_some_and(|e| e.first_seq == 1);
+    best.or_else(|| (from_the_start(a) && from_the_start(b)).then_some(0))
 }
 
 #[cfg(test)]
@@ -410,6 +413,14 @@ mod tests {
         assert_eq!(common_point(&backup, 10, &backup, 10), Some(10));
         // An empty log agrees on nothing and conflicts with nothing.
         assert_eq!(common_point(&TermHistory::new(), 0, &backup, 10), Some(0));
+    }
+
+    #[test]
+    fn logs_that_differ_from_their_first_record_diverge_after_seq_0() {
+        // Both histories reach back to seq 1: they disagree from the start.
+        assert_eq!(common_point(&h(&[(5, 1)]), 4, &h(&[(3, 1)]), 6), Some(0));
+        // One forgot its start (pruned below a trim point): nothing can be said.
+        assert_eq!(common_point(&h(&[(5, 10)]), 14, &h(&[(3, 1)]), 16), None);
     }
 
     #[test]

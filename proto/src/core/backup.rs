@@ -35,6 +35,10 @@ pub(super) struct BackupSide {
     last_ack_us: u64,
     /// Bytes of `RepairData` received for the repair in progress (checked at `RepairDone`).
     repair_bytes_received: u64,
+    /// A repair of our divergent suffix after this common point began and has not finished
+    /// (the connection may have ended since): our region holds part of the primary's bytes
+    /// while our log still holds the suffix, so we are not a history to promote as is.
+    repair_unfinished_after: Option<u64>,
 }
 
 /// How long a backup's applied progress may wait for the next ack before it is reported on its
@@ -53,6 +57,7 @@ impl BackupSide {
             unreported_since_us: None,
             last_ack_us: 0,
             repair_bytes_received: 0,
+            repair_unfinished_after: None,
         }
     }
 
@@ -87,7 +92,14 @@ impl BackupSide {
                     primary: primary_id,
                 })
             }
-            _ => Ok(()),
+            _ => match self.repair_unfinished_after {
+                Some(common) if !force => Err(PromoteError::NotCaughtUp {
+                    why: format!(
+                        "a repair of its divergent suffix after seq {common} was interrupted: its region holds part of the primary's bytes while its log still holds the suffix; let it reconnect to a primary to finish, or force the promotion (its history then keeps the suffix, and the next rejoin repairs the other node from this region)"
+                    ),
+                }),
+                _ => Ok(()),
+            },
         }
     }
 
@@ -204,6 +216,9 @@ impl BackupSide {
         c.send(Message::Hello(c.own_hello(WireRole::Backup, resolution)));
         let repair_after = plan.backup_discards.then_some(plan.common);
         self.repair_bytes_received = 0;
+        if repair_after.is_some() {
+            self.repair_unfinished_after = repair_after;
+        }
         if let Some(common) = repair_after {
             c.actions.push(Action::RequestRepair {
                 peer: c.to(),
@@ -456,6 +471,7 @@ impl BackupSide {
             c.clear_alone();
         }
         c.actions.push(Action::TruncateAfter { after: common });
+        self.repair_unfinished_after = None;
         c.next_seq = common + 1;
         c.history.truncate_after(common);
         c.first_seq = c.first_seq.filter(|&f| f <= common);
