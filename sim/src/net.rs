@@ -1,5 +1,6 @@
-//! The simulated network: at most one connection between the two nodes at a time, carrying
-//! frames encoded with the real wire codec.
+//! The simulated network: connections between the two nodes, carrying frames encoded with the
+//! real wire codec. Either node may dial (a primary dials its peer), so two connections may be
+//! up at once (two primaries dialing each other); each end is named by the node that holds it.
 //!
 //! Within a connection frames arrive in order, each after a delay (as over TCP or an RC queue
 //! pair). A connection ends by a close from one side (frames already sent to the other side are
@@ -9,33 +10,48 @@
 //! within a connection; the core must notice that too.
 
 use std::collections::VecDeque;
+use std::fmt;
 
 use bytes::BytesMut;
 use mirror_proto::{Message, WireError};
 
-/// Which end of the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// The primary's end.
-    Primary,
-    /// The backup's end.
-    Backup,
+/// One of the two simulated nodes, by identity: its role is its core's, and changes with
+/// failovers, so nothing in the network or the checkers is named by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeName {
+    /// The node that starts as the primary.
+    A,
+    /// The node that starts as the backup.
+    B,
 }
 
-impl End {
-    /// The other end.
-    pub fn other(self) -> End {
+impl NodeName {
+    /// Both nodes, in index order.
+    pub const BOTH: [NodeName; 2] = [NodeName::A, NodeName::B];
+
+    /// The other node.
+    pub fn other(self) -> NodeName {
         match self {
-            End::Primary => End::Backup,
-            End::Backup => End::Primary,
+            NodeName::A => NodeName::B,
+            NodeName::B => NodeName::A,
         }
     }
 
-    fn index(self) -> usize {
+    /// Its index in per-node arrays.
+    pub fn index(self) -> usize {
         match self {
-            End::Primary => 0,
-            End::Backup => 1,
+            NodeName::A => 0,
+            NodeName::B => 1,
         }
+    }
+}
+
+impl fmt::Display for NodeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeName::A => "A",
+            NodeName::B => "B",
+        })
     }
 }
 
@@ -57,7 +73,7 @@ struct Direction {
 pub struct Connection {
     /// Connection number (frames of one connection never reach another).
     pub id: u64,
-    /// Directions toward the primary (index 0) and toward the backup (index 1).
+    /// Directions toward node A (index 0) and toward node B (index 1).
     toward: [Direction; 2],
     /// Whether each end still considers the connection open.
     open: [bool; 2],
@@ -86,7 +102,7 @@ impl Connection {
     }
 
     /// Whether `end` still considers the connection open.
-    pub fn is_open(&self, end: End) -> bool {
+    pub fn is_open(&self, end: NodeName) -> bool {
         self.open[end.index()]
     }
 
@@ -96,7 +112,7 @@ impl Connection {
     }
 
     /// Sends `frame` from `from`; it arrives at `at_step` (not before earlier frames).
-    pub fn send(&mut self, from: End, frame: Vec<u8>, at_step: u64) {
+    pub fn send(&mut self, from: NodeName, frame: Vec<u8>, at_step: u64) {
         if !self.open[from.index()] {
             return;
         }
@@ -110,7 +126,7 @@ impl Connection {
 
     /// `from` closes its end: the other end gets the frames in flight, then learns of the
     /// close `delay` steps after the last of them.
-    pub fn close(&mut self, from: End, now: u64, delay: u64) {
+    pub fn close(&mut self, from: NodeName, now: u64, delay: u64) {
         if !self.open[from.index()] {
             return;
         }
@@ -123,9 +139,9 @@ impl Connection {
     }
 
     /// The connection breaks (a reset, a dead host's peer timing out...): frames are lost and
-    /// each end learns of it at its own step.
-    pub fn cut(&mut self, now: u64, delay_primary: u64, delay_backup: u64) {
-        for (end, delay) in [(End::Primary, delay_primary), (End::Backup, delay_backup)] {
+    /// each end learns of it at its own step: `delays` are A's and B's, in steps.
+    pub fn cut(&mut self, now: u64, delays: [u64; 2]) {
+        for (end, delay) in NodeName::BOTH.into_iter().zip(delays) {
             let d = &mut self.toward[end.index()];
             d.frames.clear();
             if self.open[end.index()] {
@@ -135,7 +151,7 @@ impl Connection {
     }
 
     /// Frames toward `to` are silently lost from now on (until the connection ends).
-    pub fn blackhole(&mut self, to: End) {
+    pub fn blackhole(&mut self, to: NodeName) {
         let d = &mut self.toward[to.index()];
         d.blackholed = true;
         d.frames.clear();
@@ -143,7 +159,7 @@ impl Connection {
 
     /// Duplicates or swaps frames in flight toward `to` (a broken transport). Returns whether
     /// it changed anything.
-    pub fn mangle(&mut self, to: End, duplicate: bool) -> bool {
+    pub fn mangle(&mut self, to: NodeName, duplicate: bool) -> bool {
         let d = &mut self.toward[to.index()];
         if d.frames.len() < 2 {
             return false;
@@ -161,7 +177,7 @@ impl Connection {
     }
 
     /// Everything due at `now` for `to`, in order: messages, then possibly the disconnect.
-    pub fn deliver(&mut self, to: End, now: u64, out: &mut Vec<Delivery>) {
+    pub fn deliver(&mut self, to: NodeName, now: u64, out: &mut Vec<Delivery>) {
         if !self.open[to.index()] {
             return;
         }
@@ -206,7 +222,7 @@ mod tests {
         })
     }
 
-    fn messages(c: &mut Connection, to: End, now: u64) -> Vec<String> {
+    fn messages(c: &mut Connection, to: NodeName, now: u64) -> Vec<String> {
         let mut out = Vec::new();
         c.deliver(to, now, &mut out);
         out.iter().map(|d| format!("{d:?}")).collect()
@@ -215,23 +231,23 @@ mod tests {
     #[test]
     fn frames_arrive_in_order_after_their_delay_then_the_close() {
         let mut c = Connection::new(1);
-        c.send(End::Primary, ack(1), 5);
-        c.send(End::Primary, ack(2), 2); // cannot overtake the first
-        c.close(End::Primary, 3, 4);
-        assert!(messages(&mut c, End::Backup, 4).is_empty());
-        let got = messages(&mut c, End::Backup, 5);
+        c.send(NodeName::A, ack(1), 5);
+        c.send(NodeName::A, ack(2), 2); // cannot overtake the first
+        c.close(NodeName::A, 3, 4);
+        assert!(messages(&mut c, NodeName::B, 4).is_empty());
+        let got = messages(&mut c, NodeName::B, 5);
         assert_eq!(got.len(), 2, "{got:?}");
-        assert!(c.is_open(End::Backup));
-        assert_eq!(messages(&mut c, End::Backup, 9), ["Disconnected"]);
+        assert!(c.is_open(NodeName::B));
+        assert_eq!(messages(&mut c, NodeName::B, 9), ["Disconnected"]);
         assert!(c.is_finished());
     }
 
     #[test]
     fn a_blackholed_direction_loses_frames_silently() {
         let mut c = Connection::new(1);
-        c.blackhole(End::Backup);
-        c.send(End::Primary, ack(1), 0);
-        assert!(messages(&mut c, End::Backup, 100).is_empty());
-        assert!(c.is_open(End::Backup));
+        c.blackhole(NodeName::B);
+        c.send(NodeName::A, ack(1), 0);
+        assert!(messages(&mut c, NodeName::B, 100).is_empty());
+        assert!(c.is_open(NodeName::B));
     }
 }

@@ -1,33 +1,38 @@
 //! One simulated node: the real core and the real queue (on a file), a region in memory with
 //! its durable copy, and an executor of the core's actions that follows the real node's rules
-//! (`src/node.rs`): deferred commits checkpointed (region first, then `applied_through` with a
+//! (`src/node/`): deferred commits checkpointed (region first, then `applied_through` with a
 //! queue barrier), then reported to the core.
+//!
+//! A node is named by its identity ([`NodeName`]); its role is its core's and changes with
+//! promotions, demotions and fences. It starts in the role the simulated operator asks for, as
+//! the real node starts in its configured role (`src/node/open.rs`), except that a queue
+//! superseded as a primary is never started as one.
 
 use std::path::{Path, PathBuf};
 
 use mirror_exec::{CheckpointStage, Executor, Hooks, Io, RegionStore};
-use mirror_proto::{CoreConfig, Message, PeerId, PeerLossPolicy};
+use mirror_proto::{
+    Action, CoreConfig, FatalError, Message, PeerFault, PeerId, PeerLossPolicy, WireRole,
+    WritesRefused,
+};
 use mirror_storage::{Durability, PersistentQueue, QueueParams, StorageError};
 
 use crate::media::{power_loss_image, DurableImage, Tear};
-use crate::{MAX_WRITE, QUEUE_BYTES, REGION_BYTES};
+use crate::net::NodeName;
+use crate::{QUEUE_BYTES, REGION_BYTES};
 
-/// Which node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    Primary,
-    Backup,
-}
-
-/// What executing the core's actions asks of the rest of the simulation.
+/// What executing the core's actions asks of the rest of the simulation, and what the checkers
+/// must see of it, in the order the actions ran.
 #[derive(Debug)]
 pub(crate) enum Effect {
     /// Send this message to the peer. `durable` is the node's (last_seq, applied_through)
-    /// made durable when the core's action was executed (not after the rest of the batch).
+    /// made durable when the core's action was executed (not after the rest of the batch), and
+    /// `role` the role it acted in then.
     Send {
         to: PeerId,
         msg: Message,
         durable: (u64, u64),
+        role: WireRole,
     },
     /// A catch-up from the queue: these `Write` messages, for seqs `from_seq..=through_seq`.
     SendQueued {
@@ -36,16 +41,42 @@ pub(crate) enum Effect {
         through_seq: u64,
         writes: Vec<Message>,
     },
-    /// Drop the connection (after sending what was queued before).
-    Close(PeerId),
+    /// Drop the connection (after sending what was queued before); `fault` says why, when the
+    /// core said (a reject sent by the core has none).
+    Close {
+        to: PeerId,
+        fault: Option<PeerFault>,
+    },
     /// Every client ticket up to this one is complete.
     Complete(u64),
-    /// About to write record `seq` into the region.
-    Apply(u64),
-    /// The backup saved and will drop these records (seq, term): its divergent suffix.
-    Discard(Vec<(u64, u64)>),
+    /// About to write record (`seq`, `term`) into the region, acting as a primary or not.
+    Apply {
+        seq: u64,
+        term: u64,
+        as_primary: bool,
+    },
+    /// The node saved and will drop these records (seq, term): its divergent suffix after
+    /// `after`, through `through`.
+    Discard {
+        after: u64,
+        through: u64,
+        records: Vec<(u64, u64)>,
+    },
+    /// The node dropped every record after `after` (the saved divergent suffix).
+    Truncated { after: u64 },
+    /// The node persisted `term` as the highest it has seen.
+    TermPersisted(u64),
+    /// The node persisted a new role. `new_term` is the term a new primary persisted just
+    /// before (its writing term), if any.
+    RoleChanged {
+        role: WireRole,
+        superseded: bool,
+        new_term: Option<u64>,
+    },
+    /// The core stopped taking writes: its pending tickets fail.
+    RefuseWrites(WritesRefused),
     /// The core stopped the node.
-    Fatal(String),
+    Fatal(FatalError),
 }
 
 /// What a restarted node recovered, for the checkers.
@@ -57,6 +88,15 @@ pub(crate) struct Recovery {
     pub rebuilt: Vec<u8>,
     /// The terms along its recovered log.
     pub terms: mirror_proto::TermHistory,
+    /// The role it starts in.
+    pub role: WireRole,
+    /// Asked to start as a primary, its queue said it was superseded as one: it starts as a
+    /// backup (the real node refuses to open it as a primary; an operator then starts it as a
+    /// backup).
+    pub refused_primary: bool,
+    /// Records at seqs its queue no longer holds (lost unsynced, or cut): their terms, from seq
+    /// `last_seq + 1` on, as the model log had them.
+    pub dropped: Vec<u64>,
 }
 
 /// What one execution of the core's actions did.
@@ -67,11 +107,27 @@ pub(crate) struct Executed {
     pub cut: Option<(usize, usize)>,
 }
 
+/// The role a node starts in after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartAs {
+    /// The role its queue last persisted (the operator's configuration follows failovers).
+    PersistedRole,
+    /// The other one (an operator restarting it "as backup" or "as primary").
+    OtherRole,
+}
+
 pub(crate) struct SimNode {
-    pub role: Role,
+    pub name: NodeName,
     /// The core, the queue and the region, executed by the same rules as the real node
     /// (`mirror-exec`).
     pub exec: Executor<SimRegion, SimHooks>,
+    /// The role of the actions executed so far: the core's role changes at once (a promotion,
+    /// a fence), this one when the action persisting it runs. The checkers judge each action
+    /// by the role the node acted in.
+    pub acting_role: WireRole,
+    /// The term of each seq the node holds, trimmed ones included (index `seq - 1`): its log
+    /// as the checkers see it, kept from the appends and truncations it executed.
+    pub log: Vec<u64>,
     queue_path: PathBuf,
     durable: DurableImage,
     cfg: CoreConfig,
@@ -103,6 +159,7 @@ impl RegionStore for SimRegion {
 
 /// The simulation's hooks: the first canary, and a crash inside a checkpoint.
 pub(crate) struct SimHooks {
+    /// The first canary, while the node acts as a primary.
     apply_at_append: bool,
     /// Stop the next checkpoint after this many of its stages (a crash inside it).
     die_after_stages: Option<u8>,
@@ -124,10 +181,39 @@ impl Hooks for SimHooks {
 /// The simulator's canaries: deliberately broken nodes its checkers must catch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Canaries {
-    /// The primary applies each write at submission, before the backup's ack.
+    /// A primary applies each write at submission, before the backup's ack.
     pub apply_before_ack: bool,
     /// The nodes match logs by seq alone (a backup acks a duplicate seq of another term).
     pub seq_only_matching: bool,
+}
+
+/// What one action tells the checkers, noted before the executor consumes it.
+enum Noted {
+    Append { seq: u64, term: u64 },
+    Apply { term: u64 },
+    Truncate { after: u64 },
+    Term(u64),
+    Role { role: WireRole, superseded: bool },
+    Other,
+}
+
+impl Noted {
+    fn of(action: &Action) -> Noted {
+        match action {
+            Action::Append { record, .. } => Noted::Append {
+                seq: record.seq,
+                term: record.term,
+            },
+            Action::Apply(record) => Noted::Apply { term: record.term },
+            Action::TruncateAfter { after } => Noted::Truncate { after: *after },
+            Action::PersistTerm { term } => Noted::Term(*term),
+            Action::PersistRole { role, superseded } => Noted::Role {
+                role: *role,
+                superseded: *superseded,
+            },
+            _ => Noted::Other,
+        }
+    }
 }
 
 fn storage(e: StorageError) -> String {
@@ -138,24 +224,45 @@ fn io(what: &str, e: std::io::Error) -> String {
     format!("{what}: {e}")
 }
 
+fn storage_role(role: WireRole) -> mirror_storage::Role {
+    match role {
+        WireRole::Primary => mirror_storage::Role::Primary,
+        WireRole::Backup => mirror_storage::Role::Backup,
+    }
+}
+
+fn wire_role(role: mirror_storage::Role) -> WireRole {
+    match role {
+        mirror_storage::Role::Primary => WireRole::Primary,
+        mirror_storage::Role::Backup => WireRole::Backup,
+    }
+}
+
+/// The other role.
+pub(crate) fn flipped(role: WireRole) -> WireRole {
+    match role {
+        WireRole::Primary => WireRole::Backup,
+        WireRole::Backup => WireRole::Primary,
+    }
+}
+
 impl SimNode {
+    /// A new node `name` with a fresh queue (`a.queue` or `b.queue` in `dir`), started in
+    /// `role`.
     pub fn create(
         dir: &Path,
-        role: Role,
-        node_id: u64,
-        policy: PeerLossPolicy,
+        name: NodeName,
+        role: WireRole,
+        cfg: CoreConfig,
         canaries: Canaries,
     ) -> Result<SimNode, String> {
-        let queue_path = dir.join(match role {
-            Role::Primary => "primary.queue",
-            Role::Backup => "backup.queue",
+        let queue_path = dir.join(match name {
+            NodeName::A => "a.queue",
+            NodeName::B => "b.queue",
         });
         let params = QueueParams {
-            node_id,
-            role: match role {
-                Role::Primary => mirror_storage::Role::Primary,
-                Role::Backup => mirror_storage::Role::Backup,
-            },
+            node_id: cfg.node_id,
+            role: storage_role(role),
             region_size: REGION_BYTES,
             capacity_bytes: QUEUE_BYTES,
         };
@@ -164,83 +271,89 @@ impl SimNode {
         drop(queue);
         // Creation synced the whole file.
         let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
-        let cfg = CoreConfig {
-            node_id,
-            region_size: REGION_BYTES,
-            queue_format_version: mirror_storage::FORMAT_VERSION,
-            on_peer_loss: policy,
-            on_fenced: mirror_proto::FencedPolicy::Demote,
-            after_split_brain: mirror_proto::SplitBrainPolicy::Disconnect,
-            ack_timeout_us: 2_000,
-            handshake_timeout_us: 4_000,
-            // The simulated crash is a power loss: the `power`/`pmem` configuration.
-            sync_queue_before_ack: true,
-            max_write_len: MAX_WRITE,
-            queue_capacity: QUEUE_BYTES,
-            deferred_commit: true,
-        };
         let region = vec![0; REGION_BYTES as usize];
-        Self::start(
-            role,
+        let parts = Parts {
+            name,
             queue_path,
             durable,
             cfg,
-            (region.clone(), region),
             canaries,
-        )
-        .map(|(node, _)| node)
+            log: Vec::new(),
+        };
+        Self::start(parts, Some(role), (region.clone(), region)).map(|(node, _)| node)
     }
 
-    /// Opens the queue (recovery) and builds the executor and its core from what it recovered.
-    /// `durable` is the queue file's durable image so far: the hook is installed before
-    /// recovery's own barrier, which makes every record recovery scanned durable. `region` is
-    /// (written, durable).
+    /// Opens the queue (recovery) and builds the executor and its core from what it recovered,
+    /// in `role` (None: the role the queue persisted). `parts.durable` is the queue file's
+    /// durable image so far: the hook is installed before recovery's own barrier, which makes
+    /// every record recovery scanned durable. `region` is (written, durable).
     fn start(
-        role: Role,
-        queue_path: PathBuf,
-        durable: DurableImage,
-        cfg: CoreConfig,
+        parts: Parts,
+        role: Option<WireRole>,
         (written, region_durable): (Vec<u8>, Vec<u8>),
-        canaries: Canaries,
     ) -> Result<(SimNode, Recovery), String> {
+        let Parts {
+            name,
+            queue_path,
+            durable,
+            cfg,
+            canaries,
+            mut log,
+        } = parts;
         let hook = durable
             .hook(&queue_path)
             .map_err(|e| io("opening queue", e))?;
         let (mut queue, _) =
             PersistentQueue::open_with_crash_hook(&queue_path, Durability::Process, hook)
                 .map_err(storage)?;
+        // As `src/node/open.rs`: the configured role decides (a queue's role is state), but a
+        // node superseded as a primary never takes writes as one again by a restart.
+        let wanted = role.unwrap_or_else(|| wire_role(queue.role()));
+        let refused_primary = wanted == WireRole::Primary && queue.superseded();
+        let role = if refused_primary {
+            WireRole::Backup
+        } else {
+            wanted
+        };
+        let superseded = queue.superseded();
+        queue
+            .set_role(storage_role(role), superseded)
+            .map_err(storage)?;
         let replay = queue.replay_state().map_err(storage)?;
-        // What the node will hold once it replayed its own queue (the core applies the
-        // unapplied records at once on a backup, after the handshake on a primary).
-        let mut rebuilt = written.clone();
-        for r in &replay.unapplied {
-            let at = r.offset as usize;
-            rebuilt[at..at + r.payload.len()].copy_from_slice(&r.payload);
+        let kept = replay.last_seq as usize;
+        if kept > log.len() {
+            return Err(format!(
+                "node {name} recovered through seq {kept}, but it only ever appended {} records",
+                log.len()
+            ));
         }
+        let dropped = log.split_off(kept);
         let recovery = Recovery {
             last_seq: replay.last_seq,
-            rebuilt,
+            rebuilt: rebuilt(&written, &replay),
             terms: replay.term_history.clone(),
+            role,
+            refused_primary,
+            dropped,
         };
         let hooks = SimHooks {
-            apply_at_append: canaries.apply_before_ack && role == Role::Primary,
+            apply_at_append: false,
             die_after_stages: None,
         };
         let region = SimRegion {
             written,
             durable: region_durable,
         };
-        let exec_role = match role {
-            Role::Primary => mirror_exec::Role::Primary,
-            Role::Backup => mirror_exec::Role::Backup,
-        };
+        let exec_role = storage_role(role);
         let mut exec = Executor::with_replay(exec_role, cfg.clone(), queue, replay, region, hooks);
         if canaries.seq_only_matching {
             exec.core.break_log_matching_for_canary();
         }
         let node = SimNode {
-            role,
+            name,
             exec,
+            acting_role: role,
+            log,
             queue_path,
             durable,
             cfg,
@@ -254,25 +367,34 @@ impl SimNode {
         &self.exec.region.written
     }
 
-    /// Crashes the node and starts it again from its files. A power loss keeps only durable
-    /// bytes (tearing the rest word by word); a process crash keeps everything written, but
-    /// what was not durable stays so (in the page cache) until a later barrier: a power loss
-    /// after a process crash may still lose it.
+    /// The core's role now.
+    pub fn role(&self) -> WireRole {
+        self.exec.core.role()
+    }
+
+    /// Crashes the node and starts it again from its files, as `start_as` says. A power loss
+    /// keeps only durable bytes (tearing the rest word by word); a process crash keeps
+    /// everything written, but what was not durable stays so (in the page cache) until a later
+    /// barrier: a power loss after a process crash may still lose it.
     /// Checks that recovery kept what was made durable.
     pub fn crash_and_restart(
         self,
         power_loss: bool,
+        start_as: StartAs,
         rng: &mut fastrand::Rng,
     ) -> Result<(SimNode, Tear, Recovery), String> {
         let SimNode {
-            role,
+            name,
             exec,
+            log,
             queue_path,
             durable,
             cfg,
             canaries,
+            ..
         } = self;
         let was_durable = exec.durable();
+        let role_before = wire_role(exec.queue.role());
         let Executor { queue, region, .. } = exec;
         drop(queue);
         let mut tear = Tear::default();
@@ -291,12 +413,26 @@ impl SimNode {
         } else {
             (durable, (region.written, region.durable))
         };
-        let (node, recovery) = Self::start(role, queue_path, durable, cfg, region, canaries)?;
+        let role = match start_as {
+            StartAs::PersistedRole => None,
+            // The role persisted before the crash; a power loss cannot undo a persisted role
+            // (a metadata update is a barrier), so this is the other one.
+            StartAs::OtherRole => Some(flipped(role_before)),
+        };
+        let parts = Parts {
+            name,
+            queue_path,
+            durable,
+            cfg,
+            canaries,
+            log,
+        };
+        let (node, recovery) = Self::start(parts, role, region)?;
         let last = node.exec.queue.last_seq();
         let applied = node.exec.queue.applied_through();
         if last < was_durable.last_seq || applied < was_durable.applied {
             return Err(format!(
-                "{role:?} queue lost durable state in a crash: last_seq {last} < {} or applied_through {applied} < {}",
+                "node {name} queue lost durable state in a crash: last_seq {last} < {} or applied_through {applied} < {}",
                 was_durable.last_seq, was_durable.applied
             ));
         }
@@ -320,65 +456,128 @@ impl SimNode {
                 actions.truncate(n);
             }
         }
-        let role = self.role;
         let mut effects = Vec::new();
         let mut io = Vec::new();
+        // The term a promotion persists just before its new role.
+        let mut last_term = None;
         for action in actions {
+            let noted = Noted::of(&action);
+            if let Noted::Append { seq, .. } = noted {
+                if seq != self.log.len() as u64 + 1 {
+                    return Err(format!(
+                        "node {} appends seq {seq} after seq {}",
+                        self.name,
+                        self.log.len()
+                    ));
+                }
+            }
+            self.exec.hooks.apply_at_append =
+                self.canaries.apply_before_ack && self.acting_role == WireRole::Primary;
+            let name = self.name;
             self.exec
                 .execute(action, &mut io)
-                .map_err(|e| format!("{role:?} storage: {e}"))?;
+                .map_err(|e| format!("node {name} storage: {e}"))?;
+            let apply_term = match noted {
+                Noted::Append { term, .. } | Noted::Apply { term } => term,
+                _ => 0,
+            };
             for item in io.drain(..) {
-                let durable = self.exec.durable();
-                let effect = match item {
-                    Io::Send { to, msg } => Effect::Send {
-                        to,
-                        msg,
-                        durable: (durable.last_seq, durable.applied),
-                    },
-                    Io::SendQueued {
-                        to,
-                        from_seq,
-                        through_seq,
-                    } => {
-                        let writes = self.exec.queued_writes(from_seq, through_seq).map_err(|lacks| {
-                            format!(
-                                "{role:?} asked to send {from_seq}..={through_seq} but its queue lacks {lacks}"
-                            )
-                        })?;
-                        Effect::SendQueued {
-                            to,
-                            from_seq,
-                            through_seq,
-                            writes,
-                        }
-                    }
-                    Io::Complete(ticket) => Effect::Complete(ticket),
-                    Io::Disconnect { peer, .. } => Effect::Close(peer),
-                    Io::Reject { peer, code, reason } => {
-                        effects.push(Effect::Send {
-                            to: peer,
-                            msg: Message::Reject { code, reason },
-                            durable: (durable.last_seq, durable.applied),
-                        });
-                        Effect::Close(peer)
-                    }
-                    Io::Fatal(e) => Effect::Fatal(e.to_string()),
-                    Io::Discard { records, .. } => {
-                        Effect::Discard(records.iter().map(|r| (r.seq, r.term)).collect())
-                    }
-                    Io::Applied(seq) => Effect::Apply(seq),
-                    // The simulated cluster keeps its roles (no promotion yet): nothing may
-                    // fence its primary.
-                    Io::RefuseWrites(why) => {
-                        return Err(format!(
-                            "{role:?} refused writes ({why:?}) with no promotion"
-                        ))
-                    }
-                };
-                effects.push(effect);
+                let effect = self.effect_of(item, apply_term)?;
+                effects.extend(effect);
+            }
+            match noted {
+                Noted::Append { term, .. } => self.log.push(term),
+                Noted::Truncate { after } => {
+                    self.log.truncate(after as usize);
+                    effects.push(Effect::Truncated { after });
+                }
+                Noted::Term(term) => {
+                    last_term = Some(term);
+                    effects.push(Effect::TermPersisted(term));
+                }
+                Noted::Role { role, superseded } => {
+                    self.acting_role = role;
+                    effects.push(Effect::RoleChanged {
+                        role,
+                        superseded,
+                        new_term: last_term.take(),
+                    });
+                }
+                Noted::Apply { .. } | Noted::Other => {}
             }
         }
         Ok(Executed { effects, cut })
+    }
+
+    /// The effects of one item of I/O (a reject is a send and a close).
+    fn effect_of(&mut self, item: Io, apply_term: u64) -> Result<Vec<Effect>, String> {
+        let durable = self.exec.durable();
+        let name = self.name;
+        let effect = match item {
+            Io::Send { to, msg } => Effect::Send {
+                to,
+                msg,
+                durable: (durable.last_seq, durable.applied),
+                role: self.acting_role,
+            },
+            Io::SendQueued {
+                to,
+                from_seq,
+                through_seq,
+            } => {
+                let writes = self
+                    .exec
+                    .queued_writes(from_seq, through_seq)
+                    .map_err(|lacks| {
+                        format!(
+                            "node {name} asked to send {from_seq}..={through_seq} but its queue lacks {lacks}"
+                        )
+                    })?;
+                Effect::SendQueued {
+                    to,
+                    from_seq,
+                    through_seq,
+                    writes,
+                }
+            }
+            Io::Complete(ticket) => Effect::Complete(ticket),
+            Io::Disconnect { peer, fault } => Effect::Close {
+                to: peer,
+                fault: Some(fault),
+            },
+            Io::Reject { peer, code, reason } => {
+                return Ok(vec![
+                    Effect::Send {
+                        to: peer,
+                        msg: Message::Reject { code, reason },
+                        durable: (durable.last_seq, durable.applied),
+                        role: self.acting_role,
+                    },
+                    Effect::Close {
+                        to: peer,
+                        fault: None,
+                    },
+                ]);
+            }
+            Io::Fatal(e) => Effect::Fatal(e),
+            Io::Discard {
+                after,
+                through,
+                records,
+                ..
+            } => Effect::Discard {
+                after,
+                through,
+                records: records.iter().map(|r| (r.seq, r.term)).collect(),
+            },
+            Io::Applied(seq) => Effect::Apply {
+                seq,
+                term: apply_term,
+                as_primary: self.acting_role == WireRole::Primary,
+            },
+            Io::RefuseWrites(why) => Effect::RefuseWrites(why),
+        };
+        Ok(vec![effect])
     }
 
     /// The checkpoint of `power`/`pmem` (the shared executor's): the region becomes durable,
@@ -395,4 +594,32 @@ impl SimNode {
     pub fn policy(&self) -> PeerLossPolicy {
         self.cfg.on_peer_loss
     }
+
+    /// The term of the record the node holds at `seq`, if it holds one.
+    pub fn term_at(&self, seq: u64) -> Option<u64> {
+        seq.checked_sub(1)
+            .and_then(|i| self.log.get(i as usize))
+            .copied()
+    }
+}
+
+/// The region as it will be once the node replayed its own queue (the core applies the
+/// unapplied records at once on a backup, after the handshake on a primary).
+fn rebuilt(written: &[u8], replay: &mirror_storage::ReplayState) -> Vec<u8> {
+    let mut region = written.to_vec();
+    for r in &replay.unapplied {
+        let at = r.offset as usize;
+        region[at..at + r.payload.len()].copy_from_slice(&r.payload);
+    }
+    region
+}
+
+/// What a node keeps across a restart besides its region.
+struct Parts {
+    name: NodeName,
+    queue_path: PathBuf,
+    durable: DurableImage,
+    cfg: CoreConfig,
+    canaries: Canaries,
+    log: Vec<u64>,
 }

@@ -5,8 +5,37 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Parser;
-use mirror_sim::{run_seed, SimOptions, SimReport};
+use clap::{Parser, ValueEnum};
+use mirror_sim::{run_seed, SimOptions, SimReport, Workarounds};
+
+/// A way the simulator steers around a core bug it found (see `Workarounds` in the library).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Workaround {
+    /// A node stopped by a fence does not answer the newer primary's connection
+    StoppedPrimaryDoesNotAnswer,
+    /// The operator resolves a split brain on the node whose writes it keeps
+    ResolveOnTheSurvivor,
+    /// A node holding no record is not promoted while its peer holds some
+    NoPromotionOfAnEmptyNode,
+    /// A node whose repair was interrupted is not promoted
+    NoPromotionMidRepair,
+    /// A split-brain winner whose term is below the loser's is counted, not failed
+    TolerateStaleSplitBrainWinner,
+}
+
+impl Workaround {
+    fn turn_off(self, w: &mut Workarounds) {
+        match self {
+            Workaround::StoppedPrimaryDoesNotAnswer => w.stopped_primary_does_not_answer = false,
+            Workaround::ResolveOnTheSurvivor => w.resolve_on_the_survivor = false,
+            Workaround::NoPromotionOfAnEmptyNode => w.no_promotion_of_an_empty_node = false,
+            Workaround::NoPromotionMidRepair => w.no_promotion_mid_repair = false,
+            Workaround::TolerateStaleSplitBrainWinner => {
+                w.tolerate_stale_split_brain_winner = false
+            }
+        }
+    }
+}
 
 /// Deterministic simulation of a libmirror pair: the real protocol core and queue under seeded
 /// crashes, power losses, partitions and a broken transport, checked from outside.
@@ -32,6 +61,17 @@ struct SimArgs {
     /// must fail)
     #[arg(long)]
     canary_log_matching: bool,
+    /// The third canary: the driver ignores a fence and reports the fenced primary's pending
+    /// writes complete (the fencing checker must fail on seeds that fence)
+    #[arg(long)]
+    canary_fencing: bool,
+    /// Play a known core bug instead of steering around it (repeatable)
+    #[arg(long, value_enum)]
+    without_workaround: Vec<Workaround>,
+    /// Run every seed even after a failure (each failure is printed; the exit status says
+    /// whether any seed failed)
+    #[arg(long)]
+    keep_going: bool,
     /// Directory for the simulated nodes' queue files (default /dev/shm when present)
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -64,10 +104,16 @@ fn scratch_dir(chosen: Option<&std::path::Path>) -> std::path::PathBuf {
 
 fn run(a: &SimArgs) -> Result<ExitCode, String> {
     let base = scratch_dir(a.dir.as_deref());
+    let mut workarounds = Workarounds::default();
+    for w in &a.without_workaround {
+        w.turn_off(&mut workarounds);
+    }
     let opts = SimOptions {
         fault_steps: a.fault_steps,
         canary_apply_before_ack: a.canary,
         canary_seq_only_matching: a.canary_log_matching,
+        canary_fencing: a.canary_fencing,
+        workarounds,
         trace: a.seed.is_some(),
         ..SimOptions::default()
     };
@@ -77,6 +123,7 @@ fn run(a: &SimArgs) -> Result<ExitCode, String> {
     };
     let started = Instant::now();
     let mut total = SimReport::default();
+    let mut failed = 0u64;
     for (i, &seed) in seeds.iter().enumerate() {
         let dir = base.join(format!("mirror-sim-{}-{seed}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
@@ -87,19 +134,36 @@ fn run(a: &SimArgs) -> Result<ExitCode, String> {
             Err(f) => {
                 println!("FAILED: {f}");
                 println!(
-                    "replay: mirror-sim --seed {seed}{}{}{}",
+                    "replay: mirror-sim --seed {seed}{}{}{}{}{}",
                     if a.canary { " --canary" } else { "" },
                     if a.canary_log_matching {
                         " --canary-log-matching"
                     } else {
                         ""
                     },
+                    if a.canary_fencing {
+                        " --canary-fencing"
+                    } else {
+                        ""
+                    },
+                    a.without_workaround
+                        .iter()
+                        .map(|w| format!(
+                            " --without-workaround {}",
+                            w.to_possible_value()
+                                .map_or(String::new(), |v| v.get_name().to_string())
+                        ))
+                        .collect::<String>(),
                     if a.fault_steps != SimOptions::default().fault_steps {
                         format!(" --fault-steps {}", a.fault_steps)
                     } else {
                         String::new()
                     }
                 );
+                if a.keep_going {
+                    failed += 1;
+                    continue;
+                }
                 println!("({} seeds passed before it)", i);
                 return Ok(ExitCode::from(1));
             }
@@ -112,12 +176,23 @@ fn run(a: &SimArgs) -> Result<ExitCode, String> {
             );
         }
     }
+    print_totals(&total, seeds.len(), started.elapsed().as_secs_f64());
+    if failed > 0 {
+        println!("{failed} of {} seeds failed", seeds.len());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The campaign's figures: faults, then failover.
+fn print_totals(total: &SimReport, seeds: usize, seconds: f64) {
     println!(
-        "{} seeds passed in {:.1} s: {} steps, {} completed writes, crashes primary {} / backup {} ({} mid-batch, {} power losses, {} words torn), {} cuts, {} half-open, {} partitions, {} frames mangled, {} backup-full drops, {} records moved by catch-ups, {} divergent records dropped; slowest convergence {} steps",
-        seeds.len(),
-        started.elapsed().as_secs_f64(),
+        "{} seeds run in {:.1} s: {} steps, {} completed writes ({} refused), crashes A {} / B {} ({} mid-batch, {} power losses, {} words torn), {} cuts, {} half-open, {} partitions, {} frames mangled, {} backup-full drops, {} records moved by catch-ups, {} divergent records dropped; slowest convergence {} steps",
+        seeds,
+        seconds,
         total.steps,
         total.completed_writes,
+        total.refused_writes,
         total.crashes[0],
         total.crashes[1],
         total.mid_action_crashes,
@@ -132,5 +207,22 @@ fn run(a: &SimArgs) -> Result<ExitCode, String> {
         total.discarded_records,
         total.convergence_steps
     );
-    Ok(ExitCode::SUCCESS)
+    let sb = total.split_brains;
+    println!(
+        "failover: {} promotions, {} forced promotions, {} demotions, {} fences ({} pending writes refused by them, {} fenced nodes stopped), {} restarts in the other role ({} refused as primary: superseded), handshakes finding a split brain, by verdict: {} stay apart, {} discard the backup, {} discard the primary ({} winners below the loser's term), {} completed writes discarded by verdicts; {} operator resolutions",
+        total.promotions,
+        total.forced_promotions,
+        total.demotions,
+        total.fences,
+        total.fenced_tickets,
+        total.fenced_stops,
+        total.other_role_restarts,
+        total.refused_primary_starts,
+        sb.stay_apart,
+        sb.discard_backup,
+        sb.discard_primary,
+        total.stale_split_brain_winners,
+        total.completed_writes_discarded,
+        total.operator_resolutions
+    );
 }
