@@ -356,6 +356,16 @@ pub fn check_compatible(own: &Identity, peer: &Hello) -> Result<(), (RejectCode,
     if peer.node_id == own.node_id {
         return Err((RejectCode::Role, "peer has this node's own node id".into()));
     }
+    if crate::term::term_tag(peer.node_id) == crate::term::term_tag(own.node_id) {
+        // Their terms would collide (see `TERM_TAG_BITS`): one in 65 536 pairs of new queues.
+        return Err((
+            RejectCode::Role,
+            format!(
+                "node ids {:#x} and {:#x} share their low 16 bits, which tag the terms each node starts: recreate one node's queue (it gets a new id) before pairing them",
+                own.node_id, peer.node_id
+            ),
+        ));
+    }
     if peer.region_size != own.region_size {
         return Err((
             RejectCode::RegionSize,

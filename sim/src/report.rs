@@ -43,50 +43,28 @@ impl Default for SimOptions {
     }
 }
 
-/// Core bugs this simulator found, and how a run steers around each until it is fixed. All are
-/// on by default, so that a campaign still tests everything else; turning one off plays its
-/// bug again (`tests/known_bugs.rs` keeps a seed for each). The simulated operator and driver
-/// change, never the core.
+/// Core bugs this simulator found that are not fixed yet, and how a run steers around each. On
+/// by default, so that a campaign still tests everything else; turning one off plays its bug
+/// again (`tests/known_bugs.rs` keeps a seed for each). The simulated operator and driver
+/// change, never the core. (Five more it found are fixed in the core: a stopped primary's
+/// refusal stopped the new primary, an operator's resolution told to the node it names went
+/// unannounced, logs that differ from seq 1 were unrecoverable, a split-brain winner could
+/// start a term below the loser's, and a loser's suffix with nothing completed was refused
+/// after the role swap.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Workarounds {
-    /// A primary fenced by a newer primary's Hello (`admit`) under `on_fenced = stop` answers
-    /// it with `Reject{Role}` ("this node is a primary: it takes no connections"), which the
-    /// new primary takes as fatal: one fence stops both nodes. With this on, the driver of a
-    /// node that stopped closes the connection without answering.
-    pub stopped_primary_does_not_answer: bool,
-    /// The operator runs `resolve_split_brain` on the node whose writes it keeps, never on the
-    /// node it names. Told to that node, the choice is used by its handshake as a backup but
-    /// not announced in its Hello, so the primary decides otherwise (the backup saves its
-    /// suffix and asks for a repair while the primary stays apart). Telling both nodes does
-    /// not help: a primary's Hello sent before the choice still announces none.
-    pub resolve_on_the_survivor: bool,
-    /// Never promote (nor restart as a primary) a node that holds no record while its peer
-    /// holds some or is a primary: its writes from seq 1 share no term with the other node's,
-    /// and the handshake refuses the two logs as unrecoverable (the dialing primary stops)
-    /// instead of finding a split brain after seq 0.
-    pub no_promotion_of_an_empty_node: bool,
     /// Never promote (nor restart as a primary) a node whose repair of a divergent suffix was
     /// interrupted: its region holds the primary's bytes where the records it still holds
-    /// wrote, and a primary started from it serves a region that is not its log's.
+    /// wrote, and a primary started from it serves a region that is not its log's. The core
+    /// refuses `promote(false)` of such a node while it runs, but not a restart as a primary
+    /// (nothing persists that the repair was unfinished).
     pub no_promotion_mid_repair: bool,
-    /// Tolerate (count in [`SimReport::stale_split_brain_winners`]) a split-brain winner that
-    /// promotes itself to a term below the loser's: its new term is the next of its own
-    /// knowledge, not of the loser's Hello, so the loser, now its backup, refuses it as stale
-    /// and fences it (under `stop` it stops; else both are backups). Safety holds, but the same
-    /// verdict makes it win, with a stale term, at every later handshake: the operator breaks
-    /// the cycle by promoting the winner again, each time one term higher, until its term
-    /// passes the loser's.
-    pub tolerate_stale_split_brain_winner: bool,
 }
 
 impl Default for Workarounds {
     fn default() -> Self {
         Workarounds {
-            stopped_primary_does_not_answer: true,
-            resolve_on_the_survivor: true,
-            no_promotion_of_an_empty_node: true,
             no_promotion_mid_repair: true,
-            tolerate_stale_split_brain_winner: true,
         }
     }
 }
@@ -95,11 +73,7 @@ impl Workarounds {
     /// None: every known bug plays.
     pub fn none() -> Workarounds {
         Workarounds {
-            stopped_primary_does_not_answer: false,
-            resolve_on_the_survivor: false,
-            no_promotion_of_an_empty_node: false,
             no_promotion_mid_repair: false,
-            tolerate_stale_split_brain_winner: false,
         }
     }
 }
@@ -412,9 +386,6 @@ pub struct SimReport {
     pub operator_resolutions: u64,
     /// Completed writes that split-brain verdicts discarded (saved by the loser).
     pub completed_writes_discarded: u64,
-    /// Split-brain winners whose new term was below the loser's (see
-    /// [`Workarounds::tolerate_stale_split_brain_winner`]).
-    pub stale_split_brain_winners: u64,
     /// Writes the fencing canary reported complete for a fenced primary (a run that reports
     /// any was not caught).
     pub canary_fenced_completions: u64,
@@ -457,7 +428,6 @@ impl SimReport {
         self.split_brains.discard_primary += other.split_brains.discard_primary;
         self.operator_resolutions += other.operator_resolutions;
         self.completed_writes_discarded += other.completed_writes_discarded;
-        self.stale_split_brain_winners += other.stale_split_brain_winners;
         self.canary_fenced_completions += other.canary_fenced_completions;
     }
 }

@@ -11,28 +11,14 @@ use mirror_sim::{run_seed, SimOptions, SimReport, Workarounds};
 /// A way the simulator steers around a core bug it found (see `Workarounds` in the library).
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum Workaround {
-    /// A node stopped by a fence does not answer the newer primary's connection
-    StoppedPrimaryDoesNotAnswer,
-    /// The operator resolves a split brain on the node whose writes it keeps
-    ResolveOnTheSurvivor,
-    /// A node holding no record is not promoted while its peer holds some
-    NoPromotionOfAnEmptyNode,
-    /// A node whose repair was interrupted is not promoted
+    /// A node whose repair was interrupted is not promoted (nor restarted as a primary)
     NoPromotionMidRepair,
-    /// A split-brain winner whose term is below the loser's is counted, not failed
-    TolerateStaleSplitBrainWinner,
 }
 
 impl Workaround {
     fn turn_off(self, w: &mut Workarounds) {
         match self {
-            Workaround::StoppedPrimaryDoesNotAnswer => w.stopped_primary_does_not_answer = false,
-            Workaround::ResolveOnTheSurvivor => w.resolve_on_the_survivor = false,
-            Workaround::NoPromotionOfAnEmptyNode => w.no_promotion_of_an_empty_node = false,
             Workaround::NoPromotionMidRepair => w.no_promotion_mid_repair = false,
-            Workaround::TolerateStaleSplitBrainWinner => {
-                w.tolerate_stale_split_brain_winner = false
-            }
         }
     }
 }
@@ -209,7 +195,7 @@ fn print_totals(total: &SimReport, seeds: usize, seconds: f64) {
     );
     let sb = total.split_brains;
     println!(
-        "failover: {} promotions, {} forced promotions, {} demotions, {} fences ({} pending writes refused by them, {} fenced nodes stopped), {} restarts in the other role ({} refused as primary: superseded), handshakes finding a split brain, by verdict: {} stay apart, {} discard the backup, {} discard the primary ({} winners below the loser's term), {} completed writes discarded by verdicts; {} operator resolutions",
+        "failover: {} promotions, {} forced promotions, {} demotions, {} fences ({} pending writes refused by them, {} fenced nodes stopped), {} restarts in the other role ({} refused as primary: superseded), handshakes finding a split brain, by verdict: {} stay apart, {} discard the backup, {} discard the primary, {} completed writes discarded by verdicts; {} operator resolutions",
         total.promotions,
         total.forced_promotions,
         total.demotions,
@@ -221,7 +207,6 @@ fn print_totals(total: &SimReport, seeds: usize, seconds: f64) {
         sb.stay_apart,
         sb.discard_backup,
         sb.discard_primary,
-        total.stale_split_brain_winners,
         total.completed_writes_discarded,
         total.operator_resolutions
     );

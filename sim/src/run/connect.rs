@@ -202,15 +202,7 @@ impl Sim<'_> {
             .as_mut()
             .expect("inputs of an up node");
         if let Err((code, reason)) = node.exec.core.admit(&hello) {
-            let stopped = node.exec.core.phase() == Phase::Failed;
-            if stopped && self.opts.workarounds.stopped_primary_does_not_answer {
-                self.trace(format_args!(
-                    "{r} stopped: it closes connection {id} without answering ({code:?}: {reason})"
-                ));
-                self.close_end(id, r, 1);
-            } else {
-                self.refuse_connection(r, id, code, reason);
-            }
+            self.refuse_connection(r, id, code, reason);
             return None;
         }
         let replaced = self.net.current[r.index()].replace(id);

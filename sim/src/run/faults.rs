@@ -179,9 +179,7 @@ impl Sim<'_> {
     /// Whether `node` (`r`, crashing) must not restart as a primary under the run's
     /// workarounds (see `kept_from_primary`).
     pub(super) fn kept_from_primary_at_crash(&self, node: &SimNode, r: NodeName) -> bool {
-        let w = self.opts.workarounds;
-        let empty = node.exec.queue.last_seq() == 0;
-        (w.no_promotion_of_an_empty_node && empty && self.peer_may_write_from_seq_1(r))
-            || (w.no_promotion_mid_repair && self.watch.repairing[r.index()].is_some())
+        let _ = node;
+        self.opts.workarounds.no_promotion_mid_repair && self.watch.repairing[r.index()].is_some()
     }
 }

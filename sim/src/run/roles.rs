@@ -23,10 +23,6 @@ use crate::report::SimFailure;
 /// How long an armed promotion waits for its backup to notice it is disconnected, in steps.
 const PROMOTION_WAIT_STEPS: u64 = 3_000;
 
-/// How soon the operator promotes a split-brain winner again after the loser refused it as
-/// stale, in steps.
-const STALE_WINNER_RETRY_STEPS: u64 = 50;
-
 /// Role changes waiting for their moment.
 #[derive(Default)]
 pub(super) struct RolePlan {
@@ -40,9 +36,6 @@ pub(super) struct RolePlan {
     discard_choice: Option<NodeName>,
     /// Since when both nodes have been up and neither a primary.
     no_primary_since: Option<u64>,
-    /// A split-brain winner that started a term below the loser's, and the loser's term (see
-    /// `Workarounds::tolerate_stale_split_brain_winner`): the loser will refuse it as stale.
-    pub stale_winner: Option<(NodeName, u64)>,
     /// The node each node was told to discard, until it restarts (a core keeps it in memory
     /// until a handshake uses it).
     pub told: [Option<NodeName>; 2],
@@ -129,22 +122,11 @@ impl Sim<'_> {
     /// Why `r` must not become a primary now, under the run's workarounds (None: it may).
     pub(super) fn kept_from_primary(&self, r: NodeName) -> Option<&'static str> {
         let w = self.opts.workarounds;
-        let node = self.node_or_restarting(r)?;
-        let empty = node.exec.queue.last_seq() == 0;
-        if w.no_promotion_of_an_empty_node && empty && self.peer_may_write_from_seq_1(r) {
-            return Some("it holds no record, and its peer holds some or may write");
-        }
+        self.node_or_restarting(r)?;
         if w.no_promotion_mid_repair && self.watch.repairing[r.index()].is_some() {
             return Some("its repair of a divergent suffix was interrupted");
         }
         None
-    }
-
-    /// Whether `r`'s peer holds records, or may write some as a primary: then `r`, holding
-    /// none, must not start a term of its own (see `Workarounds::no_promotion_of_an_empty_node`).
-    pub(super) fn peer_may_write_from_seq_1(&self, r: NodeName) -> bool {
-        self.node_or_restarting(r.other())
-            .is_some_and(|p| p.exec.queue.last_seq() > 0 || p.role() == WireRole::Primary)
     }
 
     /// A backup connected to a live primary is promoted by force (that primary is fenced when
@@ -291,9 +273,7 @@ impl Sim<'_> {
     /// and the API cannot withdraw one: the operator restarts the loser first. Without the
     /// workaround it tells one node, either, as the documentation says is enough.
     fn operator_resolves(&mut self, discard: NodeName) -> Result<(), SimFailure> {
-        let on = if self.opts.workarounds.resolve_on_the_survivor {
-            discard.other()
-        } else if self.role_rng.bool() {
+        let on = if self.role_rng.bool() {
             discard
         } else {
             discard.other()
@@ -302,7 +282,7 @@ impl Sim<'_> {
             return Ok(());
         }
         let lingering = self.roles.told[discard.index()];
-        if self.opts.workarounds.resolve_on_the_survivor && lingering == Some(discard.other()) {
+        if lingering == Some(discard.other()) {
             self.trace(format_args!(
                 "operator restarts {discard} to withdraw its earlier choice ({} discarded)",
                 discard.other()
@@ -334,30 +314,10 @@ impl Sim<'_> {
             return;
         }
         let since = *self.roles.no_primary_since.get_or_insert(self.step);
-        // After a stale winner the operator acts at once (it knows what happened).
-        let delay = match self.roles.stale_winner {
-            Some(_) => STALE_WINNER_RETRY_STEPS,
-            None => self.swarm.failover.operator_delay_steps,
-        };
-        if self.step - since < delay {
+        if self.step - since < self.swarm.failover.operator_delay_steps {
             return;
         }
         self.roles.no_primary_since = None;
-        if let Some((winner, loser_term)) = self.roles.stale_winner {
-            // The loser refused the split brain's winner as stale; promoting any node again
-            // leads to the same verdict and the same stale winner. Each promotion of the
-            // winner raises its term by one: the operator promotes it again until its term
-            // passes the loser's (the verdict stands; the policy is not overridden).
-            if self.kept_from_primary(winner).is_none() {
-                if let Some(term) = self.promote(winner, "no primary, after a stale winner") {
-                    if term > loser_term {
-                        self.roles.stale_winner = None;
-                    }
-                }
-                return;
-            }
-            self.roles.stale_winner = None;
-        }
         let first = if self.role_rng.bool() {
             NodeName::A
         } else {

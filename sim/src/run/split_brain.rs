@@ -299,14 +299,9 @@ impl Sim<'_> {
         if term > loser_term {
             return Ok(());
         }
-        self.report.stale_split_brain_winners += 1;
         self.trace(format_args!(
             "{r} won {sb} with term {term:#x}, below the loser's term {loser_term:#x}"
         ));
-        if self.opts.workarounds.tolerate_stale_split_brain_winner {
-            self.roles.stale_winner = Some((r, loser_term));
-            return Ok(());
-        }
         Err(self.fail(
             Checker::SplitBrainOutcomeWrong,
             format!(
