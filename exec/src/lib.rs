@@ -175,7 +175,8 @@ pub struct DurablePoint {
 }
 
 /// The core's view of what a restarting node recovered from its queue: the one conversion.
-pub fn recovered(replay: ReplayState) -> Recovered {
+/// `repair_unfinished_after` is [`mirror_storage::unfinished_repair`] of that queue.
+pub fn recovered(replay: ReplayState, repair_unfinished_after: Option<u64>) -> Recovered {
     Recovered {
         peer_node_id: replay.peer_node_id,
         applied_through: replay.applied_through,
@@ -194,6 +195,7 @@ pub fn recovered(replay: ReplayState) -> Recovered {
         current_term: replay.current_term,
         term_history: replay.term_history,
         alone_from: replay.alone_from,
+        repair_unfinished_after,
     }
 }
 
@@ -251,7 +253,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             applied: replay.applied_through,
         };
         let deferred_commit = cfg.deferred_commit;
-        let rec = recovered(replay);
+        let rec = recovered(replay, mirror_storage::unfinished_repair(&queue));
         let core = match role {
             Role::Primary => Replica::primary(cfg, rec),
             Role::Backup => Replica::backup(cfg, rec),

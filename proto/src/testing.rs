@@ -115,6 +115,7 @@ pub fn recovered(disk: &Durable) -> Recovered {
         current_term: disk.current_term,
         term_history: disk.history.clone(),
         alone_from: disk.alone_from,
+        repair_unfinished_after: None,
     }
 }
 

@@ -98,11 +98,13 @@
 //! driver ignores a fence and reports the fenced primary's writes complete; checker 10 catches
 //! it in most seeds that fence).
 //!
-//! Core bugs this simulator found are steered around by [`Workarounds`] (all on by default);
-//! turning one off plays its bug again (`tests/known_bugs.rs` keeps a seed for each). One has
-//! no workaround a driver or an operator could apply (a split-brain loser whose suffix holds
-//! no completed write and a newer first term is refused as unrecoverable after the role swap):
-//! about one seed in seven thousand fails on it (seeds 11966, 13054, 19021).
+//! The core bugs this simulator found when failover came (a stopped primary's refusal stopped
+//! the new primary; an operator's resolution told to the node it names went unannounced; logs
+//! that differ from seq 1 were unrecoverable; a split-brain winner could start a term below
+//! the loser's; a loser's suffix with nothing completed was refused after the role swap; a
+//! backup whose repair was interrupted could be promoted) are fixed in the core and the node;
+//! the simulated operator follows the node's rule for the last (a node whose repair is
+//! unfinished is neither promoted nor started as a primary).
 //!
 //! What it does not model: the real node's threads, sockets and timers (`src/node/` executes
 //! the same actions with the same rules through the shared executor); bytes corrupted on the
@@ -121,7 +123,6 @@ mod run;
 pub use net::NodeName;
 pub use report::{
     Checker, Failover, SimFailure, SimOptions, SimReport, SplitBrainChoice, SplitBrains, Swarm,
-    Workarounds,
 };
 pub use run::run_seed;
 

@@ -23,8 +23,6 @@ pub struct SimOptions {
     /// primary's pending tickets complete, and keeps taking writes for it as the primary it
     /// was, reporting them complete although the core refuses them (checker 10 must catch it).
     pub canary_fencing: bool,
-    /// How the run steers around core bugs found by this simulator (all on by default).
-    pub workarounds: Workarounds,
     /// Print every fault and phase change (for replaying one seed).
     pub trace: bool,
 }
@@ -37,43 +35,7 @@ impl Default for SimOptions {
             canary_apply_before_ack: false,
             canary_seq_only_matching: false,
             canary_fencing: false,
-            workarounds: Workarounds::default(),
             trace: false,
-        }
-    }
-}
-
-/// Core bugs this simulator found that are not fixed yet, and how a run steers around each. On
-/// by default, so that a campaign still tests everything else; turning one off plays its bug
-/// again (`tests/known_bugs.rs` keeps a seed for each). The simulated operator and driver
-/// change, never the core. (Five more it found are fixed in the core: a stopped primary's
-/// refusal stopped the new primary, an operator's resolution told to the node it names went
-/// unannounced, logs that differ from seq 1 were unrecoverable, a split-brain winner could
-/// start a term below the loser's, and a loser's suffix with nothing completed was refused
-/// after the role swap.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Workarounds {
-    /// Never promote (nor restart as a primary) a node whose repair of a divergent suffix was
-    /// interrupted: its region holds the primary's bytes where the records it still holds
-    /// wrote, and a primary started from it serves a region that is not its log's. The core
-    /// refuses `promote(false)` of such a node while it runs, but not a restart as a primary
-    /// (nothing persists that the repair was unfinished).
-    pub no_promotion_mid_repair: bool,
-}
-
-impl Default for Workarounds {
-    fn default() -> Self {
-        Workarounds {
-            no_promotion_mid_repair: true,
-        }
-    }
-}
-
-impl Workarounds {
-    /// None: every known bug plays.
-    pub fn none() -> Workarounds {
-        Workarounds {
-            no_promotion_mid_repair: false,
         }
     }
 }

@@ -90,6 +90,16 @@ impl Mirror {
                 ),
             });
         }
+        if cfg.role == Role::Primary {
+            if let Some(common) = mirror_storage::unfinished_repair(&queue) {
+                return Err(MirrorError::Promote(mirror_proto::PromoteError::NotCaughtUp {
+                    why: format!(
+                        "queue {}: a repair of its divergent suffix after seq {common} began and did not finish (its region holds part of a primary's bytes while its log still holds the suffix): start it as a backup so that a primary finishes the repair, then promote it",
+                        cfg.queue.display()
+                    ),
+                }));
+            }
+        }
         if queue.role() != storage_role {
             tracing::warn!(
                 queue = %cfg.queue.display(),

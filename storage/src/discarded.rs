@@ -158,6 +158,23 @@ pub fn save_discarded(
     Ok(())
 }
 
+/// The common point of a repair that saved a divergent suffix and did not finish: `queue`
+/// still holds that suffix's first record (the same seq with the same term; a finished repair
+/// replaced it with the primary's record of a newer term). Such a node holds part of the
+/// primary's bytes in its region while its log still holds the suffix, so it must not start a
+/// history of its own (be promoted, or opened as a primary) before a primary finishes the
+/// repair. A file that cannot be read says nothing and is skipped.
+pub fn unfinished_repair(queue: &crate::PersistentQueue) -> Option<u64> {
+    let files = list_discarded(queue.path()).ok()?;
+    files.iter().find_map(|path| {
+        let file = read_discarded(path).ok()?;
+        let first = file.records.first()?;
+        let still_held = first.seq <= queue.last_seq()
+            && queue.term_history().term_at(first.seq) == Some(first.term);
+        still_held.then_some(file.common_seq)
+    })
+}
+
 /// Reads and verifies a discarded-records file (magic, version, crcs, lengths).
 pub fn read_discarded(path: &Path) -> Result<DiscardedFile, StorageError> {
     let mut bytes = Vec::new();

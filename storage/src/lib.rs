@@ -66,8 +66,8 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use discarded::{
-    discarded_path, list_discarded, read_discarded, save_discarded, DiscardedFile, DiscardedRecord,
-    DISCARDED_MAGIC, DISCARDED_VERSION,
+    discarded_path, list_discarded, read_discarded, save_discarded, unfinished_repair,
+    DiscardedFile, DiscardedRecord, DISCARDED_MAGIC, DISCARDED_VERSION,
 };
 pub use error::{CutReason, StorageError};
 pub use format::{

@@ -49,6 +49,7 @@ pub const APPLIED_REPORT_DELAY_US: u64 = 100;
 
 impl BackupSide {
     pub(super) fn new(rec: Recovered) -> BackupSide {
+        let repair_unfinished_after = rec.repair_unfinished_after;
         BackupSide {
             state: BackupState::Idle,
             to_apply: rec.unapplied,
@@ -57,7 +58,7 @@ impl BackupSide {
             unreported_since_us: None,
             last_ack_us: 0,
             repair_bytes_received: 0,
-            repair_unfinished_after: None,
+            repair_unfinished_after,
         }
     }
 

@@ -112,6 +112,9 @@ pub struct Recovered {
     /// The first seq the node completed as a primary without its peer (0: none; see
     /// [`Hello::alone_from`]).
     pub alone_from: u64,
+    /// A repair of this node's divergent suffix after this common point began and did not
+    /// finish (its discarded-records file says so): it is not promoted until one does.
+    pub repair_unfinished_after: Option<u64>,
 }
 
 /// One write request.

@@ -5,23 +5,8 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
-use mirror_sim::{run_seed, SimOptions, SimReport, Workarounds};
-
-/// A way the simulator steers around a core bug it found (see `Workarounds` in the library).
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-enum Workaround {
-    /// A node whose repair was interrupted is not promoted (nor restarted as a primary)
-    NoPromotionMidRepair,
-}
-
-impl Workaround {
-    fn turn_off(self, w: &mut Workarounds) {
-        match self {
-            Workaround::NoPromotionMidRepair => w.no_promotion_mid_repair = false,
-        }
-    }
-}
+use clap::Parser;
+use mirror_sim::{run_seed, SimOptions, SimReport};
 
 /// Deterministic simulation of a libmirror pair: the real protocol core and queue under seeded
 /// crashes, power losses, partitions and a broken transport, checked from outside.
@@ -51,9 +36,6 @@ struct SimArgs {
     /// writes complete (the fencing checker must fail on seeds that fence)
     #[arg(long)]
     canary_fencing: bool,
-    /// Play a known core bug instead of steering around it (repeatable)
-    #[arg(long, value_enum)]
-    without_workaround: Vec<Workaround>,
     /// Run every seed even after a failure (each failure is printed; the exit status says
     /// whether any seed failed)
     #[arg(long)]
@@ -90,16 +72,11 @@ fn scratch_dir(chosen: Option<&std::path::Path>) -> std::path::PathBuf {
 
 fn run(a: &SimArgs) -> Result<ExitCode, String> {
     let base = scratch_dir(a.dir.as_deref());
-    let mut workarounds = Workarounds::default();
-    for w in &a.without_workaround {
-        w.turn_off(&mut workarounds);
-    }
     let opts = SimOptions {
         fault_steps: a.fault_steps,
         canary_apply_before_ack: a.canary,
         canary_seq_only_matching: a.canary_log_matching,
         canary_fencing: a.canary_fencing,
-        workarounds,
         trace: a.seed.is_some(),
         ..SimOptions::default()
     };
@@ -120,7 +97,7 @@ fn run(a: &SimArgs) -> Result<ExitCode, String> {
             Err(f) => {
                 println!("FAILED: {f}");
                 println!(
-                    "replay: mirror-sim --seed {seed}{}{}{}{}{}",
+                    "replay: mirror-sim --seed {seed}{}{}{}{}",
                     if a.canary { " --canary" } else { "" },
                     if a.canary_log_matching {
                         " --canary-log-matching"
@@ -132,14 +109,6 @@ fn run(a: &SimArgs) -> Result<ExitCode, String> {
                     } else {
                         ""
                     },
-                    a.without_workaround
-                        .iter()
-                        .map(|w| format!(
-                            " --without-workaround {}",
-                            w.to_possible_value()
-                                .map_or(String::new(), |v| v.get_name().to_string())
-                        ))
-                        .collect::<String>(),
                     if a.fault_steps != SimOptions::default().fault_steps {
                         format!(" --fault-steps {}", a.fault_steps)
                     } else {

@@ -138,13 +138,13 @@ impl Sim<'_> {
     }
 
     /// The role `r` restarts in: its queue's, or for some crashes the other one (never a
-    /// primary that the run's workarounds keep from being one).
+    /// primary that the node's rules keep from being one).
     fn restart_role(&mut self, r: NodeName, node: &SimNode, how: Down) -> StartAs {
         let flip = how == Down::Crash
             && self.role_rng.u32(0..100) < self.swarm.failover.other_role_restart_percent;
         match (flip, node.exec.queue.role()) {
             (false, _) => StartAs::PersistedRole,
-            (true, mirror_storage::Role::Backup) if self.kept_from_primary_at_crash(node, r) => {
+            (true, mirror_storage::Role::Backup) if self.kept_from_primary_at_crash(r) => {
                 StartAs::PersistedRole
             }
             (true, _) => {
@@ -176,10 +176,8 @@ impl Sim<'_> {
         ));
     }
 
-    /// Whether `node` (`r`, crashing) must not restart as a primary under the run's
-    /// workarounds (see `kept_from_primary`).
-    pub(super) fn kept_from_primary_at_crash(&self, node: &SimNode, r: NodeName) -> bool {
-        let _ = node;
-        self.opts.workarounds.no_promotion_mid_repair && self.watch.repairing[r.index()].is_some()
+    /// Whether `r`, crashing, must not restart as a primary (see `kept_from_primary`).
+    pub(super) fn kept_from_primary_at_crash(&self, r: NodeName) -> bool {
+        self.watch.repairing[r.index()].is_some()
     }
 }

@@ -119,11 +119,13 @@ impl Sim<'_> {
         self.roles.promote_when_alone[r.index()] = Some(self.step + PROMOTION_WAIT_STEPS);
     }
 
-    /// Why `r` must not become a primary now, under the run's workarounds (None: it may).
+    /// Why `r` must not become a primary now (None: it may): the node's rule, a node whose
+    /// repair of a divergent suffix is unfinished is neither promoted (the core refuses
+    /// `promote(false)`) nor opened as a primary (`src/node/open.rs`). The simulated nodes save
+    /// no discarded-records file, so the simulator tracks the repair itself.
     pub(super) fn kept_from_primary(&self, r: NodeName) -> Option<&'static str> {
-        let w = self.opts.workarounds;
         self.node_or_restarting(r)?;
-        if w.no_promotion_mid_repair && self.watch.repairing[r.index()].is_some() {
+        if self.watch.repairing[r.index()].is_some() {
             return Some("its repair of a divergent suffix was interrupted");
         }
         None
@@ -252,12 +254,13 @@ impl Sim<'_> {
         } else {
             NodeName::B
         };
-        // A node whose repair was interrupted must not win (see `Workarounds`): its suffix goes.
+        // A node whose repair was interrupted must not win (see `kept_from_primary`): its
+        // suffix goes.
         let repairing = NodeName::BOTH
             .into_iter()
             .find(|&r| self.watch.repairing[r.index()].is_some());
         let drawn = match repairing {
-            Some(r) if self.opts.workarounds.no_promotion_mid_repair => r,
+            Some(r) => r,
             _ => drawn,
         };
         let discard = *self.roles.discard_choice.get_or_insert(drawn);
@@ -266,12 +269,10 @@ impl Sim<'_> {
 
     /// The operator names `discard` as the node whose writes after the common point go.
     ///
-    /// Under the workaround it tells the node it keeps, and only that one (told to the loser,
-    /// the choice is used by the loser's handshake as a backup without being announced; see
-    /// `Workarounds`), waiting while that node is down. A choice it told the loser earlier,
-    /// naming the other node, would keep the two apart (two different choices do, by design),
-    /// and the API cannot withdraw one: the operator restarts the loser first. Without the
-    /// workaround it tells one node, either, as the documentation says is enough.
+    /// It tells one node, either, as the documentation says is enough (waiting while that node
+    /// is down). A choice it told the loser earlier, naming the other node, would keep the two
+    /// apart (two different choices do, by design), and the API cannot withdraw one: the
+    /// operator restarts the loser first.
     fn operator_resolves(&mut self, discard: NodeName) -> Result<(), SimFailure> {
         let on = if self.role_rng.bool() {
             discard
@@ -323,7 +324,7 @@ impl Sim<'_> {
         } else {
             NodeName::B
         };
-        // The other one when the first must not (see `Workarounds`).
+        // The other one when the first must not (see `kept_from_primary`).
         let r = if self.kept_from_primary(first).is_some() {
             first.other()
         } else {

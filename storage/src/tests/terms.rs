@@ -496,3 +496,40 @@ fn persisted_histories_forget_the_terms_below_the_trim_point() {
     assert_eq!(terms(&q), (196..=200).map(|s| (s, s)).collect::<Vec<_>>());
     assert_eq!(records(&q).len(), 5);
 }
+
+#[test]
+fn a_repair_is_unfinished_while_the_queue_still_holds_the_saved_suffix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut q, path) = new_queue(dir.path(), 8192);
+    for _ in 0..2 {
+        push_term(&mut q, 3, 10, 0);
+    }
+    for _ in 0..3 {
+        push_term(&mut q, 5, 10, 1);
+    }
+    assert_eq!(crate::unfinished_repair(&q), None, "nothing saved");
+    // A handshake saved the divergent suffix (seqs 3..=5, term 5) and began its repair.
+    let saved: Vec<crate::DiscardedRecord> = (3..=5)
+        .map(|seq| crate::DiscardedRecord {
+            seq,
+            term: 5,
+            region_offset: offset_for(seq),
+            payload: vec![1; 10],
+        })
+        .collect();
+    crate::save_discarded(&crate::discarded_path(&path, 2, 7), 1, 2, 7, &saved).unwrap();
+    assert_eq!(
+        crate::unfinished_repair(&q),
+        Some(2),
+        "the suffix is still held"
+    );
+    // The repair finished: the suffix went and the primary's records (a newer term) follow.
+    q.truncate_after(2).unwrap();
+    assert_eq!(crate::unfinished_repair(&q), None);
+    push_term(&mut q, 9, 10, 2);
+    assert_eq!(
+        crate::unfinished_repair(&q),
+        None,
+        "seq 3 is the primary's now"
+    );
+}
