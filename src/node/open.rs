@@ -279,6 +279,7 @@ impl Mirror {
             recoveries_seen: 0,
             submitted: 0,
             published_role: wire_role,
+            published_degraded: false,
         };
         let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;

@@ -1264,6 +1264,15 @@ impl Replica {
         }
     }
 
+    /// Whether this node is a primary applying writes without its backup (cheaper than
+    /// [`Replica::stats`]).
+    pub fn degraded(&self) -> bool {
+        match &self.side {
+            Side::Primary(p) => p.is_degraded(),
+            Side::Backup(_) => false,
+        }
+    }
+
     /// Counters.
     pub fn stats(&self) -> CoreStats {
         match &self.side {

@@ -115,6 +115,10 @@ impl PrimarySide {
         self.state = PrimaryState::Failed;
     }
 
+    pub(super) fn is_degraded(&self) -> bool {
+        self.degraded
+    }
+
     pub(super) fn is_failed(&self) -> bool {
         self.state == PrimaryState::Failed
     }

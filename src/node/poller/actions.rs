@@ -67,7 +67,14 @@ impl Poller {
                 from_seq,
                 through_seq,
             } if self.is_current(to) => self.send_queued(from_seq, through_seq, broken)?,
-            Io::Complete(ticket) => self.shared.complete(ticket),
+            Io::Complete(ticket) => {
+                // A caller that sees its write complete and then reads the stats must see the
+                // state that write completed in (degraded, say), not the last pass's.
+                if self.exec.core.degraded() != self.published_degraded {
+                    self.publish_stats();
+                }
+                self.shared.complete(ticket)
+            }
             Io::Disconnect { peer, fault } if self.is_current(peer) => {
                 broken.get_or_insert(fault.to_string());
             }

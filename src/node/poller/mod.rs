@@ -68,6 +68,8 @@ pub(super) struct Poller {
     pub(super) submitted: u64,
     /// The role last published to callers.
     pub(super) published_role: WireRole,
+    /// The `degraded` flag last published to callers.
+    pub(super) published_degraded: bool,
 }
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
@@ -467,6 +469,7 @@ impl Poller {
         s.queue_bytes = self.exec.queue.used_bytes();
         s.in_flight = core.in_flight;
         s.degraded = core.degraded;
+        self.published_degraded = core.degraded;
         s.recoveries = core.recoveries;
         s.last_recovery_bytes = self.exec.recovery().bytes;
         s.last_recovery_records = self.exec.recovery().records;
