@@ -144,6 +144,8 @@ struct Shared {
     refused_through: AtomicU64,
     /// Why the node was fenced, until it is promoted again.
     fenced: Mutex<Option<String>>,
+    /// Whether `fenced` holds a reason (so that submitters need not take its lock).
+    is_fenced: AtomicBool,
     /// Testing aid: kill the process before the next apply (see `arm_crash_before_next_apply`).
     #[cfg(feature = "fail-points")]
     crash_armed: Arc<AtomicBool>,
@@ -179,11 +181,23 @@ impl Shared {
         self.role.store(code, Ordering::Release);
     }
 
+    /// Why the node is fenced, if it is. Every submission asks: a lock-free check first.
     fn fenced(&self) -> Option<String> {
+        // Acquire: pairs with the Release in `set_fenced`, so the reason is there to read.
+        if !self.is_fenced.load(Ordering::Acquire) {
+            return None;
+        }
         self.fenced
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Records (or, promoted again, clears) why the node is fenced.
+    fn set_fenced(&self, reason: Option<String>) {
+        let mut f = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
+        self.is_fenced.store(reason.is_some(), Ordering::Release);
+        *f = reason;
     }
 
     /// Tickets `from..=through` will never complete; their waiters get the fenced error (with

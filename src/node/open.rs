@@ -242,6 +242,7 @@ impl Mirror {
             refused: Mutex::new(Vec::new()),
             refused_through: AtomicU64::new(0),
             fenced: Mutex::new(None),
+            is_fenced: AtomicBool::new(false),
             #[cfg(feature = "fail-points")]
             crash_armed,
             callers_driving: AtomicUsize::new(0),
@@ -280,6 +281,7 @@ impl Mirror {
             submitted: 0,
             published_role: wire_role,
             published_degraded: false,
+            published_connection: None,
         };
         let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;

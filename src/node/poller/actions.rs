@@ -35,7 +35,7 @@ impl Poller {
                 Action::PersistRole {
                     role: mirror_proto::WireRole::Primary,
                     superseded: false,
-                } => *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) = None,
+                } => self.shared.set_fenced(None),
                 Action::BindPeer { node_id } => {
                     tracing::info!(peer = format_args!("{node_id:#x}"), "bound to peer")
                 }

@@ -70,6 +70,8 @@ pub(super) struct Poller {
     pub(super) published_role: WireRole,
     /// The `degraded` flag last published to callers.
     pub(super) published_degraded: bool,
+    /// The connection whose address was last published.
+    pub(super) published_connection: Option<PeerId>,
 }
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
@@ -252,8 +254,7 @@ impl Poller {
                     "{f}; start this node as a backup (or demote it) to rejoin the new primary"
                 );
                 tracing::error!(%reason, "fenced");
-                *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(reason.clone());
+                self.shared.set_fenced(Some(reason.clone()));
                 Some(reason)
             }
             WritesRefused::LostSplitBrain(sb) => {
@@ -263,8 +264,7 @@ impl Poller {
                     sb.common
                 );
                 tracing::error!(%reason, "lost a split brain");
-                *self.shared.fenced.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(reason.clone());
+                self.shared.set_fenced(Some(reason.clone()));
                 Some(reason)
             }
             WritesRefused::Demoted => None,
@@ -475,7 +475,12 @@ impl Poller {
         s.last_recovery_records = self.exec.recovery().records;
         s.current_term = core.current_term;
         s.split_brain.clone_from(&core.split_brain);
-        s.peer_address = self.conn.as_ref().map(|c| c.peer().to_string());
+        // Formatted only when the connection changes (this runs after every working pass).
+        let connection = self.conn.as_ref().map(|_| self.conn_peer);
+        if connection != self.published_connection {
+            self.published_connection = connection;
+            s.peer_address = self.conn.as_ref().map(|c| c.peer().to_string());
+        }
         s.last_divergence.clone_from(&self.last_divergence);
     }
 
