@@ -40,6 +40,33 @@ pub enum TransportKind {
     Rdma,
 }
 
+/// How a node authenticates its peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// Mutual challenge-response over a pre-shared secret, then authenticated records.
+    Secret {
+        /// The secret this node proves with (and accepts).
+        secret_file: PathBuf,
+        /// A second secret it also accepts, during a rotation.
+        accept_secret_file: Option<PathBuf>,
+    },
+    /// No authentication, and every address is loopback (only local users can connect).
+    Loopback,
+    /// No authentication although an address is not loopback: `auth = none`, set explicitly.
+    Disabled,
+}
+
+impl Auth {
+    /// For `mirror status` and the stats.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Auth::Secret { .. } => "secret",
+            Auth::Loopback => "none (loopback only)",
+            Auth::Disabled => "none (auth = none: peers are not authenticated)",
+        }
+    }
+}
+
 /// A validated node configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -77,6 +104,8 @@ pub struct Config {
     pub after_split_brain: SplitBrainPolicy,
     /// Run the local control endpoint (a Unix socket beside the queue, `<queue>.ctl`).
     pub control_socket: bool,
+    /// How peers authenticate (`secret_file`, `accept_secret_file`, `auth`).
+    pub auth: Auth,
     /// CPU to pin the polling thread to (none: not pinned).
     pub cpu: Option<usize>,
     /// How long the poller busy-polls after its last work before it sleeps in the kernel.
@@ -144,6 +173,18 @@ pub const KEYS: &[(&str, &str)] = &[
         "after_split_brain",
         "disconnect (default) | discard-younger-primary | discard-least-changes | discard-node:<node id>",
     ),
+    (
+        "secret_file",
+        "file with the pair's shared secret (32 to 4096 bytes, mode 600); peers authenticate with it",
+    ),
+    (
+        "accept_secret_file",
+        "during a secret rotation: a second secret this node also accepts",
+    ),
+    (
+        "auth",
+        "secret (default when secret_file is set) | none (required to run without a secret on a non-loopback address)",
+    ),
     ("cpu", "CPU to pin the poller to, or 'none' (default)"),
     (
         "idle_spin_us",
@@ -200,6 +241,9 @@ pub struct ConfigBuilder {
     on_fenced: Option<FencedPolicy>,
     after_split_brain: Option<SplitBrainPolicy>,
     control_socket: Option<bool>,
+    secret_file: Option<PathBuf>,
+    accept_secret_file: Option<PathBuf>,
+    auth_none: Option<bool>,
     cpu: Option<Option<usize>>,
     idle_spin_us: Option<u64>,
     wait_spin_us: Option<u64>,
@@ -355,6 +399,15 @@ impl ConfigBuilder {
                     "on" => true,
                     "off" => false,
                     _ => return Err(bad(key, value, "expected 'on' or 'off'")),
+                })
+            }
+            "secret_file" => self.secret_file = Some(PathBuf::from(v)),
+            "accept_secret_file" => self.accept_secret_file = Some(PathBuf::from(v)),
+            "auth" => {
+                self.auth_none = Some(match v {
+                    "secret" => false,
+                    "none" => true,
+                    _ => return Err(bad(key, value, "expected secret or none")),
                 })
             }
             "after_split_brain" => {
@@ -527,6 +580,7 @@ impl ConfigBuilder {
                 ));
             }
         }
+        let auth = self.auth(listen, peer.as_deref())?;
         let submit_ring = self.submit_ring.unwrap_or(4096);
         if submit_ring == 0 || submit_ring > 1 << 20 {
             return Err(bad(
@@ -568,6 +622,7 @@ impl ConfigBuilder {
             on_fenced: self.on_fenced.unwrap_or(FencedPolicy::Demote),
             after_split_brain: self.after_split_brain.unwrap_or_default(),
             control_socket: self.control_socket.unwrap_or(true),
+            auth,
             cpu,
             idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
             wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),
@@ -583,6 +638,58 @@ impl ConfigBuilder {
             caller_drives: self.caller_drives.unwrap_or(true),
             crash_before_apply_seq: self.crash_before_apply_seq,
         })
+    }
+}
+
+impl ConfigBuilder {
+    /// The secure default: a node reachable beyond this machine authenticates its peers,
+    /// unless `auth = none` says otherwise in so many words.
+    fn auth(&self, listen: Option<SocketAddr>, peer: Option<&str>) -> Result<Auth, ConfigError> {
+        match (self.auth_none, &self.secret_file) {
+            (Some(true), Some(f)) => {
+                return Err(bad(
+                    "auth",
+                    "none",
+                    format!(
+                        "contradicts secret_file = {} (remove one of them)",
+                        f.display()
+                    ),
+                ))
+            }
+            (_, Some(f)) => {
+                return Ok(Auth::Secret {
+                    secret_file: f.clone(),
+                    accept_secret_file: self.accept_secret_file.clone(),
+                })
+            }
+            (Some(false), None) => return Err(ConfigError::Missing { key: "secret_file" }),
+            _ => {}
+        }
+        if let Some(f) = &self.accept_secret_file {
+            return Err(bad(
+                "accept_secret_file",
+                &f.display().to_string(),
+                "needs secret_file (it adds a second accepted secret during a rotation)",
+            ));
+        }
+        let mut exposed = None;
+        if let Some(l) = listen.filter(|l| !l.ip().is_loopback()) {
+            exposed = Some(("listen", l.to_string()));
+        }
+        if let Some(p) = peer {
+            if !resolve("peer", p)?.ip().is_loopback() {
+                exposed = Some(("peer", p.to_string()));
+            }
+        }
+        match (exposed, self.auth_none) {
+            (None, _) => Ok(Auth::Loopback),
+            (Some(_), Some(true)) => Ok(Auth::Disabled),
+            (Some((key, addr)), _) => Err(bad(
+                key,
+                &addr,
+                "is not a loopback address, so other machines can reach this node: set secret_file (the same file of at least 32 random bytes, mode 600, on both nodes) so that only the peer can write into the region, or set auth = none to run unauthenticated",
+            )),
+        }
     }
 }
 

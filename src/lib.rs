@@ -27,7 +27,7 @@ pub mod node;
 pub mod transport;
 pub mod workload;
 
-pub use config::{Config, ConfigBuilder, Role, TransportKind};
+pub use config::{Auth, Config, ConfigBuilder, Role, TransportKind};
 pub use error::{ConfigError, MirrorError, Result};
 pub use mirror_proto::{PeerLossPolicy, Phase};
 pub use mirror_storage::Durability;

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod core;
 pub mod handshake;
 pub use crate::handshake::{SplitBrain, SplitBrainPolicy, Suffix, Verdict};

@@ -142,7 +142,7 @@ fn read_response_line(
 /// Asks the node for its [`LiveStatus`].
 pub fn status(path: &Path, timeout: Duration) -> Result<LiveStatus, ControlError> {
     match request(path, &Request::Status, timeout)? {
-        Response::Status(s) => Ok(s),
+        Response::Status(s) => Ok(*s),
         other => Err(unexpected(path, other)),
     }
 }

@@ -122,6 +122,10 @@ pub struct LiveStatus {
     pub split_brain: Option<String>,
     /// Why the node stopped, if it failed.
     pub failure: Option<String>,
+    /// How the node authenticates its peers: `"secret"`, or why it does not (added to version
+    /// 1 later: absent from an older node's answer).
+    #[serde(default)]
+    pub auth: String,
 }
 
 impl LiveStatus {
@@ -209,7 +213,7 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     /// The answer to `status`.
-    Status(LiveStatus),
+    Status(Box<LiveStatus>),
     /// The answer to a successful `promote`.
     Promoted(Promoted),
     /// The answer to a successful `demote` or `resolve`.

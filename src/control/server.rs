@@ -432,7 +432,7 @@ fn read_request_line(stream: &UnixStream, stop: RawFd) -> Result<Vec<u8>, LineEr
 fn dispatch(target: &dyn ControlTarget, request: Request) -> Response {
     let op = request.op();
     let outcome = catch_unwind(AssertUnwindSafe(|| match request {
-        Request::Status => Response::Status(target.live_status()),
+        Request::Status => Response::Status(Box::new(target.live_status())),
         Request::Promote { force } => match target.promote(force) {
             Ok(p) => Response::Promoted(p),
             Err(r) => Response::Refused(r),

@@ -62,6 +62,7 @@ fn sample_status() -> LiveStatus {
         recoveries: 1,
         split_brain: None,
         failure: Some("line one\nline two \u{e9}".into()),
+        auth: "secret".into(),
     }
 }
 
@@ -243,7 +244,7 @@ fn encoding_matches_the_documented_bytes() {
     for (response, text) in responses {
         assert_eq!(encode_response(&response), format!("{text}\n").into_bytes());
     }
-    let status_line = encode_response(&Response::Status(sample_status()));
+    let status_line = encode_response(&Response::Status(Box::new(sample_status())));
     let expected_start = concat!(
         r#"{"version":1,"ok":true,"status":{"node_id":4660,"role":"primary","term":7,"#,
         r#""phase":"synchronous","peer_node_id":22136,"peer_address":"10.0.0.2:7000","#,
@@ -284,7 +285,7 @@ fn the_spec_shows_what_the_code_sends() {
     .into_iter()
     .map(|line| line.expect("encode"))
     .chain([
-        encode_response(&Response::Status(documented_status())),
+        encode_response(&Response::Status(Box::new(documented_status()))),
         encode_response(&Response::Promoted(Promoted {
             term: 8,
             forced: true,

@@ -236,7 +236,7 @@ pub(super) fn parse_response(
     }
     let wire = WireResponseIn::deserialize(value).map_err(|e| bad(e.to_string()))?;
     let response = match (wire.ok, wire.status, wire.promoted, wire.error) {
-        (true, Some(s), None, None) => Response::Status(s),
+        (true, Some(s), None, None) => Response::Status(Box::new(s)),
         (true, None, Some(p), None) => Response::Promoted(p),
         (true, None, None, None) => Response::Done,
         (false, None, None, Some(e)) => Response::Refused(e),

@@ -128,6 +128,7 @@ impl ControlTarget for NodeOps {
             recoveries: s.recoveries,
             split_brain: s.split_brain.clone(),
             failure: s.failure.clone(),
+            auth: s.auth.to_string(),
         }
     }
 

@@ -90,6 +90,8 @@ pub struct Stats {
     /// A split brain that keeps this node apart from its peer (see
     /// [`Mirror::resolve_split_brain`]), if the last handshake found one.
     pub split_brain: Option<String>,
+    /// How this node authenticates its peers (see `Auth::describe`: `"secret"`, or why none).
+    pub auth: &'static str,
 }
 
 /// A divergent suffix a backup dropped at a handshake: records a primary whose history is newer

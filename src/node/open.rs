@@ -14,6 +14,7 @@ use mirror_storage::{Durability, PersistentQueue, QueueParams, Region};
 
 use crate::config::{Config, Role, TransportKind};
 use crate::error::{MirrorError, Result};
+use crate::transport::auth::AuthContext;
 use crate::transport::tcp::TcpAcceptor;
 use crate::transport::{Listener, TransportError};
 
@@ -46,6 +47,26 @@ impl Mirror {
             })?;
             tracing::info!(device = %found, "RDMA transport");
         }
+        // Checked before any file is touched: a missing, loose or short secret is a clear error
+        // naming its key.
+        let auth = match &cfg.auth {
+            crate::config::Auth::Secret {
+                secret_file,
+                accept_secret_file,
+            } => Some(Arc::new(
+                AuthContext::new(secret_file.clone(), accept_secret_file.clone())
+                    .map_err(MirrorError::Config)?,
+            )),
+            crate::config::Auth::Disabled => {
+                tracing::warn!(
+                    listen = ?cfg.listen,
+                    peer = ?cfg.peer,
+                    "auth = none: peers are not authenticated; anyone who reaches these addresses can write into the region"
+                );
+                None
+            }
+            crate::config::Auth::Loopback => None,
+        };
         let storage_role = match cfg.role {
             Role::Primary => mirror_storage::Role::Primary,
             Role::Backup => mirror_storage::Role::Backup,
@@ -147,6 +168,9 @@ impl Mirror {
             Role::Backup => mirror_exec::Role::Backup,
         };
         let exec = Executor::with_replay(role, core_cfg, queue, replay, Arc::clone(&region), hooks);
+        if let Some(a) = &auth {
+            a.set_identity(exec.queue.node_id(), exec.queue.peer_node_id());
+        }
         let (acceptor, listen_addr) = match cfg.listen {
             Some(addr) => {
                 let listening = |e: TransportError| MirrorError::Io {
@@ -159,7 +183,11 @@ impl Mirror {
                 };
                 let (acceptor, bound): (Box<dyn Listener>, SocketAddr) = match cfg.transport {
                     TransportKind::Tcp => {
-                        let a = TcpAcceptor::bind(addr).map_err(listening)?;
+                        let mut a = TcpAcceptor::bind(addr).map_err(listening)?;
+                        if let Some(ctx) = &auth {
+                            a.require_auth(Arc::clone(ctx), cfg.handshake_timeout)
+                                .map_err(listening)?;
+                        }
                         let bound = a.local_addr().map_err(local)?;
                         (Box::new(a), bound)
                     }
@@ -223,6 +251,7 @@ impl Mirror {
             last_divergence: None,
             split_brain: None,
             peer_address: None,
+            auth: cfg.auth.describe(),
         };
         let shared = Arc::new(Shared {
             completed: CachePadded::new(AtomicU64::new(0)),
@@ -264,6 +293,7 @@ impl Mirror {
             conn: None,
             connecting: None,
             acceptor,
+            auth,
             pending: Vec::new(),
             actions: Vec::new(),
             inbox: Vec::new(),

@@ -7,13 +7,17 @@
 //! nothing to do for a while it sleeps on [`Connection::wait_fd`] (a socket, or a completion
 //! channel for RDMA) together with its own wake-up eventfd.
 
+pub mod auth;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
+use mirror_proto::auth::{
+    AuthError, RecordOpener, RecordSealer, Session, RECORD_HEADER_LEN, RECORD_TARGET_BODY,
+};
 use mirror_proto::{encode_write, Message, WireError};
 use thiserror::Error;
 
@@ -42,17 +46,25 @@ pub enum TransportError {
         /// The limit.
         limit: usize,
     },
+    /// Authentication failed, or an authenticated stream carried a forged or altered record.
+    #[error("authentication: {0}")]
+    Auth(#[from] AuthError),
 }
 
 /// Unsent bytes beyond which the peer is considered stuck (it does not read).
 const SEND_BACKLOG_LIMIT: usize = 512 << 20;
 
 /// The frames a connection has encoded and how far the network has taken them: one batch,
-/// handed over by `flush`, whatever carries it (a socket, RDMA writes).
+/// handed over by `flush`, whatever carries it (a socket, RDMA writes). On an authenticated
+/// connection the frames are encoded straight into records (a length reserved in front, the
+/// tag appended when the record closes), so sealing copies nothing.
 #[derive(Debug)]
 pub(crate) struct SendBatch {
     buf: BytesMut,
     sent: usize,
+    sealer: Option<RecordSealer>,
+    /// Where the record being filled starts (its reserved length), if one is open.
+    open_record: Option<usize>,
 }
 
 impl SendBatch {
@@ -60,6 +72,39 @@ impl SendBatch {
         SendBatch {
             buf: BytesMut::with_capacity(bytes),
             sent: 0,
+            sealer: None,
+            open_record: None,
+        }
+    }
+
+    /// From now on every frame travels in an authenticated record.
+    pub(crate) fn seal_with(&mut self, sealer: RecordSealer) {
+        debug_assert!(self.buf.is_empty(), "sealing starts before the first frame");
+        self.sealer = Some(sealer);
+    }
+
+    /// Before a frame: opens a record if frames are sealed and none is open.
+    fn begin_frame(&mut self) {
+        if self.sealer.is_some() && self.open_record.is_none() {
+            self.open_record = Some(self.buf.len());
+            self.buf.put_bytes(0, RECORD_HEADER_LEN);
+        }
+    }
+
+    /// After a frame: closes the record once it is large enough (records hold whole frames).
+    fn end_frame(&mut self) {
+        if let Some(start) = self.open_record {
+            if self.buf.len() - start - RECORD_HEADER_LEN >= RECORD_TARGET_BODY {
+                self.close_record();
+            }
+        }
+    }
+
+    /// Seals the open record, if any, so that everything encoded can be sent. Transports call
+    /// it at the start of `flush`.
+    pub(crate) fn close_record(&mut self) {
+        if let (Some(sealer), Some(start)) = (self.sealer.as_mut(), self.open_record.take()) {
+            sealer.seal(&mut self.buf, start);
         }
     }
 
@@ -75,7 +120,9 @@ impl SendBatch {
     /// Encodes `msg` into the batch (refused when the peer has stopped taking bytes).
     pub(crate) fn push(&mut self, msg: &Message) -> Result<(), TransportError> {
         self.check_backlog()?;
+        self.begin_frame();
         msg.encode(&mut self.buf);
+        self.end_frame();
         Ok(())
     }
 
@@ -88,13 +135,15 @@ impl SendBatch {
         data: &[u8],
     ) -> Result<(), TransportError> {
         self.check_backlog()?;
+        self.begin_frame();
         encode_write(seq, term, offset, data, &mut self.buf);
+        self.end_frame();
         Ok(())
     }
 
-    /// The bytes the network has not taken yet.
+    /// The bytes ready for the network and not taken yet (not the open record's).
     pub(crate) fn unsent(&self) -> &[u8] {
-        &self.buf[self.sent..]
+        &self.buf[self.sent..self.open_record.unwrap_or(self.buf.len())]
     }
 
     /// The network took `n` more bytes.
@@ -118,6 +167,96 @@ impl SendBatch {
             false
         }
     }
+}
+
+/// The receiving half: bytes from the network in, frames out. On an authenticated connection
+/// each record's tag is checked before any of its frames is decoded.
+#[derive(Debug)]
+pub(crate) struct FrameReader {
+    raw: BytesMut,
+    opener: Option<RecordOpener>,
+    /// The verified body of the current record, not decoded yet.
+    plain: BytesMut,
+}
+
+impl FrameReader {
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        FrameReader {
+            raw: BytesMut::with_capacity(bytes),
+            opener: None,
+            plain: BytesMut::new(),
+        }
+    }
+
+    /// From now on the peer's frames arrive in records; `early` are bytes that arrived with
+    /// the end of the handshake.
+    pub(crate) fn open_with(&mut self, opener: RecordOpener, early: &[u8]) {
+        self.opener = Some(opener);
+        self.raw.extend_from_slice(early);
+    }
+
+    /// Where the transport appends what arrives.
+    pub(crate) fn raw(&mut self) -> &mut BytesMut {
+        &mut self.raw
+    }
+
+    /// The next complete frame, if one has arrived (and, when authenticated, been verified).
+    pub(crate) fn next(&mut self) -> Result<Option<Message>, TransportError> {
+        let Some(opener) = self.opener.as_mut() else {
+            return Ok(Message::decode(&mut self.raw)?);
+        };
+        loop {
+            if !self.plain.is_empty() {
+                return match Message::decode(&mut self.plain)? {
+                    Some(m) => Ok(Some(m)),
+                    None => Err(AuthError::RecordSplitsFrame {
+                        counter: opener.counter() - 1,
+                    }
+                    .into()),
+                };
+            }
+            match opener.open(&mut self.raw)? {
+                Some(body) => self.plain = body,
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Sets up a connection's two halves for an authenticated session.
+pub(crate) fn secure(tx: &mut SendBatch, rx: &mut FrameReader, session: Session, early: &[u8]) {
+    tx.seal_with(session.sealer);
+    rx.open_with(session.opener, early);
+}
+
+/// Wraps a descriptor a system call just returned (negative: the call failed).
+pub(crate) fn new_fd(fd: i32) -> std::io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A new epoll instance (close-on-exec).
+pub(crate) fn new_epoll() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain system call with valid flags.
+    new_fd(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+}
+
+/// Watches `fd` for readability in the epoll instance `ep` (a closed descriptor leaves it by
+/// itself).
+pub(crate) fn epoll_add(ep: &OwnedFd, fd: RawFd) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: fd as u64,
+    };
+    // SAFETY: both descriptors are open; `ev` is a live epoll_event.
+    let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The backup's listening endpoint.
@@ -165,4 +304,9 @@ pub trait Connection: Send {
     fn send_ready_fd(&self) -> Option<(RawFd, i16)>;
     /// A one-line description of the peer, for logs.
     fn peer(&self) -> String;
+    /// The node id the peer proved with the shared secret (`None`: not authenticated). Its
+    /// Hello must carry the same id.
+    fn authenticated_peer(&self) -> Option<u64> {
+        None
+    }
 }

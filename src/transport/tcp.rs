@@ -1,14 +1,18 @@
 //! TCP transport: non-blocking sockets with TCP_NODELAY, busy-polled; many messages per `write`.
+//! With a secret, every connection authenticates first (see [`super::auth`]) and then carries
+//! its frames in authenticated records.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
-use std::time::Duration;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use mirror_proto::auth::{Session, Side};
 use mirror_proto::Message;
 
-use super::{Connecting, Connection, Listener, SendBatch, TransportError};
+use super::auth::{AuthContext, Authenticating};
+use super::{Connecting, Connection, FrameReader, Listener, SendBatch, TransportError};
 
 /// Bytes read per `read` call, and the receive buffer's growth step.
 const RECV_CHUNK: usize = 256 << 10;
@@ -19,7 +23,8 @@ pub struct TcpConnection {
     stream: TcpStream,
     peer: SocketAddr,
     tx: SendBatch,
-    rx: BytesMut,
+    rx: FrameReader,
+    authenticated: Option<u64>,
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> TransportError {
@@ -40,8 +45,22 @@ impl TcpConnection {
             stream,
             peer,
             tx: SendBatch::with_capacity(RECV_CHUNK),
-            rx: BytesMut::with_capacity(RECV_CHUNK),
+            rx: FrameReader::with_capacity(RECV_CHUNK),
+            authenticated: None,
         })
+    }
+
+    /// Wraps a stream whose peer authenticated: frames travel in records from here on; `early`
+    /// are the peer's bytes that arrived with the end of the handshake.
+    pub fn authenticated(
+        stream: TcpStream,
+        session: Session,
+        early: &[u8],
+    ) -> Result<Self, TransportError> {
+        let mut c = Self::new(stream)?;
+        c.authenticated = Some(session.peer_node_id);
+        super::secure(&mut c.tx, &mut c.rx, session, early);
+        Ok(c)
     }
 
     /// Connects to `addr` (blocking for at most `timeout`).
@@ -79,6 +98,7 @@ impl Connection for TcpConnection {
     }
 
     fn flush(&mut self) -> Result<bool, TransportError> {
+        self.tx.close_record();
         while self.tx.pending() > 0 {
             match self.stream.write(self.tx.unsent()) {
                 Ok(0) => return Err(TransportError::Closed),
@@ -99,7 +119,7 @@ impl Connection for TcpConnection {
         let before = out.len();
         loop {
             while out.len() - before < max {
-                match Message::decode(&mut self.rx)? {
+                match self.rx.next()? {
                     Some(m) => out.push(m),
                     None => break,
                 }
@@ -107,10 +127,11 @@ impl Connection for TcpConnection {
             if out.len() - before >= max {
                 break;
             }
-            if self.rx.capacity() - self.rx.len() < RECV_CHUNK / 4 {
-                self.rx.reserve(RECV_CHUNK);
+            let raw = self.rx.raw();
+            if raw.capacity() - raw.len() < RECV_CHUNK / 4 {
+                raw.reserve(RECV_CHUNK);
             }
-            let spare = self.rx.spare_capacity_mut();
+            let spare = raw.spare_capacity_mut();
             // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `self.rx`, and
             // recv(2) writes at most that many bytes into it. No Rust reference to those bytes is
             // read before `set_len` below covers exactly the `n` bytes recv initialized.
@@ -125,10 +146,11 @@ impl Connection for TcpConnection {
             match n {
                 0 => return Err(TransportError::Closed),
                 n if n > 0 => {
-                    let len = self.rx.len();
+                    let raw = self.rx.raw();
+                    let len = raw.len();
                     // SAFETY: recv initialized bytes len..len+n (n <= spare capacity, checked by
                     // the kernel against the length we passed).
-                    unsafe { self.rx.set_len(len + n as usize) };
+                    unsafe { raw.set_len(len + n as usize) };
                 }
                 _ => {
                     let e = io::Error::last_os_error();
@@ -154,12 +176,40 @@ impl Connection for TcpConnection {
     fn peer(&self) -> String {
         format!("tcp://{}", self.peer)
     }
+
+    fn authenticated_peer(&self) -> Option<u64> {
+        self.authenticated
+    }
+}
+
+/// Connections authenticating at once on a listener; beyond it the oldest is dropped, so a
+/// crowd of silent clients cannot grow memory, and a legitimate peer's retry gets in.
+const MAX_AUTHENTICATING: usize = 64;
+
+/// An accepted connection that has not authenticated yet.
+#[derive(Debug)]
+struct PendingAuth {
+    stream: TcpStream,
+    peer: SocketAddr,
+    auth: Authenticating,
+    deadline: Instant,
+}
+
+/// A listener's authentication: the secrets, the handshakes in progress, and an epoll
+/// instance over the listener and their sockets (the poller sleeps on one descriptor).
+#[derive(Debug)]
+struct AcceptAuth {
+    ctx: Arc<AuthContext>,
+    timeout: Duration,
+    pending: Vec<PendingAuth>,
+    wake: OwnedFd,
 }
 
 /// The backup's listening socket.
 #[derive(Debug)]
 pub struct TcpAcceptor {
     listener: TcpListener,
+    auth: Option<AcceptAuth>,
 }
 
 impl TcpAcceptor {
@@ -169,7 +219,29 @@ impl TcpAcceptor {
         listener
             .set_nonblocking(true)
             .map_err(io_err("setting listener non-blocking"))?;
-        Ok(TcpAcceptor { listener })
+        Ok(TcpAcceptor {
+            listener,
+            auth: None,
+        })
+    }
+
+    /// Every accepted connection must authenticate with `ctx`'s secrets within `timeout`
+    /// before it is handed over; until then it costs the poller one non-blocking read per pass.
+    pub fn require_auth(
+        &mut self,
+        ctx: Arc<AuthContext>,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        let wake = super::new_epoll().map_err(io_err("creating an epoll instance"))?;
+        super::epoll_add(&wake, self.listener.as_raw_fd())
+            .map_err(io_err("watching the listener"))?;
+        self.auth = Some(AcceptAuth {
+            ctx,
+            timeout,
+            pending: Vec::new(),
+            wake,
+        });
+        Ok(())
     }
 
     /// The bound address (useful with port 0).
@@ -179,19 +251,100 @@ impl TcpAcceptor {
             .map_err(io_err("reading listen address"))
     }
 
-    /// Accepts one pending connection, if any.
-    pub fn try_accept(&self) -> Result<Option<TcpConnection>, TransportError> {
-        match self.listener.accept() {
-            Ok((s, _)) => TcpConnection::new(s).map(Some),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
-            Err(e) => Err(io_err("accepting a connection")(e)),
+    /// Accepts one pending connection, if any (with authentication: one that has proved the
+    /// secret; the others wait, or are refused with a log line saying why).
+    pub fn try_accept(&mut self) -> Result<Option<TcpConnection>, TransportError> {
+        let Some(auth) = self.auth.as_mut() else {
+            return match self.listener.accept() {
+                Ok((s, _)) => TcpConnection::new(s).map(Some),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+                Err(e) => Err(io_err("accepting a connection")(e)),
+            };
+        };
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => auth.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("accepting a connection")(e)),
+            }
         }
+        Ok(auth.progress())
     }
 
-    /// Readable when a connection is pending.
+    /// Readable when a connection is pending (or, with authentication, when one of the
+    /// handshakes in progress has bytes).
     pub fn wait_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
+        match &self.auth {
+            Some(a) => a.wake.as_raw_fd(),
+            None => self.listener.as_raw_fd(),
+        }
+    }
+}
+
+impl AcceptAuth {
+    /// Starts authenticating a new connection.
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let started = stream
+            .set_nonblocking(true)
+            .map_err(io_err("setting socket non-blocking"))
+            .and_then(|()| {
+                super::epoll_add(&self.wake, stream.as_raw_fd())
+                    .map_err(io_err("watching a connection"))
+            })
+            .and_then(|()| self.ctx.start(Side::Responder));
+        let auth = match started {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot authenticate a connection; closing it");
+                return;
+            }
+        };
+        if self.pending.len() >= MAX_AUTHENTICATING {
+            let oldest = self.pending.remove(0);
+            tracing::warn!(peer = %oldest.peer, "too many connections authenticating at once; dropping the oldest");
+        }
+        self.pending.push(PendingAuth {
+            stream,
+            peer,
+            auth,
+            deadline: Instant::now() + self.timeout,
+        });
+    }
+
+    /// Moves every handshake on; returns the first connection that authenticated.
+    fn progress(&mut self) -> Option<TcpConnection> {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &mut self.pending[i];
+            let why = match p.auth.poll(&mut p.stream) {
+                Ok(None) if now < p.deadline => {
+                    i += 1;
+                    continue;
+                }
+                Ok(None) => "no authentication in time (silent or too slow)".to_string(),
+                Ok(Some((session, early))) => {
+                    let p = self.pending.swap_remove(i);
+                    let peer_id = session.peer_node_id;
+                    match TcpConnection::authenticated(p.stream, session, &early) {
+                        Ok(c) => {
+                            tracing::info!(peer = %p.peer, node = format_args!("{peer_id:#x}"), "peer authenticated");
+                            return Some(c);
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %p.peer, error = %e, "closing an authenticated connection that failed setup");
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            let p = self.pending.swap_remove(i);
+            tracing::warn!(peer = %p.peer, reason = %why, "refusing an unauthenticated connection");
+        }
+        None
     }
 }
 
@@ -211,6 +364,9 @@ impl Listener for TcpAcceptor {
 #[derive(Debug)]
 pub struct TcpConnecting {
     socket: Option<socket2::Socket>,
+    auth: Option<Arc<AuthContext>>,
+    /// Connected, authenticating.
+    authenticating: Option<(TcpStream, Authenticating)>,
 }
 
 impl TcpConnecting {
@@ -243,7 +399,15 @@ impl TcpConnecting {
         }
         Ok(TcpConnecting {
             socket: Some(socket),
+            auth: None,
+            authenticating: None,
         })
+    }
+
+    /// Once connected, authenticate with `ctx`'s secrets before the connection is handed over.
+    pub fn with_auth(mut self, ctx: Option<Arc<AuthContext>>) -> Self {
+        self.auth = ctx;
+        self
     }
 
     /// The socket once connected, `Ok(None)` while still in progress, or why it failed.
@@ -271,14 +435,41 @@ impl TcpConnecting {
 
 impl Connecting for TcpConnecting {
     fn poll(&mut self) -> Result<Option<Box<dyn Connection>>, TransportError> {
-        match self.poll_stream()? {
-            Some(stream) => Ok(Some(Box::new(TcpConnection::new(stream)?))),
-            None => Ok(None),
+        if self.authenticating.is_none() {
+            let Some(stream) = self.poll_stream()? else {
+                return Ok(None);
+            };
+            let Some(ctx) = self.auth.as_ref() else {
+                return Ok(Some(Box::new(TcpConnection::new(stream)?)));
+            };
+            stream
+                .set_nonblocking(true)
+                .map_err(io_err("setting socket non-blocking"))?;
+            self.authenticating = Some((stream, ctx.start(Side::Initiator)?));
         }
+        let Some((stream, auth)) = self.authenticating.as_mut() else {
+            return Ok(None);
+        };
+        let Some((session, early)) = auth.poll(stream)? else {
+            return Ok(None);
+        };
+        let (stream, _) = self.authenticating.take().ok_or(TransportError::Closed)?;
+        Ok(Some(Box::new(TcpConnection::authenticated(
+            stream, session, &early,
+        )?)))
     }
 
-    /// Becomes writable when the attempt finishes (either way).
+    /// Becomes writable when the connect finishes (either way); then, while authenticating,
+    /// readable when the peer answers.
     fn wait_fd(&self) -> Option<(RawFd, i16)> {
+        if let Some((stream, auth)) = &self.authenticating {
+            let events = if auth.wants_write() {
+                libc::POLLIN | libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            return Some((stream.as_raw_fd(), events));
+        }
         self.socket.as_ref().map(|s| (s.as_raw_fd(), libc::POLLOUT))
     }
 }

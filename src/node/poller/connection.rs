@@ -9,6 +9,7 @@ use mirror_proto::{Message, Phase, RejectCode, WireRole};
 
 use crate::config::{Config, TransportKind};
 use crate::error::Result;
+use crate::transport::auth::AuthContext;
 use crate::transport::tcp::TcpConnecting;
 use crate::transport::{Connecting, TransportError};
 
@@ -55,7 +56,10 @@ impl Poller {
         }
         self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
         let peer = self.cfg.peer.clone().unwrap_or_default();
-        match start_connecting(&self.cfg, &peer) {
+        if let Some(a) = &self.auth {
+            a.set_identity(self.exec.queue.node_id(), self.exec.queue.peer_node_id());
+        }
+        match start_connecting(&self.cfg, &peer, self.auth.clone()) {
             Ok(attempt) => {
                 let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
                 self.connecting = Some((attempt, deadline));
@@ -82,6 +86,9 @@ impl Poller {
         let accept_due = self.conn.is_none() || now >= self.next_accept_at_us;
         if let Some(acceptor) = self.acceptor.as_mut().filter(|_| accept_due) {
             self.next_accept_at_us = now + ACCEPT_INTERVAL_CONNECTED_US;
+            if let Some(a) = &self.auth {
+                a.set_identity(self.exec.queue.node_id(), self.exec.queue.peer_node_id());
+            }
             loop {
                 match acceptor.try_accept() {
                     Ok(Some(c)) => {
@@ -114,6 +121,17 @@ impl Poller {
                     let (mut c, _) = self.pending.swap_remove(i);
                     worked = true;
                     let verdict = match first.first() {
+                        Some(Message::Hello(h))
+                            if c.authenticated_peer().is_some_and(|id| id != h.node_id) =>
+                        {
+                            Err((
+                                RejectCode::ProtocolViolation,
+                                format!(
+                                    "Hello claims node {:#x} but the connection authenticated as another node",
+                                    h.node_id
+                                ),
+                            ))
+                        }
                         // A primary hearing a newer primary is fenced here (and, demoted,
                         // judges the Hello as a backup).
                         Some(Message::Hello(h)) => self.exec.core.admit(h),
@@ -176,9 +194,13 @@ impl Poller {
 
 /// Starts connecting to the backup over the configured transport (never blocks; the caller
 /// bounds the attempt with `handshake_timeout`).
-fn start_connecting(cfg: &Config, peer: &str) -> Result<Box<dyn Connecting>, TransportError> {
+fn start_connecting(
+    cfg: &Config,
+    peer: &str,
+    auth: Option<Arc<AuthContext>>,
+) -> Result<Box<dyn Connecting>, TransportError> {
     match cfg.transport {
-        TransportKind::Tcp => Ok(Box::new(TcpConnecting::start(peer)?)),
+        TransportKind::Tcp => Ok(Box::new(TcpConnecting::start(peer)?.with_auth(auth))),
         #[cfg(feature = "rdma")]
         TransportKind::Rdma => Ok(Box::new(crate::transport::rdma::RdmaConnecting::start(
             peer,

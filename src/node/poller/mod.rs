@@ -14,6 +14,7 @@ use mirror_storage::{Region, StorageError};
 
 use crate::config::Config;
 use crate::error::{MirrorError, Result};
+use crate::transport::auth::AuthContext;
 use crate::transport::{Connecting, Connection, Listener};
 
 use super::*;
@@ -46,6 +47,8 @@ pub(super) struct Poller {
     /// Primary over TCP: a connection attempt in progress, and when it gives up (us).
     pub(super) connecting: Option<(Box<dyn Connecting>, u64)>,
     pub(super) acceptor: Option<Box<dyn Listener>>,
+    /// The secrets peers authenticate with (none: no authentication).
+    pub(super) auth: Option<Arc<AuthContext>>,
     pub(super) pending: Vec<(Box<dyn Connection>, Instant)>,
     pub(super) actions: Vec<Action>,
     pub(super) inbox: Vec<Message>,
@@ -340,6 +343,11 @@ impl Poller {
                 no_room = true;
             }
         }
+        if let Some(forged) = self.hello_not_from_authenticated_peer() {
+            self.inbox.clear();
+            self.drop_connection(&forged);
+            worked = true;
+        }
         for msg in self.inbox.drain(..) {
             self.exec.core.on_message(self.conn_peer, msg);
         }
@@ -369,6 +377,19 @@ impl Poller {
             worked |= self.execute_actions()?;
         }
         Ok(worked)
+    }
+
+    /// On an authenticated connection, a Hello must come from the node that proved the secret
+    /// (the proof covers its node id; the Hello is only a claim).
+    pub(super) fn hello_not_from_authenticated_peer(&self) -> Option<String> {
+        let proven = self.conn.as_ref()?.authenticated_peer()?;
+        self.inbox.iter().find_map(|m| match m {
+            Message::Hello(h) if h.node_id != proven => Some(format!(
+                "Hello claims node {:#x} but the connection authenticated as node {proven:#x}",
+                h.node_id
+            )),
+            _ => None,
+        })
     }
 
     fn drop_connection(&mut self, why: &str) {

@@ -137,6 +137,7 @@ pub fn live_status(node: &NodeRef) -> CliResult {
         if s.degraded { "yes" } else { "no" }
     );
     println!("  fenced           {}", or_none(&s.fenced));
+    println!("  auth             {}", s.auth);
     println!("  split brain      {}", or_none(&s.split_brain));
     println!(
         "  queue            {} records, {} of {} bytes ({:.1}% full)",
