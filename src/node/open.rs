@@ -194,8 +194,11 @@ impl Mirror {
                     #[cfg(feature = "rdma")]
                     TransportKind::Rdma => {
                         use crate::transport::rdma::{RdmaAcceptor, RdmaSettings};
-                        let a = RdmaAcceptor::bind(addr, RdmaSettings::from_config(&cfg))
+                        let mut a = RdmaAcceptor::bind(addr, RdmaSettings::from_config(&cfg))
                             .map_err(listening)?;
+                        if let Some(ctx) = &auth {
+                            a.require_auth(Arc::clone(ctx));
+                        }
                         let bound = a.local_addr().map_err(local)?;
                         tracing::info!(device = %a.describe, "RDMA transport");
                         (Box::new(a), bound)

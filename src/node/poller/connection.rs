@@ -202,10 +202,13 @@ fn start_connecting(
     match cfg.transport {
         TransportKind::Tcp => Ok(Box::new(TcpConnecting::start(peer)?.with_auth(auth))),
         #[cfg(feature = "rdma")]
-        TransportKind::Rdma => Ok(Box::new(crate::transport::rdma::RdmaConnecting::start(
-            peer,
-            crate::transport::rdma::RdmaSettings::from_config(cfg),
-        )?)),
+        TransportKind::Rdma => Ok(Box::new(
+            crate::transport::rdma::RdmaConnecting::start(
+                peer,
+                crate::transport::rdma::RdmaSettings::from_config(cfg),
+            )?
+            .with_auth(auth),
+        )),
         #[cfg(not(feature = "rdma"))]
         TransportKind::Rdma => Err(TransportError::Io {
             context: "connecting over RDMA",

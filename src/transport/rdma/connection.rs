@@ -11,14 +11,21 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
+use mirror_proto::auth::{
+    RecordOpener, RecordSealer, Session, Side, RECORD_HEADER_LEN, RECORD_TAG_LEN,
+};
 use mirror_proto::Message;
 use rdma_sys::ibv_wc;
 
+use super::super::auth::{AuthContext, Authenticating};
 use super::super::tcp::TcpConnecting;
-use super::super::{Connecting, Connection, Listener, SendBatch, TransportError};
+use super::super::{
+    secure, Connecting, Connection, FrameReader, Listener, SendBatch, TransportError,
+};
 use super::credit::{Credit, RecvCredits, SendCredits, CREDIT_LEN};
 use super::setup::{gid_text, Info, INFO_LEN};
 use super::verbs::{
@@ -58,7 +65,9 @@ pub struct RdmaConnection {
     // Receive side.
     rq: RecvQueue,
     recv: RecvCredits,
-    rx: BytesMut,
+    rx: FrameReader,
+    /// The node id the peer proved on the setup channel (none: not authenticated).
+    authenticated: Option<u64>,
     wcs: Box<[ibv_wc]>,
     polls: u32,
     // Touched by `wait_fd(&self)`.
@@ -76,6 +85,44 @@ impl fmt::Debug for RdmaConnection {
             .field("arrived_bytes", &self.recv.arrived_bytes())
             .finish_non_exhaustive()
     }
+}
+
+/// Bytes of the setup record on the wire: on an authenticated channel it travels in a record
+/// (its tag makes the QP number, ring address and key it announces trustworthy).
+fn setup_wire_len(sealed: bool) -> usize {
+    if sealed {
+        RECORD_HEADER_LEN + INFO_LEN + RECORD_TAG_LEN
+    } else {
+        INFO_LEN
+    }
+}
+
+/// Our setup record as it travels.
+fn encode_setup(info: &Info, sealer: Option<&mut RecordSealer>) -> BytesMut {
+    let mut b = BytesMut::with_capacity(setup_wire_len(true));
+    match sealer {
+        Some(sealer) => {
+            b.put_bytes(0, RECORD_HEADER_LEN);
+            b.extend_from_slice(&info.encode());
+            sealer.seal(&mut b, 0);
+        }
+        None => b.extend_from_slice(&info.encode()),
+    }
+    b
+}
+
+/// The peer's setup record from exactly [`setup_wire_len`] bytes (verified first when sealed).
+fn decode_setup(got: &mut BytesMut, opener: Option<&mut RecordOpener>) -> Result<Info, TransportError> {
+    let body = match opener {
+        Some(opener) => opener.open(got)?.ok_or(RdmaError::PeerSetup(
+            "the sealed setup record is incomplete".into(),
+        ))?,
+        None => got.split_to(INFO_LEN),
+    };
+    let record: &[u8; INFO_LEN] = body[..].try_into().map_err(|_| {
+        RdmaError::PeerSetup(format!("setup record of {} bytes, expected {INFO_LEN}", body.len()))
+    })?;
+    Ok(Info::decode(record)?)
 }
 
 fn new_fd(fd: i32, op: &'static str) -> Result<OwnedFd, RdmaError> {
@@ -127,7 +174,12 @@ impl RdmaConnection {
     }
 
     /// Backup side: the primary's setup record arrived on `tcp`; answer and go to RTS.
-    fn accept(mut tcp: TcpStream, peer: Info, s: &RdmaSettings) -> Result<Self, TransportError> {
+    fn accept(
+        mut tcp: TcpStream,
+        peer: Info,
+        s: &RdmaSettings,
+        mut session: Option<Session>,
+    ) -> Result<Self, TransportError> {
         let parts = Parts::new(Verbs::prepare(s)?)?;
         let psn = fastrand::u32(..0x100_0000);
         // RTR before answering: the primary writes only after it has our record.
@@ -136,12 +188,18 @@ impl RdmaConnection {
             .map_err(io_err("setting socket blocking"))?;
         tcp.set_write_timeout(Some(EXCHANGE_TIMEOUT))
             .map_err(io_err("setting a socket timeout"))?;
-        tcp.write_all(&parts.v.info(psn).encode())
+        let record = encode_setup(&parts.v.info(psn), session.as_mut().map(|s| &mut s.sealer));
+        tcp.write_all(&record)
             .map_err(io_err("sending RDMA setup to peer"))?;
-        RdmaConnection::finish(parts, tcp, peer)
+        RdmaConnection::finish(parts, tcp, peer, session)
     }
 
-    fn finish(p: Parts, tcp: TcpStream, peer: Info) -> Result<Self, TransportError> {
+    fn finish(
+        p: Parts,
+        tcp: TcpStream,
+        peer: Info,
+        session: Option<Session>,
+    ) -> Result<Self, TransportError> {
         tcp.set_nonblocking(true)
             .map_err(io_err("setting socket non-blocking"))?;
         let wake = new_fd(
@@ -171,6 +229,12 @@ impl RdmaConnection {
         );
         let Parts { v, mut sq, rq } = p;
         sq.build(&v, peer.rkey, peer.credit_addr);
+        let mut tx = SendBatch::with_capacity(256 << 10);
+        let mut rx = FrameReader::with_capacity(256 << 10);
+        let authenticated = session.as_ref().map(|s| s.peer_node_id);
+        if let Some(session) = session {
+            secure(&mut tx, &mut rx, session, &[]);
+        }
         Ok(RdmaConnection {
             v,
             tcp,
@@ -178,12 +242,13 @@ impl RdmaConnection {
             kick,
             peer_desc,
             peer_ring: peer.ring_addr,
-            tx: SendBatch::with_capacity(256 << 10),
+            tx,
             sq,
             send: SendCredits::new(peer.ring_len, u64::from(peer.recv_depth)),
             rq,
             recv: RecvCredits::new(RING_BYTES, u64::from(RECV_DEPTH)),
-            rx: BytesMut::with_capacity(256 << 10),
+            rx,
+            authenticated,
             wcs: zeroed_wcs(CQ_BATCH),
             polls: 0,
             stash: RefCell::new(Vec::with_capacity(CQ_BATCH)),
@@ -272,7 +337,7 @@ impl RdmaConnection {
                     chunk.len as usize,
                 )
             };
-            self.rx.extend_from_slice(bytes);
+            self.rx.raw().extend_from_slice(bytes);
             self.recv.consumed(chunk.len);
         }
     }
@@ -327,6 +392,7 @@ impl Connection for RdmaConnection {
     }
 
     fn flush(&mut self) -> Result<bool, TransportError> {
+        self.tx.close_record();
         if self.tx.settle() {
             return Ok(true);
         }
@@ -422,7 +488,7 @@ impl Connection for RdmaConnection {
             self.check_liveness()?;
         }
         while out.len() - before < max {
-            match Message::decode(&mut self.rx)? {
+            match self.rx.next()? {
                 Some(m) => out.push(m),
                 None => break,
             }
@@ -472,6 +538,10 @@ impl Connection for RdmaConnection {
     fn peer(&self) -> String {
         self.peer_desc.clone()
     }
+
+    fn authenticated_peer(&self) -> Option<u64> {
+        self.authenticated
+    }
 }
 
 /// The primary's side of connection setup, one non-blocking step per [`Connecting::poll`]:
@@ -479,18 +549,20 @@ impl Connection for RdmaConnection {
 /// RTS. The engine bounds the whole attempt with its handshake timeout.
 pub struct RdmaConnecting {
     settings: RdmaSettings,
+    auth: Option<Arc<AuthContext>>,
     stage: SetupStage,
 }
 
 enum SetupStage {
     Tcp(TcpConnecting),
+    Authenticating(TcpStream, Authenticating),
     Answer {
         tcp: TcpStream,
         // Boxed: the verbs objects and work requests are large, the other stages small.
         parts: Box<Parts>,
         psn: u32,
-        got: [u8; INFO_LEN],
-        len: usize,
+        session: Option<Session>,
+        got: BytesMut,
     },
     Done,
 }
@@ -501,21 +573,59 @@ impl RdmaConnecting {
         Ok(RdmaConnecting {
             stage: SetupStage::Tcp(TcpConnecting::start(addr)?),
             settings,
+            auth: None,
         })
+    }
+
+    /// Authenticate on the setup channel with `ctx`'s secrets before the setup records are
+    /// exchanged (they then travel sealed, and so does every frame on the data path).
+    pub fn with_auth(mut self, ctx: Option<Arc<AuthContext>>) -> Self {
+        self.auth = ctx;
+        self
     }
 
     /// The connection once ready, `Ok(None)` while setup is in progress, or why it failed.
     pub fn poll_connection(&mut self) -> Result<Option<RdmaConnection>, TransportError> {
         if let SetupStage::Tcp(t) = &mut self.stage {
-            let Some(mut tcp) = t.poll_stream()? else {
+            let Some(tcp) = t.poll_stream()? else {
                 return Ok(None);
             };
             tcp.set_nodelay(true)
                 .map_err(io_err("setting TCP_NODELAY"))?;
+            tcp.set_nonblocking(true)
+                .map_err(io_err("setting socket non-blocking"))?;
+            self.stage = match &self.auth {
+                Some(ctx) => SetupStage::Authenticating(tcp, ctx.start(Side::Initiator)?),
+                None => return self.send_setup(tcp, None, BytesMut::new()),
+            };
+        }
+        if let SetupStage::Authenticating(tcp, auth) = &mut self.stage {
+            let Some((session, early)) = auth.poll(tcp)? else {
+                return Ok(None);
+            };
+            let SetupStage::Authenticating(tcp, _) =
+                std::mem::replace(&mut self.stage, SetupStage::Done)
+            else {
+                unreachable!("matched above");
+            };
+            return self.send_setup(tcp, Some(session), early);
+        }
+        self.read_answer()
+    }
+
+    /// Prepares the verbs objects and sends our setup record.
+    fn send_setup(
+        &mut self,
+        mut tcp: TcpStream,
+        mut session: Option<Session>,
+        early: BytesMut,
+    ) -> Result<Option<RdmaConnection>, TransportError> {
+        {
             let parts = Box::new(Parts::new(Verbs::prepare(&self.settings)?)?);
             let psn = fastrand::u32(..0x100_0000);
-            // 64 bytes into a fresh socket's empty send buffer: written whole or not at all.
-            let record = parts.v.info(psn).encode();
+            // 64 (or 84, sealed) bytes into a fresh socket's empty send buffer: written whole
+            // or not at all.
+            let record = encode_setup(&parts.v.info(psn), session.as_mut().map(|s| &mut s.sealer));
             match tcp.write(&record) {
                 Ok(n) if n == record.len() => {}
                 Ok(_) => {
@@ -530,36 +640,59 @@ impl RdmaConnecting {
                 tcp,
                 parts,
                 psn,
-                got: [0; INFO_LEN],
-                len: 0,
+                session,
+                got: early,
             };
         }
-        let SetupStage::Answer { tcp, got, len, .. } = &mut self.stage else {
+        self.read_answer()
+    }
+
+    /// Reads the backup's setup record and brings the QP to RTS.
+    fn read_answer(&mut self) -> Result<Option<RdmaConnection>, TransportError> {
+        let SetupStage::Answer {
+            tcp, got, session, ..
+        } = &mut self.stage
+        else {
             return Err(TransportError::Closed);
         };
-        while *len < INFO_LEN {
-            match tcp.read(&mut got[*len..]) {
-                Ok(0) => return Err(TransportError::Closed),
-                Ok(n) => *len += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err("reading the peer's RDMA setup")(e)),
-            }
+        let want = setup_wire_len(session.is_some());
+        if !read_exactly(tcp, got, want)? {
+            return Ok(None);
         }
         let SetupStage::Answer {
             tcp,
             parts,
             psn,
-            got,
-            ..
+            mut session,
+            mut got,
         } = std::mem::replace(&mut self.stage, SetupStage::Done)
         else {
             unreachable!("matched above");
         };
-        let peer = Info::decode(&got)?;
+        let peer = decode_setup(&mut got, session.as_mut().map(|s| &mut s.opener))?;
         parts.v.connect_qp(&peer, psn)?;
-        RdmaConnection::finish(*parts, tcp, peer).map(Some)
+        RdmaConnection::finish(*parts, tcp, peer, session).map(Some)
     }
+}
+
+/// Reads from `tcp` until `got` holds `want` bytes (never more: the setup channel carries
+/// nothing after the setup record). Returns whether it does.
+fn read_exactly(tcp: &mut TcpStream, got: &mut BytesMut, want: usize) -> Result<bool, TransportError> {
+    if got.len() > want {
+        return Err(RdmaError::PeerProtocol("peer sent more than its setup record".into()).into());
+    }
+    let mut buf = [0u8; 128];
+    while got.len() < want {
+        let room = (want - got.len()).min(buf.len());
+        match tcp.read(&mut buf[..room]) {
+            Ok(0) => return Err(TransportError::Closed),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("reading the peer's RDMA setup")(e)),
+        }
+    }
+    Ok(true)
 }
 
 impl Connecting for RdmaConnecting {
@@ -572,17 +705,20 @@ impl Connecting for RdmaConnecting {
     fn wait_fd(&self) -> Option<(RawFd, i16)> {
         match &self.stage {
             SetupStage::Tcp(t) => Connecting::wait_fd(t),
-            SetupStage::Answer { tcp, .. } => Some((tcp.as_raw_fd(), libc::POLLIN)),
+            SetupStage::Authenticating(tcp, _) | SetupStage::Answer { tcp, .. } => {
+                Some((tcp.as_raw_fd(), libc::POLLIN))
+            }
             SetupStage::Done => None,
         }
     }
 }
 
-/// A connection whose setup record is still arriving.
+/// A connection whose setup record is still arriving (after its authentication, if required).
 struct Handshake {
     tcp: TcpStream,
-    got: [u8; INFO_LEN],
-    len: usize,
+    auth: Option<Authenticating>,
+    session: Option<Session>,
+    got: BytesMut,
     deadline: Instant,
 }
 
@@ -591,6 +727,9 @@ pub struct RdmaAcceptor {
     listener: TcpListener,
     settings: RdmaSettings,
     pending: Vec<Handshake>,
+    /// The secrets a connection must prove before its setup record is read (none: no
+    /// authentication).
+    auth: Option<Arc<AuthContext>>,
     /// epoll over the listener and the pending setup connections.
     wake: OwnedFd,
     /// What `bind` found (device, port, GID), for logs.
@@ -624,6 +763,7 @@ impl RdmaAcceptor {
             listener,
             settings,
             pending: Vec::new(),
+            auth: None,
             wake,
             describe,
         })
@@ -634,6 +774,26 @@ impl RdmaAcceptor {
         self.listener
             .local_addr()
             .map_err(io_err("reading listen address"))
+    }
+
+    /// Every setup connection must authenticate with `ctx`'s secrets first.
+    pub fn require_auth(&mut self, ctx: Arc<AuthContext>) {
+        self.auth = Some(ctx);
+    }
+}
+
+impl Handshake {
+    /// Moves authentication and the setup record on; returns whether the record is complete.
+    fn progress(&mut self) -> Result<bool, TransportError> {
+        if let Some(auth) = self.auth.as_mut() {
+            let Some((session, early)) = auth.poll(&mut self.tcp)? else {
+                return Ok(false);
+            };
+            self.auth = None;
+            self.session = Some(session);
+            self.got = early;
+        }
+        read_exactly(&mut self.tcp, &mut self.got, setup_wire_len(self.session.is_some()))
     }
 }
 
@@ -646,10 +806,15 @@ impl Listener for RdmaAcceptor {
                         .map_err(io_err("setting socket non-blocking"))?;
                     let _ = tcp.set_nodelay(true);
                     epoll_add(&self.wake, tcp.as_raw_fd())?;
+                    let auth = match &self.auth {
+                        Some(ctx) => Some(ctx.start(Side::Responder)?),
+                        None => None,
+                    };
                     self.pending.push(Handshake {
                         tcp,
-                        got: [0; INFO_LEN],
-                        len: 0,
+                        auth,
+                        session: None,
+                        got: BytesMut::new(),
                         deadline: Instant::now() + EXCHANGE_TIMEOUT,
                     });
                 }
@@ -661,37 +826,40 @@ impl Listener for RdmaAcceptor {
         let mut i = 0;
         while i < self.pending.len() {
             let h = &mut self.pending[i];
-            let read = h.tcp.read(&mut h.got[h.len..]);
-            let drop_it = match read {
-                Ok(0) => Some("closed before its RDMA setup".to_string()),
-                Ok(n) => {
-                    h.len += n;
-                    None
+            let complete = match h.progress() {
+                Ok(complete) => complete,
+                Err(e) => {
+                    let h = self.pending.swap_remove(i);
+                    let what = if h.auth.is_some() {
+                        "refusing an unauthenticated connection"
+                    } else {
+                        "dropping RDMA setup connection"
+                    };
+                    tracing::warn!(peer = ?h.tcp.peer_addr().ok(), reason = %e, "{what}");
+                    continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
-                Err(e) => Some(e.to_string()),
             };
-            if let Some(why) = drop_it {
-                let h = self.pending.swap_remove(i);
-                tracing::warn!(peer = ?h.tcp.peer_addr().ok(), reason = %why, "dropping RDMA setup connection");
-                continue;
-            }
-            if h.len == INFO_LEN {
-                let h = self.pending.swap_remove(i);
-                let info = match Info::decode(&h.got) {
-                    Ok(info) => info,
-                    Err(e) => {
-                        tracing::warn!(peer = ?h.tcp.peer_addr().ok(), error = %e, "refusing RDMA setup");
-                        continue;
-                    }
-                };
-                let c = RdmaConnection::accept(h.tcp, info, &self.settings)?;
+            if complete {
+                let mut h = self.pending.swap_remove(i);
+                let info =
+                    match decode_setup(&mut h.got, h.session.as_mut().map(|s| &mut s.opener)) {
+                        Ok(info) => info,
+                        Err(e) => {
+                            tracing::warn!(peer = ?h.tcp.peer_addr().ok(), error = %e, "refusing RDMA setup");
+                            continue;
+                        }
+                    };
+                let c = RdmaConnection::accept(h.tcp, info, &self.settings, h.session)?;
                 return Ok(Some(Box::new(c)));
             }
             if Instant::now() > h.deadline {
                 let h = self.pending.swap_remove(i);
-                tracing::warn!(peer = ?h.tcp.peer_addr().ok(), "no RDMA setup in time; closing");
+                let why = if h.auth.is_some() {
+                    "no authentication in time (silent or too slow); closing"
+                } else {
+                    "no RDMA setup in time; closing"
+                };
+                tracing::warn!(peer = ?h.tcp.peer_addr().ok(), "{why}");
                 continue;
             }
             i += 1;
