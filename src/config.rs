@@ -54,16 +54,40 @@ pub enum Auth {
     Loopback,
     /// No authentication although an address is not loopback: `auth = none`, set explicitly.
     Disabled,
+    /// No secret: TLS certificates authenticate the peers (`tls = on`).
+    TlsOnly,
 }
 
-impl Auth {
-    /// For `mirror status` and the stats.
-    pub fn describe(&self) -> &'static str {
-        match self {
-            Auth::Secret { .. } => "secret",
-            Auth::Loopback => "none (loopback only)",
-            Auth::Disabled => "none (auth = none: peers are not authenticated)",
-        }
+/// How a TLS node verifies its peer's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsVerify {
+    /// Signed by a CA in this PEM file (the dialing node also checks the name).
+    Ca(PathBuf),
+    /// Exactly the certificate with this SHA-256 fingerprint.
+    Fingerprint([u8; 32]),
+}
+
+/// TLS for the TCP transport (`tls = on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// This node's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, mode 600).
+    pub key: PathBuf,
+    /// How the peer's certificate is checked.
+    pub verify: TlsVerify,
+    /// The name the dialing node expects in the peer's certificate (with a CA).
+    pub server_name: String,
+}
+
+/// How a node describes its peer authentication (the stats, `mirror status --live`).
+pub fn describe_security(auth: &Auth, tls: Option<&TlsSettings>) -> &'static str {
+    match (auth, tls) {
+        (Auth::Secret { .. }, Some(_)) => "tls+secret",
+        (_, Some(_)) => "tls",
+        (Auth::Secret { .. }, None) => "secret",
+        (Auth::Loopback | Auth::TlsOnly, None) => "none (loopback only)",
+        (Auth::Disabled, None) => "none (auth = none: peers are not authenticated)",
     }
 }
 
@@ -106,6 +130,8 @@ pub struct Config {
     pub control_socket: bool,
     /// How peers authenticate (`secret_file`, `accept_secret_file`, `auth`).
     pub auth: Auth,
+    /// TLS on the TCP transport (`tls = on` and the `tls_*` keys).
+    pub tls: Option<TlsSettings>,
     /// CPU to pin the polling thread to (none: not pinned).
     pub cpu: Option<usize>,
     /// How long the poller busy-polls after its last work before it sleeps in the kernel.
@@ -183,7 +209,19 @@ pub const KEYS: &[(&str, &str)] = &[
     ),
     (
         "auth",
-        "secret (default when secret_file is set) | none (required to run without a secret on a non-loopback address)",
+        "secret (default when secret_file is set) | none (required to run without a secret or TLS on a non-loopback address)",
+    ),
+    ("tls", "TCP only: off (default) | on (rustls, both nodes present certificates)"),
+    ("tls_cert", "tls: this node's certificate chain (PEM)"),
+    ("tls_key", "tls: this node's private key (PEM, mode 600)"),
+    ("tls_ca", "tls: accept a peer certificate signed by this CA (PEM)"),
+    (
+        "tls_peer_fingerprint",
+        "tls: accept exactly the peer certificate with this SHA-256 fingerprint (hex; `mirror fingerprint CERT` prints it)",
+    ),
+    (
+        "tls_server_name",
+        "tls with tls_ca: the name the peer's certificate must carry (default: the host of 'peer')",
     ),
     ("cpu", "CPU to pin the poller to, or 'none' (default)"),
     (
@@ -244,6 +282,12 @@ pub struct ConfigBuilder {
     secret_file: Option<PathBuf>,
     accept_secret_file: Option<PathBuf>,
     auth_none: Option<bool>,
+    tls: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_peer_fingerprint: Option<[u8; 32]>,
+    tls_server_name: Option<String>,
     cpu: Option<Option<usize>>,
     idle_spin_us: Option<u64>,
     wait_spin_us: Option<u64>,
@@ -410,6 +454,20 @@ impl ConfigBuilder {
                     _ => return Err(bad(key, value, "expected secret or none")),
                 })
             }
+            "tls" => {
+                self.tls = Some(match v {
+                    "on" | "true" | "yes" | "1" => true,
+                    "off" | "false" | "no" | "0" => false,
+                    _ => return Err(bad(key, value, "expected on or off")),
+                })
+            }
+            "tls_cert" => self.tls_cert = Some(PathBuf::from(v)),
+            "tls_key" => self.tls_key = Some(PathBuf::from(v)),
+            "tls_ca" => self.tls_ca = Some(PathBuf::from(v)),
+            "tls_peer_fingerprint" => {
+                self.tls_peer_fingerprint = Some(parse_fingerprint(v).map_err(|why| bad(key, value, why))?)
+            }
+            "tls_server_name" => self.tls_server_name = Some(v.to_owned()),
             "after_split_brain" => {
                 self.after_split_brain = Some(match v {
                     "disconnect" => SplitBrainPolicy::Disconnect,
@@ -580,7 +638,8 @@ impl ConfigBuilder {
                 ));
             }
         }
-        let auth = self.auth(listen, peer.as_deref())?;
+        let tls = self.tls(peer.as_deref())?;
+        let auth = self.auth(listen, peer.as_deref(), tls.is_some())?;
         let submit_ring = self.submit_ring.unwrap_or(4096);
         if submit_ring == 0 || submit_ring > 1 << 20 {
             return Err(bad(
@@ -623,6 +682,7 @@ impl ConfigBuilder {
             after_split_brain: self.after_split_brain.unwrap_or_default(),
             control_socket: self.control_socket.unwrap_or(true),
             auth,
+            tls,
             cpu,
             idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
             wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),
@@ -642,9 +702,76 @@ impl ConfigBuilder {
 }
 
 impl ConfigBuilder {
-    /// The secure default: a node reachable beyond this machine authenticates its peers,
-    /// unless `auth = none` says otherwise in so many words.
-    fn auth(&self, listen: Option<SocketAddr>, peer: Option<&str>) -> Result<Auth, ConfigError> {
+    /// TLS settings, if `tls = on`: a certificate, its key, and one way to check the peer's.
+    fn tls(&self, peer: Option<&str>) -> Result<Option<TlsSettings>, ConfigError> {
+        if self.tls != Some(true) {
+            for (key, set) in [
+                ("tls_cert", self.tls_cert.is_some()),
+                ("tls_key", self.tls_key.is_some()),
+                ("tls_ca", self.tls_ca.is_some()),
+                ("tls_peer_fingerprint", self.tls_peer_fingerprint.is_some()),
+                ("tls_server_name", self.tls_server_name.is_some()),
+            ] {
+                if set {
+                    return Err(bad(key, "(set)", "has no effect without tls = on"));
+                }
+            }
+            return Ok(None);
+        }
+        if self.transport == Some(TransportKind::Rdma) {
+            return Err(bad(
+                "tls",
+                "on",
+                "applies to the TCP transport only; over RDMA set secret_file (the setup is authenticated and every frame tagged; the data path is not encrypted)",
+            ));
+        }
+        let cert = self
+            .tls_cert
+            .clone()
+            .ok_or(ConfigError::Missing { key: "tls_cert" })?;
+        let key = self
+            .tls_key
+            .clone()
+            .ok_or(ConfigError::Missing { key: "tls_key" })?;
+        let verify = match (&self.tls_ca, self.tls_peer_fingerprint) {
+            (Some(ca), None) => TlsVerify::Ca(ca.clone()),
+            (None, Some(fp)) => TlsVerify::Fingerprint(fp),
+            (None, None) => {
+                return Err(bad(
+                    "tls",
+                    "on",
+                    "needs tls_ca (a CA that signed the peer's certificate) or tls_peer_fingerprint (the peer certificate's SHA-256)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "tls_peer_fingerprint",
+                    "(set)",
+                    "set tls_ca or tls_peer_fingerprint, not both",
+                ))
+            }
+        };
+        let server_name = match (&self.tls_server_name, peer) {
+            (Some(n), _) => n.clone(),
+            (None, Some(p)) => host_of(p).to_string(),
+            (None, None) => "localhost".to_string(),
+        };
+        Ok(Some(TlsSettings {
+            cert,
+            key,
+            verify,
+            server_name,
+        }))
+    }
+
+    /// The secure default: a node reachable beyond this machine authenticates its peers (a
+    /// secret, or TLS with certificates), unless `auth = none` says otherwise in so many words.
+    fn auth(
+        &self,
+        listen: Option<SocketAddr>,
+        peer: Option<&str>,
+        tls: bool,
+    ) -> Result<Auth, ConfigError> {
         match (self.auth_none, &self.secret_file) {
             (Some(true), Some(f)) => {
                 return Err(bad(
@@ -683,6 +810,7 @@ impl ConfigBuilder {
         }
         match (exposed, self.auth_none) {
             (None, _) => Ok(Auth::Loopback),
+            (Some(_), _) if tls => Ok(Auth::TlsOnly),
             (Some(_), Some(true)) => Ok(Auth::Disabled),
             (Some((key, addr)), _) => Err(bad(
                 key,
@@ -691,6 +819,31 @@ impl ConfigBuilder {
             )),
         }
     }
+}
+
+/// The host part of `host:port` (an IPv6 literal without its brackets).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// A SHA-256 fingerprint: 64 hex digits, optionally with colons between bytes and a
+/// `sha256:` prefix.
+fn parse_fingerprint(v: &str) -> Result<[u8; 32], String> {
+    let hex: String = v
+        .trim()
+        .trim_start_matches("sha256:")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err("expected a SHA-256 fingerprint: 64 hex digits (colons allowed)".into());
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
 }
 
 fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {

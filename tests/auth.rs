@@ -104,31 +104,40 @@ impl Pair {
     }
 
     fn with(extra: &[(&str, &str)], rotation: bool) -> Pair {
-        logs();
         let dir = tempfile::tempdir().unwrap();
         let key: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
         for f in ["a.key", "b.key", "a.next", "b.next"] {
             put_secret(&dir.path().join(f), &key);
         }
+        let files = dir.path().to_path_buf();
+        Self::custom(dir, |name| {
+            let file = |ext: &str| {
+                files
+                    .join(format!("{name}.{ext}"))
+                    .to_string_lossy()
+                    .to_string()
+            };
+            let mut opts = vec![("secret_file".to_string(), file("key"))];
+            if rotation {
+                opts.push(("accept_secret_file".to_string(), file("next")));
+            }
+            opts.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            opts
+        })
+    }
+
+    /// A pair in `dir` whose nodes (`"a"`, `"b"`) get the options `opts` returns for them.
+    fn custom(dir: tempfile::TempDir, opts: impl Fn(&str) -> Vec<(String, String)>) -> Pair {
+        logs();
         let (pa, pb) = (free_port(), free_port());
         let b_addr: SocketAddr = format!("127.0.0.1:{pb}").parse().unwrap();
         let to_b = FaultProxy::start(b_addr);
         let node = |name: &str, role: &str, listen: String, peer: String| {
-            let key = dir
-                .path()
-                .join(format!("{name}.key"))
-                .to_string_lossy()
-                .to_string();
-            let next = dir
-                .path()
-                .join(format!("{name}.next"))
-                .to_string_lossy()
-                .to_string();
-            let mut opts = vec![("secret_file", key.as_str())];
-            if rotation {
-                opts.push(("accept_secret_file", next.as_str()));
-            }
-            opts.extend_from_slice(extra);
+            let owned = opts(name);
+            let opts: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             failover_node(dir.path(), name, role, &listen, &peer, &opts)
         };
         let b = node("b", "backup", b_addr.to_string(), format!("127.0.0.1:{pa}"));
@@ -671,4 +680,235 @@ fn a_secret_rotates_without_a_restart_or_a_gap() {
     std::thread::sleep(Duration::from_secs(1));
     assert_ne!(p.a.stats().phase, Phase::Synchronous);
     assert_eq!(p.b.stats().recoveries, recoveries);
+}
+
+/// TLS credentials in `dir`: a CA, a certificate and key per node name, and a second CA's
+/// certificate for an intruder (`x`).
+fn tls_files(dir: &Path) {
+    use mirror::transport::tls::testing::TestCa;
+    let ca = TestCa::new("pair CA").unwrap();
+    let rogue = TestCa::new("rogue CA").unwrap();
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+    for (name, issuer) in [("a", &ca), ("b", &ca), ("x", &rogue)] {
+        let issued = issuer.issue(name).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), &issued.cert_pem).unwrap();
+        put_secret(
+            &dir.join(format!("{name}.tlskey")),
+            issued.key_pem.as_bytes(),
+        );
+    }
+}
+
+/// A node's TLS options: its certificate and key, and the CA (or, with `pin`, the peer's
+/// certificate fingerprint).
+fn tls_opts(dir: &Path, name: &str, peer: &str, pin: bool) -> Vec<(String, String)> {
+    let f = |n: &str| dir.join(n).to_string_lossy().to_string();
+    let mut v = vec![
+        ("tls".to_string(), "on".to_string()),
+        ("tls_cert".to_string(), f(&format!("{name}.crt"))),
+        ("tls_key".to_string(), f(&format!("{name}.tlskey"))),
+    ];
+    if pin {
+        let fp =
+            mirror::transport::tls::fingerprint_of_file(&dir.join(format!("{peer}.crt"))).unwrap();
+        v.push(("tls_peer_fingerprint".to_string(), fp));
+    } else {
+        v.push(("tls_ca".to_string(), f("ca.pem")));
+    }
+    v
+}
+
+#[test]
+fn tls_pairs_mirror_with_a_ca_with_a_pinned_fingerprint_and_with_a_secret_inside() {
+    for (pin, secret) in [(false, false), (true, false), (false, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        tls_files(dir.path());
+        put_secret(&dir.path().join("pair.key"), &[7u8; 32]);
+        let files = dir.path().to_path_buf();
+        let mut p = Pair::custom(dir, |name| {
+            let peer = if name == "a" { "b" } else { "a" };
+            let mut v = tls_opts(&files, name, peer, pin);
+            if secret {
+                v.push((
+                    "secret_file".into(),
+                    files.join("pair.key").to_string_lossy().to_string(),
+                ));
+            }
+            v
+        });
+        let expected = if secret { "tls+secret" } else { "tls" };
+        assert_eq!(p.a.stats().auth, expected);
+        assert_eq!(p.b.stats().auth, expected);
+        p.write(50);
+        p.assert_identical();
+        // A reconnection goes through the whole handshake again.
+        let recoveries = p.b.stats().recoveries;
+        p.to_b.cut();
+        wait_until("the reconnection", || {
+            p.b.stats().recoveries > recoveries && p.a.stats().phase == Phase::Synchronous
+        });
+        p.write(10);
+        p.assert_identical();
+    }
+}
+
+#[test]
+fn tls_refuses_a_certificate_of_another_ca_or_another_fingerprint() {
+    for pin in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        tls_files(dir.path());
+        let files = dir.path().to_path_buf();
+        let mut p = Pair::custom(dir, |name| {
+            let peer = if name == "a" { "b" } else { "a" };
+            tls_opts(&files, name, peer, pin)
+        });
+        p.attacked(|p| {
+            // The intruder trusts B (it has B's CA or B's fingerprint) but presents a
+            // certificate B does not accept.
+            let idir = tempfile::tempdir().unwrap();
+            let mut opts = tls_opts(&files, "x", "b", pin);
+            if !pin {
+                // x's own cert is from the rogue CA; it trusts the pair's CA to reach B.
+                opts.retain(|(k, _)| k != "tls_ca");
+                opts.push((
+                    "tls_ca".into(),
+                    files.join("ca.pem").to_string_lossy().to_string(),
+                ));
+            }
+            let opts: Vec<(&str, &str)> =
+                opts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let intruder = failover_node(
+                idir.path(),
+                "x",
+                "primary",
+                &format!("127.0.0.1:{}", free_port()),
+                &p.b_addr.to_string(),
+                &opts,
+            );
+            let says = if pin {
+                "not the pinned tls_peer_fingerprint"
+            } else {
+                "UnknownIssuer"
+            };
+            wait_for_log(&["refusing an unauthenticated connection", says]);
+            assert_ne!(intruder.stats().phase, Phase::Synchronous);
+            intruder.close().unwrap();
+        });
+    }
+}
+
+#[test]
+fn tls_detects_bytes_altered_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    tls_files(dir.path());
+    let files = dir.path().to_path_buf();
+    let mut p = Pair::custom(dir, |name| {
+        let peer = if name == "a" { "b" } else { "a" };
+        tls_opts(&files, name, peer, false)
+    });
+    let recoveries = p.b.stats().recoveries;
+    p.to_b.tamper(Tamper::Flip);
+    while p.to_b.tampered() == 0 {
+        p.write(1);
+    }
+    p.write(5);
+    p.assert_identical();
+    assert!(
+        p.b.stats().recoveries > recoveries,
+        "B did not drop the connection"
+    );
+}
+
+#[test]
+fn tls_configuration_errors_name_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    tls_files(dir.path());
+    let f = |n: &str| dir.path().join(n).to_string_lossy().to_string();
+    let build = |opts: &[(&str, String)]| {
+        let mut b = common::base(dir.path(), "backup", "1MiB");
+        b.set("listen", "127.0.0.1:0").unwrap();
+        for (k, v) in opts {
+            b.set(k, v).unwrap();
+        }
+        b.build().map(|c| Mirror::open(c).map(|_| ()))
+    };
+    let on = ("tls", "on".to_string());
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (vec![on.clone()], "tls_cert"),
+        (vec![on.clone(), ("tls_cert", f("b.crt"))], "tls_key"),
+        (
+            vec![
+                on.clone(),
+                ("tls_cert", f("b.crt")),
+                ("tls_key", f("b.tlskey")),
+            ],
+            "tls_ca",
+        ),
+        (vec![("tls_cert", f("b.crt"))], "without tls = on"),
+        (
+            vec![
+                on.clone(),
+                ("tls_cert", f("ca.pem")),
+                ("tls_key", f("b.crt")),
+                ("tls_ca", f("ca.pem")),
+            ],
+            "tls_key",
+        ),
+        (
+            vec![
+                on.clone(),
+                ("tls_cert", f("nope.crt")),
+                ("tls_key", f("b.tlskey")),
+                ("tls_ca", f("ca.pem")),
+            ],
+            "tls_cert",
+        ),
+        (
+            vec![
+                on.clone(),
+                ("transport", "rdma".into()),
+                ("tls_cert", f("b.crt")),
+                ("tls_key", f("b.tlskey")),
+                ("tls_ca", f("ca.pem")),
+            ],
+            "TCP transport only",
+        ),
+    ];
+    for (opts, says) in cases {
+        let msg = match build(&opts) {
+            Err(e) => e.to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Ok(Ok(())) => panic!("{opts:?} opened"),
+        };
+        assert!(msg.contains(says), "{opts:?}: {msg}");
+    }
+    // A private key readable by others.
+    std::fs::set_permissions(
+        dir.path().join("b.tlskey"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let opts = vec![
+        on,
+        ("tls_cert", f("b.crt")),
+        ("tls_key", f("b.tlskey")),
+        ("tls_ca", f("ca.pem")),
+    ];
+    let Ok(Err(e)) = build(&opts) else {
+        panic!("opened with a loose key")
+    };
+    assert!(
+        e.to_string().contains("tls_key") && e.to_string().contains("group or others"),
+        "{e}"
+    );
+    // A bad fingerprint.
+    let mut b = common::base(dir.path(), "backup", "1MiB");
+    let e = b
+        .set("tls_peer_fingerprint", "12:34")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tls_peer_fingerprint") && e.contains("64 hex digits"),
+        "{e}"
+    );
 }

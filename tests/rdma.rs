@@ -438,9 +438,7 @@ fn an_authenticated_pair_mirrors_over_rdma_and_a_wrong_secret_is_refused() {
     primary.wait_synchronous(Duration::from_secs(60)).unwrap();
     assert_eq!(primary.stats().auth, "secret");
     for i in 0..300u64 {
-        primary
-            .write((i % 256) * 4096, &pattern(i, 4096))
-            .unwrap();
+        primary.write((i % 256) * 4096, &pattern(i, 4096)).unwrap();
     }
     // An intruder with another secret aims at the same backup.
     let idir = tempfile::tempdir().unwrap();
@@ -452,9 +450,7 @@ fn an_authenticated_pair_mirrors_over_rdma_and_a_wrong_secret_is_refused() {
     assert_ne!(intruder.stats().phase, mirror::Phase::Synchronous);
     intruder.close().unwrap();
     for i in 300..400u64 {
-        primary
-            .write((i % 256) * 4096, &pattern(i, 4096))
-            .unwrap();
+        primary.write((i % 256) * 4096, &pattern(i, 4096)).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while backup.stats().applied_through != primary.stats().applied_through {

@@ -15,7 +15,8 @@ use mirror_storage::{Durability, PersistentQueue, QueueParams, Region};
 use crate::config::{Config, Role, TransportKind};
 use crate::error::{MirrorError, Result};
 use crate::transport::auth::AuthContext;
-use crate::transport::tcp::TcpAcceptor;
+use crate::transport::tcp::{Security, TcpAcceptor};
+use crate::transport::tls::TlsContext;
 use crate::transport::{Listener, TransportError};
 
 use super::poller::NodeHooks;
@@ -65,7 +66,15 @@ impl Mirror {
                 );
                 None
             }
-            crate::config::Auth::Loopback => None,
+            crate::config::Auth::Loopback | crate::config::Auth::TlsOnly => None,
+        };
+        let tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(TlsContext::new(t).map_err(MirrorError::Config)?)),
+            None => None,
+        };
+        let security = Security {
+            auth: auth.clone(),
+            tls,
         };
         let storage_role = match cfg.role {
             Role::Primary => mirror_storage::Role::Primary,
@@ -184,10 +193,8 @@ impl Mirror {
                 let (acceptor, bound): (Box<dyn Listener>, SocketAddr) = match cfg.transport {
                     TransportKind::Tcp => {
                         let mut a = TcpAcceptor::bind(addr).map_err(listening)?;
-                        if let Some(ctx) = &auth {
-                            a.require_auth(Arc::clone(ctx), cfg.handshake_timeout)
-                                .map_err(listening)?;
-                        }
+                        a.require(security.clone(), cfg.handshake_timeout)
+                            .map_err(listening)?;
                         let bound = a.local_addr().map_err(local)?;
                         (Box::new(a), bound)
                     }
@@ -254,7 +261,7 @@ impl Mirror {
             last_divergence: None,
             split_brain: None,
             peer_address: None,
-            auth: cfg.auth.describe(),
+            auth: crate::config::describe_security(&cfg.auth, cfg.tls.as_ref()),
         };
         let shared = Arc::new(Shared {
             completed: CachePadded::new(AtomicU64::new(0)),
@@ -296,7 +303,7 @@ impl Mirror {
             conn: None,
             connecting: None,
             acceptor,
-            auth,
+            security,
             pending: Vec::new(),
             actions: Vec::new(),
             inbox: Vec::new(),

@@ -4,7 +4,6 @@
 //! protocol frame (for TCP, and for the RDMA transport's setup socket).
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,23 +21,39 @@ const HANDSHAKE_READ: usize = 4096;
 /// Reads and checks a secret file: at most readable by its owner, 32 to 4096 bytes. `key` names
 /// the config key in the error.
 pub fn read_secret(key: &str, path: &Path) -> Result<Secret, ConfigError> {
-    let bad = |why: String| ConfigError::BadValue {
+    check_private(key, path)?;
+    let bytes =
+        std::fs::read(path).map_err(|e| bad_file(key, path, format!("cannot read it: {e}")))?;
+    Secret::new(bytes).map_err(|e| bad_file(key, path, e.to_string()))
+}
+
+fn bad_file(key: &str, path: &Path, why: String) -> ConfigError {
+    ConfigError::BadValue {
         key: key.into(),
         value: path.display().to_string(),
         why,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    }
+}
+
+/// Checks that `path` (named by config key `key`) is a regular file that only its owner can
+/// read or write: a secret or a private key.
+pub fn check_private(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| bad_file(key, path, format!("cannot read it: {e}")))?;
     if !meta.is_file() {
-        return Err(bad("is not a regular file".into()));
+        return Err(bad_file(key, path, "is not a regular file".into()));
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(bad(format!(
-            "is readable or writable by group or others (mode {mode:03o}): a secret must be private to its owner (chmod 600)"
-        )));
+        return Err(bad_file(
+            key,
+            path,
+            format!(
+                "is readable or writable by group or others (mode {mode:03o}): it must be private to its owner (chmod 600)"
+            ),
+        ));
     }
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
-    Secret::new(bytes).map_err(|e| bad(e.to_string()))
+    Ok(())
 }
 
 /// What a node authenticates with, shared by its listener and its connection attempts. The
@@ -132,7 +147,7 @@ impl Authenticating {
     /// message for the peer is sent first, best effort).
     pub fn poll(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut (impl Read + Write),
     ) -> Result<Option<(Session, BytesMut)>, TransportError> {
         loop {
             let Some(hs) = self.handshake.as_mut() else {
@@ -194,7 +209,7 @@ impl Authenticating {
 }
 
 /// Writes as much of `buf` as the socket takes without blocking and drops what it took.
-fn write_some(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), TransportError> {
+fn write_some(stream: &mut impl Write, buf: &mut Vec<u8>) -> Result<(), TransportError> {
     while !buf.is_empty() {
         match stream.write(buf) {
             Ok(0) => return Err(TransportError::Closed),

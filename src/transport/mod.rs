@@ -11,6 +11,7 @@ pub mod auth;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod tcp;
+pub mod tls;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -49,6 +50,9 @@ pub enum TransportError {
     /// Authentication failed, or an authenticated stream carried a forged or altered record.
     #[error("authentication: {0}")]
     Auth(#[from] AuthError),
+    /// TLS failed (a certificate refused, a record that does not decrypt, …).
+    #[error("TLS: {}", tls::describe(.0))]
+    Tls(rustls::Error),
 }
 
 /// Unsent bytes beyond which the peer is considered stuck (it does not read).
@@ -242,6 +246,23 @@ pub(crate) fn new_fd(fd: i32) -> std::io::Result<OwnedFd> {
 pub(crate) fn new_epoll() -> std::io::Result<OwnedFd> {
     // SAFETY: plain system call with valid flags.
     new_fd(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+}
+
+/// Stops watching `fd` in the epoll instance `ep`.
+pub(crate) fn epoll_del(ep: &OwnedFd, fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: both descriptors are open; a null event is allowed for EPOLL_CTL_DEL.
+    let rc = unsafe {
+        libc::epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            fd,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Watches `fd` for readability in the epoll instance `ep` (a closed descriptor leaves it by

@@ -1,8 +1,11 @@
 //! TCP transport: non-blocking sockets with TCP_NODELAY, busy-polled; many messages per `write`.
-//! With a secret, every connection authenticates first (see [`super::auth`]) and then carries
-//! its frames in authenticated records.
+//!
+//! A new connection is established in layers, each optional, each non-blocking (see
+//! [`Establishing`]): the TLS handshake (`tls = on`, [`super::tls`]), then the secret's
+//! challenge-response (`secret_file`, [`super::auth`]). Without TLS, an authenticated
+//! connection then carries its frames in tagged records; with TLS, TLS protects them.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use mirror_proto::auth::{Session, Side};
 use mirror_proto::Message;
 
 use super::auth::{AuthContext, Authenticating};
+use super::tls::TlsContext;
 use super::{Connecting, Connection, FrameReader, Listener, SendBatch, TransportError};
 
 /// Bytes read per `read` call, and the receive buffer's growth step.
@@ -25,6 +29,8 @@ pub struct TcpConnection {
     tx: SendBatch,
     rx: FrameReader,
     authenticated: Option<u64>,
+    /// TLS on this connection (`tls = on`): frames go through it.
+    tls: Option<Box<rustls::Connection>>,
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> TransportError {
@@ -47,20 +53,103 @@ impl TcpConnection {
             tx: SendBatch::with_capacity(RECV_CHUNK),
             rx: FrameReader::with_capacity(RECV_CHUNK),
             authenticated: None,
+            tls: None,
         })
     }
 
-    /// Wraps a stream whose peer authenticated: frames travel in records from here on; `early`
+    /// Wraps a stream whose layers are established: `tls` if it runs TLS, `session` if the
+    /// peer proved the secret (without TLS its frames then travel in tagged records); `early`
     /// are the peer's bytes that arrived with the end of the handshake.
-    pub fn authenticated(
+    fn established(
         stream: TcpStream,
-        session: Session,
+        tls: Option<Box<rustls::Connection>>,
+        session: Option<Session>,
         early: &[u8],
     ) -> Result<Self, TransportError> {
         let mut c = Self::new(stream)?;
-        c.authenticated = Some(session.peer_node_id);
-        super::secure(&mut c.tx, &mut c.rx, session, early);
+        c.authenticated = session.as_ref().map(|s| s.peer_node_id);
+        match session {
+            Some(session) if tls.is_none() => super::secure(&mut c.tx, &mut c.rx, session, early),
+            _ => c.rx.raw().extend_from_slice(early),
+        }
+        c.tls = tls;
         Ok(c)
+    }
+
+    /// Hands the batch to TLS and TLS's records to the socket, as far as it takes them.
+    fn flush_tls(&mut self) -> Result<bool, TransportError> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(self.tx.settle());
+        };
+        loop {
+            while self.tx.pending() > 0 {
+                let n = tls
+                    .writer()
+                    .write(self.tx.unsent())
+                    .map_err(io_err("encrypting for the peer"))?;
+                if n == 0 {
+                    break; // TLS's buffer is full: send what it holds first
+                }
+                self.tx.advance(n);
+            }
+            let mut blocked = false;
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(TransportError::Closed),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        blocked = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err("sending to peer")(e)),
+                }
+            }
+            if blocked || self.tx.pending() == 0 {
+                return Ok(self.tx.settle() && !tls.wants_write());
+            }
+        }
+    }
+
+    /// Appends what arrived to the receive buffer; returns whether anything did.
+    fn fill(&mut self) -> Result<bool, TransportError> {
+        let raw = self.rx.raw();
+        if raw.capacity() - raw.len() < RECV_CHUNK / 4 {
+            raw.reserve(RECV_CHUNK);
+        }
+        if let Some(tls) = self.tls.as_mut() {
+            return fill_from_tls(tls, &mut self.stream, self.rx.raw());
+        }
+        let spare = raw.spare_capacity_mut();
+        // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `self.rx`, and
+        // recv(2) writes at most that many bytes into it. No Rust reference to those bytes is
+        // read before `set_len` below covers exactly the `n` bytes recv initialized.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                0,
+            )
+        };
+        match n {
+            0 => Err(TransportError::Closed),
+            n if n > 0 => {
+                let len = raw.len();
+                // SAFETY: recv initialized bytes len..len+n (n <= spare capacity, checked by
+                // the kernel against the length we passed).
+                unsafe { raw.set_len(len + n as usize) };
+                Ok(true)
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(false),
+                    io::ErrorKind::Interrupted => Ok(true),
+                    _ => Err(io_err("receiving from peer")(e)),
+                }
+            }
+        }
     }
 
     /// Connects to `addr` (blocking for at most `timeout`).
@@ -99,6 +188,9 @@ impl Connection for TcpConnection {
 
     fn flush(&mut self) -> Result<bool, TransportError> {
         self.tx.close_record();
+        if self.tls.is_some() {
+            return self.flush_tls();
+        }
         while self.tx.pending() > 0 {
             match self.stream.write(self.tx.unsent()) {
                 Ok(0) => return Err(TransportError::Closed),
@@ -124,42 +216,8 @@ impl Connection for TcpConnection {
                     None => break,
                 }
             }
-            if out.len() - before >= max {
+            if out.len() - before >= max || !self.fill()? {
                 break;
-            }
-            let raw = self.rx.raw();
-            if raw.capacity() - raw.len() < RECV_CHUNK / 4 {
-                raw.reserve(RECV_CHUNK);
-            }
-            let spare = raw.spare_capacity_mut();
-            // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `self.rx`, and
-            // recv(2) writes at most that many bytes into it. No Rust reference to those bytes is
-            // read before `set_len` below covers exactly the `n` bytes recv initialized.
-            let n = unsafe {
-                libc::recv(
-                    self.stream.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                    0,
-                )
-            };
-            match n {
-                0 => return Err(TransportError::Closed),
-                n if n > 0 => {
-                    let raw = self.rx.raw();
-                    let len = raw.len();
-                    // SAFETY: recv initialized bytes len..len+n (n <= spare capacity, checked by
-                    // the kernel against the length we passed).
-                    unsafe { raw.set_len(len + n as usize) };
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => break,
-                        io::ErrorKind::Interrupted => {}
-                        _ => return Err(io_err("receiving from peer")(e)),
-                    }
-                }
             }
         }
         Ok(out.len() - before)
@@ -189,20 +247,167 @@ const MAX_AUTHENTICATING: usize = 64;
 /// An accepted connection that has not authenticated yet.
 #[derive(Debug)]
 struct PendingAuth {
-    stream: TcpStream,
+    establishing: Establishing,
     peer: SocketAddr,
-    auth: Authenticating,
     deadline: Instant,
 }
 
-/// A listener's authentication: the secrets, the handshakes in progress, and an epoll
+/// A listener's authentication: what to establish, the handshakes in progress, and an epoll
 /// instance over the listener and their sockets (the poller sleeps on one descriptor).
 #[derive(Debug)]
 struct AcceptAuth {
-    ctx: Arc<AuthContext>,
+    security: Security,
     timeout: Duration,
     pending: Vec<PendingAuth>,
     wake: OwnedFd,
+}
+
+/// Decrypted bytes from `tls` into `raw` (reading TLS records from the socket when it has none
+/// decrypted); returns whether anything arrived.
+fn fill_from_tls(
+    tls: &mut rustls::Connection,
+    stream: &mut TcpStream,
+    raw: &mut bytes::BytesMut,
+) -> Result<bool, TransportError> {
+    loop {
+        let len = raw.len();
+        let room = raw.capacity() - len;
+        raw.resize(len + room, 0);
+        let got = tls.reader().read(&mut raw[len..]);
+        match got {
+            Ok(0) => {
+                raw.truncate(len);
+                return Err(TransportError::Closed);
+            }
+            Ok(n) => {
+                raw.truncate(len + n);
+                return Ok(true);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => raw.truncate(len),
+            Err(e) => {
+                raw.truncate(len);
+                return Err(io_err("decrypting from peer")(e));
+            }
+        }
+        match tls.read_tls(stream) {
+            Ok(0) => return Err(TransportError::Closed),
+            Ok(_) => {
+                if let Err(e) = tls.process_new_packets() {
+                    let _ = tls.write_tls(stream);
+                    return Err(TransportError::Tls(e));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err("receiving from peer")(e)),
+        }
+    }
+}
+
+/// What a new connection must establish before it carries frames: TLS, the secret's
+/// challenge-response, both or neither (shared by a node's listener and its dialer).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// The secrets (`secret_file`).
+    pub auth: Option<Arc<AuthContext>>,
+    /// TLS (`tls = on`).
+    pub tls: Option<Arc<TlsContext>>,
+}
+
+impl Security {
+    fn is_required(&self) -> bool {
+        self.auth.is_some() || self.tls.is_some()
+    }
+}
+
+/// A connected socket on its way to carrying frames: the TLS handshake, then the secret's
+/// challenge-response (inside TLS when both are on), each as configured, never blocking.
+#[derive(Debug)]
+pub struct Establishing {
+    stream: TcpStream,
+    tls: Option<Box<rustls::Connection>>,
+    tls_done: bool,
+    auth: Option<Authenticating>,
+    /// The peer's proof and the bytes that came after it, once the secret's layer is done.
+    authenticated: Option<(Session, bytes::BytesMut)>,
+}
+
+impl Establishing {
+    /// Starts establishing `stream` as `side` (the dialer is TLS's client).
+    pub fn start(
+        stream: TcpStream,
+        side: Side,
+        security: &Security,
+    ) -> Result<Self, TransportError> {
+        stream
+            .set_nonblocking(true)
+            .map_err(io_err("setting socket non-blocking"))?;
+        let tls = match &security.tls {
+            Some(t) => Some(Box::new(match side {
+                Side::Initiator => t.client()?,
+                Side::Responder => t.server()?,
+            })),
+            None => None,
+        };
+        let auth = match &security.auth {
+            Some(a) => Some(a.start(side)?),
+            None => None,
+        };
+        Ok(Establishing {
+            stream,
+            tls_done: tls.is_none(),
+            tls,
+            auth,
+            authenticated: None,
+        })
+    }
+
+    /// Moves every layer on; returns whether all are established (then [`Self::finish`]).
+    pub fn poll(&mut self) -> Result<bool, TransportError> {
+        if !self.tls_done {
+            let tls = self.tls.as_mut().ok_or(TransportError::Closed)?;
+            if !super::tls::handshake(tls, &mut self.stream)? {
+                return Ok(false);
+            }
+            self.tls_done = true;
+        }
+        if let Some(auth) = self.auth.as_mut() {
+            let done = match self.tls.as_mut() {
+                Some(tls) => auth.poll(&mut super::tls::TlsIo {
+                    tls: tls.as_mut(),
+                    sock: &mut self.stream,
+                })?,
+                None => auth.poll(&mut self.stream)?,
+            };
+            let Some(done) = done else {
+                return Ok(false);
+            };
+            self.auth = None;
+            self.authenticated = Some(done);
+        }
+        Ok(true)
+    }
+
+    /// The connection, once [`Self::poll`] said every layer is established.
+    pub fn finish(self) -> Result<TcpConnection, TransportError> {
+        let (session, early) = match self.authenticated {
+            Some((s, early)) => (Some(s), early),
+            None => (None, bytes::BytesMut::new()),
+        };
+        TcpConnection::established(self.stream, self.tls, session, &early)
+    }
+
+    /// The socket and the `poll(2)` events to wait for.
+    fn wait_fd(&self) -> (RawFd, i16) {
+        let writing = self.tls.as_ref().is_some_and(|t| t.wants_write())
+            || self.auth.as_ref().is_some_and(|a| a.wants_write());
+        let events = if writing {
+            libc::POLLIN | libc::POLLOUT
+        } else {
+            libc::POLLIN
+        };
+        (self.stream.as_raw_fd(), events)
+    }
 }
 
 /// The backup's listening socket.
@@ -225,18 +430,18 @@ impl TcpAcceptor {
         })
     }
 
-    /// Every accepted connection must authenticate with `ctx`'s secrets within `timeout`
-    /// before it is handed over; until then it costs the poller one non-blocking read per pass.
-    pub fn require_auth(
-        &mut self,
-        ctx: Arc<AuthContext>,
-        timeout: Duration,
-    ) -> Result<(), TransportError> {
+    /// Every accepted connection must establish `security` (TLS, the secret, or both) within
+    /// `timeout` before it is handed over; until then it costs the poller one non-blocking
+    /// read per pass, and it holds up nobody.
+    pub fn require(&mut self, security: Security, timeout: Duration) -> Result<(), TransportError> {
+        if !security.is_required() {
+            return Ok(());
+        }
         let wake = super::new_epoll().map_err(io_err("creating an epoll instance"))?;
         super::epoll_add(&wake, self.listener.as_raw_fd())
             .map_err(io_err("watching the listener"))?;
         self.auth = Some(AcceptAuth {
-            ctx,
+            security,
             timeout,
             pending: Vec::new(),
             wake,
@@ -286,15 +491,10 @@ impl TcpAcceptor {
 impl AcceptAuth {
     /// Starts authenticating a new connection.
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let started = stream
-            .set_nonblocking(true)
-            .map_err(io_err("setting socket non-blocking"))
-            .and_then(|()| {
-                super::epoll_add(&self.wake, stream.as_raw_fd())
-                    .map_err(io_err("watching a connection"))
-            })
-            .and_then(|()| self.ctx.start(Side::Responder));
-        let auth = match started {
+        let started = super::epoll_add(&self.wake, stream.as_raw_fd())
+            .map_err(io_err("watching a connection"))
+            .and_then(|()| Establishing::start(stream, Side::Responder, &self.security));
+        let establishing = match started {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "cannot authenticate a connection; closing it");
@@ -306,9 +506,8 @@ impl AcceptAuth {
             tracing::warn!(peer = %oldest.peer, "too many connections authenticating at once; dropping the oldest");
         }
         self.pending.push(PendingAuth {
-            stream,
+            establishing,
             peer,
-            auth,
             deadline: Instant::now() + self.timeout,
         });
     }
@@ -319,18 +518,20 @@ impl AcceptAuth {
         let mut i = 0;
         while i < self.pending.len() {
             let p = &mut self.pending[i];
-            let why = match p.auth.poll(&mut p.stream) {
-                Ok(None) if now < p.deadline => {
+            let why = match p.establishing.poll() {
+                Ok(false) if now < p.deadline => {
                     i += 1;
                     continue;
                 }
-                Ok(None) => "no authentication in time (silent or too slow)".to_string(),
-                Ok(Some((session, early))) => {
+                Ok(false) => "no authentication in time (silent or too slow)".to_string(),
+                Ok(true) => {
                     let p = self.pending.swap_remove(i);
-                    let peer_id = session.peer_node_id;
-                    match TcpConnection::authenticated(p.stream, session, &early) {
+                    // The connection leaves this listener's epoll (the poller watches it now).
+                    let _ = super::epoll_del(&self.wake, p.establishing.stream.as_raw_fd());
+                    match p.establishing.finish() {
                         Ok(c) => {
-                            tracing::info!(peer = %p.peer, node = format_args!("{peer_id:#x}"), "peer authenticated");
+                            let node = c.authenticated.map(|id| format!("{id:#x}"));
+                            tracing::info!(peer = %p.peer, node = ?node, "peer authenticated");
                             return Some(c);
                         }
                         Err(e) => {
@@ -360,13 +561,13 @@ impl Listener for TcpAcceptor {
 
 /// A connection attempt in progress: a non-blocking `connect`, so that an unreachable backup
 /// (packets dropped, not refused) never stalls the poller (and, under `continue`, the writes it
-/// applies meanwhile).
+/// applies meanwhile); then the layers of [`Security`], likewise without blocking.
 #[derive(Debug)]
 pub struct TcpConnecting {
     socket: Option<socket2::Socket>,
-    auth: Option<Arc<AuthContext>>,
-    /// Connected, authenticating.
-    authenticating: Option<(TcpStream, Authenticating)>,
+    security: Security,
+    /// Connected, establishing TLS and the secret (boxed: the handshakes' state is large).
+    establishing: Option<Box<Establishing>>,
 }
 
 impl TcpConnecting {
@@ -399,14 +600,14 @@ impl TcpConnecting {
         }
         Ok(TcpConnecting {
             socket: Some(socket),
-            auth: None,
-            authenticating: None,
+            security: Security::default(),
+            establishing: None,
         })
     }
 
-    /// Once connected, authenticate with `ctx`'s secrets before the connection is handed over.
-    pub fn with_auth(mut self, ctx: Option<Arc<AuthContext>>) -> Self {
-        self.auth = ctx;
+    /// Once connected, establish `security` before the connection is handed over.
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
         self
     }
 
@@ -435,40 +636,34 @@ impl TcpConnecting {
 
 impl Connecting for TcpConnecting {
     fn poll(&mut self) -> Result<Option<Box<dyn Connection>>, TransportError> {
-        if self.authenticating.is_none() {
+        if self.establishing.is_none() {
             let Some(stream) = self.poll_stream()? else {
                 return Ok(None);
             };
-            let Some(ctx) = self.auth.as_ref() else {
+            if !self.security.is_required() {
                 return Ok(Some(Box::new(TcpConnection::new(stream)?)));
-            };
-            stream
-                .set_nonblocking(true)
-                .map_err(io_err("setting socket non-blocking"))?;
-            self.authenticating = Some((stream, ctx.start(Side::Initiator)?));
+            }
+            self.establishing = Some(Box::new(Establishing::start(
+                stream,
+                Side::Initiator,
+                &self.security,
+            )?));
         }
-        let Some((stream, auth)) = self.authenticating.as_mut() else {
+        let Some(establishing) = self.establishing.as_mut() else {
             return Ok(None);
         };
-        let Some((session, early)) = auth.poll(stream)? else {
+        if !establishing.poll()? {
             return Ok(None);
-        };
-        let (stream, _) = self.authenticating.take().ok_or(TransportError::Closed)?;
-        Ok(Some(Box::new(TcpConnection::authenticated(
-            stream, session, &early,
-        )?)))
+        }
+        let establishing = self.establishing.take().ok_or(TransportError::Closed)?;
+        Ok(Some(Box::new(establishing.finish()?)))
     }
 
-    /// Becomes writable when the connect finishes (either way); then, while authenticating,
+    /// Becomes writable when the connect finishes (either way); then, while establishing,
     /// readable when the peer answers.
     fn wait_fd(&self) -> Option<(RawFd, i16)> {
-        if let Some((stream, auth)) = &self.authenticating {
-            let events = if auth.wants_write() {
-                libc::POLLIN | libc::POLLOUT
-            } else {
-                libc::POLLIN
-            };
-            return Some((stream.as_raw_fd(), events));
+        if let Some(e) = &self.establishing {
+            return Some(e.wait_fd());
         }
         self.socket.as_ref().map(|s| (s.as_raw_fd(), libc::POLLOUT))
     }

@@ -9,8 +9,7 @@ use mirror_proto::{Message, Phase, RejectCode, WireRole};
 
 use crate::config::{Config, TransportKind};
 use crate::error::Result;
-use crate::transport::auth::AuthContext;
-use crate::transport::tcp::TcpConnecting;
+use crate::transport::tcp::{Security, TcpConnecting};
 use crate::transport::{Connecting, TransportError};
 
 use super::*;
@@ -56,10 +55,10 @@ impl Poller {
         }
         self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
         let peer = self.cfg.peer.clone().unwrap_or_default();
-        if let Some(a) = &self.auth {
+        if let Some(a) = &self.security.auth {
             a.set_identity(self.exec.queue.node_id(), self.exec.queue.peer_node_id());
         }
-        match start_connecting(&self.cfg, &peer, self.auth.clone()) {
+        match start_connecting(&self.cfg, &peer, &self.security) {
             Ok(attempt) => {
                 let deadline = now + self.cfg.handshake_timeout.as_micros() as u64;
                 self.connecting = Some((attempt, deadline));
@@ -86,7 +85,7 @@ impl Poller {
         let accept_due = self.conn.is_none() || now >= self.next_accept_at_us;
         if let Some(acceptor) = self.acceptor.as_mut().filter(|_| accept_due) {
             self.next_accept_at_us = now + ACCEPT_INTERVAL_CONNECTED_US;
-            if let Some(a) = &self.auth {
+            if let Some(a) = &self.security.auth {
                 a.set_identity(self.exec.queue.node_id(), self.exec.queue.peer_node_id());
             }
             loop {
@@ -197,17 +196,19 @@ impl Poller {
 fn start_connecting(
     cfg: &Config,
     peer: &str,
-    auth: Option<Arc<AuthContext>>,
+    security: &Security,
 ) -> Result<Box<dyn Connecting>, TransportError> {
     match cfg.transport {
-        TransportKind::Tcp => Ok(Box::new(TcpConnecting::start(peer)?.with_auth(auth))),
+        TransportKind::Tcp => Ok(Box::new(
+            TcpConnecting::start(peer)?.with_security(security.clone()),
+        )),
         #[cfg(feature = "rdma")]
         TransportKind::Rdma => Ok(Box::new(
             crate::transport::rdma::RdmaConnecting::start(
                 peer,
                 crate::transport::rdma::RdmaSettings::from_config(cfg),
             )?
-            .with_auth(auth),
+            .with_auth(security.auth.clone()),
         )),
         #[cfg(not(feature = "rdma"))]
         TransportKind::Rdma => Err(TransportError::Io {

@@ -14,7 +14,7 @@ use mirror_storage::{Region, StorageError};
 
 use crate::config::Config;
 use crate::error::{MirrorError, Result};
-use crate::transport::auth::AuthContext;
+use crate::transport::tcp::Security;
 use crate::transport::{Connecting, Connection, Listener};
 
 use super::*;
@@ -47,8 +47,9 @@ pub(super) struct Poller {
     /// Primary over TCP: a connection attempt in progress, and when it gives up (us).
     pub(super) connecting: Option<(Box<dyn Connecting>, u64)>,
     pub(super) acceptor: Option<Box<dyn Listener>>,
-    /// The secrets peers authenticate with (none: no authentication).
-    pub(super) auth: Option<Arc<AuthContext>>,
+    /// What a new connection establishes first: TLS, the secret's challenge-response, both
+    /// or neither.
+    pub(super) security: Security,
     pub(super) pending: Vec<(Box<dyn Connection>, Instant)>,
     pub(super) actions: Vec<Action>,
     pub(super) inbox: Vec<Message>,

@@ -112,7 +112,10 @@ fn encode_setup(info: &Info, sealer: Option<&mut RecordSealer>) -> BytesMut {
 }
 
 /// The peer's setup record from exactly [`setup_wire_len`] bytes (verified first when sealed).
-fn decode_setup(got: &mut BytesMut, opener: Option<&mut RecordOpener>) -> Result<Info, TransportError> {
+fn decode_setup(
+    got: &mut BytesMut,
+    opener: Option<&mut RecordOpener>,
+) -> Result<Info, TransportError> {
     let body = match opener {
         Some(opener) => opener.open(got)?.ok_or(RdmaError::PeerSetup(
             "the sealed setup record is incomplete".into(),
@@ -120,7 +123,10 @@ fn decode_setup(got: &mut BytesMut, opener: Option<&mut RecordOpener>) -> Result
         None => got.split_to(INFO_LEN),
     };
     let record: &[u8; INFO_LEN] = body[..].try_into().map_err(|_| {
-        RdmaError::PeerSetup(format!("setup record of {} bytes, expected {INFO_LEN}", body.len()))
+        RdmaError::PeerSetup(format!(
+            "setup record of {} bytes, expected {INFO_LEN}",
+            body.len()
+        ))
     })?;
     Ok(Info::decode(record)?)
 }
@@ -555,13 +561,13 @@ pub struct RdmaConnecting {
 
 enum SetupStage {
     Tcp(TcpConnecting),
-    Authenticating(TcpStream, Authenticating),
+    Authenticating(TcpStream, Box<Authenticating>),
     Answer {
         tcp: TcpStream,
         // Boxed: the verbs objects and work requests are large, the other stages small.
         parts: Box<Parts>,
         psn: u32,
-        session: Option<Session>,
+        session: Option<Box<Session>>,
         got: BytesMut,
     },
     Done,
@@ -595,7 +601,7 @@ impl RdmaConnecting {
             tcp.set_nonblocking(true)
                 .map_err(io_err("setting socket non-blocking"))?;
             self.stage = match &self.auth {
-                Some(ctx) => SetupStage::Authenticating(tcp, ctx.start(Side::Initiator)?),
+                Some(ctx) => SetupStage::Authenticating(tcp, Box::new(ctx.start(Side::Initiator)?)),
                 None => return self.send_setup(tcp, None, BytesMut::new()),
             };
         }
@@ -640,7 +646,7 @@ impl RdmaConnecting {
                 tcp,
                 parts,
                 psn,
-                session,
+                session: session.map(Box::new),
                 got: early,
             };
         }
@@ -671,13 +677,17 @@ impl RdmaConnecting {
         };
         let peer = decode_setup(&mut got, session.as_mut().map(|s| &mut s.opener))?;
         parts.v.connect_qp(&peer, psn)?;
-        RdmaConnection::finish(*parts, tcp, peer, session).map(Some)
+        RdmaConnection::finish(*parts, tcp, peer, session.map(|s| *s)).map(Some)
     }
 }
 
 /// Reads from `tcp` until `got` holds `want` bytes (never more: the setup channel carries
 /// nothing after the setup record). Returns whether it does.
-fn read_exactly(tcp: &mut TcpStream, got: &mut BytesMut, want: usize) -> Result<bool, TransportError> {
+fn read_exactly(
+    tcp: &mut TcpStream,
+    got: &mut BytesMut,
+    want: usize,
+) -> Result<bool, TransportError> {
     if got.len() > want {
         return Err(RdmaError::PeerProtocol("peer sent more than its setup record".into()).into());
     }
@@ -793,7 +803,11 @@ impl Handshake {
             self.session = Some(session);
             self.got = early;
         }
-        read_exactly(&mut self.tcp, &mut self.got, setup_wire_len(self.session.is_some()))
+        read_exactly(
+            &mut self.tcp,
+            &mut self.got,
+            setup_wire_len(self.session.is_some()),
+        )
     }
 }
 
@@ -841,14 +855,14 @@ impl Listener for RdmaAcceptor {
             };
             if complete {
                 let mut h = self.pending.swap_remove(i);
-                let info =
-                    match decode_setup(&mut h.got, h.session.as_mut().map(|s| &mut s.opener)) {
-                        Ok(info) => info,
-                        Err(e) => {
-                            tracing::warn!(peer = ?h.tcp.peer_addr().ok(), error = %e, "refusing RDMA setup");
-                            continue;
-                        }
-                    };
+                let info = match decode_setup(&mut h.got, h.session.as_mut().map(|s| &mut s.opener))
+                {
+                    Ok(info) => info,
+                    Err(e) => {
+                        tracing::warn!(peer = ?h.tcp.peer_addr().ok(), error = %e, "refusing RDMA setup");
+                        continue;
+                    }
+                };
                 let c = RdmaConnection::accept(h.tcp, info, &self.settings, h.session)?;
                 return Ok(Some(Box::new(c)));
             }
