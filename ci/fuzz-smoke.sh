@@ -14,7 +14,7 @@ fi
 export RUSTC_BOOTSTRAP=1
 cd fuzz
 cargo fuzz build -O
-for target in wire_decode queue_recovery protocol_ops; do
+for target in wire_decode queue_recovery protocol_ops auth_decode; do
   echo "--- fuzz $target for ${seconds}s"
   mkdir -p "corpus/$target"
   work=$(mktemp -d)

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod node_process;
 
-use cmd::{backup, bench, check_workload, control, demo, primary, status, verify};
+use cmd::{backup, bench, check_workload, control, demo, keys, primary, status, verify};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +52,10 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Check a region file against a workload and a completions file.
     CheckWorkload(check_workload::CheckWorkloadArgs),
+    /// Write a new random secret for a pair (secret_file), private to its owner.
+    Secret(keys::SecretArgs),
+    /// Print a certificate's SHA-256 fingerprint, as the peer's tls_peer_fingerprint takes it.
+    Fingerprint(keys::FingerprintArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,8 @@ fn main() -> ExitCode {
         Command::Resolve(args) => control::resolve(args),
         Command::Verify(args) => verify::run(args),
         Command::CheckWorkload(args) => check_workload::run(args),
+        Command::Secret(args) => keys::secret(args),
+        Command::Fingerprint(args) => keys::fingerprint(args),
     };
     // Exit codes: 0 done (or a check passed), 1 a check found a difference (the command's own
     // code), 2 an error (here) or a bad command line (clap).

@@ -168,6 +168,12 @@ impl Poller {
                 }
                 Err(e) => {
                     let (c, _) = self.pending.swap_remove(i);
+                    let auth_magic = u32::from_le_bytes(mirror_proto::auth::AUTH_MAGIC);
+                    if matches!(e, TransportError::Wire(mirror_proto::WireError::BadMagic { found }) if found == auth_magic)
+                    {
+                        tracing::warn!(peer = %c.peer(), "refusing a peer that authenticates (it has secret_file or tls) while this node has neither: set the same on both nodes");
+                        continue;
+                    }
                     tracing::warn!(peer = %c.peer(), error = %e, "bad first bytes; closing");
                     let code = match e {
                         TransportError::Wire(mirror_proto::WireError::UnsupportedVersion {

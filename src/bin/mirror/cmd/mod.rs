@@ -6,6 +6,7 @@ pub mod bench;
 pub mod check_workload;
 pub mod control;
 pub mod demo;
+pub mod keys;
 pub mod primary;
 pub mod shared;
 pub mod status;
