@@ -620,6 +620,102 @@ pub fn recovery(
     })
 }
 
+/// One peer-authentication mode's cost (see [`security`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SecurityRun {
+    /// `"none"`, `"secret"` (challenge-response, then HMAC-tagged records), `"tls"` or
+    /// `"tls+secret"`.
+    pub mode: String,
+    /// Synchronous writes of 64 bytes.
+    pub sync_64: Percentiles,
+    /// Synchronous writes of 4 KiB.
+    pub sync_4k: Percentiles,
+    /// Pipelined 4 KiB writes at depth 64.
+    pub pipelined_4k: Throughput,
+}
+
+/// The cost of peer authentication: one pair per mode in this process over loopback, the
+/// same workload on each, in interleaved blocks so that every mode sees the same machine
+/// conditions. `dir` gets the pairs' files and the throwaway secret and certificates.
+pub fn security(
+    dir: &Path,
+    iterations: usize,
+    pipelined_writes: u64,
+) -> Result<Vec<SecurityRun>, MirrorError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |context: &str| {
+        let context = context.to_string();
+        move |source: io::Error| MirrorError::Io { context, source }
+    };
+    let private = |path: &Path, bytes: &[u8]| -> Result<(), MirrorError> {
+        std::fs::write(path, bytes).map_err(io("writing a bench credential"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("writing a bench credential"))
+    };
+    let secret: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    private(&dir.join("pair.key"), &secret)?;
+    let cert_err =
+        |e: rcgen::Error| MirrorError::Unsupported(format!("making a bench certificate: {e}"));
+    let ca = crate::transport::tls::testing::TestCa::new("bench CA").map_err(cert_err)?;
+    let issued = ca.issue("localhost").map_err(cert_err)?;
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).map_err(io("writing a bench certificate"))?;
+    std::fs::write(dir.join("node.crt"), &issued.cert_pem)
+        .map_err(io("writing a bench certificate"))?;
+    private(&dir.join("node.tlskey"), issued.key_pem.as_bytes())?;
+    let path = |n: &str| dir.join(n).display().to_string();
+    let tls = [
+        ("tls", "on".to_string()),
+        ("tls_cert", path("node.crt")),
+        ("tls_key", path("node.tlskey")),
+        ("tls_ca", path("ca.pem")),
+    ];
+    let key = ("secret_file", path("pair.key"));
+    let modes: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("none", vec![]),
+        ("secret", vec![key.clone()]),
+        ("tls", tls.to_vec()),
+        ("tls+secret", tls.iter().cloned().chain([key]).collect()),
+    ];
+    let mut pairs = Vec::new();
+    for (mode, opts) in &modes {
+        let pdir = dir.join(mode.replace('+', "-"));
+        std::fs::create_dir_all(&pdir).map_err(io("creating bench dir"))?;
+        let opts: Vec<(&str, &str)> = opts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        pairs.push((mode.to_string(), LocalPair::open(&pdir, 64 << 20, &opts)?));
+    }
+    let block = 500.min(iterations.max(1));
+    // Per pair: samples at 64 B, then at 4 KiB.
+    let mut samples: Vec<[Vec<u64>; 2]> = vec![[Vec::new(), Vec::new()]; pairs.len()];
+    for (which, payload) in [64usize, 4096].into_iter().enumerate() {
+        let data = vec![0xC3u8; payload];
+        let slots = (64u64 << 20) / payload as u64;
+        let mut done = 0usize;
+        while done < iterations {
+            for (k, (_, pair)) in pairs.iter().enumerate() {
+                for j in 0..block {
+                    let at = ((done + j) as u64 % slots) * payload as u64;
+                    samples[k][which].push(pair.write(at, &data)?);
+                }
+            }
+            done += block;
+        }
+    }
+    let mut out = Vec::new();
+    for ((mode, pair), [mut s64, mut s4k]) in pairs.iter().zip(samples) {
+        out.push(SecurityRun {
+            mode: mode.clone(),
+            sync_64: Percentiles::of(&mut s64),
+            sync_4k: Percentiles::of(&mut s4k),
+            pipelined_4k: pipelined(pair, 4096, 64, pipelined_writes)?,
+        });
+    }
+    for (_, pair) in pairs {
+        pair.primary.close()?;
+        pair.backup.close()?;
+    }
+    Ok(out)
+}
+
 /// Failover measured over rounds (see [`failover`]).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FailoverRun {

@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// Region size for the failover benchmark
     #[arg(long, default_value = "256MiB")]
     failover_region: String,
+    /// Writes per size for the cost of peer authentication (none, secret, TLS; 0: skip)
+    #[arg(long, default_value_t = 5_000)]
+    security_iterations: usize,
     /// Machine-readable output (one JSON document on stdout)
     #[arg(long)]
     json: bool,
@@ -233,6 +236,43 @@ pub fn run(a: &BenchArgs) -> CliResult {
             report.insert(
                 "failover".into(),
                 serde_json::to_value(&f).unwrap_or_default(),
+            );
+        }
+        // 5. Peer authentication: none, secret, TLS, TLS+secret, interleaved.
+        if a.security_iterations > 0 {
+            let sdir = dir.join("security");
+            let _ = std::fs::remove_dir_all(&sdir);
+            std::fs::create_dir_all(&sdir).map_err(io("creating bench dir".into()))?;
+            let runs = bench::security(
+                &sdir,
+                a.security_iterations,
+                a.pipelined_writes.min(100_000),
+            )?;
+            let _ = std::fs::remove_dir_all(&sdir);
+            say(String::new());
+            say(
+                "cost of peer authentication (loopback, same run, interleaved; us and MB/s)".into(),
+            );
+            say(format!(
+                "{:>11} {:>9} {:>9} {:>9} {:>9} {:>12} {:>9}",
+                "mode", "64B p50", "64B p99", "4KiB p50", "4KiB p99", "4KiB d64 MB/s", "x none"
+            ));
+            let none_mb = runs.first().map_or(1.0, |r| r.pipelined_4k.mb_per_s);
+            for r in &runs {
+                say(format!(
+                    "{:>11} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>12.1} {:>9.2}",
+                    r.mode,
+                    r.sync_64.p50_us,
+                    r.sync_64.p99_us,
+                    r.sync_4k.p50_us,
+                    r.sync_4k.p99_us,
+                    r.pipelined_4k.mb_per_s,
+                    r.pipelined_4k.mb_per_s / none_mb
+                ));
+            }
+            report.insert(
+                "security".into(),
+                serde_json::to_value(&runs).unwrap_or_default(),
             );
         }
         if a.json {
