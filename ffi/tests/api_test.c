@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -210,6 +211,13 @@ static void test_config(void) {
         {"ack_timeout_ms", "500"},  {"handshake_timeout_ms", "1000"},
         {"reconnect_interval_ms", "50"}, {"write_timeout_ms", "0"},
         {"submit_ring", "1024"},    {"max_write", "64KiB"},
+        {"secret_file", "/tmp/k"},  {"accept_secret_file", "/tmp/k2"},
+        {"auth", "none"},           {"auth", "secret"},
+        {"tls", "on"},              {"tls", "off"},
+        {"tls_cert", "/tmp/c.pem"}, {"tls_key", "/tmp/k.pem"},
+        {"tls_ca", "/tmp/ca.pem"},  {"tls_server_name", "node-b"},
+        {"tls_peer_fingerprint",
+         "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"},
     };
     for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
         CHECK_RC(mirror_config_set(cfg, good[i][0], good[i][1]), MIRROR_OK);
@@ -226,6 +234,7 @@ static void test_config(void) {
         {"queue_size", "3 parsecs"}, {"durability", "sometimes"}, {"on_peer_loss", "maybe"},
         {"transport", "pigeon"},     {"cpu", "one"},              {"idle_spin_us", "-5"},
         {"region", ""},              {"peer", "  "},              {"max_write", "1 ton"},
+        {"auth", "maybe"},           {"tls", "sometimes"},        {"tls_peer_fingerprint", "abc"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         CHECK_RC(mirror_config_set(cfg, bad[i][0], bad[i][1]), MIRROR_EVALUE);
@@ -599,6 +608,62 @@ static void test_continue_degraded(void) {
     CHECK_RC(mirror_close(b), MIRROR_OK);
 }
 
+/* authenticated peers: the secret file's rules, and a pair that shares one */
+
+static void write_secret(const char *name, mode_t mode, size_t len) {
+    char p[256];
+    path_of(p, sizeof p, name, "key");
+    FILE *f = fopen(p, "w");
+    REQUIRE(f != NULL);
+    for (size_t i = 0; i < len; i++) fputc((int)(i * 37 + 11) & 0xff, f);
+    fclose(f);
+    REQUIRE(chmod(p, mode) == 0);
+}
+
+static void test_authentication(void) {
+    mirror *b = NULL, *p = NULL;
+    char key[256];
+    path_of(key, sizeof key, "pair", "key");
+    /* A secret readable by others, or too short: MIRROR_EVALUE naming secret_file. */
+    write_secret("pair", 0644, 32);
+    mirror_config *cfg = base_config("backup", "abackup", "1MiB");
+    CHECK_RC(mirror_config_set(cfg, "listen", "127.0.0.1:0"), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "secret_file", key), MIRROR_OK);
+    CHECK_RC(mirror_open(cfg, &b), MIRROR_EVALUE);
+    CHECK(last_error_contains("secret_file") && last_error_contains("group or others"));
+    write_secret("pair", 0600, 16);
+    CHECK_RC(mirror_open(cfg, &b), MIRROR_EVALUE);
+    CHECK(last_error_contains("secret_file") && last_error_contains("16"));
+    write_secret("pair", 0600, 32);
+    REQUIRE(mirror_open(cfg, &b) == MIRROR_OK);
+    mirror_config_free(cfg);
+    uint16_t port = 0;
+    CHECK_RC(mirror_listen_port(b, &port), MIRROR_OK);
+    /* A primary with the same secret mirrors. */
+    cfg = base_config("primary", "aprimary", "1MiB");
+    char peer[64];
+    snprintf(peer, sizeof peer, "127.0.0.1:%u", (unsigned)port);
+    CHECK_RC(mirror_config_set(cfg, "peer", peer), MIRROR_OK);
+    CHECK_RC(mirror_config_set(cfg, "secret_file", key), MIRROR_OK);
+    REQUIRE(mirror_open(cfg, &p) == MIRROR_OK);
+    mirror_config_free(cfg);
+    CHECK_RC(mirror_wait_synchronous(p, 10 * SECOND_US), MIRROR_OK);
+    for (uint64_t x = 1; x < 100; x++) CHECK_RC(mirror_write(p, x * 64, &x, sizeof x), MIRROR_OK);
+    CHECK(backup_caught_up(p, b));
+    CHECK(regions_equal(p, b));
+    CHECK_RC(mirror_close(p), MIRROR_OK);
+    CHECK_RC(mirror_close(b), MIRROR_OK);
+    /* Reachable from other machines: a secret, or auth = none said explicitly. */
+    cfg = base_config("backup", "exposed", "1MiB");
+    CHECK_RC(mirror_config_set(cfg, "listen", "0.0.0.0:0"), MIRROR_OK);
+    CHECK_RC(mirror_open(cfg, &b), MIRROR_EVALUE);
+    CHECK(last_error_contains("secret_file") && last_error_contains("auth = none"));
+    CHECK_RC(mirror_config_set(cfg, "auth", "none"), MIRROR_OK);
+    REQUIRE(mirror_open(cfg, &b) == MIRROR_OK);
+    CHECK_RC(mirror_close(b), MIRROR_OK);
+    mirror_config_free(cfg);
+}
+
 /* a peer failure: a backup of another region size stops the primary; every later call says so */
 static void test_peer_failure(void) {
     mirror *b = NULL, *p = NULL;
@@ -722,6 +787,7 @@ int main(void) {
     CHECK_RC(mirror_close(b), MIRROR_OK);
 
     test_continue_degraded();
+    test_authentication();
     test_peer_failure();
     test_forced_promotion_fences();
 
