@@ -912,3 +912,54 @@ fn tls_configuration_errors_name_their_key() {
         "{e}"
     );
 }
+
+#[test]
+fn the_cli_makes_secrets_prints_fingerprints_and_shows_how_a_live_node_authenticates() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("pair.key");
+    let key_s = key.to_string_lossy().to_string();
+    let (st, out, err) = common::run(&["secret", &key_s]);
+    assert!(st.success(), "{err}");
+    assert!(out.contains("mode 600"), "{out}");
+    let meta = std::fs::metadata(&key).unwrap();
+    assert_eq!(meta.len(), 32);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Never over an existing secret.
+    let (st, _, err) = common::run(&["secret", &key_s]);
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(err.contains("exists"), "{err}");
+    let (st, _, err) = common::run(&[
+        "secret",
+        "--bytes",
+        "8",
+        &dir.path().join("k2").to_string_lossy(),
+    ]);
+    assert_eq!(st.code(), Some(2), "{err}");
+    // Fingerprints as tls_peer_fingerprint takes them.
+    tls_files(dir.path());
+    let crt = dir.path().join("b.crt");
+    let (st, out, err) = common::run(&["fingerprint", &crt.to_string_lossy()]);
+    assert!(st.success(), "{err}");
+    assert_eq!(
+        out.trim(),
+        mirror::transport::tls::fingerprint_of_file(&crt).unwrap()
+    );
+    assert_eq!(out.trim().len(), 32 * 3 - 1);
+    let (st, _, err) = common::run(&["fingerprint", &key_s]);
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(err.contains("tls_cert"), "{err}");
+    // A live node says how it authenticates.
+    let mut b = common::base(dir.path(), "backup", "1MiB");
+    b.set("listen", "127.0.0.1:0").unwrap();
+    b.set("secret_file", &key_s).unwrap();
+    let node = Mirror::open(b.build().unwrap()).unwrap();
+    let queue = dir.path().join("backup.queue");
+    let (st, out, err) = common::run(&["status", "--live", &queue.to_string_lossy()]);
+    assert!(st.success(), "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("auth"))
+        .unwrap_or_default();
+    assert!(line.ends_with("secret"), "{out}");
+    node.close().unwrap();
+}

@@ -31,6 +31,8 @@ pub struct TcpConnection {
     authenticated: Option<u64>,
     /// TLS on this connection (`tls = on`): frames go through it.
     tls: Option<Box<rustls::Connection>>,
+    /// Where TLS decrypts into (rustls reads into initialized memory; allocated once).
+    tls_scratch: Vec<u8>,
 }
 
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> TransportError {
@@ -54,6 +56,7 @@ impl TcpConnection {
             rx: FrameReader::with_capacity(RECV_CHUNK),
             authenticated: None,
             tls: None,
+            tls_scratch: Vec::new(),
         })
     }
 
@@ -71,6 +74,9 @@ impl TcpConnection {
         match session {
             Some(session) if tls.is_none() => super::secure(&mut c.tx, &mut c.rx, session, early),
             _ => c.rx.raw().extend_from_slice(early),
+        }
+        if tls.is_some() {
+            c.tls_scratch = vec![0; TLS_SCRATCH];
         }
         c.tls = tls;
         Ok(c)
@@ -118,7 +124,7 @@ impl TcpConnection {
             raw.reserve(RECV_CHUNK);
         }
         if let Some(tls) = self.tls.as_mut() {
-            return fill_from_tls(tls, &mut self.stream, self.rx.raw());
+            return fill_from_tls(tls, &mut self.stream, &mut self.tls_scratch, self.rx.raw());
         }
         let spare = raw.spare_capacity_mut();
         // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `self.rx`, and
@@ -262,32 +268,26 @@ struct AcceptAuth {
     wake: OwnedFd,
 }
 
-/// Decrypted bytes from `tls` into `raw` (reading TLS records from the socket when it has none
-/// decrypted); returns whether anything arrived.
+/// Bytes decrypted per read: a TLS record's largest plaintext.
+const TLS_SCRATCH: usize = 16 << 10;
+
+/// Decrypted bytes from `tls` into `raw`, through `scratch` (reading TLS records from the socket
+/// when none is decrypted); returns whether anything arrived.
 fn fill_from_tls(
     tls: &mut rustls::Connection,
     stream: &mut TcpStream,
+    scratch: &mut [u8],
     raw: &mut bytes::BytesMut,
 ) -> Result<bool, TransportError> {
     loop {
-        let len = raw.len();
-        let room = raw.capacity() - len;
-        raw.resize(len + room, 0);
-        let got = tls.reader().read(&mut raw[len..]);
-        match got {
-            Ok(0) => {
-                raw.truncate(len);
-                return Err(TransportError::Closed);
-            }
+        match tls.reader().read(scratch) {
+            Ok(0) => return Err(TransportError::Closed),
             Ok(n) => {
-                raw.truncate(len + n);
+                raw.extend_from_slice(&scratch[..n]);
                 return Ok(true);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => raw.truncate(len),
-            Err(e) => {
-                raw.truncate(len);
-                return Err(io_err("decrypting from peer")(e));
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(io_err("decrypting from peer")(e)),
         }
         match tls.read_tls(stream) {
             Ok(0) => return Err(TransportError::Closed),
