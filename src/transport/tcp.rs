@@ -289,17 +289,8 @@ fn fill_from_tls(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(io_err("decrypting from peer")(e)),
         }
-        match tls.read_tls(stream) {
-            Ok(0) => return Err(TransportError::Closed),
-            Ok(_) => {
-                if let Err(e) = tls.process_new_packets() {
-                    let _ = tls.write_tls(stream);
-                    return Err(TransportError::Tls(e));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err("receiving from peer")(e)),
+        if !super::tls::read_records(tls, stream)? {
+            return Ok(false);
         }
     }
 }

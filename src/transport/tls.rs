@@ -210,8 +210,10 @@ pub fn handshake(
         if !tls.is_handshaking() {
             return Ok(true);
         }
-        match tls.read_tls(stream) {
-            Ok(0) => {
+        match read_records(tls, stream) {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(TransportError::Closed) => {
                 return Err(TransportError::Io {
                     context: "TLS handshake",
                     source: io::Error::new(
@@ -220,17 +222,33 @@ pub fn handshake(
                     ),
                 })
             }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads the TLS records the socket has into the session and processes them: `Ok(true)` when
+/// some arrived, `Ok(false)` when none is ready, `Closed` when the peer closed. A record that
+/// fails (a bad certificate, bytes that do not decrypt) sends TLS's alert first, best effort.
+pub fn read_records(
+    tls: &mut rustls::Connection,
+    stream: &mut TcpStream,
+) -> Result<bool, TransportError> {
+    loop {
+        match tls.read_tls(stream) {
+            Ok(0) => return Err(TransportError::Closed),
             Ok(_) => {
                 if let Err(e) = tls.process_new_packets() {
                     let _ = tls.write_tls(stream);
                     return Err(TransportError::Tls(e));
                 }
+                return Ok(true);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(TransportError::Io {
-                    context: "TLS handshake",
+                    context: "receiving from peer",
                     source: e,
                 })
             }
@@ -254,12 +272,11 @@ impl io::Read for TlsIo<'_> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 other => return other,
             }
-            if self.tls.read_tls(self.sock)? == 0 {
-                return Ok(0);
-            }
-            if let Err(e) = self.tls.process_new_packets() {
-                let _ = self.tls.write_tls(self.sock);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            match read_records(self.tls, self.sock) {
+                Ok(true) => {}
+                Ok(false) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(TransportError::Closed) => return Ok(0),
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
             }
         }
     }
@@ -380,13 +397,14 @@ impl ClientCertVerifier for Pinned {
             .map(|()| ClientCertVerified::assertion())
     }
 
+    // The handshake signatures are checked as for a server certificate.
     fn verify_tls12_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        ServerCertVerifier::verify_tls12_signature(self, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -395,11 +413,11 @@ impl ClientCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        ServerCertVerifier::verify_tls13_signature(self, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        ServerCertVerifier::supported_verify_schemes(self)
     }
 }
 
