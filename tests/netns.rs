@@ -169,11 +169,24 @@ fn scenario(k: u32, policy: &'static str) {
     pair.addr = format!("{}:{port}", ns.backup_ip);
     pair.netns = Some((ns.primary_ns.clone(), ns.backup_ns.clone()));
     pair.rate = 5_000;
+    // Addresses other machines could reach: the pair authenticates (the secure default), so
+    // the faults below also hit the authentication handshake and the tagged records.
+    let key = dir.path().join("pair.key");
+    std::fs::write(
+        &key,
+        (0..32u8)
+            .map(|i| i.wrapping_mul(97) ^ 0x5c)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     pair.extra.extend([
         "--set".to_string(),
         "ack_timeout_ms=300".to_string(),
         "--set".to_string(),
         "handshake_timeout_ms=300".to_string(),
+        "--set".to_string(),
+        format!("secret_file={}", key.display()),
     ]);
     let backup = pair.start_backup(0);
     let mut primary = pair.start_primary(0, 0, 4);

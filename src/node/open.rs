@@ -322,6 +322,7 @@ impl Mirror {
             published_role: wire_role,
             published_degraded: false,
             published_connection: None,
+            auth_failure_logged_at: None,
         };
         let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;

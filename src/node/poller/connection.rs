@@ -14,6 +14,25 @@ use crate::transport::{Connecting, TransportError};
 
 use super::*;
 
+/// An authentication failure toward the peer is logged at most this often (it repeats at
+/// every reconnection attempt).
+const AUTH_FAILURE_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a connection attempt failed.
+enum Failure {
+    Timeout,
+    Other(TransportError),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Timeout => f.write_str("no answer in time"),
+            Failure::Other(e) => e.fmt(f),
+        }
+    }
+}
+
 /// How often a connected backup looks for new connections (see `accept_and_greet`).
 const ACCEPT_INTERVAL_CONNECTED_US: u64 = 1_000;
 
@@ -42,10 +61,25 @@ impl Poller {
                     return true;
                 }
                 Ok(None) if now < *deadline_us => return false,
-                Ok(None) => "no answer in time".to_string(),
-                Err(e) => e.to_string(),
+                Ok(None) => Failure::Timeout,
+                Err(e) => Failure::Other(e),
             };
-            tracing::debug!(peer = ?self.cfg.peer, error = %failure, "backup not reachable");
+            let security = matches!(
+                failure,
+                Failure::Other(TransportError::Auth(_) | TransportError::Tls(_))
+            );
+            if security
+                && self
+                    .auth_failure_logged_at
+                    .map_or(true, |t| t.elapsed() >= AUTH_FAILURE_LOG_EVERY)
+            {
+                // An operator must see this (the nodes' secrets or certificates do not match, or
+                // someone else answers at the peer's address), but not at every retry.
+                tracing::warn!(peer = ?self.cfg.peer, error = %failure, "cannot authenticate with the peer");
+                self.auth_failure_logged_at = Some(Instant::now());
+            } else {
+                tracing::debug!(peer = ?self.cfg.peer, error = %failure, "backup not reachable");
+            }
             self.connecting = None;
             self.exec.core.on_connect_failed();
             return true;

@@ -76,6 +76,8 @@ pub(super) struct Poller {
     pub(super) published_degraded: bool,
     /// The connection whose address was last published.
     pub(super) published_connection: Option<PeerId>,
+    /// When a failure to authenticate with the peer was last logged (see `connect_to_peer`).
+    pub(super) auth_failure_logged_at: Option<Instant>,
 }
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
