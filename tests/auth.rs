@@ -962,5 +962,67 @@ fn the_cli_makes_secrets_prints_fingerprints_and_shows_how_a_live_node_authentic
         .find(|l| l.trim_start().starts_with("auth"))
         .unwrap_or_default();
     assert!(line.ends_with("secret"), "{out}");
+    // So does `mirror status` of its queue file while it runs.
+    let (st, out, err) = common::run(&["status", &queue.to_string_lossy()]);
+    assert!(st.success(), "{err}");
+    assert!(out.contains("secret (said by the running node)"), "{out}");
     node.close().unwrap();
+    // `auth = none` is logged and shown for a node on an exposed address.
+    let file = |n: &str| dir.path().join(n).to_string_lossy().to_string();
+    let node_args = |name: &str, listen: String, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "backup",
+            "--region",
+            &file(&format!("{name}.region")),
+            "--region-size",
+            "1MiB",
+            "--queue",
+            &file(&format!("{name}.queue")),
+            "--listen",
+            &listen,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let exposed = format!("0.0.0.0:{}", free_port());
+    let mut backup = common::Node::spawn(
+        "backup",
+        &node_args("x", exposed.clone(), &["--set", "auth=none"]),
+        &dir.path().join("x.log"),
+    );
+    backup.wait_until("the backup to listen", Duration::from_secs(10), |b| {
+        b.has("backup") || b.has("status")
+    });
+    let (_, out, _) = common::run(&["status", "--live", &file("x.queue")]);
+    assert!(out.contains("none (auth = none"), "{out}");
+    backup.stop();
+    let log = std::fs::read_to_string(dir.path().join("x.log")).unwrap();
+    assert!(
+        log.contains("auth = none: peers are not authenticated"),
+        "{log}"
+    );
+    // Without it, refused naming the address and the key; `--secret-file` is the key.
+    let args = node_args("y", exposed, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = common::run(&args);
+    assert_eq!(st.code(), Some(2));
+    assert!(
+        err.contains("secret_file") && err.contains("listen"),
+        "{err}"
+    );
+    let args = node_args(
+        "y",
+        "127.0.0.1:0".into(),
+        &["--secret-file", &file("nope.key")],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = common::run(&args);
+    assert_eq!(st.code(), Some(2));
+    assert!(
+        err.contains("secret_file") && err.contains("cannot read"),
+        "{err}"
+    );
 }

@@ -73,6 +73,9 @@ pub struct NodeArgs {
     /// CPU to pin the poller to
     #[arg(long)]
     pub cpu: Option<String>,
+    /// The pair's shared secret (`mirror secret FILE` makes one): peers authenticate with it
+    #[arg(long)]
+    pub secret_file: Option<String>,
     /// Any config key: --set key=value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -96,6 +99,7 @@ pub fn build_config(node: &NodeArgs, role: Role) -> Result<Config, MirrorError> 
         ("durability", &node.durability),
         ("on_peer_loss", &node.on_peer_loss),
         ("cpu", &node.cpu),
+        ("secret_file", &node.secret_file),
     ];
     for (key, value) in flags {
         if let Some(v) = value {

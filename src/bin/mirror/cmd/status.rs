@@ -106,5 +106,12 @@ pub fn run(args: &StatusArgs) -> CliResult {
             "no"
         }
     );
+    if i.in_use {
+        // What only the running node knows (its configuration), if it answers at once.
+        let socket = mirror::control::control_socket_path(queue);
+        if let Ok(s) = mirror::control::status(&socket, std::time::Duration::from_millis(500)) {
+            println!("  auth             {} (said by the running node)", s.auth);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
