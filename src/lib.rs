@@ -31,4 +31,5 @@ pub use config::{Auth, Config, ConfigBuilder, Role, TransportKind};
 pub use error::{ConfigError, MirrorError, Result};
 pub use mirror_proto::{PeerLossPolicy, Phase};
 pub use mirror_storage::Durability;
+pub use node::events::{Event, EventRecord, Events};
 pub use node::{Mirror, Stats, Ticket};

@@ -25,6 +25,7 @@ use crate::config::{Config, Role};
 use crate::error::{MirrorError, Result};
 
 mod control;
+pub mod events;
 mod open;
 mod poller;
 
@@ -153,6 +154,8 @@ struct Shared {
     crash_armed: Arc<AtomicBool>,
     /// Callers currently running the poller's loop themselves (run to completion).
     callers_driving: AtomicUsize,
+    /// The event stream's subscribers ([`Mirror::events`]).
+    events: events::EventBus,
 }
 
 /// A run of tickets that will never complete, and the error their callers get.
@@ -593,6 +596,19 @@ impl Mirror {
         s
     }
 
+    /// Subscribes to this node's events (see [`events::Event`]): every event from now on, in
+    /// order, until the node closes. A subscriber that falls behind by more than
+    /// [`events::EVENT_QUEUE_CAPACITY`] events is told how many it lost; it never slows the node.
+    pub fn events(&self) -> Result<events::Events> {
+        self.shared
+            .events
+            .subscribe()
+            .map_err(|source| MirrorError::Io {
+                context: "creating an event subscription".into(),
+                source,
+            })
+    }
+
     /// Stops the poller (after its current pass) and releases the files. Writes not completed by
     /// then fail with [`MirrorError::Closed`]; what they queued stays in the queue and is recovered
     /// at the next open. Idempotent.
@@ -613,12 +629,12 @@ impl Mirror {
         self.shared.wake_poller();
         self.shared.notify_waiters();
         let handle = self.poller.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            if h.join().is_err() {
-                return Err(MirrorError::Failed {
-                    reason: "poller thread panicked".into(),
-                });
-            }
+        let joined = handle.map(|h| h.join());
+        self.shared.events.close();
+        if let Some(Err(_)) = joined {
+            return Err(MirrorError::Failed {
+                reason: "poller thread panicked".into(),
+            });
         }
         Ok(())
     }

@@ -285,6 +285,7 @@ impl Mirror {
             #[cfg(feature = "fail-points")]
             crash_armed,
             callers_driving: AtomicUsize::new(0),
+            events: super::events::EventBus::default(),
         });
         tracing::info!(
             role = %cfg.role,
@@ -323,6 +324,7 @@ impl Mirror {
             published_degraded: false,
             published_connection: None,
             auth_failure_logged_at: None,
+            split_brain_reported: false,
         };
         let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;

@@ -151,6 +151,16 @@ impl Poller {
             file = %divergence.file.display(),
             "this backup's queue diverges from the primary's newer history after the common point: saved the divergent records; repairing their byte ranges from the primary"
         );
+        if self.split_brain_reported {
+            // This node lost the split brain: say what went and where it was saved.
+            self.shared.events.publish(super::Event::SplitBrain {
+                description: format!(
+                    "discarded this node's {} records after seq {} ({} bytes), saved first",
+                    divergence.records, after, divergence.bytes
+                ),
+                discarded: Some(divergence.file.clone()),
+            });
+        }
         self.last_divergence = Some(divergence);
         Ok(())
     }
@@ -175,6 +185,18 @@ impl Poller {
                 through_seq,
             }),
             None => {
+                // Recoveries are rare: counting the bytes to go costs a walk over the range.
+                let bytes = self
+                    .exec
+                    .queue
+                    .iter_from(from_seq)
+                    .take_while(|r| r.as_ref().is_ok_and(|r| r.seq <= through_seq))
+                    .filter_map(|r| r.ok().map(|r| r.payload.len() as u64))
+                    .sum();
+                self.shared.events.publish(super::Event::Recovering {
+                    records: through_seq.saturating_sub(from_seq) + 1,
+                    bytes,
+                });
                 self.catch_up = Some(CatchUp {
                     next_seq: from_seq,
                     through_seq,

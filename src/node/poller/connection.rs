@@ -45,6 +45,17 @@ impl Poller {
         worked
     }
 
+    /// Tells the event stream a connection is now the node's.
+    fn publish_connected(&self, c: &dyn crate::transport::Connection) {
+        let peer_node_id = c
+            .authenticated_peer()
+            .unwrap_or_else(|| self.exec.queue.peer_node_id());
+        self.shared.events.publish(super::Event::Connected {
+            peer_node_id,
+            peer_address: c.peer(),
+        });
+    }
+
     /// A primary: connects to its peer, again after every loss.
     fn connect_to_peer(&mut self, now: u64) -> bool {
         if self.conn.is_some() || self.exec.core.phase() != Phase::Disconnected {
@@ -54,6 +65,7 @@ impl Poller {
             let failure = match attempt.poll() {
                 Ok(Some(c)) => {
                     tracing::info!(peer = %c.peer(), "connected to backup");
+                    self.publish_connected(c.as_ref());
                     self.connecting = None;
                     self.conn = Some(c);
                     let peer = self.next_peer();
@@ -182,6 +194,7 @@ impl Poller {
                                 self.exec.core.on_disconnected(old_peer);
                             }
                             let peer = self.next_peer();
+                            self.publish_connected(c.as_ref());
                             self.exec.core.on_connected(peer);
                             for m in first {
                                 self.exec.core.on_message(peer, m);

@@ -12,6 +12,7 @@ use mirror_proto::{Action, Message, PeerId, WireRole, WritesRefused};
 use mirror_ring::Consumer;
 use mirror_storage::{Region, StorageError};
 
+use super::events::Event;
 use crate::config::Config;
 use crate::error::{MirrorError, Result};
 use crate::transport::tcp::Security;
@@ -76,6 +77,9 @@ pub(super) struct Poller {
     pub(super) published_degraded: bool,
     /// The connection whose address was last published.
     pub(super) published_connection: Option<PeerId>,
+    /// A split brain was reported since the pair was last synchronous (a divergent suffix saved
+    /// now is what it discarded).
+    pub(super) split_brain_reported: bool,
     /// When a failure to authenticate with the peer was last logged (see `connect_to_peer`).
     pub(super) auth_failure_logged_at: Option<Instant>,
 }
@@ -168,6 +172,9 @@ impl Poller {
 
     /// The node cannot go on: fail it (callers see why).
     fn stop_node(&mut self, reason: String) {
+        self.shared.events.publish(Event::Failed {
+            reason: reason.clone(),
+        });
         self.exec.core.fail();
         self.conn = None;
         self.stopped = true;
@@ -246,6 +253,12 @@ impl Poller {
         }
         self.published_role = role;
         self.shared.set_role(role);
+        self.shared.events.publish(match role {
+            WireRole::Primary => Event::Promoted {
+                term: self.exec.core.stats().current_term,
+            },
+            WireRole::Backup => Event::Demoted,
+        });
         self.connecting = None;
         self.next_connect_at_us = 0;
         self.publish_stats();
@@ -260,6 +273,9 @@ impl Poller {
                     "{f}; start this node as a backup (or demote it) to rejoin the new primary"
                 );
                 tracing::error!(%reason, "fenced");
+                self.shared.events.publish(Event::Fenced {
+                    reason: reason.clone(),
+                });
                 self.shared.set_fenced(Some(reason.clone()));
                 Some(reason)
             }
@@ -270,6 +286,9 @@ impl Poller {
                     sb.common
                 );
                 tracing::error!(%reason, "lost a split brain");
+                self.shared.events.publish(Event::Fenced {
+                    reason: reason.clone(),
+                });
                 self.shared.set_fenced(Some(reason.clone()));
                 Some(reason)
             }
@@ -399,6 +418,9 @@ impl Poller {
         self.catch_up = None;
         if let Some(c) = self.conn.take() {
             tracing::warn!(peer = %c.peer(), reason = why, "connection lost");
+            self.shared.events.publish(Event::PeerLost {
+                reason: why.to_string(),
+            });
         }
         self.exec.core.on_disconnected(self.conn_peer);
     }
@@ -479,6 +501,22 @@ impl Poller {
             );
         }
         let mut s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        // What changed since the last publication, as events (in the order a reader expects).
+        let phase = self.exec.core.phase();
+        if core.degraded && !s.degraded {
+            self.shared.events.publish(Event::Degraded);
+        }
+        if phase == mirror_proto::Phase::Synchronous && s.phase != phase {
+            self.split_brain_reported = false;
+            self.shared.events.publish(Event::Synchronous);
+        }
+        if let (Some(sb), None) = (&core.split_brain, &s.split_brain) {
+            self.split_brain_reported = true;
+            self.shared.events.publish(Event::SplitBrain {
+                description: sb.clone(),
+                discarded: None,
+            });
+        }
         s.role = match self.exec.core.role() {
             WireRole::Primary => crate::config::Role::Primary,
             WireRole::Backup => crate::config::Role::Backup,

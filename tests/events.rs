@@ -1,0 +1,176 @@
+//! The event stream, end to end: a scripted outage, recovery and failover on a live pair, and
+//! the events each node reports, in order.
+
+use std::time::{Duration, Instant};
+
+use mirror::{Event, EventRecord, Events, Phase};
+
+mod common;
+use common::{failover_node, free_port};
+
+/// Every event that arrives within `quiet` of the previous one.
+fn drain(events: &Events, quiet: Duration) -> Vec<EventRecord> {
+    let mut out = Vec::new();
+    while let Some(e) = events.next_timeout(quiet) {
+        out.push(e);
+    }
+    out
+}
+
+/// Takes events until one matches `want`; returns what came before it too (for messages).
+fn wait_for(events: &Events, what: &str, want: impl Fn(&Event) -> bool) -> Vec<EventRecord> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.next_timeout(left) {
+            Some(e) => {
+                let hit = want(&e.event);
+                seen.push(e);
+                if hit {
+                    return seen;
+                }
+            }
+            None => panic!("no {what} event; saw {seen:?}"),
+        }
+    }
+}
+
+fn kinds(events: &[EventRecord]) -> Vec<&'static str> {
+    events
+        .iter()
+        .map(|e| match e.event {
+            Event::Connected { .. } => "connected",
+            Event::PeerLost { .. } => "peer_lost",
+            Event::Degraded => "degraded",
+            Event::Recovering { .. } => "recovering",
+            Event::Synchronous => "synchronous",
+            Event::Promoted { .. } => "promoted",
+            Event::Demoted => "demoted",
+            Event::Fenced { .. } => "fenced",
+            Event::SplitBrain { .. } => "split_brain",
+            Event::Failed { .. } => "failed",
+            Event::Lost { .. } => "lost",
+            _ => "other",
+        })
+        .collect()
+}
+
+/// `want` appears in `got` in this order (other events may come between).
+fn assert_in_order(got: &[EventRecord], want: &[&str]) {
+    let k = kinds(got);
+    let mut it = k.iter();
+    for w in want {
+        assert!(it.any(|g| g == w), "expected {want:?} in order, got {k:?}");
+    }
+    let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs not increasing: {seqs:?}"
+    );
+}
+
+#[test]
+fn an_outage_a_recovery_and_a_failover_arrive_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let opts = [("on_peer_loss", "continue")];
+    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
+    let a = failover_node(dir.path(), "a", "primary", &la, &lb, &opts);
+    let a_events = a.events().unwrap();
+    a.wait_synchronous(Duration::from_secs(20)).unwrap();
+    let b_events = b.events().unwrap();
+    let before = drain(&a_events, Duration::from_millis(200));
+    // Subscribed after open: it may have missed the first connection, never the synchronous.
+    assert!(
+        kinds(&before).contains(&"synchronous") || a.stats().phase == Phase::Synchronous,
+        "{before:?}"
+    );
+
+    // 1. The backup goes away; the primary writes on alone.
+    b.close().unwrap();
+    drop(b);
+    let got = wait_for(&a_events, "peer lost", |e| {
+        matches!(e, Event::PeerLost { .. })
+    });
+    assert_in_order(&got, &["peer_lost"]);
+    for i in 0..5u64 {
+        a.write(i * 64, &[i as u8; 64]).unwrap();
+    }
+    let got = wait_for(&a_events, "degraded", |e| matches!(e, Event::Degraded));
+    assert_in_order(&got, &["degraded"]);
+
+    // 2. It returns: connected, recovering exactly the 5 missed writes, synchronous.
+    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
+    let got = wait_for(&a_events, "synchronous", |e| {
+        matches!(e, Event::Synchronous)
+    });
+    assert_in_order(&got, &["connected", "recovering", "synchronous"]);
+    let recovering = got
+        .iter()
+        .find_map(|e| match e.event {
+            Event::Recovering { records, bytes } => Some((records, bytes)),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(recovering, (5, 5 * 64), "{got:?}");
+
+    // 3. A failover: A demoted live, B promoted; each says so, and they mirror again.
+    let b_events_2 = b.events().unwrap();
+    drop(b_events);
+    a.demote().unwrap();
+    let got = wait_for(&a_events, "demoted", |e| matches!(e, Event::Demoted));
+    assert_in_order(&got, &["demoted"]);
+    // B sees its primary go (a promotion while it is connected to a live one is refused).
+    let got = wait_for(&b_events_2, "peer lost", |e| {
+        matches!(e, Event::PeerLost { .. })
+    });
+    assert_in_order(&got, &["peer_lost"]);
+    let term = b.promote(false).unwrap();
+    let got = wait_for(&b_events_2, "synchronous", |e| {
+        matches!(e, Event::Synchronous)
+    });
+    assert_in_order(&got, &["promoted", "connected", "synchronous"]);
+    assert!(got.iter().any(|e| e.event == Event::Promoted { term }));
+    let got = wait_for(&a_events, "synchronous", |e| {
+        matches!(e, Event::Synchronous)
+    });
+    assert_in_order(&got, &["connected", "synchronous"]);
+
+    // 4. Closing ends the stream after what is left.
+    a.close().unwrap();
+    let rest = drain(&a_events, Duration::from_millis(100));
+    let _ = rest;
+    assert!(a_events.ended());
+    b.close().unwrap();
+}
+
+#[test]
+fn a_subscriber_that_never_reads_does_not_slow_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let opts = [("on_peer_loss", "continue")];
+    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
+    let a = failover_node(dir.path(), "a", "primary", &la, &lb, &opts);
+    let idle = a.events().unwrap();
+    a.wait_synchronous(Duration::from_secs(20)).unwrap();
+    // 600 outages: more events than a queue holds, none read.
+    let mut b = Some(b);
+    for round in 0..600u64 {
+        if round % 2 == 0 {
+            b.take().unwrap().close().unwrap();
+            a.write(0, &round.to_le_bytes()).unwrap();
+        } else {
+            b = Some(failover_node(dir.path(), "b", "backup", &lb, &la, &opts));
+            a.wait_synchronous(Duration::from_secs(20)).unwrap();
+        }
+    }
+    let first = idle.try_next().unwrap();
+    assert!(
+        matches!(first.event, Event::Lost { count } if count > 0),
+        "{first:?}"
+    );
+    drop(b);
+}
