@@ -10,6 +10,8 @@
  * mirror_listen_port and mirror_wait_synchronous may run concurrently from many threads on one
  * handle. mirror_close must not overlap any other call on its handle. A mirror_config is used by
  * one thread at a time. mirror_strerror, mirror_last_error and mirror_version: any thread.
+ * Events: mirror_events_subscribe gives a subscription whose descriptor (mirror_events_fd) is
+ * readable while events wait; mirror_events_next takes them, from any thread, never blocking.
  *
  * Link: cc app.c $(pkg-config --cflags --libs mirror)    ABI: libmirror.so.0 for all 0.x.
  */
@@ -26,6 +28,12 @@
 /* The opaque handles (see their declarations below). */
 typedef struct mirror_config mirror_config;
 typedef struct mirror mirror;
+typedef struct mirror_events mirror_events;
+
+/**
+ * Bytes of `struct mirror_event::detail` (a NUL-terminated string, truncated to fit).
+ */
+#define MIRROR_EVENT_DETAIL_LEN 512
 
 /**
  * Success.
@@ -133,6 +141,68 @@ typedef struct mirror mirror;
 #define MIRROR_ENOTREADY -1018
 
 /**
+ * `mirror_events_next`: no event is waiting now (poll the subscription's descriptor).
+ */
+#define MIRROR_EAGAIN -1019
+
+/**
+ * Kinds of `struct mirror_event` (`mirror_events_next`): a connection to the peer is
+ * established (`peer_node_id`, `detail` = its address).
+ */
+#define MIRROR_EVENT_CONNECTED 1
+
+/**
+ * The connection to the peer ended (`detail` = why).
+ */
+#define MIRROR_EVENT_PEER_LOST 2
+
+/**
+ * A primary took a write without its backup (`on_peer_loss = continue`).
+ */
+#define MIRROR_EVENT_DEGRADED 3
+
+/**
+ * A catch-up began (`records` and `bytes` to go).
+ */
+#define MIRROR_EVENT_RECOVERING 4
+
+/**
+ * The pair mirrors synchronously.
+ */
+#define MIRROR_EVENT_SYNCHRONOUS 5
+
+/**
+ * This node became the primary (`term`).
+ */
+#define MIRROR_EVENT_PROMOTED 6
+
+/**
+ * This node became a backup.
+ */
+#define MIRROR_EVENT_DEMOTED 7
+
+/**
+ * A newer primary fenced this one (`detail` = why, and what to do).
+ */
+#define MIRROR_EVENT_FENCED 8
+
+/**
+ * A split brain (`detail` = what was found or decided; with ` saved to <path>` when this
+ * node's writes were discarded).
+ */
+#define MIRROR_EVENT_SPLIT_BRAIN 9
+
+/**
+ * The node stopped (`detail` = why).
+ */
+#define MIRROR_EVENT_FAILED 10
+
+/**
+ * This subscriber fell behind: `lost` events were dropped before the next one.
+ */
+#define MIRROR_EVENT_LOST 11
+
+/**
  * Role of a node in `mirror_stats.role`.
  */
 #define MIRROR_ROLE_PRIMARY 1
@@ -178,6 +248,12 @@ struct mirror;
  * `mirror_config_set`, pass to `mirror_open`, free with `mirror_config_free`.
  */
 struct mirror_config;
+
+/**
+ * A subscription to a node's events (opaque): create with `mirror_events_subscribe`, poll
+ * `mirror_events_fd`, take events with `mirror_events_next`, free with `mirror_events_free`.
+ */
+struct mirror_events;
 
 /**
  * A snapshot of a node's state and counters, filled by `mirror_stats`. Write it as
@@ -291,6 +367,54 @@ struct mirror_stats {
      * writes fail with `MIRROR_EFENCED`. `mirror_last_error` after such a write says why.
      */
     int fenced;
+};
+
+/**
+ * One event, filled by `mirror_events_next`. Set `size = sizeof(struct mirror_event)` before
+ * the call (as with `mirror_stats`: fields a newer header adds at the end are left alone by an
+ * older library). Fields that do not apply to `kind` are 0 (and `detail` empty).
+ */
+struct mirror_event {
+    /**
+     * In: `sizeof(struct mirror_event)` as the caller knows it. Out: bytes filled.
+     */
+    uint32_t size;
+    /**
+     * `MIRROR_EVENT_*`.
+     */
+    int kind;
+    /**
+     * Position in the node's stream (from 1; a gap is what a `MIRROR_EVENT_LOST` counted).
+     */
+    uint64_t seq;
+    /**
+     * Wall-clock time, microseconds since the Unix epoch.
+     */
+    uint64_t unix_us;
+    /**
+     * `MIRROR_EVENT_CONNECTED`: the peer's node id (0 while unknown).
+     */
+    uint64_t peer_node_id;
+    /**
+     * `MIRROR_EVENT_PROMOTED`: the new term.
+     */
+    uint64_t term;
+    /**
+     * `MIRROR_EVENT_RECOVERING`: records to go.
+     */
+    uint64_t records;
+    /**
+     * `MIRROR_EVENT_RECOVERING`: their payload bytes.
+     */
+    uint64_t bytes;
+    /**
+     * `MIRROR_EVENT_LOST`: events dropped.
+     */
+    uint64_t lost;
+    /**
+     * The address, reason or description, NUL-terminated (truncated to fit).
+     */
+    char detail[MIRROR_EVENT_DETAIL_LEN];
 };
 
 #ifdef __cplusplus
@@ -519,6 +643,52 @@ int mirror_promote(const struct mirror *m, int force, uint64_t *term);
  * `m` is NULL or a live handle.
  */
 int mirror_demote(const struct mirror *m);
+
+/**
+ * Subscribes to the node's events: every event from now on, in order, until the node closes.
+ * Each subscription has its own queue of 1024 events; one that falls behind gets a
+ * `MIRROR_EVENT_LOST` event with the count, and never slows the node. Nothing is ever called
+ * from the library's threads. The subscription stays valid after `mirror_close` (it then ends).
+ *
+ * Returns 0 and stores the handle in `*out`; `MIRROR_EINVAL` (NULL); `MIRROR_EIO` (no
+ * descriptor could be made). Thread safety: any thread.
+ *
+ * # Safety
+ * `m` is NULL or a live handle; `out` is NULL or valid for writing a pointer.
+ */
+int mirror_events_subscribe(const struct mirror *m, struct mirror_events **out);
+
+/**
+ * A descriptor that is readable while an event is waiting, or once the stream has ended (then
+ * `mirror_events_next` returns `MIRROR_ECLOSED`): for `poll(2)`, `select(2)` or `epoll`. Do not
+ * read from it or close it; it belongs to the subscription. Returns the descriptor (>= 0) or
+ * `MIRROR_EINVAL` (NULL). Thread safety: any thread.
+ *
+ * # Safety
+ * `e` is NULL or a live subscription.
+ */
+int mirror_events_fd(const struct mirror_events *e);
+
+/**
+ * Takes the next event into `*out` without waiting. Returns 0; `MIRROR_EAGAIN` (none waiting:
+ * poll the descriptor); `MIRROR_ECLOSED` (the node closed and every event was taken);
+ * `MIRROR_EINVAL` (NULL, or `out->size` smaller than this struct's first version). `*out` is
+ * written only on success. Thread safety: any thread; one event goes to one caller.
+ *
+ * # Safety
+ * `e` is NULL or a live subscription; `out` is NULL or valid for reading and writing
+ * `out->size` bytes.
+ */
+int mirror_events_next(const struct mirror_events *e, struct mirror_event *out);
+
+/**
+ * Ends a subscription and frees it. NULL is fine. Thread safety: only when no other call on
+ * this subscription is running or will start.
+ *
+ * # Safety
+ * `e` is NULL or a live subscription from `mirror_events_subscribe`, freed only once.
+ */
+void mirror_events_free(struct mirror_events *e);
 
 /**
  * Extension. The library's version, e.g. "0.1.0" (static; never NULL). The ABI is that of

@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <limits.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -664,6 +665,101 @@ static void test_authentication(void) {
     mirror_config_free(cfg);
 }
 
+/* events: a second thread polls the subscription's descriptor and takes what arrives */
+
+struct event_reader {
+    mirror_events *sub;
+    volatile int stop;
+    int kinds[256];
+    uint64_t records[256];
+    uint64_t seqs[256];
+    int n;
+    int bad;
+};
+
+static void *read_events(void *arg) {
+    struct event_reader *r = arg;
+    struct pollfd pfd = {.fd = mirror_events_fd(r->sub), .events = POLLIN};
+    if (pfd.fd < 0) r->bad = 1;
+    while (!r->stop && !r->bad) {
+        int n = poll(&pfd, 1, 50);
+        if (n < 0) r->bad = 1;
+        if (n <= 0) continue;
+        for (;;) {
+            struct mirror_event ev;
+            memset(&ev, 0, sizeof ev);
+            ev.size = sizeof ev;
+            int rc = mirror_events_next(r->sub, &ev);
+            if (rc == MIRROR_EAGAIN) break;
+            if (rc != MIRROR_OK || r->n >= 256) {
+                r->bad = rc != MIRROR_ECLOSED;
+                return NULL;
+            }
+            r->kinds[r->n] = ev.kind;
+            r->records[r->n] = ev.records;
+            r->seqs[r->n] = ev.seq;
+            r->n++;
+        }
+    }
+    return NULL;
+}
+
+/* Whether `want` appear in `r`'s events in this order (others may come between). */
+static int in_order(const struct event_reader *r, const int *want, int n_want) {
+    int w = 0;
+    for (int i = 0; i < r->n && w < n_want; i++)
+        if (r->kinds[i] == want[w]) w++;
+    return w == n_want;
+}
+
+static void test_events(void) {
+    mirror *b = NULL, *p = NULL;
+    REQUIRE(open_backup("ebackup", "1MiB", 0, &b) == MIRROR_OK);
+    uint16_t port = 0;
+    CHECK_RC(mirror_listen_port(b, &port), MIRROR_OK);
+    REQUIRE(open_primary("eprimary", port, "continue", &p) == MIRROR_OK);
+    CHECK_RC(mirror_wait_synchronous(p, 10 * SECOND_US), MIRROR_OK);
+    struct event_reader r;
+    memset(&r, 0, sizeof r);
+    CHECK_RC(mirror_events_subscribe(p, NULL), MIRROR_EINVAL);
+    REQUIRE(mirror_events_subscribe(p, &r.sub) == MIRROR_OK);
+    CHECK(mirror_events_fd(r.sub) >= 0);
+    struct mirror_event small;
+    memset(&small, 0, sizeof small);
+    small.size = 8;
+    CHECK_RC(mirror_events_next(r.sub, &small), MIRROR_EINVAL);
+    CHECK(last_error_contains("sizeof(struct mirror_event)"));
+    small.size = sizeof small;
+    CHECK_RC(mirror_events_next(r.sub, &small), MIRROR_EAGAIN);
+    pthread_t t;
+    REQUIRE(pthread_create(&t, NULL, read_events, &r) == 0);
+    /* An outage: the backup goes, the primary writes alone; it returns and catches up. */
+    CHECK_RC(mirror_close(b), MIRROR_OK);
+    for (uint64_t x = 1; x <= 5; x++) CHECK_RC(mirror_write(p, x * 64, &x, sizeof x), MIRROR_OK);
+    REQUIRE(open_backup("ebackup", "1MiB", port, &b) == MIRROR_OK);
+    CHECK_RC(mirror_wait_synchronous(p, 10 * SECOND_US), MIRROR_OK);
+    for (int i = 0; i < 100 && !in_order(&r, (int[]){MIRROR_EVENT_SYNCHRONOUS}, 1); i++) sleep_ms(10);
+    r.stop = 1;
+    pthread_join(t, NULL);
+    CHECK(!r.bad);
+    const int want[] = {MIRROR_EVENT_PEER_LOST, MIRROR_EVENT_DEGRADED, MIRROR_EVENT_CONNECTED,
+                        MIRROR_EVENT_RECOVERING, MIRROR_EVENT_SYNCHRONOUS};
+    CHECK(in_order(&r, want, 5));
+    for (int i = 0; i < r.n; i++) {
+        if (r.kinds[i] == MIRROR_EVENT_RECOVERING) CHECK(r.records[i] == 5);
+        if (i > 0) CHECK(r.seqs[i] > r.seqs[i - 1]);
+    }
+    /* After the close: what is left, then MIRROR_ECLOSED; the subscription outlives the node. */
+    CHECK_RC(mirror_close(p), MIRROR_OK);
+    int rc;
+    for (int i = 0; i < 300 && (rc = mirror_events_next(r.sub, &small)) == MIRROR_OK; i++) {
+    }
+    CHECK_RC(rc, MIRROR_ECLOSED);
+    mirror_events_free(r.sub);
+    mirror_events_free(NULL);
+    CHECK_RC(mirror_close(b), MIRROR_OK);
+}
+
 /* a peer failure: a backup of another region size stops the primary; every later call says so */
 static void test_peer_failure(void) {
     mirror *b = NULL, *p = NULL;
@@ -788,6 +884,7 @@ int main(void) {
 
     test_continue_degraded();
     test_authentication();
+    test_events();
     test_peer_failure();
     test_forced_promotion_fences();
 

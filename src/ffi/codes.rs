@@ -58,6 +58,33 @@ pub const MIRROR_EPEERALIVE: c_int = -1017;
 /// `mirror_promote` refused: the backup is not caught up with what it acknowledged (a repair
 /// is in progress). Retry once its phase is synchronous.
 pub const MIRROR_ENOTREADY: c_int = -1018;
+/// `mirror_events_next`: no event is waiting now (poll the subscription's descriptor).
+pub const MIRROR_EAGAIN: c_int = -1019;
+
+/// Kinds of `struct mirror_event` (`mirror_events_next`): a connection to the peer is
+/// established (`peer_node_id`, `detail` = its address).
+pub const MIRROR_EVENT_CONNECTED: c_int = 1;
+/// The connection to the peer ended (`detail` = why).
+pub const MIRROR_EVENT_PEER_LOST: c_int = 2;
+/// A primary took a write without its backup (`on_peer_loss = continue`).
+pub const MIRROR_EVENT_DEGRADED: c_int = 3;
+/// A catch-up began (`records` and `bytes` to go).
+pub const MIRROR_EVENT_RECOVERING: c_int = 4;
+/// The pair mirrors synchronously.
+pub const MIRROR_EVENT_SYNCHRONOUS: c_int = 5;
+/// This node became the primary (`term`).
+pub const MIRROR_EVENT_PROMOTED: c_int = 6;
+/// This node became a backup.
+pub const MIRROR_EVENT_DEMOTED: c_int = 7;
+/// A newer primary fenced this one (`detail` = why, and what to do).
+pub const MIRROR_EVENT_FENCED: c_int = 8;
+/// A split brain (`detail` = what was found or decided; with ` saved to <path>` when this
+/// node's writes were discarded).
+pub const MIRROR_EVENT_SPLIT_BRAIN: c_int = 9;
+/// The node stopped (`detail` = why).
+pub const MIRROR_EVENT_FAILED: c_int = 10;
+/// This subscriber fell behind: `lost` events were dropped before the next one.
+pub const MIRROR_EVENT_LOST: c_int = 11;
 
 /// Role of a node in `mirror_stats.role`.
 pub const MIRROR_ROLE_PRIMARY: c_int = 1;
@@ -117,6 +144,7 @@ const DESCRIPTIONS: &[(c_int, &std::ffi::CStr)] = &[
         MIRROR_ENOTREADY,
         c"promotion refused: not caught up with what it acknowledged",
     ),
+    (MIRROR_EAGAIN, c"no event waiting; poll the descriptor"),
 ];
 
 /// The description of `code`; a fixed string for codes libmirror does not define.

@@ -612,6 +612,233 @@ pub unsafe extern "C" fn mirror_demote(m: *const mirror) -> c_int {
     })
 }
 
+/// A subscription to a node's events (opaque): create with `mirror_events_subscribe`, poll
+/// `mirror_events_fd`, take events with `mirror_events_next`, free with `mirror_events_free`.
+#[allow(non_camel_case_types)]
+pub struct mirror_events {
+    events: crate::Events,
+}
+
+/// Bytes of `struct mirror_event::detail` (a NUL-terminated string, truncated to fit).
+pub const MIRROR_EVENT_DETAIL_LEN: usize = 512;
+
+/// One event, filled by `mirror_events_next`. Set `size = sizeof(struct mirror_event)` before
+/// the call (as with `mirror_stats`: fields a newer header adds at the end are left alone by an
+/// older library). Fields that do not apply to `kind` are 0 (and `detail` empty).
+#[repr(C)]
+#[allow(non_camel_case_types)]
+pub struct mirror_event {
+    /// In: `sizeof(struct mirror_event)` as the caller knows it. Out: bytes filled.
+    pub size: u32,
+    /// `MIRROR_EVENT_*`.
+    pub kind: c_int,
+    /// Position in the node's stream (from 1; a gap is what a `MIRROR_EVENT_LOST` counted).
+    pub seq: u64,
+    /// Wall-clock time, microseconds since the Unix epoch.
+    pub unix_us: u64,
+    /// `MIRROR_EVENT_CONNECTED`: the peer's node id (0 while unknown).
+    pub peer_node_id: u64,
+    /// `MIRROR_EVENT_PROMOTED`: the new term.
+    pub term: u64,
+    /// `MIRROR_EVENT_RECOVERING`: records to go.
+    pub records: u64,
+    /// `MIRROR_EVENT_RECOVERING`: their payload bytes.
+    pub bytes: u64,
+    /// `MIRROR_EVENT_LOST`: events dropped.
+    pub lost: u64,
+    /// The address, reason or description, NUL-terminated (truncated to fit).
+    pub detail: [c_char; MIRROR_EVENT_DETAIL_LEN],
+}
+
+/// Subscribes to the node's events: every event from now on, in order, until the node closes.
+/// Each subscription has its own queue of 1024 events; one that falls behind gets a
+/// `MIRROR_EVENT_LOST` event with the count, and never slows the node. Nothing is ever called
+/// from the library's threads. The subscription stays valid after `mirror_close` (it then ends).
+///
+/// Returns 0 and stores the handle in `*out`; `MIRROR_EINVAL` (NULL); `MIRROR_EIO` (no
+/// descriptor could be made). Thread safety: any thread.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `out` is NULL or valid for writing a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_events_subscribe(
+    m: *const mirror,
+    out: *mut *mut mirror_events,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        check_out(out, "out")?;
+        let events = m.node.events()?;
+        let handle = Box::into_raw(Box::new(mirror_events { events }));
+        // SAFETY: `out` passed check_out and is valid for a write per the contract.
+        unsafe { write_out(out, handle) };
+        Ok(())
+    })
+}
+
+/// A descriptor that is readable while an event is waiting, or once the stream has ended (then
+/// `mirror_events_next` returns `MIRROR_ECLOSED`): for `poll(2)`, `select(2)` or `epoll`. Do not
+/// read from it or close it; it belongs to the subscription. Returns the descriptor (>= 0) or
+/// `MIRROR_EINVAL` (NULL). Thread safety: any thread.
+///
+/// # Safety
+/// `e` is NULL or a live subscription.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_events_fd(e: *const mirror_events) -> c_int {
+    boundary(|| {
+        // SAFETY: per this function's contract.
+        match unsafe { arg_ref(e, "e") } {
+            Ok(e) => e.events.fd(),
+            Err(err) => {
+                boundary::set_last_error(&err.message);
+                err.code
+            }
+        }
+    })
+}
+
+/// Takes the next event into `*out` without waiting. Returns 0; `MIRROR_EAGAIN` (none waiting:
+/// poll the descriptor); `MIRROR_ECLOSED` (the node closed and every event was taken);
+/// `MIRROR_EINVAL` (NULL, or `out->size` smaller than this struct's first version). `*out` is
+/// written only on success. Thread safety: any thread; one event goes to one caller.
+///
+/// # Safety
+/// `e` is NULL or a live subscription; `out` is NULL or valid for reading and writing
+/// `out->size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_events_next(
+    e: *const mirror_events,
+    out: *mut mirror_event,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let e = unsafe { arg_ref(e, "e") }?;
+        check_out(out, "out")?;
+        // SAFETY: non-NULL and aligned (checked); the caller's struct starts with `size`.
+        let caller_size = unsafe { std::ptr::addr_of!((*out).size).read() } as usize;
+        let full = std::mem::size_of::<mirror_event>();
+        if caller_size < full {
+            return Err(FfiError::invalid(format!(
+                "out->size is {caller_size}; set it to sizeof(struct mirror_event) ({full})"
+            )));
+        }
+        let Some(record) = e.events.try_next() else {
+            return Err(if e.events.ended() {
+                FfiError::new(MIRROR_ECLOSED, "the node closed; no more events")
+            } else {
+                FfiError::new(MIRROR_EAGAIN, "no event waiting")
+            });
+        };
+        let event = c_event(&record);
+        // SAFETY: `out` is valid for writing `caller_size >= size_of::<mirror_event>()` bytes.
+        unsafe { out.write(event) };
+        Ok(())
+    })
+}
+
+/// The C form of an event.
+fn c_event(r: &crate::EventRecord) -> mirror_event {
+    use crate::Event;
+    let mut ev = mirror_event {
+        size: std::mem::size_of::<mirror_event>() as u32,
+        kind: 0,
+        seq: r.seq,
+        unix_us: r.unix_us,
+        peer_node_id: 0,
+        term: 0,
+        records: 0,
+        bytes: 0,
+        lost: 0,
+        detail: [0; MIRROR_EVENT_DETAIL_LEN],
+    };
+    let detail = match &r.event {
+        Event::Connected {
+            peer_node_id,
+            peer_address,
+        } => {
+            ev.kind = MIRROR_EVENT_CONNECTED;
+            ev.peer_node_id = *peer_node_id;
+            peer_address.clone()
+        }
+        Event::PeerLost { reason } => {
+            ev.kind = MIRROR_EVENT_PEER_LOST;
+            reason.clone()
+        }
+        Event::Degraded => {
+            ev.kind = MIRROR_EVENT_DEGRADED;
+            String::new()
+        }
+        Event::Recovering { records, bytes } => {
+            ev.kind = MIRROR_EVENT_RECOVERING;
+            ev.records = *records;
+            ev.bytes = *bytes;
+            String::new()
+        }
+        Event::Synchronous => {
+            ev.kind = MIRROR_EVENT_SYNCHRONOUS;
+            String::new()
+        }
+        Event::Promoted { term } => {
+            ev.kind = MIRROR_EVENT_PROMOTED;
+            ev.term = *term;
+            String::new()
+        }
+        Event::Demoted => {
+            ev.kind = MIRROR_EVENT_DEMOTED;
+            String::new()
+        }
+        Event::Fenced { reason } => {
+            ev.kind = MIRROR_EVENT_FENCED;
+            reason.clone()
+        }
+        Event::SplitBrain {
+            description,
+            discarded,
+        } => {
+            ev.kind = MIRROR_EVENT_SPLIT_BRAIN;
+            match discarded {
+                Some(p) => format!("{description}; saved to {}", p.display()),
+                None => description.clone(),
+            }
+        }
+        Event::Failed { reason } => {
+            ev.kind = MIRROR_EVENT_FAILED;
+            reason.clone()
+        }
+        Event::Lost { count } => {
+            ev.kind = MIRROR_EVENT_LOST;
+            ev.lost = *count;
+            String::new()
+        }
+    };
+    // Truncated on a character boundary, NUL-terminated, no interior NUL.
+    let mut end = detail.len().min(MIRROR_EVENT_DETAIL_LEN - 1);
+    while !detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    for (slot, b) in ev.detail.iter_mut().zip(detail[..end].bytes()) {
+        *slot = if b == 0 { b' ' } else { b } as c_char;
+    }
+    ev
+}
+
+/// Ends a subscription and frees it. NULL is fine. Thread safety: only when no other call on
+/// this subscription is running or will start.
+///
+/// # Safety
+/// `e` is NULL or a live subscription from `mirror_events_subscribe`, freed only once.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_events_free(e: *mut mirror_events) {
+    boundary(|| {
+        if !e.is_null() {
+            // SAFETY: `e` came from `Box::into_raw` in `mirror_events_subscribe`, is live, and
+            // nothing else uses it now (contract); it is freed exactly once, here.
+            drop(unsafe { Box::from_raw(e) });
+        }
+    })
+}
+
 /// Extension. The library's version, e.g. "0.1.0" (static; never NULL). The ABI is that of
 /// `libmirror.so.0` for every 0.x version (see docs/FFI.md).
 ///
@@ -667,6 +894,18 @@ mod tests {
             assert!(m.is_null(), "no output on failure");
             mirror_config_free(cfg);
             mirror_config_free(std::ptr::null_mut());
+            let mut sub: *mut mirror_events = std::ptr::null_mut();
+            assert_eq!(
+                mirror_events_subscribe(std::ptr::null(), &mut sub),
+                MIRROR_EINVAL
+            );
+            assert!(sub.is_null());
+            assert_eq!(mirror_events_fd(std::ptr::null()), MIRROR_EINVAL);
+            assert_eq!(
+                mirror_events_next(std::ptr::null(), std::ptr::null_mut()),
+                MIRROR_EINVAL
+            );
+            mirror_events_free(std::ptr::null_mut());
             let byte = 0u8;
             let mut t = 0u64;
             let nm = std::ptr::null_mut::<mirror>();
