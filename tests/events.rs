@@ -174,3 +174,66 @@ fn a_subscriber_that_never_reads_does_not_slow_the_node() {
     );
     drop(b);
 }
+
+#[test]
+fn mirror_events_follows_a_running_node_as_json_lines() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let opts = [("on_peer_loss", "continue")];
+    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
+    let a = failover_node(dir.path(), "a", "primary", &la, &lb, &opts);
+    a.wait_synchronous(Duration::from_secs(20)).unwrap();
+    let queue = dir.path().join("a.queue");
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["events", &queue.to_string_lossy()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Give the follower time to subscribe, then an outage and a return.
+    std::thread::sleep(Duration::from_millis(500));
+    b.close().unwrap();
+    a.write(0, b"alone").unwrap();
+    drop(b);
+    let _b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
+    a.wait_synchronous(Duration::from_secs(20)).unwrap();
+    let mut names = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !names.contains(&"synchronous".to_string()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("an event line");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        names.push(v["event"].as_str().unwrap().to_string());
+    }
+    let want = [
+        "peer_lost",
+        "degraded",
+        "connected",
+        "recovering",
+        "synchronous",
+    ];
+    let mut it = names.iter();
+    for w in want {
+        assert!(
+            it.any(|n| n == w),
+            "expected {want:?} in order, got {names:?}"
+        );
+    }
+    // The node closes: the command ends by itself, successfully.
+    a.close().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    reader.join().unwrap();
+}

@@ -1,7 +1,7 @@
 //! Client: [`request`] sends one request and returns the node's answer; [`status`],
 //! [`promote`], [`demote`] and [`resolve`] wrap it for each op.
 
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,6 +18,25 @@ use super::{
 /// ([`Response::Refused`]); an `Err` means no valid answer arrived.
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response, ControlError> {
     let deadline = Instant::now() + timeout;
+    let stream = send_request(path, req, timeout, deadline)?;
+    let answer = read_response_line(path, &stream, deadline).map_err(|e| match e {
+        Some(e) => e,
+        None => ControlError::TimedOut {
+            path: path.to_owned(),
+            timeout,
+            waiting_for: "waiting for the answer",
+        },
+    })?;
+    parse_response(path, req, &answer)
+}
+
+/// Connects to the control socket at `path` and sends `req`, within `deadline`.
+fn send_request(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<UnixStream, ControlError> {
     let timed_out = |waiting_for| ControlError::TimedOut {
         path: path.to_owned(),
         timeout,
@@ -69,11 +88,67 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
             }
         }
     }
-    let answer = read_response_line(path, &stream, deadline).map_err(|e| match e {
-        Some(e) => e,
-        None => timed_out("waiting for the answer"),
-    })?;
-    parse_response(path, req, &answer)
+    Ok(stream)
+}
+
+/// Follows the node's events (`mirror events`): calls `on_event` with each event's JSON line,
+/// in order, until the node closes (then returns `Ok`) or `on_event` returns `false`. `timeout`
+/// bounds connecting and the node's first answer, not the wait between events.
+pub fn follow_events(
+    path: &Path,
+    timeout: Duration,
+    mut on_event: impl FnMut(&str) -> bool,
+) -> Result<(), ControlError> {
+    let deadline = Instant::now() + timeout;
+    let stream = send_request(path, &Request::Events, timeout, deadline)?;
+    let reading = |source| ControlError::Io {
+        context: format!("reading events from {}", path.display()),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(reading)?;
+    let mut reader = io::BufReader::new(&stream);
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => {
+            return Err(ControlError::BadResponse {
+                path: path.to_owned(),
+                why: "connection closed before the answer".into(),
+            })
+        }
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Err(ControlError::TimedOut {
+                path: path.to_owned(),
+                timeout,
+                waiting_for: "waiting for the answer",
+            })
+        }
+        Err(e) => return Err(reading(e)),
+    }
+    match parse_response(path, &Request::Events, line.trim_end().as_bytes())? {
+        Response::Done => {}
+        other => return Err(unexpected(path, other)),
+    }
+    // From here on the node speaks when something happens: wait as long as it takes.
+    stream.set_read_timeout(None).map_err(reading)?;
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {
+                if !on_event(line.trim_end()) {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(reading(e)),
+        }
+    }
 }
 
 /// Reads the response line (without its `\n`); `Err(None)` means the deadline passed.

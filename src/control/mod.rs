@@ -41,7 +41,7 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use client::{demote, promote, request, resolve, status};
+pub use client::{demote, follow_events, promote, request, resolve, status};
 pub use server::ControlServer;
 
 /// The protocol version this build speaks; a request or response with another is refused.
@@ -195,6 +195,9 @@ pub enum Request {
         /// The node whose writes are discarded: see [`DiscardNode`] for the syntax.
         discard: String,
     },
+    /// Follow the node's events: after the answer line, one JSON line per event (an
+    /// [`crate::EventRecord`]) until the client hangs up or the node closes.
+    Events,
 }
 
 impl Request {
@@ -205,6 +208,7 @@ impl Request {
             Request::Promote { .. } => "promote",
             Request::Demote => "demote",
             Request::Resolve { .. } => "resolve",
+            Request::Events => "events",
         }
     }
 }
@@ -305,6 +309,8 @@ pub trait ControlTarget: Send + Sync + 'static {
     /// handshake. `discard` is a node id (hex `0x...` or decimal) or the words `local` / `peer`;
     /// the server has already checked that it parses as a [`DiscardNode`].
     fn resolve(&self, discard: &str) -> Result<(), ControlRefusal>;
+    /// A subscription to the node's events (for `events`).
+    fn subscribe(&self) -> Result<crate::Events, ControlRefusal>;
 }
 
 /// What went wrong on the local side of the control endpoint (starting a server, or a client's

@@ -238,7 +238,7 @@ fn serve(listener: UnixListener, stop: UnixStream, target: Arc<dyn ControlTarget
         }
         match listener.accept() {
             Ok((stream, _)) => {
-                if serve_connection(&stream, stop.as_raw_fd(), &*target, own_uid).is_stop() {
+                if serve_connection(stream, stop.as_raw_fd(), &*target, own_uid).is_stop() {
                     return;
                 }
             }
@@ -276,11 +276,12 @@ impl Served {
 
 /// Checks the peer, reads its request, calls the target, answers, and closes (on return).
 fn serve_connection(
-    stream: &UnixStream,
+    owned: UnixStream,
     stop: RawFd,
     target: &dyn ControlTarget,
     own_uid: u32,
 ) -> Served {
+    let stream = &owned;
     // The listener is non-blocking; accept4 does not pass that on, but say so rather than
     // rely on it: reads are preceded by poll, writes must block (up to the timeout).
     if stream.set_nonblocking(false).is_err()
@@ -316,6 +317,13 @@ fn serve_connection(
         Err(LineError::Bad(message)) => Response::Refused(ControlRefusal::bad_request(message)),
         Ok(line) => match parse_request(&line) {
             Err(message) => Response::Refused(ControlRefusal::bad_request(message)),
+            Ok(Request::Events) => match follow_events(owned, target) {
+                Ok(()) => return Served::Answered,
+                Err((owned, refusal)) => {
+                    answer(&owned, stop, &Response::Refused(refusal));
+                    return Served::Answered;
+                }
+            },
             Ok(request) => dispatch(target, request),
         },
     };
@@ -324,6 +332,99 @@ fn serve_connection(
     }
     answer(stream, stop, &response);
     Served::Answered
+}
+
+/// `events` clients being served at once; more are refused (each holds a thread).
+const MAX_EVENT_FOLLOWERS: usize = 16;
+/// A follower that does not take an event line within this time is dropped (its subscription
+/// goes with it: the node never waits for it).
+const EVENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often a follower's thread checks that its client is still there between events.
+const EVENT_IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
+static EVENT_FOLLOWERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Serves an `events` request on a thread of its own (the control thread goes on serving
+/// others): the answer line, then one JSON line per event until the client hangs up, stalls, or
+/// the node closes. Gives the stream back with a refusal if it cannot.
+fn follow_events(
+    stream: UnixStream,
+    target: &dyn ControlTarget,
+) -> Result<(), (UnixStream, ControlRefusal)> {
+    use std::sync::atomic::Ordering;
+    // Relaxed: a count, read and changed only through this one atomic.
+    if EVENT_FOLLOWERS.fetch_add(1, Ordering::Relaxed) >= MAX_EVENT_FOLLOWERS {
+        EVENT_FOLLOWERS.fetch_sub(1, Ordering::Relaxed);
+        let refusal = ControlRefusal::new(
+            crate::ffi::MIRROR_EBUSY,
+            "busy",
+            format!("{MAX_EVENT_FOLLOWERS} clients already follow this node's events"),
+        );
+        return Err((stream, refusal));
+    }
+    let events = match target.subscribe() {
+        Ok(e) => e,
+        Err(r) => {
+            EVENT_FOLLOWERS.fetch_sub(1, Ordering::Relaxed);
+            return Err((stream, r));
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("mirror-events".into())
+        .spawn(move || {
+            stream_events(&stream, &events);
+            EVENT_FOLLOWERS.fetch_sub(1, Ordering::Relaxed);
+        });
+    if let Err(e) = spawned {
+        EVENT_FOLLOWERS.fetch_sub(1, Ordering::Relaxed);
+        tracing::warn!(error = %e, "control endpoint: cannot start an events thread");
+    }
+    Ok(())
+}
+
+/// The body of an events follower's thread.
+fn stream_events(stream: &UnixStream, events: &crate::Events) {
+    if stream.set_write_timeout(Some(EVENT_WRITE_TIMEOUT)).is_err()
+        || send_all(stream, &encode_response(&Response::Done)).is_err()
+    {
+        return;
+    }
+    loop {
+        match events.next_timeout(EVENT_IDLE_CHECK) {
+            Some(record) => {
+                let Ok(mut line) = serde_json::to_vec(&record) else {
+                    continue;
+                };
+                line.push(b'\n');
+                if send_all(stream, &line).is_err() {
+                    return; // gone, or stalled past the write timeout
+                }
+            }
+            None if events.ended() => return,
+            None if client_gone(stream) => return,
+            None => {}
+        }
+    }
+}
+
+/// Whether the client hung up (its end reads as end-of-file or fails).
+fn client_gone(stream: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; no wait.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if n <= 0 {
+        return false;
+    }
+    if pfd.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+        return true;
+    }
+    // Readable: end-of-file, or bytes a follower should not send (read and ignored).
+    let mut buf = [0u8; 256];
+    matches!((&*stream).read(&mut buf), Ok(0) | Err(_))
 }
 
 /// Sends the answer, then lets the client read it to a clean end-of-file.
@@ -445,6 +546,10 @@ fn dispatch(target: &dyn ControlTarget, request: Request) -> Response {
             Ok(()) => Response::Done,
             Err(r) => Response::Refused(r),
         },
+        // Served as a stream by `follow_events`, never here.
+        Request::Events => Response::Refused(ControlRefusal::bad_request(
+            "events is a stream, served apart".to_string(),
+        )),
     }));
     outcome.unwrap_or_else(|payload| {
         let what = payload

@@ -22,6 +22,7 @@ struct FakeNode {
     calls: Mutex<Vec<String>>,
     refusal: Option<ControlRefusal>,
     panic_on_demote: bool,
+    bus: crate::node::events::EventBus,
 }
 
 impl FakeNode {
@@ -92,6 +93,93 @@ impl ControlTarget for FakeNode {
         self.record(format!("resolve {discard}"));
         self.outcome()
     }
+
+    fn subscribe(&self) -> Result<crate::Events, ControlRefusal> {
+        self.record("events".into());
+        self.bus
+            .subscribe()
+            .map_err(|e| ControlRefusal::new(MIRROR_EIO, "io", e.to_string()))
+    }
+}
+
+#[test]
+fn events_are_followed_line_by_line_until_the_node_closes_while_requests_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, node) = start(dir.path(), FakeNode::default());
+    let path = server.path().to_owned();
+    let follower = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            follow_events(&path, CLIENT_TIMEOUT, |l| {
+                lines.push(l.to_string());
+                true
+            })
+            .map(|()| lines)
+        })
+    };
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    while !node.calls().contains(&"events".to_string()) {
+        assert!(Instant::now() < deadline, "the follower never subscribed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    node.bus.publish(crate::Event::Degraded);
+    // The control thread still answers others while a follower streams.
+    status(&path, CLIENT_TIMEOUT).unwrap();
+    node.bus.publish(crate::Event::Recovering {
+        records: 3,
+        bytes: 300,
+    });
+    node.bus.publish(crate::Event::Synchronous);
+    node.bus.close();
+    let lines = follower.join().unwrap().unwrap();
+    let events: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["degraded", "recovering", "synchronous"],
+        "{lines:?}"
+    );
+    assert_eq!(events[1]["records"], 3);
+    assert_eq!(events[1]["bytes"], 300);
+    assert!(events
+        .windows(2)
+        .all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
+    drop(server);
+}
+
+#[test]
+fn a_vanished_or_stalled_events_reader_never_blocks_the_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, node) = start(dir.path(), FakeNode::default());
+    let path = server.path().to_owned();
+    // Readers that ask for events and never read, and one that leaves at once.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"{\"version\":1,\"op\":\"events\"}\n").unwrap();
+        stalled.push(s);
+    }
+    let mut gone = UnixStream::connect(&path).unwrap();
+    gone.write_all(b"{\"version\":1,\"op\":\"events\"}\n")
+        .unwrap();
+    drop(gone);
+    // Far more than a queue holds, as fast as they come.
+    let t = Instant::now();
+    for _ in 0..5000 {
+        node.bus.publish(crate::Event::Degraded);
+    }
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // The endpoint answers as before.
+    status(&path, CLIENT_TIMEOUT).unwrap();
+    drop(stalled);
+    drop(server);
 }
 
 fn start(dir: &Path, node: FakeNode) -> (ControlServer, Arc<FakeNode>) {

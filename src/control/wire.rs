@@ -254,7 +254,10 @@ pub(super) fn parse_response(
         (_, Response::Refused(_))
             | (Request::Status, Response::Status(_))
             | (Request::Promote { .. }, Response::Promoted(_))
-            | (Request::Demote | Request::Resolve { .. }, Response::Done)
+            | (
+                Request::Demote | Request::Resolve { .. } | Request::Events,
+                Response::Done
+            )
     );
     if !answers {
         return Err(bad(format!(

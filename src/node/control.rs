@@ -144,6 +144,15 @@ impl ControlTarget for NodeOps {
         NodeOps::demote(self).map_err(refusal)
     }
 
+    fn subscribe(&self) -> Result<crate::Events, ControlRefusal> {
+        self.shared.events.subscribe().map_err(|source| {
+            refusal(MirrorError::Io {
+                context: "creating an event subscription".into(),
+                source,
+            })
+        })
+    }
+
     fn resolve(&self, discard: &str) -> Result<(), ControlRefusal> {
         let s = self.stats();
         let node = match discard.parse::<DiscardNode>() {

@@ -325,6 +325,7 @@ impl Mirror {
             published_connection: None,
             auth_failure_logged_at: None,
             split_brain_reported: false,
+            peer_lost_published: None,
         };
         let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;

@@ -52,6 +52,9 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Check a region file against a workload and a completions file.
     CheckWorkload(check_workload::CheckWorkloadArgs),
+    /// Follow a running node's events (connected, peer lost, degraded, recovering,
+    /// synchronous, promoted, demoted, fenced, split brain, failed) as JSON lines, like tail -f.
+    Events(control::EventsArgs),
     /// Write a new random secret for a pair (secret_file), private to its owner.
     Secret(keys::SecretArgs),
     /// Print a certificate's SHA-256 fingerprint, as the peer's tls_peer_fingerprint takes it.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Resolve(args) => control::resolve(args),
         Command::Verify(args) => verify::run(args),
         Command::CheckWorkload(args) => check_workload::run(args),
+        Command::Events(args) => control::events(args),
         Command::Secret(args) => keys::secret(args),
         Command::Fingerprint(args) => keys::fingerprint(args),
     };

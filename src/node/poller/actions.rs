@@ -76,6 +76,9 @@ impl Poller {
                 self.shared.complete(ticket)
             }
             Io::Disconnect { peer, fault } if self.is_current(peer) => {
+                // Told now, before the completions that follow in this batch (a write the
+                // core completes alone must read as after the loss).
+                self.publish_peer_lost(&fault.to_string());
                 broken.get_or_insert(fault.to_string());
             }
             Io::Reject { peer, code, reason } if self.is_current(peer) => {

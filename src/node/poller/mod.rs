@@ -80,6 +80,8 @@ pub(super) struct Poller {
     /// A split brain was reported since the pair was last synchronous (a divergent suffix saved
     /// now is what it discarded).
     pub(super) split_brain_reported: bool,
+    /// The connection whose loss was last published (see `publish_peer_lost`).
+    pub(super) peer_lost_published: Option<PeerId>,
     /// When a failure to authenticate with the peer was last logged (see `connect_to_peer`).
     pub(super) auth_failure_logged_at: Option<Instant>,
 }
@@ -414,13 +416,21 @@ impl Poller {
         })
     }
 
+    /// Publishes the loss of the current connection, once per connection.
+    pub(super) fn publish_peer_lost(&mut self, why: &str) {
+        if self.peer_lost_published != Some(self.conn_peer) {
+            self.peer_lost_published = Some(self.conn_peer);
+            self.shared.events.publish(Event::PeerLost {
+                reason: why.to_string(),
+            });
+        }
+    }
+
     fn drop_connection(&mut self, why: &str) {
         self.catch_up = None;
         if let Some(c) = self.conn.take() {
             tracing::warn!(peer = %c.peer(), reason = why, "connection lost");
-            self.shared.events.publish(Event::PeerLost {
-                reason: why.to_string(),
-            });
+            self.publish_peer_lost(why);
         }
         self.exec.core.on_disconnected(self.conn_peer);
     }

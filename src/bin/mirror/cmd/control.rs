@@ -96,6 +96,27 @@ pub fn demote(args: &DemoteArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The flags of `mirror events`.
+#[derive(Args, Debug, Clone)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub node: NodeRef,
+}
+
+/// `mirror events`: the running node's events as JSON lines on stdout, following like
+/// `tail -f`, until the node closes (exit 0) or stdout goes away.
+pub fn events(args: &EventsArgs) -> CliResult {
+    use std::io::Write;
+    let socket = args.node.socket()?;
+    let stdout = std::io::stdout();
+    control::follow_events(&socket, ANSWER_TIMEOUT, |line| {
+        let mut out = stdout.lock();
+        writeln!(out, "{line}").is_ok() && out.flush().is_ok()
+    })
+    .map_err(|e| failed(&socket, e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn resolve(args: &ResolveArgs) -> CliResult {
     let socket = args.node.socket()?;
     let discard: DiscardNode = args
