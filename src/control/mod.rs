@@ -60,6 +60,8 @@ pub const KIND_BAD_REQUEST: &str = "bad_request";
 pub const KIND_PERMISSION_DENIED: &str = "permission_denied";
 /// Refusal kind: the node failed while handling the request (a bug: it panicked).
 pub const KIND_INTERNAL: &str = "internal";
+/// Refusal kind: too many clients already follow the node's events.
+pub const KIND_BUSY: &str = "busy";
 
 /// How long the accept loop backs off after an accept error it cannot fix (out of descriptors,
 /// out of memory), so that a listener that stays readable does not spin the thread.

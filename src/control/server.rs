@@ -357,7 +357,7 @@ fn follow_events(
         EVENT_FOLLOWERS.fetch_sub(1, Ordering::Relaxed);
         let refusal = ControlRefusal::new(
             crate::ffi::MIRROR_EBUSY,
-            "busy",
+            super::KIND_BUSY,
             format!("{MAX_EVENT_FOLLOWERS} clients already follow this node's events"),
         );
         return Err((stream, refusal));

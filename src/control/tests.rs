@@ -345,6 +345,54 @@ fn encoding_matches_the_documented_bytes() {
     );
 }
 
+/// The events in docs/CONTROL.md's example.
+fn documented_events() -> Vec<crate::EventRecord> {
+    use crate::Event;
+    let at = |seq, unix_us, event| crate::EventRecord {
+        seq,
+        unix_us,
+        event,
+    };
+    vec![
+        at(
+            7,
+            1_764_861_000_000_000,
+            Event::PeerLost {
+                reason: "peer closed the connection".into(),
+            },
+        ),
+        at(8, 1_764_861_000_000_120, Event::Degraded),
+        at(
+            9,
+            1_764_861_002_500_000,
+            Event::Connected {
+                peer_node_id: 22136,
+                peer_address: "tcp://10.0.0.2:7400".into(),
+            },
+        ),
+        at(
+            10,
+            1_764_861_002_500_800,
+            Event::Recovering {
+                records: 5,
+                bytes: 320,
+            },
+        ),
+        at(11, 1_764_861_002_501_300, Event::Synchronous),
+        at(12, 1_764_861_010_000_000, Event::Promoted { term: 131_074 }),
+        at(
+            13,
+            1_764_861_020_000_000,
+            Event::SplitBrain {
+                description:
+                    "discarded this node's 3 records after seq 41 (192 bytes), saved first".into(),
+                discarded: Some("/var/lib/mirror/a.queue.discarded-41-1764861020000".into()),
+            },
+        ),
+        at(14, 1_764_861_030_000_000, Event::Lost { count: 12 }),
+    ]
+}
+
 /// The status in docs/CONTROL.md's example.
 fn documented_status() -> LiveStatus {
     LiveStatus {
@@ -369,6 +417,7 @@ fn the_spec_shows_what_the_code_sends() {
         encode_request(&Request::Resolve {
             discard: "peer".into(),
         }),
+        encode_request(&Request::Events),
     ]
     .into_iter()
     .map(|line| line.expect("encode"))
@@ -382,7 +431,12 @@ fn the_spec_shows_what_the_code_sends() {
         encode_response(&Response::Refused(ControlRefusal::bad_request(
             "request version 2 is not supported: this server speaks version 1",
         ))),
-    ]);
+    ])
+    .chain(documented_events().into_iter().map(|e| {
+        let mut line = serde_json::to_vec(&e).expect("encode");
+        line.push(b'\n');
+        line
+    }));
     for line in lines {
         let text = String::from_utf8(line).expect("UTF-8");
         assert!(
