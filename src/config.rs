@@ -132,6 +132,10 @@ pub struct Config {
     pub auth: Auth,
     /// TLS on the TCP transport (`tls = on` and the `tls_*` keys).
     pub tls: Option<TlsSettings>,
+    /// The form of the log lines where this library installs the log (the CLI, the C API).
+    pub log_format: crate::logging::LogFormat,
+    /// Their level (`MIRROR_LOG` overrides it); none: the program's default.
+    pub log_level: Option<String>,
     /// CPU to pin the polling thread to (none: not pinned).
     pub cpu: Option<usize>,
     /// How long the poller busy-polls after its last work before it sleeps in the kernel.
@@ -223,6 +227,14 @@ pub const KEYS: &[(&str, &str)] = &[
         "tls_server_name",
         "tls with tls_ca: the name the peer's certificate must carry (default: the host of 'peer')",
     ),
+    (
+        "log_format",
+        "text (default) | json: the form of log lines (the mirror command and the C API)",
+    ),
+    (
+        "log_level",
+        "error | warn | info (default) | debug | trace (MIRROR_LOG overrides it)",
+    ),
     ("cpu", "CPU to pin the poller to, or 'none' (default)"),
     (
         "idle_spin_us",
@@ -288,6 +300,8 @@ pub struct ConfigBuilder {
     tls_ca: Option<PathBuf>,
     tls_peer_fingerprint: Option<[u8; 32]>,
     tls_server_name: Option<String>,
+    log_format: Option<crate::logging::LogFormat>,
+    log_level: Option<String>,
     cpu: Option<Option<usize>>,
     idle_spin_us: Option<u64>,
     wait_spin_us: Option<u64>,
@@ -468,6 +482,23 @@ impl ConfigBuilder {
                 self.tls_peer_fingerprint = Some(parse_fingerprint(v).map_err(|why| bad(key, value, why))?)
             }
             "tls_server_name" => self.tls_server_name = Some(v.to_owned()),
+            "log_format" => {
+                self.log_format = Some(match v {
+                    "text" => crate::logging::LogFormat::Text,
+                    "json" => crate::logging::LogFormat::Json,
+                    _ => return Err(bad(key, value, "expected text or json")),
+                })
+            }
+            "log_level" => {
+                if !crate::logging::LOG_LEVELS.contains(&v) {
+                    return Err(bad(
+                        key,
+                        value,
+                        format!("expected one of {}", crate::logging::LOG_LEVELS.join(", ")),
+                    ));
+                }
+                self.log_level = Some(v.to_owned());
+            }
             "after_split_brain" => {
                 self.after_split_brain = Some(match v {
                     "disconnect" => SplitBrainPolicy::Disconnect,
@@ -683,6 +714,8 @@ impl ConfigBuilder {
             control_socket: self.control_socket.unwrap_or(true),
             auth,
             tls,
+            log_format: self.log_format.unwrap_or_default(),
+            log_level: self.log_level.clone(),
             cpu,
             idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
             wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),

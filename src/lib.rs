@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod ffi;
+pub mod logging;
 pub mod node;
 pub mod transport;
 pub mod workload;

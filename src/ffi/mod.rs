@@ -20,7 +20,6 @@ pub fn error_code(e: &crate::MirrorError) -> c_int {
 }
 
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::Once;
 use std::time::Duration;
 
 use crate::config::{ConfigBuilder, Role};
@@ -136,21 +135,16 @@ fn timeout_of(timeout_us: i64) -> Option<Duration> {
     u64::try_from(timeout_us).ok().map(Duration::from_micros)
 }
 
-/// With `MIRROR_LOG` set (e.g. `MIRROR_LOG=info`), the first `mirror_open` sends the engine's log
-/// to stderr, unless the process already installed a `tracing` subscriber. Otherwise the library
-/// prints nothing.
-fn init_logging_from_env() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("MIRROR_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_target(false)
-                .try_init();
-        }
-    });
+/// The C API's log: nothing unless asked for (`MIRROR_LOG`, or `log_level`/`log_format` in the
+/// configuration); then the engine's lines go to stderr, once per process.
+fn init_logging(config: &crate::Config) {
+    let asked = std::env::var_os("MIRROR_LOG").is_some()
+        || config.log_level.is_some()
+        || config.log_format != crate::logging::LogFormat::Text;
+    if asked {
+        let level = config.log_level.as_deref().unwrap_or("info");
+        crate::logging::init(config.log_format, level);
+    }
 }
 
 /// Creates an empty configuration (every key unset; defaults apply at `mirror_open`).
@@ -246,8 +240,8 @@ pub unsafe extern "C" fn mirror_open(cfg: *const mirror_config, out: *mut *mut m
         // SAFETY: per this function's contract.
         let cfg = unsafe { arg_ref(cfg, "cfg") }?;
         check_out(out, "out")?;
-        init_logging_from_env();
         let config = cfg.builder.build()?;
+        init_logging(&config);
         let node = Mirror::open(config)?;
         let handle = Box::into_raw(Box::new(mirror { node }));
         // SAFETY: `out` passed check_out and is valid for a write per the contract.

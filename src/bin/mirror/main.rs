@@ -62,14 +62,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MIRROR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
     let cli = Cli::parse();
+    // A node's own settings decide its log (log_format, log_level; MIRROR_LOG overrides the
+    // level). The benchmark runs its nodes in this process: at warn, their INFO lines do not
+    // land between its tables.
+    let (format, level) = match &cli.command {
+        Command::Backup(a) => cmd::shared::log_settings(&a.node, mirror::Role::Backup),
+        Command::Primary(a) => cmd::shared::log_settings(&a.node, mirror::Role::Primary),
+        Command::Bench(_) => (mirror::logging::LogFormat::Text, "warn".to_string()),
+        _ => (mirror::logging::LogFormat::Text, "info".to_string()),
+    };
+    mirror::logging::init(format, &level);
     let result = match &cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),

@@ -81,6 +81,18 @@ pub struct NodeArgs {
     pub set: Vec<String>,
 }
 
+/// The log settings of a node's config (defaults if it does not build: the command reports
+/// why when it builds it again).
+pub fn log_settings(node: &NodeArgs, role: Role) -> (mirror::logging::LogFormat, String) {
+    match build_config(node, role) {
+        Ok(cfg) => (
+            cfg.log_format,
+            cfg.log_level.unwrap_or_else(|| "info".to_string()),
+        ),
+        Err(_) => (mirror::logging::LogFormat::Text, "info".to_string()),
+    }
+}
+
 /// Builds a node's config: the file, then the flags, then `--set`.
 pub fn build_config(node: &NodeArgs, role: Role) -> Result<Config, MirrorError> {
     let mut b = ConfigBuilder::new();
