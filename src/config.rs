@@ -136,6 +136,8 @@ pub struct Config {
     pub log_format: crate::logging::LogFormat,
     /// Their level (`MIRROR_LOG` overrides it); none: the program's default.
     pub log_level: Option<String>,
+    /// Where to serve Prometheus metrics (`/metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// CPU to pin the polling thread to (none: not pinned).
     pub cpu: Option<usize>,
     /// How long the poller busy-polls after its last work before it sleeps in the kernel.
@@ -228,6 +230,10 @@ pub const KEYS: &[(&str, &str)] = &[
         "tls with tls_ca: the name the peer's certificate must carry (default: the host of 'peer')",
     ),
     (
+        "metrics_listen",
+        "serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (default: none)",
+    ),
+    (
         "log_format",
         "text (default) | json: the form of log lines (the mirror command and the C API)",
     ),
@@ -302,6 +308,7 @@ pub struct ConfigBuilder {
     tls_server_name: Option<String>,
     log_format: Option<crate::logging::LogFormat>,
     log_level: Option<String>,
+    metrics_listen: Option<String>,
     cpu: Option<Option<usize>>,
     idle_spin_us: Option<u64>,
     wait_spin_us: Option<u64>,
@@ -482,6 +489,7 @@ impl ConfigBuilder {
                 self.tls_peer_fingerprint = Some(parse_fingerprint(v).map_err(|why| bad(key, value, why))?)
             }
             "tls_server_name" => self.tls_server_name = Some(v.to_owned()),
+            "metrics_listen" => self.metrics_listen = Some(v.to_owned()),
             "log_format" => {
                 self.log_format = Some(match v {
                     "text" => crate::logging::LogFormat::Text,
@@ -716,6 +724,10 @@ impl ConfigBuilder {
             tls,
             log_format: self.log_format.unwrap_or_default(),
             log_level: self.log_level.clone(),
+            metrics_listen: match self.metrics_listen.as_deref() {
+                Some(a) => Some(resolve("metrics_listen", a)?),
+                None => None,
+            },
             cpu,
             idle_spin: Duration::from_micros(self.idle_spin_us.unwrap_or(200)),
             wait_spin: Duration::from_micros(self.wait_spin_us.unwrap_or(50)),

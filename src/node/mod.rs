@@ -26,6 +26,7 @@ use crate::error::{MirrorError, Result};
 
 mod control;
 pub mod events;
+mod metrics;
 mod open;
 mod poller;
 
@@ -156,6 +157,8 @@ struct Shared {
     callers_driving: AtomicUsize,
     /// The event stream's subscribers ([`Mirror::events`]).
     events: events::EventBus,
+    /// What the metrics count beyond the stats (`metrics_listen`).
+    counters: metrics::Counters,
 }
 
 /// A run of tickets that will never complete, and the error their callers get.
@@ -318,6 +321,8 @@ pub struct Mirror {
     ops: Arc<NodeOps>,
     /// The local control endpoint (a Unix socket beside the queue), unless configured off.
     control: Mutex<Option<crate::control::ControlServer>>,
+    /// The Prometheus endpoint (`metrics_listen`), if configured.
+    metrics: Mutex<Option<metrics::MetricsServer>>,
     listen_addr: Option<SocketAddr>,
     /// Largest write: `max_write` from the config, capped by what one queue record can hold.
     max_write: usize,
@@ -371,6 +376,11 @@ impl Mirror {
             match producer.try_push(item) {
                 Ok(position) => {
                     self.shared.wake_poller();
+                    // Relaxed: a count for the metrics, published by nothing else.
+                    self.shared
+                        .counters
+                        .write_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                     return Ok(Ticket(position + 1));
                 }
                 Err(back) => {
@@ -536,8 +546,20 @@ impl Mirror {
     /// here (or, under `on_peer_loss = continue` while the backup is away, once it is queued and
     /// applied here). Waits at most `write_timeout` if one is configured.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let started = Instant::now();
         let ticket = self.submit(offset, data)?;
-        self.wait(ticket, self.cfg.write_timeout)
+        self.wait(ticket, self.cfg.write_timeout)?;
+        self.shared.counters.observe_write(started.elapsed());
+        Ok(())
+    }
+
+    /// Where the Prometheus metrics are served (`metrics_listen`; with port 0, the one bound).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.addr())
     }
 
     /// Promotes this backup to primary, live: it starts a new term (durable before its first
@@ -624,6 +646,12 @@ impl Mirror {
                 tracing::warn!(error = %e, "stopping the control endpoint");
             }
         }
+        drop(
+            self.metrics
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         self.shared.shutdown.store(true, Ordering::Release);
         self.shared.poller_sleeping.store(true, Ordering::Relaxed);
         self.shared.wake_poller();

@@ -72,9 +72,11 @@ impl Mirror {
             Some(t) => Some(Arc::new(TlsContext::new(t).map_err(MirrorError::Config)?)),
             None => None,
         };
+        let rejected = Arc::new(AtomicU64::new(0));
         let security = Security {
             auth: auth.clone(),
             tls,
+            rejected: Some(Arc::clone(&rejected)),
         };
         let storage_role = match cfg.role {
             Role::Primary => mirror_storage::Role::Primary,
@@ -286,6 +288,7 @@ impl Mirror {
             crash_armed,
             callers_driving: AtomicUsize::new(0),
             events: super::events::EventBus::default(),
+            counters: super::metrics::Counters::with_rejected(rejected),
         });
         tracing::info!(
             role = %cfg.role,
@@ -371,17 +374,37 @@ impl Mirror {
         } else {
             None
         };
-        Ok(Mirror {
+        let metrics_listen = cfg.metrics_listen;
+        let auth = crate::config::describe_security(&cfg.auth, cfg.tls.as_ref());
+        let mirror = Mirror {
             cfg,
             shared,
             region,
             producer,
             driver,
             poller: Mutex::new(Some(handle)),
-            ops,
+            ops: Arc::clone(&ops),
             control: Mutex::new(control),
+            metrics: Mutex::new(None),
             listen_addr,
             max_write,
-        })
+        };
+        if let Some(addr) = metrics_listen {
+            let scrape = move || super::metrics::render(&ops.stats(), &ops.shared.counters, auth);
+            match super::metrics::MetricsServer::start(addr, scrape) {
+                Ok(server) => {
+                    tracing::info!(addr = %server.addr(), "metrics at http://{}/metrics", server.addr());
+                    *mirror.metrics.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
+                }
+                Err(source) => {
+                    let _ = mirror.close();
+                    return Err(MirrorError::Io {
+                        context: format!("serving metrics on {addr} (metrics_listen)"),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(mirror)
     }
 }

@@ -303,6 +303,8 @@ pub struct Security {
     pub auth: Option<Arc<AuthContext>>,
     /// TLS (`tls = on`).
     pub tls: Option<Arc<TlsContext>>,
+    /// Counts the connections a listener refuses (the metrics), if set.
+    pub rejected: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Security {
@@ -535,6 +537,10 @@ impl AcceptAuth {
             };
             let p = self.pending.swap_remove(i);
             tracing::warn!(peer = %p.peer, reason = %why, "refusing an unauthenticated connection");
+            if let Some(r) = &self.security.rejected {
+                // Relaxed: a count for the metrics.
+                r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         None
     }

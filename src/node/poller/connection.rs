@@ -45,8 +45,22 @@ impl Poller {
         worked
     }
 
+    /// Counts a refused incoming connection (the metrics).
+    fn count_rejected(&self) {
+        // Relaxed: a count for the metrics.
+        self.shared
+            .counters
+            .rejected_peers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Tells the event stream a connection is now the node's.
     fn publish_connected(&self, c: &dyn crate::transport::Connection) {
+        // Relaxed: a count for the metrics.
+        self.shared
+            .counters
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let peer_node_id = c
             .authenticated_peer()
             .unwrap_or_else(|| self.exec.queue.peer_node_id());
@@ -203,6 +217,7 @@ impl Poller {
                         }
                         Err((code, reason)) => {
                             tracing::warn!(peer = %c.peer(), ?code, %reason, "refusing connection");
+                            self.count_rejected();
                             if code == RejectCode::StaleTerm {
                                 // Our Hello first: the stale primary learns the exact term that
                                 // superseded it (it is fenced by either message).
@@ -215,6 +230,7 @@ impl Poller {
                 }
                 Err(e) => {
                     let (c, _) = self.pending.swap_remove(i);
+                    self.count_rejected();
                     let auth_magic = u32::from_le_bytes(mirror_proto::auth::AUTH_MAGIC);
                     if matches!(e, TransportError::Wire(mirror_proto::WireError::BadMagic { found }) if found == auth_magic)
                     {

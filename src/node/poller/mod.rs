@@ -504,6 +504,12 @@ impl Poller {
         let core = self.exec.core.stats();
         if core.recoveries != self.recoveries_seen {
             self.recoveries_seen = core.recoveries;
+            let c = &self.shared.counters;
+            // Relaxed: counts for the metrics, published by nothing else.
+            c.recovered_records
+                .fetch_add(self.exec.recovery().records, Ordering::Relaxed);
+            c.recovered_bytes
+                .fetch_add(self.exec.recovery().bytes, Ordering::Relaxed);
             tracing::info!(
                 records = self.exec.recovery().records,
                 bytes = self.exec.recovery().bytes,
