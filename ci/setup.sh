@@ -11,6 +11,8 @@ command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 # A real Prometheus server scrapes a live pair (tests/metrics.rs).
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# `mirror top` is tested as a person sees it, in a terminal multiplexer (tests/top.rs).
+command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "ci/setup.sh: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -128,6 +128,17 @@ pub struct LiveStatus {
     /// 1 later: absent from an older node's answer).
     #[serde(default)]
     pub auth: String,
+    /// Payload bytes of writes submitted since the node opened (added within version 1).
+    #[serde(default)]
+    pub write_bytes: u64,
+    /// Synchronous write latency, median and 99th percentile in microseconds, as the upper
+    /// bound of the histogram bucket it falls in (null before the first write; added within
+    /// version 1).
+    #[serde(default)]
+    pub write_latency_p50_us: Option<u64>,
+    /// See `write_latency_p50_us`.
+    #[serde(default)]
+    pub write_latency_p99_us: Option<u64>,
 }
 
 impl LiveStatus {

@@ -64,6 +64,9 @@ fn sample_status() -> LiveStatus {
         split_brain: None,
         failure: Some("line one\nline two \u{e9}".into()),
         auth: "secret".into(),
+        write_bytes: 0,
+        write_latency_p50_us: None,
+        write_latency_p99_us: None,
     }
 }
 
@@ -398,6 +401,9 @@ fn documented_status() -> LiveStatus {
     LiveStatus {
         queue_capacity: 1 << 20,
         failure: None,
+        write_bytes: 2624,
+        write_latency_p50_us: Some(25),
+        write_latency_p99_us: Some(250),
         ..sample_status()
     }
 }

@@ -129,6 +129,9 @@ impl ControlTarget for NodeOps {
             split_brain: s.split_brain.clone(),
             failure: s.failure.clone(),
             auth: s.auth.to_string(),
+            write_bytes: self.shared.counters.write_bytes(),
+            write_latency_p50_us: self.shared.counters.latency_quantile_us(0.5),
+            write_latency_p99_us: self.shared.counters.latency_quantile_us(0.99),
         }
     }
 

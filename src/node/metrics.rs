@@ -56,6 +56,38 @@ impl Counters {
         }
     }
 
+    /// The `q` quantile (0..=1) of the write latency, in microseconds: the upper bound of the
+    /// bucket it falls in (the largest bound for the overflow bucket); none before any write.
+    pub(crate) fn latency_quantile_us(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .latency_buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let bound = LATENCY_BUCKETS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1]);
+                return Some((bound * 1e6).round() as u64);
+            }
+        }
+        None
+    }
+
+    /// Payload bytes of writes submitted.
+    pub(crate) fn write_bytes(&self) -> u64 {
+        self.write_bytes.load(Ordering::Relaxed)
+    }
+
     /// Records one synchronous write's latency.
     pub(crate) fn observe_write(&self, took: Duration) {
         let secs = took.as_secs_f64();

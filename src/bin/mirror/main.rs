@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 mod node_process;
 
-use cmd::{backup, bench, check_workload, control, demo, keys, primary, status, verify};
+use cmd::{backup, bench, check_workload, control, demo, keys, primary, status, top, verify};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,9 @@ enum Command {
     /// Follow a running node's events (connected, peer lost, degraded, recovering,
     /// synchronous, promoted, demoted, fenced, split brain, failed) as JSON lines, like tail -f.
     Events(control::EventsArgs),
+    /// A live view of running nodes, refreshed every second: role, term, phase, peer, write
+    /// rate, latency, queue fill, recoveries.
+    Top(top::TopArgs),
     /// Write a new random secret for a pair (secret_file), private to its owner.
     Secret(keys::SecretArgs),
     /// Print a certificate's SHA-256 fingerprint, as the peer's tls_peer_fingerprint takes it.
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify::run(args),
         Command::CheckWorkload(args) => check_workload::run(args),
         Command::Events(args) => control::events(args),
+        Command::Top(args) => top::run(args),
         Command::Secret(args) => keys::secret(args),
         Command::Fingerprint(args) => keys::fingerprint(args),
     };

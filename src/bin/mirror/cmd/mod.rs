@@ -10,4 +10,5 @@ pub mod keys;
 pub mod primary;
 pub mod shared;
 pub mod status;
+pub mod top;
 pub mod verify;
