@@ -109,6 +109,12 @@ if readelf -d "$bin/kvlog_static" | grep -q 'NEEDED.*libmirror'; then
 fi
 export LD_LIBRARY_PATH=$prefix/lib
 
+part "CMake: find the install through pkg-config (ffi/examples/cmake) and build the example"
+cmake -S ffi/examples/cmake -B "$tmp/cmake-build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$tmp/cmake-build" >/dev/null
+readelf -d "$tmp/cmake-build/kvlog" | grep -q 'NEEDED.*\[libmirror\.so\.0\]' \
+  || { echo "the CMake-built kvlog does not load libmirror.so.0" >&2; exit 1; }
+
 part "C++17 test"
 "$bin/cxx_header"
 
@@ -133,6 +139,7 @@ ex_check() { # ex_check DESCRIPTION COMMAND...
 "$bin/kvlog" put "$kv/primary" "$port" greeting hello
 "$bin/kvlog" put "$kv/primary" "$port" color blue
 "$bin/kvlog_static" put "$kv/primary" "$port" greeting bonjour
+"$tmp/cmake-build/kvlog" put "$kv/primary" "$port" shape round
 backup_has() { # the backup applies right after acknowledging: allow it a moment
   for _ in $(seq 1 200); do
     [ "$("$bin/kvlog" get "$kv/backup" "$1" 2>/dev/null)" = "$2" ] && return 0
@@ -150,7 +157,8 @@ wait "$kv_backup_pid" || kv_status=$?
 kv_backup_pid=""
 ex_check "the backup stops cleanly on SIGTERM" test "$kv_status" -eq 0
 ex_check "both region files are byte-identical" cmp "$kv/primary/kv.region" "$kv/backup/kv.region"
-ex_check "the backup lists three entries" test "$("$bin/kvlog" list "$kv/backup" | wc -l)" -eq 3
+ex_check "the backup holds what the CMake-built program put" backup_has shape round
+ex_check "the backup lists four entries" test "$("$bin/kvlog" list "$kv/backup" | wc -l)" -eq 4
 echo "example: $ex_passed passed, 0 failed"
 
 part "C API gate passed"

@@ -13,6 +13,8 @@ command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 # `mirror top` is tested as a person sees it, in a terminal multiplexer (tests/top.rs).
 command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
+# A CMake project consumes the installed library (ffi/examples/cmake, ci/ffi-test.sh).
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "ci/setup.sh: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
