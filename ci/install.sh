@@ -3,6 +3,7 @@
 #
 #   PREFIX=/usr/local bash ci/install.sh        # default PREFIX is /usr/local
 #   DESTDIR=/tmp/stage PREFIX=/usr bash ci/install.sh   # staged (packaging)
+#   LIBDIR=/usr/lib/x86_64-linux-gnu PREFIX=/usr ...     # a distribution's library directory
 #
 # puts
 #   $PREFIX/lib/libmirror.so.<version>   the shared library (SONAME libmirror.so.0)
@@ -21,10 +22,13 @@ source ci/setup.sh
 
 PREFIX=${PREFIX:-/usr/local}
 DESTDIR=${DESTDIR:-}
-case "$PREFIX" in
-  /*) ;;
-  *) echo "ci/install.sh: PREFIX must be an absolute path (got '$PREFIX')" >&2; exit 2 ;;
-esac
+LIBDIR=${LIBDIR:-$PREFIX/lib}
+for dir in "$PREFIX" "$LIBDIR"; do
+  case "$dir" in
+    /*) ;;
+    *) echo "ci/install.sh: PREFIX and LIBDIR must be absolute paths (got '$dir')" >&2; exit 2 ;;
+  esac
+done
 
 cargo build --release --lib
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
@@ -34,14 +38,16 @@ version=${pkgid##*[#@]}
 major=${version%%.*}
 
 dest=$DESTDIR$PREFIX
-install -d "$dest/lib/pkgconfig" "$dest/include"
-install -m 0755 "$lib/libmirror.so" "$dest/lib/libmirror.so.$version"
-ln -sfn "libmirror.so.$version" "$dest/lib/libmirror.so.$major"
-ln -sfn "libmirror.so.$major" "$dest/lib/libmirror.so"
-install -m 0644 "$lib/libmirror.a" "$dest/lib/libmirror.a"
+libdest=$DESTDIR$LIBDIR
+install -d "$libdest/pkgconfig" "$dest/include"
+install -m 0755 "$lib/libmirror.so" "$libdest/libmirror.so.$version"
+ln -sfn "libmirror.so.$version" "$libdest/libmirror.so.$major"
+ln -sfn "libmirror.so.$major" "$libdest/libmirror.so"
+install -m 0644 "$lib/libmirror.a" "$libdest/libmirror.a"
 install -m 0644 include/mirror.h "$dest/include/mirror.h"
-sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@VERSION@|$version|g" mirror.pc.in >"$dest/lib/pkgconfig/mirror.pc"
-chmod 0644 "$dest/lib/pkgconfig/mirror.pc"
+sed -e "s|@PREFIX@|$PREFIX|g" -e "s|@LIBDIR@|$LIBDIR|g" -e "s|@VERSION@|$version|g" mirror.pc.in \
+  >"$libdest/pkgconfig/mirror.pc"
+chmod 0644 "$libdest/pkgconfig/mirror.pc"
 
 # Refresh the loader cache when installing for real into a directory it searches.
 if [ -z "$DESTDIR" ] && [ "$(id -u)" = 0 ] && command -v ldconfig >/dev/null 2>&1; then
