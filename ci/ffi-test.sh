@@ -15,7 +15,7 @@
 # Sanitizers and valgrind run without suppressions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source ci/setup.sh
+MIRROR_TEST_TOOLS=1 source ci/setup.sh
 start=$(date +%s)
 part() { printf '\n--- C API: %s (%ss)\n' "$*" "$(($(date +%s) - start))"; }
 

@@ -9,12 +9,16 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 # Network-namespace fault tests (tests/netns.rs): ip netns, veth, nftables.
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
-# A real Prometheus server scrapes a live pair (tests/metrics.rs).
-command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
-# `mirror top` is tested as a person sees it, in a terminal multiplexer (tests/top.rs).
-command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
-# A CMake project consumes the installed library (ffi/examples/cmake, ci/ffi-test.sh).
-command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+# Tools only the tests use (not ci/install.sh, which sources this file too): the test scripts
+# set MIRROR_TEST_TOOLS=1 before sourcing it.
+if [ "${MIRROR_TEST_TOOLS:-0}" = 1 ]; then
+  # A real Prometheus server scrapes a live pair (tests/metrics.rs).
+  command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+  # `mirror top` is tested as a person sees it, in a terminal multiplexer (tests/top.rs).
+  command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
+  # A CMake project consumes the installed library (ffi/examples/cmake, ci/ffi-test.sh).
+  command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "ci/setup.sh: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

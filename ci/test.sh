@@ -2,7 +2,7 @@
 # The whole test suite. `.ci/run` runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source ci/setup.sh
+MIRROR_TEST_TOOLS=1 source ci/setup.sh
 start=$(date +%s)
 step() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 
