@@ -142,6 +142,17 @@ pub struct LiveStatus {
 }
 
 impl LiveStatus {
+    /// The peer as people read it: `none yet`, or its id and, if known, its address.
+    pub fn peer_description(&self) -> String {
+        if self.peer_node_id == 0 {
+            return "none yet".to_string();
+        }
+        match self.peer_address.as_deref() {
+            Some(a) => format!("{:#x} at {a}", self.peer_node_id),
+            None => format!("{:#x}", self.peer_node_id),
+        }
+    }
+
     /// How full the queue is, in percent of its capacity (0 when the capacity is 0).
     pub fn queue_fill_percent(&self) -> f64 {
         if self.queue_capacity == 0 {

@@ -138,21 +138,7 @@ pub fn live_status(node: &NodeRef) -> CliResult {
     println!("  role             {}", s.role);
     println!("  term             {}", s.term);
     println!("  phase            {}", s.phase);
-    println!(
-        "  peer             {}",
-        if s.peer_node_id == 0 {
-            "none yet".to_string()
-        } else {
-            format!(
-                "{:#x}{}",
-                s.peer_node_id,
-                s.peer_address
-                    .as_deref()
-                    .map(|a| format!(" at {a}"))
-                    .unwrap_or_default()
-            )
-        }
-    );
+    println!("  peer             {}", s.peer_description());
     println!(
         "  degraded         {}",
         if s.degraded { "yes" } else { "no" }

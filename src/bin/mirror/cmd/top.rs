@@ -114,18 +114,7 @@ fn render(s: &LiveStatus, prev: Option<&Previous>, now: Instant) -> String {
     let filled = ((fill / 100.0) * bar_width as f64).round() as usize;
     let bar: String =
         "#".repeat(filled.min(bar_width)) + &".".repeat(bar_width - filled.min(bar_width));
-    let peer = if s.peer_node_id == 0 {
-        "none yet".to_string()
-    } else {
-        format!(
-            "{:#x}{}",
-            s.peer_node_id,
-            s.peer_address
-                .as_deref()
-                .map(|a| format!(" at {a}"))
-                .unwrap_or_default()
-        )
-    };
+    let peer = s.peer_description();
     let flag = |b: bool| if b { "YES" } else { "no" };
     format!(
         "node {:#x}  {}  term {}  {}\n  peer       {}   auth {}\n  writes     {} total   {}   {}\n  latency    p50 {}   p99 {}   (synchronous writes)\n  queue      [{bar}] {fill:.1}%   {} records, {} of {} bytes\n  state      degraded {}   fenced {}   split brain {}   recoveries {} (last {} records, {} bytes)\n{}\n",
