@@ -188,14 +188,8 @@ impl Poller {
                 through_seq,
             }),
             None => {
-                // Recoveries are rare: counting the bytes to go costs a walk over the range.
-                let bytes = self
-                    .exec
-                    .queue
-                    .iter_from(from_seq)
-                    .take_while(|r| r.as_ref().is_ok_and(|r| r.seq <= through_seq))
-                    .filter_map(|r| r.ok().map(|r| r.payload.len() as u64))
-                    .sum();
+                // From the record headers: the catch-up reads and checks the bodies once.
+                let bytes = self.exec.queue.payload_bytes(from_seq, through_seq);
                 self.shared.events.publish(super::Event::Recovering {
                     records: through_seq.saturating_sub(from_seq) + 1,
                     bytes,

@@ -437,6 +437,28 @@ impl PersistentQueue {
         }
     }
 
+    /// Payload bytes of the live records with seq in `from..=through`, from their headers
+    /// alone (no body is read or checksummed: for reports, such as what a catch-up will move).
+    /// A header that does not validate ends the count there.
+    pub fn payload_bytes(&self, from: u64, through: u64) -> u64 {
+        let mut pos = self.head;
+        let mut bytes = 0;
+        while pos < self.tail {
+            let Ok((at, h)) = self.record_at(pos) else {
+                break;
+            };
+            pos = at + h.total();
+            if h.kind != Kind::Data || h.seq < from {
+                continue;
+            }
+            if h.seq > through {
+                break;
+            }
+            bytes += u64::from(h.payload_len);
+        }
+        bytes
+    }
+
     /// Header of the record at or after `pos` (skipping an implicit wrap), validated but crc
     /// unchecked. Only used between scan_start and tail, where every record was written or
     /// verified by this handle and nothing is overwritten; a failure there means the mapping

@@ -119,6 +119,33 @@ fn appended_records_read_back_in_order_from_any_seq() {
 }
 
 #[test]
+fn payload_bytes_counts_a_seq_range_from_the_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut q, _) = new_queue(dir.path(), 8192);
+    let max = q.max_payload();
+    let lens: Vec<usize> = [1usize, 7, 8, 9, 100, 5000]
+        .iter()
+        .map(|l| (*l).min(max))
+        .collect();
+    for len in &lens {
+        push(&mut q, *len, 0);
+    }
+    let sum = |from: usize, through: usize| lens[from - 1..through].iter().sum::<usize>() as u64;
+    assert_eq!(q.payload_bytes(1, 6), sum(1, 6));
+    assert_eq!(q.payload_bytes(2, 4), sum(2, 4));
+    assert_eq!(q.payload_bytes(6, 6), sum(6, 6));
+    assert_eq!(q.payload_bytes(7, 9), 0);
+    // The same as reading the bodies.
+    let read: u64 = q
+        .iter_from(3)
+        .map(|r| r.unwrap().payload.len() as u64)
+        .sum();
+    assert_eq!(q.payload_bytes(3, 6), read);
+    q.trim_through(2).unwrap();
+    assert_eq!(q.payload_bytes(1, 6), sum(3, 6));
+}
+
+#[test]
 fn append_with_wrong_seq_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut q, _) = new_queue(dir.path(), 4096);
