@@ -9,10 +9,12 @@
 //! library's threads.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use crate::transport::EventFd;
 
 /// Events a subscriber's queue holds before it counts the rest as lost.
 pub const EVENT_QUEUE_CAPACITY: usize = 1024;
@@ -100,7 +102,7 @@ struct Queue {
     inner: Mutex<QueueInner>,
     ready: Condvar,
     /// Readable while `inner` holds an event or a lost count.
-    fd: OwnedFd,
+    fd: EventFd,
 }
 
 #[derive(Debug, Default)]
@@ -114,10 +116,7 @@ struct QueueInner {
 impl EventBus {
     /// A new subscription: it sees every event published from now on.
     pub(crate) fn subscribe(&self) -> std::io::Result<Events> {
-        let fd = crate::transport::new_fd(
-            // SAFETY: eventfd(2) with valid flags; the result is checked by `new_fd`.
-            unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) },
-        )?;
+        let fd = EventFd::new()?;
         let queue = Arc::new(Queue {
             inner: Mutex::new(QueueInner::default()),
             ready: Condvar::new(),
@@ -153,7 +152,7 @@ impl EventBus {
             } else {
                 inner.events.push_back(record.clone());
             }
-            q.signal();
+            q.fd.signal();
             drop(inner);
             q.ready.notify_all();
         }
@@ -163,38 +162,9 @@ impl EventBus {
     pub(crate) fn close(&self) {
         for q in lock(&self.subscribers).iter().filter_map(Weak::upgrade) {
             lock(&q.inner).closed = true;
-            q.signal();
+            q.fd.signal();
             q.ready.notify_all();
         }
-    }
-}
-
-impl Queue {
-    /// Makes the eventfd readable (its counter only grows until `drain`).
-    fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own non-blocking eventfd; a full counter
-        // (never reached: it is drained whenever the queue empties) would only fail the write.
-        unsafe {
-            libc::write(
-                self.fd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-    }
-
-    /// Makes the eventfd unreadable again (called with the queue empty, under its lock).
-    fn drain(&self) {
-        let mut counter = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from our own non-blocking eventfd.
-        unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut counter as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
     }
 }
 
@@ -236,7 +206,7 @@ impl Events {
             Taken::Empty
         };
         if inner.events.is_empty() && inner.lost == 0 && !inner.closed {
-            self.queue.drain();
+            self.queue.fd.drain();
         }
         taken
     }
@@ -251,7 +221,11 @@ impl Events {
 
     /// The next event, waiting at most `timeout` (`None` on timeout or once the stream ended).
     pub fn next_timeout(&self, timeout: Duration) -> Option<EventRecord> {
-        let deadline = Instant::now() + timeout;
+        self.wait_next(Some(Instant::now() + timeout))
+    }
+
+    /// The next event, waiting until `deadline` (forever without one).
+    fn wait_next(&self, deadline: Option<Instant>) -> Option<EventRecord> {
         let mut inner = lock(&self.queue.inner);
         loop {
             match self.take_one(&mut inner) {
@@ -259,16 +233,24 @@ impl Events {
                 Taken::Ended => return None,
                 Taken::Empty => {}
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            inner = self
-                .queue
-                .ready
-                .wait_timeout(inner, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            inner = match deadline {
+                None => self
+                    .queue
+                    .ready
+                    .wait(inner)
+                    .unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.queue
+                        .ready
+                        .wait_timeout(inner, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
         }
     }
 
@@ -290,19 +272,7 @@ impl Iterator for Events {
 
     /// Blocks until the next event; `None` once the node closed and everything was read.
     fn next(&mut self) -> Option<EventRecord> {
-        let mut inner = lock(&self.queue.inner);
-        loop {
-            match self.take_one(&mut inner) {
-                Taken::Event(e) => return Some(e),
-                Taken::Ended => return None,
-                Taken::Empty => {}
-            }
-            inner = self
-                .queue
-                .ready
-                .wait(inner)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        self.wait_next(None)
     }
 }
 

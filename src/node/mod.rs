@@ -8,7 +8,6 @@
 //! `poll(2)` on the connection, the listener and an eventfd that submitters ring.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -135,7 +134,7 @@ struct Shared {
     cond: Condvar,
     /// The poller sleeps in poll(2); submitters must ring `wake_fd` (Dekker pairing with the ring).
     poller_sleeping: AtomicBool,
-    wake_fd: OwnedFd,
+    wake_fd: crate::transport::EventFd,
     stats: Mutex<Stats>,
     /// The node's role now (`ROLE_*`): written by the poller after a role change (Release),
     /// read by submitters (Acquire) to refuse writes on a backup at once.
@@ -250,16 +249,7 @@ impl Shared {
         // push in the ring, or we see its `poller_sleeping = true` and ring the eventfd.
         fence(Ordering::SeqCst);
         if self.poller_sleeping.load(Ordering::Relaxed) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own; the result is ignored
-            // on purpose (EAGAIN means the counter is already non-zero, i.e. already woken).
-            unsafe {
-                libc::write(
-                    self.wake_fd.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                );
-            }
+            self.wake_fd.signal();
         }
     }
 

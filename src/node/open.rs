@@ -2,7 +2,6 @@
 //! bind the listener (backup), and start the polling thread.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
@@ -219,16 +218,10 @@ impl Mirror {
             }
             None => (None, None),
         };
-        // SAFETY: eventfd(2) with valid flags; we check the result before wrapping it.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(MirrorError::Io {
-                context: "creating the poller's eventfd".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `efd` is a fresh, valid file descriptor that nothing else owns.
-        let wake_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let wake_fd = crate::transport::EventFd::new().map_err(|source| MirrorError::Io {
+            context: "creating the poller's eventfd".into(),
+            source,
+        })?;
         // Either role has the ring: a backup can be promoted live.
         let (producer, consumer) = SubmitRing::with_capacity(cfg.submit_ring).map_err(|e| {
             MirrorError::Config(crate::error::ConfigError::BadValue {
@@ -329,6 +322,7 @@ impl Mirror {
             auth_failure_logged_at: None,
             split_brain_reported: false,
             peer_lost_published: None,
+            hello_checked: None,
         };
         let driver = Arc::new(Mutex::new(poller));
         let cpu = cfg.cpu;

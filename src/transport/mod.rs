@@ -242,6 +242,51 @@ pub(crate) fn new_fd(fd: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A non-blocking eventfd: a descriptor that `signal` makes readable and `drain` makes
+/// unreadable again (the poller's wake-up, an RDMA connection's kick, an event subscription).
+#[derive(Debug)]
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        // SAFETY: eventfd(2) with valid flags; the result is checked by `new_fd`.
+        new_fd(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) }).map(EventFd)
+    }
+
+    /// Makes it readable. A failure can only be a full counter (EAGAIN), which is readable
+    /// already: ignored.
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own open eventfd.
+        unsafe {
+            libc::write(
+                self.0.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+
+    /// Makes it unreadable (a no-op when it is not readable: the read fails with EAGAIN).
+    pub(crate) fn drain(&self) {
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from our own non-blocking eventfd.
+        unsafe {
+            libc::read(
+                self.0.as_raw_fd(),
+                (&mut counter as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 /// A new epoll instance (close-on-exec).
 pub(crate) fn new_epoll() -> std::io::Result<OwnedFd> {
     // SAFETY: plain system call with valid flags.

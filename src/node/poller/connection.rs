@@ -208,6 +208,8 @@ impl Poller {
                                 self.exec.core.on_disconnected(old_peer);
                             }
                             let peer = self.next_peer();
+                            // Its Hello was checked against the proven id above.
+                            self.hello_checked = Some(peer);
                             self.publish_connected(c.as_ref());
                             self.exec.core.on_connected(peer);
                             for m in first {

@@ -80,6 +80,8 @@ pub(super) struct Poller {
     /// A split brain was reported since the pair was last synchronous (a divergent suffix saved
     /// now is what it discarded).
     pub(super) split_brain_reported: bool,
+    /// The connection whose first Hello carried the node id it authenticated as.
+    pub(super) hello_checked: Option<PeerId>,
     /// The connection whose loss was last published (see `publish_peer_lost`).
     pub(super) peer_lost_published: Option<PeerId>,
     /// When a failure to authenticate with the peer was last logged (see `connect_to_peer`).
@@ -403,17 +405,25 @@ impl Poller {
         Ok(worked)
     }
 
-    /// On an authenticated connection, a Hello must come from the node that proved the secret
-    /// (the proof covers its node id; the Hello is only a claim).
-    pub(super) fn hello_not_from_authenticated_peer(&self) -> Option<String> {
+    /// On an authenticated connection, the first Hello must come from the node that proved the
+    /// secret (the proof covers its node id; the Hello is only a claim). Checked until that
+    /// Hello passed: what follows it arrives in records only that node can seal.
+    pub(super) fn hello_not_from_authenticated_peer(&mut self) -> Option<String> {
+        if self.hello_checked == Some(self.conn_peer) {
+            return None;
+        }
         let proven = self.conn.as_ref()?.authenticated_peer()?;
-        self.inbox.iter().find_map(|m| match m {
-            Message::Hello(h) if h.node_id != proven => Some(format!(
-                "Hello claims node {:#x} but the connection authenticated as node {proven:#x}",
-                h.node_id
-            )),
+        let first = self.inbox.iter().find_map(|m| match m {
+            Message::Hello(h) => Some(h.node_id),
             _ => None,
-        })
+        })?;
+        if first == proven {
+            self.hello_checked = Some(self.conn_peer);
+            return None;
+        }
+        Some(format!(
+            "Hello claims node {first:#x} but the connection authenticated as node {proven:#x}"
+        ))
     }
 
     /// Publishes the loss of the current connection, once per connection.
@@ -640,15 +650,7 @@ pub(super) enum Step {
 fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout_ms: i32) {
     // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
     unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-    let mut counter = 0u64;
-    // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd (clears it).
-    unsafe {
-        libc::read(
-            shared.wake_fd.as_raw_fd(),
-            (&mut counter as *mut u64).cast(),
-            std::mem::size_of::<u64>(),
-        )
-    };
+    shared.wake_fd.drain();
     shared.poller_sleeping.store(false, Ordering::Relaxed);
 }
 

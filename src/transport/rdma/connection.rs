@@ -8,7 +8,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -24,13 +24,14 @@ use rdma_sys::ibv_wc;
 use super::super::auth::{AuthContext, Authenticating};
 use super::super::tcp::TcpConnecting;
 use super::super::{
-    secure, Connecting, Connection, FrameReader, Listener, SendBatch, TransportError,
+    new_epoll, secure, Connecting, Connection, EventFd, FrameReader, Listener, SendBatch,
+    TransportError,
 };
 use super::credit::{Credit, RecvCredits, SendCredits, CREDIT_LEN};
 use super::setup::{gid_text, Info, INFO_LEN};
 use super::verbs::{
-    probe, status_text, verbs_err, zeroed_wc, zeroed_wcs, Arrival, Parts, RecvQueue, SendQueue,
-    Verbs, CQ_BATCH, CREDIT_WR, DATA_WRS, RECV_DEPTH,
+    probe, status_text, zeroed_wc, zeroed_wcs, Arrival, Parts, RecvQueue, SendQueue, Verbs,
+    CQ_BATCH, CREDIT_WR, DATA_WRS, RECV_DEPTH,
 };
 use super::{RdmaError, RdmaSettings, RING_BYTES};
 
@@ -53,7 +54,7 @@ pub struct RdmaConnection {
     /// epoll over the completion channel, `tcp` and `kick`.
     wake: OwnedFd,
     /// Made readable by `wait_fd` when it found completions that raise no event.
-    kick: OwnedFd,
+    kick: EventFd,
     peer_desc: String,
     // The peer's ring.
     peer_ring: u64,
@@ -131,25 +132,13 @@ fn decode_setup(
     Ok(Info::decode(record)?)
 }
 
-fn new_fd(fd: i32, op: &'static str) -> Result<OwnedFd, RdmaError> {
-    if fd < 0 {
-        return Err(verbs_err(op));
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// The shared descriptor helpers' errors, as an RDMA setup error naming the call.
+fn os(op: &'static str) -> impl FnOnce(io::Error) -> RdmaError {
+    move |source| RdmaError::Verbs { op, source }
 }
 
 fn epoll_add(ep: &OwnedFd, fd: RawFd) -> Result<(), RdmaError> {
-    let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
-        u64: fd as u64,
-    };
-    // SAFETY: both descriptors are open; `ev` is a live epoll_event.
-    let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-    if rc < 0 {
-        return Err(verbs_err("epoll_ctl"));
-    }
-    Ok(())
+    super::super::epoll_add(ep, fd).map_err(os("epoll_ctl"))
 }
 
 impl RdmaConnection {
@@ -208,16 +197,8 @@ impl RdmaConnection {
     ) -> Result<Self, TransportError> {
         tcp.set_nonblocking(true)
             .map_err(io_err("setting socket non-blocking"))?;
-        let wake = new_fd(
-            // SAFETY: plain system call with valid flags.
-            unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) },
-            "epoll_create1",
-        )?;
-        let kick = new_fd(
-            // SAFETY: plain system call with valid flags.
-            unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) },
-            "eventfd",
-        )?;
+        let wake = new_epoll().map_err(os("epoll_create1"))?;
+        let kick = EventFd::new().map_err(os("eventfd"))?;
         epoll_add(&wake, p.v.channel_fd())?;
         epoll_add(&wake, tcp.as_raw_fd())?;
         epoll_add(&wake, kick.as_raw_fd())?;
@@ -459,15 +440,7 @@ impl Connection for RdmaConnection {
         let before = out.len();
         let mut arrived = 0usize;
         if self.kicked.replace(false) {
-            let mut counter = 0u64;
-            // SAFETY: reads 8 bytes into a live u64 from our non-blocking eventfd (clears it).
-            unsafe {
-                libc::read(
-                    self.kick.as_raw_fd(),
-                    (&mut counter as *mut u64).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            self.kick.drain();
         }
         let stashed = self.stash.get_mut().len();
         for i in 0..stashed {
@@ -522,15 +495,7 @@ impl Connection for RdmaConnection {
                 .extend(wcs[..n].iter().map(Arrival::of));
         }
         if !self.stash.borrow().is_empty() && !self.kicked.get() {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe {
-                libc::write(
-                    self.kick.as_raw_fd(),
-                    (&one as *const u64).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
+            self.kick.signal();
             self.kicked.set(true);
         }
         self.check_peer.set(true);
@@ -763,11 +728,7 @@ impl RdmaAcceptor {
         listener
             .set_nonblocking(true)
             .map_err(io_err("setting listener non-blocking"))?;
-        let wake = new_fd(
-            // SAFETY: plain system call with valid flags.
-            unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) },
-            "epoll_create1",
-        )?;
+        let wake = new_epoll().map_err(os("epoll_create1"))?;
         epoll_add(&wake, listener.as_raw_fd())?;
         Ok(RdmaAcceptor {
             listener,
