@@ -106,3 +106,34 @@ fn block_policy_holds_writes_while_the_backup_is_down() {
     });
     finish_and_verify(&pair, primary, Some(backup), 0);
 }
+
+/// The same campaign on an authenticated pair: kills land during the challenge-response of a
+/// reconnection and in the middle of tagged records, and nothing is lost or forged.
+#[test]
+fn sigkill_under_load_on_an_authenticated_pair_loses_no_completed_write() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("pair.key");
+    std::fs::write(&key, [0x3cu8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut pair = Pair::new(dir.path(), "block");
+    pair.extra = vec!["--secret-file".into(), key.display().to_string()];
+    let mut c = campaign(0x5eed_00a7, true);
+    c.rounds = c.rounds.min(30);
+    kill_campaign(&pair, &c);
+    // The backups did authenticate their primaries (the nodes' own logs say so).
+    let authenticated = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("backup-"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains("peer authenticated")
+        })
+        .count();
+    assert!(
+        authenticated > 0,
+        "no backup log shows an authenticated peer"
+    );
+}

@@ -8,6 +8,31 @@ use mirror::{Event, EventRecord, Events, Phase};
 mod common;
 use common::{failover_node, free_port};
 
+/// The two addresses of a test pair: node `a` starts as the primary, `b` as the backup, both
+/// under `on_peer_loss = continue`.
+struct Addresses {
+    a: String,
+    b: String,
+}
+
+impl Addresses {
+    fn new() -> Self {
+        Addresses {
+            a: format!("127.0.0.1:{}", free_port()),
+            b: format!("127.0.0.1:{}", free_port()),
+        }
+    }
+
+    /// Opens node `name` ("a" or "b") with its files in `dir`.
+    fn node(&self, dir: &std::path::Path, name: &str) -> mirror::Mirror {
+        let opts = [("on_peer_loss", "continue")];
+        match name {
+            "a" => failover_node(dir, "a", "primary", &self.a, &self.b, &opts),
+            _ => failover_node(dir, "b", "backup", &self.b, &self.a, &opts),
+        }
+    }
+}
+
 /// Every event that arrives within `quiet` of the previous one.
 fn drain(events: &Events, quiet: Duration) -> Vec<EventRecord> {
     let mut out = Vec::new();
@@ -73,11 +98,9 @@ fn assert_in_order(got: &[EventRecord], want: &[&str]) {
 #[test]
 fn an_outage_a_recovery_and_a_failover_arrive_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let opts = [("on_peer_loss", "continue")];
-    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
-    let a = failover_node(dir.path(), "a", "primary", &la, &lb, &opts);
+    let pair = Addresses::new();
+    let b = pair.node(dir.path(), "b");
+    let a = pair.node(dir.path(), "a");
     let a_events = a.events().unwrap();
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
     let b_events = b.events().unwrap();
@@ -102,7 +125,7 @@ fn an_outage_a_recovery_and_a_failover_arrive_in_order() {
     assert_in_order(&got, &["degraded"]);
 
     // 2. It returns: connected, recovering exactly the 5 missed writes, synchronous.
-    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
+    let b = pair.node(dir.path(), "b");
     let got = wait_for(&a_events, "synchronous", |e| {
         matches!(e, Event::Synchronous)
     });
@@ -149,11 +172,9 @@ fn an_outage_a_recovery_and_a_failover_arrive_in_order() {
 #[test]
 fn a_subscriber_that_never_reads_does_not_slow_the_node() {
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let opts = [("on_peer_loss", "continue")];
-    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
-    let a = failover_node(dir.path(), "a", "primary", &la, &lb, &opts);
+    let pair = Addresses::new();
+    let b = pair.node(dir.path(), "b");
+    let a = pair.node(dir.path(), "a");
     let idle = a.events().unwrap();
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
     // 600 outages: more events than a queue holds, none read.
@@ -163,7 +184,7 @@ fn a_subscriber_that_never_reads_does_not_slow_the_node() {
             b.take().unwrap().close().unwrap();
             a.write(0, &round.to_le_bytes()).unwrap();
         } else {
-            b = Some(failover_node(dir.path(), "b", "backup", &lb, &la, &opts));
+            b = Some(pair.node(dir.path(), "b"));
             a.wait_synchronous(Duration::from_secs(20)).unwrap();
         }
     }
@@ -179,11 +200,9 @@ fn a_subscriber_that_never_reads_does_not_slow_the_node() {
 fn mirror_events_follows_a_running_node_as_json_lines() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let (pa, pb) = (free_port(), free_port());
-    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
-    let opts = [("on_peer_loss", "continue")];
-    let b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
-    let a = failover_node(dir.path(), "a", "primary", &la, &lb, &opts);
+    let pair = Addresses::new();
+    let b = pair.node(dir.path(), "b");
+    let a = pair.node(dir.path(), "a");
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
     let queue = dir.path().join("a.queue");
     let mut child = std::process::Command::new(common::BIN)
@@ -207,7 +226,7 @@ fn mirror_events_follows_a_running_node_as_json_lines() {
     b.close().unwrap();
     a.write(0, b"alone").unwrap();
     drop(b);
-    let _b = failover_node(dir.path(), "b", "backup", &lb, &la, &opts);
+    let _b = pair.node(dir.path(), "b");
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
     let mut names = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);

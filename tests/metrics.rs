@@ -13,17 +13,17 @@ use mirror::Mirror;
 mod common;
 use common::{failover_node, free_port};
 
-/// A plain HTTP/1.1 GET; returns the status code and the body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+/// A plain HTTP/1.1 GET; returns the status code and the body (`None` if nothing answers).
+fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .ok()?;
     let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
+    s.read_to_string(&mut response).ok()?;
     let status = response
         .split_whitespace()
         .nth(1)
@@ -33,7 +33,11 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    try_http_get(addr, path).unwrap_or_else(|| panic!("nothing answers at {addr}"))
 }
 
 fn scrape(m: &Mirror) -> prometheus_parse::Scrape {
@@ -194,10 +198,6 @@ impl Prometheus {
 
     /// The values of an instant query, by the `instance` label.
     fn query(&self, q: &str) -> Vec<(String, f64)> {
-        let Ok(mut s) = TcpStream::connect(self.api) else {
-            return Vec::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
         let encoded: String = q
             .bytes()
             .map(|b| match b {
@@ -205,14 +205,8 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let _ = write!(
-            s,
-            "GET /api/v1/query?query={encoded} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.api
-        );
-        let mut response = String::new();
-        let _ = s.read_to_string(&mut response);
-        let Some((_, body)) = response.split_once("\r\n\r\n") else {
+        let Some((_, body)) = try_http_get(self.api, &format!("/api/v1/query?query={encoded}"))
+        else {
             return Vec::new();
         };
         // The body may be chunked: the JSON object starts at the first `{`.
