@@ -203,6 +203,25 @@ typedef struct mirror_events mirror_events;
 #define MIRROR_EVENT_LOST 11
 
 /**
+ * A primary's queue filled while its backup was away: its records went into the dirty-chunk
+ * bitmap and writes go on (`records` folded; `lost` = chunks dirty now).
+ */
+#define MIRROR_EVENT_BITMAP_FALLBACK 12
+
+/**
+ * A resync, initial sync or online verify began (`records` = chunks to go through; `detail`
+ * = `resync`, `initial-sync`, `verify` or `verify-repair`).
+ */
+#define MIRROR_EVENT_TRANSFER_STARTED 13
+
+/**
+ * A resync, initial sync or online verify ended (`records` = chunks compared, `lost` = chunks
+ * that differed or were brought over, `bytes` = chunk bytes sent; `detail` = the kind, and
+ * why it ended early if it did).
+ */
+#define MIRROR_EVENT_TRANSFER_FINISHED 14
+
+/**
  * Role of a node in `mirror_stats.role`.
  */
 #define MIRROR_ROLE_PRIMARY 1
@@ -236,6 +255,12 @@ typedef struct mirror_events mirror_events;
  * Phase in `mirror_stats.phase`: the node stopped (calls return `MIRROR_EFAILED`).
  */
 #define MIRROR_PHASE_FAILED 4
+
+/**
+ * Phase in `mirror_stats.phase`: a primary brings the chunks its backup lacks over (after an
+ * outage longer than the queue, or an initial sync); writes go on meanwhile.
+ */
+#define MIRROR_PHASE_RESYNCING 5
 
 /**
  * A running node, primary or backup (opaque). Create with `mirror_open`, free with

@@ -160,6 +160,12 @@ pub struct Config {
     pub max_write: usize,
     /// Run to completion: a caller waiting for its write runs the poller's loop itself.
     pub caller_drives: bool,
+    /// Chunk size of the dirty-chunk bitmap, resyncs and online verifies (a power of two).
+    pub chunk_size: u64,
+    /// Bytes of region per second a resync or verify may process (0: no limit).
+    pub resync_rate: u64,
+    /// Consent to an initial sync (see the key).
+    pub initial_sync: bool,
     /// Testing aid: the node kills its own process (SIGKILL) just before applying this sequence
     /// number, i.e. after the backup acknowledged it and before the primary applied it. Set only
     /// in builds with the cargo feature `fail-points`.
@@ -273,6 +279,18 @@ pub const KEYS: &[(&str, &str)] = &[
         "a waiting caller runs the poll loop itself: true (default) | false",
     ),
     (
+        "chunk_size",
+        "chunk of the dirty-chunk bitmap, resyncs and verifies: a power of two, 4KiB..1MiB (default 64KiB)",
+    ),
+    (
+        "resync_rate",
+        "bytes of region per second a resync or online verify may process, e.g. 200MiB; 0 = no limit (default 0)",
+    ),
+    (
+        "initial_sync",
+        "backup: consent to an initial sync when the primary's queue cannot catch it up (a new, replaced or stale node): false (default) | true",
+    ),
+    (
         "crash_before_apply_seq",
         "testing, builds with the feature fail-points only: SIGKILL self before applying this seq",
     ),
@@ -318,6 +336,9 @@ pub struct ConfigBuilder {
     write_timeout_ms: Option<u64>,
     submit_ring: Option<usize>,
     max_write: Option<u64>,
+    chunk_size: Option<u64>,
+    resync_rate: Option<u64>,
+    initial_sync: Option<bool>,
     caller_drives: Option<bool>,
     crash_before_apply_seq: Option<u64>,
 }
@@ -327,6 +348,15 @@ fn bad(key: &str, value: &str, why: impl Into<String>) -> ConfigError {
         key: key.to_owned(),
         value: value.to_owned(),
         why: why.into(),
+    }
+}
+
+/// A boolean key: true/false (also 1/0, yes/no).
+fn parse_bool(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(bad(key, value, "expected 'true' or 'false'")),
     }
 }
 
@@ -550,12 +580,16 @@ impl ConfigBuilder {
             "write_timeout_ms" => self.write_timeout_ms = Some(parse_u64(key, value)?),
             "submit_ring" => self.submit_ring = Some(parse_u64(key, value)? as usize),
             "max_write" => self.max_write = Some(parse_size(v).map_err(|e| bad(key, value, e))?),
-            "caller_drives" => {
-                self.caller_drives = Some(match v {
-                    "true" | "1" | "yes" => true,
-                    "false" | "0" | "no" => false,
-                    _ => return Err(bad(key, value, "expected 'true' or 'false'")),
-                })
+            "caller_drives" => self.caller_drives = Some(parse_bool(key, value)?),
+            "initial_sync" => self.initial_sync = Some(parse_bool(key, value)?),
+            "chunk_size" => {
+                let size = parse_size(v).map_err(|e| bad(key, value, e))?;
+                mirror_proto::ChunkGeometry::new(1, size).map_err(|e| bad(key, value, e.to_string()))?;
+                self.chunk_size = Some(size);
+            }
+            "resync_rate" => {
+                let rate = v.strip_suffix("/s").unwrap_or(v);
+                self.resync_rate = Some(parse_size(rate).map_err(|e| bad(key, value, e))?);
             }
             "crash_before_apply_seq" if cfg!(feature = "fail-points") => {
                 self.crash_before_apply_seq = Some(parse_u64(key, value)?)
@@ -741,6 +775,9 @@ impl ConfigBuilder {
             submit_ring,
             max_write: max_write as usize,
             caller_drives: self.caller_drives.unwrap_or(true),
+            chunk_size: self.chunk_size.unwrap_or(mirror_proto::DEFAULT_CHUNK_SIZE),
+            resync_rate: self.resync_rate.unwrap_or(0),
+            initial_sync: self.initial_sync.unwrap_or(false),
             crash_before_apply_seq: self.crash_before_apply_seq,
         })
     }

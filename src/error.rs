@@ -117,6 +117,9 @@ pub enum MirrorError {
     /// The build or machine does not support the requested feature.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// An online verify could not run, or ended before comparing every chunk.
+    #[error("online verify: {0}")]
+    Verify(String),
 }
 
 /// Result alias.

@@ -33,4 +33,4 @@ pub use error::{ConfigError, MirrorError, Result};
 pub use mirror_proto::{PeerLossPolicy, Phase};
 pub use mirror_storage::Durability;
 pub use node::events::{Event, EventRecord, Events};
-pub use node::{Mirror, Stats, Ticket};
+pub use node::{Mirror, Stats, Ticket, TransferStats, VerifyReport};

@@ -47,8 +47,17 @@ fn a_foreign_queue_file_is_refused() {
     let other_pair = Pair::new(other.path(), "block");
     make_files(&other_pair);
     std::fs::copy(other_pair.path("backup.queue"), &bq).unwrap();
-    // The backup opens (its files are consistent), but the primary is bound to another backup
-    // and the foreign backup to another primary: the primary stops with a clear error.
+    // The backup's dirty-chunk bitmap belongs to its own queue: the node refuses to open.
+    let (st, _, err) = run_args(&pair.backup_args());
+    assert_refused(st, &err, "belongs to another queue");
+    // With the foreign node's bitmap too, the backup opens (its files are consistent), but the
+    // primary is bound to another backup and the foreign backup to another primary: the
+    // primary stops with a clear error.
+    std::fs::copy(
+        other_pair.path("backup.queue.bitmap"),
+        pair.path("backup.queue.bitmap"),
+    )
+    .unwrap();
     let mut backup = pair.start_backup(5);
     let (st, _, err) = run_args(&pair.primary_args(50_000_000, 10, 1));
     assert_refused(st, &err, "bound to");

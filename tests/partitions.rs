@@ -135,7 +135,8 @@ fn repeated_cuts_and_delay_under_load_lose_nothing() {
 }
 
 #[test]
-fn a_full_queue_while_degraded_pushes_back_then_drains_when_the_link_heals() {
+fn a_full_queue_while_degraded_folds_into_the_bitmap_and_writes_go_on_then_resyncs_when_the_link_heals(
+) {
     let dir = tempfile::tempdir().unwrap();
     let (mut pair, proxy) = pair_through_proxy(dir.path(), "continue");
     pair.rate = 0;
@@ -148,18 +149,24 @@ fn a_full_queue_while_degraded_pushes_back_then_drains_when_the_link_heals() {
     primary.wait_until("degraded", Duration::from_secs(10), |p| {
         p.get("progress", "degraded").as_deref() == Some("1")
     });
-    // The queue fills (about 1,800 records of 64 B fit in 3/4 of 256 KiB), then writes wait.
-    let mut last = 0;
-    let mut stuck_for = 0;
-    while stuck_for < 5 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = primary.num("progress", "completed");
-        stuck_for = if now == last { stuck_for + 1 } else { 0 };
-        last = now;
-    }
+    // About 1,800 records of 64 B fill three quarters of 256 KiB: ten times that many writes
+    // complete while the link stalls (each reconnect's handshake stalls too), because the
+    // queue folds into the dirty-chunk bitmap instead of making writes wait.
+    let start = primary.num("progress", "completed");
+    primary.wait_until("writes past ten queues", Duration::from_secs(120), |p| {
+        p.num("progress", "completed") >= start + 18_000
+    });
+    assert!(
+        primary.num("progress", "dirty_chunks") > 0,
+        "the bitmap took over"
+    );
     let queued = primary.num("progress", "queue_bytes");
-    assert!(queued > 0 && queued <= 256 << 10, "queue_bytes {queued}");
+    assert!(queued <= 256 << 10, "queue_bytes {queued}");
     proxy.set_mode(Mode::Pass);
+    primary.wait_until("resynced and synchronous", Duration::from_secs(60), |p| {
+        p.get("progress", "phase").as_deref() == Some("synchronous")
+            && p.get("progress", "dirty_chunks").as_deref() == Some("0")
+    });
     wait_writes(&mut primary, 2000);
     finish_and_verify(&pair, primary, Some(backup), 0);
 }

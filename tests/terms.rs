@@ -150,6 +150,8 @@ fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
         silence_timeout_us: 0,
         alone_from: 0,
         discard_node: 0,
+        resync_from: 0,
+        initial_sync: false,
         current_term: 9,
         term_history: TermHistory::from_entries(vec![
             TermEntry {
@@ -165,9 +167,10 @@ fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
     });
     let mut frame = BytesMut::new();
     hello.encode(&mut frame);
-    // The second entry's term (5, at body offset 100 + 16) becomes 2: backwards. Re-checksum the
-    // frame (header bytes 0..12, then the body) so that only the history check can refuse it.
-    frame[16 + 100 + 16] = 2;
+    // The second entry's term (5, at body offset 108 + 16: the entries follow the Hello's
+    // fixed part of 108 bytes) becomes 2: backwards. Re-checksum the frame (header bytes 0..12,
+    // then the body) so that only the history check can refuse it.
+    frame[16 + 108 + 16] = 2;
     let crc = crc32c::crc32c_append(crc32c::crc32c(&frame[..12]), &frame[16..]);
     frame[12..16].copy_from_slice(&crc.to_le_bytes());
     let mut s = TcpStream::connect(&pair.addr).unwrap();

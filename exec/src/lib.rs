@@ -16,15 +16,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use mirror_proto::core::VerifyReport;
 use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
+use mirror_proto::wire::ChunkRange;
 use mirror_proto::{
-    Action, CoreConfig, FatalError, Message, PeerFault, PeerId, Record, Recovered, RejectCode,
-    Replica, WireRole, WritesRefused,
+    chunk_digest, Action, ChunkSet, CoreConfig, FatalError, Message, PeerFault, PeerId, Record,
+    Recovered, RejectCode, Replica, WireRole, WritesRefused,
 };
-use mirror_storage::{DiscardedRecord, PersistentQueue, Region, ReplayState, StorageError};
+use mirror_storage::{
+    DirtyBitmap, DiscardedRecord, PersistentQueue, Region, ReplayState, StorageError,
+};
 use thiserror::Error;
 
 /// Why executing an action failed: the node cannot go on.
@@ -65,6 +70,60 @@ impl RegionStore for Arc<Region> {
     }
     fn sync(&mut self) -> Result<(), StorageError> {
         Region::sync(self)
+    }
+}
+
+/// The dirty-chunk bitmap as the executor needs it (the node's [`DirtyBitmap`] file, the
+/// simulator's written-and-durable pair). Marks and state updates are durable when they
+/// return; clears need not be (a lost clear only resends a chunk).
+pub trait BitmapStore: Send {
+    /// The dirty chunks.
+    fn dirty(&self) -> ChunkSet;
+    /// Marks every chunk of `chunks`, durably.
+    fn mark(&mut self, chunks: &[Range<u64>]) -> Result<(), StorageError>;
+    /// Marks every chunk, durably.
+    fn mark_all(&mut self) -> Result<(), StorageError>;
+    /// Clears one chunk.
+    fn clear(&mut self, chunk: u64) -> Result<(), StorageError>;
+    /// Clears every chunk.
+    fn clear_all(&mut self) -> Result<(), StorageError>;
+    /// The first seq the bits cover (0: none).
+    fn resync_from(&self) -> u64;
+    /// Sets it, durably (with every clear before it).
+    fn set_resync_from(&mut self, seq: u64) -> Result<(), StorageError>;
+    /// The primary resyncing into this node, while a resync is unfinished.
+    fn resync_target(&self) -> Option<u64>;
+    /// Sets or clears that mark, durably.
+    fn set_resync_target(&mut self, primary: Option<u64>) -> Result<(), StorageError>;
+}
+
+impl BitmapStore for DirtyBitmap {
+    fn dirty(&self) -> ChunkSet {
+        DirtyBitmap::dirty(self).clone()
+    }
+    fn mark(&mut self, chunks: &[Range<u64>]) -> Result<(), StorageError> {
+        DirtyBitmap::mark(self, chunks.iter().cloned()).map(|_| ())
+    }
+    fn mark_all(&mut self) -> Result<(), StorageError> {
+        DirtyBitmap::mark_all(self)
+    }
+    fn clear(&mut self, chunk: u64) -> Result<(), StorageError> {
+        DirtyBitmap::clear(self, chunk)
+    }
+    fn clear_all(&mut self) -> Result<(), StorageError> {
+        DirtyBitmap::clear_all(self)
+    }
+    fn resync_from(&self) -> u64 {
+        self.covers_from()
+    }
+    fn set_resync_from(&mut self, seq: u64) -> Result<(), StorageError> {
+        self.set_covers_from(seq)
+    }
+    fn resync_target(&self) -> Option<u64> {
+        DirtyBitmap::resync_target(self)
+    }
+    fn set_resync_target(&mut self, primary: Option<u64>) -> Result<(), StorageError> {
+        DirtyBitmap::set_resync_target(self, primary)
     }
 }
 
@@ -153,6 +212,18 @@ pub enum Io {
     },
     /// Record `seq` was written to the region (for the driver's bookkeeping).
     Applied(u64),
+    /// The queue's records were folded into the dirty-chunk bitmap (the peer is away and
+    /// the queue was full).
+    Folded {
+        /// Records folded.
+        records: u64,
+        /// Chunks marked dirty now (they were clean before).
+        new_chunks: u64,
+        /// Chunks dirty in all.
+        dirty_chunks: u64,
+    },
+    /// A resync or an online verify ended.
+    TransferFinished(VerifyReport),
 }
 
 /// Bytes and records a recovery moved (the driver adds what it streams for `SendQueued`).
@@ -176,10 +247,22 @@ pub struct DurablePoint {
 
 /// The core's view of what a restarting node recovered from its queue: the one conversion.
 /// `repair_unfinished_after` is [`mirror_storage::unfinished_repair`] of that queue.
-pub fn recovered(replay: ReplayState, repair_unfinished_after: Option<u64>) -> Recovered {
+/// The node's dirty-chunk bitmap contributes its chunks, its `resync_from` and its resync
+/// mark.
+pub fn recovered(
+    replay: ReplayState,
+    repair_unfinished_after: Option<u64>,
+    bitmap: &dyn BitmapStore,
+) -> Recovered {
     Recovered {
         peer_node_id: replay.peer_node_id,
-        applied_through: replay.applied_through,
+        // An empty queue holds nothing to apply: everything through its last seq is in the
+        // region (a log continued after a resync may not have recorded it yet).
+        applied_through: if replay.first_seq.is_none() {
+            replay.last_seq
+        } else {
+            replay.applied_through
+        },
         first_seq: replay.first_seq,
         last_seq: replay.last_seq,
         unapplied: replay
@@ -196,6 +279,9 @@ pub fn recovered(replay: ReplayState, repair_unfinished_after: Option<u64>) -> R
         term_history: replay.term_history,
         alone_from: replay.alone_from,
         repair_unfinished_after,
+        dirty: bitmap.dirty(),
+        resync_from: bitmap.resync_from(),
+        resync_target: bitmap.resync_target(),
     }
 }
 
@@ -215,6 +301,8 @@ pub struct Executor<R, H> {
     pub region: R,
     /// The driver's hooks.
     pub hooks: H,
+    /// The node's dirty-chunk bitmap.
+    pub bitmap: Box<dyn BitmapStore>,
     deferred_commit: bool,
     commit_pending: Option<u64>,
     last_checkpoint_us: u64,
@@ -230,10 +318,13 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         cfg: CoreConfig,
         mut queue: PersistentQueue,
         region: R,
+        bitmap: Box<dyn BitmapStore>,
         hooks: H,
     ) -> Result<Self, StorageError> {
         let replay = queue.replay_state()?;
-        Ok(Self::with_replay(role, cfg, queue, replay, region, hooks))
+        Ok(Self::with_replay(
+            role, cfg, queue, replay, region, bitmap, hooks,
+        ))
     }
 
     /// [`Self::start`] for a driver that already read the queue's [`ReplayState`] (to report a
@@ -244,16 +335,21 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         queue: PersistentQueue,
         replay: ReplayState,
         region: R,
+        bitmap: Box<dyn BitmapStore>,
         hooks: H,
     ) -> Self {
         // Durable: recovery's barrier covered every record it kept, and `applied_through` came
         // from a durable metadata slot (or was lowered by a renumbering, a barrier too).
-        let durable = DurablePoint {
-            last_seq: replay.last_seq,
-            applied: replay.applied_through,
-        };
         let deferred_commit = cfg.deferred_commit;
-        let rec = recovered(replay, mirror_storage::unfinished_repair(&queue));
+        let rec = recovered(
+            replay,
+            mirror_storage::unfinished_repair(&queue),
+            bitmap.as_ref(),
+        );
+        let durable = DurablePoint {
+            last_seq: rec.last_seq,
+            applied: rec.applied_through,
+        };
         let core = match role {
             Role::Primary => Replica::primary(cfg, rec),
             Role::Backup => Replica::backup(cfg, rec),
@@ -263,6 +359,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             queue,
             region,
             hooks,
+            bitmap,
             deferred_commit,
             commit_pending: None,
             last_checkpoint_us: 0,
@@ -419,8 +516,168 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             Action::Reject { peer, code, reason } => io.push(Io::Reject { peer, code, reason }),
             Action::RecoveryStarted => self.recovery = RecoveryTraffic::default(),
             Action::Fatal(e) => io.push(Io::Fatal(e)),
+            Action::Fold { through } => self.fold(through, io)?,
+            Action::MarkAllDirty { resync_from } => {
+                self.bitmap.mark_all()?;
+                self.bitmap.set_resync_from(resync_from)?;
+            }
+            Action::MarkDirty { chunks } => {
+                let ranges: Vec<Range<u64>> = chunks.iter().map(|&c| c..c + 1).collect();
+                self.bitmap.mark(&ranges)?;
+            }
+            Action::ClearDirty { chunk } => self.bitmap.clear(chunk)?,
+            Action::ResetDirty => {
+                self.bitmap.clear_all()?;
+                self.bitmap.set_resync_from(0)?;
+            }
+            Action::SendDigest {
+                to,
+                range,
+                overlay_from,
+                overlay_through,
+            } => {
+                let image = self.chunk_image(range, overlay_from, overlay_through)?;
+                io.push(Io::Send {
+                    to,
+                    msg: Message::ChunkDigest {
+                        range,
+                        digest: chunk_digest(&image),
+                    },
+                });
+            }
+            Action::SendChunk {
+                to,
+                range,
+                overlay_from,
+                overlay_through,
+            } => {
+                let image = self.chunk_image(range, overlay_from, overlay_through)?;
+                self.recovery.bytes += image.len() as u64;
+                io.push(Io::Send {
+                    to,
+                    msg: Message::ChunkData {
+                        offset: range.offset,
+                        data: Bytes::from(image),
+                    },
+                });
+            }
+            Action::CompareChunk { to, range, digest } => {
+                let image = self.chunk_image(range, 1, 0)?;
+                io.push(Io::Send {
+                    to,
+                    msg: Message::ChunkVerdict {
+                        range,
+                        same: chunk_digest(&image) == digest,
+                    },
+                });
+            }
+            Action::InstallChunk { offset, data } => {
+                self.region.write(offset, &data)?;
+                self.recovery.bytes += data.len() as u64;
+            }
+            Action::SyncRegion => self.region.sync()?,
+            Action::BeginResyncTarget {
+                primary,
+                applied_through,
+            } => {
+                // Nothing of the queue is applied again over a resynced chunk after a crash.
+                self.make_applied_durable(applied_through)?;
+                self.bitmap.set_resync_target(Some(primary))?;
+            }
+            Action::AdoptLog { through, history } => {
+                self.queue.adopt_log(through, history)?;
+                self.durable.last_seq = through;
+                self.durable.applied = through;
+                self.commit_pending = None;
+                self.bitmap.set_resync_target(None)?;
+            }
+            Action::TransferFinished(report) => io.push(Io::TransferFinished(report)),
         }
         Ok(())
+    }
+
+    /// Makes the region durable and records `applied_through` (a checkpoint on demand).
+    fn make_applied_durable(&mut self, applied_through: u64) -> Result<(), StorageError> {
+        self.region.sync()?;
+        if applied_through > self.queue.applied_through() {
+            self.queue.set_applied_through(applied_through)?;
+            self.queue_barrier_done();
+        }
+        self.durable.applied = self.durable.applied.max(applied_through);
+        if self.commit_pending.is_some_and(|p| p <= applied_through) {
+            self.commit_pending = None;
+        }
+        Ok(())
+    }
+
+    /// Folds the queue's records through `through` into the bitmap (see [`Action::Fold`]).
+    fn fold(&mut self, through: u64, io: &mut Vec<Io>) -> Result<(), ExecError> {
+        self.make_applied_durable(through)?;
+        let geometry = self.core.geometry();
+        let first = self.queue.first_seq();
+        let mut chunks: Vec<Range<u64>> = Vec::new();
+        let mut records = 0;
+        for rec in self.queue.iter_from(first.unwrap_or(through + 1)) {
+            let rec = rec?;
+            if rec.seq > through {
+                break;
+            }
+            records += 1;
+            let range = geometry.chunks_of(rec.offset, rec.payload.len() as u64);
+            // Neighbouring writes often touch the same chunks: merge as we go.
+            match chunks.last_mut() {
+                Some(last) if range.start <= last.end && last.start <= range.end => {
+                    last.start = last.start.min(range.start);
+                    last.end = last.end.max(range.end);
+                }
+                _ => chunks.push(range),
+            }
+        }
+        let before = self.core.stats().dirty_chunks;
+        self.bitmap.mark(&chunks)?;
+        if self.bitmap.resync_from() == 0 {
+            if let Some(first) = first {
+                self.bitmap.set_resync_from(first)?;
+            }
+        }
+        self.queue.trim_through(through)?;
+        self.core.on_folded(&chunks);
+        let dirty_chunks = self.core.stats().dirty_chunks;
+        io.push(Io::Folded {
+            records,
+            new_chunks: dirty_chunks - before,
+            dirty_chunks,
+        });
+        Ok(())
+    }
+
+    /// The region's bytes of `range` with the queue's records `from..=through` (sent, not
+    /// applied) written over them: the bytes as of that point of the stream.
+    fn chunk_image(
+        &self,
+        range: ChunkRange,
+        from: u64,
+        through: u64,
+    ) -> Result<Vec<u8>, StorageError> {
+        let start = range.offset;
+        let end = start + u64::from(range.len);
+        let mut image = vec![0u8; range.len as usize];
+        self.region.read(start, &mut image)?;
+        if from <= through {
+            for rec in self.queue.iter_from(from) {
+                let rec = rec?;
+                if rec.seq > through {
+                    break;
+                }
+                let (ws, we) = (rec.offset, rec.offset + rec.payload.len() as u64);
+                let (s, e) = (ws.max(start), we.min(end));
+                if s < e {
+                    image[(s - start) as usize..(e - start) as usize]
+                        .copy_from_slice(&rec.payload[(s - ws) as usize..(e - ws) as usize]);
+                }
+            }
+        }
+        Ok(image)
     }
 
     /// Reads the divergent suffix `(after, through]`, hands it to the driver to save, then the

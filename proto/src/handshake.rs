@@ -22,6 +22,11 @@ pub struct LogView {
     pub alone_from: u64,
     /// Its node id.
     pub node_id: u64,
+    /// A primary's: its dirty-chunk bitmap covers every record folded out of its queue from
+    /// this seq on (0: none folded; see [`Hello::resync_from`]).
+    pub resync_from: u64,
+    /// A backup's consent to an initial sync (see [`Hello::initial_sync`]).
+    pub initial_sync: bool,
 }
 
 impl LogView {
@@ -34,6 +39,8 @@ impl LogView {
             first_seq: (h.first_seq != 0).then_some(h.first_seq),
             alone_from: h.alone_from,
             node_id: h.node_id,
+            resync_from: h.resync_from,
+            initial_sync: h.initial_sync,
         }
     }
 
@@ -74,6 +81,21 @@ pub struct Reconciliation {
     /// `(primary_last, backup_holds_through]` from the backup (a replay) when this is above
     /// its own last seq, and sends `(backup_holds_through, primary_last]` otherwise.
     pub backup_holds_through: u64,
+    /// The primary's queue no longer holds every record after `backup_holds_through`: the
+    /// region chunks those records wrote are brought over first (a resync), then the records
+    /// the queue holds. None: the queue suffices.
+    pub resync: Option<ResyncKind>,
+}
+
+/// How a resync finds the chunks to bring over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncKind {
+    /// The primary's dirty-chunk bitmap covers every record the backup lacks.
+    Dirty,
+    /// Nothing records what the backup lacks (a new or replaced node, a stale copy, records
+    /// trimmed before the bitmap began): every chunk is compared, and only those that differ
+    /// move. Needs the backup's consent ([`LogView::initial_sync`]).
+    Full,
 }
 
 /// Why two logs cannot be reconciled.
@@ -90,6 +112,11 @@ pub enum Unreconcilable {
     /// to callers (it wrote them as a primary, without this peer): discarding them needs a
     /// policy's or an operator's decision ([`decide_split_brain`]).
     SplitBrain(SplitBrain),
+    /// The backup lacks records the primary's queue and bitmap no longer describe: only an
+    /// initial sync (a chunk-by-chunk comparison of the whole region) can bring it back, and
+    /// the backup did not consent to one. Both nodes keep running; an operator restarts the
+    /// backup with `initial_sync`.
+    NeedsInitialSync(String),
     /// Anything else: the reason, for the peer and the log.
     Unrecoverable(String),
 }
@@ -233,6 +260,7 @@ impl Unreconcilable {
             ),
             Unreconcilable::SplitBrain(sb) => (RejectCode::SplitBrain, sb.to_string()),
             Unreconcilable::Unrecoverable(why) => (RejectCode::Unrecoverable, why.clone()),
+            Unreconcilable::NeedsInitialSync(why) => (RejectCode::NeedsInitialSync, why.clone()),
         }
     }
 }
@@ -287,6 +315,14 @@ pub fn reconcile_resolving(
             backup: backup.suffix_after(common),
         }));
     }
+    if backup_discards && !backup.holds_from(common + 1) {
+        // Writes it folded into its bitmap as a primary are part of the suffix to discard:
+        // nothing says which bytes they wrote, so neither a repair nor a save is possible.
+        return Err(Unreconcilable::NeedsInitialSync(format!(
+            "backup {:#x} must discard its writes after seq {common}, but some of them left its queue for its dirty-chunk bitmap (it wrote them as a primary while its peer was away): they cannot be saved or repaired one by one. Stop it, move its queue, bitmap and region files aside, and restart it as a new node with `--initial-sync` (config key `initial_sync = true`)",
+            backup.node_id
+        )));
+    }
     let backup_holds_through = if backup_discards {
         common
     } else {
@@ -299,16 +335,30 @@ pub fn reconcile_resolving(
             backup.first_seq.unwrap_or(backup.last_seq + 1)
         )));
     }
-    if !primary.holds_from(backup_holds_through + 1) {
-        return Err(Unreconcilable::Unrecoverable(format!(
-            "backup has records through {backup_holds_through}, but the primary's queue starts at {}",
-            primary.first_seq.unwrap_or(primary.last_seq + 1)
+    let resync = if primary.holds_from(backup_holds_through + 1) {
+        None
+    } else if primary.resync_from != 0 && primary.resync_from <= backup_holds_through + 1 {
+        Some(ResyncKind::Dirty)
+    } else if backup.initial_sync {
+        Some(ResyncKind::Full)
+    } else {
+        return Err(Unreconcilable::NeedsInitialSync(format!(
+            "backup {:#x} holds the log through seq {backup_holds_through}, but primary {:#x} no longer holds the records after it (its queue starts at {}{}): the backup needs an initial sync, which copies every chunk of the region that differs. Restart the backup with `--initial-sync` (config key `initial_sync = true`) to consent",
+            backup.node_id,
+            primary.node_id,
+            primary.first_seq.unwrap_or(primary.last_seq + 1),
+            if primary.resync_from != 0 {
+                format!(", and its dirty-chunk bitmap covers only from seq {}", primary.resync_from)
+            } else {
+                String::new()
+            }
         )));
-    }
+    };
     Ok(Reconciliation {
         common,
         backup_discards,
         backup_holds_through,
+        resync,
     })
 }
 
@@ -334,6 +384,9 @@ pub struct Identity {
     pub queue_format_version: u32,
     /// Queue capacity in bytes.
     pub queue_capacity: u64,
+    /// A backup's consent to an initial sync: an unbound backup that consents may be bound
+    /// to a primary bound to another node (it replaces that node).
+    pub initial_sync: bool,
 }
 
 /// The compatibility rule, for both roles: the peer has the other role and another node id,
@@ -397,23 +450,54 @@ pub fn check_compatible(own: &Identity, peer: &Hello) -> Result<(), (RejectCode,
         ));
     }
     let (me, them) = (role_name(own.role), role_name(peer.role));
-    if own.peer_node_id != 0 && peer.node_id != own.peer_node_id {
-        return Err((
-            RejectCode::WrongPeer,
-            format!(
-                "this {me} is bound to {them} {:#x}; refusing {them} {:#x} (a second {them}, or was its queue recreated?)",
-                own.peer_node_id, peer.node_id
-            ),
-        ));
+    // A new or replaced backup (bound to nobody) that consents to an initial sync may take the
+    // place of the node a primary is bound to; a node bound to another still may not.
+    let replacement = match own.role {
+        // (Its Hello may already name us: it binds before it answers.)
+        WireRole::Primary => {
+            peer.initial_sync && (peer.peer_node_id == 0 || peer.peer_node_id == own.node_id)
+        }
+        // (It bound itself to the primary at an earlier attempt that did not finish.)
+        WireRole::Backup => {
+            own.initial_sync && (own.peer_node_id == 0 || own.peer_node_id == peer.node_id)
+        }
+    };
+    // A fresh backup (bound to nobody) meeting a primary bound to another node may be its
+    // replacement: it only lacks the consent, which an operator gives; both keep running.
+    let fresh_backup = match own.role {
+        WireRole::Primary => peer.peer_node_id == 0,
+        WireRole::Backup => own.peer_node_id == 0,
+    };
+    let (bound_primary, unbound_backup) = match own.role {
+        WireRole::Primary => (own.node_id, peer.node_id),
+        WireRole::Backup => (peer.node_id, own.node_id),
+    };
+    let wrong_peer = |why: String| {
+        if fresh_backup {
+            (
+                RejectCode::NeedsInitialSync,
+                format!(
+                    "{why}: backup {unbound_backup:#x} has fresh files. If it replaces the backup primary {bound_primary:#x} is bound to, restart it with `--initial-sync` (config key `initial_sync = true`): the primary then binds to it and copies every chunk of the region that differs"
+                ),
+            )
+        } else {
+            (
+                RejectCode::WrongPeer,
+                format!("{why} (a second {them}, or was its queue recreated?)"),
+            )
+        }
+    };
+    if own.peer_node_id != 0 && peer.node_id != own.peer_node_id && !replacement {
+        return Err(wrong_peer(format!(
+            "this {me} is bound to {them} {:#x}; refusing {them} {:#x}",
+            own.peer_node_id, peer.node_id
+        )));
     }
-    if peer.peer_node_id != 0 && peer.peer_node_id != own.node_id {
-        return Err((
-            RejectCode::WrongPeer,
-            format!(
-                "{them} {:#x} is bound to {me} {:#x}, this {me} is {:#x}",
-                peer.node_id, peer.peer_node_id, own.node_id
-            ),
-        ));
+    if peer.peer_node_id != 0 && peer.peer_node_id != own.node_id && !replacement {
+        return Err(wrong_peer(format!(
+            "{them} {:#x} is bound to {me} {:#x}, this {me} is {:#x}",
+            peer.node_id, peer.peer_node_id, own.node_id
+        )));
     }
     Ok(())
 }
@@ -609,6 +693,8 @@ mod split_brain_tests {
             first_seq: Some(1),
             alone_from,
             node_id,
+            resync_from: 0,
+            initial_sync: false,
         }
     }
 

@@ -10,6 +10,11 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod chunks;
+pub use crate::chunks::{
+    chunk_digest, BadChunkSize, ChunkGeometry, ChunkSet, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+};
 pub mod core;
 pub mod handshake;
 pub use crate::handshake::{SplitBrain, SplitBrainPolicy, Suffix, Verdict};

@@ -48,6 +48,12 @@ pub struct Durable {
     pub superseded: bool,
     /// The persisted start of the writes completed without the peer (0: none).
     pub alone_from: u64,
+    /// The dirty-chunk bitmap.
+    pub dirty: crate::ChunkSet,
+    /// The bitmap's `resync_from`.
+    pub resync_from: u64,
+    /// The bitmap's resync-target mark.
+    pub resync_target: Option<u64>,
 }
 
 impl Durable {
@@ -98,6 +104,8 @@ pub struct Node {
     pub discarded: Vec<Record>,
     /// Why the core stopped taking writes, each time it did.
     pub refused: Vec<WritesRefused>,
+    /// The resyncs and verifies that ended.
+    pub transfers: Vec<VerifyReport>,
 }
 
 /// What a node recovers from `disk`.
@@ -116,6 +124,9 @@ pub fn recovered(disk: &Durable) -> Recovered {
         term_history: disk.history.clone(),
         alone_from: disk.alone_from,
         repair_unfinished_after: None,
+        dirty: disk.dirty.clone(),
+        resync_from: disk.resync_from,
+        resync_target: disk.resync_target,
     }
 }
 
@@ -147,6 +158,7 @@ impl Node {
             applied_log: Vec::new(),
             discarded: Vec::new(),
             refused: Vec::new(),
+            transfers: Vec::new(),
         };
         n.run();
         n
@@ -156,6 +168,37 @@ impl Node {
     pub fn crash_and_restart(&mut self) {
         let disk = self.disk.clone();
         *self = Node::start(self.role, self.cfg.clone(), disk);
+    }
+
+    /// The region's bytes of `range` with the queue's records `from..=through` laid over them.
+    fn chunk_image(&self, range: crate::wire::ChunkRange, from: u64, through: u64) -> Vec<u8> {
+        let (start, end) = (range.offset, range.offset + u64::from(range.len));
+        let mut image = self.disk.region[start as usize..end as usize].to_vec();
+        for r in self
+            .disk
+            .queue
+            .range(from..=through.max(from))
+            .map(|(_, r)| r)
+        {
+            if r.seq > through {
+                break;
+            }
+            let (ws, we) = (r.offset, r.offset + r.data.len() as u64);
+            let (s, e) = (ws.max(start), we.min(end));
+            if s < e {
+                image[(s - start) as usize..(e - start) as usize]
+                    .copy_from_slice(&r.data[(s - ws) as usize..(e - ws) as usize]);
+            }
+        }
+        image
+    }
+
+    /// A fresh node's bitmap has the region's chunk count.
+    fn size_bitmap(&mut self) {
+        let chunks = self.core.geometry().chunk_count();
+        if self.disk.dirty.capacity() != chunks {
+            self.disk.dirty = crate::ChunkSet::new(chunks);
+        }
     }
 
     /// Executes the core's pending actions, in order.
@@ -271,6 +314,92 @@ impl Node {
                     };
                     self.disk.superseded = superseded;
                 }
+                Action::Fold { through } => {
+                    assert!(through < self.disk.next_seq, "fold past the log");
+                    let geometry = self.core.geometry();
+                    let mut chunks = Vec::new();
+                    let first = self.disk.queue.keys().next().copied();
+                    for (_, r) in self.disk.queue.range(..=through) {
+                        chunks.push(geometry.chunks_of(r.offset, r.data.len() as u64));
+                    }
+                    self.size_bitmap();
+                    for c in &chunks {
+                        self.disk.dirty.insert_range(c.clone());
+                    }
+                    if self.disk.resync_from == 0 {
+                        self.disk.resync_from = first.unwrap_or(through + 1);
+                    }
+                    self.disk.applied_through = self.disk.applied_through.max(through);
+                    self.disk.queue.retain(|&s, _| s > through);
+                    self.core.on_folded(&chunks);
+                }
+                Action::MarkAllDirty { resync_from } => {
+                    let n = self.core.geometry().chunk_count();
+                    self.disk.dirty = crate::ChunkSet::full(n);
+                    self.disk.resync_from = resync_from;
+                }
+                Action::MarkDirty { chunks } => {
+                    self.size_bitmap();
+                    for c in chunks {
+                        self.disk.dirty.insert(c);
+                    }
+                }
+                Action::ClearDirty { chunk } => {
+                    self.disk.dirty.remove(chunk);
+                }
+                Action::ResetDirty => {
+                    self.disk.dirty.clear();
+                    self.disk.resync_from = 0;
+                }
+                Action::SendDigest {
+                    range,
+                    overlay_from,
+                    overlay_through,
+                    ..
+                } => {
+                    let image = self.chunk_image(range, overlay_from, overlay_through);
+                    self.outbox.push(Message::ChunkDigest {
+                        range,
+                        digest: crate::chunk_digest(&image),
+                    });
+                }
+                Action::SendChunk {
+                    range,
+                    overlay_from,
+                    overlay_through,
+                    ..
+                } => {
+                    let image = self.chunk_image(range, overlay_from, overlay_through);
+                    self.recovery_bytes += image.len() as u64;
+                    self.outbox.push(Message::ChunkData {
+                        offset: range.offset,
+                        data: Bytes::from(image),
+                    });
+                }
+                Action::CompareChunk { range, digest, .. } => {
+                    let image = self.chunk_image(range, 1, 0);
+                    self.outbox.push(Message::ChunkVerdict {
+                        range,
+                        same: crate::chunk_digest(&image) == digest,
+                    });
+                }
+                Action::InstallChunk { offset, data } => {
+                    let o = offset as usize;
+                    self.disk.region[o..o + data.len()].copy_from_slice(&data);
+                }
+                Action::SyncRegion => {}
+                Action::BeginResyncTarget { primary, .. } => {
+                    self.disk.resync_target = Some(primary);
+                }
+                Action::AdoptLog { through, history } => {
+                    assert!(through + 1 >= self.disk.next_seq, "adopting backwards");
+                    self.disk.queue.clear();
+                    self.disk.next_seq = through + 1;
+                    self.disk.history = history;
+                    self.disk.applied_through = through;
+                    self.disk.resync_target = None;
+                }
+                Action::TransferFinished(report) => self.transfers.push(report),
             }
         }
     }

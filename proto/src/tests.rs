@@ -30,6 +30,9 @@ fn cfg(node_id: u64, policy: PeerLossPolicy) -> CoreConfig {
         max_write_len: 1024,
         queue_capacity: 1 << 20,
         deferred_commit: false,
+        chunk_size: crate::MIN_CHUNK_SIZE,
+        resync_rate: 0,
+        initial_sync: false,
     }
 }
 
@@ -76,9 +79,29 @@ impl Pair {
         self.b.run();
     }
 
+    /// Connects; delivers nothing yet.
+    fn connect_without_settling(&mut self) {
+        self.p.hung_up = false;
+        self.b.hung_up = false;
+        self.up = true;
+        self.b.core.on_connected(PEER);
+        self.b.run();
+        self.p.core.on_connected(PEER);
+        self.p.run();
+        self.settle_rounds(3);
+    }
+
     /// Delivers messages back and forth until both are quiet.
     fn settle(&mut self) {
-        for _ in 0..100 {
+        self.settle_rounds(1000);
+        if self.up && !(self.p.outbox.is_empty() && self.b.outbox.is_empty()) {
+            panic!("pair did not settle");
+        }
+    }
+
+    /// At most `rounds` exchanges of what both nodes sent.
+    fn settle_rounds(&mut self, rounds: usize) {
+        for _ in 0..rounds {
             if !self.up {
                 return;
             }
@@ -108,7 +131,6 @@ impl Pair {
                 return;
             }
         }
-        panic!("pair did not settle");
     }
 
     /// Both nodes idle from `now` for `ticks` ticks 100 us apart, exchanging only heartbeats;
@@ -451,6 +473,8 @@ fn a_primary_that_announces_no_silence_timeout_is_not_expected_to_heartbeat() {
             silence_timeout_us: 0,
             alone_from: 0,
             discard_node: 0,
+            resync_from: 0,
+            initial_sync: false,
             current_term: 1,
             term_history: TermHistory::new(),
         }),
@@ -651,19 +675,12 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
     pair.settle();
     pair.disconnect();
     pair.b = Node::new(Role::Backup, cfg(3, PeerLossPolicy::Block));
-    pair.connect();
-    // The new backup sees that the primary is bound to another backup and refuses it.
-    assert!(
-        matches!(
-            pair.p.fatal,
-            Some(FatalError::Rejected {
-                code: RejectCode::WrongPeer,
-                ..
-            })
-        ),
-        "{:?}",
-        pair.p.fatal
-    );
+    pair.connect_without_settling();
+    // The new backup sees that the primary is bound to another backup and refuses it: it
+    // would need an initial sync, which it did not consent to. The primary keeps serving.
+    assert!(pair.p.fatal.is_none(), "{:?}", pair.p.fatal);
+    assert_eq!(pair.p.disk.peer_node_id, 2);
+    assert_eq!(pair.p.core.phase(), Phase::Disconnected);
     // And if the backup did not check, the primary would: it is bound to node 2.
     let mut p2 = Node::start(
         Role::Primary,
@@ -687,12 +704,38 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
             silence_timeout_us: 0,
             alone_from: 0,
             discard_node: 0,
+            resync_from: 0,
+            initial_sync: false,
             current_term: 1,
             term_history: TermHistory::new(),
         }),
     );
     p2.run();
-    assert!(matches!(p2.fatal, Some(FatalError::Incompatible(_))));
+    assert!(p2.fatal.is_none(), "{:?}", p2.fatal);
+    assert!(
+        p2.hung_up,
+        "the primary drops the fresh backup that did not consent"
+    );
+    // A backup bound to another primary is not fresh: that one is refused for good.
+    let mut p3 = Node::start(
+        Role::Primary,
+        cfg(1, PeerLossPolicy::Block),
+        pair.p.disk.clone(),
+    );
+    p3.core.on_connected(PEER);
+    p3.run();
+    let mut bh = p3.core.hello();
+    bh.role = crate::wire::WireRole::Backup;
+    bh.node_id = 3;
+    bh.peer_node_id = 0x77;
+    bh.initial_sync = true;
+    bh.last_seq = 0;
+    bh.first_seq = 0;
+    bh.applied_through = 0;
+    bh.term_history = TermHistory::new();
+    p3.core.on_message(PEER, Message::Hello(bh));
+    p3.run();
+    assert!(matches!(p3.fatal, Some(FatalError::Incompatible(_))));
 }
 
 #[test]
@@ -1365,4 +1408,285 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
         region_has(&pair.b, 8, 0, 8),
         "the range is repaired at the next handshake"
     );
+}
+
+// ---- Beyond the queue: folds into the dirty-chunk bitmap, resyncs, initial syncs, verify ----
+
+/// A region of 16 chunks of 4 KiB, for the bitmap's tests.
+const BIG_REGION: u64 = 16 * 4096;
+
+fn big_cfg(node_id: u64) -> CoreConfig {
+    CoreConfig {
+        region_size: BIG_REGION,
+        max_write_len: 4096,
+        ..cfg(node_id, PeerLossPolicy::Continue)
+    }
+}
+
+fn big_pair() -> Pair {
+    let mut pair = Pair {
+        p: Node::new(Role::Primary, big_cfg(1)),
+        b: Node::new(Role::Backup, big_cfg(2)),
+        up: false,
+    };
+    pair.connect();
+    pair
+}
+
+/// Writes `len` bytes of `byte` at `offset` degraded (the backup away) and folds the queue.
+fn write_and_fold(p: &mut Node, writes: &[(u64, u8, usize)]) {
+    for &(offset, byte, len) in writes {
+        p.write(offset, byte, len);
+    }
+    assert!(p.core.fold(), "a degraded primary folds");
+    p.run();
+    assert!(p.disk.queue.is_empty(), "the fold empties the queue");
+}
+
+#[test]
+fn a_long_outage_folds_into_the_bitmap_and_the_resync_moves_only_dirty_chunks_then_records() {
+    let mut pair = big_pair();
+    pair.p.write(0, 1, 100);
+    pair.settle();
+    pair.disconnect();
+    // Three chunks dirtied (0, 2 and 5: a write across chunks 2..=3 dirties both).
+    write_and_fold(
+        &mut pair.p,
+        &[(10, 2, 50), (2 * 4096 + 4000, 3, 200), (5 * 4096, 4, 10)],
+    );
+    assert_eq!(pair.p.disk.dirty.len(), 4);
+    assert_eq!(
+        pair.p.disk.resync_from, 1,
+        "seq 1 was not trimmed yet: it folds too"
+    );
+    // More writes stay in the queue.
+    pair.p.write(9 * 4096, 5, 64);
+    pair.connect();
+    pair.p.tick(1);
+    pair.settle();
+    assert_eq!(pair.p.core.phase(), Phase::Synchronous);
+    pair.assert_converged();
+    // Bytes moved: the differing chunks (4 × 4 KiB) and the one queued record.
+    assert_eq!(
+        pair.p.recovery_bytes,
+        4 * 4096 + 64,
+        "moved {}",
+        pair.p.recovery_bytes
+    );
+    // The backup's log continues after the fold; the bitmap is reset once it acknowledged.
+    assert_eq!(pair.b.disk.next_seq, pair.p.disk.next_seq);
+    assert!(pair.p.disk.dirty.is_empty());
+    assert_eq!(pair.p.disk.resync_from, 0);
+    assert_eq!(pair.b.disk.resync_target, None);
+    let report = pair.p.transfers.last().expect("the resync reports");
+    assert_eq!(report.chunks_repaired, 4);
+    assert!(report.abandoned.is_none());
+    pair.p.write(4096, 6, 10);
+    pair.settle();
+    pair.assert_converged();
+}
+
+#[test]
+fn chunks_that_already_match_are_not_sent() {
+    let mut pair = big_pair();
+    pair.p.write(0, 1, 100);
+    pair.settle();
+    pair.disconnect();
+    // The same bytes the backup already holds, then a real change elsewhere.
+    write_and_fold(&mut pair.p, &[(0, 1, 100), (3 * 4096, 9, 10)]);
+    assert_eq!(pair.p.disk.dirty.len(), 2);
+    pair.connect();
+    pair.settle();
+    pair.assert_converged();
+    assert_eq!(pair.p.recovery_bytes, 4096, "only the changed chunk moves");
+}
+
+#[test]
+fn writes_during_a_resync_go_on_and_are_never_overwritten_by_an_older_chunk() {
+    let mut pair = big_pair();
+    pair.disconnect();
+    write_and_fold(&mut pair.p, &[(0, 1, 4096), (4096, 2, 4096)]);
+    pair.connect_without_settling();
+    // Digests are on their way: writes to the same chunks go on (degraded, queued), and a
+    // fold moves them into the bitmap while a chunk is in flight.
+    pair.p.write(0, 7, 10);
+    pair.p.write(4096 + 100, 8, 10);
+    assert_eq!(pair.p.core.phase(), Phase::Resyncing);
+    assert!(pair.p.core.fold());
+    pair.p.run();
+    pair.settle();
+    pair.p.tick(1);
+    pair.settle();
+    assert_eq!(pair.p.core.phase(), Phase::Synchronous);
+    pair.assert_converged();
+    assert!(region_has(&pair.b, 0, 7, 10) && region_has(&pair.b, 4196, 8, 10));
+}
+
+#[test]
+fn a_crash_of_the_backup_during_a_resync_resumes_from_what_is_left() {
+    // Twice the transfer's window of chunks: the first wave leaves the second behind.
+    let chunks = 2 * TRANSFER_WINDOW as u64;
+    let cfg = |id| CoreConfig {
+        region_size: chunks * 4096,
+        ..big_cfg(id)
+    };
+    let mut pair = Pair {
+        p: Node::new(Role::Primary, cfg(1)),
+        b: Node::new(Role::Backup, cfg(2)),
+        up: false,
+    };
+    pair.connect();
+    pair.disconnect();
+    let writes: Vec<_> = (0..chunks).map(|c| (c * 4096, c as u8 + 1, 4096)).collect();
+    write_and_fold(&mut pair.p, &writes);
+    pair.connect_without_settling();
+    // A few rounds only: the first window of chunks arrives.
+    pair.settle_rounds(3);
+    let left = pair.p.disk.dirty.len();
+    assert!(left > 0 && left < chunks, "{left} chunks left");
+    assert_eq!(pair.b.disk.resync_target, Some(1));
+    // The backup cannot be promoted meanwhile.
+    pair.disconnect();
+    pair.b.crash_and_restart();
+    assert!(matches!(
+        pair.b.core.promote(false),
+        Err(PromoteError::NotCaughtUp { .. })
+    ));
+    pair.connect();
+    pair.settle();
+    pair.assert_converged();
+    let resumed = pair.p.transfers.last().unwrap();
+    assert_eq!(
+        resumed.chunks_repaired, left,
+        "the resync resumed, not restarted"
+    );
+}
+
+#[test]
+fn a_new_backup_is_refused_without_consent_and_synced_with_it() {
+    let mut pair = big_pair();
+    for c in 0..4u64 {
+        pair.p.write(c * 4096, c as u8 + 1, 1000);
+        pair.settle();
+    }
+    // Both nodes report and trim: the primary's queue no longer starts at seq 1.
+    let now = pair.idle(0, 5);
+    pair.idle(now, 5);
+    assert!(
+        pair.p.disk.queue.is_empty(),
+        "{:?}",
+        pair.p.disk.queue.keys()
+    );
+    pair.disconnect();
+    // A replacement node with fresh files, bound to nobody, without consent.
+    pair.b = Node::new(Role::Backup, big_cfg(3));
+    pair.connect();
+    assert!(
+        pair.p.fatal.is_none(),
+        "the primary keeps serving: {:?}",
+        pair.p.fatal
+    );
+    assert_eq!(pair.p.disk.peer_node_id, 2, "still bound to the old backup");
+    // With consent: bound to the new node and brought over.
+    pair.b = Node::new(
+        Role::Backup,
+        CoreConfig {
+            initial_sync: true,
+            ..big_cfg(3)
+        },
+    );
+    pair.connect();
+    pair.settle();
+    assert_eq!(
+        pair.p.core.phase(),
+        Phase::Synchronous,
+        "{:?} {:?}",
+        pair.p.fatal,
+        pair.b.fatal
+    );
+    assert_eq!(pair.p.disk.peer_node_id, 3);
+    pair.assert_converged();
+    assert_eq!(
+        pair.p.recovery_bytes,
+        4 * 4096,
+        "only the four written chunks differ"
+    );
+    // A node bound to another primary is still refused, consent or not.
+    pair.disconnect();
+    let mut other = Node::new(
+        Role::Backup,
+        CoreConfig {
+            initial_sync: true,
+            ..big_cfg(4)
+        },
+    );
+    other.disk.peer_node_id = 0x99;
+    pair.b = Node::start(Role::Backup, other.cfg.clone(), other.disk.clone());
+    pair.connect();
+    assert_eq!(pair.p.disk.peer_node_id, 3);
+}
+
+#[test]
+fn an_online_verify_finds_a_flipped_byte_and_repairs_it_while_writes_go_on() {
+    let mut pair = big_pair();
+    for c in 0..16u64 {
+        pair.p.write(c * 4096, c as u8 + 1, 4096);
+        pair.settle();
+    }
+    // Behind the engine's back: one byte of the backup's region flips.
+    pair.b.disk.region[5 * 4096 + 17] ^= 0xff;
+    pair.p.core.start_verify(false).unwrap();
+    pair.p.run();
+    // Writes in flight while chunks are compared: no false difference.
+    pair.p.write(7 * 4096, 0x77, 4096);
+    pair.settle();
+    let report = pair.p.transfers.last().unwrap().clone();
+    assert_eq!(report.chunks_compared, 16);
+    assert_eq!(
+        report.differing,
+        vec![crate::wire::ChunkRange {
+            offset: 5 * 4096,
+            len: 4096
+        }]
+    );
+    assert_ne!(
+        pair.p.disk.region, pair.b.disk.region,
+        "a plain verify repairs nothing"
+    );
+    pair.p.core.start_verify(true).unwrap();
+    pair.p.run();
+    pair.p.write(5 * 4096 + 100, 0x55, 10);
+    pair.settle();
+    let report = pair.p.transfers.last().unwrap();
+    assert_eq!(report.chunks_repaired, 1);
+    pair.assert_converged();
+    assert!(region_has(&pair.b, 5 * 4096 + 100, 0x55, 10));
+    assert!(pair.p.disk.dirty.is_empty());
+}
+
+#[test]
+fn a_fold_during_the_handshake_turns_the_catch_up_into_a_resync() {
+    let mut pair = big_pair();
+    pair.p.write(0, 1, 100);
+    pair.settle();
+    pair.disconnect();
+    pair.p.write(4096, 2, 100);
+    // The primary's Hello goes out announcing its queue; before the backup's answer arrives,
+    // the queue folds (a writer filled it): the records the plan counted on are gone.
+    pair.p.hung_up = false;
+    pair.b.hung_up = false;
+    pair.up = true;
+    pair.b.core.on_connected(PEER);
+    pair.b.run();
+    pair.p.core.on_connected(PEER);
+    pair.p.run();
+    pair.p.write(2 * 4096, 3, 100);
+    assert!(pair.p.core.fold());
+    pair.p.run();
+    pair.settle();
+    pair.p.tick(1);
+    pair.settle();
+    assert_eq!(pair.p.core.phase(), Phase::Synchronous);
+    pair.assert_converged();
+    assert!(pair.p.transfers.iter().any(|t| t.chunks_repaired > 0));
 }

@@ -31,7 +31,7 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"LMIR");
 /// Version 3 added failover: `Hello` carries where the speaker began writing without its
 /// peer (`alone_from`, for split-brain detection) and an operator's split-brain resolution
 /// (`discard_node`); `Reject` has the code `SplitBrain`.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Size of the frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest body accepted: the largest write payload plus the write message's own fields.
@@ -112,7 +112,18 @@ pub struct Hello {
     /// An operator's split-brain resolution: the node id whose divergent writes are to be
     /// discarded (0: none).
     pub discard_node: u64,
+    /// A primary's: its dirty-chunk bitmap covers every record it folded out of its queue from
+    /// this seq on (0: it folded none since its last completed resync). A backup that holds
+    /// the log through `resync_from - 1` or further can be resynced from the bitmap.
+    pub resync_from: u64,
+    /// A backup's consent to an initial sync: the primary may rebind to it (when it is bound
+    /// to no primary) and bring its whole region over, chunk by chunk (only differing chunks
+    /// move), when its queue cannot catch it up.
+    pub initial_sync: bool,
 }
+
+/// The bit of a Hello's flags word that carries [`Hello::initial_sync`].
+const HELLO_FLAG_INITIAL_SYNC: u32 = 1;
 
 /// A byte range of the region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +162,10 @@ pub enum RejectCode {
     /// The speaker cannot take a connection now (a primary that stopped, fenced): the peer
     /// retries later, and an operator restarts the speaker (as a backup).
     Unavailable = 11,
+    /// The backup lacks records the primary no longer holds and did not consent to an
+    /// initial sync: the primary keeps serving and retries; an operator restarts the backup
+    /// with `initial_sync`.
+    NeedsInitialSync = 12,
 }
 
 impl RejectCode {
@@ -167,6 +182,7 @@ impl RejectCode {
             9 => RejectCode::StaleTerm,
             10 => RejectCode::SplitBrain,
             11 => RejectCode::Unavailable,
+            12 => RejectCode::NeedsInitialSync,
             other => {
                 return Err(WireError::BadField {
                     field: "reject.code",
@@ -243,6 +259,59 @@ pub enum Message {
         /// leave a range unrepaired).
         bytes: u64,
     },
+    /// Primary to backup (a resync or a verify): the digest of the primary's bytes of this
+    /// range as of this point of the stream (every write sent before it included). The backup
+    /// compares with its own bytes, having applied every write received before it, and
+    /// answers `ChunkVerdict`.
+    ChunkDigest {
+        /// The range (one chunk).
+        range: ChunkRange,
+        /// 128-bit digest (XXH3-128, little-endian).
+        digest: [u8; 16],
+    },
+    /// Backup to primary: whether its bytes of the range match the digest. A match during a
+    /// resync also says the backup holds those bytes durably.
+    ChunkVerdict {
+        /// The range of the digest.
+        range: ChunkRange,
+        /// Whether the bytes match.
+        same: bool,
+    },
+    /// Primary to backup: the primary's bytes of a chunk as of this point of the stream (a
+    /// resync, a verify's repair). The backup writes them after every write received before.
+    ChunkData {
+        /// Byte offset in the region.
+        offset: u64,
+        /// The bytes (1..=MAX_WRITE_LEN).
+        data: Bytes,
+    },
+    /// Backup to primary: the backup's region holds the chunk data of this range durably.
+    ChunkHeld {
+        /// The range.
+        range: ChunkRange,
+    },
+    /// Primary to backup: a resync begins (after the handshake, before any chunk): the
+    /// backup's region is inconsistent until `ResyncDone`.
+    ResyncBegin {
+        /// Chunks the primary will compare (more may follow if writes fold meanwhile).
+        chunks: u64,
+    },
+    /// Primary to backup: the resync is complete; the backup's region holds the primary's
+    /// history through `through`, and its log continues after it (the primary's records
+    /// after it follow).
+    ResyncDone {
+        /// The last seq the resync covered.
+        through: u64,
+    },
+}
+
+/// A chunk of the region, as the resync and verify messages name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes (1..=[`crate::MAX_CHUNK_SIZE`]).
+    pub len: u32,
 }
 
 /// Frame kinds.
@@ -267,10 +336,23 @@ pub enum MessageKind {
     RepairData = 8,
     /// [`Message::RepairDone`]
     RepairDone = 9,
+    /// [`Message::ChunkDigest`]
+    ChunkDigest = 10,
+    /// [`Message::ChunkVerdict`]
+    ChunkVerdict = 11,
+    /// [`Message::ChunkData`]
+    ChunkData = 12,
+    /// [`Message::ChunkHeld`]
+    ChunkHeld = 13,
+    /// [`Message::ResyncDone`]
+    ResyncDone = 14,
+    /// [`Message::ResyncBegin`]
+    ResyncBegin = 15,
 }
 
 /// Hello without its term entries.
-const HELLO_FIXED_LEN: usize = 1 + 3 + 8 * 7 + 4 + 4 + 8 + 4 + 4 + 8 + 8;
+const HELLO_FIXED_LEN: usize = 1 + 3 + 8 * 7 + 4 + 4 + 8 + 4 + 4 + 8 + 8 + 8;
+const CHUNK_RANGE_LEN: usize = 8 + 4;
 const TERM_ENTRY_LEN: usize = 16;
 const WRITE_FIXED_LEN: usize = 8 + 8 + 8 + 4;
 const REPAIR_DATA_FIXED_LEN: usize = 8 + 4;
@@ -353,6 +435,12 @@ impl Message {
             Message::RepairRequest { .. } => MessageKind::RepairRequest,
             Message::RepairData { .. } => MessageKind::RepairData,
             Message::RepairDone { .. } => MessageKind::RepairDone,
+            Message::ChunkDigest { .. } => MessageKind::ChunkDigest,
+            Message::ChunkVerdict { .. } => MessageKind::ChunkVerdict,
+            Message::ChunkData { .. } => MessageKind::ChunkData,
+            Message::ChunkHeld { .. } => MessageKind::ChunkHeld,
+            Message::ResyncDone { .. } => MessageKind::ResyncDone,
+            Message::ResyncBegin { .. } => MessageKind::ResyncBegin,
         }
     }
 
@@ -365,7 +453,13 @@ impl Message {
             Message::Applied { .. } | Message::ReplayDone { .. } => 8,
             Message::RepairDone { .. } => 16,
             Message::RepairRequest { ranges } => 8 + REPAIR_RANGE_LEN * ranges.len(),
-            Message::RepairData { data, .. } => REPAIR_DATA_FIXED_LEN + data.len(),
+            Message::RepairData { data, .. } | Message::ChunkData { data, .. } => {
+                REPAIR_DATA_FIXED_LEN + data.len()
+            }
+            Message::ChunkDigest { .. } => CHUNK_RANGE_LEN + 4 + 16,
+            Message::ChunkVerdict { .. } => CHUNK_RANGE_LEN + 4,
+            Message::ChunkHeld { .. } => CHUNK_RANGE_LEN + 4,
+            Message::ResyncDone { .. } | Message::ResyncBegin { .. } => 8,
         }
     }
 
@@ -407,9 +501,14 @@ impl Message {
                 out.put_u64_le(h.current_term);
                 let entries = h.term_history.entries();
                 out.put_u32_le(entries.len() as u32);
-                out.put_u32_le(0);
+                out.put_u32_le(if h.initial_sync {
+                    HELLO_FLAG_INITIAL_SYNC
+                } else {
+                    0
+                });
                 out.put_u64_le(h.alone_from);
                 out.put_u64_le(h.discard_node);
+                out.put_u64_le(h.resync_from);
                 for e in entries {
                     out.put_u64_le(e.term);
                     out.put_u64_le(e.first_seq);
@@ -429,8 +528,22 @@ impl Message {
                 out.put_u64_le(*received_through);
                 out.put_u64_le(*applied_through);
             }
-            Message::Applied { through } | Message::ReplayDone { through } => {
-                out.put_u64_le(*through)
+            Message::Applied { through }
+            | Message::ReplayDone { through }
+            | Message::ResyncDone { through } => out.put_u64_le(*through),
+            Message::ResyncBegin { chunks } => out.put_u64_le(*chunks),
+            Message::ChunkDigest { range, digest } => {
+                put_chunk_range(out, range);
+                out.put_u32_le(0);
+                out.put_slice(digest);
+            }
+            Message::ChunkVerdict { range, same } => {
+                put_chunk_range(out, range);
+                out.put_u32_le(u32::from(*same));
+            }
+            Message::ChunkHeld { range } => {
+                put_chunk_range(out, range);
+                out.put_u32_le(0);
             }
             Message::RepairDone { through, bytes } => {
                 out.put_u64_le(*through);
@@ -445,7 +558,7 @@ impl Message {
                     out.put_u64_le(r.len);
                 }
             }
-            Message::RepairData { offset, data } => {
+            Message::RepairData { offset, data } | Message::ChunkData { offset, data } => {
                 debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
                 out.put_u64_le(*offset);
                 out.put_u32_le(data.len() as u32);
@@ -498,6 +611,12 @@ impl Message {
             7 => MessageKind::RepairRequest,
             8 => MessageKind::RepairData,
             9 => MessageKind::RepairDone,
+            10 => MessageKind::ChunkDigest,
+            11 => MessageKind::ChunkVerdict,
+            12 => MessageKind::ChunkData,
+            13 => MessageKind::ChunkHeld,
+            14 => MessageKind::ResyncDone,
+            15 => MessageKind::ResyncBegin,
             other => return Err(WireError::UnknownKind { kind: other }),
         };
         if buf.len() < FRAME_HEADER_LEN + body_len {
@@ -528,6 +647,13 @@ impl Message {
             Body::RepairData { offset } => {
                 frame.advance(FRAME_HEADER_LEN + REPAIR_DATA_FIXED_LEN);
                 Message::RepairData {
+                    offset,
+                    data: frame.freeze(),
+                }
+            }
+            Body::ChunkData { offset } => {
+                frame.advance(FRAME_HEADER_LEN + REPAIR_DATA_FIXED_LEN);
+                Message::ChunkData {
                     offset,
                     data: frame.freeze(),
                 }
@@ -564,6 +690,27 @@ fn begin_frame(out: &mut BytesMut, kind: MessageKind, body_len: usize) -> usize 
     start
 }
 
+fn put_chunk_range(out: &mut BytesMut, range: &ChunkRange) {
+    out.put_u64_le(range.offset);
+    out.put_u32_le(range.len);
+}
+
+/// A chunk range from a body, checked: 1..=MAX_CHUNK_SIZE bytes, not past u64.
+fn get_chunk_range(body: &mut &[u8]) -> Result<ChunkRange, WireError> {
+    let offset = body.get_u64_le();
+    let len = body.get_u32_le();
+    if len == 0
+        || u64::from(len) > crate::MAX_CHUNK_SIZE
+        || offset.checked_add(u64::from(len)).is_none()
+    {
+        return Err(WireError::BadField {
+            field: "chunk.len",
+            value: u64::from(len),
+        });
+    }
+    Ok(ChunkRange { offset, len })
+}
+
 fn finish_frame(out: &mut BytesMut, start: usize) {
     let mut crc = crc32c::crc32c(&out[start..start + 12]);
     crc = crc32c::crc32c_append(crc, &out[start + FRAME_HEADER_LEN..]);
@@ -580,6 +727,10 @@ enum Body {
     },
     /// Likewise for repair bytes.
     RepairData {
+        offset: u64,
+    },
+    /// Likewise for a resync's chunk bytes.
+    ChunkData {
         offset: u64,
     },
 }
@@ -605,11 +756,13 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             let silence_timeout_us = body.get_u32_le();
             let current_term = body.get_u64_le();
             let entry_count = body.get_u32_le() as usize;
-            if body.get_u32_le() != 0 {
+            let flags = body.get_u32_le();
+            if flags & !HELLO_FLAG_INITIAL_SYNC != 0 {
                 return Err(WireError::Reserved);
             }
             let alone_from = body.get_u64_le();
             let discard_node = body.get_u64_le();
+            let resync_from = body.get_u64_le();
             if entry_count > MAX_TERM_ENTRIES {
                 return Err(WireError::BadTermHistory(TermHistoryError::TooMany {
                     count: entry_count,
@@ -651,6 +804,12 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                     value: first_seq,
                 });
             }
+            if resync_from > last_seq.saturating_add(1) {
+                return Err(WireError::BadField {
+                    field: "hello.resync_from",
+                    value: resync_from,
+                });
+            }
             if alone_from > last_seq {
                 return Err(WireError::BadField {
                     field: "hello.alone_from",
@@ -672,6 +831,8 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                 term_history,
                 alone_from,
                 discard_node,
+                resync_from,
+                initial_sync: flags & HELLO_FLAG_INITIAL_SYNC != 0,
             }))
         }
         MessageKind::Reject => {
@@ -713,7 +874,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             }
             Body::Write { seq, term, offset }
         }
-        MessageKind::RepairData => {
+        MessageKind::RepairData | MessageKind::ChunkData => {
             if len < REPAIR_DATA_FIXED_LEN {
                 return Err(bad_len());
             }
@@ -722,7 +883,69 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             if data_len != body.len() || data_len == 0 || data_len > MAX_WRITE_LEN {
                 return Err(bad_len());
             }
-            Body::RepairData { offset }
+            if kind == MessageKind::RepairData {
+                Body::RepairData { offset }
+            } else {
+                if data_len as u64 > crate::MAX_CHUNK_SIZE {
+                    return Err(bad_len());
+                }
+                Body::ChunkData { offset }
+            }
+        }
+        MessageKind::ChunkDigest => {
+            if len != CHUNK_RANGE_LEN + 4 + 16 {
+                return Err(bad_len());
+            }
+            let range = get_chunk_range(&mut body)?;
+            if body.get_u32_le() != 0 {
+                return Err(WireError::Reserved);
+            }
+            let mut digest = [0u8; 16];
+            body.copy_to_slice(&mut digest);
+            Body::Done(Message::ChunkDigest { range, digest })
+        }
+        MessageKind::ChunkVerdict => {
+            if len != CHUNK_RANGE_LEN + 4 {
+                return Err(bad_len());
+            }
+            let range = get_chunk_range(&mut body)?;
+            let same = match body.get_u32_le() {
+                0 => false,
+                1 => true,
+                other => {
+                    return Err(WireError::BadField {
+                        field: "chunk_verdict.same",
+                        value: u64::from(other),
+                    })
+                }
+            };
+            Body::Done(Message::ChunkVerdict { range, same })
+        }
+        MessageKind::ChunkHeld => {
+            if len != CHUNK_RANGE_LEN + 4 {
+                return Err(bad_len());
+            }
+            let range = get_chunk_range(&mut body)?;
+            if body.get_u32_le() != 0 {
+                return Err(WireError::Reserved);
+            }
+            Body::Done(Message::ChunkHeld { range })
+        }
+        MessageKind::ResyncDone => {
+            if len != 8 {
+                return Err(bad_len());
+            }
+            Body::Done(Message::ResyncDone {
+                through: body.get_u64_le(),
+            })
+        }
+        MessageKind::ResyncBegin => {
+            if len != 8 {
+                return Err(bad_len());
+            }
+            Body::Done(Message::ResyncBegin {
+                chunks: body.get_u64_le(),
+            })
         }
         MessageKind::RepairRequest => {
             if len < 8 {
@@ -833,6 +1056,8 @@ mod tests {
             silence_timeout_us: 1_000_000,
             alone_from: 0,
             discard_node: 0,
+            resync_from: 0,
+            initial_sync: false,
             current_term: 4,
             term_history: TermHistory::from_entries(vec![
                 TermEntry {
@@ -1076,6 +1301,8 @@ mod tests {
                         silence_timeout_us: v.rotate_left(7),
                         alone_from: extra.min(last),
                         discard_node: peer,
+                        resync_from: 0,
+                        initial_sync: false,
                         current_term: 9,
                         term_history: if last == 0 {
                             TermHistory::new()

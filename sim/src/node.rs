@@ -8,11 +8,13 @@
 //! the real node starts in its configured role (`src/node/open.rs`), except that a queue
 //! superseded as a primary is never started as one.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use mirror_exec::{CheckpointStage, Executor, Hooks, Io, RegionStore};
+use mirror_exec::{BitmapStore, CheckpointStage, Executor, Hooks, Io, RegionStore};
 use mirror_proto::{
-    Action, CoreConfig, FatalError, Message, PeerFault, PeerId, PeerLossPolicy, WireRole,
+    Action, ChunkSet, CoreConfig, FatalError, Message, PeerFault, PeerId, PeerLossPolicy, WireRole,
     WritesRefused,
 };
 use mirror_storage::{Durability, PersistentQueue, QueueParams, StorageError};
@@ -130,6 +132,7 @@ pub(crate) struct SimNode {
     pub log: Vec<u64>,
     queue_path: PathBuf,
     durable: DurableImage,
+    bitmap: SimBitmap,
     cfg: CoreConfig,
     canaries: Canaries,
 }
@@ -153,6 +156,92 @@ impl RegionStore for SimRegion {
     }
     fn sync(&mut self) -> Result<(), StorageError> {
         self.durable.copy_from_slice(&self.written);
+        Ok(())
+    }
+}
+
+/// What a dirty-chunk bitmap holds.
+#[derive(Debug, Clone, Default)]
+struct BitmapState {
+    dirty: ChunkSet,
+    resync_from: u64,
+    resync_target: Option<u64>,
+}
+
+/// The simulated dirty-chunk bitmap: what is written, and what a power loss would keep. Marks
+/// and state updates are durable at once (with every clear before them, as the file's sync
+/// covers it); clears alone are not. Shared with the [`SimNode`], which keeps it across
+/// crashes.
+#[derive(Clone)]
+pub(crate) struct SimBitmap(Arc<Mutex<(BitmapState, BitmapState)>>);
+
+impl SimBitmap {
+    fn new(chunks: u64) -> SimBitmap {
+        let state = BitmapState {
+            dirty: ChunkSet::new(chunks),
+            ..BitmapState::default()
+        };
+        SimBitmap(Arc::new(Mutex::new((state.clone(), state))))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut BitmapState, &mut BitmapState) -> T) -> T {
+        let mut g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (written, durable) = &mut *g;
+        f(written, durable)
+    }
+
+    /// A power loss: only the durable state is left.
+    fn lose_power(&self) {
+        self.with(|written, durable| *written = durable.clone());
+    }
+}
+
+impl BitmapStore for SimBitmap {
+    fn dirty(&self) -> ChunkSet {
+        self.with(|w, _| w.dirty.clone())
+    }
+    fn mark(&mut self, chunks: &[Range<u64>]) -> Result<(), StorageError> {
+        self.with(|w, d| {
+            for r in chunks {
+                w.dirty.insert_range(r.clone());
+            }
+            *d = w.clone();
+        });
+        Ok(())
+    }
+    fn mark_all(&mut self) -> Result<(), StorageError> {
+        self.with(|w, d| {
+            w.dirty = ChunkSet::full(w.dirty.capacity());
+            *d = w.clone();
+        });
+        Ok(())
+    }
+    fn clear(&mut self, chunk: u64) -> Result<(), StorageError> {
+        self.with(|w, _| w.dirty.remove(chunk));
+        Ok(())
+    }
+    fn clear_all(&mut self) -> Result<(), StorageError> {
+        self.with(|w, _| w.dirty.clear());
+        Ok(())
+    }
+    fn resync_from(&self) -> u64 {
+        self.with(|w, _| w.resync_from)
+    }
+    fn set_resync_from(&mut self, seq: u64) -> Result<(), StorageError> {
+        self.with(|w, d| {
+            w.resync_from = seq;
+            *d = w.clone();
+        });
+        Ok(())
+    }
+    fn resync_target(&self) -> Option<u64> {
+        self.with(|w, _| w.resync_target)
+    }
+    fn set_resync_target(&mut self, primary: Option<u64>) -> Result<(), StorageError> {
+        self.with(|w, d| {
+            w.resync_target = primary;
+            *d = w.clone();
+        });
         Ok(())
     }
 }
@@ -189,11 +278,26 @@ pub(crate) struct Canaries {
 
 /// What one action tells the checkers, noted before the executor consumes it.
 enum Noted {
-    Append { seq: u64, term: u64 },
-    Apply { term: u64 },
-    Truncate { after: u64 },
+    Append {
+        seq: u64,
+        term: u64,
+    },
+    Apply {
+        term: u64,
+    },
+    Truncate {
+        after: u64,
+    },
     Term(u64),
-    Role { role: WireRole, superseded: bool },
+    Role {
+        role: WireRole,
+        superseded: bool,
+    },
+    /// A resync's end: the log continues after `through` with these terms.
+    Adopt {
+        through: u64,
+        history: mirror_proto::TermHistory,
+    },
     Other,
 }
 
@@ -210,6 +314,10 @@ impl Noted {
             Action::PersistRole { role, superseded } => Noted::Role {
                 role: *role,
                 superseded: *superseded,
+            },
+            Action::AdoptLog { through, history } => Noted::Adopt {
+                through: *through,
+                history: history.clone(),
             },
             _ => Noted::Other,
         }
@@ -272,10 +380,14 @@ impl SimNode {
         // Creation synced the whole file.
         let durable = DurableImage::of_file(&queue_path).map_err(|e| io("reading queue", e))?;
         let region = vec![0; REGION_BYTES as usize];
+        let chunks = mirror_proto::ChunkGeometry::new(REGION_BYTES, cfg.chunk_size)
+            .map_err(|e| e.to_string())?
+            .chunk_count();
         let parts = Parts {
             name,
             queue_path,
             durable,
+            bitmap: SimBitmap::new(chunks),
             cfg,
             canaries,
             log: Vec::new(),
@@ -296,6 +408,7 @@ impl SimNode {
             name,
             queue_path,
             durable,
+            bitmap,
             cfg,
             canaries,
             mut log,
@@ -345,7 +458,15 @@ impl SimNode {
             durable: region_durable,
         };
         let exec_role = storage_role(role);
-        let mut exec = Executor::with_replay(exec_role, cfg.clone(), queue, replay, region, hooks);
+        let mut exec = Executor::with_replay(
+            exec_role,
+            cfg.clone(),
+            queue,
+            replay,
+            region,
+            Box::new(bitmap.clone()),
+            hooks,
+        );
         if canaries.seq_only_matching {
             exec.core.break_log_matching_for_canary();
         }
@@ -356,6 +477,7 @@ impl SimNode {
             log,
             queue_path,
             durable,
+            bitmap,
             cfg,
             canaries,
         };
@@ -389,10 +511,14 @@ impl SimNode {
             log,
             queue_path,
             durable,
+            bitmap,
             cfg,
             canaries,
             ..
         } = self;
+        if power_loss {
+            bitmap.lose_power();
+        }
         let was_durable = exec.durable();
         let role_before = wire_role(exec.queue.role());
         let Executor { queue, region, .. } = exec;
@@ -423,6 +549,7 @@ impl SimNode {
             name,
             queue_path,
             durable,
+            bitmap,
             cfg,
             canaries,
             log,
@@ -503,6 +630,13 @@ impl SimNode {
                         new_term: last_term.take(),
                     });
                 }
+                Noted::Adopt { through, history } => {
+                    // The seqs the resync covered are the primary's, with its terms.
+                    let from = self.log.len() as u64 + 1;
+                    for seq in from..=through {
+                        self.log.push(history.term_at(seq).unwrap_or(0));
+                    }
+                }
                 Noted::Apply { .. } | Noted::Other => {}
             }
         }
@@ -576,6 +710,8 @@ impl SimNode {
                 as_primary: self.acting_role == WireRole::Primary,
             },
             Io::RefuseWrites(why) => Effect::RefuseWrites(why),
+            // Told to the checkers through the log (a fold drops no seq from it).
+            Io::Folded { .. } | Io::TransferFinished(_) => return Ok(Vec::new()),
         };
         Ok(vec![effect])
     }
@@ -619,6 +755,7 @@ struct Parts {
     name: NodeName,
     queue_path: PathBuf,
     durable: DurableImage,
+    bitmap: SimBitmap,
     cfg: CoreConfig,
     canaries: Canaries,
     log: Vec<u64>,

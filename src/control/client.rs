@@ -249,6 +249,15 @@ pub fn resolve(path: &Path, discard: DiscardNode, timeout: Duration) -> Result<(
     }
 }
 
+/// Starts an online verify on the node (a primary); `status` then reports its progress and,
+/// once `verifies_finished` grew, its result.
+pub fn verify(path: &Path, repair: bool, timeout: Duration) -> Result<(), ControlError> {
+    match request(path, &Request::Verify { repair }, timeout)? {
+        Response::Done => Ok(()),
+        other => Err(unexpected(path, other)),
+    }
+}
+
 /// A refusal becomes [`ControlError::Refused`]; anything else cannot happen, because
 /// [`request`] already checked the answer matches the request.
 fn unexpected(path: &Path, response: Response) -> ControlError {

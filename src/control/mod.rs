@@ -41,7 +41,7 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use client::{demote, follow_events, promote, request, resolve, status};
+pub use client::{demote, follow_events, promote, request, resolve, status, verify};
 pub use server::ControlServer;
 
 /// The protocol version this build speaks; a request or response with another is refused.
@@ -139,6 +139,87 @@ pub struct LiveStatus {
     /// See `write_latency_p50_us`.
     #[serde(default)]
     pub write_latency_p99_us: Option<u64>,
+    /// Chunks marked in the dirty-chunk bitmap (added within version 1).
+    #[serde(default)]
+    pub dirty_chunks: u64,
+    /// The chunk size of the bitmap, resyncs and verifies (added within version 1).
+    #[serde(default)]
+    pub chunk_size: u64,
+    /// A resync, initial sync or online verify in progress (added within version 1).
+    #[serde(default)]
+    pub transfer: Option<TransferStatus>,
+    /// Backup: a resync into it has not finished (added within version 1).
+    #[serde(default)]
+    pub resync_target: bool,
+    /// Online verifies finished since the node opened (added within version 1).
+    #[serde(default)]
+    pub verifies_finished: u64,
+    /// What the last online verify found (added within version 1).
+    #[serde(default)]
+    pub last_verify: Option<VerifySummary>,
+}
+
+/// A resync, initial sync or online verify in progress, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferStatus {
+    /// `resync`, `initial-sync`, `verify` or `verify-repair`.
+    pub kind: String,
+    /// Chunks to go through.
+    pub chunks_total: u64,
+    /// Chunks done.
+    pub chunks_done: u64,
+    /// Chunks found differing (a verify) or brought over (a resync).
+    pub chunks_differing: u64,
+    /// Bytes of region still to go through.
+    pub bytes_left: u64,
+    /// Chunk bytes sent to the backup.
+    pub bytes_sent: u64,
+    /// Bytes of region per second since it started.
+    pub rate_bytes_per_s: u64,
+    /// Seconds left at that rate (null: no rate yet).
+    pub eta_s: Option<u64>,
+}
+
+/// Differing chunks a `status` answer lists at most (the count says how many there were).
+pub const LISTED_DIFFERING_CHUNKS: usize = 100;
+
+/// What an online verify found, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifySummary {
+    /// `verify` or `verify-repair`.
+    pub kind: String,
+    /// Chunks compared.
+    pub chunks_compared: u64,
+    /// Chunks that differed.
+    pub chunks_differing: u64,
+    /// The first of them (at most [`LISTED_DIFFERING_CHUNKS`]), as `[offset, length]`.
+    pub differing: Vec<[u64; 2]>,
+    /// Chunks brought over from the primary (`--repair`).
+    pub chunks_repaired: u64,
+    /// Milliseconds it took.
+    pub elapsed_ms: u64,
+    /// Why it ended before comparing every chunk (null: it completed).
+    pub abandoned: Option<String>,
+}
+
+impl VerifySummary {
+    /// The summary of a verify's report.
+    pub fn of(report: &crate::VerifyReport) -> VerifySummary {
+        VerifySummary {
+            kind: report.purpose.name().to_string(),
+            chunks_compared: report.chunks_compared,
+            chunks_differing: report.differing.len() as u64,
+            differing: report
+                .differing
+                .iter()
+                .take(LISTED_DIFFERING_CHUNKS)
+                .map(|r| [r.offset, u64::from(r.len)])
+                .collect(),
+            chunks_repaired: report.chunks_repaired,
+            elapsed_ms: report.elapsed_us / 1000,
+            abandoned: report.abandoned.clone(),
+        }
+    }
 }
 
 impl LiveStatus {
@@ -222,6 +303,12 @@ pub enum Request {
     /// Follow the node's events: after the answer line, one JSON line per event (an
     /// [`crate::EventRecord`]) until the client hangs up or the node closes.
     Events,
+    /// Start an online verify (primary); its progress and result are in `status`.
+    Verify {
+        /// Bring differing chunks over from the primary. Absent means `false`.
+        #[serde(default)]
+        repair: bool,
+    },
 }
 
 impl Request {
@@ -233,6 +320,7 @@ impl Request {
             Request::Demote => "demote",
             Request::Resolve { .. } => "resolve",
             Request::Events => "events",
+            Request::Verify { .. } => "verify",
         }
     }
 }
@@ -335,6 +423,8 @@ pub trait ControlTarget: Send + Sync + 'static {
     fn resolve(&self, discard: &str) -> Result<(), ControlRefusal>;
     /// A subscription to the node's events (for `events`).
     fn subscribe(&self) -> Result<crate::Events, ControlRefusal>;
+    /// Start an online verify; it runs on, and `status` reports its progress and result.
+    fn verify(&self, repair: bool) -> Result<(), ControlRefusal>;
 }
 
 /// What went wrong on the local side of the control endpoint (starting a server, or a client's

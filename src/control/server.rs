@@ -546,6 +546,10 @@ fn dispatch(target: &dyn ControlTarget, request: Request) -> Response {
             Ok(()) => Response::Done,
             Err(r) => Response::Refused(r),
         },
+        Request::Verify { repair } => match target.verify(repair) {
+            Ok(()) => Response::Done,
+            Err(r) => Response::Refused(r),
+        },
         // Served as a stream by `follow_events`, never here.
         Request::Events => Response::Refused(ControlRefusal::bad_request(
             "events is a stream, served apart".to_string(),

@@ -67,6 +67,12 @@ fn sample_status() -> LiveStatus {
         write_bytes: 0,
         write_latency_p50_us: None,
         write_latency_p99_us: None,
+        dirty_chunks: 0,
+        chunk_size: 65536,
+        transfer: None,
+        resync_target: false,
+        verifies_finished: 0,
+        last_verify: None,
     }
 }
 
@@ -94,6 +100,11 @@ impl ControlTarget for FakeNode {
 
     fn resolve(&self, discard: &str) -> Result<(), ControlRefusal> {
         self.record(format!("resolve {discard}"));
+        self.outcome()
+    }
+
+    fn verify(&self, repair: bool) -> Result<(), ControlRefusal> {
+        self.record(format!("verify repair={repair}"));
         self.outcome()
     }
 

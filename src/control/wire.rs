@@ -255,7 +255,10 @@ pub(super) fn parse_response(
             | (Request::Status, Response::Status(_))
             | (Request::Promote { .. }, Response::Promoted(_))
             | (
-                Request::Demote | Request::Resolve { .. } | Request::Events,
+                Request::Demote
+                    | Request::Resolve { .. }
+                    | Request::Events
+                    | Request::Verify { .. },
                 Response::Done
             )
     );

@@ -85,6 +85,16 @@ pub const MIRROR_EVENT_SPLIT_BRAIN: c_int = 9;
 pub const MIRROR_EVENT_FAILED: c_int = 10;
 /// This subscriber fell behind: `lost` events were dropped before the next one.
 pub const MIRROR_EVENT_LOST: c_int = 11;
+/// A primary's queue filled while its backup was away: its records went into the dirty-chunk
+/// bitmap and writes go on (`records` folded; `lost` = chunks dirty now).
+pub const MIRROR_EVENT_BITMAP_FALLBACK: c_int = 12;
+/// A resync, initial sync or online verify began (`records` = chunks to go through; `detail`
+/// = `resync`, `initial-sync`, `verify` or `verify-repair`).
+pub const MIRROR_EVENT_TRANSFER_STARTED: c_int = 13;
+/// A resync, initial sync or online verify ended (`records` = chunks compared, `lost` = chunks
+/// that differed or were brought over, `bytes` = chunk bytes sent; `detail` = the kind, and
+/// why it ended early if it did).
+pub const MIRROR_EVENT_TRANSFER_FINISHED: c_int = 14;
 
 /// Role of a node in `mirror_stats.role`.
 pub const MIRROR_ROLE_PRIMARY: c_int = 1;
@@ -101,6 +111,9 @@ pub const MIRROR_PHASE_RECOVERING: c_int = 2;
 pub const MIRROR_PHASE_SYNCHRONOUS: c_int = 3;
 /// Phase in `mirror_stats.phase`: the node stopped (calls return `MIRROR_EFAILED`).
 pub const MIRROR_PHASE_FAILED: c_int = 4;
+/// Phase in `mirror_stats.phase`: a primary brings the chunks its backup lacks over (after an
+/// outage longer than the queue, or an initial sync); writes go on meanwhile.
+pub const MIRROR_PHASE_RESYNCING: c_int = 5;
 
 /// Every result code with its fixed description, in numeric order (`mirror_strerror`).
 const DESCRIPTIONS: &[(c_int, &std::ffi::CStr)] = &[
@@ -185,6 +198,7 @@ pub(crate) fn code_of(e: &MirrorError) -> c_int {
         MirrorError::Closed => MIRROR_ECLOSED,
         MirrorError::Failed { .. } => MIRROR_EFAILED,
         MirrorError::Unsupported(_) => MIRROR_EUNSUPPORTED,
+        MirrorError::Verify(_) => MIRROR_ENOTREADY,
         MirrorError::Fenced { .. } => MIRROR_EFENCED,
         MirrorError::Promote(p) => match p {
             PromoteError::AlreadyPrimary { .. } => MIRROR_EROLE,

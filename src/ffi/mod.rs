@@ -127,6 +127,7 @@ fn phase_code(p: Phase) -> c_int {
         Phase::Recovering => MIRROR_PHASE_RECOVERING,
         Phase::Synchronous => MIRROR_PHASE_SYNCHRONOUS,
         Phase::Failed => MIRROR_PHASE_FAILED,
+        Phase::Resyncing => MIRROR_PHASE_RESYNCING,
     }
 }
 
@@ -804,6 +805,36 @@ fn c_event(r: &crate::EventRecord) -> mirror_event {
             ev.kind = MIRROR_EVENT_LOST;
             ev.lost = *count;
             String::new()
+        }
+        Event::BitmapFallback {
+            records,
+            dirty_chunks,
+        } => {
+            ev.kind = MIRROR_EVENT_BITMAP_FALLBACK;
+            ev.records = *records;
+            ev.lost = *dirty_chunks;
+            String::new()
+        }
+        Event::TransferStarted { kind, chunks } => {
+            ev.kind = MIRROR_EVENT_TRANSFER_STARTED;
+            ev.records = *chunks;
+            (*kind).to_string()
+        }
+        Event::TransferFinished {
+            kind,
+            chunks_compared,
+            chunks_differing,
+            bytes_sent,
+            abandoned,
+        } => {
+            ev.kind = MIRROR_EVENT_TRANSFER_FINISHED;
+            ev.records = *chunks_compared;
+            ev.lost = *chunks_differing;
+            ev.bytes = *bytes_sent;
+            match abandoned {
+                Some(why) => format!("{kind}: ended early: {why}"),
+                None => (*kind).to_string(),
+            }
         }
     };
     // Truncated on a character boundary, NUL-terminated, no interior NUL.

@@ -61,6 +61,28 @@ impl NodeOps {
         self.with_poller(|p| p.demote())
     }
 
+    pub(super) fn verify_online(&self, repair: bool) -> Result<super::VerifyReport> {
+        self.check_usable()?;
+        let before = self
+            .shared
+            .verifies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        self.with_poller(|p| p.start_verify(repair))?;
+        let report = self
+            .shared
+            .wait_verify(before)
+            .ok_or_else(|| self.shared.failure().unwrap_or(MirrorError::Closed))?;
+        match &report.abandoned {
+            Some(why) => Err(MirrorError::Verify(format!(
+                "ended after {} of the region's chunks: {why}",
+                report.chunks_compared
+            ))),
+            None => Ok(report),
+        }
+    }
+
     pub(super) fn resolve_split_brain(&self, discard_node: u64) -> Result<()> {
         self.check_usable()?;
         self.with_poller(|p| p.resolve_split_brain(discard_node))
@@ -107,6 +129,12 @@ fn refusal(e: MirrorError) -> ControlRefusal {
 impl ControlTarget for NodeOps {
     fn live_status(&self) -> LiveStatus {
         let s = self.stats();
+        let verifies = self
+            .shared
+            .verifies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         LiveStatus {
             node_id: s.node_id,
             role: s.role.to_string(),
@@ -132,7 +160,28 @@ impl ControlTarget for NodeOps {
             write_bytes: self.shared.counters.write_bytes(),
             write_latency_p50_us: self.shared.counters.latency_quantile_us(0.5),
             write_latency_p99_us: self.shared.counters.latency_quantile_us(0.99),
+            dirty_chunks: s.dirty_chunks,
+            chunk_size: s.chunk_size,
+            transfer: s.transfer.as_ref().map(|t| crate::control::TransferStatus {
+                kind: t.kind.to_string(),
+                chunks_total: t.chunks_total,
+                chunks_done: t.chunks_done,
+                chunks_differing: t.chunks_differing,
+                bytes_left: t.bytes_left,
+                bytes_sent: t.bytes_sent,
+                rate_bytes_per_s: t.rate_bytes_per_s,
+                eta_s: t.eta_s,
+            }),
+            resync_target: s.resync_target,
+            verifies_finished: verifies.0,
+            last_verify: verifies.1.as_ref().map(crate::control::VerifySummary::of),
         }
+    }
+
+    fn verify(&self, repair: bool) -> Result<(), ControlRefusal> {
+        self.check_usable().map_err(refusal)?;
+        self.with_poller(|p| p.start_verify(repair))
+            .map_err(refusal)
     }
 
     fn promote(&self, force: bool) -> Result<Promoted, ControlRefusal> {

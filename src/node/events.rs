@@ -71,6 +71,34 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A primary's queue filled while its backup was away: its records went into the
+    /// dirty-chunk bitmap, and writes go on (published at the first fold of an outage).
+    BitmapFallback {
+        /// Records folded.
+        records: u64,
+        /// Chunks dirty now.
+        dirty_chunks: u64,
+    },
+    /// A resync, initial sync or online verify began.
+    TransferStarted {
+        /// `resync`, `initial-sync`, `verify` or `verify-repair`.
+        kind: &'static str,
+        /// Chunks to go through.
+        chunks: u64,
+    },
+    /// A resync, initial sync or online verify ended.
+    TransferFinished {
+        /// What it was.
+        kind: &'static str,
+        /// Chunks compared.
+        chunks_compared: u64,
+        /// Chunks that differed (a verify) or were brought over (a resync).
+        chunks_differing: u64,
+        /// Chunk bytes sent.
+        bytes_sent: u64,
+        /// Why it ended early (None: complete).
+        abandoned: Option<String>,
+    },
     /// This subscriber fell behind: this many events were dropped before the next one.
     Lost {
         /// How many.

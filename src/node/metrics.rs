@@ -139,6 +139,7 @@ pub(crate) fn render(s: &Stats, c: &Counters, auth: &str) -> String {
         ("disconnected", Phase::Disconnected),
         ("handshaking", Phase::Handshaking),
         ("recovering", Phase::Recovering),
+        ("resyncing", Phase::Resyncing),
         ("synchronous", Phase::Synchronous),
         ("failed", Phase::Failed),
     ];

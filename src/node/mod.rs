@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_utils::CachePadded;
+pub use mirror_proto::core::VerifyReport;
 use mirror_proto::{check_write, Phase, WireRole};
 use mirror_ring::Producer;
 use mirror_storage::Region;
@@ -93,6 +94,57 @@ pub struct Stats {
     pub split_brain: Option<String>,
     /// How this node authenticates its peers (see `Auth::describe`: `"secret"`, or why none).
     pub auth: &'static str,
+    /// Chunks marked in the dirty-chunk bitmap: writes folded out of the queue while the
+    /// backup was away (primary), or what a resync has yet to bring over.
+    pub dirty_chunks: u64,
+    /// The chunk size of the bitmap, resyncs and verifies.
+    pub chunk_size: u64,
+    /// A resync, initial sync or online verify in progress (primary).
+    pub transfer: Option<TransferStats>,
+    /// Backup: a resync into this node has not finished (its region is inconsistent until it
+    /// does; it is not promoted meanwhile).
+    pub resync_target: bool,
+}
+
+/// A resync, an initial sync or an online verify in progress, for the stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferStats {
+    /// `resync`, `initial-sync`, `verify` or `verify-repair`.
+    pub kind: &'static str,
+    /// Chunks to go through (grows if writes fold into the bitmap meanwhile).
+    pub chunks_total: u64,
+    /// Chunks done.
+    pub chunks_done: u64,
+    /// Chunks found differing (a verify), or brought over (a resync).
+    pub chunks_differing: u64,
+    /// Bytes of region still to go through.
+    pub bytes_left: u64,
+    /// Chunk bytes sent to the backup.
+    pub bytes_sent: u64,
+    /// Bytes of region gone through per second, since it started.
+    pub rate_bytes_per_s: u64,
+    /// Seconds left at that rate (None: no rate yet).
+    pub eta_s: Option<u64>,
+    /// Milliseconds since it started.
+    pub elapsed_ms: u64,
+}
+
+impl TransferStats {
+    fn of(p: &mirror_proto::core::TransferProgress, now_us: u64) -> TransferStats {
+        let elapsed_us = now_us.saturating_sub(p.started_us).max(1);
+        let rate = (u128::from(p.bytes_done) * 1_000_000 / u128::from(elapsed_us)) as u64;
+        TransferStats {
+            kind: p.purpose.name(),
+            chunks_total: p.chunks_total,
+            chunks_done: p.chunks_done,
+            chunks_differing: p.chunks_differing,
+            bytes_left: p.bytes_left,
+            bytes_sent: p.bytes_sent,
+            rate_bytes_per_s: rate,
+            eta_s: (rate > 0).then(|| p.bytes_left.div_ceil(rate)),
+            elapsed_ms: elapsed_us / 1000,
+        }
+    }
 }
 
 /// A divergent suffix a backup dropped at a handshake: records a primary whose history is newer
@@ -158,6 +210,9 @@ struct Shared {
     events: events::EventBus,
     /// What the metrics count beyond the stats (`metrics_listen`).
     counters: metrics::Counters,
+    /// Online verifies that ended, and the last one's report (for [`Mirror::verify_online`]).
+    verifies: Mutex<(u64, Option<mirror_proto::core::VerifyReport>)>,
+    verify_done: Condvar,
 }
 
 /// A run of tickets that will never complete, and the error their callers get.
@@ -268,6 +323,31 @@ impl Shared {
         // Release: publishes the region writes of every ticket <= `ticket` to Acquire readers.
         self.completed.fetch_max(ticket, Ordering::Release);
         self.notify_waiters();
+    }
+
+    /// An online verify ended: its caller wakes.
+    fn verify_finished(&self, report: mirror_proto::core::VerifyReport) {
+        let mut v = self.verifies.lock().unwrap_or_else(|e| e.into_inner());
+        v.0 += 1;
+        v.1 = Some(report);
+        self.verify_done.notify_all();
+    }
+
+    /// Waits for the verify after the `before`-th to end; None once the node fails or closes.
+    fn wait_verify(&self, before: u64) -> Option<mirror_proto::core::VerifyReport> {
+        let mut v = self.verifies.lock().unwrap_or_else(|e| e.into_inner());
+        while v.0 <= before {
+            if self.failed.load(Ordering::Acquire) || self.shutdown.load(Ordering::Acquire) {
+                return None;
+            }
+            // Timed: a node that fails or closes meanwhile does not notify this condvar.
+            v = self
+                .verify_done
+                .wait_timeout(v, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        v.1.clone()
     }
 
     fn fail(&self, reason: String) {
@@ -565,6 +645,19 @@ impl Mirror {
     /// a partition): an operator or a cluster manager calls this.
     pub fn promote(&self, force: bool) -> Result<u64> {
         self.ops.promote(force)
+    }
+
+    /// Online verify (primary): compares the checksum of every chunk (`chunk_size`) of this
+    /// region with the backup's, while writes go on (each chunk is compared at the same point
+    /// of the write stream on both nodes, so a write in flight is never taken for a
+    /// difference), and returns the differing chunks. With `repair`, differing chunks are
+    /// brought over from this node (as a resync would). Paced by `resync_rate`; progress is in
+    /// [`Stats::transfer`]. Blocks until done.
+    ///
+    /// Fails with [`MirrorError::Verify`] when the backup is not connected and synchronous, a
+    /// resync or verify is running, or the connection ends before every chunk was compared.
+    pub fn verify_online(&self, repair: bool) -> Result<VerifyReport> {
+        self.ops.verify_online(repair)
     }
 
     /// Demotes this primary to a backup, live: writes not completed fail

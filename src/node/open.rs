@@ -164,7 +164,32 @@ impl Mirror {
             // In `power`/`pmem`, syncing the region per batch would cost a system call per
             // batch on top of the ack's queue sync: commits are checkpointed instead.
             deferred_commit: cfg.durability != Durability::Process,
+            chunk_size: cfg.chunk_size,
+            resync_rate: cfg.resync_rate,
+            initial_sync: cfg.initial_sync,
         };
+        let geometry =
+            mirror_proto::ChunkGeometry::new(cfg.region_size, cfg.chunk_size).map_err(|e| {
+                MirrorError::Config(crate::error::ConfigError::BadValue {
+                    key: "chunk_size".into(),
+                    value: cfg.chunk_size.to_string(),
+                    why: e.to_string(),
+                })
+            })?;
+        let (bitmap, bitmap_report) = mirror_storage::DirtyBitmap::open_or_create(
+            &mirror_storage::bitmap_path(&cfg.queue),
+            queue.node_id(),
+            geometry,
+            cfg.durability,
+        )?;
+        if bitmap_report.pages_rebuilt > 0 || bitmap_report.state_rebuilt {
+            tracing::warn!(
+                bitmap = %bitmap.path().display(),
+                pages_rebuilt = bitmap_report.pages_rebuilt,
+                state_rebuilt = bitmap_report.state_rebuilt,
+                "parts of the dirty-chunk bitmap did not verify (a torn write or a damaged disk): their chunks are taken as dirty, and the next resync compares them"
+            );
+        }
         #[cfg(feature = "fail-points")]
         let crash_armed = Arc::new(AtomicBool::new(false));
         let hooks = NodeHooks {
@@ -177,7 +202,15 @@ impl Mirror {
             Role::Primary => mirror_exec::Role::Primary,
             Role::Backup => mirror_exec::Role::Backup,
         };
-        let exec = Executor::with_replay(role, core_cfg, queue, replay, Arc::clone(&region), hooks);
+        let exec = Executor::with_replay(
+            role,
+            core_cfg,
+            queue,
+            replay,
+            Arc::clone(&region),
+            Box::new(bitmap),
+            hooks,
+        );
         if let Some(a) = &auth {
             a.set_identity(exec.queue.node_id(), exec.queue.peer_node_id());
         }
@@ -257,6 +290,10 @@ impl Mirror {
             split_brain: None,
             peer_address: None,
             auth: crate::config::describe_security(&cfg.auth, cfg.tls.as_ref()),
+            dirty_chunks: exec.core.stats().dirty_chunks,
+            chunk_size: cfg.chunk_size,
+            transfer: None,
+            resync_target: exec.core.stats().resync_target,
         };
         let shared = Arc::new(Shared {
             completed: CachePadded::new(AtomicU64::new(0)),
@@ -282,6 +319,8 @@ impl Mirror {
             callers_driving: AtomicUsize::new(0),
             events: super::events::EventBus::default(),
             counters: super::metrics::Counters::with_rejected(rejected),
+            verifies: Mutex::new((0, None)),
+            verify_done: Condvar::new(),
         });
         tracing::info!(
             role = %cfg.role,
@@ -321,6 +360,8 @@ impl Mirror {
             published_connection: None,
             auth_failure_logged_at: None,
             split_brain_reported: false,
+            folding: false,
+            transfer_published: false,
             peer_lost_published: None,
             hello_checked: None,
         };

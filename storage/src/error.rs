@@ -16,9 +16,10 @@ use mirror_proto::TermHistoryError;
 ///   [`UnsupportedVersion`](Self::UnsupportedVersion),
 ///   [`HeaderChecksum`](Self::HeaderChecksum), [`MetaChecksum`](Self::MetaChecksum),
 ///   [`CorruptMeta`](Self::CorruptMeta), [`CorruptHeader`](Self::CorruptHeader),
-///   [`CorruptRecord`](Self::CorruptRecord);
+///   [`CorruptRecord`](Self::CorruptRecord), [`BitmapDamaged`](Self::BitmapDamaged);
 /// - configuration: [`AlreadyExists`](Self::AlreadyExists),
-///   [`RegionSizeMismatch`](Self::RegionSizeMismatch);
+///   [`RegionSizeMismatch`](Self::RegionSizeMismatch),
+///   [`BitmapMismatch`](Self::BitmapMismatch);
 /// - the caller: [`SeqOutOfOrder`](Self::SeqOutOfOrder), [`PayloadSize`](Self::PayloadSize),
 ///   [`ResetBackwards`](Self::ResetBackwards), [`OutOfRange`](Self::OutOfRange),
 ///   [`Term`](Self::Term), [`CurrentTermBackwards`](Self::CurrentTermBackwards),
@@ -215,6 +216,105 @@ pub enum StorageError {
         /// What is wrong.
         why: String,
     },
+    /// The dirty-chunk bitmap file is not one, or its header, its length or its current state
+    /// slot breaks the format's rules (docs/FORMAT.md, "Dirty-chunk bitmap file"). Damage that
+    /// an over-approximation repairs (a bit page, or both state slots, failing their crc) is
+    /// not refused: the open rebuilds it and reports it. Deleting the file is only right while
+    /// the pair is synchronous: a new bitmap starts all clear, forgetting the chunks it held.
+    #[error("bitmap {}: {damage}: stop the pair while it is synchronous, delete {}, restart", path.display(), path.display())]
+    BitmapDamaged {
+        /// The bitmap file.
+        path: PathBuf,
+        /// What is wrong with it.
+        damage: BitmapDamage,
+    },
+    /// The dirty-chunk bitmap was made for another node, region size or chunk size than the
+    /// node is configured with: its bits mean other chunks.
+    #[error("bitmap {} was made for {field} {file}, the node is configured with {configured}: {}", path.display(), mismatch_advice(field))]
+    BitmapMismatch {
+        /// The bitmap file.
+        path: PathBuf,
+        /// `"node_id"`, `"region_size"` or `"chunk_size"`.
+        field: &'static str,
+        /// The value in the file.
+        file: u64,
+        /// The value the node is configured with.
+        configured: u64,
+    },
+}
+
+/// What to do about a [`StorageError::BitmapMismatch`] on `field`.
+fn mismatch_advice(field: &str) -> String {
+    if field == "node_id" {
+        // The node id is the queue's, not a configuration key.
+        "the bitmap belongs to another queue: put that queue back, or delete the bitmap while \
+         the pair is synchronous"
+            .into()
+    } else {
+        format!("set {field} back, or delete the file while the pair is synchronous")
+    }
+}
+
+/// Why a dirty-chunk bitmap file is refused ([`StorageError::BitmapDamaged`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BitmapDamage {
+    /// The file does not start with `"LMIRBMP\0"` (or is shorter than its 64-byte header).
+    NotABitmap {
+        /// The first 8 bytes found (zero-filled if the file is shorter).
+        found: [u8; 8],
+    },
+    /// A format version this build does not read.
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u32,
+        /// Version this build reads.
+        supported: u32,
+    },
+    /// The static block fails its crc32c.
+    HeaderChecksum {
+        /// crc stored in the header.
+        stored: u32,
+        /// crc computed over bytes 16..64.
+        computed: u32,
+    },
+    /// A static-block field breaks its rule.
+    Field(String),
+    /// The file length is not the one its chunk count calls for.
+    Length {
+        /// Length of the file.
+        found: u64,
+        /// Length the header calls for.
+        expected: u64,
+    },
+    /// The current state slot passes its crc but a field breaks its rule (written by a faulty
+    /// writer, or damaged and checksummed again: nothing says which state is right).
+    State(String),
+}
+
+impl fmt::Display for BitmapDamage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BitmapDamage::NotABitmap { found } => write!(
+                f,
+                "not a dirty-chunk bitmap file (magic {found:02x?}, expected \"LMIRBMP\\0\")"
+            ),
+            BitmapDamage::UnsupportedVersion { found, supported } => write!(
+                f,
+                "bitmap format version {found} is not supported (this build reads version {supported})"
+            ),
+            BitmapDamage::HeaderChecksum { stored, computed } => write!(
+                f,
+                "header checksum mismatch (stored {stored:#010x}, computed {computed:#010x}): the header is damaged"
+            ),
+            BitmapDamage::Field(why) => write!(f, "corrupt header: {why}"),
+            BitmapDamage::Length { found, expected } => write!(
+                f,
+                "file is {found} bytes, but its header calls for exactly {expected}: the file is corrupt"
+            ),
+            BitmapDamage::State(why) => write!(f, "corrupt state slot: {why}"),
+        }
+    }
 }
 
 impl StorageError {

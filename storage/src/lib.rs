@@ -12,6 +12,9 @@
 //!   seq continuity, term against the term history) and cuts a torn tail. The queue header also
 //!   keeps the small metadata the engine needs across restarts (peer id, `applied_through`,
 //!   role, current term, term history).
+//! - a [`DirtyBitmap`] beside the queue ([`bitmap_path`]): the chunks of the region a primary
+//!   folded out of its full queue while its backup was away (to resync when it returns), and
+//!   on a backup whether a resync into it has not finished.
 //!
 //! ```text
 //!   engine poller ──append(seq, term, off, bytes)──▶ PersistentQueue ──sync()──▶ durable
@@ -35,8 +38,9 @@
 //!
 //! # Formats
 //!
-//! Both files are specified byte by byte in `docs/FORMAT.md` (little-endian, versioned,
-//! crc32c-checksummed), including the crash-safety argument for the queue.
+//! The files are specified byte by byte in `docs/FORMAT.md` (the queue and the bitmap:
+//! little-endian, versioned, crc32c-checksummed), including the crash-safety argument for the
+//! queue and what a bitmap's open does with each kind of damage.
 //!
 //! # Concurrency
 //!
@@ -52,6 +56,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod bitmap;
 mod discarded;
 mod error;
 mod format;
@@ -65,11 +70,15 @@ mod tests;
 use std::fmt;
 use std::str::FromStr;
 
+pub use bitmap::{
+    bitmap_path, inspect_bitmap, BitmapInfo, BitmapOpenReport, DirtyBitmap, BITMAP_CHUNKS_PER_PAGE,
+    BITMAP_MAGIC, BITMAP_PAGE_BYTES, BITMAP_VERSION,
+};
 pub use discarded::{
     discarded_path, list_discarded, read_discarded, save_discarded, unfinished_repair,
     DiscardedFile, DiscardedRecord, DISCARDED_MAGIC, DISCARDED_VERSION,
 };
-pub use error::{CutReason, StorageError};
+pub use error::{BitmapDamage, CutReason, StorageError};
 pub use format::{
     CAPACITY_ALIGN_BYTES, FORMAT_VERSION, HEADER_BYTES, MAX_CAPACITY_BYTES, MAX_RECORD_BYTES,
     MIN_CAPACITY_BYTES, QUEUE_MAGIC, RECORD_HEADER_BYTES, RECORD_MAGIC,

@@ -39,6 +39,28 @@ pub(super) struct BackupSide {
     /// (the connection may have ended since): our region holds part of the primary's bytes
     /// while our log still holds the suffix, so we are not a history to promote as is.
     repair_unfinished_after: Option<u64>,
+    /// A resync into us (from this primary) began and has not finished: our region is
+    /// inconsistent (persisted in the bitmap file).
+    resync_target: Option<u64>,
+    /// The resync of the current connection: the primary's history, to continue our log with.
+    resync_in: Option<ResyncInto>,
+    /// The log the primary of the current connection announced.
+    primary_log: Option<ResyncInto>,
+    /// Chunks written since the region was last made durable.
+    installed_unsynced: bool,
+    /// Chunks to confirm (`ChunkHeld`) once the region is durable.
+    held: Vec<ChunkRange>,
+}
+
+/// What a backup knows of the resync it is the target of.
+#[derive(Debug, Clone)]
+struct ResyncInto {
+    /// The primary's history as its Hello announced it.
+    history: TermHistory,
+    /// The primary's last seq then.
+    last_seq: u64,
+    /// The primary's term (any later record carries it).
+    term: u64,
 }
 
 /// How long a backup's applied progress may wait for the next ack before it is reported on its
@@ -50,7 +72,13 @@ pub const APPLIED_REPORT_DELAY_US: u64 = 100;
 impl BackupSide {
     pub(super) fn new(rec: Recovered) -> BackupSide {
         let repair_unfinished_after = rec.repair_unfinished_after;
+        let resync_target = rec.resync_target;
         BackupSide {
+            resync_target,
+            resync_in: None,
+            primary_log: None,
+            installed_unsynced: false,
+            held: Vec::new(),
             state: BackupState::Idle,
             to_apply: rec.unapplied,
             ack_due: false,
@@ -93,6 +121,12 @@ impl BackupSide {
                     primary: primary_id,
                 })
             }
+            _ if self.resync_target.is_some() && !force => Err(PromoteError::NotCaughtUp {
+                why: format!(
+                    "a resync into it from primary {:#x} has not finished: its region is inconsistent (part old, part new). Let it reconnect to that primary to finish, or force the promotion (its region then stays as it is)",
+                    self.resync_target.unwrap_or(0)
+                ),
+            }),
             _ => match self.repair_unfinished_after {
                 Some(common) if !force => Err(PromoteError::NotCaughtUp {
                     why: format!(
@@ -198,7 +232,8 @@ impl BackupSide {
         }
         c.split_brain = None;
         debug_assert!(self.to_apply.is_empty(), "applied at on_connected");
-        if c.peer_node_id == 0 {
+        if c.peer_node_id != h.node_id {
+            // Our first primary (with our consent to an initial sync, we were bound to nobody).
             c.peer_node_id = h.node_id;
             c.actions.push(Action::BindPeer { node_id: h.node_id });
         }
@@ -232,6 +267,23 @@ impl BackupSide {
                 from_seq: h.last_seq + 1,
                 through_seq: b_last,
             });
+        }
+        // A resync, if the primary starts one (`ResyncBegin`), continues our log with its.
+        self.resync_in = None;
+        self.primary_log = Some(ResyncInto {
+            history: h.term_history.clone(),
+            last_seq: h.last_seq,
+            term: h.current_term,
+        });
+        if plan.resync.is_none()
+            && !plan.backup_discards
+            && (!c.dirty.is_empty() || c.resync_from != 0)
+        {
+            // Bits of ours, from a time we were a primary, describe writes on the history we
+            // share: nothing of them is ours alone.
+            c.dirty.clear();
+            c.resync_from = 0;
+            c.actions.push(Action::ResetDirty);
         }
         c.send(Message::ReplayDone {
             through: plan.backup_holds_through,
@@ -372,6 +424,18 @@ impl BackupSide {
                 primary_term,
             ),
             (BackupState::Connected { .. }, Message::Applied { through }) => self.trim(c, through),
+            (BackupState::Connected { .. }, Message::ChunkDigest { range, digest }) => {
+                self.on_chunk_digest(c, range, digest)
+            }
+            (BackupState::Connected { .. }, Message::ChunkData { offset, data }) => {
+                self.on_chunk_data(c, offset, data)
+            }
+            (BackupState::Connected { .. }, Message::ResyncDone { through }) => {
+                self.on_resync_done(c, through)
+            }
+            (BackupState::Connected { primary_id, .. }, Message::ResyncBegin { .. }) => {
+                self.on_resync_begin(c, primary_id)
+            }
             (BackupState::Connected { .. }, Message::Reject { code, reason }) => {
                 self.hang_up(c, PeerFault::Rejected { code, reason })
             }
@@ -389,6 +453,9 @@ impl BackupSide {
         primary_term: u64,
     ) {
         let seq = record.seq;
+        if self.resync_in.is_some() {
+            return self.violation(c, format!("write {seq} before the resync is done"));
+        }
         if seq < c.next_seq {
             // A duplicate (resent after a reconnect) is the same write only if the terms
             // match (log matching); then acknowledge it again.
@@ -485,6 +552,144 @@ impl BackupSide {
         }
     }
 
+    /// A resync into us begins: nothing of our queue may be applied again over a resynced
+    /// chunk, so the region and our apply point are durable before the first chunk lands,
+    /// and we are marked as the target of an unfinished resync.
+    fn on_resync_begin(&mut self, c: &mut Common, primary: u64) {
+        let Some(log) = self.primary_log.clone() else {
+            return self.violation(c, "ResyncBegin before the handshake".into());
+        };
+        if self.resync_in.is_some() || !self.to_apply.is_empty() {
+            return self.violation(
+                c,
+                "ResyncBegin in the middle of a resync or of writes".into(),
+            );
+        }
+        self.resync_target = Some(primary);
+        c.commit_requested = c.applied_through;
+        c.committed_through = c.applied_through;
+        c.actions.push(Action::BeginResyncTarget {
+            primary,
+            applied_through: c.applied_through,
+        });
+        self.resync_in = Some(log);
+    }
+
+    /// The primary's digest of a chunk: compare ours, with every write received before it
+    /// applied (and, while a resync runs, every chunk installed before it durable).
+    fn on_chunk_digest(&mut self, c: &mut Common, range: ChunkRange, digest: [u8; 16]) {
+        if let Err(e) = self.check_chunk(c, range.offset, u64::from(range.len)) {
+            return self.violation(c, format!("chunk digest: {e}"));
+        }
+        if !self.to_apply.is_empty() {
+            self.finish_batch(c);
+        }
+        let overlaps = |r: &ChunkRange| {
+            r.offset < range.offset + u64::from(range.len)
+                && range.offset < r.offset + u64::from(r.len)
+        };
+        if self.held.iter().any(overlaps) {
+            // A match must speak of durable bytes: a chunk installed in this pass is synced.
+            self.sync_installed(c);
+        }
+        c.actions.push(Action::CompareChunk {
+            to: c.to(),
+            range,
+            digest,
+        });
+    }
+
+    /// A chunk's bytes from the primary (a resync, or a verify's repair): written after every
+    /// write received before them; confirmed once durable.
+    fn on_chunk_data(&mut self, c: &mut Common, offset: u64, data: Bytes) {
+        let len = data.len() as u64;
+        if let Err(e) = self.check_chunk(c, offset, len) {
+            return self.violation(c, format!("chunk data: {e}"));
+        }
+        if !self.to_apply.is_empty() {
+            // Writes received before the chunk land before it (a verify's repair).
+            self.finish_batch(c);
+        }
+        self.installed_unsynced = true;
+        self.held.push(ChunkRange {
+            offset,
+            len: len as u32,
+        });
+        c.actions.push(Action::InstallChunk { offset, data });
+    }
+
+    fn check_chunk(&self, c: &Common, offset: u64, len: u64) -> Result<(), String> {
+        // The primary's chunk size may differ from ours: a chunk lies within the region.
+        if len == 0
+            || offset
+                .checked_add(len)
+                .map_or(true, |end| end > c.cfg.region_size)
+        {
+            return Err(format!(
+                "bytes {offset}+{len} are outside the region of {} bytes",
+                c.cfg.region_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes installed chunks durable and confirms them.
+    fn sync_installed(&mut self, c: &mut Common) {
+        if self.installed_unsynced {
+            self.installed_unsynced = false;
+            c.actions.push(Action::SyncRegion);
+        }
+        for range in std::mem::take(&mut self.held) {
+            c.send(Message::ChunkHeld { range });
+        }
+    }
+
+    /// The resync is over: our region holds the primary's history through `through`, and our
+    /// log continues after it.
+    fn on_resync_done(&mut self, c: &mut Common, through: u64) {
+        let Some(into) = self.resync_in.take() else {
+            return self.violation(c, "ResyncDone with no resync running".into());
+        };
+        if through < c.last_seq() {
+            return self.violation(
+                c,
+                format!(
+                    "resync done through seq {through}, below our last seq {}",
+                    c.last_seq()
+                ),
+            );
+        }
+        self.sync_installed(c);
+        let mut history = into.history;
+        if through > into.last_seq && history.last_term() != into.term {
+            // Records the primary wrote since its Hello carry its term.
+            if let Err(e) = history.note_append(into.last_seq + 1, into.term) {
+                return self.violation(c, format!("resync done through seq {through}: {e}"));
+            }
+        }
+        history.truncate_after(through);
+        c.actions.push(Action::AdoptLog {
+            through,
+            history: history.clone(),
+        });
+        self.resync_target = None;
+        c.history = history;
+        c.next_seq = through + 1;
+        c.first_seq = None;
+        c.applied_through = through;
+        c.commit_requested = through;
+        c.committed_through = through;
+        self.reported_applied = self.reported_applied.min(through);
+        if let BackupState::Connected {
+            catchup_through, ..
+        } = &mut self.state
+        {
+            *catchup_through = (*catchup_through).max(through);
+        }
+        // Acknowledge at once: the primary resets its bitmap when it hears it.
+        self.ack_due = true;
+    }
+
     /// Drops the connection for `fault`, after acknowledging and applying what it delivered.
     fn hang_up(&mut self, c: &mut Common, fault: PeerFault) {
         self.finish_batch(c);
@@ -496,6 +701,7 @@ impl BackupSide {
     }
 
     fn finish_batch(&mut self, c: &mut Common) {
+        self.sync_installed(c);
         if self.ack_due {
             self.ack_due = false;
             if c.cfg.sync_queue_before_ack {
@@ -583,6 +789,10 @@ impl BackupSide {
             recoveries: c.recoveries,
             current_term: c.current_term,
             split_brain: c.split_brain.clone(),
+            dirty_chunks: c.dirty.len(),
+            chunk_size: c.geometry.chunk_size(),
+            transfer: None,
+            resync_target: self.resync_target.is_some(),
         }
     }
 }

@@ -16,19 +16,22 @@
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::chunks::{ChunkGeometry, ChunkSet};
 use crate::handshake::{
     decide_split_brain, reconcile_resolving, Identity, LogView, SplitBrain, SplitBrainPolicy,
     Unreconcilable, Verdict,
 };
 use crate::term::{next_term, TermHistory};
-use crate::wire::{Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_LEN};
+use crate::wire::{ChunkRange, Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_LEN};
 
 mod backup;
 mod primary;
+mod transfer;
 
 use backup::BackupSide;
 pub use backup::APPLIED_REPORT_DELAY_US;
 use primary::PrimarySide;
+pub use transfer::{TransferProgress, TransferPurpose, VerifyError, VerifyReport, TRANSFER_WINDOW};
 
 /// What the primary does with writes while the backup is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,16 @@ pub struct CoreConfig {
     /// confirms with [`Core::on_applied_durable`]. Nodes in `power`/`pmem` mode defer, so that a
     /// region sync is not paid per batch.
     pub deferred_commit: bool,
+    /// The region's chunk size (a power of two, see [`ChunkGeometry`]): the unit of the
+    /// dirty-chunk bitmap, of a resync and of an online verify.
+    pub chunk_size: u64,
+    /// Bytes of region per second a resync or a verify may process (0: no limit).
+    pub resync_rate: u64,
+    /// A backup's consent to an initial sync (announced in its Hello): when the primary's queue
+    /// cannot catch it up, its whole region is compared chunk by chunk and the differing
+    /// chunks are brought over; a new backup bound to nobody may also replace the node the
+    /// primary is bound to.
+    pub initial_sync: bool,
 }
 
 /// What a node recovered from its own queue when it started.
@@ -115,6 +128,13 @@ pub struct Recovered {
     /// A repair of this node's divergent suffix after this common point began and did not
     /// finish (its discarded-records file says so): it is not promoted until one does.
     pub repair_unfinished_after: Option<u64>,
+    /// The chunks of the node's dirty-chunk bitmap (empty when it has none).
+    pub dirty: ChunkSet,
+    /// The bitmap covers every record folded out of the queue from this seq on (0: none).
+    pub resync_from: u64,
+    /// A resync into this node (from the primary with this id, 0 if unknown) began and did
+    /// not finish: its region is inconsistent, so it is not promoted until one does.
+    pub resync_target: Option<u64>,
 }
 
 /// One write request.
@@ -298,7 +318,9 @@ impl From<Unreconcilable> for FatalError {
                 let (code, reason) = u.reject();
                 FatalError::Rejected { code, reason }
             }
-            Unreconcilable::Unrecoverable(why) => FatalError::Unrecoverable(why),
+            Unreconcilable::Unrecoverable(why) | Unreconcilable::NeedsInitialSync(why) => {
+                FatalError::Unrecoverable(why)
+            }
             // Answered by the split-brain policy where it arises; were it to stop a node, it
             // would say what it is.
             Unreconcilable::SplitBrain(sb) => FatalError::Unrecoverable(sb.to_string()),
@@ -449,6 +471,99 @@ pub enum Action {
     },
     /// Stop the node with this error.
     Fatal(FatalError),
+    /// Primary, its peer away and its queue out of room: fold the queue's records through
+    /// `through` (all of them, applied) into the dirty-chunk bitmap, then drop them. In order:
+    /// make the region durable and record `applied_through = through`; mark the chunks every
+    /// record wrote, and the bitmap's `resync_from` if it had none, durably; trim the queue
+    /// through `through`; then tell the core the chunks ([`Replica::on_folded`]).
+    Fold {
+        /// The last seq to fold.
+        through: u64,
+    },
+    /// Primary: mark every chunk dirty and set the bitmap's `resync_from` (durably): an initial
+    /// sync begins (and resumes from the bitmap after a crash).
+    MarkAllDirty {
+        /// The first seq the bitmap now covers.
+        resync_from: u64,
+    },
+    /// Primary: mark these chunks dirty, durably (a verify's repair).
+    MarkDirty {
+        /// The chunk indexes.
+        chunks: Vec<u64>,
+    },
+    /// Primary: the backup holds this chunk durably: clear its bit (losing the clear in a
+    /// crash only resends the chunk, so it need not be synced).
+    ClearDirty {
+        /// The chunk index.
+        chunk: u64,
+    },
+    /// Primary: the backup holds everything the bitmap describes: clear every bit and
+    /// `resync_from`, durably.
+    ResetDirty,
+    /// Primary: send `ChunkDigest` for `range`, the digest of the region's bytes with the
+    /// queue's records `overlay_from..=overlay_through` (sent, not yet applied) written over
+    /// them: the bytes as of this point of the stream.
+    SendDigest {
+        /// The peer connection.
+        to: PeerId,
+        /// The chunk.
+        range: ChunkRange,
+        /// First queued record to lay over the region's bytes.
+        overlay_from: u64,
+        /// Last one (below `overlay_from`: none).
+        overlay_through: u64,
+    },
+    /// Primary: send `ChunkData` for `range`, the region's bytes with the same overlay as
+    /// [`Action::SendDigest`].
+    SendChunk {
+        /// The peer connection.
+        to: PeerId,
+        /// The chunk.
+        range: ChunkRange,
+        /// First queued record to lay over the region's bytes.
+        overlay_from: u64,
+        /// Last one (below `overlay_from`: none).
+        overlay_through: u64,
+    },
+    /// Backup: compare the region's bytes of `range` with `digest` and send `ChunkVerdict`.
+    CompareChunk {
+        /// The peer connection.
+        to: PeerId,
+        /// The chunk.
+        range: ChunkRange,
+        /// The primary's digest.
+        digest: [u8; 16],
+    },
+    /// Backup: write a resync's chunk bytes into the region (not through the queue).
+    InstallChunk {
+        /// Byte offset.
+        offset: u64,
+        /// The primary's bytes.
+        data: Bytes,
+    },
+    /// Backup: make the region durable (chunks installed before a `ChunkHeld`).
+    SyncRegion,
+    /// Backup: a resync into this node begins: make the region and `applied_through`
+    /// durable (nothing in the queue may be applied again over a resynced chunk after a
+    /// crash), then record durably that the node is a resync target of `primary`.
+    BeginResyncTarget {
+        /// The primary.
+        primary: u64,
+        /// Everything through this seq is applied (to be recorded).
+        applied_through: u64,
+    },
+    /// Backup: the resync is complete: the log continues after `through` with `history`
+    /// (the primary's through it). Persist the history, drop the queue's records and make the
+    /// next seq `through + 1` with everything through it applied, then clear the resync
+    /// target mark, each step durable before the next.
+    AdoptLog {
+        /// The last seq the resync covered.
+        through: u64,
+        /// The primary's term history through it.
+        history: TermHistory,
+    },
+    /// A resync or a verify finished (the driver reports it).
+    TransferFinished(VerifyReport),
 }
 
 /// Why a submission was refused by the core (the driver validates first; these are API misuse).
@@ -553,6 +668,9 @@ pub enum Phase {
     Handshaking,
     /// The primary is taking the records it missed from the backup.
     Recovering,
+    /// A primary brings the chunks its backup lacks over (after a long outage, or an initial
+    /// sync); writes go on without the backup meanwhile.
+    Resyncing,
     /// Writes are mirrored synchronously.
     Synchronous,
     /// Stopped by a fatal error.
@@ -581,6 +699,15 @@ pub struct CoreStats {
     /// The split brain that keeps this node from its peer, if the last handshake found one
     /// the policy did not resolve.
     pub split_brain: Option<String>,
+    /// Chunks marked in the dirty-chunk bitmap (writes folded out of the queue, or chunks a
+    /// resync has yet to bring over).
+    pub dirty_chunks: u64,
+    /// The chunk size of the bitmap, a resync and a verify.
+    pub chunk_size: u64,
+    /// A resync or verify in progress (a primary's).
+    pub transfer: Option<TransferProgress>,
+    /// A backup that is the target of an unfinished resync (its region is inconsistent).
+    pub resync_target: bool,
 }
 
 /// The silence timeout a node announces in its Hello: its ack timeout, clamped to the field
@@ -657,6 +784,7 @@ fn identity(cfg: &CoreConfig, role: WireRole, peer_node_id: u64) -> Identity {
         region_size: cfg.region_size,
         queue_format_version: cfg.queue_format_version,
         queue_capacity: cfg.queue_capacity,
+        initial_sync: role == WireRole::Backup && cfg.initial_sync,
     }
 }
 
@@ -683,6 +811,8 @@ fn hello_of(
         term_history: view.history.clone(),
         alone_from: view.alone_from,
         discard_node,
+        resync_from: view.resync_from,
+        initial_sync: own.initial_sync,
     }
 }
 
@@ -735,6 +865,12 @@ struct Common {
     split_brain: Option<String>,
     /// A role change a handshake decided, done once the current input is.
     role_change: Option<RoleChange>,
+    /// The region's chunks.
+    geometry: ChunkGeometry,
+    /// The dirty-chunk bitmap, as the driver persists it.
+    dirty: ChunkSet,
+    /// See [`Recovered::resync_from`] (persisted by `Fold` and `MarkAllDirty`).
+    resync_from: u64,
 }
 
 /// A role change decided inside a handshake (a split-brain verdict).
@@ -777,7 +913,16 @@ impl Common {
     fn new(cfg: CoreConfig, rec: &Recovered, current_term: u64) -> Common {
         assert!(cfg.node_id != 0, "node id 0 is reserved");
         assert!(rec.applied_through <= rec.last_seq, "applied beyond queue");
+        let geometry = ChunkGeometry::new(cfg.region_size, cfg.chunk_size)
+            .expect("chunk size validated by the driver's configuration");
+        let mut dirty = ChunkSet::new(geometry.chunk_count());
+        if rec.dirty.capacity() == geometry.chunk_count() {
+            dirty = rec.dirty.clone();
+        }
         Common {
+            geometry,
+            dirty,
+            resync_from: rec.resync_from,
             cfg,
             now_us: 0,
             next_seq: rec.last_seq + 1,
@@ -886,6 +1031,8 @@ impl Common {
             first_seq: self.first_seq,
             alone_from: self.alone_from,
             node_id: self.cfg.node_id,
+            resync_from: self.resync_from,
+            initial_sync: self.cfg.initial_sync,
         }
     }
 }
@@ -1279,6 +1426,52 @@ impl Replica {
             Side::Primary(p) => p.stats(&self.common),
             Side::Backup(b) => b.stats(&self.common),
         }
+    }
+
+    /// Whether the driver may fold the queue into the dirty-chunk bitmap now ([`Replica::fold`]):
+    /// a primary writing without its backup under `continue`, outside a handshake.
+    pub fn may_fold(&self) -> bool {
+        match &self.side {
+            Side::Primary(p) => p.may_fold(&self.common),
+            Side::Backup(_) => false,
+        }
+    }
+
+    /// The queue has no room for the next write while the backup is away: fold every record
+    /// it holds into the dirty-chunk bitmap ([`Action::Fold`]) so that writes go on. Returns
+    /// whether a fold was asked for (see [`Replica::may_fold`]).
+    pub fn fold(&mut self) -> bool {
+        match &mut self.side {
+            Side::Primary(p) => p.fold(&mut self.common),
+            Side::Backup(_) => false,
+        }
+    }
+
+    /// The driver executed [`Action::Fold`]: these chunks (index ranges) are now dirty.
+    pub fn on_folded(&mut self, chunks: &[std::ops::Range<u64>]) {
+        match &mut self.side {
+            Side::Primary(p) => p.on_folded(&mut self.common, chunks),
+            Side::Backup(_) => {
+                for range in chunks {
+                    self.common.dirty.insert_range(range.clone());
+                }
+            }
+        }
+    }
+
+    /// Starts an online verify: every chunk of the region is compared with the backup's at a
+    /// consistent point of the stream, while writes go on; with `repair`, differing chunks are
+    /// brought over. The result comes as [`Action::TransferFinished`].
+    pub fn start_verify(&mut self, repair: bool) -> Result<(), VerifyError> {
+        match &mut self.side {
+            Side::Primary(p) => p.start_verify(&mut self.common, repair),
+            Side::Backup(_) => Err(VerifyError::NotPrimary),
+        }
+    }
+
+    /// The region's chunk geometry.
+    pub fn geometry(&self) -> ChunkGeometry {
+        self.common.geometry
     }
 
     /// The driver hit an error it cannot continue from (e.g. the queue device failed).

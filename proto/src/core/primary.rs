@@ -7,8 +7,9 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use super::transfer::{Step, Transfer};
 use super::*;
-use crate::handshake::check_compatible;
+use crate::handshake::{check_compatible, ResyncKind};
 
 #[derive(Debug)]
 struct Pending {
@@ -31,6 +32,13 @@ enum PrimaryState {
         /// The backup drops a divergent suffix after this common point: it sends
         /// `RepairRequest`s, the primary answers them and then sends `RepairDone`.
         repair_after: Option<u64>,
+        /// Our queue cannot catch the backup up: a resync follows the handshake.
+        resync: Option<ResyncKind>,
+    },
+    /// Chunks go to the backup (the transfer); writes go on degraded meanwhile, into the queue
+    /// (and the bitmap, should the queue fill up), and follow once the chunks are over.
+    Resyncing {
+        last_rx_us: u64,
     },
     Synchronous,
     Failed,
@@ -71,6 +79,11 @@ pub(super) struct PrimarySide {
     repair_bytes_sent: u64,
     /// Once the backup acknowledges this seq, it holds every write this node completed alone.
     alone_clear_at: Option<u64>,
+    /// Once the backup acknowledges this seq, it holds everything the dirty-chunk bitmap
+    /// describes: the bitmap is reset.
+    bitmap_clear_at: Option<u64>,
+    /// A resync or verify in progress (boxed: most of a primary's life has none).
+    transfer: Option<Box<Transfer>>,
 }
 
 impl PrimarySide {
@@ -98,6 +111,8 @@ impl PrimarySide {
             degraded: false,
             repair_bytes_sent: 0,
             alone_clear_at: None,
+            bitmap_clear_at: None,
+            transfer: None,
         }
     }
 
@@ -186,7 +201,9 @@ impl PrimarySide {
             PrimaryState::Synchronous => true,
             // Under `continue`, a handshake with a peer that does not answer (half-open, stalled)
             // must not stop writes: they go on degraded until the Hello arrives.
-            PrimaryState::Disconnected | PrimaryState::Handshaking { .. } => {
+            PrimaryState::Disconnected
+            | PrimaryState::Handshaking { .. }
+            | PrimaryState::Resyncing { .. } => {
                 c.cfg.on_peer_loss == PeerLossPolicy::Continue && self.delay.is_empty()
             }
             PrimaryState::Recovering { .. } | PrimaryState::Failed => false,
@@ -336,6 +353,12 @@ impl PrimarySide {
         self.awaiting_since_us = None;
         self.acked_through = 0;
         self.sent_through = 0;
+        self.bitmap_clear_at = None;
+        if let Some(t) = self.transfer.take() {
+            // The chunks not confirmed stay dirty: the next resync resumes from them.
+            let report = t.report(c.now_us, Some("the connection to the backup ended".into()));
+            c.actions.push(Action::TransferFinished(report));
+        }
         if c.cfg.on_peer_loss == PeerLossPolicy::Continue && !self.delay.is_empty() {
             // Every delayed request is in our own queue; apply it without the ack and go degraded.
             self.degraded = true;
@@ -396,8 +419,13 @@ impl PrimarySide {
 
     fn on_hello(&mut self, c: &mut Common, h: Hello) {
         let own = identity(&c.cfg, WireRole::Primary, c.peer_node_id);
-        if let Err((_, why)) = check_compatible(&own, &h) {
-            return self.fail(c, FatalError::Incompatible(why));
+        match check_compatible(&own, &h) {
+            Ok(()) => {}
+            // A fresh backup without consent to replace ours: we keep serving and retry.
+            Err((code @ RejectCode::NeedsInitialSync, reason)) => {
+                return self.lose_peer(c, Some(PeerFault::Rejected { code, reason }));
+            }
+            Err((_, why)) => return self.fail(c, FatalError::Incompatible(why)),
         }
         let Some(announced) = self.announced.take() else {
             return self.violation(c, "Hello before ours was sent".into());
@@ -423,6 +451,17 @@ impl PrimarySide {
                 c.split_brain = Some(why.clone());
                 return self.lose_peer(c, Some(PeerFault::SplitBrain(why)));
             }
+            Planned::Refused(Unreconcilable::NeedsInitialSync(why)) => {
+                // The backup refuses too; we keep serving and retry, until an operator
+                // restarts it with its consent.
+                return self.lose_peer(
+                    c,
+                    Some(PeerFault::Rejected {
+                        code: RejectCode::NeedsInitialSync,
+                        reason: why,
+                    }),
+                );
+            }
             Planned::Refused(u) => return self.fail(c, u.into()),
         };
         if announced.discard_node != 0 || h.discard_node != 0 {
@@ -445,7 +484,9 @@ impl PrimarySide {
                 }),
             );
         }
-        if c.peer_node_id == 0 {
+        if c.peer_node_id != h.node_id {
+            // Our first backup, or (with its consent to an initial sync) a new node that
+            // replaces the one we were bound to.
             c.peer_node_id = h.node_id;
             c.actions.push(Action::BindPeer { node_id: h.node_id });
         }
@@ -464,6 +505,7 @@ impl PrimarySide {
             last_rx_us: c.now_us,
             backup_holds_through: holds,
             repair_after: plan.backup_discards.then_some(plan.common),
+            resync: plan.resync,
         };
     }
 
@@ -518,6 +560,7 @@ impl PrimarySide {
         through: u64,
         backup_holds_through: u64,
         repair_after: Option<u64>,
+        resync: Option<ResyncKind>,
     ) {
         if through != backup_holds_through || c.last_seq() < backup_holds_through {
             return self.violation(
@@ -541,8 +584,99 @@ impl PrimarySide {
                 },
             );
         }
+        // A fold since our Hello may have taken records the plan counted on: the bitmap, which
+        // covers them (it began at or below the queue's start then), brings them over.
+        let resync = resync.or_else(|| {
+            let holds_all = backup_holds_through >= c.last_seq()
+                || c.first_seq.is_some_and(|f| f <= backup_holds_through + 1);
+            (!holds_all).then_some(ResyncKind::Dirty)
+        });
+        match resync {
+            Some(kind) => self.start_resync(c, kind, backup_holds_through),
+            None => {
+                if !c.dirty.is_empty() || c.resync_from != 0 {
+                    // The backup holds every record the bitmap describes: it goes once the
+                    // backup confirms (its Hello may count records not yet durable).
+                    self.bitmap_clear_at = Some(backup_holds_through);
+                }
+                self.start_catch_up(c, backup_holds_through);
+            }
+        }
+    }
+
+    /// A resync begins: the backup's region takes the chunks its missing records wrote (all
+    /// chunks that differ, for an initial sync), while writes go on here (degraded).
+    fn start_resync(&mut self, c: &mut Common, kind: ResyncKind, holds: u64) {
+        let purpose = match kind {
+            ResyncKind::Dirty => TransferPurpose::Resync,
+            ResyncKind::Full => {
+                // Persisted, so that a crash of either node resumes from what is left.
+                c.dirty = ChunkSet::full(c.geometry.chunk_count());
+                c.resync_from = holds + 1;
+                c.actions.push(Action::MarkAllDirty {
+                    resync_from: holds + 1,
+                });
+                TransferPurpose::InitialSync
+            }
+        };
+        self.state = PrimaryState::Resyncing {
+            last_rx_us: c.now_us,
+        };
+        self.acked_through = 0;
+        self.sent_through = 0;
+        let transfer = Transfer::new(purpose, c);
+        self.send(
+            c,
+            Message::ResyncBegin {
+                chunks: transfer.progress(c).chunks_total,
+            },
+        );
+        self.transfer = Some(Box::new(transfer));
+        self.pump_transfer(c);
+    }
+
+    /// The bytes laid over the region when a chunk is read: the records sent and not applied.
+    fn overlay(&self, c: &Common) -> (u64, u64) {
+        match self.state {
+            PrimaryState::Synchronous => (c.applied_through + 1, self.sent_through),
+            _ => (1, 0),
+        }
+    }
+
+    /// Moves the transfer along (window, rate), and ends it when every chunk is done.
+    fn pump_transfer(&mut self, c: &mut Common) {
+        let overlay = self.overlay(c);
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        if t.pump(c, overlay) == Step::Finished {
+            let t = self.transfer.take().expect("checked");
+            let resync = matches!(
+                t.purpose(),
+                TransferPurpose::Resync | TransferPurpose::InitialSync
+            );
+            c.actions
+                .push(Action::TransferFinished(t.report(c.now_us, None)));
+            if resync {
+                self.finish_resync(c);
+            }
+        }
+    }
+
+    /// Every dirty chunk is on the backup: it continues its log after the last seq our queue
+    /// no longer holds, and takes the records after it.
+    fn finish_resync(&mut self, c: &mut Common) {
+        // Degraded writes of this pass are in the queue (the catch-up sends them).
+        self.flush_degraded_batch(c);
+        let through = c.first_seq.map_or(c.last_seq(), |first| first - 1);
+        self.send(c, Message::ResyncDone { through });
+        self.bitmap_clear_at = Some(through);
+        self.start_catch_up(c, through);
+    }
+
+    /// The backup holds our history through `holds`: send it the rest and mirror from now on.
+    fn start_catch_up(&mut self, c: &mut Common, holds: u64) {
         let p_last = c.last_seq();
-        let holds = backup_holds_through;
         self.acked_through = holds;
         self.sent_through = p_last;
         if holds < p_last {
@@ -576,6 +710,15 @@ impl PrimarySide {
         }
         let progressed = received_through > self.acked_through;
         self.acked_through = received_through;
+        if self
+            .bitmap_clear_at
+            .is_some_and(|through| received_through >= through)
+        {
+            self.bitmap_clear_at = None;
+            c.dirty.clear();
+            c.resync_from = 0;
+            c.actions.push(Action::ResetDirty);
+        }
         if self
             .alone_clear_at
             .is_some_and(|through| received_through >= through)
@@ -625,12 +768,11 @@ impl PrimarySide {
             (
                 _,
                 Message::Reject {
-                    code: RejectCode::Unavailable,
+                    code: code @ (RejectCode::Unavailable | RejectCode::NeedsInitialSync),
                     reason,
                 },
             ) => {
                 if !matches!(self.state, PrimaryState::Disconnected) {
-                    let code = RejectCode::Unavailable;
                     self.lose_peer(c, Some(PeerFault::Rejected { code, reason }));
                 }
             }
@@ -656,6 +798,7 @@ impl PrimarySide {
                 PrimaryState::Recovering {
                     backup_holds_through,
                     repair_after,
+                    resync,
                     ..
                 },
                 m,
@@ -664,6 +807,7 @@ impl PrimarySide {
                     last_rx_us: c.now_us,
                     backup_holds_through,
                     repair_after,
+                    resync,
                 };
                 match m {
                     Message::Write {
@@ -685,13 +829,29 @@ impl PrimarySide {
                         self.on_repair_request(c, ranges)
                     }
                     Message::ReplayDone { through } => {
-                        self.on_replay_done(c, through, backup_holds_through, repair_after)
+                        self.on_replay_done(c, through, backup_holds_through, repair_after, resync)
                     }
                     other => {
                         self.violation(c, format!("unexpected {:?} during replay", other.kind()))
                     }
                 }
                 // A long replay keeps the driver busy, and it ticks only when idle.
+                self.heartbeat_while_recovering(c);
+            }
+            (PrimaryState::Resyncing { .. }, m) => {
+                self.state = PrimaryState::Resyncing {
+                    last_rx_us: c.now_us,
+                };
+                match m {
+                    // The backup's heartbeat: its log is where the handshake left it.
+                    Message::Ack { .. } => {}
+                    m @ (Message::ChunkVerdict { .. } | Message::ChunkHeld { .. }) => {
+                        self.on_transfer_message(c, m)
+                    }
+                    other => {
+                        self.violation(c, format!("unexpected {:?} during a resync", other.kind()))
+                    }
+                }
                 self.heartbeat_while_recovering(c);
             }
             (
@@ -701,6 +861,10 @@ impl PrimarySide {
                     applied_through,
                 },
             ) => self.on_ack(c, received_through, applied_through),
+            (
+                PrimaryState::Synchronous,
+                m @ (Message::ChunkVerdict { .. } | Message::ChunkHeld { .. }),
+            ) => self.on_transfer_message(c, m),
             (PrimaryState::Disconnected, _) => {}
             (state, other) => self.violation(
                 c,
@@ -736,6 +900,18 @@ impl PrimarySide {
                     self.report_applied(c);
                 }
             }
+            PrimaryState::Resyncing { last_rx_us } => {
+                if c.now_us.saturating_sub(last_rx_us) > c.cfg.ack_timeout_us {
+                    return self.lose_peer(
+                        c,
+                        Some(PeerFault::Silent {
+                            timeout_us: c.cfg.ack_timeout_us,
+                        }),
+                    );
+                }
+                self.heartbeat_while_recovering(c);
+                self.pump_transfer(c);
+            }
             PrimaryState::Handshaking { since_us: t }
             | PrimaryState::Recovering { last_rx_us: t, .. } => {
                 if c.now_us.saturating_sub(t) > c.cfg.handshake_timeout_us {
@@ -769,6 +945,97 @@ impl PrimarySide {
         c.actions.push(Action::SendRegion { to: c.to(), ranges });
     }
 
+    /// A verdict or a held chunk of the transfer in progress.
+    fn on_transfer_message(&mut self, c: &mut Common, msg: Message) {
+        let overlay = self.overlay(c);
+        let Some(t) = self.transfer.as_mut() else {
+            return self.violation(
+                c,
+                format!("{:?} with no resync or verify running", msg.kind()),
+            );
+        };
+        let result = match msg {
+            Message::ChunkVerdict { range, same } => t.on_verdict(c, range, same, overlay),
+            Message::ChunkHeld { range } => t.on_held(c, range),
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => self.pump_transfer(c),
+            Err(why) => self.violation(c, why),
+        }
+    }
+
+    /// Whether the driver may fold the queue into the bitmap now: writes go on without the
+    /// backup (`continue`) and none waits for an ack, and no handshake planned from the
+    /// queue's present shape is under way.
+    pub(super) fn may_fold(&self, c: &Common) -> bool {
+        c.cfg.on_peer_loss == PeerLossPolicy::Continue
+            && self.delay.is_empty()
+            && c.first_seq.is_some()
+            && matches!(
+                self.state,
+                PrimaryState::Disconnected
+                    | PrimaryState::Handshaking { .. }
+                    | PrimaryState::Resyncing { .. }
+            )
+    }
+
+    /// Folds every record of the queue into the dirty-chunk bitmap (see [`Action::Fold`]).
+    /// Returns whether it did.
+    pub(super) fn fold(&mut self, c: &mut Common) -> bool {
+        if !self.may_fold(c) {
+            return false;
+        }
+        // This pass's degraded writes are applied first: only applied records fold.
+        self.flush_degraded_batch(c);
+        let Some(first) = c.first_seq else {
+            return false;
+        };
+        let through = c.last_seq();
+        debug_assert_eq!(c.applied_through, through, "folding unapplied records");
+        if c.resync_from == 0 {
+            c.resync_from = first;
+        }
+        c.actions.push(Action::Fold { through });
+        c.first_seq = None;
+        // The fold makes the region durable through them first.
+        c.commit_requested = c.commit_requested.max(through);
+        c.committed_through = c.committed_through.max(through);
+        true
+    }
+
+    /// The fold's chunks, from the driver: they join the bitmap.
+    pub(super) fn on_folded(&mut self, c: &mut Common, chunks: &[std::ops::Range<u64>]) {
+        let mut new = 0;
+        for range in chunks {
+            new += c.dirty.insert_range(range.clone());
+        }
+        if let Some(t) = self.transfer.as_mut() {
+            t.on_folded(chunks);
+            t.grew(new);
+        }
+    }
+
+    /// Starts an online verify of the connected, synchronous backup.
+    pub(super) fn start_verify(&mut self, c: &mut Common, repair: bool) -> Result<(), VerifyError> {
+        if self.state != PrimaryState::Synchronous {
+            return Err(VerifyError::NotSynchronous {
+                phase: self.phase(),
+            });
+        }
+        if let Some(t) = &self.transfer {
+            return Err(VerifyError::Busy {
+                running: t.purpose().name(),
+            });
+        }
+        self.transfer = Some(Box::new(Transfer::new(
+            TransferPurpose::Verify { repair },
+            c,
+        )));
+        self.pump_transfer(c);
+        Ok(())
+    }
+
     /// The driver finished one pass of inputs: group-commit what the pass produced.
     pub fn end_batch(&mut self, c: &mut Common) {
         self.flush_degraded_batch(c);
@@ -785,6 +1052,9 @@ impl PrimarySide {
             self.report_applied(c);
         }
         self.wrote_this_batch = false;
+        if self.transfer.is_some() {
+            self.pump_transfer(c);
+        }
     }
 
     fn send(&mut self, c: &mut Common, msg: Message) {
@@ -807,7 +1077,11 @@ impl PrimarySide {
     /// The backup is connected from its Hello on, and its silence timer runs while it replays
     /// to us: keep it fed.
     fn heartbeat_while_recovering(&mut self, c: &mut Common) {
-        if matches!(self.state, PrimaryState::Recovering { .. }) && self.heartbeat_due(c) {
+        if matches!(
+            self.state,
+            PrimaryState::Recovering { .. } | PrimaryState::Resyncing { .. }
+        ) && self.heartbeat_due(c)
+        {
             self.report_applied(c);
         }
     }
@@ -822,6 +1096,7 @@ impl PrimarySide {
             PrimaryState::Disconnected => Phase::Disconnected,
             PrimaryState::Handshaking { .. } => Phase::Handshaking,
             PrimaryState::Recovering { .. } => Phase::Recovering,
+            PrimaryState::Resyncing { .. } => Phase::Resyncing,
             PrimaryState::Synchronous => Phase::Synchronous,
             PrimaryState::Failed => Phase::Failed,
         }
@@ -838,6 +1113,10 @@ impl PrimarySide {
             recoveries: c.recoveries,
             current_term: c.current_term,
             split_brain: c.split_brain.clone(),
+            dirty_chunks: c.dirty.len(),
+            chunk_size: c.geometry.chunk_size(),
+            transfer: self.transfer.as_ref().map(|t| t.progress(c)),
+            resync_target: false,
         }
     }
 }

@@ -565,6 +565,9 @@ fn core_config(swarm: &Swarm, id: u64, split_brain: SplitBrainPolicy) -> CoreCon
         max_write_len: MAX_WRITE,
         queue_capacity: QUEUE_BYTES,
         deferred_commit: true,
+        chunk_size: mirror_proto::MIN_CHUNK_SIZE,
+        resync_rate: 0,
+        initial_sync: false,
     }
 }
 

@@ -99,6 +99,12 @@ impl Poller {
                 repair_bytes,
             } => self.save_divergent_suffix(after, through, &records, repair_bytes)?,
             Io::Applied(_) => {}
+            Io::Folded {
+                records,
+                new_chunks,
+                dirty_chunks,
+            } => self.folded(records, new_chunks, dirty_chunks),
+            Io::TransferFinished(report) => self.transfer_finished(report),
             Io::RefuseWrites(why) => self.refuse_pending(why),
             // For a connection that is gone: nothing to do.
             Io::Send { .. } | Io::SendQueued { .. } | Io::Disconnect { .. } | Io::Reject { .. } => {

@@ -23,6 +23,7 @@ use mirror_exec::{Executor, Hooks};
 
 mod actions;
 mod connection;
+mod transfer;
 
 /// Largest number of messages taken from the connection per pass.
 const RECV_BATCH: usize = 512;
@@ -86,6 +87,10 @@ pub(super) struct Poller {
     pub(super) peer_lost_published: Option<PeerId>,
     /// When a failure to authenticate with the peer was last logged (see `connect_to_peer`).
     pub(super) auth_failure_logged_at: Option<Instant>,
+    /// The queue was folded into the bitmap since the pair was last synchronous.
+    pub(super) folding: bool,
+    /// The transfer in progress was announced (log, event).
+    pub(super) transfer_published: bool,
 }
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
@@ -490,6 +495,11 @@ impl Poller {
             let Some((position, sub)) = popped else {
                 break;
             };
+            if !self.exec.queue.admits_new_write(sub.data.len()) && self.exec.core.fold() {
+                // The backup is away and the queue full: its records go into the dirty-chunk
+                // bitmap, and writes go on.
+                self.execute_actions()?;
+            }
             if !self.exec.queue.admits_new_write(sub.data.len()) {
                 // Backpressure until the backup confirms applying and we can trim.
                 self.stash = Some((position, sub));
@@ -534,6 +544,7 @@ impl Poller {
         }
         if phase == mirror_proto::Phase::Synchronous && s.phase != phase {
             self.split_brain_reported = false;
+            self.folding = false;
             self.shared.events.publish(Event::Synchronous);
         }
         if let (Some(sb), None) = (&core.split_brain, &s.split_brain) {
@@ -563,6 +574,16 @@ impl Poller {
         s.last_recovery_records = self.exec.recovery().records;
         s.current_term = core.current_term;
         s.split_brain.clone_from(&core.split_brain);
+        s.dirty_chunks = core.dirty_chunks;
+        s.chunk_size = core.chunk_size;
+        s.resync_target = core.resync_target;
+        if core.transfer.is_some() && !self.transfer_published {
+            drop(s);
+            self.publish_transfer_start();
+            s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        }
+        let now_us = self.last_step_at.duration_since(self.start).as_micros() as u64;
+        s.transfer = core.transfer.map(|t| TransferStats::of(&t, now_us));
         // Formatted only when the connection changes (this runs after every working pass).
         let connection = self.conn.as_ref().map(|_| self.conn_peer);
         if connection != self.published_connection {

@@ -18,6 +18,7 @@ use crate::format::{
     OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
 };
 use crate::{CutReason, Role, StorageError};
+use mirror_proto::TermHistory;
 
 /// A record borrowed from the queue's mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,6 +264,33 @@ impl PersistentQueue {
         self.publish_cursors();
         // 3. durable before returning.
         self.barrier()
+    }
+
+    /// Continues the log after `through` with `history` (the log a resync brought over: the
+    /// region holds everything through `through`, and the records after it will follow): the
+    /// records held go, the next append carries `through + 1`, and `applied_through` becomes
+    /// `through`. `history` must agree with this queue's through its last seq (a resync
+    /// starts from where the two logs agree). Durable per mode before returning, and
+    /// crash-safe at every step: the history is written first (recovery cuts whatever it
+    /// says past the log it finds), then the records are dropped and the numbering moved
+    /// (`reset_to`), then `applied_through` recorded (a queue left empty holds nothing to
+    /// apply, which the reader of a replay state takes as applied through its last seq).
+    /// Refused with [`StorageError::ResetBackwards`] when `through` is below the last seq.
+    pub fn adopt_log(&mut self, through: u64, history: TermHistory) -> Result<(), StorageError> {
+        if through < self.last_seq() {
+            return Err(StorageError::ResetBackwards {
+                current: self.next_seq,
+                requested: through.saturating_add(1),
+            });
+        }
+        let current_term = self.meta.current_term.max(history.last_term());
+        self.write_meta(Meta {
+            history,
+            current_term,
+            ..self.meta.clone()
+        })?;
+        self.reset_to(through + 1)?;
+        self.set_applied_through(through)
     }
 
     /// Discards every record with seq `> seq`: a divergent suffix the protocol decided to drop

@@ -76,6 +76,13 @@ pub struct NodeArgs {
     /// The pair's shared secret (`mirror secret FILE` makes one): peers authenticate with it
     #[arg(long)]
     pub secret_file: Option<String>,
+    /// Backup: consent to an initial sync (a new, replaced or stale node): the primary
+    /// compares every chunk and brings over those that differ (`initial_sync = true`)
+    #[arg(long)]
+    pub initial_sync: bool,
+    /// Bytes of region per second a resync or verify may process, e.g. 200MiB (`resync_rate`)
+    #[arg(long)]
+    pub resync_rate: Option<String>,
     /// Any config key: --set key=value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -112,11 +119,15 @@ pub fn build_config(node: &NodeArgs, role: Role) -> Result<Config, MirrorError> 
         ("on_peer_loss", &node.on_peer_loss),
         ("cpu", &node.cpu),
         ("secret_file", &node.secret_file),
+        ("resync_rate", &node.resync_rate),
     ];
     for (key, value) in flags {
         if let Some(v) = value {
             b.set(key, v)?;
         }
+    }
+    if node.initial_sync {
+        b.set("initial_sync", "true")?;
     }
     for pair in &node.set {
         let (key, value) = split_set(pair)?;
@@ -141,7 +152,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>, MirrorError> {
 /// and the tests parse (src/bin/mirror/node_process.rs): renaming a key breaks them.
 pub fn stats_line(s: &Stats) -> String {
     format!(
-        "next_seq={} applied={} acked={} peer_applied={} queue_records={} queue_bytes={} phase={} degraded={} recoveries={} rec_records={} rec_bytes={}",
+        "next_seq={} applied={} acked={} peer_applied={} queue_records={} queue_bytes={} phase={} degraded={} recoveries={} rec_records={} rec_bytes={} dirty_chunks={} resync_left={} resync_sent={}",
         s.next_seq,
         s.applied_through,
         s.acked_through,
@@ -152,7 +163,10 @@ pub fn stats_line(s: &Stats) -> String {
         u8::from(s.degraded),
         s.recoveries,
         s.last_recovery_records,
-        s.last_recovery_bytes
+        s.last_recovery_bytes,
+        s.dirty_chunks,
+        s.transfer.as_ref().map_or(0, |t| t.bytes_left),
+        s.transfer.as_ref().map_or(0, |t| t.bytes_sent)
     )
 }
 
