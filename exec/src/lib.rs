@@ -520,6 +520,9 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             Action::MarkAllDirty { resync_from } => {
                 self.bitmap.mark_all()?;
                 self.bitmap.set_resync_from(resync_from)?;
+                if self.queue.history_floor() == 0 || resync_from < self.queue.history_floor() {
+                    self.queue.set_history_floor(resync_from)?;
+                }
             }
             Action::MarkDirty { chunks } => {
                 let ranges: Vec<Range<u64>> = chunks.iter().map(|&c| c..c + 1).collect();
@@ -529,6 +532,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             Action::ResetDirty => {
                 self.bitmap.clear_all()?;
                 self.bitmap.set_resync_from(0)?;
+                self.queue.set_history_floor(0)?;
             }
             Action::SendDigest {
                 to,
@@ -639,6 +643,11 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             if let Some(first) = first {
                 self.bitmap.set_resync_from(first)?;
             }
+        }
+        // The terms of the folded seqs stay known: the backup's log is matched against them.
+        let floor = self.bitmap.resync_from();
+        if self.queue.history_floor() == 0 || floor < self.queue.history_floor() {
+            self.queue.set_history_floor(floor)?;
         }
         self.queue.trim_through(through)?;
         self.core.on_folded(&chunks);

@@ -79,6 +79,11 @@ pub(crate) enum Effect {
     RefuseWrites(WritesRefused),
     /// The core stopped the node.
     Fatal(FatalError),
+    /// A resync (or initial sync) into the peer completed, sending `bytes` of chunks.
+    Resynced { bytes: u64 },
+    /// A resync into this node ended: its region holds its primary's writes through
+    /// `through`, and its log continues after it.
+    Adopted { through: u64 },
 }
 
 /// What a restarted node recovered, for the checkers.
@@ -293,10 +298,9 @@ enum Noted {
         role: WireRole,
         superseded: bool,
     },
-    /// A resync's end: the log continues after `through` with these terms.
+    /// A resync's end: the log continues after `through`.
     Adopt {
         through: u64,
-        history: mirror_proto::TermHistory,
     },
     Other,
 }
@@ -315,10 +319,7 @@ impl Noted {
                 role: *role,
                 superseded: *superseded,
             },
-            Action::AdoptLog { through, history } => Noted::Adopt {
-                through: *through,
-                history: history.clone(),
-            },
+            Action::AdoptLog { through, .. } => Noted::Adopt { through: *through },
             _ => Noted::Other,
         }
     }
@@ -630,12 +631,12 @@ impl SimNode {
                         new_term: last_term.take(),
                     });
                 }
-                Noted::Adopt { through, history } => {
-                    // The seqs the resync covered are the primary's, with its terms.
-                    let from = self.log.len() as u64 + 1;
-                    for seq in from..=through {
-                        self.log.push(history.term_at(seq).unwrap_or(0));
-                    }
+                Noted::Adopt { through } => {
+                    // The seqs the resync covered are the primary's: the run copies its terms
+                    // (the history the primary sent may have forgotten the oldest) once the
+                    // batch is done; the records that follow in this batch append after them.
+                    self.log.resize(through as usize, 0);
+                    effects.push(Effect::Adopted { through });
                 }
                 Noted::Apply { .. } | Noted::Other => {}
             }
@@ -710,8 +711,20 @@ impl SimNode {
                 as_primary: self.acting_role == WireRole::Primary,
             },
             Io::RefuseWrites(why) => Effect::RefuseWrites(why),
+            Io::TransferFinished(report) => {
+                let resync = !matches!(
+                    report.purpose,
+                    mirror_proto::core::TransferPurpose::Verify { .. }
+                );
+                if !resync || report.abandoned.is_some() {
+                    return Ok(Vec::new());
+                }
+                Effect::Resynced {
+                    bytes: report.bytes_sent,
+                }
+            }
             // Told to the checkers through the log (a fold drops no seq from it).
-            Io::Folded { .. } | Io::TransferFinished(_) => return Ok(Vec::new()),
+            Io::Folded { .. } => return Ok(Vec::new()),
         };
         Ok(vec![effect])
     }

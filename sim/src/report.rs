@@ -74,6 +74,14 @@ pub struct Swarm {
     pub isolated_restart_percent: u32,
     /// Role changes: promotions, demotions, fences, split brains.
     pub failover: Failover,
+    /// A `continue` primary whose queue is full while its backup is away folds the queue into
+    /// its dirty-chunk bitmap (as the real node does) instead of making the client wait; the
+    /// backup's return is then a resync. Drawn from a stream of its own (half the seeds), so
+    /// that the other draws of a seed are what they were before the bitmap existed; only in
+    /// seeds without role changes: a node whose folded writes become a divergent suffix (it
+    /// lost a split brain, or was fenced) is refused until an operator rebuilds it with an
+    /// initial sync (docs/PROTOCOL.md), which the simulated operator does not do.
+    pub fold_when_full: bool,
 }
 
 /// The failover parameters of one seed. Drawn from a random stream of their own, so that a
@@ -142,7 +150,21 @@ impl Swarm {
     /// The parameters of `seed` (as [`crate::run_seed`] draws them).
     pub fn for_seed(seed: u64) -> Swarm {
         let (mut faults, mut failover) = streams(seed);
-        Swarm::draw(&mut faults, &mut failover)
+        Swarm::draw(&mut faults, &mut failover).with_bitmap(seed)
+    }
+
+    /// The bitmap's parameters of `seed`, from their own stream.
+    pub(crate) fn with_bitmap(mut self, seed: u64) -> Swarm {
+        // Any constant works; it only keeps this stream apart from the others.
+        const BITMAP_STREAM: u64 = 0x6269_746d_6170_0001;
+        let f = &self.failover;
+        let fixed_roles = f.failover_ppm == 0
+            && f.forced_promotion_ppm == 0
+            && f.demotion_ppm == 0
+            && f.split_brain_ppm == 0
+            && f.other_role_restart_percent == 0;
+        self.fold_when_full = fixed_roles && fastrand::Rng::with_seed(seed ^ BITMAP_STREAM).bool();
+        self
     }
 
     /// Draws the parameters for one seed from its two streams.
@@ -170,6 +192,7 @@ impl Swarm {
             idle_tail_steps: if rng.bool() { 0 } else { rng.u64(1..=1_500) },
             isolated_restart_percent: rng.u32(0..=100),
             failover: Failover::draw(failover_rng),
+            fold_when_full: false,
         }
     }
 }
@@ -351,6 +374,12 @@ pub struct SimReport {
     /// Writes the fencing canary reported complete for a fenced primary (a run that reports
     /// any was not caught).
     pub canary_fenced_completions: u64,
+    /// Folds of a full queue into the dirty-chunk bitmap.
+    pub folds: u64,
+    /// Resyncs and initial syncs that completed.
+    pub resyncs: u64,
+    /// Chunk bytes those resyncs sent.
+    pub resync_bytes: u64,
     /// Hash of everything that happened: the same seed must give the same hash.
     pub trace_hash: u64,
 }
@@ -391,5 +420,8 @@ impl SimReport {
         self.operator_resolutions += other.operator_resolutions;
         self.completed_writes_discarded += other.completed_writes_discarded;
         self.canary_fenced_completions += other.canary_fenced_completions;
+        self.folds += other.folds;
+        self.resyncs += other.resyncs;
+        self.resync_bytes += other.resync_bytes;
     }
 }

@@ -60,6 +60,12 @@ fn a_few_hundred_seeds_lose_no_completed_write_and_converge() {
         totals.operator_resolutions > 5 && totals.completed_writes_discarded > 0,
         "{totals:?}"
     );
+    // Beyond the queue: full queues fold into the bitmap, and resyncs complete under the
+    // same faults (crashes of either node in the middle included).
+    assert!(
+        totals.folds > 100 && totals.resyncs > 10 && totals.resync_bytes > 0,
+        "{totals:?}"
+    );
 }
 
 #[test]

@@ -71,6 +71,9 @@ pub(crate) const OFF_TRIMMED_THROUGH: usize = 200;
 pub(crate) const OFF_HEAD: usize = 208;
 pub(crate) const OFF_TAIL: usize = 216;
 pub(crate) const OFF_NEXT_SEQ: usize = 224;
+/// The history floor: while non-zero, the term history keeps the entry covering seq
+/// `history_floor - 1` and every later one, whatever the trim point (see FORMAT.md).
+pub(crate) const OFF_HISTORY_FLOOR: usize = 232;
 /// The cursor line: the header bytes an ordinary barrier flushes (a metadata update also
 /// flushes the slot it wrote).
 pub(crate) const CURSOR_LINE: (usize, usize) = (192, 64);

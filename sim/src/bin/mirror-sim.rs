@@ -179,4 +179,8 @@ fn print_totals(total: &SimReport, seeds: usize, seconds: f64) {
         total.completed_writes_discarded,
         total.operator_resolutions
     );
+    println!(
+        "beyond the queue: {} folds of a full queue into the bitmap, {} resyncs completed ({} chunk bytes sent)",
+        total.folds, total.resyncs, total.resync_bytes
+    );
 }

@@ -224,6 +224,11 @@ impl<'o> Sim<'o> {
                     seen.discarded = true;
                 }
                 Effect::Truncated { after } => self.watch.truncated(r, after),
+                Effect::Adopted { through } => self.adopt_peer_log(r, through)?,
+                Effect::Resynced { bytes } => {
+                    self.report.resyncs += 1;
+                    self.report.resync_bytes += bytes;
+                }
                 Effect::TermPersisted(term) => self.watch.saw_term(r, term),
                 Effect::RoleChanged {
                     role,
@@ -295,6 +300,23 @@ impl<'o> Sim<'o> {
     }
 
     /// `r` completed every ticket through `ticket`.
+    /// `r` adopted its primary's log through `through` (a resync's end): its model log holds
+    /// the primary's terms there, as its region holds the primary's writes.
+    fn adopt_peer_log(&mut self, r: NodeName, through: u64) -> Result<(), SimFailure> {
+        let peer_log = match self.node_or_restarting(r.other()) {
+            Some(peer) if peer.log.len() as u64 >= through => peer.log[..through as usize].to_vec(),
+            _ => {
+                return Err(self.fail(
+                    Checker::NodeStopped,
+                    format!("{r} adopted a log through seq {through} that its peer does not hold"),
+                ))
+            }
+        };
+        let node = self.nodes[r.index()].as_mut().expect("it executed");
+        node.log[..through as usize].copy_from_slice(&peer_log);
+        Ok(())
+    }
+
     fn complete_through(&mut self, r: NodeName, ticket: u64) -> Result<(), SimFailure> {
         let done: Vec<u64> = self.client.pending[r.index()]
             .range(..=ticket)
@@ -384,6 +406,13 @@ impl<'o> Sim<'o> {
             }
             let len = self.rng.usize(1..=MAX_WRITE);
             if !p.exec.queue.admits_new_write(len) {
+                // The real node's rule (src/node/poller/mod.rs): a full queue folds into the
+                // bitmap when the backup is away, and the write goes on.
+                if self.swarm.fold_when_full && p.exec.core.fold() {
+                    self.report.folds += 1;
+                    self.execute_or_defer_crash(r, false)?;
+                    continue;
+                }
                 break;
             }
             let offset = self.rng.u64(0..=REGION_BYTES - len as u64);
@@ -610,7 +639,7 @@ fn create_nodes(
 /// Runs one seed in `dir` (which must be empty; the nodes' queue files go there).
 pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, SimFailure> {
     let (mut rng, mut role_rng) = streams(seed);
-    let swarm = Swarm::draw(&mut rng, &mut role_rng);
+    let swarm = Swarm::draw(&mut rng, &mut role_rng).with_bitmap(seed);
     let setup = |e: String| SimFailure {
         seed,
         step: 0,
@@ -640,6 +669,9 @@ pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, S
         report: SimReport {
             seed,
             trace_hash: 0xcbf2_9ce4_8422_2325,
+            folds: 0,
+            resyncs: 0,
+            resync_bytes: 0,
             ..SimReport::default()
         },
         roles: RolePlan::default(),

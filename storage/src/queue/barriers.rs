@@ -105,7 +105,7 @@ impl PersistentQueue {
         // So that the slot never fills up with entries nobody compares any more. Only below the
         // durable trim point: if this slot reaches the media and a newer trim point does not,
         // the records above the older one are live again and their entries must be there.
-        m.history.forget_before(self.trimmed_through_durable);
+        m.history.forget_before(self.history_prune_point());
         let bytes = m.encode();
         let base = META_SLOT_OFF[slot];
         // Release on each store: an observer that reads a matching crc (Acquire) reads a
@@ -124,6 +124,15 @@ impl PersistentQueue {
         self.meta_dirty = true;
         // The slot must be durable before the next meta write may overwrite the other one.
         self.barrier()
+    }
+
+    /// Where the term history may be pruned: below the durable trim point, but never past the
+    /// history floor (the seqs a dirty-chunk bitmap stands for, which a resync compares).
+    fn history_prune_point(&self) -> u64 {
+        match self.history_floor {
+            0 => self.trimmed_through_durable,
+            floor => self.trimmed_through_durable.min(floor - 1),
+        }
     }
 
     /// Test hook: a store just happened (the crash simulation snapshots here).
@@ -189,9 +198,8 @@ impl PersistentQueue {
         self.scan_start_durable = self.scan_start;
         self.trimmed_through_durable = self.trimmed_through;
         // Nothing below the durable trim point is compared any more (see write_meta).
-        self.meta
-            .history
-            .forget_before(self.trimmed_through_durable);
+        let prune = self.history_prune_point();
+        self.meta.history.forget_before(prune);
         self.header_dirty = false;
         self.meta_dirty = false;
         Ok(())

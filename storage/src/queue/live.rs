@@ -15,7 +15,7 @@ use super::room::Placement;
 use super::{PersistentQueue, DATA_OFF};
 use crate::format::{
     check_header, header_crc_start, max_record_bytes, seal, stored_crc, Kind, Meta, RecHeader, HDR,
-    OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
+    OFF_HISTORY_FLOOR, OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
 };
 use crate::{CutReason, Role, StorageError};
 use mirror_proto::TermHistory;
@@ -264,6 +264,31 @@ impl PersistentQueue {
         self.publish_cursors();
         // 3. durable before returning.
         self.barrier()
+    }
+
+    /// Keeps the term history's entries from the one covering `floor - 1` on, whatever the
+    /// trim point (0: no floor). A node that folds records into its dirty-chunk bitmap sets it
+    /// to the first folded seq before trimming them: a resync later compares the backup's last
+    /// seq (at or after `floor - 1`) with this history. Durable before returning; a crash
+    /// keeps this value or the one before, and a lower (older) floor only keeps more.
+    pub fn set_history_floor(&mut self, floor: u64) -> Result<(), StorageError> {
+        if floor == self.history_floor {
+            return Ok(());
+        }
+        self.history_floor = floor;
+        // Release: an observer that sees the trim it guards sees it too (the barrier orders
+        // it before the trim on the media).
+        self.map
+            .word(OFF_HISTORY_FLOOR)
+            .store(floor, Ordering::Release);
+        self.stored();
+        self.header_dirty = true;
+        self.barrier()
+    }
+
+    /// The history floor (see [`PersistentQueue::set_history_floor`]; 0: none).
+    pub fn history_floor(&self) -> u64 {
+        self.history_floor
     }
 
     /// Continues the log after `through` with `history` (the log a resync brought over: the

@@ -101,6 +101,8 @@ pub struct PersistentQueue {
     /// hold it or a later value. Histories are pruned only below it, so that whatever slot and
     /// trim point a crash leaves, the history covers every record recovery keeps live.
     trimmed_through_durable: u64,
+    /// See [`PersistentQueue::set_history_floor`] (0: none).
+    history_floor: u64,
     /// Value of the `scan_start` word in memory, and the value known durable (after the last
     /// barrier). Durable media hold a value in `scan_start_durable..=scan_start`.
     scan_start: u64,

@@ -20,7 +20,7 @@ use mirror_proto::TermHistory;
 use super::{limits_of, read_meta, read_static, PersistentQueue, QueueParams, DATA_OFF};
 use crate::format::{
     check_header, header_crc_start, stored_crc, Kind, Limits, Meta, HDR, HEADER_BYTES,
-    OFF_SCAN_START, OFF_TAIL, OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
+    OFF_HISTORY_FLOOR, OFF_SCAN_START, OFF_TAIL, OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
 };
 use crate::map::Mapping;
 use crate::{CutReason, Durability, StorageError};
@@ -311,6 +311,7 @@ impl PersistentQueue {
         let scan_start = map.word(OFF_SCAN_START).load(Ordering::Acquire);
         let trimmed_through = map.word(OFF_TRIMMED_THROUGH).load(Ordering::Acquire);
         let tail_hint = map.word(OFF_TAIL).load(Ordering::Acquire);
+        let history_floor = map.word(OFF_HISTORY_FLOOR).load(Ordering::Acquire);
         check_scan_start(path, scan_start)?;
         let s = scan(&map, &limits, scan_start, trimmed_through, &meta);
         let c = conclude(&s, stat.capacity, scan_start, trimmed_through, tail_hint);
@@ -335,6 +336,7 @@ impl PersistentQueue {
             trimmed_through,
             // After a process crash the word read may not be on the media yet.
             trimmed_through_durable: 0,
+            history_floor,
             scan_start,
             scan_start_durable: scan_start,
             last_rec_pos: s.last_rec_pos,
