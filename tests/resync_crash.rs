@@ -103,7 +103,7 @@ fn kill_during_resync(
 fn sigkill_at_twenty_points_of_resyncs_and_twenty_of_initial_syncs_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let pair = campaign_pair(dir.path());
-    let mut rng = 0x5eed_0f_7e57_u64;
+    let mut rng = 0x005e_ed0f_7e57_u64;
     let mut runs = (1, 1);
     let mut backup = start_backup(&pair, 0, false);
     let mut primary = pair.start_primary(0, 0, 4);
