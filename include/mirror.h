@@ -222,6 +222,32 @@ typedef struct mirror_events mirror_events;
 #define MIRROR_EVENT_TRANSFER_FINISHED 14
 
 /**
+ * `mirror_stats.transfer_kind`: no resync or verify is running.
+ */
+#define MIRROR_TRANSFER_NONE 0
+
+/**
+ * `mirror_stats.transfer_kind`: a resync of the dirty chunks (after an outage longer than the
+ * queue).
+ */
+#define MIRROR_TRANSFER_RESYNC 1
+
+/**
+ * `mirror_stats.transfer_kind`: an initial sync (every chunk compared, differing ones sent).
+ */
+#define MIRROR_TRANSFER_INITIAL_SYNC 2
+
+/**
+ * `mirror_stats.transfer_kind`: an online verify.
+ */
+#define MIRROR_TRANSFER_VERIFY 3
+
+/**
+ * `mirror_stats.transfer_kind`: an online verify that repairs.
+ */
+#define MIRROR_TRANSFER_VERIFY_REPAIR 4
+
+/**
  * Role of a node in `mirror_stats.role`.
  */
 #define MIRROR_ROLE_PRIMARY 1
@@ -392,6 +418,76 @@ struct mirror_stats {
      * writes fail with `MIRROR_EFENCED`. `mirror_last_error` after such a write says why.
      */
     int fenced;
+    /**
+     * Backup: 1 while a resync into it has not finished (its region is inconsistent; it is
+     * not promoted). Appended in version 4 (beyond the queue).
+     */
+    int resync_target;
+    /**
+     * Chunks marked in the dirty-chunk bitmap (writes folded out of a full queue while the
+     * backup was away, or what a resync has yet to bring over).
+     */
+    uint64_t dirty_chunks;
+    /**
+     * The chunk size of the bitmap, resyncs and verifies.
+     */
+    uint64_t chunk_size;
+    /**
+     * A transfer in progress (`MIRROR_TRANSFER_*`; `MIRROR_TRANSFER_NONE` when none).
+     */
+    int transfer_kind;
+    /**
+     * Its chunks to go through, and done.
+     */
+    uint64_t transfer_chunks_total;
+    /**
+     * See `transfer_chunks_total`.
+     */
+    uint64_t transfer_chunks_done;
+    /**
+     * Bytes of region it still has to go through.
+     */
+    uint64_t transfer_bytes_left;
+    /**
+     * Bytes of region per second since it began.
+     */
+    uint64_t transfer_rate_bytes_per_s;
+};
+
+/**
+ * What an online verify found, filled by `mirror_verify`. Set `size = sizeof(struct
+ * mirror_verify_report)` before the call (size-versioned like `mirror_stats`).
+ */
+struct mirror_verify_report {
+    /**
+     * In: `sizeof(struct mirror_verify_report)` as the caller knows it. Out: bytes filled.
+     */
+    uint32_t size;
+    /**
+     * Chunks compared (every chunk of the region).
+     */
+    uint64_t chunks_compared;
+    /**
+     * Chunks that differed.
+     */
+    uint64_t chunks_differing;
+    /**
+     * Of those, chunks brought over from the primary (`repair`).
+     */
+    uint64_t chunks_repaired;
+    /**
+     * Chunk bytes sent.
+     */
+    uint64_t bytes_sent;
+    /**
+     * How long it took, in microseconds.
+     */
+    uint64_t elapsed_us;
+    /**
+     * The chunk size (a differing chunk is `chunk_size` bytes at its offset, the last one
+     * possibly shorter).
+     */
+    uint64_t chunk_size;
 };
 
 /**
@@ -578,6 +674,29 @@ const void *mirror_region(const struct mirror *m, size_t *len);
  * `m` is NULL or a live handle; `out` is NULL or valid for reading and writing `out->size` bytes.
  */
 int mirror_stats(const struct mirror *m, struct mirror_stats *out);
+
+/**
+ * Online verify (primary): compares every chunk (`chunk_size`) of this region with the
+ * backup's while writes go on (each chunk at the same point of the write stream on both
+ * nodes, so writes in flight are never a difference); with `repair` non-zero, differing chunks
+ * are brought over from this node. Paced by `resync_rate`; progress is in `mirror_stats`
+ * (`transfer_*`). Blocks until done. Fills `*out`, and the byte offsets of the first
+ * `max_offsets` differing chunks into `offsets` (may be NULL when `max_offsets` is 0).
+ *
+ * Returns 0; `MIRROR_ENOTREADY` (not a primary with a connected, synchronous backup, a resync
+ * or verify already running, or the connection ended part way: `mirror_last_error` says
+ * which); `MIRROR_EINVAL` (NULL, `out->size` too small); `MIRROR_EFAILED`/`MIRROR_ECLOSED`.
+ * Thread safety: any thread; one verify at a time per node.
+ *
+ * # Safety
+ * `m` is NULL or a live handle; `out` is NULL or valid for reading and writing `out->size`
+ * bytes; `offsets` is valid for writing `max_offsets` `uint64_t`s when `max_offsets > 0`.
+ */
+int mirror_verify(const struct mirror *m,
+                  int repair,
+                  struct mirror_verify_report *out,
+                  uint64_t *offsets,
+                  size_t max_offsets);
 
 /**
  * Stops the node and frees the handle: the polling thread finishes its current pass and is

@@ -96,6 +96,18 @@ pub const MIRROR_EVENT_TRANSFER_STARTED: c_int = 13;
 /// why it ended early if it did).
 pub const MIRROR_EVENT_TRANSFER_FINISHED: c_int = 14;
 
+/// `mirror_stats.transfer_kind`: no resync or verify is running.
+pub const MIRROR_TRANSFER_NONE: c_int = 0;
+/// `mirror_stats.transfer_kind`: a resync of the dirty chunks (after an outage longer than the
+/// queue).
+pub const MIRROR_TRANSFER_RESYNC: c_int = 1;
+/// `mirror_stats.transfer_kind`: an initial sync (every chunk compared, differing ones sent).
+pub const MIRROR_TRANSFER_INITIAL_SYNC: c_int = 2;
+/// `mirror_stats.transfer_kind`: an online verify.
+pub const MIRROR_TRANSFER_VERIFY: c_int = 3;
+/// `mirror_stats.transfer_kind`: an online verify that repairs.
+pub const MIRROR_TRANSFER_VERIFY_REPAIR: c_int = 4;
+
 /// Role of a node in `mirror_stats.role`.
 pub const MIRROR_ROLE_PRIMARY: c_int = 1;
 /// Role of a node in `mirror_stats.role`.

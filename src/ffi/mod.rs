@@ -115,6 +115,46 @@ pub struct mirror_stats {
     /// 1 if this node was fenced (a newer primary exists) and has not been promoted since:
     /// writes fail with `MIRROR_EFENCED`. `mirror_last_error` after such a write says why.
     pub fenced: c_int,
+    /// Backup: 1 while a resync into it has not finished (its region is inconsistent; it is
+    /// not promoted). Appended in version 4 (beyond the queue).
+    pub resync_target: c_int,
+    /// Chunks marked in the dirty-chunk bitmap (writes folded out of a full queue while the
+    /// backup was away, or what a resync has yet to bring over).
+    pub dirty_chunks: u64,
+    /// The chunk size of the bitmap, resyncs and verifies.
+    pub chunk_size: u64,
+    /// A transfer in progress (`MIRROR_TRANSFER_*`; `MIRROR_TRANSFER_NONE` when none).
+    pub transfer_kind: c_int,
+    /// Its chunks to go through, and done.
+    pub transfer_chunks_total: u64,
+    /// See `transfer_chunks_total`.
+    pub transfer_chunks_done: u64,
+    /// Bytes of region it still has to go through.
+    pub transfer_bytes_left: u64,
+    /// Bytes of region per second since it began.
+    pub transfer_rate_bytes_per_s: u64,
+}
+
+/// What an online verify found, filled by `mirror_verify`. Set `size = sizeof(struct
+/// mirror_verify_report)` before the call (size-versioned like `mirror_stats`).
+#[repr(C)]
+#[allow(non_camel_case_types)]
+pub struct mirror_verify_report {
+    /// In: `sizeof(struct mirror_verify_report)` as the caller knows it. Out: bytes filled.
+    pub size: u32,
+    /// Chunks compared (every chunk of the region).
+    pub chunks_compared: u64,
+    /// Chunks that differed.
+    pub chunks_differing: u64,
+    /// Of those, chunks brought over from the primary (`repair`).
+    pub chunks_repaired: u64,
+    /// Chunk bytes sent.
+    pub bytes_sent: u64,
+    /// How long it took, in microseconds.
+    pub elapsed_us: u64,
+    /// The chunk size (a differing chunk is `chunk_size` bytes at its offset, the last one
+    /// possibly shorter).
+    pub chunk_size: u64,
 }
 
 /// The smallest `mirror_stats.size` accepted: the size of the first version of the struct.
@@ -447,6 +487,21 @@ pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) 
             node_id: s.node_id,
             peer_node_id: s.peer_node_id,
             fenced: c_int::from(s.fenced.is_some()),
+            resync_target: c_int::from(s.resync_target),
+            dirty_chunks: s.dirty_chunks,
+            chunk_size: s.chunk_size,
+            transfer_kind: s.transfer.as_ref().map_or(MIRROR_TRANSFER_NONE, |t| {
+                match t.kind {
+                    "resync" => MIRROR_TRANSFER_RESYNC,
+                    "initial-sync" => MIRROR_TRANSFER_INITIAL_SYNC,
+                    "verify-repair" => MIRROR_TRANSFER_VERIFY_REPAIR,
+                    _ => MIRROR_TRANSFER_VERIFY,
+                }
+            }),
+            transfer_chunks_total: s.transfer.as_ref().map_or(0, |t| t.chunks_total),
+            transfer_chunks_done: s.transfer.as_ref().map_or(0, |t| t.chunks_done),
+            transfer_bytes_left: s.transfer.as_ref().map_or(0, |t| t.bytes_left),
+            transfer_rate_bytes_per_s: s.transfer.as_ref().map_or(0, |t| t.rate_bytes_per_s),
         };
         // SAFETY: the caller's struct is valid for `caller_size >= filled` bytes (contract);
         // `snapshot` is a local of `size_of::<mirror_stats>() >= filled` bytes; they cannot
@@ -458,6 +513,65 @@ pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) 
                 filled,
             )
         };
+        Ok(())
+    })
+}
+
+/// Online verify (primary): compares every chunk (`chunk_size`) of this region with the
+/// backup's while writes go on (each chunk at the same point of the write stream on both
+/// nodes, so writes in flight are never a difference); with `repair` non-zero, differing chunks
+/// are brought over from this node. Paced by `resync_rate`; progress is in `mirror_stats`
+/// (`transfer_*`). Blocks until done. Fills `*out`, and the byte offsets of the first
+/// `max_offsets` differing chunks into `offsets` (may be NULL when `max_offsets` is 0).
+///
+/// Returns 0; `MIRROR_ENOTREADY` (not a primary with a connected, synchronous backup, a resync
+/// or verify already running, or the connection ended part way: `mirror_last_error` says
+/// which); `MIRROR_EINVAL` (NULL, `out->size` too small); `MIRROR_EFAILED`/`MIRROR_ECLOSED`.
+/// Thread safety: any thread; one verify at a time per node.
+///
+/// # Safety
+/// `m` is NULL or a live handle; `out` is NULL or valid for reading and writing `out->size`
+/// bytes; `offsets` is valid for writing `max_offsets` `uint64_t`s when `max_offsets > 0`.
+#[no_mangle]
+pub unsafe extern "C" fn mirror_verify(
+    m: *const mirror,
+    repair: c_int,
+    out: *mut mirror_verify_report,
+    offsets: *mut u64,
+    max_offsets: usize,
+) -> c_int {
+    ffi_call(|| {
+        // SAFETY: per this function's contract.
+        let m = unsafe { arg_ref(m, "m") }?;
+        check_out(out, "out")?;
+        if max_offsets > 0 {
+            check_out(offsets, "offsets")?;
+        }
+        // SAFETY: non-NULL and aligned (checked); the caller's struct starts with `size`.
+        let caller_size = unsafe { std::ptr::addr_of!((*out).size).read() } as usize;
+        let full = std::mem::size_of::<mirror_verify_report>();
+        if caller_size < full {
+            return Err(FfiError::invalid(format!(
+                "out->size is {caller_size}; set it to sizeof(struct mirror_verify_report) ({full})"
+            )));
+        }
+        let report = m.node.verify_online(repair != 0)?;
+        let filled = mirror_verify_report {
+            size: full as u32,
+            chunks_compared: report.chunks_compared,
+            chunks_differing: report.differing.len() as u64,
+            chunks_repaired: report.chunks_repaired,
+            bytes_sent: report.bytes_sent,
+            elapsed_us: report.elapsed_us,
+            chunk_size: m.node.stats().chunk_size,
+        };
+        for (i, range) in report.differing.iter().take(max_offsets).enumerate() {
+            // SAFETY: `offsets` is valid for `max_offsets` writes (contract, checked non-NULL
+            // and aligned above) and `i < max_offsets`.
+            unsafe { offsets.add(i).write(range.offset) };
+        }
+        // SAFETY: `out` passed check_out and holds at least `full` bytes (checked above).
+        unsafe { out.write(filled) };
         Ok(())
     })
 }
