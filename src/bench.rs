@@ -904,3 +904,255 @@ pub fn write_cdf_svg(path: &Path, title: &str, series: &[(String, Vec<u64>)]) ->
     svg += "</svg>\n";
     std::fs::write(path, svg)
 }
+
+/// The figures of the dirty-chunk bitmap, resyncs and online verify (see [`beyond_the_queue`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BeyondTheQueueRun {
+    /// Region size in bytes.
+    pub region_bytes: u64,
+    /// Chunk size in bytes.
+    pub chunk_bytes: u64,
+    /// Initial sync of a blank backup (every chunk differs): MB/s of region brought over.
+    pub initial_sync_mb_per_s: f64,
+    /// Raw TCP streaming of the same bytes over loopback, MB/s.
+    pub tcp_stream_mb_per_s: f64,
+    /// initial_sync_mb_per_s / tcp_stream_mb_per_s.
+    pub initial_sync_vs_tcp: f64,
+    /// Online verify of the synchronous pair, MB/s of region compared.
+    pub verify_mb_per_s: f64,
+    /// One plain pass of the digest over the region in memory, MB/s.
+    pub checksum_pass_mb_per_s: f64,
+    /// verify_mb_per_s / checksum_pass_mb_per_s.
+    pub verify_vs_checksum: f64,
+    /// Percent of the region's chunks rewritten while the backup was away.
+    pub dirty_percent: f64,
+    /// Catch-up of those writes through the queue (it held them all): seconds, bytes moved.
+    pub catch_up_queue_s: f64,
+    /// See `catch_up_queue_s`.
+    pub catch_up_queue_bytes: u64,
+    /// Catch-up of the same writes through the bitmap (a queue too small for them): seconds,
+    /// bytes moved.
+    pub catch_up_bitmap_s: f64,
+    /// See `catch_up_bitmap_s`.
+    pub catch_up_bitmap_bytes: u64,
+    /// Streaming the whole region over loopback TCP (a full remirror), seconds.
+    pub full_remirror_s: f64,
+    /// Writes while the backup was away with the small queue (they fold, never wait): their
+    /// latency in microseconds.
+    pub outage_write_latency: Percentiles,
+    /// The longest of them, microseconds (a fold included).
+    pub outage_write_max_us: f64,
+    /// Chunks the bitmap marked when the backup returned.
+    pub dirty_chunks_at_return: u64,
+}
+
+/// A pair for the bitmap figures: `queue_size` decides whether an outage folds.
+fn resync_pair(
+    dir: &Path,
+    region_bytes: u64,
+    queue_size: &str,
+    backup_extra: &[(&str, &str)],
+) -> Result<(Mirror, Mirror, String), MirrorError> {
+    let node = |role: &str| -> Result<ConfigBuilder, MirrorError> {
+        let mut b = node_config(dir, role, region_bytes, queue_size)?;
+        b.set("reconnect_interval_ms", "2")?;
+        b.set("chunk_size", "64KiB")?;
+        b.set("max_write", "16KiB")?;
+        Ok(b)
+    };
+    let mut bcfg = node("backup")?;
+    bcfg.set("listen", "127.0.0.1:0")?;
+    for (k, v) in backup_extra {
+        bcfg.set(k, v)?;
+    }
+    let backup = Mirror::open(bcfg.build()?)?;
+    let addr = backup
+        .listen_addr()
+        .ok_or_else(|| MirrorError::Unsupported("backup has no listen address".into()))?
+        .to_string();
+    let mut pcfg = node("primary")?;
+    pcfg.set("peer", &addr)?;
+    pcfg.set("on_peer_loss", "continue")?;
+    let primary = Mirror::open(pcfg.build()?)?;
+    Ok((primary, backup, addr))
+}
+
+/// Waits until the primary is synchronous (after `recoveries`) and the backup applied all.
+fn wait_caught_up(primary: &Mirror, backup: &Mirror, recoveries: u64) -> Result<(), MirrorError> {
+    let t = Instant::now();
+    loop {
+        let s = primary.stats();
+        if s.recoveries > recoveries
+            && s.phase == crate::Phase::Synchronous
+            && backup.stats().applied_through >= s.next_seq - 1
+        {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            return Err(MirrorError::Timeout);
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Rewrites `chunks` whole chunks (4 KiB writes) spread over the region; returns the write
+/// latencies in nanoseconds.
+fn rewrite_chunks(m: &Mirror, region_bytes: u64, chunks: u64, byte: u8) -> Result<Vec<u64>, MirrorError> {
+    const CHUNK: u64 = 64 << 10;
+    let total = region_bytes / CHUNK;
+    let step = (total / chunks.max(1)).max(1);
+    let data = vec![byte; 4096];
+    let mut latencies = Vec::with_capacity((chunks * CHUNK / 4096) as usize);
+    for c in 0..chunks.min(total) {
+        for piece in 0..CHUNK / 4096 {
+            let t = Instant::now();
+            m.write(c * step * CHUNK + piece * 4096, &data)?;
+            latencies.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok(latencies)
+}
+
+/// Measures, on a region of `region_bytes` (files in `dir`): an initial sync of a blank node
+/// next to raw TCP streaming of the same bytes; an online verify next to one digest pass over
+/// the region; and the catch-up of `dirty_percent` of the chunks rewritten while the backup
+/// was away, through the queue (large enough to hold them) and through the bitmap (a queue
+/// too small), next to a full remirror; and the writes' latency during that outage.
+pub fn beyond_the_queue(
+    dir: &Path,
+    region_bytes: u64,
+    dirty_percent: f64,
+) -> Result<BeyondTheQueueRun, MirrorError> {
+    const CHUNK: u64 = 64 << 10;
+    let io = |source: io::Error| MirrorError::Io {
+        context: "resync benchmark".into(),
+        source,
+    };
+    let fresh = |name: &str| -> Result<std::path::PathBuf, MirrorError> {
+        let d = dir.join(name);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).map_err(io)?;
+        Ok(d)
+    };
+    // 1. Initial sync: the primary's region is filled (every chunk differs from a blank one).
+    let d = fresh("initial")?;
+    let (primary, backup, addr) = resync_pair(&d, region_bytes, "64MiB", &[])?;
+    primary.wait_synchronous(Duration::from_secs(10))?;
+    backup.close()?;
+    drop(backup);
+    let filler = vec![0x5au8; 16 << 10];
+    let mut last = None;
+    for off in (0..region_bytes).step_by(filler.len()) {
+        let n = (region_bytes - off).min(filler.len() as u64) as usize;
+        last = Some(primary.submit(off, &filler[..n])?);
+    }
+    if let Some(t) = last {
+        primary.wait(t, None)?;
+    }
+    for f in ["backup.region", "backup.queue", "backup.queue.bitmap"] {
+        let _ = std::fs::remove_file(d.join(f));
+    }
+    let recoveries = primary.stats().recoveries;
+    let mut bcfg = node_config(&d, "backup", region_bytes, "64MiB")?;
+    for (k, v) in [
+        ("listen", addr.as_str()),
+        ("chunk_size", "64KiB"),
+        ("max_write", "16KiB"),
+        ("initial_sync", "true"),
+    ] {
+        bcfg.set(k, v)?;
+    }
+    let backup = Mirror::open(bcfg.build()?)?;
+    let t = Instant::now();
+    wait_caught_up(&primary, &backup, recoveries)?;
+    let initial_sync_s = t.elapsed().as_secs_f64();
+    let initial_sync_mb_per_s = region_bytes as f64 / initial_sync_s / 1e6;
+    // 2. Online verify of the synchronous pair, next to one digest pass over the region.
+    let t = Instant::now();
+    let report = primary.verify_online(false)?;
+    let verify_s = t.elapsed().as_secs_f64();
+    if !report.differing.is_empty() {
+        return Err(MirrorError::Verify(format!(
+            "{} chunks differ after the initial sync",
+            report.differing.len()
+        )));
+    }
+    let region = std::fs::read(d.join("primary.region")).map_err(io)?;
+    let t = Instant::now();
+    let mut folded = 0u8;
+    for chunk in region.chunks(CHUNK as usize) {
+        folded ^= mirror_proto::chunk_digest(chunk)[0];
+    }
+    let checksum_s = t.elapsed().as_secs_f64().max(1e-9);
+    std::hint::black_box(folded);
+    drop(region);
+    primary.close()?;
+    backup.close()?;
+    drop((primary, backup));
+    let _ = std::fs::remove_dir_all(&d);
+    let tcp = tcp_stream_mb_per_s(region_bytes, 1 << 20).map_err(io)?;
+    // 3. Catch-up of the same rewrites through the queue, then through the bitmap.
+    let chunks = ((region_bytes / CHUNK) as f64 * dirty_percent / 100.0)
+        .round()
+        .max(1.0) as u64;
+    let queue_for_all = (chunks * CHUNK * 2 + (16 << 20)).next_power_of_two();
+    let mut outage = Vec::new();
+    let mut dirty_at_return = 0;
+    let mut catch_up = |queue_size: String, bitmap: bool| -> Result<(f64, u64), MirrorError> {
+        let d = fresh(if bitmap { "bitmap" } else { "queue" })?;
+        let (primary, backup, addr) = resync_pair(&d, region_bytes, &queue_size, &[])?;
+        primary.wait_synchronous(Duration::from_secs(10))?;
+        backup.close()?;
+        drop(backup);
+        while primary.stats().phase == crate::Phase::Synchronous {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let latencies = rewrite_chunks(&primary, region_bytes, chunks, 0x33)?;
+        if bitmap {
+            outage = latencies;
+            dirty_at_return = primary.stats().dirty_chunks;
+        }
+        let recoveries = primary.stats().recoveries;
+        let mut bcfg = node_config(&d, "backup", region_bytes, &queue_size)?;
+        for (k, v) in [
+            ("listen", addr.as_str()),
+            ("chunk_size", "64KiB"),
+            ("max_write", "16KiB"),
+        ] {
+            bcfg.set(k, v)?;
+        }
+        let backup = Mirror::open(bcfg.build()?)?;
+        let t = Instant::now();
+        wait_caught_up(&primary, &backup, recoveries)?;
+        let s = t.elapsed().as_secs_f64();
+        let bytes = primary.stats().last_recovery_bytes;
+        primary.close()?;
+        backup.close()?;
+        let _ = std::fs::remove_dir_all(&d);
+        Ok((s, bytes))
+    };
+    let (catch_up_queue_s, catch_up_queue_bytes) = catch_up(queue_for_all.to_string(), false)?;
+    let (catch_up_bitmap_s, catch_up_bitmap_bytes) = catch_up("256KiB".to_string(), true)?;
+    let outage_write_max_us = outage.iter().copied().max().unwrap_or(0) as f64 / 1000.0;
+    let checksum_pass_mb_per_s = region_bytes as f64 / checksum_s / 1e6;
+    let verify_mb_per_s = region_bytes as f64 / verify_s / 1e6;
+    Ok(BeyondTheQueueRun {
+        region_bytes,
+        chunk_bytes: CHUNK,
+        initial_sync_mb_per_s,
+        tcp_stream_mb_per_s: tcp,
+        initial_sync_vs_tcp: initial_sync_mb_per_s / tcp,
+        verify_mb_per_s,
+        checksum_pass_mb_per_s,
+        verify_vs_checksum: verify_mb_per_s / checksum_pass_mb_per_s,
+        dirty_percent,
+        catch_up_queue_s,
+        catch_up_queue_bytes,
+        catch_up_bitmap_s,
+        catch_up_bitmap_bytes,
+        full_remirror_s: region_bytes as f64 / (tcp * 1e6),
+        outage_write_latency: Percentiles::of(&mut outage),
+        outage_write_max_us,
+        dirty_chunks_at_return: dirty_at_return,
+    })
+}
