@@ -997,7 +997,12 @@ fn wait_caught_up(primary: &Mirror, backup: &Mirror, recoveries: u64) -> Result<
 
 /// Rewrites `chunks` whole chunks (4 KiB writes) spread over the region; returns the write
 /// latencies in nanoseconds.
-fn rewrite_chunks(m: &Mirror, region_bytes: u64, chunks: u64, byte: u8) -> Result<Vec<u64>, MirrorError> {
+fn rewrite_chunks(
+    m: &Mirror,
+    region_bytes: u64,
+    chunks: u64,
+    byte: u8,
+) -> Result<Vec<u64>, MirrorError> {
     const CHUNK: u64 = 64 << 10;
     let total = region_bytes / CHUNK;
     let step = (total / chunks.max(1)).max(1);

@@ -524,10 +524,6 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                     self.queue.set_history_floor(resync_from)?;
                 }
             }
-            Action::MarkDirty { chunks } => {
-                let ranges: Vec<Range<u64>> = chunks.iter().map(|&c| c..c + 1).collect();
-                self.bitmap.mark(&ranges)?;
-            }
             Action::ClearDirty { chunk } => self.bitmap.clear(chunk)?,
             Action::ResetDirty => {
                 self.bitmap.clear_all()?;
@@ -580,6 +576,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 self.recovery.bytes += data.len() as u64;
             }
             Action::SyncRegion => self.region.sync()?,
+            Action::ClearResyncTarget => self.bitmap.set_resync_target(None)?,
             Action::BeginResyncTarget {
                 primary,
                 applied_through,

@@ -387,6 +387,8 @@ pub struct Identity {
     /// A backup's consent to an initial sync: an unbound backup that consents may be bound
     /// to a primary bound to another node (it replaces that node).
     pub initial_sync: bool,
+    /// The node's last seq (a replacement holds no log yet).
+    pub last_seq: u64,
 }
 
 /// The compatibility rule, for both roles: the peer has the other role and another node id,
@@ -450,16 +452,20 @@ pub fn check_compatible(own: &Identity, peer: &Hello) -> Result<(), (RejectCode,
         ));
     }
     let (me, them) = (role_name(own.role), role_name(peer.role));
-    // A new or replaced backup (bound to nobody) that consents to an initial sync may take the
-    // place of the node a primary is bound to; a node bound to another still may not.
+    // A new or replaced backup (bound to nobody, or to this primary by an attempt that did not
+    // finish: it binds before it answers, and holds no log until its initial sync ends) that
+    // consents to an initial sync may take the place of the node a primary is bound to; a node
+    // bound to another, or the old node with its log, still may not.
     let replacement = match own.role {
-        // (Its Hello may already name us: it binds before it answers.)
         WireRole::Primary => {
-            peer.initial_sync && (peer.peer_node_id == 0 || peer.peer_node_id == own.node_id)
+            peer.initial_sync
+                && (peer.peer_node_id == 0
+                    || (peer.peer_node_id == own.node_id && peer.last_seq == 0))
         }
-        // (It bound itself to the primary at an earlier attempt that did not finish.)
         WireRole::Backup => {
-            own.initial_sync && (own.peer_node_id == 0 || own.peer_node_id == peer.node_id)
+            own.initial_sync
+                && (own.peer_node_id == 0
+                    || (own.peer_node_id == peer.node_id && own.last_seq == 0))
         }
     };
     // A fresh backup (bound to nobody) meeting a primary bound to another node may be its

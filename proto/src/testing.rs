@@ -338,12 +338,6 @@ impl Node {
                     self.disk.dirty = crate::ChunkSet::full(n);
                     self.disk.resync_from = resync_from;
                 }
-                Action::MarkDirty { chunks } => {
-                    self.size_bitmap();
-                    for c in chunks {
-                        self.disk.dirty.insert(c);
-                    }
-                }
                 Action::ClearDirty { chunk } => {
                     self.disk.dirty.remove(chunk);
                 }
@@ -388,6 +382,7 @@ impl Node {
                     self.disk.region[o..o + data.len()].copy_from_slice(&data);
                 }
                 Action::SyncRegion => {}
+                Action::ClearResyncTarget => self.disk.resync_target = None,
                 Action::BeginResyncTarget { primary, .. } => {
                     self.disk.resync_target = Some(primary);
                 }

@@ -1578,6 +1578,7 @@ fn a_new_backup_is_refused_without_consent_and_synced_with_it() {
         pair.p.disk.queue.keys()
     );
     pair.disconnect();
+    let old_node = pair.b.disk.clone();
     // A replacement node with fresh files, bound to nobody, without consent.
     pair.b = Node::new(Role::Backup, big_cfg(3));
     pair.connect();
@@ -1611,6 +1612,25 @@ fn a_new_backup_is_refused_without_consent_and_synced_with_it() {
         4 * 4096,
         "only the four written chunks differ"
     );
+    // The old node comes back with its log (and consent set): it does not take the place
+    // of its replacement.
+    let replacement = pair.b.disk.clone();
+    pair.disconnect();
+    pair.b = Node::start(
+        Role::Backup,
+        CoreConfig {
+            initial_sync: true,
+            ..big_cfg(2)
+        },
+        old_node,
+    );
+    pair.connect();
+    assert_eq!(
+        pair.p.disk.peer_node_id, 3,
+        "still bound to the replacement"
+    );
+    pair.p = Node::start(Role::Primary, big_cfg(1), pair.p.disk.clone());
+    pair.b = Node::start(Role::Backup, big_cfg(3), replacement);
     // A node bound to another primary is still refused, consent or not.
     pair.disconnect();
     let mut other = Node::new(

@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic        0x52494D4C ("LMIR" as bytes on the wire)
-//!      4    1 version      PROTOCOL_VERSION (2)
+//!      4    1 version      PROTOCOL_VERSION (4)
 //!      5    1 kind         MessageKind
 //!      6    2 reserved     must be 0
 //!      8    4 body_len     bytes of body that follow the header (<= MAX_BODY_LEN)
@@ -31,6 +31,9 @@ pub const FRAME_MAGIC: u32 = u32::from_le_bytes(*b"LMIR");
 /// Version 3 added failover: `Hello` carries where the speaker began writing without its
 /// peer (`alone_from`, for split-brain detection) and an operator's split-brain resolution
 /// (`discard_node`); `Reject` has the code `SplitBrain`.
+/// Version 4 added the dirty-chunk bitmap: `Hello` carries `resync_from` and a flags word
+/// (`initial_sync`), the chunk messages (`ChunkDigest`, `ChunkVerdict`, `ChunkData`,
+/// `ChunkHeld`) and `ResyncBegin`/`ResyncDone` exist, and `Reject` has `NeedsInitialSync`.
 pub const PROTOCOL_VERSION: u8 = 4;
 /// Size of the frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
@@ -411,8 +414,9 @@ pub enum WireError {
         /// The value found.
         value: u64,
     },
-    /// A reserved field is not zero.
-    #[error("reserved header bytes are not zero")]
+    /// A reserved field (of the header or a body), or a flag bit this version does not know,
+    /// is not zero.
+    #[error("reserved bytes or unknown flag bits are not zero")]
     Reserved,
     /// A reject reason is not UTF-8.
     #[error("reject reason is not valid UTF-8")]

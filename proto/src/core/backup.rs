@@ -188,7 +188,10 @@ impl BackupSide {
         if self.state == BackupState::Failed {
             return Err((RejectCode::ProtocolViolation, "backup has failed".into()));
         }
-        check_compatible(&identity(&c.cfg, WireRole::Backup, c.peer_node_id), h)?;
+        check_compatible(
+            &identity(&c.cfg, WireRole::Backup, c.peer_node_id, c.last_seq()),
+            h,
+        )?;
         match self.plan(c, h) {
             // A split brain is answered by `on_hello` (our Hello first, so that the primary
             // reaches the same verdict).
@@ -275,6 +278,12 @@ impl BackupSide {
             last_seq: h.last_seq,
             term: h.current_term,
         });
+        if plan.resync.is_none() && !plan.backup_discards && self.resync_target.is_some() {
+            // Our log is caught up as is (a crash after a resync's adopt step, before its
+            // mark was cleared): the catch-up that follows needs no resync.
+            self.resync_target = None;
+            c.actions.push(Action::ClearResyncTarget);
+        }
         if plan.resync.is_none()
             && !plan.backup_discards
             && (!c.dirty.is_empty() || c.resync_from != 0)

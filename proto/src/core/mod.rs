@@ -486,11 +486,6 @@ pub enum Action {
         /// The first seq the bitmap now covers.
         resync_from: u64,
     },
-    /// Primary: mark these chunks dirty, durably (a verify's repair).
-    MarkDirty {
-        /// The chunk indexes.
-        chunks: Vec<u64>,
-    },
     /// Primary: the backup holds this chunk durably: clear its bit (losing the clear in a
     /// crash only resends the chunk, so it need not be synced).
     ClearDirty {
@@ -552,6 +547,9 @@ pub enum Action {
         /// Everything through this seq is applied (to be recorded).
         applied_through: u64,
     },
+    /// Backup: a handshake found this node's log caught up (no resync to finish): clear the
+    /// mark of an unfinished resync, durably.
+    ClearResyncTarget,
     /// Backup: the resync is complete: the log continues after `through` with `history`
     /// (the primary's through it). Persist the history, drop the queue's records and make the
     /// next seq `through + 1` with everything through it applied, then clear the resync
@@ -776,8 +774,9 @@ fn plan_with_policy(
 }
 
 /// What a node says of itself in the compatibility check and its Hello.
-fn identity(cfg: &CoreConfig, role: WireRole, peer_node_id: u64) -> Identity {
+fn identity(cfg: &CoreConfig, role: WireRole, peer_node_id: u64, last_seq: u64) -> Identity {
     Identity {
+        last_seq,
         role,
         node_id: cfg.node_id,
         peer_node_id,
@@ -1006,7 +1005,7 @@ impl Common {
     /// This node's Hello in `role`, announcing the operator's resolution `discard_node`.
     fn own_hello(&self, role: WireRole, discard_node: u64) -> Hello {
         hello_of(
-            &identity(&self.cfg, role, self.peer_node_id),
+            &identity(&self.cfg, role, self.peer_node_id, self.last_seq()),
             &self.view(),
             self.committed_through,
             self.cfg.ack_timeout_us,
@@ -1429,7 +1428,8 @@ impl Replica {
     }
 
     /// Whether the driver may fold the queue into the dirty-chunk bitmap now ([`Replica::fold`]):
-    /// a primary writing without its backup under `continue`, outside a handshake.
+    /// a primary writing without its backup under `continue` (disconnected, waiting for the
+    /// backup's Hello, or resyncing), with no write waiting for an ack.
     pub fn may_fold(&self) -> bool {
         match &self.side {
             Side::Primary(p) => p.may_fold(&self.common),

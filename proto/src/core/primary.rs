@@ -418,7 +418,7 @@ impl PrimarySide {
     }
 
     fn on_hello(&mut self, c: &mut Common, h: Hello) {
-        let own = identity(&c.cfg, WireRole::Primary, c.peer_node_id);
+        let own = identity(&c.cfg, WireRole::Primary, c.peer_node_id, c.last_seq());
         match check_compatible(&own, &h) {
             Ok(()) => {}
             // A fresh backup without consent to replace ours: we keep serving and retry.

@@ -302,7 +302,7 @@ impl Transfer {
     ) -> Result<(), String> {
         let chunk = self.in_flight_at(range, Stage::Digest)?;
         if same {
-            self.chunk_done(c, chunk, false);
+            self.chunk_done(c, chunk);
             return Ok(());
         }
         if !self.is_resync() {
@@ -313,15 +313,8 @@ impl Transfer {
             TransferPurpose::Resync | TransferPurpose::InitialSync => true,
         };
         if !repair {
-            self.chunk_done(c, chunk, false);
+            self.chunk_done(c, chunk);
             return Ok(());
-        }
-        if !self.is_resync() && c.dirty.insert(chunk) {
-            // A repair survives a crash of either node like a resync: its chunk is dirty
-            // until the backup holds it.
-            c.actions.push(Action::MarkDirty {
-                chunks: vec![chunk],
-            });
         }
         if let Some(f) = self.in_flight.get_mut(&chunk) {
             f.stage = Stage::Data;
@@ -343,21 +336,22 @@ impl Transfer {
         if self.is_resync() {
             self.differing.push(range);
         }
-        self.chunk_done(c, chunk, true);
+        self.chunk_done(c, chunk);
         Ok(())
     }
 
-    /// A chunk is settled: it matched, or (`held`) the backup holds its bytes. It leaves the
-    /// bitmap unless a fold marked it again meanwhile; a verify's match leaves the bitmap as
-    /// it is.
-    fn chunk_done(&mut self, c: &mut Common, chunk: u64, held: bool) {
+    /// A chunk is settled: it matched, or the backup holds its bytes. A resync's
+    /// chunk leaves the bitmap unless a fold marked it again meanwhile; a verify leaves the
+    /// bitmap alone (a repair cut short by a crash or a lost connection is not resumed: the
+    /// operator runs the verify again).
+    fn chunk_done(&mut self, c: &mut Common, chunk: u64) {
         let Some(f) = self.in_flight.remove(&chunk) else {
             return;
         };
         if f.redo {
             // Its newest writes left the queue meanwhile: compare it again.
             self.chunks_total += 1;
-        } else if (held || self.is_resync()) && c.dirty.remove(chunk) {
+        } else if self.is_resync() && c.dirty.remove(chunk) {
             c.actions.push(Action::ClearDirty { chunk });
         }
         self.chunks_done += 1;
