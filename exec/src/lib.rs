@@ -303,6 +303,10 @@ pub struct Executor<R, H> {
     pub hooks: H,
     /// The node's dirty-chunk bitmap.
     pub bitmap: Box<dyn BitmapStore>,
+    /// Chunk images for digests, kept across chunks.
+    scratch: Vec<u8>,
+    /// Chunk images sent as messages (see `chunk_bytes`).
+    chunk_buf: bytes::BytesMut,
     deferred_commit: bool,
     commit_pending: Option<u64>,
     last_checkpoint_us: u64,
@@ -360,6 +364,8 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             region,
             hooks,
             bitmap,
+            scratch: Vec::new(),
+            chunk_buf: bytes::BytesMut::new(),
             deferred_commit,
             commit_pending: None,
             last_checkpoint_us: 0,
@@ -536,13 +542,10 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 overlay_from,
                 overlay_through,
             } => {
-                let image = self.chunk_image(range, overlay_from, overlay_through)?;
+                let digest = self.chunk_digest(range, overlay_from, overlay_through)?;
                 io.push(Io::Send {
                     to,
-                    msg: Message::ChunkDigest {
-                        range,
-                        digest: chunk_digest(&image),
-                    },
+                    msg: Message::ChunkDigest { range, digest },
                 });
             }
             Action::SendChunk {
@@ -551,23 +554,23 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 overlay_from,
                 overlay_through,
             } => {
-                let image = self.chunk_image(range, overlay_from, overlay_through)?;
-                self.recovery.bytes += image.len() as u64;
+                let data = self.chunk_bytes(range, overlay_from, overlay_through)?;
+                self.recovery.bytes += data.len() as u64;
                 io.push(Io::Send {
                     to,
                     msg: Message::ChunkData {
                         offset: range.offset,
-                        data: Bytes::from(image),
+                        data,
                     },
                 });
             }
             Action::CompareChunk { to, range, digest } => {
-                let image = self.chunk_image(range, 1, 0)?;
+                let ours = self.chunk_digest(range, 1, 0)?;
                 io.push(Io::Send {
                     to,
                     msg: Message::ChunkVerdict {
                         range,
-                        same: chunk_digest(&image) == digest,
+                        same: ours == digest,
                     },
                 });
             }
@@ -664,11 +667,11 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         range: ChunkRange,
         from: u64,
         through: u64,
-    ) -> Result<Vec<u8>, StorageError> {
+        image: &mut [u8],
+    ) -> Result<(), StorageError> {
         let start = range.offset;
         let end = start + u64::from(range.len);
-        let mut image = vec![0u8; range.len as usize];
-        self.region.read(start, &mut image)?;
+        self.region.read(start, image)?;
         if from <= through {
             for rec in self.queue.iter_from(from) {
                 let rec = rec?;
@@ -683,7 +686,40 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 }
             }
         }
-        Ok(image)
+        Ok(())
+    }
+
+    /// The digest of a chunk image (see [`Self::chunk_image`]), read into a buffer kept across
+    /// chunks (a resync reads thousands of them: no allocation each).
+    fn chunk_digest(
+        &mut self,
+        range: ChunkRange,
+        from: u64,
+        through: u64,
+    ) -> Result<[u8; 16], StorageError> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(range.len as usize, 0);
+        let read = self.chunk_image(range, from, through, &mut scratch);
+        let digest = chunk_digest(&scratch);
+        self.scratch = scratch;
+        read.map(|()| digest)
+    }
+
+    /// A chunk image as the bytes of a message, from a buffer whose memory is reused once the
+    /// previous message's bytes were sent (no fresh pages per chunk).
+    fn chunk_bytes(
+        &mut self,
+        range: ChunkRange,
+        from: u64,
+        through: u64,
+    ) -> Result<Bytes, StorageError> {
+        let mut buf = std::mem::take(&mut self.chunk_buf);
+        buf.clear();
+        buf.resize(range.len as usize, 0);
+        let read = self.chunk_image(range, from, through, &mut buf);
+        let bytes = buf.split().freeze();
+        self.chunk_buf = buf;
+        read.map(|()| bytes)
     }
 
     /// Reads the divergent suffix `(after, through]`, hands it to the driver to save, then the
