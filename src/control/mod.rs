@@ -234,6 +234,35 @@ impl LiveStatus {
         }
     }
 
+    /// The dirty-chunk bitmap and a transfer in progress, in one line for people: `clean`,
+    /// `N dirty chunks of S bytes`, and `resync: D/T chunks, R MB/s, eta Es` or the like.
+    pub fn bitmap_description(&self) -> String {
+        let mut out = if self.dirty_chunks == 0 {
+            "clean".to_string()
+        } else {
+            format!(
+                "{} dirty chunks of {} bytes",
+                self.dirty_chunks, self.chunk_size
+            )
+        };
+        if self.resync_target {
+            out.push_str("; a resync into this node is unfinished (not promotable)");
+        }
+        if let Some(t) = &self.transfer {
+            out.push_str(&format!(
+                "; {}: {}/{} chunks, {} differing, {} bytes left, {:.1} MB/s, eta {}",
+                t.kind,
+                t.chunks_done,
+                t.chunks_total,
+                t.chunks_differing,
+                t.bytes_left,
+                t.rate_bytes_per_s as f64 / 1e6,
+                t.eta_s.map_or("?".into(), |s| format!("{s}s"))
+            ));
+        }
+        out
+    }
+
     /// How full the queue is, in percent of its capacity (0 when the capacity is 0).
     pub fn queue_fill_percent(&self) -> f64 {
         if self.queue_capacity == 0 {

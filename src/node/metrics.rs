@@ -203,6 +203,62 @@ pub(crate) fn render(s: &Stats, c: &Counters, auth: &str) -> String {
         "Records in the node's persistent queue.",
         &[("", s.queue_records as f64)],
     );
+    metric(
+        "mirror_dirty_chunks",
+        "gauge",
+        "Chunks marked in the dirty-chunk bitmap (writes folded out of a full queue while the backup was away, or what a resync has yet to bring over).",
+        &[("", s.dirty_chunks as f64)],
+    );
+    metric(
+        "mirror_resync_target",
+        "gauge",
+        "Backup: 1 while a resync into it is unfinished (its region is inconsistent).",
+        &[("", flag(s.resync_target))],
+    );
+    let transfer = |kind: &str| {
+        s.transfer
+            .as_ref()
+            .filter(|t| t.kind == kind)
+            .map_or(0.0, |_| 1.0)
+    };
+    metric(
+        "mirror_transfer_running",
+        "gauge",
+        "1 for the kind of chunk transfer in progress (resync, initial-sync, verify, verify-repair).",
+        &[
+            ("{kind=\"resync\"}", transfer("resync")),
+            ("{kind=\"initial-sync\"}", transfer("initial-sync")),
+            ("{kind=\"verify\"}", transfer("verify")),
+            ("{kind=\"verify-repair\"}", transfer("verify-repair")),
+        ],
+    );
+    let t = |f: fn(&crate::node::TransferStats) -> u64| {
+        s.transfer.as_ref().map_or(0.0, |t| f(t) as f64)
+    };
+    metric(
+        "mirror_transfer_chunks_total",
+        "gauge",
+        "Chunks the transfer in progress goes through (0: none running).",
+        &[("", t(|t| t.chunks_total))],
+    );
+    metric(
+        "mirror_transfer_chunks_done",
+        "gauge",
+        "Chunks the transfer in progress went through.",
+        &[("", t(|t| t.chunks_done))],
+    );
+    metric(
+        "mirror_transfer_bytes_left",
+        "gauge",
+        "Bytes of region the transfer in progress has still to go through.",
+        &[("", t(|t| t.bytes_left))],
+    );
+    metric(
+        "mirror_transfer_rate_bytes_per_second",
+        "gauge",
+        "Bytes of region per second the transfer in progress goes through, since it began.",
+        &[("", t(|t| t.rate_bytes_per_s))],
+    );
     let unacked = s.next_seq.saturating_sub(1).saturating_sub(s.acked_through);
     metric(
         "mirror_unacknowledged_records",

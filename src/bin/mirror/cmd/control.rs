@@ -153,6 +153,20 @@ pub fn live_status(node: &NodeRef) -> CliResult {
         s.queue_capacity,
         s.queue_fill_percent()
     );
+    println!("  bitmap           {}", s.bitmap_description());
+    if let Some(v) = &s.last_verify {
+        println!(
+            "  last verify      {}: {} chunks compared, {} differing, {} repaired{}",
+            v.kind,
+            v.chunks_compared,
+            v.chunks_differing,
+            v.chunks_repaired,
+            v.abandoned
+                .as_deref()
+                .map(|w| format!(" (ended early: {w})"))
+                .unwrap_or_default()
+        );
+    }
     println!("  next_seq         {}", s.next_seq);
     println!("  applied_through  {}", s.applied_through);
     println!("  acked_through    {}", s.acked_through);

@@ -98,6 +98,36 @@ pub fn run(args: &StatusArgs) -> CliResult {
             i.torn_tail_cut_bytes, i.cut_reason
         );
     }
+    match mirror_storage::inspect_bitmap(&mirror_storage::bitmap_path(queue)) {
+        Ok(b) => println!(
+            "  bitmap           {} dirty chunks of {} bytes{}{}{}",
+            b.dirty_chunks,
+            b.geometry.chunk_size(),
+            if b.covers_from != 0 {
+                format!(", covering folded seqs from {}", b.covers_from)
+            } else {
+                String::new()
+            },
+            match b.resync_target {
+                Some(p) => format!("; a resync into this node from {p:#x} is unfinished"),
+                None => String::new(),
+            },
+            if b.damaged_pages > 0 || b.state_damaged {
+                format!(
+                    "; damaged ({} pages, state {}): the next open takes them as dirty",
+                    b.damaged_pages, b.state_damaged
+                )
+            } else {
+                String::new()
+            }
+        ),
+        Err(mirror_storage::StorageError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            println!("  bitmap           none yet")
+        }
+        Err(e) => println!("  bitmap           unreadable: {e}"),
+    }
     println!(
         "  in use           {}",
         if i.in_use {

@@ -116,8 +116,37 @@ fn render(s: &LiveStatus, prev: Option<&Previous>, now: Instant) -> String {
         "#".repeat(filled.min(bar_width)) + &".".repeat(bar_width - filled.min(bar_width));
     let peer = s.peer_description();
     let flag = |b: bool| if b { "YES" } else { "no" };
+    // A resync or verify in progress: its own bar.
+    let transfer = s
+        .transfer
+        .as_ref()
+        .map(|t| {
+            let done = if t.chunks_total == 0 {
+                0.0
+            } else {
+                t.chunks_done as f64 / t.chunks_total as f64
+            };
+            let filled = ((done * bar_width as f64).round() as usize).min(bar_width);
+            format!(
+                "  {:<10} [{}{}] {:.1}%   {}/{} chunks, {:.1} MB/s, eta {}\n",
+                t.kind,
+                "#".repeat(filled),
+                ".".repeat(bar_width - filled),
+                done * 100.0,
+                t.chunks_done,
+                t.chunks_total,
+                t.rate_bytes_per_s as f64 / 1e6,
+                t.eta_s.map_or("?".into(), |s| format!("{s}s"))
+            )
+        })
+        .unwrap_or_default();
+    let dirty = if s.dirty_chunks > 0 || s.resync_target {
+        format!("  bitmap     {}\n", s.bitmap_description())
+    } else {
+        String::new()
+    };
     format!(
-        "node {:#x}  {}  term {}  {}\n  peer       {}   auth {}\n  writes     {} total   {}   {}\n  latency    p50 {}   p99 {}   (synchronous writes)\n  queue      [{bar}] {fill:.1}%   {} records, {} of {} bytes\n  state      degraded {}   fenced {}   split brain {}   recoveries {} (last {} records, {} bytes)\n{}\n",
+        "node {:#x}  {}  term {}  {}\n  peer       {}   auth {}\n  writes     {} total   {}   {}\n  latency    p50 {}   p99 {}   (synchronous writes)\n  queue      [{bar}] {fill:.1}%   {} records, {} of {} bytes\n{dirty}{transfer}  state      degraded {}   fenced {}   split brain {}   recoveries {} (last {} records, {} bytes)\n{}\n",
         s.node_id,
         s.role,
         s.term,
