@@ -1,6 +1,7 @@
 //! Tests that cross modules or need crate internals (the barrier hook, the mapping).
 //! Named for the scenario they check.
 
+mod adopt;
 mod bitmap;
 mod crash;
 mod model;
