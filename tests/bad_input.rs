@@ -49,6 +49,66 @@ fn missing_and_bad_config_values_name_the_key() {
 }
 
 #[test]
+fn bitmaps_of_another_geometry_are_refused_and_a_damaged_page_is_taken_as_dirty() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Pair::new(dir.path(), "block");
+    let mut b = pair.start_backup(0);
+    assert!(b.stop().success());
+    let with = |kv: &[&str]| {
+        let mut args = pair.backup_args();
+        for kv in kv {
+            args.extend(["--set".to_string(), kv.to_string()]);
+        }
+        args
+    };
+    // A chunk size that is not a power of two, or out of range: a config error.
+    for bad in ["chunk_size=3000", "chunk_size=2MiB", "chunk_size=1KiB"] {
+        let args = with(&[bad]);
+        let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (st, _, err) = run(&args_ref);
+        assert_clean_error(st, &err, "chunk_size");
+    }
+    // The bitmap was made for 64 KiB chunks: another chunk size is refused, naming both.
+    let args = with(&["chunk_size=4KiB"]);
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = run(&args_ref);
+    assert_clean_error(st, &err, "65536");
+    assert!(err.contains("4096"), "{err}");
+    // Another region size: the queue refuses first (its own check), naming the region.
+    let mut args = pair.backup_args();
+    let i = args.iter().position(|a| a == "--region-size").unwrap();
+    args[i + 1] = "2MiB".into();
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = run(&args_ref);
+    assert_clean_error(st, &err, "region");
+    // A damaged bit page (a torn write, a bad sector): the node opens, warns, and takes every
+    // chunk of that page as dirty (a later resync compares them).
+    let bitmap = pair.path("backup.queue.bitmap");
+    let mut bytes = std::fs::read(&bitmap).unwrap();
+    bytes[4096 + 100] ^= 0x5a;
+    std::fs::write(&bitmap, &bytes).unwrap();
+    let mut b = pair.start_backup(1);
+    assert!(b.stop().success());
+    assert!(
+        tail(&pair.path("backup-1.log")).contains("did not verify"),
+        "{}",
+        tail(&pair.path("backup-1.log"))
+    );
+    let (st, out, _) = run(&["status", pair.path("backup.queue").to_str().unwrap()]);
+    assert!(st.success(), "{out}");
+    assert!(
+        out.contains("16 dirty chunks"),
+        "every chunk of the 1 MiB region: {out}"
+    );
+    // Not a bitmap at all: refused, naming the file and what to do.
+    std::fs::write(&bitmap, b"hello").unwrap();
+    let args = pair.backup_args();
+    let args_ref: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (st, _, err) = run(&args_ref);
+    assert_clean_error(st, &err, "bitmap");
+}
+
+#[test]
 fn damaged_or_foreign_queue_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pair = Pair::new(dir.path(), "block");
