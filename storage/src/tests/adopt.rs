@@ -38,7 +38,10 @@ fn adopt_log_continues_after_the_resynced_seqs_with_the_primarys_history() {
     push_term(&mut q, 2, 40, 1);
     drop(q);
     let q = reopen(&path);
-    assert_eq!(records(&q).iter().map(|r| r.0).collect::<Vec<_>>(), vec![21]);
+    assert_eq!(
+        records(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![21]
+    );
     assert_eq!(q.term_history().term_at(21), Some(2));
 }
 
