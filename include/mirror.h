@@ -135,8 +135,10 @@ typedef struct mirror_events mirror_events;
 #define MIRROR_EPEERALIVE -1017
 
 /**
- * `mirror_promote` refused: the backup is not caught up with what it acknowledged (a repair
- * is in progress). Retry once its phase is synchronous.
+ * Not ready: `mirror_promote` (or `mirror_open` as a primary) refused a backup not caught up
+ * with what it acknowledged (a repair or a resync into it is unfinished; retry once its phase
+ * is synchronous), or `mirror_verify` could not run (not a primary with a synchronous backup,
+ * a transfer already running) or ended early.
  */
 #define MIRROR_ENOTREADY -1018
 
@@ -521,15 +523,19 @@ struct mirror_event {
      */
     uint64_t term;
     /**
-     * `MIRROR_EVENT_RECOVERING`: records to go.
+     * `MIRROR_EVENT_RECOVERING`: records to go. `MIRROR_EVENT_BITMAP_FALLBACK`: records
+     * folded. `MIRROR_EVENT_TRANSFER_STARTED`: chunks to go through.
+     * `MIRROR_EVENT_TRANSFER_FINISHED`: chunks compared.
      */
     uint64_t records;
     /**
-     * `MIRROR_EVENT_RECOVERING`: their payload bytes.
+     * `MIRROR_EVENT_RECOVERING`: their payload bytes. `MIRROR_EVENT_TRANSFER_FINISHED`:
+     * chunk bytes sent.
      */
     uint64_t bytes;
     /**
-     * `MIRROR_EVENT_LOST`: events dropped.
+     * `MIRROR_EVENT_LOST`: events dropped. `MIRROR_EVENT_BITMAP_FALLBACK`: chunks dirty now.
+     * `MIRROR_EVENT_TRANSFER_FINISHED`: chunks that differed or were brought over.
      */
     uint64_t lost;
     /**

@@ -100,6 +100,38 @@ fn bitmaps_of_another_geometry_are_refused_and_a_damaged_page_is_taken_as_dirty(
         out.contains("16 dirty chunks"),
         "every chunk of the 1 MiB region: {out}"
     );
+    // A node that was the target of an unfinished resync is not opened as a primary.
+    {
+        let node_id = mirror_storage::inspect_queue(&pair.path("backup.queue"))
+            .unwrap()
+            .node_id;
+        let geometry = mirror_proto::ChunkGeometry::new(pair.region_size, 64 << 10).unwrap();
+        let (mut bm, _) = mirror_storage::DirtyBitmap::open_or_create(
+            &bitmap,
+            node_id,
+            geometry,
+            mirror_storage::Durability::Process,
+        )
+        .unwrap();
+        bm.set_resync_target(Some(0x77)).unwrap();
+    }
+    let region_size = pair.region_size.to_string();
+    let (region, queue) = (pair.path("backup.region"), pair.path("backup.queue"));
+    let args = [
+        "primary",
+        "--region",
+        region.to_str().unwrap(),
+        "--region-size",
+        &region_size,
+        "--queue",
+        queue.to_str().unwrap(),
+        "--queue-size",
+        "8MiB",
+        "--peer",
+        &pair.addr,
+    ];
+    let (st, _, err) = run(&args);
+    assert_clean_error(st, &err, "resync");
     // Not a bitmap at all: refused, naming the file and what to do.
     std::fs::write(&bitmap, b"hello").unwrap();
     let args = pair.backup_args();

@@ -25,6 +25,9 @@ fn cfg(id: u64, policy: PeerLossPolicy) -> CoreConfig {
         max_write_len: 64,
         queue_capacity: 1 << 20,
         deferred_commit: false,
+        chunk_size: mirror_proto::MIN_CHUNK_SIZE,
+        resync_rate: 0,
+        initial_sync: false,
     }
 }
 
@@ -76,6 +79,12 @@ fuzz_target!(|ops: &[u8]| {
                     p.core.end_batch();
                     p.run();
                     model.push((off, data));
+                    // Now and then the queue is taken as full: a primary writing without its
+                    // backup folds it into the dirty-chunk bitmap (the backup's return is then
+                    // a resync).
+                    if x & 0x80 != 0 && p.core.fold() {
+                        p.run();
+                    }
                 }
             }
             2 => if up { deliver(&mut p, &mut b, (x % 4 + 1) as usize) },

@@ -1710,3 +1710,33 @@ fn a_fold_during_the_handshake_turns_the_catch_up_into_a_resync() {
     pair.assert_converged();
     assert!(pair.p.transfers.iter().any(|t| t.chunks_repaired > 0));
 }
+
+#[test]
+fn a_resync_mark_left_by_a_crash_after_the_adopt_step_is_cleared_by_the_next_handshake() {
+    let mut pair = big_pair();
+    pair.p.write(0, 1, 100);
+    pair.settle();
+    pair.disconnect();
+    // The backup crashed after its log continued, before it cleared its mark.
+    let mut disk = pair.b.disk.clone();
+    disk.resync_target = Some(1);
+    pair.b = Node::start(Role::Backup, big_cfg(2), disk);
+    assert!(matches!(
+        pair.b.core.promote(false),
+        Err(PromoteError::NotCaughtUp { .. })
+    ));
+    pair.connect();
+    assert_eq!(
+        pair.b.disk.resync_target, None,
+        "its log is caught up: no resync"
+    );
+    assert_eq!(pair.p.core.phase(), Phase::Synchronous);
+    // A forced promotion takes the region as it is, and drops the mark too.
+    pair.disconnect();
+    let mut disk = pair.b.disk.clone();
+    disk.resync_target = Some(1);
+    pair.b = Node::start(Role::Backup, big_cfg(2), disk);
+    pair.b.core.promote(true).unwrap();
+    pair.b.run();
+    assert_eq!(pair.b.disk.resync_target, None);
+}

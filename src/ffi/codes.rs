@@ -55,8 +55,10 @@ pub const MIRROR_EFENCED: c_int = -1016;
 /// `mirror_promote` refused: this backup is connected to a live primary. Demote that primary
 /// first, or force the promotion (which fences it).
 pub const MIRROR_EPEERALIVE: c_int = -1017;
-/// `mirror_promote` refused: the backup is not caught up with what it acknowledged (a repair
-/// is in progress). Retry once its phase is synchronous.
+/// Not ready: `mirror_promote` (or `mirror_open` as a primary) refused a backup not caught up
+/// with what it acknowledged (a repair or a resync into it is unfinished; retry once its phase
+/// is synchronous), or `mirror_verify` could not run (not a primary with a synchronous backup,
+/// a transfer already running) or ended early.
 pub const MIRROR_ENOTREADY: c_int = -1018;
 /// `mirror_events_next`: no event is waiting now (poll the subscription's descriptor).
 pub const MIRROR_EAGAIN: c_int = -1019;
@@ -167,7 +169,7 @@ const DESCRIPTIONS: &[(c_int, &std::ffi::CStr)] = &[
     ),
     (
         MIRROR_ENOTREADY,
-        c"promotion refused: not caught up with what it acknowledged",
+        c"not ready: a promotion of a node not caught up (a repair or resync unfinished), or an online verify that cannot run or ended early",
     ),
     (MIRROR_EAGAIN, c"no event waiting; poll the descriptor"),
 ];

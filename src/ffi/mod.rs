@@ -518,6 +518,10 @@ pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) 
     })
 }
 
+/// The smallest `mirror_verify_report.size` accepted: the size of the struct's first version
+/// (fields appended later are filled only for callers that know them).
+const VERIFY_REPORT_V1_SIZE: usize = std::mem::size_of::<mirror_verify_report>();
+
 /// Online verify (primary): compares every chunk (`chunk_size`) of this region with the
 /// backup's while writes go on (each chunk at the same point of the write stream on both
 /// nodes, so writes in flight are never a difference); with `repair` non-zero, differing chunks
@@ -551,14 +555,15 @@ pub unsafe extern "C" fn mirror_verify(
         // SAFETY: non-NULL and aligned (checked); the caller's struct starts with `size`.
         let caller_size = unsafe { std::ptr::addr_of!((*out).size).read() } as usize;
         let full = std::mem::size_of::<mirror_verify_report>();
-        if caller_size < full {
+        if caller_size < VERIFY_REPORT_V1_SIZE {
             return Err(FfiError::invalid(format!(
-                "out->size is {caller_size}; set it to sizeof(struct mirror_verify_report) ({full})"
+                "out->size is {caller_size}; set it to sizeof(struct mirror_verify_report) (at least {VERIFY_REPORT_V1_SIZE})"
             )));
         }
+        let filled_size = caller_size.min(full);
         let report = m.node.verify_online(repair != 0)?;
         let filled = mirror_verify_report {
-            size: full as u32,
+            size: filled_size as u32,
             chunks_compared: report.chunks_compared,
             chunks_differing: report.differing.len() as u64,
             chunks_repaired: report.chunks_repaired,
@@ -571,8 +576,16 @@ pub unsafe extern "C" fn mirror_verify(
             // and aligned above) and `i < max_offsets`.
             unsafe { offsets.add(i).write(range.offset) };
         }
-        // SAFETY: `out` passed check_out and holds at least `full` bytes (checked above).
-        unsafe { out.write(filled) };
+        // SAFETY: the caller's struct is valid for `caller_size >= filled_size` bytes
+        // (contract, checked above); `filled` is a local of at least `filled_size` bytes; they
+        // cannot overlap. A byte copy, so that a newer caller's larger struct keeps its tail.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&filled as *const mirror_verify_report).cast::<u8>(),
+                out.cast::<u8>(),
+                filled_size,
+            )
+        };
         Ok(())
     })
 }
@@ -750,11 +763,15 @@ pub struct mirror_event {
     pub peer_node_id: u64,
     /// `MIRROR_EVENT_PROMOTED`: the new term.
     pub term: u64,
-    /// `MIRROR_EVENT_RECOVERING`: records to go.
+    /// `MIRROR_EVENT_RECOVERING`: records to go. `MIRROR_EVENT_BITMAP_FALLBACK`: records
+    /// folded. `MIRROR_EVENT_TRANSFER_STARTED`: chunks to go through.
+    /// `MIRROR_EVENT_TRANSFER_FINISHED`: chunks compared.
     pub records: u64,
-    /// `MIRROR_EVENT_RECOVERING`: their payload bytes.
+    /// `MIRROR_EVENT_RECOVERING`: their payload bytes. `MIRROR_EVENT_TRANSFER_FINISHED`:
+    /// chunk bytes sent.
     pub bytes: u64,
-    /// `MIRROR_EVENT_LOST`: events dropped.
+    /// `MIRROR_EVENT_LOST`: events dropped. `MIRROR_EVENT_BITMAP_FALLBACK`: chunks dirty now.
+    /// `MIRROR_EVENT_TRANSFER_FINISHED`: chunks that differed or were brought over.
     pub lost: u64,
     /// The address, reason or description, NUL-terminated (truncated to fit).
     pub detail: [c_char; MIRROR_EVENT_DETAIL_LEN],

@@ -122,6 +122,14 @@ impl Mirror {
             });
         }
         if cfg.role == Role::Primary {
+            if let Some(primary) = bitmap_resync_target(&cfg.queue)? {
+                return Err(MirrorError::Promote(mirror_proto::PromoteError::NotCaughtUp {
+                    why: format!(
+                        "queue {}: a resync into this node from primary {primary:#x} began and did not finish (its region is part old, part new): start it as a backup so that the resync finishes, then promote it",
+                        cfg.queue.display()
+                    ),
+                }));
+            }
             if let Some(common) = mirror_storage::unfinished_repair(&queue) {
                 return Err(MirrorError::Promote(mirror_proto::PromoteError::NotCaughtUp {
                     why: format!(
@@ -441,5 +449,19 @@ impl Mirror {
             }
         }
         Ok(mirror)
+    }
+}
+
+/// The primary a resync into this node began from and did not finish, as the node's
+/// dirty-chunk bitmap says (none without a bitmap file yet).
+fn bitmap_resync_target(queue: &std::path::Path) -> Result<Option<u64>> {
+    match mirror_storage::inspect_bitmap(&mirror_storage::bitmap_path(queue)) {
+        Ok(info) => Ok(info.resync_target),
+        Err(mirror_storage::StorageError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }

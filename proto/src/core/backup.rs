@@ -103,6 +103,13 @@ impl BackupSide {
         self.state = BackupState::Failed;
     }
 
+    /// A promotion (forced, past an unfinished resync) takes the region as it is: the mark
+    /// goes. Returns whether there was one.
+    pub(super) fn take_resync_target(&mut self) -> bool {
+        self.resync_in = None;
+        self.resync_target.take().is_some()
+    }
+
     /// Whether this backup may become a primary now (see [`Replica::promote`]).
     pub(super) fn check_promotable(&self, c: &Common, force: bool) -> Result<(), PromoteError> {
         match self.state {

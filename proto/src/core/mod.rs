@@ -1114,6 +1114,9 @@ impl Replica {
         b.check_promotable(c, force)?;
         // What the last pass received is acknowledged and applied before the role changes.
         b.end_batch(c);
+        if b.take_resync_target() {
+            c.actions.push(Action::ClearResyncTarget);
+        }
         self.end_conversation(WireRole::Primary);
         let c = &mut self.common;
         let known = c.current_term.max(c.history.last_term());

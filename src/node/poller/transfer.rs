@@ -48,10 +48,17 @@ impl Poller {
                 elapsed_ms = report.elapsed_us / 1000,
                 "{kind} complete"
             ),
+            Some(why) if matches!(report.purpose, TransferPurpose::Verify { .. }) => {
+                tracing::warn!(
+                    kind,
+                    chunks_compared = report.chunks_compared,
+                    "{kind} ended early: {why}; run the verify again once the pair is synchronous"
+                )
+            }
             Some(why) => tracing::warn!(
                 kind,
                 chunks_compared = report.chunks_compared,
-                "{kind} ended early: {why}; a resync resumes from the chunks left at the next connection"
+                "{kind} ended early: {why}; it resumes from the chunks left at the next connection"
             ),
         }
         self.shared.events.publish(Event::TransferFinished {
