@@ -224,6 +224,12 @@ typedef struct mirror_events mirror_events;
 #define MIRROR_EVENT_TRANSFER_FINISHED 14
 
 /**
+ * A resync, initial sync or online verify goes on, at most once a second (`records` = chunks
+ * to go through, `lost` = chunks done, `bytes` = bytes of region left; `detail` = the kind).
+ */
+#define MIRROR_EVENT_TRANSFER_PROGRESS 15
+
+/**
  * `mirror_stats.transfer_kind`: no resync or verify is running.
  */
 #define MIRROR_TRANSFER_NONE 0

@@ -104,6 +104,7 @@ fn a_backup_away_while_the_primary_writes_ten_times_its_queue_gets_only_dirty_ch
     let p = pair.primary(dir.path(), &[]);
     p.wait_synchronous(Duration::from_secs(10)).unwrap();
     write_some(&p, 1, 50);
+    let events = p.events().unwrap();
     b.close().unwrap();
     drop(b);
     // Ten times the queue's capacity, in 4 KiB writes, while the backup is away: without the
@@ -139,6 +140,28 @@ fn a_backup_away_while_the_primary_writes_ten_times_its_queue_gets_only_dirty_ch
     assert_eq!(
         after.dirty_chunks, 0,
         "the bitmap is reset once the backup holds it"
+    );
+    // The events told it as it happened: the fallback, the resync's start and end.
+    let mut kinds = Vec::new();
+    while let Some(e) = events.next_timeout(Duration::from_millis(200)) {
+        kinds.push(match e.event {
+            mirror::Event::BitmapFallback { .. } => "bitmap_fallback",
+            mirror::Event::TransferStarted { kind, .. } => kind,
+            mirror::Event::TransferFinished {
+                abandoned: None, ..
+            } => "finished",
+            mirror::Event::Synchronous => "synchronous",
+            _ => "other",
+        });
+    }
+    let at = |k: &str| kinds.iter().position(|x| *x == k);
+    assert!(
+        at("bitmap_fallback").is_some() && at("synchronous").is_some(),
+        "{kinds:?}"
+    );
+    assert!(
+        at("bitmap_fallback") < at("resync") && at("resync") < at("finished"),
+        "{kinds:?}"
     );
     // And mirroring is synchronous again.
     write_some(&p, 3, 20);

@@ -422,7 +422,17 @@ fn documented_events() -> Vec<crate::EventRecord> {
         ),
         at(
             17,
-            1_764_861_050_400_000,
+            1_764_861_051_000_000,
+            Event::TransferProgress {
+                kind: "resync",
+                chunks_total: 96,
+                chunks_done: 40,
+                bytes_left: 3_670_016,
+            },
+        ),
+        at(
+            18,
+            1_764_861_051_400_000,
             Event::TransferFinished {
                 kind: "resync",
                 chunks_compared: 96,

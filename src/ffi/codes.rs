@@ -97,6 +97,9 @@ pub const MIRROR_EVENT_TRANSFER_STARTED: c_int = 13;
 /// that differed or were brought over, `bytes` = chunk bytes sent; `detail` = the kind, and
 /// why it ended early if it did).
 pub const MIRROR_EVENT_TRANSFER_FINISHED: c_int = 14;
+/// A resync, initial sync or online verify goes on, at most once a second (`records` = chunks
+/// to go through, `lost` = chunks done, `bytes` = bytes of region left; `detail` = the kind).
+pub const MIRROR_EVENT_TRANSFER_PROGRESS: c_int = 15;
 
 /// `mirror_stats.transfer_kind`: no resync or verify is running.
 pub const MIRROR_TRANSFER_NONE: c_int = 0;

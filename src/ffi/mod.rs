@@ -952,6 +952,18 @@ fn c_event(r: &crate::EventRecord) -> mirror_event {
             ev.records = *chunks;
             (*kind).to_string()
         }
+        Event::TransferProgress {
+            kind,
+            chunks_total,
+            chunks_done,
+            bytes_left,
+        } => {
+            ev.kind = MIRROR_EVENT_TRANSFER_PROGRESS;
+            ev.records = *chunks_total;
+            ev.lost = *chunks_done;
+            ev.bytes = *bytes_left;
+            (*kind).to_string()
+        }
         Event::TransferFinished {
             kind,
             chunks_compared,

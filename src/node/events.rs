@@ -86,6 +86,17 @@ pub enum Event {
         /// Chunks to go through.
         chunks: u64,
     },
+    /// A resync, initial sync or online verify goes on (at most one a second).
+    TransferProgress {
+        /// What it is.
+        kind: &'static str,
+        /// Chunks to go through.
+        chunks_total: u64,
+        /// Chunks done.
+        chunks_done: u64,
+        /// Bytes of region still to go through.
+        bytes_left: u64,
+    },
     /// A resync, initial sync or online verify ended.
     TransferFinished {
         /// What it was.

@@ -210,6 +210,12 @@ pub(crate) fn render(s: &Stats, c: &Counters, auth: &str) -> String {
         &[("", s.dirty_chunks as f64)],
     );
     metric(
+        "mirror_out_of_sync_bytes",
+        "gauge",
+        "Bytes of region the backup may lack beyond the queue: the dirty chunks, whole.",
+        &[("", (s.dirty_chunks * s.chunk_size) as f64)],
+    );
+    metric(
         "mirror_resync_target",
         "gauge",
         "Backup: 1 while a resync into it is unfinished (its region is inconsistent).",

@@ -370,6 +370,7 @@ impl Mirror {
             split_brain_reported: false,
             folding: false,
             transfer_published: false,
+            transfer_progress_at: None,
             peer_lost_published: None,
             hello_checked: None,
         };

@@ -33,6 +33,8 @@ const SUBMIT_BATCH: usize = 256;
 const CATCH_UP_CHUNK: usize = 256 << 10;
 /// Stop taking submissions while this much is waiting to be sent.
 const SEND_BACKLOG_PAUSE: usize = 8 << 20;
+/// How often a transfer in progress publishes a progress event.
+const TRANSFER_PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// A new connection must say Hello within this time.
 const HELLO_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -91,6 +93,8 @@ pub(super) struct Poller {
     pub(super) folding: bool,
     /// The transfer in progress was announced (log, event).
     pub(super) transfer_published: bool,
+    /// When its last progress event went out.
+    pub(super) transfer_progress_at: Option<Instant>,
 }
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
@@ -581,6 +585,19 @@ impl Poller {
             drop(s);
             self.publish_transfer_start();
             s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        } else if let Some(t) = &core.transfer {
+            let due = self.transfer_progress_at.map_or(true, |at| {
+                self.last_step_at.duration_since(at) >= TRANSFER_PROGRESS_EVERY
+            });
+            if due {
+                self.transfer_progress_at = Some(self.last_step_at);
+                self.shared.events.publish(Event::TransferProgress {
+                    kind: t.purpose.name(),
+                    chunks_total: t.chunks_total,
+                    chunks_done: t.chunks_done,
+                    bytes_left: t.bytes_left,
+                });
+            }
         }
         let now_us = self.last_step_at.duration_since(self.start).as_micros() as u64;
         s.transfer = core.transfer.map(|t| TransferStats::of(&t, now_us));

@@ -83,6 +83,7 @@ impl Poller {
             return;
         }
         self.transfer_published = true;
+        self.transfer_progress_at = Some(self.last_step_at);
         let kind = t.purpose.name();
         tracing::info!(
             kind,
