@@ -123,6 +123,55 @@ fn mirror_top_in_a_terminal_shows_a_live_pair_and_refreshes() {
 }
 
 #[test]
+fn mirror_top_shows_a_verify_in_progress_with_its_bar() {
+    let Some(tmux) = Tmux::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (free_port(), free_port());
+    let (la, lb) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let _b = failover_node(dir.path(), "b", "backup", &lb, &la, &[]);
+    // 16 chunks of 64 KiB at 128 KiB/s: a verify of about eight seconds.
+    let a = Arc::new(failover_node(
+        dir.path(),
+        "a",
+        "primary",
+        &la,
+        &lb,
+        &[("resync_rate", "128KiB")],
+    ));
+    a.wait_synchronous(Duration::from_secs(20)).unwrap();
+    let verify = {
+        let a = Arc::clone(&a);
+        std::thread::spawn(move || a.verify_online(false))
+    };
+    let command = format!(
+        "{} top --interval-ms 300 {}",
+        common::BIN,
+        dir.path().join("a.queue").display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "160",
+        "-y",
+        "30",
+        &command,
+    ]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let screen = tmux.screen();
+    let line = screen
+        .lines()
+        .find(|l| l.trim_start().starts_with("verify"))
+        .unwrap_or_else(|| panic!("no verify line on the screen:\n{screen}"));
+    assert!(line.contains("[#") && line.contains("/16 chunks"), "{line}");
+    let report = verify.join().unwrap().unwrap();
+    assert_eq!(report.chunks_compared, 16);
+    assert!(report.differing.is_empty());
+}
+
+#[test]
 fn mirror_top_without_a_terminal_prints_plain_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     let (pa, pb) = (free_port(), free_port());

@@ -405,10 +405,13 @@ impl Transfer {
     }
 }
 
-/// The most a rate-limited transfer may process at once: a window of chunks.
+/// The most a rate-limited transfer may process at once: a window of chunks, but no more than
+/// a second's worth of the rate (so that a small transfer is paced too), and at least a chunk.
 fn burst(geometry: ChunkGeometry, rate: u64) -> u64 {
     if rate == 0 {
         return u64::MAX;
     }
-    (geometry.chunk_size() * TRANSFER_WINDOW as u64).max(geometry.chunk_size())
+    (geometry.chunk_size() * TRANSFER_WINDOW as u64)
+        .min(rate)
+        .max(geometry.chunk_size())
 }
