@@ -416,14 +416,6 @@ fn check_identity(
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.creating-{}", std::process::id()))
-}
-
 /// What opening a bitmap found and repaired. A node logs a warning when anything was rebuilt.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BitmapOpenReport {
@@ -542,7 +534,7 @@ impl DirtyBitmap {
         geometry: ChunkGeometry,
         durability: Durability,
     ) -> Result<File, StorageError> {
-        let tmp = tmp_path(path);
+        let tmp = crate::map::tmp_path(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)

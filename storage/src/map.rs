@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU64;
 
@@ -429,6 +429,16 @@ pub(crate) fn allocate(file: &File, len: u64, path: &Path) -> Result<(), Storage
     let _ = len_off;
     file.set_len(len)
         .map_err(|e| StorageError::io(path, "set_len", e))
+}
+
+/// The temporary name a file of this crate is built under before it is linked into place
+/// (hidden, beside it, tagged with the process id).
+pub(crate) fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.creating-{}", std::process::id()))
 }
 
 /// fsyncs the directory containing `path`, making a just-created name durable.

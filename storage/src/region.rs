@@ -52,19 +52,11 @@ impl std::fmt::Debug for Region {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.creating-{}", std::process::id()))
-}
-
 /// Creates the region file under a temporary name (zero-filled, preallocated, durable per
 /// mode) and links it into place. Returns the open file; if someone else created `path`
 /// meanwhile, opens theirs instead.
 fn create_file(path: &Path, size: u64, durability: Durability) -> Result<File, StorageError> {
-    let tmp = tmp_path(path);
+    let tmp = crate::map::tmp_path(path);
     let file = OpenOptions::new()
         .read(true)
         .write(true)

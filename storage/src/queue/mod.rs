@@ -154,14 +154,6 @@ impl fmt::Debug for PersistentQueue {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.creating-{}", std::process::id()))
-}
-
 fn static_error(path: &Path, e: StaticError) -> StorageError {
     let path = path.to_path_buf();
     match e {
@@ -306,7 +298,7 @@ impl PersistentQueue {
             region_size: params.region_size,
             capacity: params.capacity_bytes,
         };
-        let tmp = tmp_path(path);
+        let tmp = crate::map::tmp_path(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
