@@ -46,9 +46,8 @@ pub(super) struct BackupSide {
     resync_in: Option<ResyncInto>,
     /// The log the primary of the current connection announced.
     primary_log: Option<ResyncInto>,
-    /// Chunks written since the region was last made durable.
-    installed_unsynced: bool,
-    /// Chunks to confirm (`ChunkHeld`) once the region is durable.
+    /// Chunks installed since the region was last made durable: confirmed (`ChunkHeld`) once
+    /// it is.
     held: Vec<ChunkRange>,
 }
 
@@ -77,7 +76,6 @@ impl BackupSide {
             resync_target,
             resync_in: None,
             primary_log: None,
-            installed_unsynced: false,
             held: Vec::new(),
             state: BackupState::Idle,
             to_apply: rec.unapplied,
@@ -626,7 +624,6 @@ impl BackupSide {
             // Writes received before the chunk land before it (a verify's repair).
             self.finish_batch(c);
         }
-        self.installed_unsynced = true;
         self.held.push(ChunkRange {
             offset,
             len: len as u32,
@@ -651,8 +648,7 @@ impl BackupSide {
 
     /// Makes installed chunks durable and confirms them.
     fn sync_installed(&mut self, c: &mut Common) {
-        if self.installed_unsynced {
-            self.installed_unsynced = false;
+        if !self.held.is_empty() {
             c.actions.push(Action::SyncRegion);
         }
         for range in std::mem::take(&mut self.held) {
