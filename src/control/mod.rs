@@ -147,7 +147,7 @@ pub struct LiveStatus {
     pub chunk_size: u64,
     /// A resync, initial sync or online verify in progress (added within version 1).
     #[serde(default)]
-    pub transfer: Option<TransferStatus>,
+    pub transfer: Option<crate::TransferStats>,
     /// Backup: a resync into it has not finished (added within version 1).
     #[serde(default)]
     pub resync_target: bool,
@@ -157,27 +157,6 @@ pub struct LiveStatus {
     /// What the last online verify found (added within version 1).
     #[serde(default)]
     pub last_verify: Option<VerifySummary>,
-}
-
-/// A resync, initial sync or online verify in progress, as `status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransferStatus {
-    /// `resync`, `initial-sync`, `verify` or `verify-repair`.
-    pub kind: String,
-    /// Chunks to go through.
-    pub chunks_total: u64,
-    /// Chunks done.
-    pub chunks_done: u64,
-    /// Chunks found differing (a verify) or brought over (a resync).
-    pub chunks_differing: u64,
-    /// Bytes of region still to go through.
-    pub bytes_left: u64,
-    /// Chunk bytes sent to the backup.
-    pub bytes_sent: u64,
-    /// Bytes of region per second since it started.
-    pub rate_bytes_per_s: u64,
-    /// Seconds left at that rate (null: no rate yet).
-    pub eta_s: Option<u64>,
 }
 
 /// Differing chunks a `status` answer lists at most (the count says how many there were).

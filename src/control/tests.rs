@@ -453,7 +453,7 @@ fn documented_status() -> LiveStatus {
         write_latency_p50_us: Some(25),
         write_latency_p99_us: Some(250),
         dirty_chunks: 40,
-        transfer: Some(crate::control::TransferStatus {
+        transfer: Some(crate::TransferStats {
             kind: "verify".into(),
             chunks_total: 1024,
             chunks_done: 512,
@@ -462,6 +462,7 @@ fn documented_status() -> LiveStatus {
             bytes_sent: 0,
             rate_bytes_per_s: 419_430_400,
             eta_s: Some(1),
+            elapsed_ms: 1250,
         }),
         verifies_finished: 1,
         last_verify: Some(crate::control::VerifySummary {

@@ -490,15 +490,14 @@ pub unsafe extern "C" fn mirror_stats(m: *const mirror, out: *mut mirror_stats) 
             resync_target: c_int::from(s.resync_target),
             dirty_chunks: s.dirty_chunks,
             chunk_size: s.chunk_size,
-            transfer_kind: s
-                .transfer
-                .as_ref()
-                .map_or(MIRROR_TRANSFER_NONE, |t| match t.kind {
+            transfer_kind: s.transfer.as_ref().map_or(MIRROR_TRANSFER_NONE, |t| {
+                match t.kind.as_str() {
                     "resync" => MIRROR_TRANSFER_RESYNC,
                     "initial-sync" => MIRROR_TRANSFER_INITIAL_SYNC,
                     "verify-repair" => MIRROR_TRANSFER_VERIFY_REPAIR,
                     _ => MIRROR_TRANSFER_VERIFY,
-                }),
+                }
+            }),
             transfer_chunks_total: s.transfer.as_ref().map_or(0, |t| t.chunks_total),
             transfer_chunks_done: s.transfer.as_ref().map_or(0, |t| t.chunks_done),
             transfer_bytes_left: s.transfer.as_ref().map_or(0, |t| t.bytes_left),

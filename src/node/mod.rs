@@ -106,11 +106,12 @@ pub struct Stats {
     pub resync_target: bool,
 }
 
-/// A resync, an initial sync or an online verify in progress, for the stats.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A resync, an initial sync or an online verify in progress, for the stats (and, as is, the
+/// `transfer` object of the control endpoint's `status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TransferStats {
     /// `resync`, `initial-sync`, `verify` or `verify-repair`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Chunks to go through (grows if writes fold into the bitmap meanwhile).
     pub chunks_total: u64,
     /// Chunks done.
@@ -134,7 +135,7 @@ impl TransferStats {
         let elapsed_us = now_us.saturating_sub(p.started_us).max(1);
         let rate = (u128::from(p.bytes_done) * 1_000_000 / u128::from(elapsed_us)) as u64;
         TransferStats {
-            kind: p.purpose.name(),
+            kind: p.purpose.name().to_string(),
             chunks_total: p.chunks_total,
             chunks_done: p.chunks_done,
             chunks_differing: p.chunks_differing,
