@@ -637,7 +637,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 _ => chunks.push(range),
             }
         }
-        let before = self.core.stats().dirty_chunks;
+        let before = self.core.dirty_chunks();
         self.bitmap.mark(&chunks)?;
         if self.bitmap.resync_from() == 0 {
             if let Some(first) = first {
@@ -651,7 +651,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         }
         self.queue.trim_through(through)?;
         self.core.on_folded(&chunks);
-        let dirty_chunks = self.core.stats().dirty_chunks;
+        let dirty_chunks = self.core.dirty_chunks();
         io.push(Io::Folded {
             records,
             new_chunks: dirty_chunks - before,

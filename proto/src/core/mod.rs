@@ -1472,6 +1472,11 @@ impl Replica {
         }
     }
 
+    /// Chunks marked in the dirty-chunk bitmap (cheaper than [`Replica::stats`]).
+    pub fn dirty_chunks(&self) -> u64 {
+        self.common.dirty.len()
+    }
+
     /// The region's chunk geometry.
     pub fn geometry(&self) -> ChunkGeometry {
         self.common.geometry
