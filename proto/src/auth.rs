@@ -382,7 +382,12 @@ impl AuthMessage {
                 p.copy_from_slice(body);
                 AuthMessage::Proof(p)
             }
-            _ => AuthMessage::Failure(FailureCode::from_code(body[0])),
+            _ => {
+                if body[1..].iter().any(|&b| b != 0) {
+                    return Err(AuthError::Malformed("reserved bytes are not zero"));
+                }
+                AuthMessage::Failure(FailureCode::from_code(body[0]))
+            }
         };
         Ok(Some((msg, total)))
     }
