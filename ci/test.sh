@@ -48,5 +48,6 @@ grep -q '"sync_latency"' target/bench-smoke.json
 grep -q '"failover"' target/bench-smoke.json
 grep -q '"tls+secret"' target/bench-smoke.json
 grep -q '"initial_sync_vs_tcp"' target/bench-smoke.json
+grep -q '"resync_vs_tcp"' target/bench-smoke.json
 
 step "all passed"

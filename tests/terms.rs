@@ -152,6 +152,7 @@ fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
         discard_node: 0,
         resync_from: 0,
         initial_sync: false,
+        region_blank: false,
         current_term: 9,
         term_history: TermHistory::from_entries(vec![
             TermEntry {

@@ -17,7 +17,6 @@
 #![warn(missing_docs)]
 
 use std::ops::Range;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use mirror_proto::core::VerifyReport;
@@ -28,7 +27,7 @@ use mirror_proto::{
     Recovered, RejectCode, Replica, WireRole, WritesRefused,
 };
 use mirror_storage::{
-    DirtyBitmap, DiscardedRecord, PersistentQueue, Region, ReplayState, StorageError,
+    DirtyBitmap, DiscardedRecord, PersistentQueue, Region, RegionWriter, ReplayState, StorageError,
 };
 use thiserror::Error;
 
@@ -59,17 +58,45 @@ pub trait RegionStore {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
     /// Everything written so far survives a power loss once this returns.
     fn sync(&mut self) -> Result<(), StorageError>;
+    /// Whether the region was all zeros when the node started (its file created then). False
+    /// when unknown.
+    fn blank_at_start(&self) -> bool {
+        false
+    }
+    /// Calls `f` with the `len` bytes at `offset`: in place where the store can lend them
+    /// (nothing writes them meanwhile: writes take `&mut self`), else a copy.
+    fn with_bytes<T>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, StorageError> {
+        let mut copy = vec![0; len];
+        self.read(offset, &mut copy)?;
+        Ok(f(&copy))
+    }
 }
 
-impl RegionStore for Arc<Region> {
+impl RegionStore for RegionWriter {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
-        Region::write(self, offset, data)
+        RegionWriter::write(self, offset, data)
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
         Region::read(self, offset, buf)
     }
     fn sync(&mut self) -> Result<(), StorageError> {
         Region::sync(self)
+    }
+    fn blank_at_start(&self) -> bool {
+        self.created()
+    }
+    fn with_bytes<T>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, StorageError> {
+        RegionWriter::with_bytes(self, offset, len, f)
     }
 }
 
@@ -176,6 +203,19 @@ pub enum Io {
         /// Last seq.
         through_seq: u64,
     },
+    /// Send `ChunkData` for `range`: its bytes as of now ([`Executor::with_chunk_bytes`] with
+    /// this overlay, before the next action runs; [`Executor::chunk_message`] for a driver that
+    /// needs the message whole).
+    SendChunk {
+        /// The peer connection.
+        to: PeerId,
+        /// The chunk.
+        range: ChunkRange,
+        /// First queued record to lay over the region's bytes.
+        overlay_from: u64,
+        /// Last one (below `overlay_from`: none).
+        overlay_through: u64,
+    },
     /// Callers' tickets through this one are complete.
     Complete(u64),
     /// Close this peer's connection.
@@ -248,11 +288,12 @@ pub struct DurablePoint {
 /// The core's view of what a restarting node recovered from its queue: the one conversion.
 /// `repair_unfinished_after` is [`mirror_storage::unfinished_repair`] of that queue.
 /// The node's dirty-chunk bitmap contributes its chunks, its `resync_from` and its resync
-/// mark.
+/// mark; `region_blank` is [`RegionStore::blank_at_start`].
 pub fn recovered(
     replay: ReplayState,
     repair_unfinished_after: Option<u64>,
     bitmap: &dyn BitmapStore,
+    region_blank: bool,
 ) -> Recovered {
     Recovered {
         peer_node_id: replay.peer_node_id,
@@ -282,6 +323,7 @@ pub fn recovered(
         dirty: bitmap.dirty(),
         resync_from: bitmap.resync_from(),
         resync_target: bitmap.resync_target(),
+        region_blank,
     }
 }
 
@@ -303,10 +345,8 @@ pub struct Executor<R, H> {
     pub hooks: H,
     /// The node's dirty-chunk bitmap.
     pub bitmap: Box<dyn BitmapStore>,
-    /// Chunk images for digests, kept across chunks.
+    /// Chunk images with queued records laid over, kept across chunks.
     scratch: Vec<u8>,
-    /// Chunk images sent as messages (see `chunk_bytes`).
-    chunk_buf: bytes::BytesMut,
     deferred_commit: bool,
     commit_pending: Option<u64>,
     last_checkpoint_us: u64,
@@ -349,6 +389,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             replay,
             mirror_storage::unfinished_repair(&queue),
             bitmap.as_ref(),
+            region.blank_at_start(),
         );
         let durable = DurablePoint {
             last_seq: rec.last_seq,
@@ -365,7 +406,6 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             hooks,
             bitmap,
             scratch: Vec::new(),
-            chunk_buf: bytes::BytesMut::new(),
             deferred_commit,
             commit_pending: None,
             last_checkpoint_us: 0,
@@ -542,7 +582,8 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 overlay_from,
                 overlay_through,
             } => {
-                let digest = self.chunk_digest(range, overlay_from, overlay_through)?;
+                let digest =
+                    self.with_chunk_bytes(range, overlay_from, overlay_through, chunk_digest)?;
                 io.push(Io::Send {
                     to,
                     msg: Message::ChunkDigest { range, digest },
@@ -553,19 +594,29 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 range,
                 overlay_from,
                 overlay_through,
+                elide_zero,
             } => {
-                let data = self.chunk_bytes(range, overlay_from, overlay_through)?;
-                self.recovery.bytes += data.len() as u64;
-                io.push(Io::Send {
-                    to,
-                    msg: Message::ChunkData {
-                        offset: range.offset,
-                        data,
-                    },
-                });
+                let parts = if elide_zero && overlay_from > overlay_through {
+                    self.split_off_zero_chunks(range)?
+                } else {
+                    vec![(range, false)]
+                };
+                for (range, zero) in parts {
+                    if zero {
+                        self.core.on_chunk_elided(to, range);
+                        continue;
+                    }
+                    self.recovery.bytes += u64::from(range.len);
+                    io.push(Io::SendChunk {
+                        to,
+                        range,
+                        overlay_from,
+                        overlay_through,
+                    });
+                }
             }
             Action::CompareChunk { to, range, digest } => {
-                let ours = self.chunk_digest(range, 1, 0)?;
+                let ours = self.with_chunk_bytes(range, 1, 0, chunk_digest)?;
                 io.push(Io::Send {
                     to,
                     msg: Message::ChunkVerdict {
@@ -660,9 +711,32 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         Ok(())
     }
 
-    /// The region's bytes of `range` with the queue's records `from..=through` (sent, not
-    /// applied) written over them: the bytes as of that point of the stream.
-    fn chunk_image(
+    /// Calls `f` with the bytes of `range` as of that point of the stream: the region's bytes
+    /// with the queue's records `from..=through` (sent, not applied) laid over them. In place
+    /// when none of those records touches the chunk (a resync lays nothing over), else a copy
+    /// in a buffer kept across chunks. A driver sends a chunk for [`Io::SendChunk`] with it.
+    pub fn with_chunk_bytes<T>(
+        &mut self,
+        range: ChunkRange,
+        from: u64,
+        through: u64,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, StorageError> {
+        let len = range.len as usize;
+        if !self.overlay_touches(range, from, through)? {
+            return self.region.with_bytes(range.offset, len, f);
+        }
+        let mut image = std::mem::take(&mut self.scratch);
+        image.resize(len, 0);
+        let laid = self.lay_over(range, from, through, &mut image);
+        let out = laid.map(|()| f(&image));
+        self.scratch = image;
+        out
+    }
+
+    /// Copies the region's bytes of `range` into `image`, then the bytes the queue's records
+    /// `from..=through` write into it.
+    fn lay_over(
         &self,
         range: ChunkRange,
         from: u64,
@@ -672,54 +746,70 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         let start = range.offset;
         let end = start + u64::from(range.len);
         self.region.read(start, image)?;
+        for rec in self.queue.iter_from(from) {
+            let rec = rec?;
+            if rec.seq > through {
+                break;
+            }
+            let (ws, we) = (rec.offset, rec.offset + rec.payload.len() as u64);
+            let (s, e) = (ws.max(start), we.min(end));
+            if s < e {
+                image[(s - start) as usize..(e - start) as usize]
+                    .copy_from_slice(&rec.payload[(s - ws) as usize..(e - ws) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    /// A run of chunks cut into parts that are all zeros and parts that are not (see
+    /// [`mirror_proto::zero_runs`]), read in place.
+    fn split_off_zero_chunks(
+        &self,
+        range: ChunkRange,
+    ) -> Result<Vec<(ChunkRange, bool)>, StorageError> {
+        let chunk_size = self.core.geometry().chunk_size();
+        self.region
+            .with_bytes(range.offset, range.len as usize, |bytes| {
+                mirror_proto::zero_runs(range.offset, bytes, chunk_size)
+            })
+    }
+
+    /// Whether a queued record of `from..=through` writes into `range` (its image then differs
+    /// from the region's bytes).
+    fn overlay_touches(
+        &self,
+        range: ChunkRange,
+        from: u64,
+        through: u64,
+    ) -> Result<bool, StorageError> {
+        let (start, end) = (range.offset, range.offset + u64::from(range.len));
         if from <= through {
             for rec in self.queue.iter_from(from) {
                 let rec = rec?;
                 if rec.seq > through {
                     break;
                 }
-                let (ws, we) = (rec.offset, rec.offset + rec.payload.len() as u64);
-                let (s, e) = (ws.max(start), we.min(end));
-                if s < e {
-                    image[(s - start) as usize..(e - start) as usize]
-                        .copy_from_slice(&rec.payload[(s - ws) as usize..(e - ws) as usize]);
+                if rec.offset < end && start < rec.offset + rec.payload.len() as u64 {
+                    return Ok(true);
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
-    /// The digest of a chunk image (see [`Self::chunk_image`]), read into a buffer kept across
-    /// chunks (a resync reads thousands of them: no allocation each).
-    fn chunk_digest(
+    /// The `ChunkData` message of [`Io::SendChunk`], its bytes copied (for a driver that keeps
+    /// the message whole, or sends it later).
+    pub fn chunk_message(
         &mut self,
         range: ChunkRange,
         from: u64,
         through: u64,
-    ) -> Result<[u8; 16], StorageError> {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(range.len as usize, 0);
-        let read = self.chunk_image(range, from, through, &mut scratch);
-        let digest = chunk_digest(&scratch);
-        self.scratch = scratch;
-        read.map(|()| digest)
-    }
-
-    /// A chunk image as the bytes of a message, from a buffer whose memory is reused once the
-    /// previous message's bytes were sent (no fresh pages per chunk).
-    fn chunk_bytes(
-        &mut self,
-        range: ChunkRange,
-        from: u64,
-        through: u64,
-    ) -> Result<Bytes, StorageError> {
-        let mut buf = std::mem::take(&mut self.chunk_buf);
-        buf.clear();
-        buf.resize(range.len as usize, 0);
-        let read = self.chunk_image(range, from, through, &mut buf);
-        let bytes = buf.split().freeze();
-        self.chunk_buf = buf;
-        read.map(|()| bytes)
+    ) -> Result<Message, StorageError> {
+        let data = self.with_chunk_bytes(range, from, through, Bytes::copy_from_slice)?;
+        Ok(Message::ChunkData {
+            offset: range.offset,
+            data,
+        })
     }
 
     /// Reads the divergent suffix `(after, through]`, hands it to the driver to save, then the

@@ -2,6 +2,8 @@
 //! holds (the writes it folded out of its queue while its peer was away) and what a resync
 //! brings over. Pure data; the persistent bitmap file is `mirror-storage`'s.
 
+use crate::wire::ChunkRange;
+
 /// Smallest chunk size a node accepts.
 pub const MIN_CHUNK_SIZE: u64 = 4096;
 /// Largest chunk size a node accepts (one chunk travels as one frame).
@@ -196,6 +198,29 @@ impl ChunkSet {
     }
 }
 
+/// The bytes of a run of chunks starting at region offset `offset` (chunks of `chunk_size`)
+/// cut where its chunks turn from all zeros to not, or back: each part with whether it is all
+/// zeros. A chunk of data is told at its first page.
+pub fn zero_runs(offset: u64, bytes: &[u8], chunk_size: u64) -> Vec<(ChunkRange, bool)> {
+    const PAGE: usize = 4096;
+    static ZEROS: [u8; PAGE] = [0; PAGE];
+    let mut parts: Vec<(ChunkRange, bool)> = Vec::new();
+    for (i, piece) in bytes.chunks(chunk_size as usize).enumerate() {
+        let zero = piece.chunks(PAGE).all(|page| page == &ZEROS[..page.len()]);
+        match parts.last_mut() {
+            Some((r, z)) if *z == zero => r.len += piece.len() as u32,
+            _ => parts.push((
+                ChunkRange {
+                    offset: offset + i as u64 * chunk_size,
+                    len: piece.len() as u32,
+                },
+                zero,
+            )),
+        }
+    }
+    parts
+}
+
 /// The digest a resync and an online verify compare chunks by: XXH3-128 of the bytes,
 /// little-endian.
 pub fn chunk_digest(bytes: &[u8]) -> [u8; 16] {
@@ -205,6 +230,27 @@ pub fn chunk_digest(bytes: &[u8]) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_runs_cut_a_run_where_its_chunks_turn_zero_or_not() {
+        let mut bytes = vec![0u8; 5 * 8192];
+        bytes[8192] = 1; // chunk 1
+        bytes[2 * 8192 + 8191] = 1; // chunk 2, its last byte
+        let parts = zero_runs(1 << 20, &bytes, 8192);
+        let r = |c: u64, n: u32| ChunkRange {
+            offset: (1 << 20) + c * 8192,
+            len: n * 8192,
+        };
+        assert_eq!(
+            parts,
+            vec![(r(0, 1), true), (r(1, 2), false), (r(3, 2), true)]
+        );
+        assert_eq!(
+            zero_runs(0, &[0u8; 100], 4096)[0].0.len,
+            100,
+            "a short last chunk"
+        );
+    }
 
     #[test]
     fn geometry_refuses_sizes_that_are_not_powers_of_two_in_range() {

@@ -12,8 +12,8 @@
 pub mod auth;
 pub mod chunks;
 pub use crate::chunks::{
-    chunk_digest, BadChunkSize, ChunkGeometry, ChunkSet, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
+    chunk_digest, zero_runs, BadChunkSize, ChunkGeometry, ChunkSet, DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 pub mod core;
 pub mod handshake;
@@ -33,8 +33,8 @@ pub use crate::term::{
     TERM_TAG_BITS,
 };
 pub use crate::wire::{
-    encode_write, Hello, Message, RegionRange, RejectCode, WireError, WireRole, MAX_REPAIR_RANGES,
-    PROTOCOL_VERSION,
+    chunk_data_header, encode_chunk_data, encode_write, Hello, Message, RegionRange, RejectCode,
+    WireError, WireRole, CHUNK_DATA_HEADER_LEN, MAX_REPAIR_RANGES, PROTOCOL_VERSION,
 };
 
 #[cfg(test)]

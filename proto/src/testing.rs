@@ -127,6 +127,7 @@ pub fn recovered(disk: &Durable) -> Recovered {
         dirty: disk.dirty.clone(),
         resync_from: disk.resync_from,
         resync_target: disk.resync_target,
+        region_blank: false,
     }
 }
 
@@ -134,12 +135,20 @@ impl Node {
     /// A new node with fresh files.
     pub fn new(role: Role, cfg: CoreConfig) -> Node {
         let disk = Durable::fresh(cfg.region_size);
-        Node::start(role, cfg, disk)
+        Node::start_from(role, cfg, disk, true)
     }
 
     /// A node that starts from `disk` (and executes its first actions).
     pub fn start(role: Role, cfg: CoreConfig, disk: Durable) -> Node {
-        let rec = recovered(&disk);
+        Node::start_from(role, cfg, disk, false)
+    }
+
+    /// [`Node::start`]; `blank`: the region was just created (all zeros).
+    fn start_from(role: Role, cfg: CoreConfig, disk: Durable, blank: bool) -> Node {
+        let rec = Recovered {
+            region_blank: blank,
+            ..recovered(&disk)
+        };
         let core = match role {
             Role::Primary => Replica::primary(cfg.clone(), rec),
             Role::Backup => Replica::backup(cfg.clone(), rec),
@@ -201,10 +210,20 @@ impl Node {
         }
     }
 
-    /// Executes the core's pending actions, in order.
+    /// Executes the core's pending actions, in order (and those that executing them gave
+    /// rise to: a chunk of zeros elided moves the transfer on).
     pub fn run(&mut self) {
         let mut actions = Vec::new();
-        self.core.drain_actions(&mut actions);
+        loop {
+            self.core.drain_actions(&mut actions);
+            if actions.is_empty() {
+                return;
+            }
+            self.run_actions(std::mem::take(&mut actions));
+        }
+    }
+
+    fn run_actions(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::Send { msg, .. } => self.outbox.push(msg),
@@ -358,17 +377,30 @@ impl Node {
                     });
                 }
                 Action::SendChunk {
+                    to,
                     range,
                     overlay_from,
                     overlay_through,
-                    ..
+                    elide_zero,
                 } => {
                     let image = self.chunk_image(range, overlay_from, overlay_through);
-                    self.recovery_bytes += image.len() as u64;
-                    self.outbox.push(Message::ChunkData {
-                        offset: range.offset,
-                        data: Bytes::from(image),
-                    });
+                    let parts = if elide_zero && overlay_from > overlay_through {
+                        crate::zero_runs(range.offset, &image, self.core.geometry().chunk_size())
+                    } else {
+                        vec![(range, false)]
+                    };
+                    for (part, zero) in parts {
+                        if zero {
+                            self.core.on_chunk_elided(to, part);
+                            continue;
+                        }
+                        let at = (part.offset - range.offset) as usize;
+                        self.recovery_bytes += u64::from(part.len);
+                        self.outbox.push(Message::ChunkData {
+                            offset: part.offset,
+                            data: Bytes::copy_from_slice(&image[at..at + part.len as usize]),
+                        });
+                    }
                 }
                 Action::CompareChunk { range, digest, .. } => {
                     let image = self.chunk_image(range, 1, 0);

@@ -475,6 +475,7 @@ fn a_primary_that_announces_no_silence_timeout_is_not_expected_to_heartbeat() {
             discard_node: 0,
             resync_from: 0,
             initial_sync: false,
+            region_blank: false,
             current_term: 1,
             term_history: TermHistory::new(),
         }),
@@ -706,6 +707,7 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
             discard_node: 0,
             resync_from: 0,
             initial_sync: false,
+            region_blank: false,
             current_term: 1,
             term_history: TermHistory::new(),
         }),
@@ -1524,24 +1526,39 @@ fn writes_during_a_resync_go_on_and_are_never_overwritten_by_an_older_chunk() {
 
 #[test]
 fn a_crash_of_the_backup_during_a_resync_resumes_from_what_is_left() {
+    // A backup not known blank (digests first), and a blank one (bytes at once).
+    for blank in [false, true] {
+        a_crash_of_the_backup_during_a_resync_resumes(blank);
+    }
+}
+
+fn a_crash_of_the_backup_during_a_resync_resumes(blank: bool) {
     // Twice the transfer's window of chunks: the first wave leaves the second behind.
-    let chunks = 2 * TRANSFER_WINDOW as u64;
+    let chunks = 2 * transfer_window(4096) as u64;
     let cfg = |id| CoreConfig {
         region_size: chunks * 4096,
         ..big_cfg(id)
     };
+    let b = Node::new(Role::Backup, cfg(2));
     let mut pair = Pair {
         p: Node::new(Role::Primary, cfg(1)),
-        b: Node::new(Role::Backup, cfg(2)),
+        b: if blank {
+            b
+        } else {
+            Node::start(Role::Backup, b.cfg.clone(), b.disk.clone())
+        },
         up: false,
     };
     pair.connect();
     pair.disconnect();
-    let writes: Vec<_> = (0..chunks).map(|c| (c * 4096, c as u8 + 1, 4096)).collect();
+    let writes: Vec<_> = (0..chunks)
+        .map(|c| (c * 4096, (c % 251) as u8 + 1, 4096))
+        .collect();
     write_and_fold(&mut pair.p, &writes);
     pair.connect_without_settling();
-    // A few rounds only: the first window of chunks arrives.
-    pair.settle_rounds(3);
+    // A few rounds only: the first window of chunks arrives (without digests, a round
+    // earlier).
+    pair.settle_rounds(if blank { 2 } else { 3 });
     let left = pair.p.disk.dirty.len();
     assert!(left > 0 && left < chunks, "{left} chunks left");
     assert_eq!(pair.b.disk.resync_target, Some(1));
@@ -1556,9 +1573,13 @@ fn a_crash_of_the_backup_during_a_resync_resumes_from_what_is_left() {
     pair.settle();
     pair.assert_converged();
     let resumed = pair.p.transfers.last().unwrap();
-    assert_eq!(
-        resumed.chunks_repaired, left,
-        "the resync resumed, not restarted"
+    // Resumed, not restarted: it goes through the chunks left only (those that reached the
+    // backup before its crash compare equal).
+    assert!(
+        resumed.chunks_compared == left
+            && resumed.chunks_repaired <= left
+            && (blank || resumed.chunks_repaired == left),
+        "backup blank: {blank}, {left} chunks left: {resumed:?}"
     );
 }
 
@@ -1644,6 +1665,188 @@ fn a_new_backup_is_refused_without_consent_and_synced_with_it() {
     pair.b = Node::start(Role::Backup, other.cfg.clone(), other.disk.clone());
     pair.connect();
     assert_eq!(pair.p.disk.peer_node_id, 3);
+}
+
+/// Settles the pair, returning every message the primary sent meanwhile.
+fn settle_watching_primary(pair: &mut Pair) -> Vec<Message> {
+    let mut sent = Vec::new();
+    for _ in 0..1000 {
+        let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
+        let to_p: Vec<_> = pair.b.outbox.drain(..).collect();
+        if to_b.is_empty() && to_p.is_empty() {
+            return sent;
+        }
+        for m in to_b {
+            sent.push(m.clone());
+            pair.b.core.on_message(PEER, m);
+        }
+        pair.b.core.end_batch();
+        pair.b.run();
+        for m in to_p {
+            pair.p.core.on_message(PEER, m);
+        }
+        pair.p.core.end_batch();
+        pair.p.run();
+    }
+    panic!("pair did not settle");
+}
+
+#[test]
+fn an_initial_sync_into_a_blank_region_sends_bytes_without_digests_and_no_chunk_of_zeros() {
+    let mut pair = big_pair();
+    for c in [1u64, 6, 11] {
+        pair.p.write(c * 4096, 0x40 + c as u8, 4096);
+        pair.settle();
+    }
+    // Zeros written over a chunk: the same bytes as a blank region's.
+    pair.p.write(9 * 4096, 0, 4096);
+    pair.settle();
+    pair.disconnect();
+    for _ in 0..40 {
+        pair.p.write(6 * 4096 + 100, 0x77, 8);
+    }
+    assert!(
+        pair.p.core.fold(),
+        "the queue folds: the backup needs a resync"
+    );
+    pair.p.run();
+    // A replacement with fresh files (its region blank) and consent.
+    pair.b = Node::new(
+        Role::Backup,
+        CoreConfig {
+            initial_sync: true,
+            ..big_cfg(3)
+        },
+    );
+    pair.up = true;
+    pair.b.core.on_connected(PEER);
+    pair.b.run();
+    pair.p.core.on_connected(PEER);
+    pair.p.run();
+    let sent = settle_watching_primary(&mut pair);
+    let hello = sent.iter().find_map(|m| match m {
+        Message::Hello(h) => Some(h.clone()),
+        _ => None,
+    });
+    assert!(
+        hello.is_some_and(|h| !h.region_blank),
+        "a primary never says it is blank"
+    );
+    assert!(
+        !sent
+            .iter()
+            .any(|m| matches!(m, Message::ChunkDigest { .. })),
+        "nothing to compare with a blank region"
+    );
+    let mut chunks: Vec<u64> = sent
+        .iter()
+        .filter_map(|m| match m {
+            Message::ChunkData { offset, .. } => Some(offset / 4096),
+            _ => None,
+        })
+        .collect();
+    chunks.sort_unstable();
+    assert_eq!(
+        chunks,
+        vec![1, 6, 11],
+        "only the chunks that are not all zeros"
+    );
+    assert_eq!(pair.p.core.phase(), Phase::Synchronous);
+    pair.assert_converged();
+    let report = pair.p.transfers.last().expect("the initial sync reports");
+    assert_eq!(report.purpose, crate::core::TransferPurpose::InitialSync);
+    assert_eq!((report.bytes_sent, report.chunks_repaired), (3 * 4096, 3));
+    assert_eq!(report.chunks_compared, 16, "every chunk is accounted for");
+
+    // Once written to, or restarted, a region is no longer known blank: digests again.
+    assert!(!pair.b.core.hello().region_blank);
+    let restarted = Node::start(
+        Role::Backup,
+        pair.b.cfg.clone(),
+        crate::testing::Durable::fresh(BIG_REGION),
+    );
+    assert!(
+        !restarted.core.hello().region_blank,
+        "unknown after a restart"
+    );
+    assert!(
+        Node::new(Role::Backup, big_cfg(4))
+            .core
+            .hello()
+            .region_blank
+    );
+    assert!(
+        !Node::new(Role::Primary, big_cfg(4))
+            .core
+            .hello()
+            .region_blank
+    );
+}
+
+#[test]
+fn adjacent_differing_chunks_travel_as_one_run_and_a_held_range_must_name_a_sent_run() {
+    let mut pair = big_pair();
+    // The backup's region is written to: digests are compared.
+    pair.p.write(15 * 4096, 7, 10);
+    pair.settle();
+    pair.disconnect();
+    // Chunks 2..=5 and 9 rewritten while the backup is away; chunk 4 rewritten with the bytes
+    // the backup already holds (zeros): it matches and stays behind.
+    let mut writes: Vec<_> = [2u64, 3, 5, 9]
+        .iter()
+        .map(|&c| (c * 4096, 0x60, 4096))
+        .collect();
+    writes.push((4 * 4096, 0, 4096));
+    write_and_fold(&mut pair.p, &writes);
+    pair.up = true;
+    pair.b.core.on_connected(PEER);
+    pair.b.run();
+    pair.p.core.on_connected(PEER);
+    pair.p.run();
+    let sent = settle_watching_primary(&mut pair);
+    let runs: Vec<(u64, u32)> = sent
+        .iter()
+        .filter_map(|m| match m {
+            Message::ChunkData { offset, data } => Some((offset / 4096, data.len() as u32 / 4096)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        runs,
+        vec![(2, 2), (5, 1), (9, 1)],
+        "runs of neighbours, 4 matched"
+    );
+    assert!(sent
+        .iter()
+        .any(|m| matches!(m, Message::ChunkDigest { .. })));
+    pair.assert_converged();
+    assert_eq!(pair.p.recovery_bytes, 4 * 4096);
+
+    // A held range that is no run in flight breaks the protocol.
+    let mut pair = big_pair();
+    pair.disconnect();
+    write_and_fold(&mut pair.p, &[(0, 1, 4096), (4096, 1, 4096)]);
+    pair.up = true;
+    pair.b.core.on_connected(PEER);
+    pair.b.run();
+    pair.p.core.on_connected(PEER);
+    pair.p.run();
+    pair.settle_rounds(1);
+    pair.p.outbox.clear();
+    pair.p.core.on_message(
+        PEER,
+        Message::ChunkHeld {
+            range: crate::wire::ChunkRange {
+                offset: 100,
+                len: 4096,
+            },
+        },
+    );
+    pair.p.run();
+    assert!(
+        pair.p.hung_up,
+        "a held range off the chunks' edges is refused"
+    );
 }
 
 #[test]

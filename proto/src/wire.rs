@@ -123,10 +123,16 @@ pub struct Hello {
     /// to no primary) and bring its whole region over, chunk by chunk (only differing chunks
     /// move), when its queue cannot catch it up.
     pub initial_sync: bool,
+    /// A backup's: its region is all zeros (its file was created at this start and nothing
+    /// was written to it since). A resync into it (an initial sync, say) sends each chunk's
+    /// bytes without comparing digests first, and no chunk that is all zeros on the primary.
+    pub region_blank: bool,
 }
 
 /// The bit of a Hello's flags word that carries [`Hello::initial_sync`].
 const HELLO_FLAG_INITIAL_SYNC: u32 = 1;
+/// The bit of a Hello's flags word that carries [`Hello::region_blank`].
+const HELLO_FLAG_REGION_BLANK: u32 = 2;
 
 /// A byte range of the region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -505,11 +511,11 @@ impl Message {
                 out.put_u64_le(h.current_term);
                 let entries = h.term_history.entries();
                 out.put_u32_le(entries.len() as u32);
-                out.put_u32_le(if h.initial_sync {
-                    HELLO_FLAG_INITIAL_SYNC
-                } else {
-                    0
-                });
+                let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+                out.put_u32_le(
+                    flag(h.initial_sync, HELLO_FLAG_INITIAL_SYNC)
+                        | flag(h.region_blank, HELLO_FLAG_REGION_BLANK),
+                );
                 out.put_u64_le(h.alone_from);
                 out.put_u64_le(h.discard_node);
                 out.put_u64_le(h.resync_from);
@@ -681,6 +687,38 @@ pub fn encode_write(seq: u64, term: u64, offset: u64, data: &[u8], out: &mut Byt
     finish_frame(out, start);
 }
 
+/// Bytes of a `ChunkData` frame before its data: the frame header, then the body's offset and
+/// length.
+pub const CHUNK_DATA_HEADER_LEN: usize = FRAME_HEADER_LEN + REPAIR_DATA_FIXED_LEN;
+
+/// The start of a `ChunkData` frame carrying `data`, its crc covering `data`: the frame is these
+/// bytes followed by `data`, exactly as [`Message::encode`] writes it. A sender hands both to
+/// the network as they are (a vectored write: `data` is not copied by us).
+pub fn chunk_data_header(offset: u64, data: &[u8]) -> [u8; CHUNK_DATA_HEADER_LEN] {
+    debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
+    let mut h = [0u8; CHUNK_DATA_HEADER_LEN];
+    h[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    h[4] = PROTOCOL_VERSION;
+    h[5] = MessageKind::ChunkData as u8;
+    // Bytes 6..8: flags, zero.
+    h[8..12].copy_from_slice(&((REPAIR_DATA_FIXED_LEN + data.len()) as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&offset.to_le_bytes());
+    h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    let mut crc = crc32c::crc32c(&h[..12]);
+    crc = crc32c::crc32c_append(crc, &h[FRAME_HEADER_LEN..]);
+    crc = crc32c::crc32c_append(crc, data);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Encodes a `ChunkData` frame from borrowed bytes (a chunk lent by the region), exactly as
+/// [`Message::encode`] would.
+pub fn encode_chunk_data(offset: u64, data: &[u8], out: &mut BytesMut) {
+    out.reserve(CHUNK_DATA_HEADER_LEN + data.len());
+    out.put_slice(&chunk_data_header(offset, data));
+    out.put_slice(data);
+}
+
 fn begin_frame(out: &mut BytesMut, kind: MessageKind, body_len: usize) -> usize {
     debug_assert!(body_len <= MAX_BODY_LEN, "message body too large");
     out.reserve(FRAME_HEADER_LEN + body_len);
@@ -761,7 +799,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
             let current_term = body.get_u64_le();
             let entry_count = body.get_u32_le() as usize;
             let flags = body.get_u32_le();
-            if flags & !HELLO_FLAG_INITIAL_SYNC != 0 {
+            if flags & !(HELLO_FLAG_INITIAL_SYNC | HELLO_FLAG_REGION_BLANK) != 0 {
                 return Err(WireError::Reserved);
             }
             let alone_from = body.get_u64_le();
@@ -837,6 +875,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                 discard_node,
                 resync_from,
                 initial_sync: flags & HELLO_FLAG_INITIAL_SYNC != 0,
+                region_blank: flags & HELLO_FLAG_REGION_BLANK != 0,
             }))
         }
         MessageKind::Reject => {
@@ -1062,6 +1101,7 @@ mod tests {
             discard_node: 0,
             resync_from: 0,
             initial_sync: false,
+            region_blank: true,
             current_term: 4,
             term_history: TermHistory::from_entries(vec![
                 TermEntry {
@@ -1075,6 +1115,24 @@ mod tests {
             ])
             .unwrap(),
         })
+    }
+
+    #[test]
+    fn a_chunk_encoded_from_borrowed_bytes_or_in_two_parts_is_the_message_s_frame() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let msg = Message::ChunkData {
+            offset: 1 << 20,
+            data: Bytes::from(data.clone()),
+        };
+        let mut whole = BytesMut::new();
+        msg.encode(&mut whole);
+        let mut borrowed = BytesMut::new();
+        encode_chunk_data(1 << 20, &data, &mut borrowed);
+        assert_eq!(borrowed, whole);
+        let header = chunk_data_header(1 << 20, &data);
+        assert_eq!(&whole[..CHUNK_DATA_HEADER_LEN], &header[..]);
+        assert_eq!(&whole[CHUNK_DATA_HEADER_LEN..], &data[..]);
+        assert_eq!(roundtrip(&msg), msg);
     }
 
     #[test]
@@ -1307,6 +1365,7 @@ mod tests {
                         discard_node: peer,
                         resync_from: 0,
                         initial_sync: false,
+                        region_blank: extra % 2 == 1,
                         current_term: 9,
                         term_history: if last == 0 {
                             TermHistory::new()

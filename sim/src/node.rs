@@ -146,6 +146,8 @@ pub(crate) struct SimNode {
 pub(crate) struct SimRegion {
     pub written: Vec<u8>,
     durable: Vec<u8>,
+    /// All zeros when the node started (a resync into it then skips digests).
+    blank: bool,
 }
 
 impl RegionStore for SimRegion {
@@ -162,6 +164,9 @@ impl RegionStore for SimRegion {
     fn sync(&mut self) -> Result<(), StorageError> {
         self.durable.copy_from_slice(&self.written);
         Ok(())
+    }
+    fn blank_at_start(&self) -> bool {
+        self.blank
     }
 }
 
@@ -455,6 +460,7 @@ impl SimNode {
             die_after_stages: None,
         };
         let region = SimRegion {
+            blank: written.iter().all(|&b| b == 0),
             written,
             durable: region_durable,
         };
@@ -675,6 +681,20 @@ impl SimNode {
                     writes,
                 }
             }
+            Io::SendChunk {
+                to,
+                range,
+                overlay_from,
+                overlay_through,
+            } => Effect::Send {
+                to,
+                msg: self
+                    .exec
+                    .chunk_message(range, overlay_from, overlay_through)
+                    .map_err(|e| format!("node {name} reading chunk {range:?}: {e}"))?,
+                durable: (durable.last_seq, durable.applied),
+                role: self.acting_role,
+            },
             Io::Complete(ticket) => Effect::Complete(ticket),
             Io::Disconnect { peer, fault } => Effect::Close {
                 to: peer,

@@ -215,7 +215,7 @@ impl Mirror {
             core_cfg,
             queue,
             replay,
-            Arc::clone(&region),
+            region.writer()?,
             Box::new(bitmap),
             hooks,
         );

@@ -19,7 +19,7 @@ use bytes::{BufMut, BytesMut};
 use mirror_proto::auth::{
     AuthError, RecordOpener, RecordSealer, Session, RECORD_HEADER_LEN, RECORD_TARGET_BODY,
 };
-use mirror_proto::{encode_write, Message, WireError};
+use mirror_proto::{encode_chunk_data, encode_write, Message, WireError};
 use thiserror::Error;
 
 /// A connection failure. Any of these ends the connection; the engine's ordinary reconnection and
@@ -142,6 +142,42 @@ impl SendBatch {
         self.begin_frame();
         encode_write(seq, term, offset, data, &mut self.buf);
         self.end_frame();
+        Ok(())
+    }
+
+    /// Encodes a `ChunkData` from borrowed bytes (a chunk lent by the region) into the batch.
+    pub(crate) fn push_chunk_data(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), TransportError> {
+        self.check_backlog()?;
+        self.begin_frame();
+        encode_chunk_data(offset, data, &mut self.buf);
+        self.end_frame();
+        Ok(())
+    }
+
+    /// Whether frames can go to the network as they are, bypassing the batch: nothing is
+    /// queued before them, and they are not sealed into records.
+    pub(crate) fn may_bypass(&self) -> bool {
+        self.sealer.is_none() && self.pending() == 0
+    }
+
+    /// Queues what a write that bypassed the batch did not take: the frame `parts` less its
+    /// first `taken` bytes (see [`Self::may_bypass`]).
+    pub(crate) fn push_untaken(
+        &mut self,
+        parts: &[&[u8]],
+        mut taken: usize,
+    ) -> Result<(), TransportError> {
+        debug_assert!(self.may_bypass());
+        self.check_backlog()?;
+        for part in parts {
+            let skip = taken.min(part.len());
+            taken -= skip;
+            self.buf.extend_from_slice(&part[skip..]);
+        }
         Ok(())
     }
 
@@ -355,6 +391,9 @@ pub trait Connection: Send {
         offset: u64,
         data: &[u8],
     ) -> Result<(), TransportError>;
+    /// Queues a `ChunkData` message of borrowed bytes (a chunk lent by the region in place), or
+    /// hands it to the network at once where it can (see `SendBatch::may_bypass`).
+    fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError>;
     /// Hands the batch to the network as far as it takes it. Returns whether nothing is left queued.
     fn flush(&mut self) -> Result<bool, TransportError>;
     /// Bytes queued and not yet handed to the network.

@@ -5,14 +5,14 @@
 //! challenge-response (`secret_file`, [`super::auth`]). Without TLS, an authenticated
 //! connection then carries its frames in tagged records; with TLS, TLS protects them.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mirror_proto::auth::{Session, Side};
-use mirror_proto::Message;
+use mirror_proto::{chunk_data_header, Message};
 
 use super::auth::{AuthContext, Authenticating};
 use super::tls::TlsContext;
@@ -117,10 +117,17 @@ impl TcpConnection {
         }
     }
 
-    /// Appends what arrived to the receive buffer; returns whether anything did.
-    fn fill(&mut self) -> Result<bool, TransportError> {
+    /// Appends what arrived to the receive buffer; returns whether anything did. With
+    /// `holding` (frames decoded from the buffer are still alive, their payloads pointing into
+    /// it), a buffer short of room is left as is: growing it now would move the bytes to fresh
+    /// memory (page faults on every new page, the old block freed and trimmed when the frames
+    /// drop); once they dropped, the next call reuses the same block.
+    fn fill(&mut self, holding: bool) -> Result<bool, TransportError> {
         let raw = self.rx.raw();
         if raw.capacity() - raw.len() < RECV_CHUNK / 4 {
+            if holding {
+                return Ok(false);
+            }
             raw.reserve(RECV_CHUNK);
         }
         if let Some(tls) = self.tls.as_mut() {
@@ -192,6 +199,30 @@ impl Connection for TcpConnection {
         self.tx.push_write(seq, term, offset, data)
     }
 
+    fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError> {
+        if self.tls.is_some() || !self.tx.may_bypass() {
+            return self.tx.push_chunk_data(offset, data);
+        }
+        // Nothing queued before it and frames in the clear: the header and the region's bytes
+        // go to the socket as they are, in one vectored write (the kernel's copy is the only
+        // one); what the socket does not take now is queued.
+        let header = chunk_data_header(offset, data);
+        let parts = [IoSlice::new(&header), IoSlice::new(data)];
+        let taken = loop {
+            match self.stream.write_vectored(&parts) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("sending to peer")(e)),
+            }
+        };
+        if taken < header.len() + data.len() {
+            self.tx.push_untaken(&[&header, data], taken)?;
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<bool, TransportError> {
         self.tx.close_record();
         if self.tls.is_some() {
@@ -222,7 +253,7 @@ impl Connection for TcpConnection {
                     None => break,
                 }
             }
-            if out.len() - before >= max || !self.fill()? {
+            if out.len() - before >= max || !self.fill(out.len() > before)? {
                 break;
             }
         }

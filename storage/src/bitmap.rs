@@ -325,18 +325,33 @@ fn page_count(page: &[u8]) -> u64 {
 /// Writes bit page `index` from `set` into `out` (bits, then the crc over them).
 fn render_page(set: &ChunkSet, index: u64, out: &mut [u8]) {
     assert_eq!(out.len(), PAGE, "a bit page is {PAGE} bytes");
-    let words = set.words();
     let base = index * BITMAP_CHUNKS_PER_PAGE;
     for (j, byte) in out[PAGE_CRC_BYTES..].iter_mut().enumerate() {
-        // `first` is a multiple of 8 (so is the page base: 32736 = 8 × 4092): the byte's 8
-        // chunks sit in one word of the set. Chunks past the set's capacity are never in it.
-        let first = base + 8 * j as u64;
-        *byte = words
-            .get((first / 64) as usize)
-            .map_or(0, |w| (w >> (first % 64)) as u8);
+        *byte = bits_byte(set, base + 8 * j as u64);
     }
     let crc = page_crc(out);
     put_u32(out, 0, crc);
+}
+
+/// [`render_page`] after a change to `chunk`'s bit alone: its byte, then the crc (a resync
+/// clears thousands of bits one by one; re-rendering a whole page each time cost more than
+/// the chunk's transfer bookkeeping).
+fn render_chunk_byte(set: &ChunkSet, chunk: u64, out: &mut [u8]) {
+    assert_eq!(out.len(), PAGE, "a bit page is {PAGE} bytes");
+    let base = chunk / BITMAP_CHUNKS_PER_PAGE * BITMAP_CHUNKS_PER_PAGE;
+    let j = ((chunk - base) / 8) as usize;
+    out[PAGE_CRC_BYTES + j] = bits_byte(set, base + 8 * j as u64);
+    let crc = page_crc(out);
+    put_u32(out, 0, crc);
+}
+
+/// The byte of a bit page that holds chunks `first..first + 8`. `first` is a multiple of 8
+/// (so is a page's base: 32736 = 8 × 4092): the byte's 8 chunks sit in one word of the set.
+/// Chunks past the set's capacity are never in it.
+fn bits_byte(set: &ChunkSet, first: u64) -> u8 {
+    set.words()
+        .get((first / 64) as usize)
+        .map_or(0, |w| (w >> (first % 64)) as u8)
 }
 
 /// Reads and checks the static block with pread (never through a mapping), then the file
@@ -751,7 +766,7 @@ impl DirtyBitmap {
             });
         }
         if self.dirty.remove(chunk) {
-            self.render(chunk / BITMAP_CHUNKS_PER_PAGE);
+            self.render_changed(chunk / BITMAP_CHUNKS_PER_PAGE, Some(chunk));
         }
         debug_assert!(!self.dirty.contains(chunk));
         Ok(())
@@ -844,8 +859,17 @@ impl DirtyBitmap {
 
     /// Rewrites bit page `index` from the set and remembers it for the next barrier.
     fn render(&mut self, index: u64) {
+        self.render_changed(index, None);
+    }
+
+    /// [`Self::render`], of `chunk`'s byte alone when only its bit changed.
+    fn render_changed(&mut self, index: u64, chunk: Option<u64>) {
         let off = page_off(index);
-        render_page(&self.dirty, index, self.map.bytes_mut(off, PAGE));
+        let page = self.map.bytes_mut(off, PAGE);
+        match chunk {
+            Some(chunk) => render_chunk_byte(&self.dirty, chunk, page),
+            None => render_page(&self.dirty, index, page),
+        }
         debug_assert!(page_verifies(
             self.map.bytes(off, PAGE),
             index,

@@ -89,7 +89,7 @@ pub use queue::{
 #[cfg(feature = "crash-hooks")]
 pub use queue::{CrashEvent, CrashHook};
 pub use queue::{OwnedRecord, ReplayState};
-pub use region::{file_chunk_checksums, Region};
+pub use region::{file_chunk_checksums, Region, RegionWriter};
 
 /// What a completed `sync()` survives. See the table in the crate docs and `docs/FORMAT.md`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

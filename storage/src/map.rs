@@ -179,7 +179,8 @@ impl Mapping {
     /// Shared view of `len` bytes at `off`. Callers guarantee that nobody writes these bytes
     /// while the borrow lives: the queue only calls this on its data area, which is written
     /// only through `&mut self` (bytes_mut), and an exclusive flock keeps other processes from
-    /// opening the queue for writing.
+    /// opening the queue for writing; the region's writer only while it cannot write
+    /// (`RegionWriter::with_bytes`).
     pub(crate) fn bytes(&self, off: usize, len: usize) -> &[u8] {
         self.check(off, len);
         // SAFETY: in bounds (checked), mapped for the lifetime of &self; the no-writer

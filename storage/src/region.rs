@@ -5,20 +5,19 @@
 //!
 //! # Concurrency
 //!
-//! One writer (the engine's poller) calls [`Region::write`] and [`Region::sync`]; any number of
-//! threads may call [`Region::read`], [`Region::chunk_checksums`] or read through
-//! [`Region::as_ptr`] at the same time. Bytes are copied with raw pointer copies, never through
-//! references, and have shared-memory semantics: a read racing a write to the same bytes may
-//! return a mix of old and new bytes. The engine orders reads after writes through its own
-//! completion watermark (Release store after the write, Acquire load before the read). Two
-//! concurrent writers to overlapping ranges leave an unspecified mix of their bytes; the
-//! single-writer rule is the caller's.
+//! One writer, the [`RegionWriter`] (the engine's poller holds it), writes; any number of
+//! threads may call [`Region::read`], [`Region::sync`], [`Region::chunk_checksums`] or read
+//! through [`Region::as_ptr`] at the same time. Bytes are copied with raw pointer copies, never
+//! through references (except by the writer itself, [`RegionWriter::with_bytes`]: nothing else
+//! writes meanwhile), and have shared-memory semantics: a read racing a write to the same bytes
+//! may return a mix of old and new bytes. The engine orders reads after writes through its own
+//! completion watermark (Release store after the write, Acquire load before the read).
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::map::{self, Mapping};
 use crate::{Durability, StorageError};
@@ -36,6 +35,10 @@ pub struct Region {
     map: Mapping,
     len: u64,
     durability: Durability,
+    /// This open created the file (zero-filled).
+    created: bool,
+    /// A [`RegionWriter`] exists.
+    writer_taken: AtomicBool,
     /// Power: something was written since the last sync.
     dirty: AtomicBool,
     /// Pmem: byte ranges written since the last sync.
@@ -49,6 +52,51 @@ impl std::fmt::Debug for Region {
             .field("len", &self.len)
             .field("durability", &self.durability)
             .finish()
+    }
+}
+
+/// The region's single writer ([`Region::writer`]): writes go through it (`&mut self`), so
+/// while it lends bytes in place ([`RegionWriter::with_bytes`], `&self`) nothing writes them.
+#[derive(Debug)]
+pub struct RegionWriter {
+    region: Arc<Region>,
+}
+
+impl RegionWriter {
+    /// Writes `data` at `offset` (bounds-checked without overflow) and remembers the range for
+    /// the next sync; readers on other threads are fine (see the module docs).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        self.region.write(offset, data)
+    }
+
+    /// Calls `f` with the `len` bytes at `offset` in place, without copying them (a resync
+    /// hashes gigabytes of chunks: a copy each cost more than the hash).
+    pub fn with_bytes<T>(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, StorageError> {
+        let off = self.region.check(offset, len)?;
+        // `Mapping::bytes` asks that nothing writes these bytes while the borrow lives: writes
+        // in this process go through this handle (there is one), with `&mut self`, which the
+        // `&self` here excludes. Another process writing the file is outside the contract, as
+        // for any mapped store.
+        Ok(f(self.region.map.bytes(off, len)))
+    }
+}
+
+impl std::ops::Deref for RegionWriter {
+    type Target = Region;
+    fn deref(&self) -> &Region {
+        &self.region
+    }
+}
+
+impl Drop for RegionWriter {
+    fn drop(&mut self) {
+        // Release: the next writer (Acquire in `Region::writer`) sees what this one wrote.
+        self.region.writer_taken.store(false, Ordering::Release);
     }
 }
 
@@ -126,9 +174,9 @@ impl Region {
                 why: format!("region size {size} does not fit this platform's address space"),
             })?;
         map::check_platform(durability)?;
-        let file = match open_existing(path) {
-            Ok(f) => f,
-            Err(e) if e.is_not_found() => create_file(path, size, durability)?,
+        let (file, created) = match open_existing(path) {
+            Ok(f) => (f, false),
+            Err(e) if e.is_not_found() => (create_file(path, size, durability)?, true),
             Err(e) => return Err(e),
         };
         map::lock_exclusive(&file, path)?;
@@ -150,9 +198,16 @@ impl Region {
             map,
             len: size,
             durability,
+            created,
+            writer_taken: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             pending: Mutex::new(Vec::with_capacity(PENDING_RANGES_MAX)),
         })
+    }
+
+    /// Whether this open created the file (zero-filled): the region was blank then.
+    pub fn created(&self) -> bool {
+        self.created
     }
 
     /// Path of the region file.
@@ -187,10 +242,29 @@ impl Region {
         }
     }
 
+    /// The region's writer, if no other handle holds it: while it lives, it alone writes.
+    pub fn writer(self: &Arc<Self>) -> Result<RegionWriter, StorageError> {
+        // Acquire: pairs with the Release of a writer dropped on another thread.
+        if self
+            .writer_taken
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(StorageError::InvalidArgument {
+                why: format!(
+                    "region {} already has a writer (one handle writes at a time)",
+                    self.path.display()
+                ),
+            });
+        }
+        Ok(RegionWriter {
+            region: Arc::clone(self),
+        })
+    }
+
     /// Writes `data` at `offset` (bounds-checked without overflow) and remembers the range for
-    /// the next [`sync`](Self::sync). Single writer: only the poller calls this (see the
-    /// module docs); readers on other threads are fine.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+    /// the next [`sync`](Self::sync). Only the [`RegionWriter`] calls this.
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
         let off = self.check(offset, data.len())?;
         if data.is_empty() {
             return Ok(());

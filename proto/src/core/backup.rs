@@ -171,7 +171,7 @@ impl BackupSide {
             if record.seq > c.applied_through {
                 debug_assert_eq!(record.seq, c.applied_through + 1);
                 c.applied_through = record.seq;
-                c.actions.push(Action::Apply(record));
+                c.write_region(Action::Apply(record));
             }
         }
         if c.commit_applied() {
@@ -507,7 +507,7 @@ impl BackupSide {
         } else {
             c.next_seq += 1;
             c.first_seq.get_or_insert(seq);
-            c.actions.push(Action::Append {
+            c.write_region(Action::Append {
                 record: record.clone(),
                 recovery: seq <= catchup_through,
             });
@@ -525,7 +525,7 @@ impl BackupSide {
                     return self.violation(c, format!("repair data: {e}"));
                 }
                 self.repair_bytes_received += data.len() as u64;
-                c.actions.push(Action::RepairRegion { offset, data });
+                c.write_region(Action::RepairRegion { offset, data });
             }
             // Every byte of the repair arrived (a transport that lost or reordered a frame
             // must not leave a range unrepaired behind a dropped suffix; simulator seed 3070).
@@ -628,7 +628,7 @@ impl BackupSide {
             offset,
             len: len as u32,
         });
-        c.actions.push(Action::InstallChunk { offset, data });
+        c.write_region(Action::InstallChunk { offset, data });
     }
 
     fn check_chunk(&self, c: &Common, offset: u64, len: u64) -> Result<(), String> {

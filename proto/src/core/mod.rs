@@ -31,7 +31,8 @@ mod transfer;
 use backup::BackupSide;
 pub use backup::APPLIED_REPORT_DELAY_US;
 use primary::PrimarySide;
-pub use transfer::{TransferProgress, TransferPurpose, VerifyError, VerifyReport, TRANSFER_WINDOW};
+pub use transfer::{transfer_window, TRANSFER_WINDOW_BYTES};
+pub use transfer::{TransferProgress, TransferPurpose, VerifyError, VerifyReport};
 
 /// What the primary does with writes while the backup is unreachable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +136,9 @@ pub struct Recovered {
     /// A resync into this node (from the primary with this id, 0 if unknown) began and did
     /// not finish: its region is inconsistent, so it is not promoted until one does.
     pub resync_target: Option<u64>,
+    /// The region is all zeros: its file was created at this start (see
+    /// [`Hello::region_blank`]). False when unknown.
+    pub region_blank: bool,
 }
 
 /// One write request.
@@ -519,6 +523,9 @@ pub enum Action {
         overlay_from: u64,
         /// Last one (below `overlay_from`: none).
         overlay_through: u64,
+        /// The backup's region is blank there (a resync into a blank region): if the bytes
+        /// are all zeros, send nothing and tell [`Replica::on_chunk_elided`] instead.
+        elide_zero: bool,
     },
     /// Backup: compare the region's bytes of `range` with `digest` and send `ChunkVerdict`.
     CompareChunk {
@@ -812,6 +819,7 @@ fn hello_of(
         discard_node,
         resync_from: view.resync_from,
         initial_sync: own.initial_sync,
+        region_blank: false,
     }
 }
 
@@ -870,6 +878,9 @@ struct Common {
     dirty: ChunkSet,
     /// See [`Recovered::resync_from`] (persisted by `Fold` and `MarkAllDirty`).
     resync_from: u64,
+    /// The region is all zeros: nothing was written to it since its file was created at this
+    /// start (see [`Common::write_region`]).
+    region_blank: bool,
 }
 
 /// A role change decided inside a handshake (a split-brain verdict).
@@ -922,6 +933,7 @@ impl Common {
             geometry,
             dirty,
             resync_from: rec.resync_from,
+            region_blank: rec.region_blank,
             cfg,
             now_us: 0,
             next_seq: rec.last_seq + 1,
@@ -1004,13 +1016,22 @@ impl Common {
 
     /// This node's Hello in `role`, announcing the operator's resolution `discard_node`.
     fn own_hello(&self, role: WireRole, discard_node: u64) -> Hello {
-        hello_of(
-            &identity(&self.cfg, role, self.peer_node_id, self.last_seq()),
-            &self.view(),
-            self.committed_through,
-            self.cfg.ack_timeout_us,
-            discard_node,
-        )
+        Hello {
+            region_blank: role == WireRole::Backup && self.region_blank,
+            ..hello_of(
+                &identity(&self.cfg, role, self.peer_node_id, self.last_seq()),
+                &self.view(),
+                self.committed_through,
+                self.cfg.ack_timeout_us,
+                discard_node,
+            )
+        }
+    }
+
+    /// Asks the driver to write the region (`action` does): it is no longer blank.
+    fn write_region(&mut self, action: Action) {
+        self.region_blank = false;
+        self.actions.push(action);
     }
 
     fn send(&mut self, msg: Message) {
@@ -1459,6 +1480,18 @@ impl Replica {
                     self.common.dirty.insert_range(range.clone());
                 }
             }
+        }
+    }
+
+    /// The chunk of an [`Action::SendChunk`] to `to` with `elide_zero` is all zeros, as the
+    /// blank backup's is: it is done without sending it (for a connection that is gone:
+    /// nothing).
+    pub fn on_chunk_elided(&mut self, to: PeerId, range: ChunkRange) {
+        if self.common.peer != Some(to) {
+            return;
+        }
+        if let Side::Primary(p) = &mut self.side {
+            p.on_chunk_elided(&mut self.common, range);
         }
     }
 

@@ -84,6 +84,8 @@ pub(super) struct PrimarySide {
     bitmap_clear_at: Option<u64>,
     /// A resync or verify in progress (boxed: most of a primary's life has none).
     transfer: Option<Box<Transfer>>,
+    /// The backup of the current handshake said its region is blank ([`Hello::region_blank`]).
+    peer_region_blank: bool,
 }
 
 impl PrimarySide {
@@ -113,6 +115,7 @@ impl PrimarySide {
             alone_clear_at: None,
             bitmap_clear_at: None,
             transfer: None,
+            peer_region_blank: false,
         }
     }
 
@@ -239,7 +242,7 @@ impl PrimarySide {
             data,
         };
         c.first_seq.get_or_insert(seq);
-        c.actions.push(Action::Append {
+        c.write_region(Action::Append {
             record: record.clone(),
             recovery: false,
         });
@@ -275,7 +278,7 @@ impl PrimarySide {
         if p.record.seq > c.applied_through {
             debug_assert_eq!(p.record.seq, c.applied_through + 1, "apply out of order");
             c.applied_through = p.record.seq;
-            c.actions.push(Action::Apply(p.record));
+            c.write_region(Action::Apply(p.record));
         }
         if let Some(ticket) = p.ticket {
             c.actions.push(Action::Complete { ticket });
@@ -430,6 +433,7 @@ impl PrimarySide {
         let Some(announced) = self.announced.take() else {
             return self.violation(c, "Hello before ours was sent".into());
         };
+        self.peer_region_blank = h.region_blank;
         // The same rule the backup applied, on the same two views.
         let plan = match plan_with_policy(
             c,
@@ -541,7 +545,7 @@ impl PrimarySide {
         // Durable (for completion purposes) as soon as written: it completes no caller.
         self.durable_through = self.durable_through.max(seq);
         c.first_seq.get_or_insert(seq);
-        c.actions.push(Action::Append {
+        c.write_region(Action::Append {
             record: record.clone(),
             recovery: true,
         });
@@ -624,7 +628,12 @@ impl PrimarySide {
         };
         self.acked_through = 0;
         self.sent_through = 0;
-        let transfer = Transfer::new(purpose, c);
+        let mut transfer = Transfer::new(purpose, c);
+        if self.peer_region_blank {
+            // Nothing to compare: every chunk's bytes go, except those of zeros (the blank
+            // region's bytes plus the writes of this stream are the primary's then).
+            transfer.skip_digests();
+        }
         self.send(
             c,
             Message::ResyncBegin {
@@ -945,9 +954,19 @@ impl PrimarySide {
         c.actions.push(Action::SendRegion { to: c.to(), ranges });
     }
 
+    /// See [`Replica::on_chunk_elided`].
+    pub(super) fn on_chunk_elided(&mut self, c: &mut Common, range: ChunkRange) {
+        let Some(t) = self.transfer.as_mut() else {
+            return;
+        };
+        match t.on_elided(c, range) {
+            Ok(()) => self.pump_transfer(c),
+            Err(why) => self.violation(c, why),
+        }
+    }
+
     /// A verdict or a held chunk of the transfer in progress.
     fn on_transfer_message(&mut self, c: &mut Common, msg: Message) {
-        let overlay = self.overlay(c);
         let Some(t) = self.transfer.as_mut() else {
             return self.violation(
                 c,
@@ -955,7 +974,7 @@ impl PrimarySide {
             );
         };
         let result = match msg {
-            Message::ChunkVerdict { range, same } => t.on_verdict(c, range, same, overlay),
+            Message::ChunkVerdict { range, same } => t.on_verdict(c, range, same),
             Message::ChunkHeld { range } => t.on_held(c, range),
             _ => Ok(()),
         };
@@ -1054,6 +1073,11 @@ impl PrimarySide {
         self.wrote_this_batch = false;
         if self.transfer.is_some() {
             self.pump_transfer(c);
+            // The batch's chunks whose bytes go, in runs of neighbours.
+            let overlay = self.overlay(c);
+            if let Some(t) = self.transfer.as_mut() {
+                t.send_ready(c, overlay);
+            }
         }
     }
 

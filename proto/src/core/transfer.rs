@@ -17,9 +17,16 @@ use std::collections::BTreeMap;
 
 use super::*;
 
-/// Chunks a transfer keeps in flight (digest or data on the way): enough to cover the round
-/// trip at the rate a stream of chunks is sent, small enough to keep the send buffer short.
-pub const TRANSFER_WINDOW: usize = 32;
+/// Bytes of chunks a transfer keeps in flight (digest or data on the way): enough to cover the
+/// round trip (both nodes' passes included) at the rate a stream of chunks is sent, small
+/// enough to keep the send buffer short. 2 MiB held loopback transfers at two thirds of this.
+pub const TRANSFER_WINDOW_BYTES: u64 = 8 << 20;
+
+/// Chunks in flight for chunks of `chunk_size`: [`TRANSFER_WINDOW_BYTES`] of them, at least 8
+/// (large chunks) and at most 2048 (small ones: the bookkeeping per chunk is not free).
+pub fn transfer_window(chunk_size: u64) -> usize {
+    (TRANSFER_WINDOW_BYTES / chunk_size.max(1)).clamp(8, 2048) as usize
+}
 
 /// What a transfer is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,9 +119,16 @@ pub enum VerifyError {
 enum Stage {
     /// The digest is on the way; the verdict is awaited.
     Digest,
+    /// The chunk's bytes go at the end of the batch, with its neighbours' (one message for a
+    /// run of adjacent chunks: fewer messages, system calls and acknowledgements per byte).
+    Ready,
     /// The chunk's bytes are on the way; `ChunkHeld` is awaited.
     Data,
 }
+
+/// The most bytes one `ChunkData` carries: a run of adjacent chunks (the most a `ChunkHeld`
+/// range may name).
+pub const MAX_RUN_BYTES: u64 = crate::MAX_CHUNK_SIZE;
 
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
@@ -153,6 +167,9 @@ pub(super) struct Transfer {
     tokens: u64,
     refilled_us: u64,
     rate: u64,
+    /// The backup's region is blank (a resync into a new node): chunks go without digests,
+    /// and a chunk of zeros not at all.
+    skip_digests: bool,
 }
 
 impl Transfer {
@@ -175,7 +192,15 @@ impl Transfer {
             tokens: burst(c.geometry, c.cfg.resync_rate),
             refilled_us: c.now_us,
             rate: c.cfg.resync_rate,
+            skip_digests: false,
         }
+    }
+
+    /// The backup's region is blank: comparing digests would only find that every chunk
+    /// but those of zeros differs. Each chunk's bytes go at once; the primary's executor
+    /// skips a chunk of zeros ([`Transfer::on_elided`]).
+    pub(super) fn skip_digests(&mut self) {
+        self.skip_digests = true;
     }
 
     pub(super) fn purpose(&self) -> TransferPurpose {
@@ -237,7 +262,7 @@ impl Transfer {
     /// records sent and not applied (laid over the region's bytes).
     pub(super) fn pump(&mut self, c: &mut Common, overlay: (u64, u64)) -> Step {
         self.refill(c.now_us);
-        while self.in_flight.len() < TRANSFER_WINDOW {
+        while self.in_flight.len() < transfer_window(self.geometry.chunk_size()) {
             let chunk_bytes = self.geometry.chunk_size();
             if self.rate != 0 && self.tokens < chunk_bytes {
                 break;
@@ -249,20 +274,27 @@ impl Transfer {
                 self.tokens -= chunk_bytes;
             }
             let range = self.range(chunk);
+            let stage = if self.skip_digests {
+                Stage::Ready
+            } else {
+                Stage::Digest
+            };
             self.in_flight.insert(
                 chunk,
                 InFlight {
-                    stage: Stage::Digest,
+                    stage,
                     range,
                     redo: false,
                 },
             );
-            c.actions.push(Action::SendDigest {
-                to: c.to(),
-                range,
-                overlay_from: overlay.0,
-                overlay_through: overlay.1,
-            });
+            if !self.skip_digests {
+                c.actions.push(Action::SendDigest {
+                    to: c.to(),
+                    range,
+                    overlay_from: overlay.0,
+                    overlay_through: overlay.1,
+                });
+            }
         }
         if self.in_flight.is_empty() && !self.next_chunk_left(&c.dirty) {
             Step::Finished
@@ -298,7 +330,6 @@ impl Transfer {
         c: &mut Common,
         range: ChunkRange,
         same: bool,
-        overlay: (u64, u64),
     ) -> Result<(), String> {
         let chunk = self.in_flight_at(range, Stage::Digest)?;
         if same {
@@ -317,26 +348,114 @@ impl Transfer {
             return Ok(());
         }
         if let Some(f) = self.in_flight.get_mut(&chunk) {
-            f.stage = Stage::Data;
+            f.stage = Stage::Ready;
         }
+        Ok(())
+    }
+
+    /// The end of a batch of inputs: the chunks whose bytes are to go leave, a run of
+    /// adjacent ones (up to [`MAX_RUN_BYTES`]) per `ChunkData`.
+    pub(super) fn send_ready(&mut self, c: &mut Common, overlay: (u64, u64)) {
+        let mut run: Option<(u64, ChunkRange)> = None;
+        let ready: Vec<(u64, ChunkRange)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.stage == Stage::Ready)
+            .map(|(&chunk, f)| (chunk, f.range))
+            .collect();
+        for (chunk, range) in ready {
+            if let Some(f) = self.in_flight.get_mut(&chunk) {
+                f.stage = Stage::Data;
+            }
+            run = match run {
+                Some((last, r))
+                    if last + 1 == chunk
+                        && u64::from(r.len) + u64::from(range.len) <= MAX_RUN_BYTES =>
+                {
+                    Some((
+                        chunk,
+                        ChunkRange {
+                            offset: r.offset,
+                            len: r.len + range.len,
+                        },
+                    ))
+                }
+                other => {
+                    if let Some((_, r)) = other {
+                        self.send_run(c, r, overlay);
+                    }
+                    Some((chunk, range))
+                }
+            };
+        }
+        if let Some((_, r)) = run {
+            self.send_run(c, r, overlay);
+        }
+    }
+
+    fn send_run(&mut self, c: &mut Common, range: ChunkRange, overlay: (u64, u64)) {
         self.bytes_sent += u64::from(range.len);
         c.actions.push(Action::SendChunk {
             to: c.to(),
             range,
             overlay_from: overlay.0,
             overlay_through: overlay.1,
+            elide_zero: self.skip_digests,
         });
+    }
+
+    /// The chunks a run's range names, each in flight with its bytes on the way.
+    fn run_chunks(&self, range: ChunkRange) -> Result<std::ops::Range<u64>, String> {
+        let size = self.geometry.chunk_size();
+        let end = range.offset + u64::from(range.len);
+        let chunks = range.offset / size..end.div_ceil(size);
+        let aligned = range.offset % size == 0
+            && chunks
+                .clone()
+                .last()
+                .map(|c| self.range(c))
+                .is_some_and(|r| r.offset + u64::from(r.len) == end);
+        let sent = chunks.clone().all(|chunk| {
+            self.in_flight
+                .get(&chunk)
+                .is_some_and(|f| f.stage == Stage::Data)
+        });
+        if range.len == 0 || !aligned || !sent {
+            return Err(format!(
+                "bytes {}+{} are not a run of chunks whose bytes were sent",
+                range.offset, range.len
+            ));
+        }
+        Ok(chunks)
+    }
+
+    /// A chunk sent without a digest to a blank backup was all zeros, as the backup's is: it
+    /// is done without its bytes (they were not sent).
+    pub(super) fn on_elided(&mut self, c: &mut Common, range: ChunkRange) -> Result<(), String> {
+        let chunks = self.run_chunks(range)?;
+        if !self.skip_digests {
+            return Err(format!(
+                "bytes {}+{} elided in a transfer that compares digests",
+                range.offset, range.len
+            ));
+        }
+        self.bytes_sent -= u64::from(range.len);
+        for chunk in chunks {
+            self.chunk_done(c, chunk);
+        }
         Ok(())
     }
 
-    /// The backup holds a chunk's bytes durably.
+    /// The backup holds a run of chunks' bytes durably.
     pub(super) fn on_held(&mut self, c: &mut Common, range: ChunkRange) -> Result<(), String> {
-        let chunk = self.in_flight_at(range, Stage::Data)?;
-        self.chunks_repaired += 1;
-        if self.is_resync() {
-            self.differing.push(range);
+        for chunk in self.run_chunks(range)? {
+            self.chunks_repaired += 1;
+            if self.is_resync() {
+                let range = self.range(chunk);
+                self.differing.push(range);
+            }
+            self.chunk_done(c, chunk);
         }
-        self.chunk_done(c, chunk);
         Ok(())
     }
 
@@ -411,7 +530,7 @@ fn burst(geometry: ChunkGeometry, rate: u64) -> u64 {
     if rate == 0 {
         return u64::MAX;
     }
-    (geometry.chunk_size() * TRANSFER_WINDOW as u64)
+    (geometry.chunk_size() * transfer_window(geometry.chunk_size()) as u64)
         .min(rate)
         .max(geometry.chunk_size())
 }

@@ -5,12 +5,16 @@
 use std::collections::VecDeque;
 
 use mirror_exec::{ExecError, Io};
+use mirror_proto::wire::ChunkRange;
 use mirror_proto::{Action, Message};
 use mirror_storage::{discarded_path, save_discarded, DiscardedRecord, StorageError};
 
 use crate::error::Result;
 
 use super::*;
+
+/// Send-batch bytes beyond which a chunk's frame is handed to the network at once.
+const CHUNK_FLUSH_BYTES: usize = 256 << 10;
 
 impl Poller {
     pub(super) fn execute_actions(&mut self) -> Result<bool, Stop> {
@@ -67,6 +71,14 @@ impl Poller {
                 from_seq,
                 through_seq,
             } if self.is_current(to) => self.send_queued(from_seq, through_seq, broken)?,
+            Io::SendChunk {
+                to,
+                range,
+                overlay_from,
+                overlay_through,
+            } if self.is_current(to) => {
+                self.send_chunk(range, overlay_from, overlay_through, broken)?
+            }
             Io::Complete(ticket) => {
                 // A caller that sees its write complete and then reads the stats must see the
                 // state that write completed in (degraded, say), not the last pass's.
@@ -107,8 +119,11 @@ impl Poller {
             Io::TransferFinished(report) => self.transfer_finished(report),
             Io::RefuseWrites(why) => self.refuse_pending(why),
             // For a connection that is gone: nothing to do.
-            Io::Send { .. } | Io::SendQueued { .. } | Io::Disconnect { .. } | Io::Reject { .. } => {
-            }
+            Io::Send { .. }
+            | Io::SendQueued { .. }
+            | Io::SendChunk { .. }
+            | Io::Disconnect { .. }
+            | Io::Reject { .. } => {}
         }
         Ok(())
     }
@@ -208,6 +223,49 @@ impl Poller {
             }
         }
         self.continue_catch_up(broken).map(|_| ())
+    }
+
+    /// Sends a chunk's bytes as of now (see [`Io::SendChunk`]), copied from the region straight
+    /// into the send batch; behind a catch-up in progress, as a message of their own.
+    fn send_chunk(
+        &mut self,
+        range: ChunkRange,
+        from: u64,
+        through: u64,
+        broken: &mut Option<String>,
+    ) -> Result<(), Stop> {
+        let conn = match self.conn.as_mut() {
+            Some(conn) if self.catch_up.is_none() => conn,
+            _ => {
+                let msg = self
+                    .exec
+                    .chunk_message(range, from, through)
+                    .map_err(|e| self.exec_failure(e.into()))?;
+                self.send_in_order(msg, broken);
+                return Ok(());
+            }
+        };
+        let queued = self
+            .exec
+            .with_chunk_bytes(
+                range,
+                from,
+                through,
+                |bytes| -> Result<(), crate::transport::TransportError> {
+                    conn.send_chunk_data(range.offset, bytes)?;
+                    // A window of chunks is megabytes: what the socket did not take is handed
+                    // over as it grows, while still in the cache it was just copied through.
+                    if conn.pending_send_bytes() >= CHUNK_FLUSH_BYTES {
+                        conn.flush()?;
+                    }
+                    Ok(())
+                },
+            )
+            .map_err(|e| self.exec_failure(e.into()))?;
+        if let Err(e) = queued {
+            broken.get_or_insert(e.to_string());
+        }
+        Ok(())
     }
 
     /// Sends `msg`, or queues it behind a catch-up in progress.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use mirror_proto::{Action, Message, PeerId, WireRole, WritesRefused};
 use mirror_ring::Consumer;
-use mirror_storage::{Region, StorageError};
+use mirror_storage::{RegionWriter, StorageError};
 
 use super::events::Event;
 use crate::config::Config;
@@ -42,7 +42,7 @@ pub(super) struct Poller {
     pub(super) cfg: Config,
     /// The core, the queue and the region, and the rules that execute the core's actions on
     /// them (shared with the simulator).
-    pub(super) exec: Executor<Arc<Region>, NodeHooks>,
+    pub(super) exec: Executor<RegionWriter, NodeHooks>,
     pub(super) shared: Arc<Shared>,
     pub(super) consumer: Option<Consumer<Submission>>,
     /// A submission taken from the ring that did not fit in the queue yet.

@@ -378,6 +378,10 @@ impl Connection for RdmaConnection {
         self.tx.push_write(seq, term, offset, data)
     }
 
+    fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError> {
+        self.tx.push_chunk_data(offset, data)
+    }
+
     fn flush(&mut self) -> Result<bool, TransportError> {
         self.tx.close_record();
         if self.tx.settle() {

@@ -27,7 +27,9 @@ fn a_new_region_is_a_zero_filled_file_of_exactly_size_bytes() {
 fn writes_read_back_and_land_in_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r");
-    let r = Region::open_or_create(&path, 8192, Durability::Process).unwrap();
+    let mut r = Arc::new(Region::open_or_create(&path, 8192, Durability::Process).unwrap())
+        .writer()
+        .unwrap();
     r.write(100, b"hello").unwrap();
     r.write(8190, b"!!").unwrap();
     r.write(0, b"").unwrap();
@@ -50,7 +52,10 @@ fn writes_read_back_and_land_in_the_file() {
 #[test]
 fn out_of_range_reads_and_writes_are_refused_without_overflow() {
     let dir = tempfile::tempdir().unwrap();
-    let r = Region::open_or_create(&dir.path().join("r"), 4096, Durability::Process).unwrap();
+    let mut r =
+        Arc::new(Region::open_or_create(&dir.path().join("r"), 4096, Durability::Process).unwrap())
+            .writer()
+            .unwrap();
     for (off, len) in [
         (4096u64, 1usize),
         (4095, 2),
@@ -144,7 +149,9 @@ fn chunk_checksums_match_the_file_and_plain_crc32c() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("r");
     let size = 10_000u64;
-    let r = Region::open_or_create(&path, size, Durability::Power).unwrap();
+    let mut r = Arc::new(Region::open_or_create(&path, size, Durability::Power).unwrap())
+        .writer()
+        .unwrap();
     let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
     r.write(0, &data).unwrap();
     r.sync().unwrap();
@@ -220,12 +227,33 @@ fn readers_on_other_threads_see_complete_blocks_below_the_writers_watermark() {
             })
         })
         .collect();
+    let mut w = r.writer().unwrap();
     for b in 0..BLOCKS {
-        r.write(b * BLOCK as u64, &[b as u8 + 1; BLOCK]).unwrap();
+        w.write(b * BLOCK as u64, &[b as u8 + 1; BLOCK]).unwrap();
         // Release: publishes the block written above.
         mark.store(b + 1, Ordering::Release);
     }
     for t in readers {
         t.join().unwrap();
     }
+}
+
+#[test]
+fn one_writer_at_a_time_lends_its_bytes_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let r =
+        Arc::new(Region::open_or_create(&dir.path().join("r"), 8192, Durability::Process).unwrap());
+    assert!(r.created(), "this open created the file");
+    let mut w = r.writer().unwrap();
+    let e = r.writer().unwrap_err();
+    assert!(e.to_string().contains("already has a writer"), "{e}");
+    w.write(4000, b"in place").unwrap();
+    assert_eq!(w.with_bytes(4000, 8, |b| b.to_vec()).unwrap(), b"in place");
+    let e = w.with_bytes(8190, 3, |_| ()).unwrap_err();
+    assert!(matches!(e, StorageError::OutOfRange { .. }), "{e}");
+    drop(w);
+    let w = r.writer().expect("a dropped writer frees the place");
+    drop((w, r));
+    let r = Region::open_or_create(&dir.path().join("r"), 8192, Durability::Process).unwrap();
+    assert!(!r.created(), "opened, not created");
 }
