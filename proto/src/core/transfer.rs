@@ -4,9 +4,11 @@
 //! For each chunk the primary sends `ChunkDigest`, the digest of its bytes as of that point of
 //! the stream (its region with the writes it sent and has not applied yet laid over them); the
 //! backup answers, having applied every write it received before, whether its bytes match. A
-//! resync then sends the differing chunk's bytes (read the same way, later in the stream) and
-//! the backup confirms holding them durably (`ChunkHeld`); only then does the chunk leave the
-//! bitmap. A verify lists differing chunks and, asked to repair, brings them over the same way.
+//! resync then sends the differing chunks' bytes (read the same way, later in the stream), a
+//! run of adjacent chunks per message at the end of a batch, and the backup confirms holding
+//! each run durably (`ChunkHeld`); only then do its chunks leave the bitmap. A verify lists
+//! differing chunks and, asked to repair, brings them over the same way. A backup whose region
+//! is blank is sent bytes without digests, and no chunk that is all zeros on the primary.
 //!
 //! Why a chunk copy never overwrites a newer write: the copy is read on the primary after every
 //! write sent before it, and the backup writes it after every write received before it; writes
