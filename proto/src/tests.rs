@@ -79,8 +79,14 @@ impl Pair {
         self.b.run();
     }
 
-    /// Connects; delivers nothing yet.
+    /// Connects; delivers three rounds only.
     fn connect_without_settling(&mut self) {
+        self.link_up();
+        self.settle_rounds(3);
+    }
+
+    /// The link comes up: both nodes hear of it; nothing is delivered yet.
+    fn link_up(&mut self) {
         self.p.hung_up = false;
         self.b.hung_up = false;
         self.up = true;
@@ -88,7 +94,6 @@ impl Pair {
         self.b.run();
         self.p.core.on_connected(PEER);
         self.p.run();
-        self.settle_rounds(3);
     }
 
     /// Delivers messages back and forth until both are quiet.
@@ -101,6 +106,18 @@ impl Pair {
 
     /// At most `rounds` exchanges of what both nodes sent.
     fn settle_rounds(&mut self, rounds: usize) {
+        self.exchange(rounds, None);
+    }
+
+    /// Delivers messages back and forth until both are quiet; returns what the primary sent.
+    fn settle_watching_primary(&mut self) -> Vec<Message> {
+        let mut sent = Vec::new();
+        self.exchange(1000, Some(&mut sent));
+        sent
+    }
+
+    /// At most `rounds` exchanges; `watch` collects what the primary sent.
+    fn exchange(&mut self, rounds: usize, mut watch: Option<&mut Vec<Message>>) {
         for _ in 0..rounds {
             if !self.up {
                 return;
@@ -111,6 +128,9 @@ impl Pair {
                 return;
             }
             for m in to_b {
+                if let Some(w) = watch.as_mut() {
+                    w.push(m.clone());
+                }
                 self.b.core.on_message(PEER, m);
             }
             self.b.core.end_batch();
@@ -1314,11 +1334,7 @@ fn an_apply_report_of_records_still_to_be_replayed_trims_nothing() {
     pair.primary_loses_power_after_the_backup_acked(1);
     assert_eq!(pair.b.disk.applied_through, 2, "the backup applied seq 2");
     // The handshake: the backup plans to replay seq 2, and the connection dies with it.
-    pair.up = true;
-    pair.b.core.on_connected(PEER);
-    pair.b.run();
-    pair.p.core.on_connected(PEER);
-    pair.p.run();
+    pair.link_up();
     let hello = pair.p.outbox.remove(0);
     pair.b.core.on_message(PEER, hello);
     pair.b.run();
@@ -1361,11 +1377,7 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
     pair.p.run();
     pair.p.write(16, 3, 8);
     // The handshake by hand, so that the primary's repair messages can be reordered.
-    pair.up = true;
-    pair.b.core.on_connected(PEER);
-    pair.b.run();
-    pair.p.core.on_connected(PEER);
-    pair.p.run();
+    pair.link_up();
     // The primary's Hello to the backup, the backup's plan (Hello, RepairRequest, ReplayDone)
     // to the primary; what the primary answers is reordered on its way.
     let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
@@ -1667,30 +1679,6 @@ fn a_new_backup_is_refused_without_consent_and_synced_with_it() {
     assert_eq!(pair.p.disk.peer_node_id, 3);
 }
 
-/// Settles the pair, returning every message the primary sent meanwhile.
-fn settle_watching_primary(pair: &mut Pair) -> Vec<Message> {
-    let mut sent = Vec::new();
-    for _ in 0..1000 {
-        let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
-        let to_p: Vec<_> = pair.b.outbox.drain(..).collect();
-        if to_b.is_empty() && to_p.is_empty() {
-            return sent;
-        }
-        for m in to_b {
-            sent.push(m.clone());
-            pair.b.core.on_message(PEER, m);
-        }
-        pair.b.core.end_batch();
-        pair.b.run();
-        for m in to_p {
-            pair.p.core.on_message(PEER, m);
-        }
-        pair.p.core.end_batch();
-        pair.p.run();
-    }
-    panic!("pair did not settle");
-}
-
 #[test]
 fn an_initial_sync_into_a_blank_region_sends_bytes_without_digests_and_no_chunk_of_zeros() {
     let mut pair = big_pair();
@@ -1718,12 +1706,8 @@ fn an_initial_sync_into_a_blank_region_sends_bytes_without_digests_and_no_chunk_
             ..big_cfg(3)
         },
     );
-    pair.up = true;
-    pair.b.core.on_connected(PEER);
-    pair.b.run();
-    pair.p.core.on_connected(PEER);
-    pair.p.run();
-    let sent = settle_watching_primary(&mut pair);
+    pair.link_up();
+    let sent = pair.settle_watching_primary();
     let hello = sent.iter().find_map(|m| match m {
         Message::Hello(h) => Some(h.clone()),
         _ => None,
@@ -1798,12 +1782,8 @@ fn adjacent_differing_chunks_travel_as_one_run_and_a_held_range_must_name_a_sent
         .collect();
     writes.push((4 * 4096, 0, 4096));
     write_and_fold(&mut pair.p, &writes);
-    pair.up = true;
-    pair.b.core.on_connected(PEER);
-    pair.b.run();
-    pair.p.core.on_connected(PEER);
-    pair.p.run();
-    let sent = settle_watching_primary(&mut pair);
+    pair.link_up();
+    let sent = pair.settle_watching_primary();
     let runs: Vec<(u64, u32)> = sent
         .iter()
         .filter_map(|m| match m {
@@ -1826,11 +1806,7 @@ fn adjacent_differing_chunks_travel_as_one_run_and_a_held_range_must_name_a_sent
     let mut pair = big_pair();
     pair.disconnect();
     write_and_fold(&mut pair.p, &[(0, 1, 4096), (4096, 1, 4096)]);
-    pair.up = true;
-    pair.b.core.on_connected(PEER);
-    pair.b.run();
-    pair.p.core.on_connected(PEER);
-    pair.p.run();
+    pair.link_up();
     pair.settle_rounds(1);
     pair.p.outbox.clear();
     pair.p.core.on_message(
@@ -1898,11 +1874,7 @@ fn a_fold_during_the_handshake_turns_the_catch_up_into_a_resync() {
     // the queue folds (a writer filled it): the records the plan counted on are gone.
     pair.p.hung_up = false;
     pair.b.hung_up = false;
-    pair.up = true;
-    pair.b.core.on_connected(PEER);
-    pair.b.run();
-    pair.p.core.on_connected(PEER);
-    pair.p.run();
+    pair.link_up();
     pair.p.write(2 * 4096, 3, 100);
     assert!(pair.p.core.fold());
     pair.p.run();
