@@ -15,7 +15,7 @@
 //! sent after it reach the backup after it, in order. A chunk whose writes left the queue (a
 //! fold) while its copy was on the way is marked again ("redo") and sent again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
@@ -156,6 +156,9 @@ pub(super) struct Transfer {
     purpose: TransferPurpose,
     geometry: ChunkGeometry,
     in_flight: BTreeMap<u64, InFlight>,
+    /// The chunks in flight at [`Stage::Ready`] (a window can be 2048 chunks: the end of each
+    /// batch looks at these only).
+    ready: BTreeSet<u64>,
     /// Next chunk to consider (a verify's sequential scan; a resync's search start).
     cursor: u64,
     /// Chunks to go through (grows with folds and redos).
@@ -184,6 +187,7 @@ impl Transfer {
             purpose,
             geometry: c.geometry,
             in_flight: BTreeMap::new(),
+            ready: BTreeSet::new(),
             cursor: 0,
             chunks_total,
             chunks_done: 0,
@@ -289,6 +293,9 @@ impl Transfer {
                     redo: false,
                 },
             );
+            if stage == Stage::Ready {
+                self.ready.insert(chunk);
+            }
             if !self.skip_digests {
                 c.actions.push(Action::SendDigest {
                     to: c.to(),
@@ -351,6 +358,7 @@ impl Transfer {
         }
         if let Some(f) = self.in_flight.get_mut(&chunk) {
             f.stage = Stage::Ready;
+            self.ready.insert(chunk);
         }
         Ok(())
     }
@@ -359,16 +367,12 @@ impl Transfer {
     /// adjacent ones (up to [`MAX_RUN_BYTES`]) per `ChunkData`.
     pub(super) fn send_ready(&mut self, c: &mut Common, overlay: (u64, u64)) {
         let mut run: Option<(u64, ChunkRange)> = None;
-        let ready: Vec<(u64, ChunkRange)> = self
-            .in_flight
-            .iter()
-            .filter(|(_, f)| f.stage == Stage::Ready)
-            .map(|(&chunk, f)| (chunk, f.range))
-            .collect();
-        for (chunk, range) in ready {
-            if let Some(f) = self.in_flight.get_mut(&chunk) {
-                f.stage = Stage::Data;
-            }
+        for chunk in std::mem::take(&mut self.ready) {
+            let Some(f) = self.in_flight.get_mut(&chunk) else {
+                continue;
+            };
+            f.stage = Stage::Data;
+            let range = f.range;
             run = match run {
                 Some((last, r))
                     if last + 1 == chunk
@@ -466,6 +470,7 @@ impl Transfer {
     /// bitmap alone (a repair cut short by a crash or a lost connection is not resumed: the
     /// operator runs the verify again).
     fn chunk_done(&mut self, c: &mut Common, chunk: u64) {
+        self.ready.remove(&chunk);
         let Some(f) = self.in_flight.remove(&chunk) else {
             return;
         };
