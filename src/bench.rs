@@ -223,12 +223,20 @@ pub struct Comparison {
     /// Raw samples of the engine's writes, in nanoseconds (sorted).
     #[serde(skip)]
     pub engine_ns: Vec<u64>,
+    /// The independent reference ping-pong (`benches/pingpong.c`, two processes), run in blocks
+    /// interleaved with the floor's and the engine's, when given.
+    pub reference: Option<Percentiles>,
 }
 
 impl Comparison {
     /// engine p50 / floor p50.
     pub fn ratio_p50(&self) -> f64 {
         self.engine.p50_us / self.floor.p50_us.max(f64::MIN_POSITIVE)
+    }
+    /// floor p50 / reference p50, when a reference ran (within 10 % is the floor to trust).
+    pub fn floor_vs_reference_p50(&self) -> Option<f64> {
+        self.reference
+            .map(|r| self.floor.p50_us / r.p50_us.max(f64::MIN_POSITIVE))
     }
     /// engine p99 / floor p99.
     pub fn ratio_p99(&self) -> f64 {
@@ -237,55 +245,95 @@ impl Comparison {
 }
 
 /// Measures `iterations` synchronous writes of `payload` bytes and as many ping-pong round trips,
-/// interleaved in blocks so that both see the same machine conditions.
+/// interleaved in blocks so that both see the same machine conditions; with `reference` (the
+/// built `benches/pingpong.c`), as many round trips of that independent two-process ping-pong
+/// too, in blocks between the others.
 pub fn compare_sync_write(
     pair: &LocalPair,
     payload: usize,
     iterations: usize,
+    reference: Option<&Path>,
 ) -> Result<Comparison, MirrorError> {
     let io = |source: io::Error| MirrorError::Io {
         context: "ping-pong floor".into(),
         source,
     };
-    compare_with_floor(
-        pair,
-        payload,
-        iterations,
-        || PingPong::start(payload).map_err(io),
-        |pp| pp.round_trip().map_err(io),
-    )
+    compare_with_floor(pair, payload, iterations, reference, |n| {
+        tcp_floor_block(payload, n).map_err(io)
+    })
 }
 
-/// [`compare_sync_write`] with another floor: `start` sets one up (it exists only during its own
-/// measurement blocks), `round_trip` times one round trip in nanoseconds.
-fn compare_with_floor<F>(
+/// `n` round trips of a fresh [`PingPong`] (it exists only during its block), after a tenth
+/// more to warm it up, as the reference does; their nanoseconds.
+fn tcp_floor_block(payload: usize, n: usize) -> io::Result<Vec<u64>> {
+    let mut pp = PingPong::start(payload)?;
+    for _ in 0..n / 10 {
+        pp.round_trip()?;
+    }
+    (0..n).map(|_| pp.round_trip()).collect()
+}
+
+/// `n` round trips of the reference ping-pong at `path` (`benches/pingpong.c` built; run with
+/// `raw`, it prints each round trip's nanoseconds on a line).
+fn reference_block(path: &Path, payload: usize, n: usize) -> Result<Vec<u64>, MirrorError> {
+    let failed = |why: String| MirrorError::Io {
+        context: format!("reference ping-pong {}", path.display()),
+        source: io::Error::other(why),
+    };
+    let out = std::process::Command::new(path)
+        .args([payload.to_string(), n.to_string(), "raw".to_string()])
+        .output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let samples: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| failed(format!("printed something other than nanoseconds: {e}")))?;
+    if samples.len() != n {
+        return Err(failed(format!(
+            "printed {} round trips, not {n}",
+            samples.len()
+        )));
+    }
+    Ok(samples)
+}
+
+/// [`compare_sync_write`] with another floor: `floor_block(n)` sets one up, times `n` round
+/// trips in nanoseconds and takes it down (it exists only during its own blocks).
+fn compare_with_floor(
     pair: &LocalPair,
     payload: usize,
     iterations: usize,
-    mut start: impl FnMut() -> Result<F, MirrorError>,
-    mut round_trip: impl FnMut(&mut F) -> Result<u64, MirrorError>,
+    reference: Option<&Path>,
+    mut floor_block: impl FnMut(usize) -> Result<Vec<u64>, MirrorError>,
 ) -> Result<Comparison, MirrorError> {
     let data = vec![0xA5u8; payload];
     let slots = (pair.primary.region_len() / payload as u64).max(1);
     let block = 500.min(iterations.max(1));
     let mut floor = Vec::with_capacity(iterations);
     let mut engine = Vec::with_capacity(iterations);
-    // The floor's server thread busy-polls: it exists only during its own blocks, so that it
-    // never competes with the engine's threads for the CPU.
-    {
-        let mut pp = start()?;
-        for i in 0..block.min(200) {
-            round_trip(&mut pp)?;
-            pair.write((i as u64 % slots) * payload as u64, &data)?;
-        }
+    let mut reference_ns = Vec::new();
+    // The floor's threads busy-poll: they exist only during their own blocks, so that they
+    // never compete with the engine's threads for the CPU. A warm-up of both first.
+    floor_block(block.min(200))?;
+    for i in 0..block.min(200) {
+        pair.write((i as u64 % slots) * payload as u64, &data)?;
     }
     let mut i = 0u64;
     while floor.len() < iterations {
-        {
-            let mut pp = start()?;
-            for _ in 0..block {
-                floor.push(round_trip(&mut pp)?);
-            }
+        // The engine's pollers spin for `idle_spin` after the last write, then park: the
+        // floor's blocks do not share the CPUs with them.
+        std::thread::sleep(Duration::from_millis(2));
+        floor.extend(floor_block(block)?);
+        if let Some(path) = reference {
+            reference_ns.extend(reference_block(path, payload, block)?);
         }
         for _ in 0..block {
             engine.push(pair.write((i % slots) * payload as u64, &data)?);
@@ -298,6 +346,7 @@ fn compare_with_floor<F>(
         engine: Percentiles::of(&mut engine),
         floor_ns: floor,
         engine_ns: engine,
+        reference: reference.map(|_| Percentiles::of(&mut reference_ns)),
     })
 }
 
@@ -412,13 +461,10 @@ pub fn compare_sync_write_rdma(
         context: "RDMA ping-pong floor".into(),
         source: io::Error::other(e.to_string()),
     };
-    compare_with_floor(
-        pair,
-        payload,
-        iterations,
-        || RdmaPingPong::start(payload, settings).map_err(rdma),
-        |pp| pp.round_trip().map_err(rdma),
-    )
+    compare_with_floor(pair, payload, iterations, None, |n| {
+        let mut pp = RdmaPingPong::start(payload, settings).map_err(rdma)?;
+        (0..n).map(|_| pp.round_trip().map_err(rdma)).collect()
+    })
 }
 
 /// Pipelined throughput: `total` writes of `payload` bytes with at most `depth` in flight.

@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// Any config key for both nodes: --set key=value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// The reference ping-pong to run beside the floor, in the same run (`benches/pingpong.c`
+    /// built: `cc -O2 -o target/pingpong benches/pingpong.c`); the floor is trusted when its p50
+    /// is within 10 % of the reference's
+    #[arg(long, value_name = "PATH")]
+    reference: Option<std::path::PathBuf>,
     /// Directory for the nodes' files (default /dev/shm when present, else the temp dir)
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -72,6 +77,9 @@ pub fn run(a: &BenchArgs) -> CliResult {
     let dir = base.join(format!("mirror-bench-{}", std::process::id()));
     let io = |context: String| move |source| MirrorError::Io { context, source };
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    // Removed however the run ends: its files are hundreds of megabytes, often in memory
+    // (/dev/shm), and `mirror bench | head` ends it with a panic on the closed pipe.
+    let _files = RemoveOnDrop(dir.clone());
     let mut extra = Vec::new();
     for pair in &a.set {
         let (key, value) = split_set(pair)?;
@@ -113,7 +121,8 @@ pub fn run(a: &BenchArgs) -> CliResult {
         let mut plot_series = Vec::new();
         for size in &a.sizes {
             let payload = parse_size_arg(size)? as usize;
-            let c = bench::compare_sync_write(&pair, payload, a.iterations)?;
+            let c =
+                bench::compare_sync_write(&pair, payload, a.iterations, a.reference.as_deref())?;
             say(format!(
                 "{:>8} {:>10.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>11.1} {:>7.2} {:>7.2}",
                 payload,
@@ -126,10 +135,24 @@ pub fn run(a: &BenchArgs) -> CliResult {
                 c.ratio_p50(),
                 c.ratio_p99()
             ));
+            if let (Some(r), Some(ratio)) = (c.reference, c.floor_vs_reference_p50()) {
+                say(format!(
+                    "{:>8} reference ping-pong (two processes): p50 {:.1} p99 {:.1} p99.9 {:.1}; floor p50 / reference p50 = {:.2} (within 10 %: {})",
+                    "",
+                    r.p50_us,
+                    r.p99_us,
+                    r.p999_us,
+                    ratio,
+                    met((0.9..=1.1).contains(&ratio))
+                ));
+            }
             let mut v = serde_json::to_value(&c).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.insert("ratio_p50".into(), c.ratio_p50().into());
                 o.insert("ratio_p99".into(), c.ratio_p99().into());
+                if let Some(ratio) = c.floor_vs_reference_p50() {
+                    o.insert("floor_vs_reference_p50".into(), ratio.into());
+                }
             }
             latency.push(v);
             plot_series.push((format!("floor {payload} B"), c.floor_ns.clone()));
@@ -359,8 +382,16 @@ pub fn run(a: &BenchArgs) -> CliResult {
         }
         Ok(ExitCode::SUCCESS)
     })();
-    let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Removes a directory when dropped (unwinding included).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A target's verdict, as the tables print it.
