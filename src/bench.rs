@@ -602,6 +602,169 @@ fn tcp_stream_with(send: impl FnOnce(&mut TcpStream) -> io::Result<()>) -> io::R
     Ok(got as f64 / secs / 1e6)
 }
 
+/// What the C API costs over the Rust API on the same node (see [`c_api_cost`]).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct CApiCost {
+    /// Payload bytes per write.
+    pub payload: usize,
+    /// `mirror_write`, p50 µs.
+    pub c_write_p50_us: f64,
+    /// `Mirror::write` on the same node, p50 µs.
+    pub rust_write_p50_us: f64,
+    /// `mirror_submit` then `mirror_wait`, p50 µs.
+    pub c_submit_p50_us: f64,
+    /// `Mirror::submit` then `Mirror::wait`, p50 µs.
+    pub rust_submit_p50_us: f64,
+}
+
+impl CApiCost {
+    /// How much more the C write costs than the Rust one, as a fraction (0.05: 5 %).
+    pub fn write_overhead(&self) -> f64 {
+        self.c_write_p50_us / self.rust_write_p50_us.max(f64::MIN_POSITIVE) - 1.0
+    }
+    /// The same for submit + wait.
+    pub fn submit_overhead(&self) -> f64 {
+        self.c_submit_p50_us / self.rust_submit_p50_us.max(f64::MIN_POSITIVE) - 1.0
+    }
+}
+
+/// Opens a primary through the C API (`mirror_config_*`, `mirror_open`) with a backup in this
+/// process, then times `iterations` writes of `payload` bytes each way, in interleaved blocks on
+/// the same node: `mirror_write` against `Mirror::write`, `mirror_submit` + `mirror_wait`
+/// against `Mirror::submit` + `Mirror::wait`.
+pub fn c_api_cost(dir: &Path, payload: usize, iterations: usize) -> Result<CApiCost, MirrorError> {
+    use crate::ffi::{
+        mirror, mirror_close, mirror_config_free, mirror_config_new, mirror_config_set,
+        mirror_open, mirror_submit, mirror_wait, mirror_wait_synchronous, mirror_write,
+    };
+    use std::ffi::CString;
+    let region_size: u64 = 16 << 20;
+    let failed = |call: &str, rc: i32| {
+        MirrorError::Unsupported(format!("C API benchmark: {call} returned {rc}"))
+    };
+    let mut b = node_config(dir, "backup", region_size, "64MiB")?;
+    b.set("listen", "127.0.0.1:0")?;
+    let backup = Mirror::open(b.build()?)?;
+    let addr = backup
+        .listen_addr()
+        .ok_or_else(|| MirrorError::Unsupported("backup has no listen address".into()))?;
+    let file = |ext: &str| dir.join(format!("primary.{ext}")).display().to_string();
+    let keys = [
+        ("role", "primary".to_string()),
+        ("region", file("region")),
+        ("queue", file("queue")),
+        ("region_size", region_size.to_string()),
+        ("queue_size", "64MiB".to_string()),
+        ("peer", addr.to_string()),
+        ("on_peer_loss", "block".to_string()),
+    ];
+    let cfg = mirror_config_new();
+    let mut handle: *mut mirror = std::ptr::null_mut();
+    let opened = (|| {
+        for (k, v) in &keys {
+            let (k, v) = (CString::new(*k), CString::new(v.as_str()));
+            let (Ok(k), Ok(v)) = (k, v) else {
+                return Err(failed("mirror_config_set (a NUL in a path)", -1));
+            };
+            // SAFETY: `cfg` is the live config made above; both strings are NUL-terminated and
+            // outlive the call.
+            let rc = unsafe { mirror_config_set(cfg, k.as_ptr(), v.as_ptr()) };
+            if rc != 0 {
+                return Err(failed("mirror_config_set", rc));
+            }
+        }
+        // SAFETY: `cfg` is live; `handle` is a valid place for the handle.
+        let rc = unsafe { mirror_open(cfg, &mut handle) };
+        if rc != 0 {
+            return Err(failed("mirror_open", rc));
+        }
+        Ok(())
+    })();
+    // SAFETY: the config made above, freed once (the handle does not keep it).
+    unsafe { mirror_config_free(cfg) };
+    opened?;
+    // SAFETY: `handle` is the live handle mirror_open returned, closed at the end of this
+    // function and not before; it is only ever borrowed shared meanwhile.
+    let node = unsafe { &*handle }.node();
+    let measured = (|| {
+        // SAFETY: `handle` is live (see above).
+        let rc = unsafe { mirror_wait_synchronous(handle, 10_000_000) };
+        if rc != 0 {
+            return Err(failed("mirror_wait_synchronous", rc));
+        }
+        let data = vec![0x3Cu8; payload];
+        let slots = (region_size / payload as u64).max(1);
+        let block = 500.min(iterations.max(1));
+        let (mut c_write, mut rust_write, mut c_submit, mut rust_submit) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut i = 0u64;
+        let mut offset = || {
+            i += 1;
+            (i % slots) * payload as u64
+        };
+        while c_write.len() < iterations {
+            for _ in 0..block {
+                let at = offset();
+                let t = Instant::now();
+                // SAFETY: `handle` is live; `data` is readable for its length.
+                let rc = unsafe { mirror_write(handle, at, data.as_ptr().cast(), data.len()) };
+                c_write.push(t.elapsed().as_nanos() as u64);
+                if rc != 0 {
+                    return Err(failed("mirror_write", rc));
+                }
+            }
+            for _ in 0..block {
+                let at = offset();
+                let t = Instant::now();
+                node.write(at, &data)?;
+                rust_write.push(t.elapsed().as_nanos() as u64);
+            }
+            for _ in 0..block {
+                let at = offset();
+                let mut ticket = 0u64;
+                let t = Instant::now();
+                // SAFETY: `handle` is live; `data` is readable; `ticket` is writable.
+                let rc = unsafe {
+                    mirror_submit(handle, at, data.as_ptr().cast(), data.len(), &mut ticket)
+                };
+                let rc = if rc == 0 {
+                    // SAFETY: `handle` is live.
+                    unsafe { mirror_wait(handle, ticket, -1) }
+                } else {
+                    rc
+                };
+                c_submit.push(t.elapsed().as_nanos() as u64);
+                if rc != 0 {
+                    return Err(failed("mirror_submit / mirror_wait", rc));
+                }
+            }
+            for _ in 0..block {
+                let at = offset();
+                let t = Instant::now();
+                let ticket = node.submit(at, &data)?;
+                node.wait(ticket, None)?;
+                rust_submit.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        let p50 = |v: &mut Vec<u64>| Percentiles::of(v).p50_us;
+        Ok(CApiCost {
+            payload,
+            c_write_p50_us: p50(&mut c_write),
+            rust_write_p50_us: p50(&mut rust_write),
+            c_submit_p50_us: p50(&mut c_submit),
+            rust_submit_p50_us: p50(&mut rust_submit),
+        })
+    })();
+    // SAFETY: the live handle from mirror_open, closed once; `node` is not used after this.
+    let rc = unsafe { mirror_close(handle) };
+    backup.close()?;
+    let cost = measured?;
+    if rc != 0 {
+        return Err(failed("mirror_close", rc));
+    }
+    Ok(cost)
+}
+
 /// One recovery measurement: a backup that missed `missed` writes catches up, next to a full
 /// remirror (the whole region streamed over TCP) measured right after.
 #[derive(Debug, Clone, Copy, serde::Serialize)]

@@ -45,6 +45,13 @@ pub struct mirror {
     node: Mirror,
 }
 
+impl mirror {
+    /// The node behind the handle (the benchmark times the Rust API on the same node).
+    pub(crate) fn node(&self) -> &Mirror {
+        &self.node
+    }
+}
+
 // The header promises that write, submit, wait, read, region, stats and the extensions may run
 // concurrently on one handle; they only ever take `&mirror`, so this is what makes that sound.
 const _: () = {

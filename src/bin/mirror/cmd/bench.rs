@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// Any config key for both nodes: --set key=value (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Writes per size and way for the cost of the C API over the Rust API (0: skip)
+    #[arg(long, default_value_t = 5_000)]
+    c_api_iterations: usize,
     /// The reference ping-pong to run beside the floor, in the same run (`benches/pingpong.c`
     /// built: `cc -O2 -o target/pingpong benches/pingpong.c`); the floor is trusted when its p50
     /// is within 10 % of the reference's
@@ -159,6 +162,42 @@ pub fn run(a: &BenchArgs) -> CliResult {
             plot_series.push((format!("sync write {payload} B"), c.engine_ns.clone()));
         }
         report.insert("sync_latency".into(), latency.into());
+        // 1b. The C API next to the Rust API, on the same node.
+        if a.c_api_iterations > 0 {
+            say(String::new());
+            say(
+                "C API vs Rust API, same node, interleaved (p50 us; target: at most 5 % more)"
+                    .into(),
+            );
+            let mut rows = Vec::new();
+            for size in &a.sizes {
+                let payload = parse_size_arg(size)? as usize;
+                let cdir = dir.join("c-api");
+                let _ = std::fs::remove_dir_all(&cdir);
+                std::fs::create_dir_all(&cdir).map_err(io("creating bench dir".into()))?;
+                let c = bench::c_api_cost(&cdir, payload, a.c_api_iterations)?;
+                let _ = std::fs::remove_dir_all(&cdir);
+                say(format!(
+                    "{:>8} mirror_write {:.1} vs Mirror::write {:.1} ({:+.1} %: {}); mirror_submit+wait {:.1} vs submit+wait {:.1} ({:+.1} %: {})",
+                    payload,
+                    c.c_write_p50_us,
+                    c.rust_write_p50_us,
+                    c.write_overhead() * 100.0,
+                    met(c.write_overhead() <= 0.05),
+                    c.c_submit_p50_us,
+                    c.rust_submit_p50_us,
+                    c.submit_overhead() * 100.0,
+                    met(c.submit_overhead() <= 0.05)
+                ));
+                let mut v = serde_json::to_value(c).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("write_overhead".into(), c.write_overhead().into());
+                    o.insert("submit_overhead".into(), c.submit_overhead().into());
+                }
+                rows.push(v);
+            }
+            report.insert("c_api".into(), rows.into());
+        }
         if let Some(p) = &a.plot {
             bench::write_cdf_svg(
                 p,
@@ -373,6 +412,24 @@ pub fn run(a: &BenchArgs) -> CliResult {
                 serde_json::to_value(&runs).unwrap_or_default(),
             );
         }
+        // Last: every figure that has a target, with it.
+        let rows = targets(&report);
+        say(String::new());
+        say("targets (ratios from this run)".into());
+        say(format!(
+            "{:<52} {:>12} {:>14} {:>20}",
+            "figure", "measured", "target", "verdict"
+        ));
+        for r in &rows {
+            say(format!(
+                "{:<52} {:>12} {:>14} {:>20}",
+                r.figure, r.measured, r.target, r.verdict
+            ));
+        }
+        report.insert(
+            "targets".into(),
+            serde_json::to_value(&rows).unwrap_or_default(),
+        );
         if a.json {
             println!(
                 "{}",
@@ -401,4 +458,188 @@ fn met(yes: bool) -> &'static str {
     } else {
         "not met"
     }
+}
+
+/// One row of the targets table.
+#[derive(serde::Serialize)]
+struct TargetRow {
+    figure: String,
+    measured: String,
+    target: String,
+    verdict: &'static str,
+}
+
+/// The figures of this run that have a target (docs/PERFORMANCE.md), each with its verdict; a
+/// target this run did not measure says so, and where it is measured.
+fn targets(report: &serde_json::Map<String, serde_json::Value>) -> Vec<TargetRow> {
+    use serde_json::Value;
+    let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+    let list = |k: &str| {
+        report
+            .get(k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut rows = Vec::new();
+    let mut row = |figure: String,
+                   measured: Option<(f64, String)>,
+                   target: &str,
+                   ok: &dyn Fn(f64) -> bool,
+                   elsewhere: &'static str| {
+        let (measured, verdict) = match measured {
+            Some((x, shown)) => (shown, met(ok(x))),
+            None => ("-".to_string(), elsewhere),
+        };
+        rows.push(TargetRow {
+            figure,
+            measured,
+            target: target.to_string(),
+            verdict,
+        });
+    };
+    let latency = list("sync_latency");
+    let at = |payload: u64| {
+        latency
+            .iter()
+            .find(|v| v.get("payload").and_then(Value::as_u64) == Some(payload))
+            .cloned()
+    };
+    for (payload, limit) in [(64u64, 1.10), (4096, 1.10), (65536, 1.3)] {
+        let ratio = at(payload).and_then(|v| num(&v, "ratio_p50"));
+        row(
+            format!("sync write p50 / floor, {payload} B"),
+            ratio.map(|x| (x, format!("{x:.2}x"))),
+            &format!("<= {limit:.2}x"),
+            &|x| x <= limit,
+            "not run (--sizes)",
+        );
+    }
+    for payload in [64u64, 4096] {
+        let ratio = at(payload).and_then(|v| num(&v, "ratio_p99"));
+        row(
+            format!("sync write p99 / floor, {payload} B"),
+            ratio.map(|x| (x, format!("{x:.2}x"))),
+            "<= 1.50x",
+            &|x| x <= 1.5,
+            "not run (--sizes)",
+        );
+    }
+    for payload in [64u64, 4096] {
+        let ratio = at(payload).and_then(|v| num(&v, "floor_vs_reference_p50"));
+        row(
+            format!("floor p50 / reference ping-pong p50, {payload} B"),
+            ratio.map(|x| (x, format!("{x:.2}"))),
+            "0.90 .. 1.10",
+            &|x| (0.9..=1.1).contains(&x),
+            "not run (--reference)",
+        );
+    }
+    let pipelined = list("pipelined");
+    let best_4k = pipelined
+        .iter()
+        .filter(|v| v.get("payload").and_then(Value::as_u64) == Some(4096))
+        .filter_map(|v| Some(num(v, "mb_per_s")? / num(v, "tcp_floor_mb_per_s")?))
+        .fold(None, |best: Option<f64>, x| {
+            Some(best.map_or(x, |b| b.max(x)))
+        });
+    row(
+        "pipelined 4 KiB, best depth / TCP streaming".into(),
+        best_4k.map(|x| (x, format!("{:.0} %", x * 100.0))),
+        ">= 70 %",
+        &|x| x >= 0.7,
+        "not run (--pipelined-sizes)",
+    );
+    let small_64 = pipelined
+        .iter()
+        .find(|v| {
+            v.get("payload").and_then(Value::as_u64) == Some(64)
+                && v.get("depth").and_then(Value::as_u64) == Some(64)
+        })
+        .and_then(|v| num(v, "writes_per_s"));
+    row(
+        "pipelined 64 B at depth 64, writes/s".into(),
+        small_64.map(|x| (x, format!("{:.2} M", x / 1e6))),
+        ">= 2 M",
+        &|x| x >= 2e6,
+        "not run (--depths)",
+    );
+    // The largest catch-up: its throughput next to streaming the whole region.
+    let catch_up = list("recovery")
+        .iter()
+        .filter_map(|v| {
+            let rate = num(v, "catch_up_bytes")? / num(v, "catch_up_s")?.max(1e-9);
+            let stream = num(v, "region_bytes")? / num(v, "full_remirror_s")?.max(1e-9);
+            Some((num(v, "catch_up_bytes")?, rate / stream))
+        })
+        .fold(None, |best: Option<(f64, f64)>, x| match best {
+            Some(b) if b.0 >= x.0 => Some(b),
+            _ => Some(x),
+        })
+        .map(|(_, ratio)| ratio);
+    row(
+        "catch-up (largest) / streaming the region".into(),
+        catch_up.map(|x| (x, format!("{:.0} %", x * 100.0))),
+        ">= 70 %",
+        &|x| x >= 0.7,
+        "not run (--recovery-regions)",
+    );
+    let beyond = report.get("beyond_the_queue");
+    for (key, name) in [
+        (
+            "initial_sync_vs_tcp",
+            "initial sync of a blank node / streaming",
+        ),
+        ("resync_vs_tcp", "resync of a stale copy / streaming"),
+    ] {
+        row(
+            name.into(),
+            beyond
+                .and_then(|v| num(v, key))
+                .map(|x| (x, format!("{:.0} %", x * 100.0))),
+            ">= 70 %",
+            &|x| x >= 0.7,
+            "not run (--resync-region)",
+        );
+    }
+    let c_api = list("c_api");
+    let worst = |k: &str| {
+        c_api
+            .iter()
+            .filter_map(|v| num(v, k))
+            .fold(None, |w: Option<f64>, x| Some(w.map_or(x, |w| w.max(x))))
+    };
+    for (key, name) in [
+        (
+            "write_overhead",
+            "C API over Rust API, mirror_write (worst size)",
+        ),
+        (
+            "submit_overhead",
+            "C API over Rust API, mirror_submit (worst size)",
+        ),
+    ] {
+        row(
+            name.into(),
+            worst(key).map(|x| (x, format!("{:+.1} %", x * 100.0))),
+            "<= +5 %",
+            &|x| x <= 0.05,
+            "not run (--c-api-iterations)",
+        );
+    }
+    row(
+        "power: depth 64 / raw group-commit floor".into(),
+        None,
+        ">= 80 %",
+        &|_| false,
+        "not measured yet",
+    );
+    row(
+        "RDMA engine p50 / verbs ping-pong".into(),
+        None,
+        "<= 1.5x / 2x",
+        &|_| false,
+        "in the soft-RoCE guest",
+    );
+    rows
 }
