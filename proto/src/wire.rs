@@ -493,6 +493,11 @@ impl Message {
         {
             return encode_write(*seq, *term, *offset, data, out);
         }
+        if let Message::ChunkData { offset, data } = self {
+            // One place for a chunk's frame: a sender that lends the region's bytes builds the
+            // same header (`chunk_data_header`).
+            return encode_chunk_data(*offset, data, out);
+        }
         let body_len = self.body_len();
         let start = begin_frame(out, self.kind(), body_len);
         match self {
@@ -530,7 +535,7 @@ impl Message {
                 out.put_u16_le(reason.len() as u16);
                 out.put_slice(reason.as_bytes());
             }
-            Message::Write { .. } => unreachable!("encoded above"),
+            Message::Write { .. } | Message::ChunkData { .. } => unreachable!("encoded above"),
             Message::Ack {
                 received_through,
                 applied_through,
@@ -568,7 +573,7 @@ impl Message {
                     out.put_u64_le(r.len);
                 }
             }
-            Message::RepairData { offset, data } | Message::ChunkData { offset, data } => {
+            Message::RepairData { offset, data } => {
                 debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
                 out.put_u64_le(*offset);
                 out.put_u32_le(data.len() as u32);
