@@ -28,65 +28,19 @@ source ci/setup.sh
 t0=$(date +%s)
 say() { printf '[softroce %3ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
 
-# 1. Packages: the emulator, a kernel that ships rdma_rxe, busybox for the initramfs, rdma-core
-#    userspace (libibverbs + the rxe provider, tools, perftest) and what rdma-sys needs to build
-#    (its build script links libibverbs/librdmacm and runs bindgen on their headers).
-pkgs=(qemu-system-x86 linux-image-amd64 busybox-static kmod xz-utils libibverbs1 ibverbs-providers
-  ibverbs-utils rdma-core iproute2 librdmacm1 rdmacm-utils perftest libibverbs-dev librdmacm-dev
-  pkg-config libclang1-14 libclang-common-14-dev)
-missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# 1. Packages: the guest's (ci/guest/lib.sh), rdma-core userspace (libibverbs + the rxe
+#    provider, tools, perftest) and what rdma-sys needs to build (its build script links
+#    libibverbs/librdmacm and runs bindgen on their headers).
+source ci/guest/lib.sh
+guest_packages "${GUEST_BASE_PACKAGES[@]}" libibverbs1 ibverbs-providers ibverbs-utils rdma-core \
+  librdmacm1 rdmacm-utils perftest libibverbs-dev librdmacm-dev pkg-config libclang1-14 \
+  libclang-common-14-dev
 
-# 2. Kernel: the newest installed one that ships rdma_rxe.
-kv=
-for d in $(ls -1 /lib/modules | sort -V); do
-  if [ -f "/boot/vmlinuz-$d" ] && [ -f "/lib/modules/$d/kernel/drivers/infiniband/sw/rxe/rdma_rxe.ko" ]; then
-    kv=$d
-  fi
-done
-[ -n "$kv" ] || { echo "ci/softroce-test.sh: no installed kernel with rdma_rxe" >&2; exit 1; }
+# 2. Kernel (the newest installed one that ships rdma_rxe) and initramfs.
 work=$repo/target/softroce
-mkdir -p "$work"
-
-# Booting the uncompressed vmlinux (a PVH ELF) saves ~4 s of XZ decompression under emulation.
-kernel=$work/vmlinux-$kv
-if [ ! -s "$kernel" ]; then
-  off=$(grep -obUaP '\xfd7zXZ\x00' "/boot/vmlinuz-$kv" | head -1 | cut -d: -f1 || true)
-  if [ -n "$off" ] && tail -c +"$((off + 1))" "/boot/vmlinuz-$kv" | xz -dc --single-stream >"$kernel.tmp" 2>/dev/null &&
-    head -c 4 "$kernel.tmp" | grep -q ELF; then
-    mv "$kernel.tmp" "$kernel"
-  else
-    rm -f "$kernel.tmp"
-    cp "/boot/vmlinuz-$kv" "$kernel"
-  fi
-fi
-
-# Initramfs: static busybox, the modules in dependency order, and ci/guest/init.
-initrd=$work/initrd-$kv.cpio
-if [ ! -s "$initrd" ] || [ ci/guest/init -nt "$initrd" ]; then
-  rd=$(mktemp -d)
-  mkdir -p "$rd/bin" "$rd/modules" "$rd/proc" "$rd/sys" "$rd/dev" "$rd/mnt"
-  cp /bin/busybox "$rd/bin/busybox"
-  cp ci/guest/init "$rd/init"
-  chmod +x "$rd/init"
-  modprobe -S "$kv" -a --show-depends virtio_pci 9pnet_virtio 9p overlay veth \
-    rdma_rxe rdma_ucm ib_umad |
-    awk '$1 == "insmod" && !seen[$2]++ { print $2 }' | while read -r ko; do
-    cp "$ko" "$rd/modules/"
-    basename "$ko" >>"$rd/modules.list"
-  done
-  (cd "$rd" && find . | busybox cpio -o -H newc 2>/dev/null) >"$initrd.tmp"
-  mv "$initrd.tmp" "$initrd"
-  rm -rf "$rd"
-fi
+guest_kernel "$work"
+guest_initrd "$work"
+kv=$guest_kv kernel=$guest_vmlinux initrd=$guest_initrd
 
 # 3. What the guest runs.
 run=$(mktemp -d "$work/run.XXXXXX")

@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# The two-machine lab: two emulated machines (ci/lab/machines.sh), each with its own disk and
+# kernel, joined by a virtual network. One command, one scenario:
+#
+#   bash ci/lab/lab.sh power-cuts --mode power|pmem|process --victim primary|backup|both [--cuts N]
+#       Real power cuts: a primary (machine a) writes the built-in workload to a backup
+#       (machine b), logging every write that completed to the client on the host; the victim's
+#       QEMU process is SIGKILLed at random moments under load (its page cache and whatever it
+#       did not sync are gone) and booted again; its node recovers from its disk and the pair
+#       mirrors on. At the end, checked from outside: every completed write is on both machines
+#       and the two regions are identical. `pmem` puts the node's files on an emulated NVDIMM in
+#       fsdax mode (a DAX mount, MAP_SYNC). `process` with `--victim both` is the negative
+#       control: it must show a loss, or the harness is broken (then it fails).
+#   bash ci/lab/lab.sh campaign [--cuts N]
+#       The full campaign: every mode and victim, N cuts each (default 20), plus the control.
+#   bash ci/lab/lab.sh ci
+#       CI's short pass: a few cuts in `power` and `pmem`, and the control.
+#
+# Everything runs under target/lab/ (disks, shares, logs); a run's directory is removed when it
+# passes and kept (its path printed) when it fails. Figures from the guests are emulated: compare
+# ratios from one run, never absolute times.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$(pwd)
+source ci/setup.sh
+source ci/lab/machines.sh
+lab_t0=$(date +%s)
+
+# The workload: 512-byte writes (DRBD's smallest) over a 64 MiB region, so that later writes
+# rarely land on the slot of an earlier one (which would hide its loss from the check).
+REGION_SIZE=64MiB
+QUEUE_SIZE=16MiB
+WRITE_SIZE=512
+DEPTH=4
+PORT=7400
+# Short spins: two machines share two cores under emulation.
+NODE_TUNING="--set idle_spin_us=20 --set wait_spin_us=20"
+
+lab_packages() {
+  source ci/guest/lib.sh
+  guest_packages "${GUEST_BASE_PACKAGES[@]}" e2fsprogs ndctl
+}
+
+build_mirror() {
+  lab_say "building the mirror command (release)"
+  cargo build --release --bin mirror
+  mirror=$repo/target/release/mirror
+}
+
+# The node's files: on the machine's disk, or on its NVDIMM's DAX mount.
+files_dir() { if [ "$mode" = pmem ]; then echo /pmem/mirror; else echo /disk/mirror; fi; }
+
+node_args() {
+  local d
+  d=$(files_dir)
+  echo "--region $d/region --region-size $REGION_SIZE --queue $d/queue --queue-size $QUEUE_SIZE" \
+    "--durability $mode --secret-file /run/lab/secret $NODE_TUNING"
+}
+
+start_backup() {
+  backup_run=$((backup_run + 1))
+  lab_run b "mkdir -p $(files_dir)
+setsid $mirror backup $(node_args) --listen 10.78.0.2:$PORT \
+  >/run/lab/backup-$backup_run.log 2>&1 </dev/null & echo \$! >/run/backup.pid" 60 >/dev/null
+  wait_log b "backup-$backup_run.log" 'backup\|status' 120 "backup run $backup_run to listen"
+}
+
+# Run r writes ids from r * 10^7 up, so that the check can tell the newest write of a slot.
+start_primary() {
+  primary_run=$((primary_run + 1))
+  lab_run a "mkdir -p $(files_dir)
+setsid $mirror primary $(node_args) --peer 10.78.0.2:$PORT --on-peer-loss continue \
+  --write-size $WRITE_SIZE --depth $DEPTH --start-id $((primary_run * 10000000)) \
+  --completions /run/lab/completions --report-ms 300 \
+  >/run/lab/primary-$primary_run.log 2>&1 </dev/null & echo \$! >/run/primary.pid" 60 >/dev/null
+}
+
+# wait_log MACHINE FILE PATTERN SECONDS WHAT
+wait_log() {
+  local f=$lab/$1/share/$2 deadline=$(( $(date +%s) + $4 ))
+  until grep -q "$3" "$f" 2>/dev/null; do
+    if [ "$(date +%s)" -gt "$deadline" ] || grep -q '^mirror: error' "$f" 2>/dev/null; then
+      lab_say "timed out waiting for $5; $f ends:"
+      tail -5 "$f" 2>/dev/null || true
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# The primary's completed count, from its latest progress line.
+completed() {
+  grep -o 'progress completed=[0-9]*' "$lab/a/share/primary-$primary_run.log" 2>/dev/null |
+    tail -1 | cut -d= -f2 || true
+}
+
+# Waits until the current primary run has completed more writes than $1 (the pair mirrors on).
+wait_progress() {
+  local before=$1 deadline=$(( $(date +%s) + $2 )) now
+  while :; do
+    now=$(completed)
+    [ -n "$now" ] && [ "$now" -gt "$before" ] && return 0
+    if [ "$(date +%s)" -gt "$deadline" ] ||
+      grep -q '^mirror: error' "$lab/a/share/primary-$primary_run.log" 2>/dev/null; then
+      lab_say "no progress past $before completed writes in $2 s (primary run $primary_run); its log ends:"
+      tail -5 "$lab/a/share/primary-$primary_run.log" 2>/dev/null || true
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# Stops the workload, lets the backup catch up (a last short primary run under `block` completes
+# only once the backup acknowledged everything), stops both nodes, then checks each region
+# against the completions (on the host: they survived every cut) and compares the two. Prints
+# `verdict: ...`; returns 0 when nothing was lost and the regions are identical.
+finish_and_check() {
+  local d last ok=0
+  d=$(files_dir)
+  lab_run a "pid=\$(cat /run/primary.pid 2>/dev/null) && kill -TERM \$pid 2>/dev/null
+for _ in \$(seq 600); do kill -0 \$pid 2>/dev/null || break; sleep 0.1; done
+timeout 300 $mirror primary $(node_args) --peer 10.78.0.2:$PORT --on-peer-loss block \
+  --write-size $WRITE_SIZE --depth 1 --writes 20 --start-id $((1 << 60)) \
+  --completions /run/lab/completions --report-ms 0 >/run/lab/primary-last.log 2>&1" 360 >/dev/null ||
+    { lab_say "the last primary run failed:"; tail -5 "$lab/a/share/primary-last.log"; ok=1; }
+  last=$(lab_run a "$mirror status $d/queue" 60 | awk '$1 == "next_seq" { print $2 - 1 }') || true
+  lab_run b "for _ in \$(seq 1200); do
+  a=\$($mirror status --live $d/queue 2>/dev/null | awk '\$1 == \"applied_through\" { print \$2 }')
+  [ -n \"\$a\" ] && [ \"\$a\" -ge ${last:-0} ] && break
+  sleep 0.1
+done
+pid=\$(cat /run/backup.pid 2>/dev/null) && kill -TERM \$pid 2>/dev/null
+for _ in \$(seq 600); do kill -0 \$pid 2>/dev/null || break; sleep 0.1; done" 300 >/dev/null || ok=1
+  cp "$lab/a/share/completions" "$lab/b/share/completions"
+  lab_say "$(wc -l <"$lab/a/share/completions") completed writes logged; checking both regions"
+  local m sums=()
+  for m in a b; do
+    if ! lab_run "$m" "sync; $mirror check-workload $d/region --completions /run/lab/completions \
+--write-size $WRITE_SIZE" 300 >"$lab/$m/share/check.txt" 2>&1; then
+      lab_say "machine $m: $(tail -3 "$lab/$m/share/check.txt" | tr '\n' ' ')"
+      ok=1
+      lost=1
+    fi
+    sums+=("$(lab_run "$m" "sha256sum $d/region" 120 | cut -d' ' -f1)")
+  done
+  if [ "${sums[0]}" != "${sums[1]}" ]; then
+    lab_say "the regions differ (a ${sums[0]:0:16}, b ${sums[1]:0:16})"
+    ok=1
+  fi
+  return $ok
+}
+
+# power_cuts MODE VICTIM CUTS: one campaign; prints a summary line and returns its verdict.
+power_cuts() {
+  mode=$1 victim=$2 cuts=$3
+  local run_dir i before load_ms victims verdict lost=0
+  primary_run=0 backup_run=0
+  run_dir=$(mktemp -d "$repo/target/lab/cuts-$mode-$victim.XXXXXX")
+  lab_init "$run_dir"
+  lab_machine a $([ "$mode" = pmem ] && echo nvdimm)
+  lab_machine b $([ "$mode" = pmem ] && echo nvdimm)
+  lab_say "$mode, power cuts of the $victim machine(s), $cuts cuts: booting a and b"
+  lab_boot a b
+  start_backup
+  start_primary
+  wait_progress 0 180
+  case $victim in
+    primary) victims=(a) ;;
+    backup) victims=(b) ;;
+    both) victims=(a b) ;;
+  esac
+  for i in $(seq 1 "$cuts"); do
+    before=$(completed)
+    wait_progress "${before:-0}" 180
+    # A random moment under load: 0.3 to 3 s after progress.
+    load_ms=$(( 300 + RANDOM % 2700 ))
+    sleep "$(printf '%d.%03d' $((load_ms / 1000)) $((load_ms % 1000)))"
+    lab_cut "${victims[@]}"
+    lab_say "cut $i/$cuts: ${victims[*]} (at $(completed) completed writes of primary run $primary_run)"
+    lab_boot "${victims[@]}"
+    case $victim in
+      primary) start_primary ;;
+      backup) start_backup ;;
+      both) start_backup; start_primary ;;
+    esac
+    if ! wait_progress 0 240; then
+      verdict="the pair did not mirror on after cut $i"
+      break
+    fi
+  done
+  if [ -z "${verdict:-}" ]; then
+    if finish_and_check; then
+      verdict="no completed write lost, regions identical"
+    elif [ "$lost" = 1 ]; then
+      verdict="LOSS: completed writes missing"
+    else
+      verdict="FAILED: see $run_dir"
+    fi
+  fi
+  lab_halt
+  local summary="$mode, victim $victim: $cuts cuts, $(wc -l <"$run_dir/a/share/completions" 2>/dev/null || echo 0) completed writes: $verdict"
+  lab_say "$summary"
+  echo "$summary" >>"$repo/target/lab/summary.txt"
+  if [ "$mode/$victim" = process/both ]; then
+    # The negative control: a power cut of both machines loses what only page caches held.
+    if [ "$lost" = 1 ]; then
+      lab_say "negative control: the loss was caught, as it must be"
+      rm -rf "$run_dir"
+      return 0
+    fi
+    lab_say "negative control: NO LOSS CAUGHT: the harness is broken ($run_dir kept)"
+    return 1
+  fi
+  case $verdict in
+    no\ completed*) rm -rf "$run_dir"; return 0 ;;
+    *) lab_say "kept $run_dir"; return 1 ;;
+  esac
+}
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+scenario=${1:-}
+[ -n "$scenario" ] || usage
+shift
+mode=power victim=backup cuts=3
+while [ $# -gt 0 ]; do
+  case $1 in
+    --mode) mode=$2; shift 2 ;;
+    --victim) victim=$2; shift 2 ;;
+    --cuts) cuts=$2; shift 2 ;;
+    *) usage ;;
+  esac
+done
+case $mode in power | pmem | process) ;; *) usage ;; esac
+case $victim in primary | backup | both) ;; *) usage ;; esac
+mkdir -p target/lab
+lab_packages
+build_mirror
+
+case $scenario in
+  power-cuts)
+    power_cuts "$mode" "$victim" "$cuts"
+    ;;
+  campaign)
+    [ "$cuts" = 3 ] && cuts=20
+    rc=0
+    for mode in power pmem; do
+      for victim in primary backup both; do
+        power_cuts "$mode" "$victim" "$cuts" || rc=1
+      done
+    done
+    power_cuts process both 1 || rc=1
+    exit $rc
+    ;;
+  ci)
+    rc=0
+    power_cuts power backup 2 || rc=1
+    power_cuts pmem primary 2 || rc=1
+    power_cuts process both 1 || rc=1
+    exit $rc
+    ;;
+  *) usage ;;
+esac
