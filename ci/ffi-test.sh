@@ -11,7 +11,10 @@
 #      primary, promote the backup through mirror_promote or `mirror promote`, restart the old
 #      primary as a backup), with the same checks;
 #   5. ci/install.sh into a temporary prefix, then the example (ffi/examples/kvlog.c) and the
-#      C++17 test built with pkg-config exactly as an integrator would, and run.
+#      C++17 test built with pkg-config exactly as an integrator would, and run;
+#   6. the same for the rdma build (FEATURES=rdma ci/install.sh, target/rdma): kvlog linked shared
+#      and statically with mirror.pc's static_libs (-libverbs ...), run over TCP on loopback (no
+#      RDMA device needed).
 # Sanitizers and valgrind run without suppressions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -160,5 +163,58 @@ ex_check "both region files are byte-identical" cmp "$kv/primary/kv.region" "$kv
 ex_check "the backup holds what the CMake-built program put" backup_has shape round
 ex_check "the backup lists four entries" test "$("$bin/kvlog" list "$kv/backup" | wc -l)" -eq 4
 echo "example: $ex_passed passed, 0 failed"
+
+part "the rdma build: installed (FEATURES=rdma), kvlog linked shared and static, run over TCP"
+# Its own prefix and target directory (target/rdma, shared with ci/softroce-test.sh).
+rprefix=$tmp/prefix-rdma
+FEATURES=rdma PREFIX=$rprefix bash ci/install.sh
+export PKG_CONFIG_PATH=$rprefix/lib/pkgconfig LD_LIBRARY_PATH=$rprefix/lib
+[ "$(pkg-config --variable=features mirror)" = rdma ] \
+  || { echo "the rdma install's mirror.pc does not say features=rdma" >&2; exit 1; }
+for flags in "--variable=static_libs" "--libs --static"; do
+  case " $(pkg-config $flags mirror) " in
+    *" -libverbs "*) ;;
+    *) echo "pkg-config $flags mirror lacks -libverbs (a static link fails on ibv_*)" >&2; exit 1 ;;
+  esac
+done
+readelf -d "$rprefix/lib/libmirror.so" | grep -q 'NEEDED.*\[libibverbs\.so\.1\]' \
+  || { echo "the rdma libmirror.so does not load libibverbs.so.1" >&2; exit 1; }
+cc -std=c11 -Wall -Wextra -Werror -O2 -o "$bin/kvlog_rdma" ffi/examples/kvlog.c $(pkg-config --cflags --libs mirror)
+cc -std=c11 -Wall -Wextra -Werror -O2 -o "$bin/kvlog_rdma_static" ffi/examples/kvlog.c \
+  $(pkg-config --cflags mirror) "$(pkg-config --variable=libdir mirror)/libmirror.a" \
+  $(pkg-config --variable=static_libs mirror)
+readelf -d "$bin/kvlog_rdma" | grep -q 'NEEDED.*\[libmirror\.so\.0\]' \
+  || { echo "kvlog_rdma does not load libmirror.so.0" >&2; exit 1; }
+readelf -d "$bin/kvlog_rdma_static" | grep -q 'NEEDED.*\[libibverbs\.so\.1\]' \
+  || { echo "kvlog_rdma_static does not load libibverbs.so.1" >&2; exit 1; }
+if readelf -d "$bin/kvlog_rdma_static" | grep -q 'NEEDED.*libmirror'; then
+  echo "kvlog_rdma_static should not need libmirror.so" >&2
+  exit 1
+fi
+rkv=$tmp/kv-rdma
+mkdir -p "$rkv/backup" "$rkv/primary"
+"$bin/kvlog_rdma_static" backup "$rkv/backup" 0 >"$rkv/backup.out" 2>&1 &
+kv_backup_pid=$!
+for _ in $(seq 1 500); do grep -q listening "$rkv/backup.out" && break; sleep 0.01; done
+port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$rkv/backup.out")
+[ -n "$port" ] || { cat "$rkv/backup.out"; echo "the rdma kvlog backup did not start" >&2; exit 1; }
+"$bin/kvlog_rdma" put "$rkv/primary" "$port" greeting hello
+"$bin/kvlog_rdma_static" put "$rkv/primary" "$port" greeting salut
+rdma_backup_has() {
+  for _ in $(seq 1 200); do
+    [ "$("$bin/kvlog_rdma" get "$rkv/backup" "$1" 2>/dev/null)" = "$2" ] && return 0
+    sleep 0.01
+  done
+  return 1
+}
+ex_passed=0
+ex_check "the rdma build's backup holds the latest greeting" rdma_backup_has greeting salut
+kill -TERM "$kv_backup_pid"
+kv_status=0
+wait "$kv_backup_pid" || kv_status=$?
+kv_backup_pid=""
+ex_check "the rdma build's backup stops cleanly on SIGTERM" test "$kv_status" -eq 0
+ex_check "both region files are byte-identical" cmp "$rkv/primary/kv.region" "$rkv/backup/kv.region"
+echo "example (rdma build): $ex_passed passed, 0 failed"
 
 part "C API gate passed"
