@@ -11,7 +11,8 @@
 #      primary, promote the backup through mirror_promote or `mirror promote`, restart the old
 #      primary as a backup), with the same checks;
 #   5. ci/install.sh into a temporary prefix, then the example (ffi/examples/kvlog.c) and the
-#      C++17 test built with pkg-config exactly as an integrator would, and run;
+#      C++17 test built with pkg-config exactly as an integrator would, and run; kvlog's
+#      ADDR:PORT forms and KVLOG_SET (an override that wins, refused keys with their message);
 #   6. the same for the rdma build (FEATURES=rdma ci/install.sh, target/rdma): kvlog linked shared
 #      and statically with mirror.pc's static_libs (-libverbs ...), run over TCP on loopback (no
 #      RDMA device needed).
@@ -163,6 +164,54 @@ ex_check "both region files are byte-identical" cmp "$kv/primary/kv.region" "$kv
 ex_check "the backup holds what the CMake-built program put" backup_has shape round
 ex_check "the backup lists four entries" test "$("$bin/kvlog" list "$kv/backup" | wc -l)" -eq 4
 echo "example: $ex_passed passed, 0 failed"
+
+part "example: kvlog's [ADDR:]PORT and [HOST:]PEER_PORT forms and KVLOG_SET"
+# The forms a two-machine pair uses, on loopback: an explicit listen address, a HOST:PORT peer,
+# extra keys from KVLOG_SET (applied after kvlog's own, so they win), and a refused key or value
+# reported with the library's message.
+kx=$tmp/kv-forms
+mkdir -p "$kx/backup" "$kx/primary"
+KVLOG_SET="durability=power" "$bin/kvlog" backup "$kx/backup" 127.0.0.1:0 >"$kx/backup.out" 2>&1 &
+kv_backup_pid=$!
+for _ in $(seq 1 500); do grep -q listening "$kx/backup.out" && break; sleep 0.01; done
+port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$kx/backup.out")
+[ -n "$port" ] || { cat "$kx/backup.out"; echo "kvlog backup 127.0.0.1:0 did not start" >&2; exit 1; }
+ex_passed=0
+ex_check "a put to 127.0.0.1:PORT with KVLOG_SET=durability=power" \
+  env KVLOG_SET="durability=power" "$bin/kvlog" put "$kx/primary" "127.0.0.1:$port" greeting hello
+# Nothing listens on port 1: this put completes only if KVLOG_SET's peer wins over the argument.
+ex_check "KVLOG_SET overrides kvlog's own peer" \
+  env KVLOG_SET=" peer=127.0.0.1:$port  durability=power " "$bin/kvlog" put "$kx/primary" 127.0.0.1:1 color blue
+refused() { # refused EXPECTED_STATUS TEXT_IN_STDERR KVLOG_SET: a put that must fail, saying TEXT
+  local status=0
+  KVLOG_SET=$3 "$bin/kvlog" put "$kx/primary" "127.0.0.1:$port" shape round 2>"$kx/refused.err" || status=$?
+  [ "$status" -eq "$1" ] && grep -qF -- "$2" "$kx/refused.err" && return 0
+  echo "KVLOG_SET=\"$3\": status $status, stderr:" >&2
+  cat "$kx/refused.err" >&2
+  return 1
+}
+ex_check "an unknown key in KVLOG_SET fails with the library's message" \
+  refused 1 "unknown config key 'no_such_key'" "durability=power no_such_key=1"
+ex_check "a bad value in KVLOG_SET fails with the library's message" \
+  refused 1 "config key 'durability' has bad value 'sometimes'" "durability=sometimes"
+ex_check "a KVLOG_SET word without '=' is refused" refused 2 "is not KEY=VALUE" "durability"
+kx_backup_has() {
+  for _ in $(seq 1 200); do
+    [ "$("$bin/kvlog" get "$kx/backup" "$1" 2>/dev/null)" = "$2" ] && return 0
+    sleep 0.01
+  done
+  return 1
+}
+ex_check "the backup holds the put to 127.0.0.1:PORT" kx_backup_has greeting hello
+ex_check "the backup holds the put whose peer KVLOG_SET overrode" kx_backup_has color blue
+ex_check "the refused puts wrote nothing" test "$("$bin/kvlog" list "$kx/primary" | wc -l)" -eq 2
+kill -TERM "$kv_backup_pid"
+kv_status=0
+wait "$kv_backup_pid" || kv_status=$?
+kv_backup_pid=""
+ex_check "the backup stops cleanly on SIGTERM" test "$kv_status" -eq 0
+ex_check "both region files are byte-identical" cmp "$kx/primary/kv.region" "$kx/backup/kv.region"
+echo "example (forms): $ex_passed passed, 0 failed"
 
 part "the rdma build: installed (FEATURES=rdma), kvlog linked shared and static, run over TCP"
 # Its own prefix and target directory (target/rdma, shared with ci/softroce-test.sh).

@@ -2,12 +2,26 @@
  * kvlog: a tiny persistent key-value log whose every write is mirrored to a backup node through
  * libmirror's C API.
  *
- *   kvlog backup DIR PORT            serve as the backup (PORT 0 picks one) until Ctrl-C / SIGTERM
- *   kvlog put DIR PEER_PORT KEY VALUE append KEY=VALUE through a primary node in DIR; returns once
- *                                    the backup on 127.0.0.1:PEER_PORT holds it too
+ *   kvlog backup DIR [ADDR:]PORT     serve as the backup on ADDR:PORT (ADDR defaults to 127.0.0.1;
+ *                                    PORT 0 picks one) until Ctrl-C / SIGTERM
+ *   kvlog put DIR [HOST:]PEER_PORT KEY VALUE
+ *                                    append KEY=VALUE through a primary node in DIR; returns once
+ *                                    the backup on HOST:PEER_PORT (HOST defaults to 127.0.0.1)
+ *                                    holds it too
  *   kvlog get DIR KEY                print the latest value of KEY (reads DIR/kv.region directly:
  *                                    the region file is the data; works on the backup's DIR too)
  *   kvlog list DIR                   print every entry, oldest first
+ *
+ * Any other configuration key (README.md lists them) comes from the environment: KVLOG_SET holds
+ * space-separated KEY=VALUE pairs that backup and put pass to mirror_config_set after their own
+ * keys, so they can also override those (a value cannot contain a space). A key or value the
+ * library refuses is printed with its message and kvlog exits with status 1. Across two machines
+ * over RDMA, with the same secret file (32 to 4096 bytes, mode 600) on both:
+ *
+ *   KVLOG_SET="transport=rdma rdma_device=rxe0 secret_file=/etc/kvlog.key" \
+ *     kvlog backup /var/lib/kv 10.78.0.2:7500                              (on 10.78.0.2)
+ *   KVLOG_SET="transport=rdma rdma_device=rxe0 secret_file=/etc/kvlog.key" \
+ *     kvlog put /var/lib/kv 10.78.0.2:7500 greeting hello                 (on 10.78.0.1)
  *
  * Build against an installed libmirror:
  *   cc -std=c11 -O2 -o kvlog kvlog.c $(pkg-config --cflags --libs mirror)
@@ -80,12 +94,57 @@ static mirror_config *node_config(const char *role, const char *dir) {
     return cfg;
 }
 
-static int cmd_backup(const char *dir, const char *port) {
+/* ADDR:PORT from an argument "[ADDR:]PORT" into `out` (ADDR defaults to 127.0.0.1). */
+static void address(const char *arg, char *out, size_t out_size) {
+    int n = strchr(arg, ':') != NULL ? snprintf(out, out_size, "%s", arg)
+                                     : snprintf(out, out_size, "127.0.0.1:%s", arg);
+    if (n < 0 || (size_t)n >= out_size) {
+        fprintf(stderr, "kvlog: address too long: %s\n", arg);
+        exit(2);
+    }
+}
+
+/* Applies KVLOG_SET (space-separated KEY=VALUE pairs) to `cfg`, after the program's own keys so
+ * that they win. The last `listen` given there, if any, is copied into `listen` (for the
+ * message that says where the backup listens). */
+static void apply_env(mirror_config *cfg, char *listen, size_t listen_size) {
+    const char *env = getenv("KVLOG_SET");
+    if (env == NULL) return;
+    char *pairs = strdup(env);
+    if (pairs == NULL) {
+        perror("kvlog: KVLOG_SET");
+        exit(1);
+    }
+    char *save = NULL;
+    for (char *pair = strtok_r(pairs, " \t\n", &save); pair != NULL;
+         pair = strtok_r(NULL, " \t\n", &save)) {
+        char *eq = strchr(pair, '=');
+        if (eq == NULL || eq == pair) {
+            fprintf(stderr, "kvlog: KVLOG_SET: '%s' is not KEY=VALUE\n", pair);
+            exit(2);
+        }
+        *eq = '\0';
+        const char *key = pair, *value = eq + 1;
+        int rc = mirror_config_set(cfg, key, value);
+        if (rc != MIRROR_OK) die("KVLOG_SET", rc);
+        if (listen != NULL && strcmp(key, "listen") == 0) {
+            if (strlen(value) >= listen_size) {
+                fprintf(stderr, "kvlog: KVLOG_SET: address too long: %s\n", value);
+                exit(2);
+            }
+            memcpy(listen, value, strlen(value) + 1);
+        }
+    }
+    free(pairs);
+}
+
+static int cmd_backup(const char *dir, const char *listen_arg) {
     mirror_config *cfg = node_config("backup", dir);
-    char listen[64];
-    snprintf(listen, sizeof listen, "127.0.0.1:%s", port);
+    char listen[256];
+    address(listen_arg, listen, sizeof listen);
     int rc = mirror_config_set(cfg, "listen", listen);
     if (rc != MIRROR_OK) die("mirror_config_set(listen)", rc);
+    apply_env(cfg, listen, sizeof listen);
     mirror *m = NULL;
     rc = mirror_open(cfg, &m);
     mirror_config_free(cfg);
@@ -93,7 +152,9 @@ static int cmd_backup(const char *dir, const char *port) {
     uint16_t bound = 0;
     rc = mirror_listen_port(m, &bound);
     if (rc != MIRROR_OK) die("mirror_listen_port", rc);
-    printf("kvlog: backup listening on 127.0.0.1:%u\n", (unsigned)bound);
+    char *colon = strrchr(listen, ':'); /* mirror_open took it, so it is HOST:PORT */
+    if (colon != NULL) *colon = '\0';    /* the host; the port is the bound one (0 picks one) */
+    printf("kvlog: backup listening on %s:%u\n", listen, (unsigned)bound);
     fflush(stdout);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -110,20 +171,21 @@ static int cmd_backup(const char *dir, const char *port) {
     return 0;
 }
 
-static int cmd_put(const char *dir, const char *peer_port, const char *key, const char *value) {
+static int cmd_put(const char *dir, const char *peer_arg, const char *key, const char *value) {
     if (strlen(key) >= KEY_MAX || strlen(value) >= VALUE_MAX || key[0] == '\0') {
         fprintf(stderr, "kvlog: key must be 1..%u bytes, value at most %u bytes\n", KEY_MAX - 1,
                 VALUE_MAX - 1);
         return 2;
     }
     mirror_config *cfg = node_config("primary", dir);
-    char peer[64];
-    snprintf(peer, sizeof peer, "127.0.0.1:%s", peer_port);
+    char peer[256];
+    address(peer_arg, peer, sizeof peer);
     int rc = mirror_config_set(cfg, "peer", peer);
     /* Refuse to complete a put the backup does not hold, but do not wait forever for it. */
     if (rc == MIRROR_OK) rc = mirror_config_set(cfg, "on_peer_loss", "block");
     if (rc == MIRROR_OK) rc = mirror_config_set(cfg, "write_timeout_ms", "10000");
     if (rc != MIRROR_OK) die("mirror_config_set", rc);
+    apply_env(cfg, NULL, 0);
     mirror *m = NULL;
     rc = mirror_open(cfg, &m);
     mirror_config_free(cfg);
@@ -233,10 +295,11 @@ int main(int argc, char **argv) {
         return 0;
     }
     fprintf(stderr,
-            "usage: kvlog backup DIR PORT\n"
-            "       kvlog put DIR PEER_PORT KEY VALUE\n"
+            "usage: kvlog backup DIR [ADDR:]PORT\n"
+            "       kvlog put DIR [HOST:]PEER_PORT KEY VALUE\n"
             "       kvlog get DIR KEY\n"
             "       kvlog list DIR\n"
+            "ADDR and HOST default to 127.0.0.1; KVLOG_SET=\"KEY=VALUE ...\" sets more config keys\n"
             "(libmirror %s)\n",
             mirror_version());
     return 2;
