@@ -55,14 +55,15 @@ for _ in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 mount -t ext4 /dev/vda /disk || fail "cannot mount /dev/vda"
 
 # The NVDIMM, when the host gave one: an fsdax namespace (made on the first boot; its info block
-# lives on the NVDIMM, so later boots find it), an ext4 on it, mounted with DAX.
+# lives on the NVDIMM, so later boots find it), an ext4 on it (4 KiB blocks: DAX needs a page
+# per block; mkfs would pick 1 KiB on a small device), mounted with DAX.
 if [ -f $share/nvdimm ]; then
   modprobe nfit && modprobe nd_pmem && modprobe dax_pmem 2>/dev/null
   for _ in $(seq 50); do [ -e /sys/bus/nd/devices/namespace0.0 ] && break; sleep 0.1; done
   mode=$(ndctl list -n namespace0.0 2>/dev/null | sed -n 's/.*"mode":"\([a-z]*\)".*/\1/p')
   if [ "$mode" != fsdax ]; then
     ndctl create-namespace -f -e namespace0.0 -m fsdax >/dev/null || fail "ndctl create-namespace"
-    mkfs.ext4 -q -F /dev/pmem0 || fail "mkfs.ext4 /dev/pmem0"
+    mkfs.ext4 -q -F -b 4096 /dev/pmem0 || fail "mkfs.ext4 /dev/pmem0"
   fi
   mkdir -p /pmem
   for _ in $(seq 50); do [ -b /dev/pmem0 ] && break; sleep 0.1; done

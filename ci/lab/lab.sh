@@ -47,6 +47,33 @@ build_mirror() {
   mirror=$repo/target/release/mirror
 }
 
+# The verbs build, in the target directory the soft-RoCE step uses (same features, so neither
+# rebuilds the other's).
+build_mirror_rdma() {
+  source ci/guest/lib.sh
+  guest_packages libibverbs1 ibverbs-providers ibverbs-utils rdma-core perftest libibverbs-dev \
+    librdmacm-dev pkg-config libclang1-14 libclang-common-14-dev
+  lab_say "building the mirror command with RDMA (release, target/rdma)"
+  CARGO_TARGET_DIR=$repo/target/rdma cargo build --release --features rdma,fail-points --bin mirror
+  mirror=$repo/target/rdma/release/mirror
+}
+
+# Soft-RoCE on each machine's NIC (after every boot): rxe0 on eth0, port ACTIVE.
+rxe_up() {
+  local m
+  for m in "$@"; do
+    lab_run "$m" "modprobe rdma_rxe && modprobe rdma_ucm && rdma link add rxe0 type rxe netdev eth0 &&
+for _ in \$(seq 100); do grep -q ACTIVE /sys/class/infiniband/rxe0/ports/1/state && exit 0; sleep 0.1; done
+exit 1" 60 || { lab_say "machine $m: no soft-RoCE device"; return 1; }
+  done
+}
+
+# A machine was (re)booted: what it needs before a node starts.
+machine_up() {
+  [ "$transport" = rdma ] && rxe_up "$@"
+  return 0
+}
+
 # The node's files: on the machine's disk, or on its NVDIMM's DAX mount.
 files_dir() { if [ "$mode" = pmem ]; then echo /pmem/mirror; else echo /disk/mirror; fi; }
 
@@ -54,7 +81,13 @@ node_args() {
   local d
   d=$(files_dir)
   echo "--region $d/region --region-size $REGION_SIZE --queue $d/queue --queue-size $QUEUE_SIZE" \
-    "--durability $mode --secret-file /run/lab/secret $NODE_TUNING"
+    "--durability $mode --secret-file /run/lab/secret $NODE_TUNING $(transport_args)"
+}
+
+# GID index 1: the IPv4-mapped RoCE v2 GID of rxe0.
+transport_args() {
+  [ "$transport" = rdma ] && echo "--transport rdma --set rdma_device=rxe0 --set rdma_gid_index=1"
+  return 0
 }
 
 start_backup() {
@@ -73,6 +106,11 @@ setsid $mirror primary $(node_args) --peer 10.78.0.2:$PORT --on-peer-loss contin
   --write-size $WRITE_SIZE --depth $DEPTH --start-id $((primary_run * 10000000)) \
   --completions /run/lab/completions --report-ms 300 \
   >/run/lab/primary-$primary_run.log 2>&1 </dev/null & echo \$! >/run/primary.pid" 60 >/dev/null
+}
+
+# A passed run's directory goes (disks are large), unless LAB_KEEP=1.
+lab_clean() {
+  if [ "${LAB_KEEP:-0}" = 1 ]; then lab_say "kept $1"; else rm -rf "$1"; fi
 }
 
 # wait_log MACHINE FILE PATTERN SECONDS WHAT
@@ -161,6 +199,7 @@ power_cuts() {
   lab_machine b $([ "$mode" = pmem ] && echo nvdimm)
   lab_say "$mode, power cuts of the $victim machine(s), $cuts cuts: booting a and b"
   lab_boot a b
+  machine_up a b
   start_backup
   start_primary
   wait_progress 0 180
@@ -178,6 +217,7 @@ power_cuts() {
     lab_cut "${victims[@]}"
     lab_say "cut $i/$cuts: ${victims[*]} (at $(completed) completed writes of primary run $primary_run)"
     lab_boot "${victims[@]}"
+    machine_up "${victims[@]}"
     case $victim in
       primary) start_primary ;;
       backup) start_backup ;;
@@ -205,16 +245,100 @@ power_cuts() {
     # The negative control: a power cut of both machines loses what only page caches held.
     if [ "$lost" = 1 ]; then
       lab_say "negative control: the loss was caught, as it must be"
-      rm -rf "$run_dir"
+      lab_clean "$run_dir"
       return 0
     fi
     lab_say "negative control: NO LOSS CAUGHT: the harness is broken ($run_dir kept)"
     return 1
   fi
   case $verdict in
-    no\ completed*) rm -rf "$run_dir"; return 0 ;;
+    no\ completed*) lab_clean "$run_dir"; return 0 ;;
     *) lab_say "kept $run_dir"; return 1 ;;
   esac
+}
+
+# The installed library across the machines: the rdma build installed into a prefix
+# (ci/install.sh), the C example kvlog linked statically against it (pkg-config's static_libs),
+# its backup on b and its puts from a over soft-RoCE, authenticated; then read on b.
+kvlog_across() {
+  local prefix=$repo/target/lab/prefix kv=$repo/target/lab/kvlog
+  lab_say "installing the rdma build into $prefix; kvlog linked statically against it"
+  FEATURES=rdma PREFIX=$prefix bash ci/install.sh >/dev/null
+  local pc="env PKG_CONFIG_PATH=$prefix/lib/pkgconfig pkg-config"
+  # shellcheck disable=SC2046
+  cc -std=c11 -O2 -o "$kv" ffi/examples/kvlog.c $($pc --cflags mirror) \
+    "$($pc --variable=libdir mirror)/libmirror.a" $($pc --variable=static_libs mirror)
+  local set="transport=rdma rdma_device=rxe0 rdma_gid_index=1 secret_file=/run/lab/secret"
+  lab_run b "mkdir -p /disk/kv; KVLOG_SET='$set' setsid $kv backup /disk/kv 10.78.0.2:7500 \\
+  >/run/lab/kvlog-backup.log 2>&1 </dev/null & echo \$! >/run/kvlog.pid" 30 >/dev/null
+  wait_log b kvlog-backup.log 'listening on' 60 "kvlog's backup" || return 1
+  lab_run a "mkdir -p /disk/kv; for i in \$(seq 1 20); do
+  KVLOG_SET='$set' $kv put /disk/kv 10.78.0.2:7500 key\$i value-\$i >/dev/null || exit 1
+done" 300 || { lab_say "kvlog put across the machines failed"; return 1; }
+  local got
+  got=$(lab_run b "kill -TERM \$(cat /run/kvlog.pid); sleep 1; $kv get /disk/kv key20" 60) || true
+  if [ "$got" != value-20 ]; then
+    lab_say "kvlog: the backup machine reads '$got' for key20, not value-20"
+    return 1
+  fi
+  lab_say "kvlog (installed rdma build, static): 20 puts from a, read back on b over rxe0"
+}
+
+# verbs_pingpong SIZE [-e]: ibv_rc_pingpong between the machines (server on b, client on a,
+# 2000 round trips), its µs/iter. -e: both sides sleep on completion events instead of polling.
+verbs_pingpong() {
+  local size=$1 ev=$2
+  lab_run b "setsid timeout 120 ibv_rc_pingpong -d rxe0 -g 1 $ev -s $size -n 2000 \\
+  >/run/lab/pingpong-$size$ev.txt 2>&1 </dev/null &" 10 >/dev/null
+  # The client retries until the server listens.
+  lab_run a "for _ in \$(seq 50); do
+  timeout 100 ibv_rc_pingpong -d rxe0 -g 1 $ev -s $size -n 2000 10.78.0.2 >/tmp/pp.txt 2>&1 && break
+  sleep 0.3
+done
+sed -n 's/.* = \\([0-9.]*\\) usec\\/iter.*/\\1/p' /tmp/pp.txt | tail -1" 150 || true
+}
+
+# rdma_figures: the engine's synchronous write latency between the two machines over soft-RoCE,
+# next to ibv_rc_pingpong between the same machines, in one run.
+rdma_figures() {
+  local run_dir size pp engine
+  mode=process transport=rdma primary_run=0 backup_run=0
+  run_dir=$(mktemp -d "$repo/target/lab/rdma.XXXXXX")
+  lab_init "$run_dir"
+  lab_machine a
+  lab_machine b
+  lab_say "RDMA between two kernels: booting a and b"
+  lab_boot a b
+  rxe_up a b
+  lab_run a "ibv_devinfo -d rxe0 | grep -E 'hca_id|state|active_mtu|link_layer'" 30
+  printf '\n| payload | ibv_rc_pingpong a<->b, busy-polled (µs/iter) | the same, -e: sleeps on events | engine sync write p50 (µs) | p99 (µs) | engine / faster ping-pong | target |\n'
+  printf '| --- | --- | --- | --- | --- | --- | --- |\n'
+  for size in 64 4096; do
+    local pp_poll pp_events floor
+    pp_poll=$(verbs_pingpong "$size" "")
+    pp_events=$(verbs_pingpong "$size" -e)
+    floor=$(awk -v a="${pp_poll:-0}" -v b="${pp_events:-0}" 'BEGIN {
+      m = (a > 0 && (b <= 0 || a < b)) ? a : b; print m }')
+    start_backup
+    # block: every write waits for the backup (with continue, writes made before the connection
+    # is up complete alone and flatter the figures).
+    lab_run a "mkdir -p $(files_dir); $mirror primary $(node_args) --peer 10.78.0.2:$PORT \\
+  --on-peer-loss block --write-size $size --depth 1 --writes 2000 --start-id $((size * 10000000)) --report-ms 0 \\
+  >/run/lab/primary-rdma-$size.log 2>&1" 300 >/dev/null ||
+      { lab_say "the RDMA primary failed:"; tail -5 "$lab/a/share/primary-rdma-$size.log"; return 1; }
+    lab_run b "kill -TERM \$(cat /run/backup.pid); sleep 1" 30 >/dev/null
+    engine=$(grep '^done' "$lab/a/share/primary-rdma-$size.log")
+    local p50 p99 target
+    p50=$(sed -n 's/.* p50_us=\([0-9.]*\).*/\1/p' <<<"$engine")
+    p99=$(sed -n 's/.* p99_us=\([0-9.]*\).*/\1/p' <<<"$engine")
+    target=$([ "$size" = 64 ] && echo 1.5 || echo 2.0)
+    printf '| %s B | %s | %s | %s | %s | %s | <= %s |\n' "$size" "${pp_poll:-?}" "${pp_events:-?}" \
+      "$p50" "$p99" \
+      "$(awk -v a="$p50" -v b="$floor" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "?" }')" "$target"
+  done | tee -a "$repo/target/lab/summary.txt"
+  kvlog_across || { lab_halt; lab_say "kept $run_dir"; return 1; }
+  lab_halt
+  lab_clean "$run_dir"
 }
 
 usage() {
@@ -225,24 +349,34 @@ usage() {
 scenario=${1:-}
 [ -n "$scenario" ] || usage
 shift
-mode=power victim=backup cuts=3
+mode=power victim=backup cuts=3 transport=tcp
 while [ $# -gt 0 ]; do
   case $1 in
     --mode) mode=$2; shift 2 ;;
     --victim) victim=$2; shift 2 ;;
     --cuts) cuts=$2; shift 2 ;;
+    --transport) transport=$2; shift 2 ;;
     *) usage ;;
   esac
 done
 case $mode in power | pmem | process) ;; *) usage ;; esac
 case $victim in primary | backup | both) ;; *) usage ;; esac
+case $transport in tcp | rdma) ;; *) usage ;; esac
 mkdir -p target/lab
 lab_packages
 build_mirror
+[ "$transport" = rdma ] || [ "$scenario" = rdma ] && build_mirror_rdma
 
 case $scenario in
   power-cuts)
     power_cuts "$mode" "$victim" "$cuts"
+    ;;
+  rdma)
+    rdma_figures
+    transport=rdma
+    power_cuts power primary 1
+    transport=rdma
+    power_cuts power backup 1
     ;;
   campaign)
     [ "$cuts" = 3 ] && cuts=20
