@@ -36,6 +36,9 @@ bash ci/fuzz-smoke.sh
 step "RDMA verbs over soft-RoCE in an emulated guest"
 bash ci/softroce-test.sh
 
+step "two-machine lab: power cuts (power, pmem, the process control), RDMA across kernels, DRBD"
+bash ci/lab/lab.sh ci
+
 step "demo smoke (the README's main command, shortened)"
 bash ci/demo.sh --writes 2000
 

@@ -17,7 +17,7 @@ mkdir -p /dev/pts /dev/shm /run/lab
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mkdir -p /run/lab
+mkdir -p /run/lab /run/lock
 off() {
   echo o >/proc/sysrq-trigger
   sleep 10

@@ -13,8 +13,19 @@
 #       control: it must show a loss, or the harness is broken (then it fails).
 #   bash ci/lab/lab.sh campaign [--cuts N]
 #       The full campaign: every mode and victim, N cuts each (default 20), plus the control.
+#   bash ci/lab/lab.sh drbd
+#       DRBD (protocol C) and libmirror side by side between the same machines (ci/lab/drbd.sh):
+#       synchronous random writes of 512 B, 4 KiB and 64 KiB at depth 1 and 64, flushes on
+#       (`power`) and off (`process`): p50/p99 and throughput; then the recovery after 1 % of
+#       1 GiB changed while disconnected. The table goes to target/lab/drbd.md.
+#       --sizes "4096" --depths "1" narrow it (DRBD_SECONDS=8: each row's run time).
+#   bash ci/lab/lab.sh rdma
+#       RDMA between the two kernels: soft-RoCE on each machine's NIC; the engine's sync write
+#       latency next to ibv_rc_pingpong between the same machines; the installed rdma build of
+#       the C library (kvlog) across the machines; a power cut of each machine over RDMA.
 #   bash ci/lab/lab.sh ci
-#       CI's short pass: a few cuts in `power` and `pmem`, and the control.
+#       CI's short pass: a few cuts in `power` and `pmem`, the control, one RDMA run across the
+#       machines, DRBD side by side at one size.
 #
 # Everything runs under target/lab/ (disks, shares, logs); a run's directory is removed when it
 # passes and kept (its path printed) when it fails. Figures from the guests are emulated: compare
@@ -24,6 +35,7 @@ cd "$(dirname "$0")/../.."
 repo=$(pwd)
 source ci/setup.sh
 source ci/lab/machines.sh
+source ci/lab/drbd.sh
 lab_t0=$(date +%s)
 
 # The workload: 512-byte writes (DRBD's smallest) over a 64 MiB region, so that later writes
@@ -38,12 +50,13 @@ NODE_TUNING="--set idle_spin_us=20 --set wait_spin_us=20"
 
 lab_packages() {
   source ci/guest/lib.sh
-  guest_packages "${GUEST_BASE_PACKAGES[@]}" e2fsprogs ndctl
+  guest_packages "${GUEST_BASE_PACKAGES[@]}" e2fsprogs ndctl drbd-utils fio jq
 }
 
+# The build ci/demo.sh makes (fail-points: unused here, but one build for both, not two).
 build_mirror() {
   lab_say "building the mirror command (release)"
-  cargo build --release --bin mirror
+  cargo build --release --features fail-points --bin mirror
   mirror=$repo/target/release/mirror
 }
 
@@ -90,8 +103,16 @@ transport_args() {
   return 0
 }
 
+# Run counters live in files: a start inside $( ) must still count.
+next_run() {
+  local n
+  n=$(( $(cat "$lab/runs.$1" 2>/dev/null || echo 0) + 1 ))
+  echo "$n" >"$lab/runs.$1"
+  echo "$n"
+}
+
 start_backup() {
-  backup_run=$((backup_run + 1))
+  backup_run=$(next_run backup)
   lab_run b "mkdir -p $(files_dir)
 setsid $mirror backup $(node_args) --listen 10.78.0.2:$PORT \
   >/run/lab/backup-$backup_run.log 2>&1 </dev/null & echo \$! >/run/backup.pid" 60 >/dev/null
@@ -100,7 +121,7 @@ setsid $mirror backup $(node_args) --listen 10.78.0.2:$PORT \
 
 # Run r writes ids from r * 10^7 up, so that the check can tell the newest write of a slot.
 start_primary() {
-  primary_run=$((primary_run + 1))
+  primary_run=$(next_run primary)
   lab_run a "mkdir -p $(files_dir)
 setsid $mirror primary $(node_args) --peer 10.78.0.2:$PORT --on-peer-loss continue \
   --write-size $WRITE_SIZE --depth $DEPTH --start-id $((primary_run * 10000000)) \
@@ -349,13 +370,15 @@ usage() {
 scenario=${1:-}
 [ -n "$scenario" ] || usage
 shift
-mode=power victim=backup cuts=3 transport=tcp
+mode=power victim=backup cuts=3 transport=tcp sizes="512 4096 65536" depths="1 64"
 while [ $# -gt 0 ]; do
   case $1 in
     --mode) mode=$2; shift 2 ;;
     --victim) victim=$2; shift 2 ;;
     --cuts) cuts=$2; shift 2 ;;
     --transport) transport=$2; shift 2 ;;
+    --sizes) sizes=$2; shift 2 ;;
+    --depths) depths=$2; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -370,6 +393,9 @@ build_mirror
 case $scenario in
   power-cuts)
     power_cuts "$mode" "$victim" "$cuts"
+    ;;
+  drbd)
+    drbd_compare "$sizes" "$depths" 1
     ;;
   rdma)
     rdma_figures
@@ -390,10 +416,17 @@ case $scenario in
     exit $rc
     ;;
   ci)
+    # CI's short pass: both machines boot, a few power cuts in `power` and `pmem`, the negative
+    # control, one RDMA run across the machines (figures, the installed library), the DRBD
+    # comparison at one size.
     rc=0
     power_cuts power backup 2 || rc=1
     power_cuts pmem primary 2 || rc=1
     power_cuts process both 1 || rc=1
+    build_mirror_rdma
+    rdma_figures || rc=1
+    build_mirror
+    DRBD_SECONDS=${DRBD_SECONDS:-4} drbd_compare 4096 1 1 || rc=1
     exit $rc
     ;;
   *) usage ;;

@@ -10,7 +10,8 @@
 # side: the connecting QEMU never reconnects. UDP has no connection to lose.)
 #
 #   lab_init DIR              a fresh lab under DIR (two machines: a = 10.78.0.1, b = 10.78.0.2)
-#   lab_machine NAME [nvdimm] make machine NAME's disk (and NVDIMM)
+#   lab_machine NAME [nvdimm|drbd]  make machine NAME's disk (and an NVDIMM, or a second raw
+#                             disk for DRBD's backing device, /dev/vdb: $LAB_DRBD_DISK_SIZE)
 #   lab_boot NAME...          power the machines on, wait until each is up
 #   lab_cut NAME...           power cut: SIGKILL of the QEMU process
 #   lab_run NAME SCRIPT [S]   run SCRIPT (bash) in the machine, S seconds at most; its output on
@@ -23,6 +24,7 @@ LAB_DISK_SIZE=${LAB_DISK_SIZE:-1G}
 LAB_NVDIMM_SIZE=${LAB_NVDIMM_SIZE:-256M}
 LAB_MEMORY=${LAB_MEMORY:-1536M}
 LAB_CPUS=${LAB_CPUS:-1}
+LAB_DRBD_DISK_SIZE=${LAB_DRBD_DISK_SIZE:-1100M}
 
 lab_say() { printf '[lab %4ss] %s\n' "$(( $(date +%s) - lab_t0 ))" "$*"; }
 
@@ -64,6 +66,9 @@ lab_machine() {
   install -m 600 "$lab/secret" "$m/share/secret"
   truncate -s "$LAB_DISK_SIZE" "$m/disk.img"
   mkfs.ext4 -q -F "$m/disk.img"
+  if [ "$nv" = drbd ]; then
+    truncate -s "$LAB_DRBD_DISK_SIZE" "$m/drbd.img"
+  fi
   if [ "$nv" = nvdimm ]; then
     truncate -s "$LAB_NVDIMM_SIZE" "$m/nvdimm.img"
     touch "$m/share/nvdimm"
@@ -78,7 +83,8 @@ lab_power_on() {
   rm -f "$m/share/cmd" "$m/share/running" "$m/share/rc" "$m/share/out"
   if [ "$name" = a ]; then my=$lab_port_a peer=$lab_port_b mac=52:54:00:78:00:01
   else my=$lab_port_b peer=$lab_port_a mac=52:54:00:78:00:02; fi
-  local mem=(-m "$LAB_MEMORY") machine=pc
+  local mem=(-m "$LAB_MEMORY") machine=pc disks=(-drive "file=$m/disk.img,format=raw,if=virtio,cache=none")
+  [ -f "$m/drbd.img" ] && disks+=(-drive "file=$m/drbd.img,format=raw,if=virtio,cache=none")
   if [ -f "$m/nvdimm.img" ]; then
     machine=pc,nvdimm=on
     mem=(-m "$LAB_MEMORY,slots=2,maxmem=8G"
@@ -94,7 +100,7 @@ lab_power_on() {
     -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
     -fsdev "local,id=lab,path=$m/share,security_model=none,multidevs=remap" \
     -device virtio-9p-pci,fsdev=lab,mount_tag=lab \
-    -drive "file=$m/disk.img,format=raw,if=virtio,cache=none" \
+    "${disks[@]}" \
     -netdev "socket,id=net0,udp=127.0.0.1:$peer,localaddr=127.0.0.1:$my" \
     -device "virtio-net-pci,netdev=net0,mac=$mac" \
     -serial "file:$m/console-$boot.log" </dev/null >"$m/qemu-$boot.log" 2>&1 &

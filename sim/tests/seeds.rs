@@ -180,27 +180,28 @@ fn the_canary_matching_logs_by_seq_alone_is_caught() {
     panic!("no seed in 0..2000 caught the canary that ignores terms");
 }
 
-/// Seed 24 plays the four steps the terms exist for: a `continue` primary sends seqs
-/// 295..=305, the backup acknowledges them, the primary loses power during its own sync (they
-/// are lost from its queue, never completed), comes back to an unreachable network, writes
-/// degraded at those seqs in term 2, and the backup returns. With terms the backup drops its 11
-/// records of term 1 (saved, repaired) and the pair converges; matching by seq alone (the
-/// canary, i.e. the code before terms) leaves both synchronous with different regions. Changes
-/// to the simulator's random draws move the scenario to another seed: find it again with
-/// `mirror-sim --seeds 100` ("divergent records dropped") and `--seed N | grep discards`.
+/// Seed 1329 plays the four steps the terms exist for: a `continue` primary sends seqs
+/// 427..=437, the backup holds them, the primary loses power during its own sync (they are lost
+/// from its queue, never completed), comes back while the network is down, writes degraded at
+/// those seqs in a new term, and the backup returns. With terms the backup drops its 11 records
+/// of the old term (saved, repaired) and the pair converges; matching by seq alone (the canary,
+/// i.e. the code before terms) leaves both synchronous with different regions. Changes to the
+/// simulator's random draws or to the nodes' timing (the checkpoint pacing moved it from seed 24)
+/// move the scenario to another seed: find it again with `mirror-sim --seeds 1500` ("divergent
+/// records dropped") and `--seed N | grep -E "lost seqs|discards"`.
 #[test]
-fn seed_24_is_the_four_step_divergence_and_only_terms_survive_it() {
-    let report = run(24, &SimOptions::default()).unwrap();
+fn seed_1329_is_the_four_step_divergence_and_only_terms_survive_it() {
+    let report = run(1329, &SimOptions::default()).unwrap();
     assert!(
         report.discarded_records >= 11,
-        "seed 24 no longer plays the scenario: {report:?}"
+        "seed 1329 no longer plays the scenario: {report:?}"
     );
     let canary = SimOptions {
         canary_seq_only_matching: true,
         ..SimOptions::default()
     };
-    match run(24, &canary) {
+    match run(1329, &canary) {
         Err(f) if f.checker == Checker::SilentDivergence => {}
-        other => panic!("matching by seq alone must diverge silently on seed 24: {other:?}"),
+        other => panic!("matching by seq alone must diverge silently on seed 1329: {other:?}"),
     }
 }

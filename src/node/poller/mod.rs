@@ -407,7 +407,7 @@ impl Poller {
         }
         // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
         worked |= self.execute_actions()?;
-        if self.exec.checkpoint_due(now, worked) {
+        if self.exec.checkpoint_due(now) {
             self.exec.checkpoint(now)?;
             worked |= self.execute_actions()?;
         }

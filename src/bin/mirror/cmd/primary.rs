@@ -94,9 +94,10 @@ pub fn run(args: &PrimaryArgs) -> CliResult {
     writer.report(&m);
     m.close()?;
     println!(
-        "done writes={} {}",
+        "done writes={} {} {}",
         writer.lat_ns.len(),
-        latency_summary(&writer.lat_ns)
+        latency_summary(&writer.lat_ns),
+        writer.throughput_summary()
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -117,6 +118,9 @@ pub struct Writer {
     report_ms: u64,
     /// Latencies of completed writes, in nanoseconds.
     pub lat_ns: Vec<u64>,
+    /// When the first and the latest write completed: the throughput's span (from the first
+    /// completion, so that starting up and connecting are not counted).
+    completed_span: Option<(Instant, Instant)>,
     completions: Option<std::fs::File>,
 }
 
@@ -153,6 +157,7 @@ impl Writer {
             started: Instant::now(),
             report_ms: w.report_ms,
             lat_ns: Vec::new(),
+            completed_span: None,
             completions,
         })
     }
@@ -222,7 +227,9 @@ impl Writer {
             Err(e) => return Err(e),
         }
         self.inflight.pop_front();
-        self.lat_ns.push(t0.elapsed().as_nanos() as u64);
+        let now = Instant::now();
+        self.lat_ns.push(now.duration_since(t0).as_nanos() as u64);
+        self.completed_span = Some((self.completed_span.map_or(now, |(first, _)| first), now));
         if let Some(f) = self.completions.as_mut() {
             // One write(2) per line, so that a SIGKILL never leaves half a line for the next
             // run to continue.
@@ -242,6 +249,21 @@ impl Writer {
             self.complete_oldest(m)?;
         }
         Ok(())
+    }
+
+    /// `writes_per_s=.. mb_per_s=..` between the first and the latest completion.
+    pub fn throughput_summary(&self) -> String {
+        let (writes_per_s, span_s) = match self.completed_span {
+            Some((first, last)) if last > first => {
+                let span = last.duration_since(first).as_secs_f64();
+                ((self.lat_ns.len() - 1) as f64 / span, span)
+            }
+            _ => (0.0, 0.0),
+        };
+        format!(
+            "span_s={span_s:.3} writes_per_s={writes_per_s:.0} mb_per_s={:.2}",
+            writes_per_s * self.buf.len() as f64 / 1e6
+        )
     }
 
     /// Whether a progress line is due (and, if so, restarts the period).
