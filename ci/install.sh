@@ -55,16 +55,7 @@ fi
 if [[ ",$features," == *,rdma,* ]]; then
   # rdma-sys's build script finds libibverbs and librdmacm with pkg-config and runs bindgen
   # (libclang) on their headers.
-  missing=()
-  for p in libibverbs-dev librdmacm-dev pkg-config libclang1-14 libclang-common-14-dev; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    echo "ci/install.sh: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  fi
+  apt_install_missing libibverbs-dev librdmacm-dev pkg-config libclang1-14 libclang-common-14-dev
 fi
 
 # The build's messages (JSON on stdout; diagnostics still rendered on stderr) name the system

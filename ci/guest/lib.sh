@@ -3,7 +3,7 @@
 # ci/lab/lab.sh (two guests, disks, power cuts, DRBD). Sourced from the repository's root; it
 # defines, and installs nothing until called:
 #
-#   guest_packages PKG...   apt-get install the packages that are missing (the guests run the
+#   guest_packages PKG...   install the Debian packages that are missing (the guests run the
 #                           host's binaries over 9p, so a package installed here is there too)
 #   guest_kernel DIR        sets $guest_kv and $guest_vmlinux: the newest installed kernel that
 #                           ships rdma_rxe, uncompressed into DIR
@@ -15,18 +15,8 @@
 # The emulator, a kernel, busybox for the initramfs. Each user adds its own.
 GUEST_BASE_PACKAGES=(qemu-system-x86 linux-image-amd64 busybox-static kmod xz-utils iproute2)
 
-guest_packages() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    echo "ci/guest: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
-}
+# Sourced after ci/setup.sh (apt_install_missing).
+guest_packages() { apt_install_missing "$@"; }
 
 guest_kernel() {
   local dir=$1 d off

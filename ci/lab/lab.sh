@@ -94,7 +94,13 @@ node_args() {
   local d
   d=$(files_dir)
   echo "--region $d/region --region-size $REGION_SIZE --queue $d/queue --queue-size $QUEUE_SIZE" \
-    "--durability $mode --secret-file /run/lab/secret $NODE_TUNING $(transport_args)"
+    "--durability $mode $(auth_args) $NODE_TUNING $(transport_args)"
+}
+
+# Peers on a network authenticate (the pair's secret: a handshake proof, then a tag on every
+# record); LAB_AUTH=none runs them unauthenticated, as DRBD's data path is.
+auth_args() {
+  if [ "${LAB_AUTH:-secret}" = none ]; then echo "--set auth=none"; else echo "--secret-file /run/lab/secret"; fi
 }
 
 # GID index 1: the IPv4-mapped RoCE v2 GID of rxe0.
@@ -134,17 +140,25 @@ lab_clean() {
   if [ "${LAB_KEEP:-0}" = 1 ]; then lab_say "kept $1"; else rm -rf "$1"; fi
 }
 
-# wait_log MACHINE FILE PATTERN SECONDS WHAT
-wait_log() {
-  local f=$lab/$1/share/$2 deadline=$(( $(date +%s) + $4 ))
-  until grep -q "$3" "$f" 2>/dev/null; do
-    if [ "$(date +%s)" -gt "$deadline" ] || grep -q '^mirror: error' "$f" 2>/dev/null; then
-      lab_say "timed out waiting for $5; $f ends:"
-      tail -5 "$f" 2>/dev/null || true
+# wait_for LOG SECONDS WHAT CMD...: polls CMD until it succeeds; gives up (saying so, with the
+# end of LOG) after SECONDS or as soon as the node writing LOG reports an error.
+wait_for() {
+  local log=$1 deadline=$(( $(date +%s) + $2 )) what=$3
+  shift 3
+  until "$@"; do
+    if [ "$(date +%s)" -gt "$deadline" ] || grep -q '^mirror: error' "$log" 2>/dev/null; then
+      lab_say "gave up waiting for $what; $log ends:"
+      tail -5 "$log" 2>/dev/null || true
       return 1
     fi
     sleep 0.2
   done
+}
+
+# wait_log MACHINE FILE PATTERN SECONDS WHAT
+wait_log() {
+  local f=$lab/$1/share/$2
+  wait_for "$f" "$4" "$5" grep -q "$3" "$f"
 }
 
 # The primary's completed count, from its latest progress line.
@@ -153,27 +167,22 @@ completed() {
     tail -1 | cut -d= -f2 || true
 }
 
-# Waits until the current primary run has completed more writes than $1 (the pair mirrors on).
-wait_progress() {
-  local before=$1 deadline=$(( $(date +%s) + $2 )) now
-  while :; do
-    now=$(completed)
-    [ -n "$now" ] && [ "$now" -gt "$before" ] && return 0
-    if [ "$(date +%s)" -gt "$deadline" ] ||
-      grep -q '^mirror: error' "$lab/a/share/primary-$primary_run.log" 2>/dev/null; then
-      lab_say "no progress past $before completed writes in $2 s (primary run $primary_run); its log ends:"
-      tail -5 "$lab/a/share/primary-$primary_run.log" 2>/dev/null || true
-      return 1
-    fi
-    sleep 0.2
-  done
+completed_more_than() {
+  local now
+  now=$(completed)
+  [ -n "$now" ] && [ "$now" -gt "$1" ]
 }
 
-# Stops the workload, lets the backup catch up (a last short primary run under `block` completes
-# only once the backup acknowledged everything), stops both nodes, then checks each region
-# against the completions (on the host: they survived every cut) and compares the two. Prints
-# `verdict: ...`; returns 0 when nothing was lost and the regions are identical.
-finish_and_check() {
+# Waits until the current primary run has completed more writes than $1 (the pair mirrors on).
+wait_progress() {
+  wait_for "$lab/a/share/primary-$primary_run.log" "$2" \
+    "progress past $1 completed writes (primary run $primary_run)" completed_more_than "$1"
+}
+
+# Stops the workload and lets the backup catch up (a last short primary run under `block`
+# completes only once the backup acknowledged everything), then stops both nodes. Returns 0 when
+# each step did.
+finish_pair() {
   local d last ok=0
   d=$(files_dir)
   lab_run a "pid=\$(cat /run/primary.pid 2>/dev/null) && kill -TERM \$pid 2>/dev/null
@@ -190,9 +199,23 @@ timeout 300 $mirror primary $(node_args) --peer 10.78.0.2:$PORT --on-peer-loss b
 done
 pid=\$(cat /run/backup.pid 2>/dev/null) && kill -TERM \$pid 2>/dev/null
 for _ in \$(seq 600); do kill -0 \$pid 2>/dev/null || break; sleep 0.1; done" 300 >/dev/null || ok=1
+  return $ok
+}
+
+# Checks each machine's region as it is on its disk against the completions (on the host: they
+# survived every cut; a later write of the same slot counts) and compares the two regions. Sets
+# lost=1 when a completed write is missing; returns 0 when none is and the regions are identical.
+check_regions() {
+  local d ok=0 m sums=()
+  d=$(files_dir)
+  # Whatever still runs (a pair that could not finish) stops first: the files must hold still.
+  for m in a b; do
+    lab_run "$m" "pkill -TERM -f '$mirror (primary|backup) '
+for _ in \$(seq 100); do pgrep -f '$mirror (primary|backup) ' >/dev/null || exit 0; sleep 0.1; done
+pkill -KILL -f '$mirror (primary|backup) '; exit 0" 60 >/dev/null || true
+  done
   cp "$lab/a/share/completions" "$lab/b/share/completions"
   lab_say "$(wc -l <"$lab/a/share/completions") completed writes logged; checking both regions"
-  local m sums=()
   for m in a b; do
     if ! lab_run "$m" "sync; $mirror check-workload $d/region --completions /run/lab/completions \
 --write-size $WRITE_SIZE" 300 >"$lab/$m/share/check.txt" 2>&1; then
@@ -239,24 +262,31 @@ power_cuts() {
     lab_say "cut $i/$cuts: ${victims[*]} (at $(completed) completed writes of primary run $primary_run)"
     lab_boot "${victims[@]}"
     machine_up "${victims[@]}"
-    case $victim in
+    if ! case $victim in
       primary) start_primary ;;
       backup) start_backup ;;
-      both) start_backup; start_primary ;;
-    esac
+      both) start_backup && start_primary ;;
+    esac; then
+      verdict="a node did not start again after cut $i"
+      break
+    fi
     if ! wait_progress 0 240; then
       verdict="the pair did not mirror on after cut $i"
       break
     fi
   done
+  local finished=0
   if [ -z "${verdict:-}" ]; then
-    if finish_and_check; then
-      verdict="no completed write lost, regions identical"
-    elif [ "$lost" = 1 ]; then
-      verdict="LOSS: completed writes missing"
-    else
-      verdict="FAILED: see $run_dir"
-    fi
+    finish_pair && finished=1
+  fi
+  # The regions are checked in every case: a pair that could not go on (a node that refuses its
+  # damaged files after the cut) still shows what its disks kept.
+  if check_regions && [ "$finished" = 1 ]; then
+    verdict="no completed write lost, regions identical"
+  elif [ "$lost" = 1 ]; then
+    verdict="LOSS: completed writes missing${verdict:+ ($verdict)}"
+  else
+    verdict="FAILED${verdict:+: $verdict}: see $run_dir"
   fi
   lab_halt
   local summary="$mode, victim $victim: $cuts cuts, $(wc -l <"$run_dir/a/share/completions" 2>/dev/null || echo 0) completed writes: $verdict"
