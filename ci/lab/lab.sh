@@ -3,6 +3,7 @@
 # kernel, joined by a virtual network. One command, one scenario:
 #
 #   bash ci/lab/lab.sh power-cuts --mode power|pmem|process --victim primary|backup|both [--cuts N]
+#                                 [--transport tcp|rdma]
 #       Real power cuts: a primary (machine a) writes the built-in workload to a backup
 #       (machine b), logging every write that completed to the client on the host; the victim's
 #       QEMU process is SIGKILLed at random moments under load (its page cache and whatever it
@@ -28,8 +29,9 @@
 #       machines, DRBD side by side at one size.
 #
 # Everything runs under target/lab/ (disks, shares, logs); a run's directory is removed when it
-# passes and kept (its path printed) when it fails. Figures from the guests are emulated: compare
-# ratios from one run, never absolute times.
+# passes and kept (its path printed) when it fails (LAB_KEEP=1 keeps every one). The peers
+# authenticate with a shared secret (LAB_AUTH=none: unauthenticated). Figures from the guests are
+# emulated: compare ratios from one run, never absolute times. docs/LAB.md has the findings.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
@@ -223,10 +225,10 @@ pkill -KILL -f '$mirror (primary|backup) '; exit 0" 60 >/dev/null || true
       ok=1
       lost=1
     fi
-    sums+=("$(lab_run "$m" "sha256sum $d/region" 120 | cut -d' ' -f1)")
+    sums+=("$(lab_run "$m" "sha256sum $d/region 2>/dev/null || echo missing" 120 | cut -d' ' -f1)")
   done
   if [ "${sums[0]}" != "${sums[1]}" ]; then
-    lab_say "the regions differ (a ${sums[0]:0:16}, b ${sums[1]:0:16})"
+    lab_say "the regions differ (SHA-256 a ${sums[0]:0:16}, b ${sums[1]:0:16})"
     ok=1
   fi
   return $ok
