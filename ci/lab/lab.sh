@@ -379,7 +379,7 @@ rdma_figures() {
   --on-peer-loss block --write-size $size --depth 1 --writes 2000 --start-id $((size * 10000000)) --report-ms 0 \\
   >/run/lab/primary-rdma-$size.log 2>&1" 300 >/dev/null ||
       { lab_say "the RDMA primary failed:"; tail -5 "$lab/a/share/primary-rdma-$size.log"; return 1; }
-    lab_run b "kill -TERM \$(cat /run/backup.pid); sleep 1" 30 >/dev/null
+    stop_backup
     engine=$(grep '^done' "$lab/a/share/primary-rdma-$size.log")
     local p50 p99 target
     p50=$(sed -n 's/.* p50_us=\([0-9.]*\).*/\1/p' <<<"$engine")
