@@ -60,9 +60,7 @@ else
   # The transport's pure parts (setup record, ring and credit arithmetic) need no device.
   cargo test --features rdma,fail-points --lib transport::rdma
   cargo build --release --features rdma,fail-points --bin mirror
-  test_bin=$(cargo test --features rdma,fail-points --test rdma --no-run --message-format=json 2>/dev/null |
-    grep '"name":"rdma"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
-  [ -x "$test_bin" ] || { echo "ci/softroce-test.sh: no RDMA test binary" >&2; exit 1; }
+  test_bin=$(rdma_test_binary)
   cat >"$run/job.sh" <<EOF
 set -u
 export MIRROR_RDMA_DEVICE=rxe0 MIRROR_RDMA_GID_INDEX=1 MIRROR_RDMA_PEER_NETDEV=veth1

@@ -5,6 +5,12 @@
 //! Needs an RDMA device: `ci/softroce-test.sh` runs this binary inside an emulated guest with a
 //! soft-RoCE device and sets `MIRROR_RDMA_DEVICE` (and `MIRROR_RDMA_GID_INDEX`). Without that
 //! variable every test returns at once, saying why (the host kernel has no RDMA).
+//!
+//! The transport tests also run with one end on each of two machines (two kernels, the network
+//! between them): with `MIRROR_RDMA_ACROSS=server:HOST:PORT` on one machine and
+//! `client:HOST:PORT` on the other, each runs its half (the two-machine lab's `rdma` scenario,
+//! ci/lab/lab.sh, does this). The engine's scenarios across machines are the lab's too: nodes
+//! on two machines, power cuts over RDMA, the installed library.
 #![cfg(feature = "rdma")]
 
 mod common;
@@ -49,7 +55,72 @@ fn rdma_args(s: &RdmaSettings) -> Vec<String> {
     v
 }
 
-/// A connected (client, server) pair over the device.
+/// Where the two ends of a transport test run. Unset `MIRROR_RDMA_ACROSS`: both here, over the
+/// local device. `server:HOST:PORT` / `client:HOST:PORT`: one end on each of two machines (the
+/// two-machine lab runs this binary on both, ci/lab/lab.sh `rdma`), the server accepting at
+/// HOST:PORT + the test's offset, the client connecting there; each runs its half of the test.
+enum Ends {
+    Both,
+    Server(std::net::SocketAddr),
+    Client(String),
+}
+
+fn ends(port_offset: u16) -> Ends {
+    let Ok(across) = std::env::var("MIRROR_RDMA_ACROSS") else {
+        return Ends::Both;
+    };
+    let (side, addr) = across
+        .split_once(':')
+        .expect("MIRROR_RDMA_ACROSS is server:HOST:PORT or client:HOST:PORT");
+    let mut addr: std::net::SocketAddr = addr
+        .parse()
+        .expect("MIRROR_RDMA_ACROSS names HOST:PORT (an IP address)");
+    addr.set_port(addr.port() + port_offset);
+    match side {
+        "server" => Ends::Server(addr),
+        "client" => Ends::Client(addr.to_string()),
+        other => panic!("MIRROR_RDMA_ACROSS: side '{other}' is neither server nor client"),
+    }
+}
+
+/// The server end at `addr`, once a client connected (within `within`).
+fn accept_at(
+    addr: std::net::SocketAddr,
+    s: &RdmaSettings,
+    within: Duration,
+) -> Box<dyn Connection> {
+    let mut acceptor = RdmaAcceptor::bind(addr, s.clone()).unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(c) = acceptor.try_accept().unwrap() {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no RDMA connection accepted at {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The client end, connected to `addr` (retried while the other machine's server starts).
+fn connect_to(addr: &str, s: &RdmaSettings) -> RdmaConnection {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match RdmaConnection::connect(addr, s) {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no RDMA connection to {addr}: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// A connected (client, server) pair over the device, both ends here.
 fn connected(s: &RdmaSettings) -> (RdmaConnection, Box<dyn Connection>) {
     let mut acceptor = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), s.clone()).unwrap();
     let addr = acceptor.local_addr().unwrap().to_string();
@@ -72,92 +143,113 @@ fn pattern(seq: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn transport_carries_frames_intact_and_in_order_across_ring_wraps() {
-    let Some(s) = device() else { return };
-    let (mut client, mut server) = connected(&s);
-    eprintln!(
-        "connected: {} / {} (max inline {} B)",
-        client.peer(),
-        server.peer(),
-        client.max_inline()
-    );
-    // Sizes from 1 byte (inline) to 3 MiB (most of the ring), about 4 rings in total, then many
-    // tiny frames (exercises the receive-depth credits and the piggybacked credit writes).
+/// The client's last frame in the frames test: the server may go once it has it (so that the
+/// client sees the peer go only after every ack reached it).
+const GOODBYE: u64 = u64::MAX;
+
+/// Sizes from 1 byte (inline) to 3 MiB (most of the ring), about 4 rings in total, then many
+/// tiny frames (exercises the receive-depth credits and the piggybacked credit writes).
+fn frame_sizes() -> Vec<usize> {
     let mut sizes: Vec<usize> = Vec::new();
     for round in 0..6 {
         sizes.extend([1, 63, 200, 4096, 65_537, 1 << 20, 3 << 20, 17 + round]);
     }
     sizes.extend(std::iter::repeat(64).take(5000));
-    let total: usize = sizes.iter().sum();
-    assert!(total as u64 > 4 * RING_BYTES);
-    let t = Instant::now();
-    let mut next_send = 0usize;
-    let mut next_recv = 0usize;
-    let mut acked = 0u64;
-    let (mut got, mut acks) = (Vec::new(), Vec::new());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while next_recv < sizes.len() || acked < sizes.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "stalled at {next_recv}/{}",
-            sizes.len()
-        );
-        // Keep a few frames queued, like the engine's batches.
-        while next_send < sizes.len() && client.pending_send_bytes() < (4 << 20) {
-            let seq = next_send as u64 + 1;
+    assert!(sizes.iter().sum::<usize>() as u64 > 4 * RING_BYTES);
+    sizes
+}
+
+/// The sending half: keeps a few frames queued (like the engine's batches), checks the acks'
+/// order, and says goodbye once every frame is acknowledged.
+struct FrameSender<'a> {
+    sizes: &'a [usize],
+    next_send: usize,
+    acked: u64,
+    acks: Vec<Message>,
+    said_goodbye: bool,
+}
+
+impl FrameSender<'_> {
+    /// One round of sending and reaping acks; true once everything is acknowledged.
+    fn step(&mut self, client: &mut RdmaConnection) -> bool {
+        while self.next_send < self.sizes.len() && client.pending_send_bytes() < (4 << 20) {
+            let seq = self.next_send as u64 + 1;
             client
-                .send_write(seq, 1, seq * 8, &pattern(seq, sizes[next_send]))
+                .send_write(seq, 1, seq * 8, &pattern(seq, self.sizes[self.next_send]))
                 .unwrap();
-            next_send += 1;
+            self.next_send += 1;
         }
         client.flush().unwrap();
-        server.poll_recv(&mut got, 512).unwrap();
-        for m in got.drain(..) {
-            let Message::Write {
-                seq, offset, data, ..
-            } = m
-            else {
-                panic!("unexpected {m:?}")
-            };
-            assert_eq!(seq, next_recv as u64 + 1, "frames out of order");
-            assert_eq!(offset, seq * 8);
-            assert!(
-                data[..] == pattern(seq, sizes[next_recv])[..],
-                "frame {seq} damaged"
-            );
-            next_recv += 1;
-            server
-                .send(&Message::Ack {
-                    received_through: seq,
-                    applied_through: seq,
-                })
-                .unwrap();
-        }
-        server.flush().unwrap();
-        client.poll_recv(&mut acks, 512).unwrap();
-        for m in acks.drain(..) {
+        client.poll_recv(&mut self.acks, 512).unwrap();
+        for m in self.acks.drain(..) {
             let Message::Ack {
                 received_through, ..
             } = m
             else {
                 panic!("unexpected {m:?}")
             };
-            assert_eq!(received_through, acked + 1, "acks out of order");
-            acked = received_through;
+            assert_eq!(received_through, self.acked + 1, "acks out of order");
+            self.acked = received_through;
         }
+        if self.acked == self.sizes.len() as u64 && !self.said_goodbye {
+            client.send(&Message::Applied { through: GOODBYE }).unwrap();
+            self.said_goodbye = true;
+        }
+        self.said_goodbye && client.flush().unwrap()
     }
-    let secs = t.elapsed().as_secs_f64();
-    eprintln!(
-        "{} frames, {:.1} MiB through a {} MiB ring in {secs:.2} s ({:.1} MiB/s), all acknowledged",
-        sizes.len(),
-        total as f64 / (1 << 20) as f64,
-        RING_BYTES >> 20,
-        total as f64 / (1 << 20) as f64 / secs
-    );
-    // The peer going away is an error on the other side (liveness socket or QP), never a hang.
-    drop(server);
+}
+
+/// The receiving half: checks every frame's order and bytes and acknowledges it.
+struct FrameReceiver<'a> {
+    sizes: &'a [usize],
+    next_recv: usize,
+    got: Vec<Message>,
+    goodbye: bool,
+}
+
+impl FrameReceiver<'_> {
+    /// One round of receiving and acknowledging; true once the client said goodbye.
+    fn step(&mut self, server: &mut dyn Connection) -> bool {
+        server.poll_recv(&mut self.got, 512).unwrap();
+        for m in self.got.drain(..) {
+            match m {
+                Message::Write {
+                    seq, offset, data, ..
+                } => {
+                    assert_eq!(seq, self.next_recv as u64 + 1, "frames out of order");
+                    assert_eq!(offset, seq * 8);
+                    assert!(
+                        data[..] == pattern(seq, self.sizes[self.next_recv])[..],
+                        "frame {seq} damaged"
+                    );
+                    self.next_recv += 1;
+                    server
+                        .send(&Message::Ack {
+                            received_through: seq,
+                            applied_through: seq,
+                        })
+                        .unwrap();
+                }
+                Message::Applied { through: GOODBYE } => {
+                    assert_eq!(
+                        self.next_recv,
+                        self.sizes.len(),
+                        "goodbye before the last frame"
+                    );
+                    self.goodbye = true;
+                }
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        server.flush().unwrap();
+        self.goodbye
+    }
+}
+
+/// The peer going away is an error on the other side (liveness socket or QP), never a hang.
+fn expect_peer_loss(client: &mut RdmaConnection) {
     let t = Instant::now();
+    let mut acks = Vec::new();
     let err = loop {
         match client.poll_recv(&mut acks, 16) {
             Ok(_) => {
@@ -179,11 +271,97 @@ fn transport_carries_frames_intact_and_in_order_across_ring_wraps() {
 }
 
 #[test]
-fn a_sleeping_receiver_wakes_on_its_wait_fd_when_data_arrives() {
+fn transport_carries_frames_intact_and_in_order_across_ring_wraps() {
     let Some(s) = device() else { return };
-    let (mut client, mut server) = connected(&s);
+    let sizes = frame_sizes();
+    let total: usize = sizes.iter().sum();
+    let mut sender = FrameSender {
+        sizes: &sizes,
+        next_send: 0,
+        acked: 0,
+        acks: Vec::new(),
+        said_goodbye: false,
+    };
+    let mut receiver = FrameReceiver {
+        sizes: &sizes,
+        next_recv: 0,
+        got: Vec::new(),
+        goodbye: false,
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let stalled = |sender: &FrameSender, receiver: &FrameReceiver| {
+        format!(
+            "stalled: {} frames received, {} acknowledged, of {}",
+            receiver.next_recv,
+            sender.acked,
+            sizes.len()
+        )
+    };
+    let t = Instant::now();
+    match ends(0) {
+        Ends::Both => {
+            let (mut client, mut server) = connected(&s);
+            eprintln!(
+                "connected: {} / {} (max inline {} B)",
+                client.peer(),
+                server.peer(),
+                client.max_inline()
+            );
+            let (mut sent, mut received) = (false, false);
+            while !(sent && received) {
+                assert!(Instant::now() < deadline, "{}", stalled(&sender, &receiver));
+                sent = sender.step(&mut client);
+                received = receiver.step(&mut *server);
+            }
+            drop(server);
+            report_frames(&sizes, total, t);
+            expect_peer_loss(&mut client);
+        }
+        Ends::Server(addr) => {
+            let mut server = accept_at(addr, &s, Duration::from_secs(300));
+            eprintln!("server end at {addr}, client {}", server.peer());
+            while !receiver.step(&mut *server) {
+                assert!(Instant::now() < deadline, "{}", stalled(&sender, &receiver));
+            }
+            report_frames(&sizes, total, t);
+        }
+        Ends::Client(addr) => {
+            let mut client = connect_to(&addr, &s);
+            eprintln!(
+                "client end, server {} (max inline {} B)",
+                client.peer(),
+                client.max_inline()
+            );
+            while !sender.step(&mut client) {
+                assert!(Instant::now() < deadline, "{}", stalled(&sender, &receiver));
+            }
+            report_frames(&sizes, total, t);
+            expect_peer_loss(&mut client);
+        }
+    }
+}
+
+fn report_frames(sizes: &[usize], total: usize, t: Instant) {
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "{} frames, {:.1} MiB through a {} MiB ring in {secs:.2} s ({:.1} MiB/s), all acknowledged",
+        sizes.len(),
+        total as f64 / (1 << 20) as f64,
+        RING_BYTES >> 20,
+        total as f64 / (1 << 20) as f64 / secs
+    );
+}
+
+/// The server end's half of the wake test: `rounds` times, its wait fd is not readable while
+/// nothing is pending, and becomes readable when the next frame lands.
+fn wait_fd_wakes_on_each_frame(
+    server: &mut dyn Connection,
+    rounds: u64,
+    wake_within_ms: i32,
+    mut send_round: impl FnMut(u64),
+) {
     let mut got = Vec::new();
-    for round in 0..20u64 {
+    for round in 0..rounds {
         // Nothing pending: the server's wait fd must not be readable...
         let fd = server.wait_fd();
         let mut pfd = libc::pollfd {
@@ -197,13 +375,11 @@ fn a_sleeping_receiver_wakes_on_its_wait_fd_when_data_arrives() {
             n, 0,
             "wait fd readable with nothing to read (round {round})"
         );
-        // ...and become readable when a frame lands.
-        client
-            .send(&Message::Applied { through: round + 1 })
-            .unwrap();
-        assert!(client.flush().unwrap());
+        // ...and become readable when a frame lands (sent here by `send_round`, or by the other
+        // machine on its own clock).
+        send_round(round);
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        let n = unsafe { libc::poll(&mut pfd, 1, wake_within_ms) };
         assert_eq!(n, 1, "wait fd did not wake on arrival (round {round})");
         let t = Instant::now();
         while server.poll_recv(&mut got, 8).unwrap() == 0 {
@@ -212,6 +388,60 @@ fn a_sleeping_receiver_wakes_on_its_wait_fd_when_data_arrives() {
         assert!(matches!(got.pop(), Some(Message::Applied { through }) if through == round + 1));
     }
 }
+
+#[test]
+fn a_sleeping_receiver_wakes_on_its_wait_fd_when_data_arrives() {
+    let Some(s) = device() else { return };
+    let frame = |round: u64| Message::Applied { through: round + 1 };
+    match ends(1) {
+        Ends::Both => {
+            let (mut client, mut server) = connected(&s);
+            wait_fd_wakes_on_each_frame(&mut *server, 20, 5000, |round| {
+                client.send(&frame(round)).unwrap();
+                assert!(client.flush().unwrap());
+            });
+        }
+        Ends::Server(addr) => {
+            let mut server = accept_at(addr, &s, Duration::from_secs(300));
+            // The client sends a frame every ACROSS_GAP: long after the check for nothing
+            // pending, which follows the previous frame at once.
+            let wake_within = (ACROSS_GAP.as_millis() + 5000) as i32;
+            wait_fd_wakes_on_each_frame(&mut *server, ACROSS_ROUNDS, wake_within, |_| {});
+            server.send(&Message::Applied { through: GOODBYE }).unwrap();
+            while !server.flush().unwrap() {}
+            // The client goes once it has the goodbye; its going ends this connection.
+            let t = Instant::now();
+            while server.poll_recv(&mut Vec::new(), 8).is_ok()
+                && t.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ends::Client(addr) => {
+            let mut client = connect_to(&addr, &s);
+            for round in 0..ACROSS_ROUNDS {
+                std::thread::sleep(ACROSS_GAP);
+                client.send(&frame(round)).unwrap();
+                assert!(client.flush().unwrap());
+            }
+            let (t, mut got) = (Instant::now(), Vec::new());
+            while !got
+                .iter()
+                .any(|m| matches!(m, Message::Applied { through: GOODBYE }))
+            {
+                client.poll_recv(&mut got, 8).unwrap();
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "no goodbye from the server"
+                );
+            }
+        }
+    }
+}
+
+/// The wake test across machines: rounds, and the time between the client's frames.
+const ACROSS_ROUNDS: u64 = 10;
+const ACROSS_GAP: Duration = Duration::from_secs(1);
 
 fn node_builder(dir: &std::path::Path, role: &str, s: &RdmaSettings) -> ConfigBuilder {
     let mut b = ConfigBuilder::new();

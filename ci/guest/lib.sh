@@ -67,3 +67,13 @@ guest_initrd() {
   mv "$guest_initrd.tmp" "$guest_initrd"
   rm -rf "$rd"
 }
+
+# rdma_test_binary: builds tests/rdma.rs (--features rdma,fail-points, in $CARGO_TARGET_DIR)
+# and prints the test binary's path; the soft-RoCE step and the lab run it in their guests.
+rdma_test_binary() {
+  local bin
+  bin=$(cargo test --features rdma,fail-points --test rdma --no-run --message-format=json 2>/dev/null |
+    grep '"name":"rdma"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+  [ -x "$bin" ] || { echo "no RDMA test binary (cargo test --features rdma,fail-points --test rdma --no-run)" >&2; return 1; }
+  echo "$bin"
+}

@@ -90,12 +90,21 @@ stop_backup() {
 for _ in \$(seq 300); do kill -0 \$pid 2>/dev/null || exit 0; sleep 0.1; done; exit 1" 60 >/dev/null
 }
 
+# fresh_region MACHINE: no node files on MACHINE but a region of zeros, every block written once,
+# as DRBD's backing disk is and a storage engine's file would be. (A region the node creates is
+# preallocated: ext4 keeps such blocks "unwritten", and the checkpoint's fdatasync after the
+# first write into each block commits the journal to convert it; a first lap's cost only.)
+fresh_region() {
+  lab_run "$1" "rm -rf /disk/mirror && mkdir -p /disk/mirror &&
+dd if=/dev/zero of=/disk/mirror/region bs=1M count=$(( $(numfmt --from=iec "${REGION_SIZE%iB}") >> 20 )) conv=fsync status=none" 300 >/dev/null
+}
+
 # mirror_row BS DEPTH: the same figures from `mirror primary`'s done line, its workload running
 # for DRBD_SECONDS on a fresh pair ($mode is the durability).
 mirror_row() {
   local bs=$1 depth=$2 log=primary-$1-$2-$mode.log done_line k f0 f1
-  lab_run a "rm -rf /disk/mirror" 60 >/dev/null
-  lab_run b "rm -rf /disk/mirror" 60 >/dev/null
+  fresh_region a
+  fresh_region b
   f0=$(flush_count vda)
   start_backup
   lab_run a "mkdir -p $(files_dir); setsid $mirror primary $(node_args) --peer 10.78.0.2:$PORT \\
@@ -222,4 +231,67 @@ drbd_compare() {
   cat "$table" >>"$repo/target/lab/summary.txt"
   lab_halt
   lab_clean "$run_dir"
+}
+
+# profile_row BS DEPTH: why a row is what it is. The row's libmirror workload (mirror_row) runs
+# twice on a fresh pair: once under `perf record -a -g` on both machines (where each machine's
+# one CPU goes: by command, by object, by symbol), once under `perf trace -s` on both nodes
+# (each system call's count and mean time, the waits a CPU profile does not show: fdatasync,
+# poll). Writes target/lab/profile-$mode-BS-DEPTH.txt; prints its path.
+profile_row() {
+  local bs=$1 depth=$2 m row out=$repo/target/lab/profile-$mode-$1-$2.txt
+  local secs=$((DRBD_SECONDS + 300))
+  {
+    echo "# libmirror, $bs B writes, depth $depth, durability $mode, ${DRBD_SECONDS} s per pass"
+    echo "# (ci/lab/lab.sh profile; one emulated CPU per machine; a = primary, b = backup)"
+  } >"$out"
+  # perf takes seconds to start under full emulation: the workload starts once both record.
+  for m in a b; do
+    lab_run "$m" "rm -f /tmp/perf.data; setsid perf record -F 499 -a -g -o /tmp/perf.data -- sleep $secs \\
+  >/run/lab/perf-record.log 2>&1 </dev/null & echo \$! >/run/perf.pid" 30 >/dev/null
+  done
+  for m in a b; do
+    wait_for "$lab/$m/share/perf-record.log" 120 "perf record on $m" lab_run "$m" "test -s /tmp/perf.data" 30 ||
+      return 1
+  done
+  sleep 3
+  row=$(mirror_row "$bs" "$depth")
+  {
+    echo "# pass 1 (perf record): p50 p99 writes/s MB/s flushes/write: $row"
+    echo "# pass 1: $(grep '^done' "$lab/a/share/primary-$bs-$depth-$mode.log" || echo 'no done line')"
+    echo "# (a symbol's CPU ms per write = its % x the machine's samples / 499 Hz / writes)"
+  } >>"$out"
+  for m in a b; do
+    lab_run "$m" "pid=\$(cat /run/perf.pid); kill -INT \$pid 2>/dev/null; while kill -0 \$pid 2>/dev/null; do sleep 0.5; done
+echo \"## machine $m: \$(perf report -i /tmp/perf.data --stdio --sort comm 2>/dev/null | grep -m1 '^# Samples')\"
+echo '## machine $m: CPU by command'
+perf report -i /tmp/perf.data --stdio --no-children --sort comm -g none --percent-limit 1 2>/dev/null | grep -v '^#' | grep -v '^\$' | head -12
+echo '## machine $m: CPU by command and object'
+perf report -i /tmp/perf.data --stdio --no-children --sort comm,dso -g none --percent-limit 1 2>/dev/null | grep -v '^#' | grep -v '^\$' | head -20
+echo '## machine $m: CPU by symbol (top 40)'
+perf report -i /tmp/perf.data --stdio --no-children --sort comm,sym -g none --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^\$' | head -40" \
+      $((secs + 600)) >>"$out" 2>&1 || echo "(machine $m: perf report failed)" >>"$out"
+  done
+  # Pass 2: each node runs under `perf trace -s` (its threads too, those it starts later).
+  fresh_region a
+  fresh_region b
+  lab_run b "setsid perf trace -s -o /run/lab/trace-b.txt -- $mirror backup $(node_args) --listen 10.78.0.2:$PORT \\
+  >/run/lab/backup-trace.log 2>&1 </dev/null &" 30 >/dev/null
+  wait_log b backup-trace.log 'backup\|status' 120 "the traced backup to listen" || return 1
+  lab_run a "setsid perf trace -s -o /run/lab/trace-a.txt -- $mirror primary $(node_args) --peer 10.78.0.2:$PORT \\
+  --on-peer-loss block --write-size $bs --depth $depth --report-ms 0 >/run/lab/primary-trace.log 2>&1 </dev/null &
+tpid=\$!; sleep $((DRBD_SECONDS + 8)); pkill -TERM -x mirror
+for _ in \$(seq 600); do kill -0 \$tpid 2>/dev/null || exit 0; sleep 0.1; done; exit 1" $((DRBD_SECONDS + 200)) >/dev/null || true
+  lab_run b "pkill -TERM -x mirror; for _ in \$(seq 600); do pgrep -x perf >/dev/null || exit 0; sleep 0.1; done; exit 1" 90 >/dev/null || true
+  {
+    echo "# pass 2 (perf trace -s on the nodes): $(grep '^done' "$lab/a/share/primary-trace.log" || echo 'no done line')"
+    for m in a b; do
+      echo "## machine $m: system calls of its node, per thread: calls, errors, total, min, avg, max ms"
+      # Each thread's heading and its eight costliest calls (perf lists them by total time).
+      awk '/\([0-9]+\), [0-9]+ events/ { print; n = 0; next }
+        /^ +[a-z_0-9]+ +[0-9]+ +[0-9]+ +[0-9.]+/ && n < 8 { print; n++ }' "$lab/$m/share/trace-$m.txt" ||
+        echo "(no trace)"
+    done
+  } >>"$out"
+  echo "$out"
 }

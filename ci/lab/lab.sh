@@ -20,10 +20,18 @@
 #       (`power`) and off (`process`): p50/p99 and throughput; then the recovery after 1 % of
 #       1 GiB changed while disconnected. The table goes to target/lab/drbd.md.
 #       --sizes "4096" --depths "1" narrow it (DRBD_SECONDS=8: each row's run time).
+#   bash ci/lab/lab.sh profile --mode power|process [--sizes "4096"] [--depths "1"]
+#       Why a row of the DRBD table is what it is: libmirror's row run under `perf record -a -g`
+#       on both machines, then under `perf trace -s` on both nodes; target/lab/profile-*.txt.
+#   bash ci/lab/lab.sh sync-costs
+#       What one durable 4 KiB append costs on a machine's disk: through a shared mapping and
+#       fdatasync (written blocks, with the header page, preallocated blocks), and O_DIRECT +
+#       O_DSYNC (ci/lab/sync-costs.py).
 #   bash ci/lab/lab.sh rdma
-#       RDMA between the two kernels: soft-RoCE on each machine's NIC; the engine's sync write
-#       latency next to ibv_rc_pingpong between the same machines; the installed rdma build of
-#       the C library (kvlog) across the machines; a power cut of each machine over RDMA.
+#       RDMA between the two kernels: soft-RoCE on each machine's NIC; the RDMA test suite's
+#       transport tests with one end on each machine; the engine's sync write latency next to
+#       ibv_rc_pingpong between the same machines; the installed rdma build of the C library
+#       (kvlog) across the machines; a power cut of each machine over RDMA.
 #   bash ci/lab/lab.sh ci
 #       CI's short pass: a few cuts in `power` and `pmem`, the control, one RDMA run across the
 #       machines, DRBD side by side at one size.
@@ -52,7 +60,7 @@ NODE_TUNING="--set idle_spin_us=20 --set wait_spin_us=20"
 
 lab_packages() {
   source ci/guest/lib.sh
-  guest_packages "${GUEST_BASE_PACKAGES[@]}" e2fsprogs ndctl drbd-utils fio jq
+  guest_packages "${GUEST_BASE_PACKAGES[@]}" e2fsprogs ndctl drbd-utils fio jq linux-perf python3
 }
 
 # The build ci/demo.sh makes (fail-points: unused here, but one build for both, not two).
@@ -71,6 +79,7 @@ build_mirror_rdma() {
   lab_say "building the mirror command with RDMA (release, target/rdma)"
   CARGO_TARGET_DIR=$repo/target/rdma cargo build --release --features rdma,fail-points --bin mirror
   mirror=$repo/target/rdma/release/mirror
+  rdma_tests=$(CARGO_TARGET_DIR=$repo/target/rdma rdma_test_binary)
 }
 
 # Soft-RoCE on each machine's NIC (after every boot): rxe0 on eth0, port ACTIVE.
@@ -337,6 +346,34 @@ done" 300 || { lab_say "kvlog put across the machines failed"; return 1; }
   lab_say "kvlog (installed rdma build, static): 20 puts from a, read back on b over rxe0"
 }
 
+# The RDMA test suite's transport tests with one end on each machine (tests/rdma.rs,
+# MIRROR_RDMA_ACROSS): the server ends on b, the client ends on a, each checking its half
+# (frames of 1 B to 3 MiB across ring wraps, in order and intact, every ack; the peer's going
+# seen as an error; a sleeping receiver's wait fd woken by each frame from the other kernel).
+rdma_suite_across() {
+  local tests="transport_carries_frames_intact_and_in_order_across_ring_wraps a_sleeping_receiver_wakes_on_its_wait_fd_when_data_arrives"
+  local env="MIRROR_RDMA_DEVICE=rxe0 MIRROR_RDMA_GID_INDEX=1"
+  lab_say "the RDMA test suite's transport tests across the machines (server ends on b, client ends on a)"
+  lab_run b "rm -f /run/lab/rdma-suite.rc; (cd /tmp && $env MIRROR_RDMA_ACROSS=server:10.78.0.2:7600 \
+  timeout 600 $rdma_tests --test-threads=1 --nocapture --exact $tests >/run/lab/rdma-suite.log 2>&1
+  echo \$? >/run/lab/rdma-suite.rc) </dev/null >/dev/null 2>&1 & disown" 30 >/dev/null
+  local ok=0
+  lab_run a "cd /tmp && $env MIRROR_RDMA_ACROSS=client:10.78.0.2:7600 \
+  timeout 600 $rdma_tests --test-threads=1 --nocapture --exact $tests >/run/lab/rdma-suite.log 2>&1" 660 >/dev/null || ok=1
+  wait_for "$lab/b/share/rdma-suite.log" 120 "the server ends' result" test -s "$lab/b/share/rdma-suite.rc" || ok=1
+  [ "$(cat "$lab/b/share/rdma-suite.rc" 2>/dev/null)" = 0 ] || ok=1
+  local m
+  for m in a b; do
+    grep -E '^(connected|client end|server end|[0-9]+ frames|peer loss)|^test result|panicked' "$lab/$m/share/rdma-suite.log" |
+      sed "s/^/  machine $m: /" || true
+  done
+  if [ "$ok" != 0 ]; then
+    lab_say "the RDMA test suite across the machines FAILED (logs: $lab/a/share/rdma-suite.log, $lab/b/share/rdma-suite.log)"
+    return 1
+  fi
+  echo "RDMA test suite across the machines (transport tests, client on a, server on b): passed" >>"$repo/target/lab/summary.txt"
+}
+
 # verbs_pingpong SIZE [-e]: ibv_rc_pingpong between the machines (server on b, client on a,
 # 2000 round trips), its µs/iter. -e: both sides sleep on completion events instead of polling.
 verbs_pingpong() {
@@ -364,6 +401,7 @@ rdma_figures() {
   lab_boot a b
   rxe_up a b
   lab_run a "ibv_devinfo -d rxe0 | grep -E 'hca_id|state|active_mtu|link_layer'" 30
+  rdma_suite_across || { lab_halt; lab_say "kept $run_dir"; return 1; }
   printf '\n| payload | ibv_rc_pingpong a<->b, busy-polled (µs/iter) | the same, -e: sleeps on events | engine sync write p50 (µs) | p99 (µs) | engine / faster ping-pong | target |\n'
   printf '| --- | --- | --- | --- | --- | --- | --- |\n'
   for size in 64 4096; do
@@ -394,6 +432,40 @@ rdma_figures() {
   lab_clean "$run_dir"
 }
 
+# profile_rows SIZES DEPTHS: profile_row (ci/lab/drbd.sh) for each, $mode, on two fresh machines.
+profile_rows() {
+  local run_dir bs depth
+  transport=tcp primary_run=0 backup_run=0
+  run_dir=$(mktemp -d "$repo/target/lab/profile.XXXXXX")
+  lab_init "$run_dir"
+  lab_machine a
+  lab_machine b
+  lab_say "profiles of libmirror's rows ($mode): booting a and b"
+  lab_boot a b
+  for bs in $1; do
+    for depth in $2; do
+      lab_say "profile of $bs B, depth $depth, $mode: $(profile_row "$bs" "$depth")"
+    done
+  done
+  lab_halt
+  lab_clean "$run_dir"
+}
+
+# sync_costs: what one durable 4 KiB append costs on a machine's disk, several ways
+# (ci/lab/sync-costs.py), in one machine.
+sync_costs() {
+  local run_dir
+  run_dir=$(mktemp -d "$repo/target/lab/sync-costs.XXXXXX")
+  lab_init "$run_dir"
+  lab_machine a
+  lab_say "sync costs: booting a"
+  lab_boot a
+  lab_run a "python3 $repo/ci/lab/sync-costs.py /disk 1000" 1800 | tee -a "$repo/target/lab/summary.txt" ||
+    { lab_halt; lab_say "kept $run_dir"; return 1; }
+  lab_halt
+  lab_clean "$run_dir"
+}
+
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
   exit 2
@@ -409,8 +481,8 @@ while [ $# -gt 0 ]; do
     --victim) victim=$2; shift 2 ;;
     --cuts) cuts=$2; shift 2 ;;
     --transport) transport=$2; shift 2 ;;
-    --sizes) sizes=$2; shift 2 ;;
-    --depths) depths=$2; shift 2 ;;
+    --sizes) sizes=$2; narrowed=1; shift 2 ;;
+    --depths) depths=$2; narrowed=1; shift 2 ;;
     *) usage ;;
   esac
 done
@@ -428,6 +500,14 @@ case $scenario in
     ;;
   drbd)
     drbd_compare "$sizes" "$depths" 1
+    ;;
+  sync-costs)
+    sync_costs
+    ;;
+  profile)
+    # One row unless told which: each takes two passes.
+    if [ -z "${narrowed:-}" ]; then sizes=4096 depths=1; fi
+    profile_rows "$sizes" "$depths"
     ;;
   rdma)
     rdma_figures

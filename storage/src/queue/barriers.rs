@@ -176,6 +176,10 @@ impl PersistentQueue {
 
     /// Makes everything written so far durable per mode (see [`sync`](Self::sync)).
     pub(super) fn barrier(&mut self) -> Result<(), StorageError> {
+        if self.cursors_pending && (self.header_dirty || self.meta_dirty) {
+            // The header page is written by this barrier anyway: the hints ride along.
+            self.publish_cursors();
+        }
         let (ranges, n) = self.dirty_ranges();
         match self.durability {
             Durability::Process => {}

@@ -145,7 +145,7 @@ impl PersistentQueue {
         written?;
         self.next_seq += 1;
         self.len_records += 1;
-        self.publish_cursors();
+        self.cursors_moved();
         Ok(())
     }
 

@@ -114,6 +114,12 @@ pub struct PersistentQueue {
     flushed_upto: u64,
     /// A header word changed since the last barrier.
     header_dirty: bool,
+    /// `power`: an append moved the cursor hints (head, tail, next_seq) and they are not stored
+    /// yet. Storing them on every append would put the header page into every fdatasync, a
+    /// second page write per sync (+200 to 400 µs on a 400 to 1000 µs sync in the lab's emulated
+    /// machine, docs/LAB.md). They are hints (recovery and observers scan the records), so they
+    /// follow with the next barrier that writes the header page anyway, and at drop.
+    cursors_pending: bool,
     /// Crash hook: told about every barrier (with the file ranges it makes durable) and about
     /// every point where a trusted word or a record has just been stored.
     #[cfg(any(test, feature = "crash-hooks"))]
@@ -134,6 +140,17 @@ pub enum CrashEvent<'a> {
     /// a `pmem` barrier writes back; a `power` barrier (fdatasync) covers more, so a simulator
     /// that trusts only these ranges is the stricter model.
     Barrier(&'a [(usize, usize)]),
+}
+
+impl Drop for PersistentQueue {
+    /// The cursor hints an append left pending (`power`) reach the page cache, so that a
+    /// queue closed cleanly reads exactly (`mirror status`); a crash leaves them behind, which
+    /// recovery and inspection tolerate (they scan the records).
+    fn drop(&mut self) {
+        if self.cursors_pending {
+            self.publish_cursors();
+        }
+    }
 }
 
 impl fmt::Debug for PersistentQueue {
@@ -327,6 +344,10 @@ impl PersistentQueue {
         map::lock_exclusive(file, tmp)?;
         let len = HEADER_BYTES + stat.capacity;
         map::allocate(file, len, tmp)?;
+        if durability == Durability::Power {
+            // Every append is followed by an fdatasync: blocks must not need converting then.
+            map::write_zeros(file, HEADER_BYTES, stat.capacity, tmp)?;
+        }
         let mut page = vec![0u8; HEADER_BYTES as usize];
         page[..STATIC_BYTES].copy_from_slice(&stat.encode());
         // Slot A, generation 1: no peer, nothing applied, epoch 0, term 0, empty history (slot
@@ -579,10 +600,21 @@ impl PersistentQueue {
         self.stat.capacity
     }
 
+    /// An append moved the cursors: stored at once, or under `power` with the next barrier
+    /// that writes the header page (see `cursors_pending`).
+    fn cursors_moved(&mut self) {
+        if self.durability == Durability::Power {
+            self.cursors_pending = true;
+        } else {
+            self.publish_cursors();
+        }
+    }
+
     /// Stores head, tail and next_seq for observers. Release: a reader that Acquire-loads
     /// `tail` or `next_seq` sees the bytes of every record below that tail (they were written
     /// before these stores).
-    fn publish_cursors(&self) {
+    fn publish_cursors(&mut self) {
+        self.cursors_pending = false;
         self.map.word(OFF_HEAD).store(self.head, Ordering::Release);
         self.map.word(OFF_TAIL).store(self.tail, Ordering::Release);
         self.map

@@ -329,6 +329,7 @@ impl PersistentQueue {
             meta,
             meta_slot,
             meta_dirty: false,
+            cursors_pending: false,
             head: s.head,
             tail: s.end,
             next_seq: s.log_next.unwrap_or(c.next_seq),
