@@ -6,11 +6,12 @@
 //! soft-RoCE device and sets `MIRROR_RDMA_DEVICE` (and `MIRROR_RDMA_GID_INDEX`). Without that
 //! variable every test returns at once, saying why (the host kernel has no RDMA).
 //!
-//! The transport tests also run with one end on each of two machines (two kernels, the network
-//! between them): with `MIRROR_RDMA_ACROSS=server:HOST:PORT` on one machine and
-//! `client:HOST:PORT` on the other, each runs its half (the two-machine lab's `rdma` scenario,
-//! ci/lab/lab.sh, does this). The engine's scenarios across machines are the lab's too: nodes
-//! on two machines, power cuts over RDMA, the installed library.
+//! The two-ended tests (the transport's, and the authenticated pair's) also run with one end on
+//! each of two machines (two kernels, the network between them): with
+//! `MIRROR_RDMA_ACROSS=server:HOST:PORT` on one machine and `client:HOST:PORT` on the other,
+//! each runs its half (the two-machine lab's `rdma` scenario, ci/lab/lab.sh, does this). The
+//! engine's other scenarios across machines are the lab's own: nodes on two machines, power
+//! cuts over RDMA, the installed library.
 #![cfg(feature = "rdma")]
 
 mod common;
@@ -641,8 +642,89 @@ fn write_latency_over_rdma_next_to_the_verbs_floor() {
     assert!(!stats.degraded, "the pair must stay synchronous");
 }
 
+/// The writes of the authenticated pair's test: 4 KiB at slot `i % 256` of the 1 MiB region.
+const AUTH_TEST_WRITES: u64 = 400;
+
+/// The region those writes leave (each slot holds the last write to it), so that each machine
+/// can check its own region without the other's.
+fn auth_test_region() -> Vec<u8> {
+    let mut region = vec![0u8; 1 << 20];
+    for i in 0..AUTH_TEST_WRITES {
+        let at = ((i % 256) * 4096) as usize;
+        region[at..at + 4096].copy_from_slice(&pattern(i, 4096));
+    }
+    region
+}
+
+/// The primary's half: waits to be synchronous (authenticated), makes 300 writes, lets an
+/// intruder with another secret try the same backup for 3 s (it must get nowhere), makes the
+/// last 100 writes, and checks its own region. Returns the primary's node id.
+fn authenticated_primary_half(
+    dir: &std::path::Path,
+    addr: &str,
+    key: &str,
+    other_key: &str,
+    s: &RdmaSettings,
+) -> u64 {
+    let mut a = node_builder(dir, "primary", s);
+    a.set("peer", addr).unwrap();
+    a.set("secret_file", key).unwrap();
+    let primary = Mirror::open(a.build().unwrap()).unwrap();
+    primary.wait_synchronous(Duration::from_secs(120)).unwrap();
+    assert_eq!(primary.stats().auth, "secret");
+    for i in 0..300u64 {
+        primary.write((i % 256) * 4096, &pattern(i, 4096)).unwrap();
+    }
+    // An intruder with another secret aims at the same backup.
+    let idir = tempfile::tempdir().unwrap();
+    let mut x = node_builder(idir.path(), "primary", s);
+    x.set("peer", addr).unwrap();
+    x.set("secret_file", other_key).unwrap();
+    let intruder = Mirror::open(x.build().unwrap()).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(intruder.stats().phase, mirror::Phase::Synchronous);
+    intruder.close().unwrap();
+    for i in 300..AUTH_TEST_WRITES {
+        primary.write((i % 256) * 4096, &pattern(i, 4096)).unwrap();
+    }
+    assert!(!primary.stats().degraded, "the pair must stay synchronous");
+    let mut region = vec![0u8; primary.region_len() as usize];
+    primary.read(0, &mut region).unwrap();
+    assert!(
+        region == auth_test_region(),
+        "the primary's region is not what it wrote"
+    );
+    let node_id = primary.stats().node_id;
+    primary.close().unwrap();
+    node_id
+}
+
+/// The backup's half: once its region holds every write (within `within`), it is exactly the
+/// region the primary's writes leave, and the peer it knows is the authenticated one.
+fn authenticated_backup_wait(backup: &Mirror, within: Duration) {
+    let expected = auth_test_region();
+    let mut region = vec![0u8; backup.region_len() as usize];
+    let deadline = Instant::now() + within;
+    loop {
+        backup.read(0, &mut region).unwrap();
+        if region == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backup's region never became the primary's (applied through {})",
+            backup.stats().applied_through
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ne!(backup.stats().peer_node_id, 0);
+}
+
 /// With a secret, the setup channel authenticates and every frame on the data path travels in
 /// a tagged record: a pair mirrors byte-identical, and a node with another secret gets nowhere.
+/// Across two machines (`MIRROR_RDMA_ACROSS`) the pair's secret is the file both machines name
+/// in `MIRROR_RDMA_ACROSS_SECRET`, the backup runs on the server's machine, the primary and the
+/// intruder on the client's, and each machine checks its own region against the writes.
 #[test]
 fn an_authenticated_pair_mirrors_over_rdma_and_a_wrong_secret_is_refused() {
     use std::os::unix::fs::PermissionsExt;
@@ -655,42 +737,43 @@ fn an_authenticated_pair_mirrors_over_rdma_and_a_wrong_secret_is_refused() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         path.display().to_string()
     };
-    let (pair_key, other_key) = (key("pair.key"), key("other.key"));
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut b = node_builder(dir.path(), "backup", &s);
-    b.set("listen", &addr).unwrap();
-    b.set("secret_file", &pair_key).unwrap();
-    let backup = Mirror::open(b.build().unwrap()).unwrap();
-    let mut a = node_builder(dir.path(), "primary", &s);
-    a.set("peer", &addr).unwrap();
-    a.set("secret_file", &pair_key).unwrap();
-    let primary = Mirror::open(a.build().unwrap()).unwrap();
-    primary.wait_synchronous(Duration::from_secs(60)).unwrap();
-    assert_eq!(primary.stats().auth, "secret");
-    for i in 0..300u64 {
-        primary.write((i % 256) * 4096, &pattern(i, 4096)).unwrap();
+    let other_key = key("other.key");
+    let open_backup = |addr: &str, pair_key: &str| {
+        let mut b = node_builder(dir.path(), "backup", &s);
+        b.set("listen", addr).unwrap();
+        b.set("secret_file", pair_key).unwrap();
+        Mirror::open(b.build().unwrap()).unwrap()
+    };
+    let across_key = || {
+        std::env::var("MIRROR_RDMA_ACROSS_SECRET")
+            .expect("across machines, MIRROR_RDMA_ACROSS_SECRET names the pair's secret file")
+    };
+    match ends(2) {
+        Ends::Both => {
+            let pair_key = key("pair.key");
+            let addr = format!("127.0.0.1:{}", free_port());
+            let backup = open_backup(&addr, &pair_key);
+            let primary_id =
+                authenticated_primary_half(dir.path(), &addr, &pair_key, &other_key, &s);
+            authenticated_backup_wait(&backup, Duration::from_secs(30));
+            assert_eq!(backup.stats().peer_node_id, primary_id);
+        }
+        Ends::Server(addr) => {
+            let backup = open_backup(&addr.to_string(), &across_key());
+            authenticated_backup_wait(&backup, Duration::from_secs(300));
+            // The primary checks it stayed synchronous before it goes: stay until it went.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while backup.stats().phase == mirror::Phase::Synchronous {
+                assert!(Instant::now() < deadline, "the primary never went");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("server end: the backup's region is the primary's writes, byte for byte");
+        }
+        Ends::Client(addr) => {
+            authenticated_primary_half(dir.path(), &addr, &across_key(), &other_key, &s);
+            eprintln!(
+                "client end: 400 authenticated writes; an intruder with another secret got nowhere"
+            );
+        }
     }
-    // An intruder with another secret aims at the same backup.
-    let idir = tempfile::tempdir().unwrap();
-    let mut x = node_builder(idir.path(), "primary", &s);
-    x.set("peer", &addr).unwrap();
-    x.set("secret_file", &other_key).unwrap();
-    let intruder = Mirror::open(x.build().unwrap()).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    assert_ne!(intruder.stats().phase, mirror::Phase::Synchronous);
-    intruder.close().unwrap();
-    for i in 300..400u64 {
-        primary.write((i % 256) * 4096, &pattern(i, 4096)).unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while backup.stats().applied_through != primary.stats().applied_through {
-        assert!(Instant::now() < deadline, "the backup did not catch up");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(backup.stats().peer_node_id, primary.stats().node_id);
-    let len = primary.region_len() as usize;
-    let (mut ra, mut rb) = (vec![0u8; len], vec![0u8; len]);
-    primary.read(0, &mut ra).unwrap();
-    backup.read(0, &mut rb).unwrap();
-    assert!(ra == rb, "regions differ");
 }

@@ -346,14 +346,16 @@ done" 300 || { lab_say "kvlog put across the machines failed"; return 1; }
   lab_say "kvlog (installed rdma build, static): 20 puts from a, read back on b over rxe0"
 }
 
-# The RDMA test suite's transport tests with one end on each machine (tests/rdma.rs,
+# The RDMA test suite's two-ended tests with one end on each machine (tests/rdma.rs,
 # MIRROR_RDMA_ACROSS): the server ends on b, the client ends on a, each checking its half
 # (frames of 1 B to 3 MiB across ring wraps, in order and intact, every ack; the peer's going
-# seen as an error; a sleeping receiver's wait fd woken by each frame from the other kernel).
+# seen as an error; a sleeping receiver's wait fd woken by each frame from the other kernel; an
+# authenticated pair, backup on b, primary on a, each region checked against the writes, and an
+# intruder with another secret refused).
 rdma_suite_across() {
-  local tests="transport_carries_frames_intact_and_in_order_across_ring_wraps a_sleeping_receiver_wakes_on_its_wait_fd_when_data_arrives"
-  local env="MIRROR_RDMA_DEVICE=rxe0 MIRROR_RDMA_GID_INDEX=1"
-  lab_say "the RDMA test suite's transport tests across the machines (server ends on b, client ends on a)"
+  local tests="transport_carries_frames_intact_and_in_order_across_ring_wraps a_sleeping_receiver_wakes_on_its_wait_fd_when_data_arrives an_authenticated_pair_mirrors_over_rdma_and_a_wrong_secret_is_refused"
+  local env="MIRROR_RDMA_DEVICE=rxe0 MIRROR_RDMA_GID_INDEX=1 MIRROR_RDMA_ACROSS_SECRET=/run/lab/secret"
+  lab_say "the RDMA test suite's two-ended tests across the machines (server ends on b, client ends on a)"
   lab_run b "rm -f /run/lab/rdma-suite.rc; (cd /tmp && $env MIRROR_RDMA_ACROSS=server:10.78.0.2:7600 \
   timeout 600 $rdma_tests --test-threads=1 --nocapture --exact $tests >/run/lab/rdma-suite.log 2>&1
   echo \$? >/run/lab/rdma-suite.rc) </dev/null >/dev/null 2>&1 & disown" 30 >/dev/null
@@ -364,14 +366,14 @@ rdma_suite_across() {
   [ "$(cat "$lab/b/share/rdma-suite.rc" 2>/dev/null)" = 0 ] || ok=1
   local m
   for m in a b; do
-    grep -E '^(connected|client end|server end|[0-9]+ frames|peer loss)|^test result|panicked' "$lab/$m/share/rdma-suite.log" |
+    grep -E '(connected|client end|server end|[0-9]+ frames|peer loss)|^test result|panicked' "$lab/$m/share/rdma-suite.log" |
       sed "s/^/  machine $m: /" || true
   done
   if [ "$ok" != 0 ]; then
     lab_say "the RDMA test suite across the machines FAILED (logs: $lab/a/share/rdma-suite.log, $lab/b/share/rdma-suite.log)"
     return 1
   fi
-  echo "RDMA test suite across the machines (transport tests, client on a, server on b): passed" >>"$repo/target/lab/summary.txt"
+  echo "RDMA test suite across the machines (two-ended tests, client ends on a, server ends on b): passed" >>"$repo/target/lab/summary.txt"
 }
 
 # verbs_pingpong SIZE [-e]: ibv_rc_pingpong between the machines (server on b, client on a,
