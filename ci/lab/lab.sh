@@ -29,7 +29,7 @@
 #       O_DSYNC (ci/lab/sync-costs.py).
 #   bash ci/lab/lab.sh rdma
 #       RDMA between the two kernels: soft-RoCE on each machine's NIC; the RDMA test suite's
-#       transport tests with one end on each machine; the engine's sync write latency next to
+#       two-ended tests with one end on each machine; the engine's sync write latency next to
 #       ibv_rc_pingpong between the same machines; the installed rdma build of the C library
 #       (kvlog) across the machines; a power cut of each machine over RDMA.
 #   bash ci/lab/lab.sh ci
