@@ -684,11 +684,15 @@ pub(super) enum Step {
 }
 
 /// Sleeps in poll(2) on `fds` (the first is the wake eventfd) for at most `timeout_ms`, then
-/// clears the wake-up and the sleeping flag.
+/// clears the wake-up (if there was one: a read that finds nothing is a system call for
+/// nothing, on every sleep) and the sleeping flag. A ring that lands after poll returned stays
+/// readable and ends the next sleep at once.
 fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout_ms: i32) {
     // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the call.
-    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-    shared.wake_fd.drain();
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if ready != 0 && fds[0].revents != 0 {
+        shared.wake_fd.drain();
+    }
     shared.poller_sleeping.store(false, Ordering::Relaxed);
 }
 
