@@ -48,7 +48,7 @@ cc -O2 -Wall -Wextra -Werror -o target/pingpong benches/pingpong.c
 ./target/release/mirror bench --iterations 500 --sizes 64,4096 --pipelined-writes 2000 \
   --recovery-regions 16MiB --recovery-missed 0.01 --failover-rounds 3 --failover-region 16MiB \
   --security-iterations 500 --resync-region 16MiB --reference target/pingpong \
-  --c-api-iterations 500 --json > target/bench-smoke.json
+  --c-api-iterations 500 --power-writes 2000 --power-trials 1 --json > target/bench-smoke.json
 grep -q '"sync_latency"' target/bench-smoke.json
 grep -q '"floor_vs_reference_p50"' target/bench-smoke.json
 grep -q '"c_api"' target/bench-smoke.json
@@ -57,5 +57,6 @@ grep -q '"failover"' target/bench-smoke.json
 grep -q '"tls+secret"' target/bench-smoke.json
 grep -q '"initial_sync_vs_tcp"' target/bench-smoke.json
 grep -q '"resync_vs_tcp"' target/bench-smoke.json
+grep -q '"floor_two_writers_per_s"' target/bench-smoke.json
 
 step "all passed"

@@ -513,6 +513,174 @@ pub fn pipelined(
     })
 }
 
+/// `power` durability's throughput next to a raw group-commit floor on the same filesystem (see
+/// [`power_group_commit`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PowerRun {
+    /// Where the nodes' files and the floor's file were.
+    pub dir: String,
+    /// That directory's filesystem (`statfs` magic, named when known).
+    pub filesystem: String,
+    /// Payload bytes per write.
+    pub payload: usize,
+    /// Writes in flight at most, and records per `fdatasync` in the floor.
+    pub depth: usize,
+    /// Bytes each record occupies in a queue (header and padding included): the floor's unit.
+    pub record_bytes: u64,
+    /// The engine under `durability = power`, best of the trials: completed writes per second.
+    pub engine_writes_per_s: f64,
+    /// One loop appending `depth` records per `fdatasync` to one file, best of the trials:
+    /// records per second. The target's floor (one machine's disk, one node's queue).
+    pub floor_writes_per_s: f64,
+    /// Two such loops at once, each on its own file (what this one-machine pair asks of one
+    /// disk: both nodes' queues sync here): records per second of each, best of the trials.
+    pub floor_two_writers_per_s: f64,
+    /// engine_writes_per_s / floor_writes_per_s.
+    pub vs_floor: f64,
+    /// engine_writes_per_s / floor_two_writers_per_s.
+    pub vs_two_writer_floor: f64,
+    /// Each trial's figures in the order run (engine, floor, two-writer floor; per second).
+    pub trials: Vec<[f64; 3]>,
+}
+
+/// Measures a pair under `durability = power` with files in `dir` (a disk-backed filesystem:
+/// on tmpfs `fdatasync` costs nothing and the figure means nothing) writing `payload` bytes at
+/// `depth` in flight, `writes` per trial, in `trials` interleaved trials next to the raw
+/// group-commit floor: a loop that writes `depth` of the same records (each
+/// [`record_total`](mirror_storage::record_total) bytes) to a preallocated, written file and
+/// `fdatasync`s once per batch, wrapping at the end as a queue does. Before the trials the
+/// engine writes its region once over, so that no trial pays for a first write into a block
+/// the filesystem still holds unwritten (the floor's file is written before its trials too).
+pub fn power_group_commit(
+    dir: &Path,
+    payload: usize,
+    depth: usize,
+    writes: u64,
+    trials: usize,
+    extra: &[(&str, &str)],
+) -> Result<PowerRun, MirrorError> {
+    let io = |context: &str| {
+        let context = context.to_owned();
+        move |source| MirrorError::Io { context, source }
+    };
+    let filesystem = filesystem_name(dir).map_err(io("statfs of the power bench dir"))?;
+    let region_bytes = 16u64 << 20;
+    let mut settings: Vec<(&str, &str)> = vec![("durability", "power")];
+    settings.extend_from_slice(extra);
+    let pair = LocalPair::open(dir, region_bytes, &settings)?;
+    pipelined(&pair, payload, depth, region_bytes / payload.max(1) as u64)?;
+    let record_bytes = mirror_storage::record_total(payload as u64);
+    let ring_bytes = 64u64 << 20;
+    let files = [dir.join("floor-a.log"), dir.join("floor-b.log")];
+    for f in &files {
+        written_file(f, ring_bytes).map_err(io("writing the group-commit floor's file"))?;
+    }
+    let mut all = Vec::new();
+    for _ in 0..trials.max(1) {
+        let engine = pipelined(&pair, payload, depth, writes)?.writes_per_s;
+        let one = group_commit_floor(&files[0], record_bytes, depth, writes)
+            .map_err(io("group-commit floor"))?;
+        let two = std::thread::scope(|s| {
+            let b = s.spawn(|| group_commit_floor(&files[1], record_bytes, depth, writes));
+            let a = group_commit_floor(&files[0], record_bytes, depth, writes);
+            let b = b
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("floor thread panicked")));
+            Ok::<f64, io::Error>(a?.min(b?))
+        })
+        .map_err(io("two-writer group-commit floor"))?;
+        all.push([engine, one, two]);
+    }
+    pair.primary.close()?;
+    pair.backup.close()?;
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    let best = |i: usize| all.iter().map(|t| t[i]).fold(0.0f64, f64::max);
+    let (engine, one, two) = (best(0), best(1), best(2));
+    Ok(PowerRun {
+        dir: dir.display().to_string(),
+        filesystem,
+        payload,
+        depth,
+        record_bytes,
+        engine_writes_per_s: engine,
+        floor_writes_per_s: one,
+        floor_two_writers_per_s: two,
+        vs_floor: engine / one.max(1e-9),
+        vs_two_writer_floor: engine / two.max(1e-9),
+        trials: all,
+    })
+}
+
+/// The raw group-commit loop of [`power_group_commit`]: `total` records of `record_bytes` into
+/// `path` (already `len` bytes, written), `batch` per `pwrite` + `fdatasync`, wrapping to the
+/// start where the next batch would pass the end. Records per second.
+fn group_commit_floor(path: &Path, record_bytes: u64, batch: usize, total: u64) -> io::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let len = file.metadata()?.len();
+    let batch_bytes = record_bytes * batch.max(1) as u64;
+    if batch_bytes > len {
+        return Err(io::Error::other(format!(
+            "a batch of {batch_bytes} bytes does not fit the {len}-byte floor file"
+        )));
+    }
+    let buf = vec![0xA5u8; batch_bytes as usize];
+    let mut at = 0u64;
+    let mut done = 0u64;
+    let t = Instant::now();
+    while done < total {
+        let n = (batch.max(1) as u64).min(total - done);
+        if at + n * record_bytes > len {
+            at = 0;
+        }
+        file.write_all_at(&buf[..(n * record_bytes) as usize], at)?;
+        file.sync_data()?;
+        at += n * record_bytes;
+        done += n;
+    }
+    Ok(total as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Creates (or truncates) `path` as `len` bytes of zeros written and synced, as a `power`
+/// queue's ring is at creation: no unwritten extents left for the first lap to convert.
+fn written_file(path: &Path, len: u64) -> io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()
+}
+
+/// The filesystem `dir` is on, by its `statfs` magic: a name for the common ones, else the
+/// magic in hex.
+pub fn filesystem_name(dir: &Path) -> io::Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `statfs` is plain data, so all zeros is a valid value for the kernel to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statfs that outlives the call.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let magic = st.f_type as u64;
+    Ok(match magic {
+        0xEF53 => "ext2/3/4".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        0x794C_7630 => "overlayfs".into(),
+        other => format!("{other:#x}"),
+    })
+}
+
 /// Raw TCP streaming bandwidth over loopback: `bytes` sent in `chunk`-sized writes to a thread
 /// that reads and discards them. The floor for pipelined writes of large payloads. Returns
 /// megabytes (10^6 bytes) per second.

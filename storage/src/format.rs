@@ -133,7 +133,7 @@ pub(crate) fn max_payload(capacity: u64) -> u64 {
 }
 
 /// Bytes a DATA or RESET record with a `payload_len`-byte payload occupies in the ring.
-pub(crate) fn record_total(payload_len: u64) -> u64 {
+pub fn record_total(payload_len: u64) -> u64 {
     align8(RECORD_HEADER_BYTES + payload_len)
 }
 

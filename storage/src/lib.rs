@@ -79,6 +79,7 @@ pub use discarded::{
     DiscardedFile, DiscardedRecord, DISCARDED_MAGIC, DISCARDED_VERSION,
 };
 pub use error::{BitmapDamage, CutReason, StorageError};
+pub use format::record_total;
 pub use format::{
     CAPACITY_ALIGN_BYTES, FORMAT_VERSION, HEADER_BYTES, MAX_CAPACITY_BYTES, MAX_RECORD_BYTES,
     MIN_CAPACITY_BYTES, QUEUE_MAGIC, RECORD_HEADER_BYTES, RECORD_MAGIC,

@@ -471,6 +471,55 @@ pub(crate) fn write_zeros(
     Ok(())
 }
 
+/// Writes `pieces`, back to back, into `file` at `off` through the page cache (`pwritev`, one
+/// system call in the common case), for a mapped file whose writes should not go through the
+/// mapping. The mapping sees the bytes at once (one page cache). Why `power` appends take this
+/// way: `fdatasync` of pages dirtied through a shared mapping write-protects every such page
+/// again (and flushes TLBs), and the next store into the page takes a fault; measured on the
+/// development VM (ext4), 4 KiB records then `fdatasync`: 3.2-3.7 k/s one record per sync and
+/// 51-55 k/s 64 per sync through a mapping, 17-21 k/s and 230-260 k/s through `pwrite`.
+pub(crate) fn write_file_at(
+    file: &File,
+    off: u64,
+    pieces: &[&[u8]],
+    path: &Path,
+) -> Result<(), StorageError> {
+    let total: usize = pieces.iter().map(|p| p.len()).sum();
+    let iov: Vec<libc::iovec> = pieces
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let at = libc::off_t::try_from(off).map_err(|_| StorageError::InvalidArgument {
+        why: format!("file offset {off} does not fit off_t"),
+    })?;
+    let iov_count =
+        libc::c_int::try_from(iov.len()).map_err(|_| StorageError::InvalidArgument {
+            why: format!("{} pieces are too many for one pwritev", iov.len()),
+        })?;
+    // SAFETY: `iov` describes `iov_count` live, readable Rust buffers (the kernel only reads
+    // them; the `*mut` is the C type's); the descriptor is ours and open for writing.
+    let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov_count, at) };
+    if n < 0 {
+        return Err(StorageError::io(
+            path,
+            "pwritev",
+            io::Error::last_os_error(),
+        ));
+    }
+    let written = n as usize;
+    if written < total {
+        // A short write (a signal, a full device): write the rest from one buffer.
+        let rest: Vec<u8> = pieces.concat().split_off(written);
+        file.write_all_at(&rest, off + written as u64)
+            .map_err(|e| StorageError::io(path, "pwrite", e))?;
+    }
+    Ok(())
+}
+
 /// The temporary name a file of this crate is built under before it is linked into place
 /// (hidden, beside it, tagged with the process id).
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {

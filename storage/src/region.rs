@@ -269,7 +269,12 @@ impl Region {
         if data.is_empty() {
             return Ok(());
         }
-        self.map.write_raw(off, data);
+        if self.durability == Durability::Power {
+            // Through the page cache, not the mapping: see `map::write_file_at`.
+            map::write_file_at(&self.file, off as u64, &[data], &self.path)?;
+        } else {
+            self.map.write_raw(off, data);
+        }
         match self.durability {
             Durability::Process => {}
             // Release: pairs with the AcqRel swap in `sync`, so a sync on another thread that

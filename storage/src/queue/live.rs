@@ -17,7 +17,8 @@ use crate::format::{
     check_header, header_crc_start, max_record_bytes, seal, stored_crc, Kind, Meta, RecHeader, HDR,
     OFF_HISTORY_FLOOR, OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
 };
-use crate::{CutReason, Role, StorageError};
+use crate::map;
+use crate::{CutReason, Durability, Role, StorageError};
 use mirror_proto::TermHistory;
 
 /// A record borrowed from the queue's mapping.
@@ -579,7 +580,7 @@ impl PersistentQueue {
                 epoch: self.meta.epoch,
                 term: 0,
             };
-            self.put_record(&pad, &[]);
+            self.put_record(&pad, &[])?;
             self.last_rec_pos = Some(self.tail);
         }
         // The head moves along with the skip only when the ring was empty.
@@ -594,34 +595,49 @@ impl PersistentQueue {
             epoch: self.meta.epoch,
             term,
         };
-        self.put_record(&h, payload);
+        self.put_record(&h, payload)?;
         self.last_rec_pos = Some(self.tail);
         self.tail += total;
         self.header_dirty = true;
         Ok(())
     }
 
-    /// Encodes a record into the ring at `h.vpos`: body (payload + zero padding) first, then
-    /// the header with the crc.
-    fn put_record(&mut self, h: &RecHeader, payload: &[u8]) {
+    /// Encodes a record into the ring at `h.vpos`. Through the mapping: body (payload + zero
+    /// padding) first, then the header with the crc. Under `power`: header, body and padding in
+    /// one write to the file, not through the mapping (see [`map::write_file_at`]); a crash
+    /// inside it leaves a record whose crc fails, which recovery cuts as a torn tail.
+    fn put_record(&mut self, h: &RecHeader, payload: &[u8]) -> Result<(), StorageError> {
         const ZEROS: [u8; 8] = [0; 8];
         let cap = self.cap();
         let off = DATA_OFF + (h.vpos % cap) as usize;
         let mut hb = h.encode();
         let mut crc = header_crc_start(&hb);
         let body_len = h.crc_body_len() as usize;
+        let pad = body_len.saturating_sub(payload.len());
+        debug_assert!(pad < 8);
         if body_len > 0 {
-            let pad = body_len - payload.len();
-            debug_assert!(pad < 8);
             crc = crc32c::crc32c_append(crc, payload);
             crc = crc32c::crc32c_append(crc, &ZEROS[..pad]);
-            let dst = self.map.bytes_mut(off + HDR, body_len);
-            dst[..payload.len()].copy_from_slice(payload);
-            dst[payload.len()..].fill(0);
         }
         seal(&mut hb, crc);
-        self.map.bytes_mut(off, HDR).copy_from_slice(&hb);
+        if self.durability == Durability::Power {
+            let body: &[u8] = if body_len > 0 { payload } else { &[] };
+            map::write_file_at(
+                &self.file,
+                off as u64,
+                &[&hb, body, &ZEROS[..pad]],
+                &self.path,
+            )?;
+        } else {
+            if body_len > 0 {
+                let dst = self.map.bytes_mut(off + HDR, body_len);
+                dst[..payload.len()].copy_from_slice(payload);
+                dst[payload.len()..].fill(0);
+            }
+            self.map.bytes_mut(off, HDR).copy_from_slice(&hb);
+        }
         self.stored();
+        Ok(())
     }
 }
 

@@ -78,6 +78,8 @@ struct Sim {
     /// Every record with a smaller seq has been stored (see `Point`).
     stored_next: u64,
     op: usize,
+    /// The mode the queue runs (and recovers) in.
+    durability: Durability,
 }
 
 impl Sim {
@@ -322,8 +324,15 @@ impl Model {
     }
 }
 
-/// Runs `ops`; returns how many crash points the last session has.
+/// Runs `ops` in `Process` mode; returns how many crash points the last session has.
 fn run(ops: &[Op]) -> Result<usize, TestCaseError> {
+    run_in(ops, Durability::Process)
+}
+
+/// Runs `ops` with the queue in `durability` (see [`run`]). `Power` writes records through the
+/// file rather than the mapping and defers the cursor hints to the next barrier that writes
+/// the header: the same crash points and checks must hold.
+fn run_in(ops: &[Op], durability: Durability) -> Result<usize, TestCaseError> {
     // The simulation never needs a real disk; tmpfs keeps it fast when the disk is busy.
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
         tempfile::tempdir_in("/dev/shm").unwrap()
@@ -331,7 +340,7 @@ fn run(ops: &[Op]) -> Result<usize, TestCaseError> {
         tempfile::tempdir().unwrap()
     };
     let path = dir.path().join("q");
-    let mut q = PersistentQueue::create(&path, &params(4096), Durability::Process).unwrap();
+    let mut q = PersistentQueue::create(&path, &params(4096), durability).unwrap();
     let mut m = Model {
         versions: Vec::new(),
         current: BTreeMap::new(),
@@ -355,6 +364,7 @@ fn run(ops: &[Op]) -> Result<usize, TestCaseError> {
         op_durable_next: 1,
         stored_next: 1,
         op: 0,
+        durability,
     }));
     // Point 0 belongs to a virtual "op 0" that is the creation.
     steps.push(Step {
@@ -518,7 +528,7 @@ fn crash_and_check(
         let p = s.points[index].clone();
         let (img, process_crash) = s.crash_image(&p, &mut rng);
         (
-            img,
+            (img, s.durability),
             Point {
                 // A process crash keeps every store: what was stored is what is durable.
                 durable_next: if process_crash {
@@ -530,9 +540,9 @@ fn crash_and_check(
             },
         )
     };
-    let st = steps[p.op];
+    let ((img, durability), st) = (img, steps[p.op]);
     std::fs::write(path, &img).unwrap();
-    let (mut q, rep) = PersistentQueue::open(path, Durability::Process)
+    let (mut q, rep) = PersistentQueue::open(path, durability)
         .unwrap_or_else(|e| panic!("op {i}: recovery failed: {e}"));
     let got: Vec<(u64, u64, Vec<u8>, u64)> = q
         .iter_from(0)
@@ -652,6 +662,11 @@ proptest! {
     fn power_loss_at_any_point_keeps_synced_records_and_never_resurrects_old_ones(ops in ops()) {
         run(&ops)?;
     }
+
+    #[test]
+    fn power_mode_loses_no_synced_record_and_resurrects_none_at_any_point(ops in ops()) {
+        run_in(&ops, Durability::Power)?;
+    }
 }
 
 /// Every crash point of a session that truncates a log of two terms and then appends records
@@ -659,7 +674,10 @@ proptest! {
 /// exactly where discarded ones begin), synced or not.
 #[test]
 fn truncation_recovers_the_old_or_the_truncated_log_at_every_crash_point() {
-    for sync_after in [false, true] {
+    for (sync_after, durability) in [false, true]
+        .into_iter()
+        .flat_map(|s| [(s, Durability::Process), (s, Durability::Power)])
+    {
         let mut prefix = Vec::new();
         for n in 0..8 {
             if n == 4 {
@@ -680,7 +698,7 @@ fn truncation_recovers_the_old_or_the_truncated_log_at_every_crash_point() {
         if sync_after {
             prefix.push(Op::Sync);
         }
-        let points = run(&prefix).unwrap();
+        let points = run_in(&prefix, durability).unwrap();
         assert!(points > 10, "{points} crash points");
         for point in 0..points {
             for seed in 0..6 {
@@ -693,8 +711,10 @@ fn truncation_recovers_the_old_or_the_truncated_log_at_every_crash_point() {
                     Op::Append { size: SIZES[1] },
                     Op::Crash { seed },
                 ]);
-                if let Err(e) = run(&ops) {
-                    panic!("sync_after {sync_after}, point {point}, seed {seed}: {e}");
+                if let Err(e) = run_in(&ops, durability) {
+                    panic!(
+                        "{durability:?}, sync_after {sync_after}, point {point}, seed {seed}: {e}"
+                    );
                 }
             }
         }
@@ -716,13 +736,15 @@ fn truncating_every_live_record_keeps_the_numbering_at_every_crash_point() {
         Op::Truncate { back: 3 },
         Op::Append { size: SIZES[2] },
     ]);
-    let points = run(&prefix).unwrap();
-    for point in 0..points {
-        for seed in 0..8 {
-            let mut ops = prefix.clone();
-            ops.push(Op::CrashAt { point, seed });
-            if let Err(e) = run(&ops) {
-                panic!("point {point}, seed {seed}: {e}");
+    for durability in [Durability::Process, Durability::Power] {
+        let points = run_in(&prefix, durability).unwrap();
+        for point in 0..points {
+            for seed in 0..8 {
+                let mut ops = prefix.clone();
+                ops.push(Op::CrashAt { point, seed });
+                if let Err(e) = run_in(&ops, durability) {
+                    panic!("{durability:?}, point {point}, seed {seed}: {e}");
+                }
             }
         }
     }
@@ -746,13 +768,15 @@ fn a_history_forgets_only_below_a_durable_trim_point_at_every_crash_point() {
         Op::Applied(1),
         Op::Append { size: SIZES[1] },
     ];
-    let points = run(&prefix).unwrap();
-    for point in 0..points {
-        for seed in 0..32 {
-            let mut ops = prefix.clone();
-            ops.push(Op::CrashAt { point, seed });
-            if let Err(e) = run(&ops) {
-                panic!("point {point}, seed {seed}: {e}");
+    for durability in [Durability::Process, Durability::Power] {
+        let points = run_in(&prefix, durability).unwrap();
+        for point in 0..points {
+            for seed in 0..32 {
+                let mut ops = prefix.clone();
+                ops.push(Op::CrashAt { point, seed });
+                if let Err(e) = run_in(&ops, durability) {
+                    panic!("{durability:?}, point {point}, seed {seed}: {e}");
+                }
             }
         }
     }
@@ -790,6 +814,7 @@ fn truncating_every_live_record_under_a_lagging_trim_point_keeps_the_numbering()
         op_durable_next: 4,
         stored_next: 7,
         op: 0,
+        durability: Durability::Process,
     }));
     sim.lock().unwrap().restart(7, 0);
     install_hook(&mut q, &sim);
