@@ -35,6 +35,16 @@ pub struct TcpConnection {
     tls_scratch: Vec<u8>,
 }
 
+/// What one read into the receive buffer found.
+enum Filled {
+    /// Nothing (the socket had nothing, or the buffer is full of undecoded frames).
+    Nothing,
+    /// Bytes, and maybe more behind them.
+    More,
+    /// Bytes, fewer than there was room for: the socket held no more just then.
+    Drained,
+}
+
 fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> TransportError {
     move |source| TransportError::Io { context, source }
 }
@@ -117,21 +127,23 @@ impl TcpConnection {
         }
     }
 
-    /// Appends what arrived to the receive buffer; returns whether anything did. With
+    /// Appends what arrived to the receive buffer; says whether anything did, and whether the
+    /// socket may hold more. With
     /// `holding` (frames decoded from the buffer are still alive, their payloads pointing into
     /// it), a buffer short of room is left as is: growing it now would move the bytes to fresh
     /// memory (page faults on every new page, the old block freed and trimmed when the frames
     /// drop); once they dropped, the next call reuses the same block.
-    fn fill(&mut self, holding: bool) -> Result<bool, TransportError> {
+    fn fill(&mut self, holding: bool) -> Result<Filled, TransportError> {
         let raw = self.rx.raw();
         if raw.capacity() - raw.len() < RECV_CHUNK / 4 {
             if holding {
-                return Ok(false);
+                return Ok(Filled::Nothing);
             }
             raw.reserve(RECV_CHUNK);
         }
         if let Some(tls) = self.tls.as_mut() {
-            return fill_from_tls(tls, &mut self.stream, &mut self.tls_scratch, self.rx.raw());
+            let got = fill_from_tls(tls, &mut self.stream, &mut self.tls_scratch, self.rx.raw())?;
+            return Ok(if got { Filled::More } else { Filled::Nothing });
         }
         let spare = raw.spare_capacity_mut();
         // SAFETY: `spare` is writable memory of `spare.len()` bytes owned by `self.rx`, and
@@ -145,6 +157,7 @@ impl TcpConnection {
                 0,
             )
         };
+        let room = spare.len();
         match n {
             0 => Err(TransportError::Closed),
             n if n > 0 => {
@@ -152,13 +165,17 @@ impl TcpConnection {
                 // SAFETY: recv initialized bytes len..len+n (n <= spare capacity, checked by
                 // the kernel against the length we passed).
                 unsafe { raw.set_len(len + n as usize) };
-                Ok(true)
+                Ok(if (n as usize) < room {
+                    Filled::Drained
+                } else {
+                    Filled::More
+                })
             }
             _ => {
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(false),
-                    io::ErrorKind::Interrupted => Ok(true),
+                    io::ErrorKind::WouldBlock => Ok(Filled::Nothing),
+                    io::ErrorKind::Interrupted => Ok(Filled::More),
                     _ => Err(io_err("receiving from peer")(e)),
                 }
             }
@@ -246,6 +263,7 @@ impl Connection for TcpConnection {
 
     fn poll_recv(&mut self, out: &mut Vec<Message>, max: usize) -> Result<usize, TransportError> {
         let before = out.len();
+        let mut drained = false;
         loop {
             while out.len() - before < max {
                 match self.rx.next()? {
@@ -253,8 +271,15 @@ impl Connection for TcpConnection {
                     None => break,
                 }
             }
-            if out.len() - before >= max || !self.fill(out.len() > before)? {
+            // A read that did not fill the buffer took everything the socket held: another
+            // would only say EAGAIN (a system call per receive, on every write's path).
+            if drained || out.len() - before >= max {
                 break;
+            }
+            match self.fill(out.len() > before)? {
+                Filled::Nothing => break,
+                Filled::Drained => drained = true,
+                Filled::More => {}
             }
         }
         Ok(out.len() - before)
