@@ -33,8 +33,9 @@ pub use crate::term::{
     TERM_TAG_BITS,
 };
 pub use crate::wire::{
-    chunk_data_header, encode_chunk_data, encode_write, Hello, Message, RegionRange, RejectCode,
-    WireError, WireRole, CHUNK_DATA_HEADER_LEN, MAX_REPAIR_RANGES, PROTOCOL_VERSION,
+    chunk_data_header, encode_chunk_data, encode_write, write_header, Hello, Message, RegionRange,
+    RejectCode, WireError, WireRole, CHUNK_DATA_HEADER_LEN, MAX_REPAIR_RANGES, PROTOCOL_VERSION,
+    WRITE_HEADER_LEN,
 };
 
 #[cfg(test)]

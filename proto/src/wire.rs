@@ -682,14 +682,41 @@ impl Message {
 /// `data` must be 1..=[`MAX_WRITE_LEN`] bytes; the engine validates writes before they get here
 /// (debug-asserted).
 pub fn encode_write(seq: u64, term: u64, offset: u64, data: &[u8], out: &mut BytesMut) {
-    debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
-    let start = begin_frame(out, MessageKind::Write, WRITE_FIXED_LEN + data.len());
-    out.put_u64_le(seq);
-    out.put_u64_le(term);
-    out.put_u64_le(offset);
-    out.put_u32_le(data.len() as u32);
+    out.reserve(WRITE_HEADER_LEN + data.len());
+    out.put_slice(&write_header(seq, term, offset, data));
     out.put_slice(data);
-    finish_frame(out, start);
+}
+
+/// Bytes of a `Write` frame before its data: the frame header, then seq, term, offset and length.
+pub const WRITE_HEADER_LEN: usize = FRAME_HEADER_LEN + WRITE_FIXED_LEN;
+
+/// The start of a `Write` frame carrying `data`, its crc covering `data`: the frame is these
+/// bytes followed by `data`, exactly as [`Message::encode`] writes it. A sender may hand both to
+/// the network as they are (a vectored write: `data` is not copied by us).
+pub fn write_header(seq: u64, term: u64, offset: u64, data: &[u8]) -> [u8; WRITE_HEADER_LEN] {
+    let mut h = [0u8; WRITE_HEADER_LEN];
+    h[16..24].copy_from_slice(&seq.to_le_bytes());
+    h[24..32].copy_from_slice(&term.to_le_bytes());
+    h[32..40].copy_from_slice(&offset.to_le_bytes());
+    h[40..44].copy_from_slice(&(data.len() as u32).to_le_bytes());
+    seal_borrowed_frame(&mut h, MessageKind::Write, data);
+    h
+}
+
+/// Fills in the frame header (bytes 0..16) of `h`, a frame's header and fixed body fields that
+/// `data` follows: magic, version, `kind`, body length and the crc over all of it and `data`.
+fn seal_borrowed_frame(h: &mut [u8], kind: MessageKind, data: &[u8]) {
+    debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
+    h[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    h[4] = PROTOCOL_VERSION;
+    h[5] = kind as u8;
+    // Bytes 6..8: flags, zero.
+    let body_len = h.len() - FRAME_HEADER_LEN + data.len();
+    h[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
+    let mut crc = crc32c::crc32c(&h[..12]);
+    crc = crc32c::crc32c_append(crc, &h[FRAME_HEADER_LEN..]);
+    crc = crc32c::crc32c_append(crc, data);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Bytes of a `ChunkData` frame before its data: the frame header, then the body's offset and
@@ -700,19 +727,10 @@ pub const CHUNK_DATA_HEADER_LEN: usize = FRAME_HEADER_LEN + REPAIR_DATA_FIXED_LE
 /// bytes followed by `data`, exactly as [`Message::encode`] writes it. A sender hands both to
 /// the network as they are (a vectored write: `data` is not copied by us).
 pub fn chunk_data_header(offset: u64, data: &[u8]) -> [u8; CHUNK_DATA_HEADER_LEN] {
-    debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
     let mut h = [0u8; CHUNK_DATA_HEADER_LEN];
-    h[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
-    h[4] = PROTOCOL_VERSION;
-    h[5] = MessageKind::ChunkData as u8;
-    // Bytes 6..8: flags, zero.
-    h[8..12].copy_from_slice(&((REPAIR_DATA_FIXED_LEN + data.len()) as u32).to_le_bytes());
     h[16..24].copy_from_slice(&offset.to_le_bytes());
     h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    let mut crc = crc32c::crc32c(&h[..12]);
-    crc = crc32c::crc32c_append(crc, &h[FRAME_HEADER_LEN..]);
-    crc = crc32c::crc32c_append(crc, data);
-    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    seal_borrowed_frame(&mut h, MessageKind::ChunkData, data);
     h
 }
 
@@ -1138,6 +1156,26 @@ mod tests {
         assert_eq!(&whole[..CHUNK_DATA_HEADER_LEN], &header[..]);
         assert_eq!(&whole[CHUNK_DATA_HEADER_LEN..], &data[..]);
         assert_eq!(roundtrip(&msg), msg);
+    }
+
+    #[test]
+    fn a_write_sent_as_header_and_borrowed_bytes_decodes_as_the_message() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        let msg = Message::Write {
+            seq: 7,
+            term: 3,
+            offset: 1 << 20,
+            data: Bytes::from(data.clone()),
+        };
+        let mut two_parts = BytesMut::new();
+        two_parts.extend_from_slice(&write_header(7, 3, 1 << 20, &data));
+        two_parts.extend_from_slice(&data);
+        let mut received = two_parts.clone();
+        assert_eq!(Message::decode(&mut received).unwrap(), Some(msg.clone()));
+        assert!(received.is_empty());
+        let mut whole = BytesMut::new();
+        msg.encode(&mut whole);
+        assert_eq!(whole, two_parts);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mirror_proto::auth::{Session, Side};
-use mirror_proto::{chunk_data_header, Message};
+use mirror_proto::{chunk_data_header, write_header, Message};
 
 use super::auth::{AuthContext, Authenticating};
 use super::tls::TlsContext;
@@ -201,6 +201,38 @@ impl TcpConnection {
     }
 }
 
+/// Writes of at least this many bytes go to the socket without being copied into the send
+/// batch (when nothing is queued before them): at 64 KiB the copy cost more than the system call
+/// it saves.
+const WRITE_BYPASS_MIN: usize = 16 << 10;
+
+impl TcpConnection {
+    /// Whether a frame may skip the batch: nothing queued before it, frames in the clear.
+    fn may_bypass(&self) -> bool {
+        self.tls.is_none() && self.tx.may_bypass()
+    }
+
+    /// Sends a frame made of `header` and borrowed `data` as they are, in one vectored write
+    /// (the kernel's copy is the only one); what the socket does not take now is queued. Only
+    /// when [`may_bypass`](Self::may_bypass).
+    fn send_unbatched(&mut self, header: &[u8], data: &[u8]) -> Result<(), TransportError> {
+        let parts = [IoSlice::new(header), IoSlice::new(data)];
+        let taken = loop {
+            match self.stream.write_vectored(&parts) {
+                Ok(0) => return Err(TransportError::Closed),
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("sending to peer")(e)),
+            }
+        };
+        if taken < header.len() + data.len() {
+            self.tx.push_untaken(&[header, data], taken)?;
+        }
+        Ok(())
+    }
+}
+
 impl Connection for TcpConnection {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
         self.tx.push(msg)
@@ -213,31 +245,19 @@ impl Connection for TcpConnection {
         offset: u64,
         data: &[u8],
     ) -> Result<(), TransportError> {
-        self.tx.push_write(seq, term, offset, data)
+        // Small writes are batched (one system call for a pass's frames); a large one costs
+        // more to copy into the batch than a system call of its own.
+        if data.len() < WRITE_BYPASS_MIN || !self.may_bypass() {
+            return self.tx.push_write(seq, term, offset, data);
+        }
+        self.send_unbatched(&write_header(seq, term, offset, data), data)
     }
 
     fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError> {
-        if self.tls.is_some() || !self.tx.may_bypass() {
+        if !self.may_bypass() {
             return self.tx.push_chunk_data(offset, data);
         }
-        // Nothing queued before it and frames in the clear: the header and the region's bytes
-        // go to the socket as they are, in one vectored write (the kernel's copy is the only
-        // one); what the socket does not take now is queued.
-        let header = chunk_data_header(offset, data);
-        let parts = [IoSlice::new(&header), IoSlice::new(data)];
-        let taken = loop {
-            match self.stream.write_vectored(&parts) {
-                Ok(0) => return Err(TransportError::Closed),
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err("sending to peer")(e)),
-            }
-        };
-        if taken < header.len() + data.len() {
-            self.tx.push_untaken(&[&header, data], taken)?;
-        }
-        Ok(())
+        self.send_unbatched(&chunk_data_header(offset, data), data)
     }
 
     fn flush(&mut self) -> Result<bool, TransportError> {
