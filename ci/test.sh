@@ -43,7 +43,7 @@ step "demo smoke (the README's main command, shortened)"
 bash ci/demo.sh --writes 2000
 
 step "benchmark smoke (each criterion bench once; mirror bench, small; never timed assertions)"
-cargo bench --bench ring --bench engine -- --test
+cargo bench --bench ring --bench engine --bench payload -- --test
 cc -O2 -Wall -Wextra -Werror -o target/pingpong benches/pingpong.c
 ./target/release/mirror bench --iterations 500 --sizes 64,4096 --pipelined-writes 2000 \
   --recovery-regions 16MiB --recovery-missed 0.01 --failover-rounds 3 --failover-region 16MiB \

@@ -519,7 +519,13 @@ fn without_a_secret_a_rewritten_write_is_applied_unnoticed() {
 /// A complete, checksummed `Write` frame of 0xEE bytes at offset 0.
 fn forged_write() -> Vec<u8> {
     let mut buf = bytes::BytesMut::new();
-    mirror_proto::encode_write(1_000_000, 1, 0, &[0xEE; 64], &mut buf);
+    mirror_proto::Message::Write {
+        seq: 1_000_000,
+        term: 1,
+        offset: 0,
+        data: vec![0xEE; 64].into(),
+    }
+    .encode(&mut buf);
     buf.to_vec()
 }
 

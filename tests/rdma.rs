@@ -91,6 +91,11 @@ fn accept_at(
     within: Duration,
 ) -> Box<dyn Connection> {
     let mut acceptor = RdmaAcceptor::bind(addr, s.clone()).unwrap();
+    accept_within(&mut acceptor, within)
+}
+
+/// The first connection `acceptor` takes within `within`.
+fn accept_within(acceptor: &mut RdmaAcceptor, within: Duration) -> Box<dyn Connection> {
     let deadline = Instant::now() + within;
     loop {
         if let Some(c) = acceptor.try_accept().unwrap() {
@@ -98,7 +103,8 @@ fn accept_at(
         }
         assert!(
             Instant::now() < deadline,
-            "no RDMA connection accepted at {addr}"
+            "no RDMA connection accepted at {:?}",
+            acceptor.local_addr()
         );
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -127,14 +133,7 @@ fn connected(s: &RdmaSettings) -> (RdmaConnection, Box<dyn Connection>) {
     let addr = acceptor.local_addr().unwrap().to_string();
     let cs = s.clone();
     let client = std::thread::spawn(move || RdmaConnection::connect(&addr, &cs));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let server = loop {
-        if let Some(c) = acceptor.try_accept().unwrap() {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "no RDMA connection accepted");
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let server = accept_within(&mut acceptor, Duration::from_secs(20));
     (client.join().unwrap().unwrap(), server)
 }
 

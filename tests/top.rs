@@ -19,7 +19,10 @@ impl Tmux {
             eprintln!("skipping: no tmux (ci/setup.sh installs it)");
             return None;
         }
-        Some(Tmux(format!("mirror-top-test-{}", std::process::id())))
+        // One server per test: `cargo test` runs this file's tests as threads of one process.
+        static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
+        Some(Tmux(format!("mirror-top-test-{}-{n}", std::process::id())))
     }
 
     fn run(&self, args: &[&str]) -> String {

@@ -23,8 +23,8 @@ use mirror_proto::core::VerifyReport;
 use mirror_proto::handshake::{merged_ranges, repair_pieces, repair_requests};
 use mirror_proto::wire::ChunkRange;
 use mirror_proto::{
-    chunk_digest, Action, ChunkSet, CoreConfig, FatalError, Message, PeerFault, PeerId, Record,
-    Recovered, RejectCode, Replica, WireRole, WritesRefused,
+    chunk_digest, Action, ChunkSet, CoreConfig, FatalError, Message, Payload, PeerFault, PeerId,
+    Record, Recovered, RejectCode, Replica, WireRole, WritesRefused,
 };
 use mirror_storage::{
     DirtyBitmap, DiscardedRecord, PersistentQueue, Region, RegionWriter, ReplayState, StorageError,
@@ -313,7 +313,7 @@ pub fn recovered(
                 seq: r.seq,
                 term: r.term,
                 offset: r.offset,
-                data: Bytes::from(r.payload),
+                data: Payload::from(r.payload),
             })
             .collect(),
         current_term: replay.current_term,
@@ -449,7 +449,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 seq: r.seq,
                 term: r.term,
                 offset: r.offset,
-                data: Bytes::copy_from_slice(r.payload),
+                data: Payload::copy_from_slice(r.payload),
             });
         }
         let next = from_seq + writes.len() as u64;
@@ -478,8 +478,13 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 through_seq,
             }),
             Action::Append { record, recovery } => {
-                self.queue
-                    .append(record.seq, record.term, record.offset, &record.data)?;
+                self.queue.append_with_crc(
+                    record.seq,
+                    record.term,
+                    record.offset,
+                    &record.data,
+                    record.data.crc(),
+                )?;
                 if recovery {
                     self.count_recovery(1, record.data.len() as u64);
                 }

@@ -75,7 +75,7 @@ fuzz_target!(|ops: &[u8]| {
                     let data = vec![y.wrapping_add(1); len];
                     let t = p.next_ticket;
                     p.next_ticket += 1;
-                    p.core.submit(t, off, Bytes::from(data.clone())).unwrap();
+                    p.core.submit(t, off, Bytes::from(data.clone()).into()).unwrap();
                     p.core.end_batch();
                     p.run();
                     model.push((off, data));

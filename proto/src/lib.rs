@@ -17,7 +17,9 @@ pub use crate::chunks::{
 };
 pub mod core;
 pub mod handshake;
+pub mod payload;
 pub use crate::handshake::{SplitBrain, SplitBrainPolicy, Suffix, Verdict};
+pub use crate::payload::Payload;
 pub mod term;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -436,7 +436,7 @@ impl Node {
         let t = self.next_ticket;
         self.next_ticket += 1;
         self.core
-            .submit(t, offset, Bytes::from(vec![byte; len]))
+            .submit(t, offset, Bytes::from(vec![byte; len]).into())
             .expect("submit");
         self.core.end_batch();
         self.run();

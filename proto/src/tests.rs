@@ -256,7 +256,7 @@ fn pipelined_writes_complete_in_order_with_one_cumulative_ack() {
         pair.p.next_ticket += 1;
         pair.p
             .core
-            .submit(t, i * 8, Bytes::from(vec![i as u8 + 1; 8]))
+            .submit(t, i * 8, Bytes::from(vec![i as u8 + 1; 8]).into())
             .unwrap();
     }
     pair.p.core.end_batch();
@@ -775,7 +775,7 @@ fn gaps_and_out_of_range_writes_from_a_primary_are_protocol_violations() {
             seq: 5,
             term: 1,
             offset: 0,
-            data: Bytes::from_static(b"x"),
+            data: Bytes::from_static(b"x").into(),
         },
     );
     b.run();
@@ -798,7 +798,7 @@ fn gaps_and_out_of_range_writes_from_a_primary_are_protocol_violations() {
             seq: 1,
             term: 1,
             offset: REGION - 1,
-            data: Bytes::from_static(b"xy"),
+            data: Bytes::from_static(b"xy").into(),
         },
     );
     b.run();
@@ -827,24 +827,25 @@ fn submissions_are_validated() {
     p.core.on_connect_failed();
     p.run();
     assert!(matches!(
-        p.core.submit(1, 0, Bytes::new()),
+        p.core.submit(1, 0, Bytes::new().into()),
         Err(SubmitError::BadLength { .. })
     ));
     assert!(matches!(
-        p.core.submit(1, REGION - 1, Bytes::from_static(b"ab")),
+        p.core
+            .submit(1, REGION - 1, Bytes::from_static(b"ab").into()),
         Err(SubmitError::OutOfRange { .. })
     ));
     assert!(matches!(
-        p.core.submit(1, u64::MAX, Bytes::from_static(b"ab")),
+        p.core.submit(1, u64::MAX, Bytes::from_static(b"ab").into()),
         Err(SubmitError::OutOfRange { .. })
     ));
     assert!(matches!(
-        p.core.submit(1, 0, Bytes::from(vec![0; 2000])),
+        p.core.submit(1, 0, Bytes::from(vec![0; 2000]).into()),
         Err(SubmitError::BadLength { .. })
     ));
     let mut b = Node::new(Role::Backup, cfg(2, PeerLossPolicy::Continue));
     assert_eq!(
-        b.core.submit(1, 0, Bytes::from_static(b"a")),
+        b.core.submit(1, 0, Bytes::from_static(b"a").into()),
         Err(SubmitError::NotPrimary)
     );
     b.run();
@@ -1049,7 +1050,10 @@ fn power_primary_applies_and_completes_only_what_its_own_queue_holds_durably() {
     assert!(actions.is_empty());
     // The submit pass ends with the primary's own sync, after its sends (they overlap).
     let t = pair.p.next_ticket;
-    pair.p.core.submit(t, 8, Bytes::from(vec![2u8; 8])).unwrap();
+    pair.p
+        .core
+        .submit(t, 8, Bytes::from(vec![2u8; 8]).into())
+        .unwrap();
     pair.p.core.end_batch();
     pair.p.core.drain_actions(&mut actions);
     let send = actions.iter().position(|a| {
@@ -1223,7 +1227,7 @@ fn a_duplicate_of_another_term_is_not_acknowledged() {
             seq: 1,
             term: 7,
             offset: 0,
-            data: Bytes::from_static(b"other"),
+            data: Bytes::from_static(b"other").into(),
         },
     );
     pair.b.run();
@@ -1272,7 +1276,11 @@ fn a_stale_primary_is_refused_and_fenced() {
                 pair.p.fatal
             ),
         }
-        assert!(pair.p.core.submit(99, 0, Bytes::from_static(b"x")).is_err());
+        assert!(pair
+            .p
+            .core
+            .submit(99, 0, Bytes::from_static(b"x").into())
+            .is_err());
     }
 }
 

@@ -19,6 +19,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use crate::payload::{crc32c_append_known, Payload};
 use crate::term::{TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES};
 
 /// Frame magic ("LMIR" read as little-endian u32).
@@ -223,8 +224,8 @@ pub enum Message {
         term: u64,
         /// Byte offset in the region.
         offset: u64,
-        /// The bytes to write (1..=MAX_WRITE_LEN).
-        data: Bytes,
+        /// The bytes to write (1..=MAX_WRITE_LEN), with their crc.
+        data: Payload,
     },
     /// Backup to primary: cumulative acknowledgement and apply progress.
     Ack {
@@ -491,7 +492,7 @@ impl Message {
             data,
         } = self
         {
-            return encode_write(*seq, *term, *offset, data, out);
+            return encode_write(*seq, *term, *offset, data, data.crc(), out);
         }
         if let Message::ChunkData { offset, data } = self {
             // One place for a chunk's frame: a sender that lends the region's bytes builds the
@@ -638,11 +639,19 @@ impl Message {
             return Ok(None);
         }
         let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+        let body = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len];
         let mut computed = crc32c::crc32c(&header[..12]);
-        computed = crc32c::crc32c_append(
-            computed,
-            &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len],
-        );
+        // A write's payload gets a crc of its own, combined into the frame's: the record that
+        // stores it reuses it (see `Payload`).
+        let mut payload_crc = 0;
+        if kind == MessageKind::Write && body_len > WRITE_FIXED_LEN {
+            let (fixed, payload) = body.split_at(WRITE_FIXED_LEN);
+            payload_crc = crc32c::crc32c(payload);
+            computed = crc32c::crc32c_append(computed, fixed);
+            computed = crc32c_append_known(computed, payload, payload_crc);
+        } else {
+            computed = crc32c::crc32c_append(computed, body);
+        }
         if computed != expected {
             return Err(WireError::Checksum { expected, computed });
         }
@@ -656,7 +665,7 @@ impl Message {
                     seq,
                     term,
                     offset,
-                    data: frame.freeze(),
+                    data: Payload::with_crc(frame.freeze(), payload_crc),
                 }
             }
             Body::RepairData { offset } => {
@@ -678,34 +687,50 @@ impl Message {
 }
 
 /// Appends a framed `Write` message built from borrowed parts (no intermediate allocation).
+/// `data_crc` is the crc32c of `data` ([`Payload::crc`]; callers without one compute it).
 ///
 /// `data` must be 1..=[`MAX_WRITE_LEN`] bytes; the engine validates writes before they get here
 /// (debug-asserted).
-pub fn encode_write(seq: u64, term: u64, offset: u64, data: &[u8], out: &mut BytesMut) {
+pub fn encode_write(
+    seq: u64,
+    term: u64,
+    offset: u64,
+    data: &[u8],
+    data_crc: u32,
+    out: &mut BytesMut,
+) {
     out.reserve(WRITE_HEADER_LEN + data.len());
-    out.put_slice(&write_header(seq, term, offset, data));
+    out.put_slice(&write_header(seq, term, offset, data, data_crc));
     out.put_slice(data);
 }
 
 /// Bytes of a `Write` frame before its data: the frame header, then seq, term, offset and length.
 pub const WRITE_HEADER_LEN: usize = FRAME_HEADER_LEN + WRITE_FIXED_LEN;
 
-/// The start of a `Write` frame carrying `data`, its crc covering `data`: the frame is these
+/// The start of a `Write` frame carrying `data` (whose crc32c is `data_crc`): the frame is these
 /// bytes followed by `data`, exactly as [`Message::encode`] writes it. A sender may hand both to
-/// the network as they are (a vectored write: `data` is not copied by us).
-pub fn write_header(seq: u64, term: u64, offset: u64, data: &[u8]) -> [u8; WRITE_HEADER_LEN] {
+/// the network as they are (a vectored write: `data` is not copied by us). The data's crc is
+/// combined into the frame's rather than computed again (see [`Payload`]).
+pub fn write_header(
+    seq: u64,
+    term: u64,
+    offset: u64,
+    data: &[u8],
+    data_crc: u32,
+) -> [u8; WRITE_HEADER_LEN] {
     let mut h = [0u8; WRITE_HEADER_LEN];
     h[16..24].copy_from_slice(&seq.to_le_bytes());
     h[24..32].copy_from_slice(&term.to_le_bytes());
     h[32..40].copy_from_slice(&offset.to_le_bytes());
     h[40..44].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    seal_borrowed_frame(&mut h, MessageKind::Write, data);
+    seal_borrowed_frame(&mut h, MessageKind::Write, data, data_crc);
     h
 }
 
 /// Fills in the frame header (bytes 0..16) of `h`, a frame's header and fixed body fields that
-/// `data` follows: magic, version, `kind`, body length and the crc over all of it and `data`.
-fn seal_borrowed_frame(h: &mut [u8], kind: MessageKind, data: &[u8]) {
+/// `data` (crc32c `data_crc`) follows: magic, version, `kind`, body length and the crc over all
+/// of it and the data.
+fn seal_borrowed_frame(h: &mut [u8], kind: MessageKind, data: &[u8], data_crc: u32) {
     debug_assert!(!data.is_empty() && data.len() <= MAX_WRITE_LEN);
     h[0..4].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
     h[4] = PROTOCOL_VERSION;
@@ -715,7 +740,7 @@ fn seal_borrowed_frame(h: &mut [u8], kind: MessageKind, data: &[u8]) {
     h[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
     let mut crc = crc32c::crc32c(&h[..12]);
     crc = crc32c::crc32c_append(crc, &h[FRAME_HEADER_LEN..]);
-    crc = crc32c::crc32c_append(crc, data);
+    crc = crc32c_append_known(crc, data, data_crc);
     h[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -730,7 +755,8 @@ pub fn chunk_data_header(offset: u64, data: &[u8]) -> [u8; CHUNK_DATA_HEADER_LEN
     let mut h = [0u8; CHUNK_DATA_HEADER_LEN];
     h[16..24].copy_from_slice(&offset.to_le_bytes());
     h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
-    seal_borrowed_frame(&mut h, MessageKind::ChunkData, data);
+    // A chunk comes with no crc: one pass over it here.
+    seal_borrowed_frame(&mut h, MessageKind::ChunkData, data, crc32c::crc32c(data));
     h
 }
 
@@ -1165,10 +1191,11 @@ mod tests {
             seq: 7,
             term: 3,
             offset: 1 << 20,
-            data: Bytes::from(data.clone()),
+            data: Bytes::from(data.clone()).into(),
         };
         let mut two_parts = BytesMut::new();
-        two_parts.extend_from_slice(&write_header(7, 3, 1 << 20, &data));
+        let crc = crc32c::crc32c(&data);
+        two_parts.extend_from_slice(&write_header(7, 3, 1 << 20, &data, crc));
         two_parts.extend_from_slice(&data);
         let mut received = two_parts.clone();
         assert_eq!(Message::decode(&mut received).unwrap(), Some(msg.clone()));
@@ -1190,7 +1217,7 @@ mod tests {
                 seq: 1,
                 term: 2,
                 offset: 4096,
-                data: Bytes::from_static(b"hello"),
+                data: Bytes::from_static(b"hello").into(),
             },
             Message::RepairRequest {
                 ranges: vec![
@@ -1228,7 +1255,7 @@ mod tests {
             seq: 3,
             term: 1,
             offset: 0,
-            data: Bytes::from(vec![1u8; 100]),
+            data: Bytes::from(vec![1u8; 100]).into(),
         }
         .encode(&mut full);
         for cut in 0..full.len() {
@@ -1316,7 +1343,7 @@ mod tests {
             seq: 1,
             term: 1,
             offset: 0,
-            data: Bytes::from_static(b"x"),
+            data: Bytes::from_static(b"x").into(),
         };
         let mut buf = reframed(&write, |b| b[8] = 0);
         assert!(matches!(
@@ -1431,7 +1458,7 @@ mod tests {
                     seq,
                     term,
                     offset,
-                    data: Bytes::from(d)
+                    data: Bytes::from(d).into()
                 }),
             (any::<u64>(), proptest::collection::vec(any::<u8>(), 1..100)).prop_map(
                 |(offset, d)| Message::RepairData {

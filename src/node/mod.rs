@@ -14,10 +14,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_utils::CachePadded;
 pub use mirror_proto::core::VerifyReport;
-use mirror_proto::{check_write, Phase, WireRole};
+use mirror_proto::{check_write, Payload, Phase, WireRole};
 use mirror_ring::Producer;
 use mirror_storage::Region;
 
@@ -168,7 +167,8 @@ pub struct Divergence {
 
 struct Submission {
     offset: u64,
-    data: Bytes,
+    /// The bytes, copied from the caller with their crc in one sweep (see `Payload`).
+    data: Payload,
 }
 
 /// State shared by the handle, the callers and the poller.
@@ -439,7 +439,7 @@ impl Mirror {
         self.check_writable()?;
         let mut item = Submission {
             offset,
-            data: Bytes::copy_from_slice(data),
+            data: Payload::copy_from_slice(data),
         };
         let deadline = self.cfg.write_timeout.map(|t| Instant::now() + t);
         let mut spins = 0u32;

@@ -130,17 +130,18 @@ impl SendBatch {
         Ok(())
     }
 
-    /// Encodes a `Write` from borrowed parts into the batch.
+    /// Encodes a `Write` from borrowed parts (`data_crc`: the crc32c of `data`) into the batch.
     pub(crate) fn push_write(
         &mut self,
         seq: u64,
         term: u64,
         offset: u64,
         data: &[u8],
+        data_crc: u32,
     ) -> Result<(), TransportError> {
         self.check_backlog()?;
         self.begin_frame();
-        encode_write(seq, term, offset, data, &mut self.buf);
+        encode_write(seq, term, offset, data, data_crc, &mut self.buf);
         self.end_frame();
         Ok(())
     }

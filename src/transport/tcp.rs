@@ -235,7 +235,18 @@ impl TcpConnection {
 
 impl Connection for TcpConnection {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
-        self.tx.push(msg)
+        match msg {
+            Message::Write {
+                seq,
+                term,
+                offset,
+                data,
+            } if data.len() >= WRITE_BYPASS_MIN && self.may_bypass() => {
+                let header = write_header(*seq, *term, *offset, data, data.crc());
+                self.send_unbatched(&header, data)
+            }
+            _ => self.tx.push(msg),
+        }
     }
 
     fn send_write(
@@ -245,12 +256,13 @@ impl Connection for TcpConnection {
         offset: u64,
         data: &[u8],
     ) -> Result<(), TransportError> {
+        let crc = crc32c::crc32c(data);
         // Small writes are batched (one system call for a pass's frames); a large one costs
         // more to copy into the batch than a system call of its own.
         if data.len() < WRITE_BYPASS_MIN || !self.may_bypass() {
-            return self.tx.push_write(seq, term, offset, data);
+            return self.tx.push_write(seq, term, offset, data, crc);
         }
-        self.send_unbatched(&write_header(seq, term, offset, data), data)
+        self.send_unbatched(&write_header(seq, term, offset, data, crc), data)
     }
 
     fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError> {

@@ -61,7 +61,13 @@ fn rewrite_write(chunk: &mut [u8]) -> bool {
         {
             let len = before - rest.len();
             let mut forged = bytes::BytesMut::new();
-            mirror_proto::encode_write(seq, term, offset, &vec![0xEE; data.len()], &mut forged);
+            mirror_proto::Message::Write {
+                seq,
+                term,
+                offset,
+                data: vec![0xEE; data.len()].into(),
+            }
+            .encode(&mut forged);
             if forged.len() == len {
                 chunk[at..at + len].copy_from_slice(&forged);
                 return true;

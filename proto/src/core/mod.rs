@@ -21,6 +21,7 @@ use crate::handshake::{
     decide_split_brain, reconcile_resolving, Identity, LogView, SplitBrain, SplitBrainPolicy,
     Unreconcilable, Verdict,
 };
+use crate::payload::Payload;
 use crate::term::{next_term, TermHistory};
 use crate::wire::{ChunkRange, Hello, Message, RegionRange, RejectCode, WireRole, MAX_WRITE_LEN};
 
@@ -150,8 +151,8 @@ pub struct Record {
     pub term: u64,
     /// Byte offset in the region.
     pub offset: u64,
-    /// Bytes to write.
-    pub data: Bytes,
+    /// Bytes to write, with their crc.
+    pub data: Payload,
 }
 
 /// Why a connection was dropped by the core.
@@ -1385,7 +1386,7 @@ impl Replica {
     }
 
     /// Takes one client write (primary only). `ticket`s must increase by one per call.
-    pub fn submit(&mut self, ticket: u64, offset: u64, data: Bytes) -> Result<u64, SubmitError> {
+    pub fn submit(&mut self, ticket: u64, offset: u64, data: Payload) -> Result<u64, SubmitError> {
         match &mut self.side {
             Side::Primary(p) => p.submit(&mut self.common, ticket, offset, data),
             Side::Backup(_) => Err(SubmitError::NotPrimary),

@@ -5,8 +5,6 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
-
 use super::transfer::{Step, Transfer};
 use super::*;
 use crate::handshake::{check_compatible, ResyncKind};
@@ -219,7 +217,7 @@ impl PrimarySide {
         c: &mut Common,
         ticket: u64,
         offset: u64,
-        data: Bytes,
+        data: Payload,
     ) -> Result<u64, SubmitError> {
         check_write(offset, data.len(), c.cfg.region_size, c.cfg.max_write_len)?;
         if !self.accepts_submissions(c) {

@@ -425,7 +425,7 @@ impl<'o> Sim<'o> {
             let ticket = self.client.next_ticket[r.index()];
             let synchronous = p.exec.core.phase() == Phase::Synchronous;
             let term = p.exec.core.stats().current_term;
-            let seq = match p.exec.core.submit(ticket, offset, data) {
+            let seq = match p.exec.core.submit(ticket, offset, data.into()) {
                 Ok(seq) => seq,
                 Err(e) => {
                     return Err(self.fail(
@@ -463,7 +463,7 @@ impl<'o> Sim<'o> {
             data: data.clone(),
         });
         let ticket = self.client.next_ticket[r.index()];
-        let refused = node.exec.core.submit(ticket, 0, data).is_err();
+        let refused = node.exec.core.submit(ticket, 0, data.into()).is_err();
         self.client.next_ticket[r.index()] += 1;
         if refused {
             // No seq: the write never reached a log; only checker 10 can judge it.

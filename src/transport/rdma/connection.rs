@@ -375,7 +375,8 @@ impl Connection for RdmaConnection {
         offset: u64,
         data: &[u8],
     ) -> Result<(), TransportError> {
-        self.tx.push_write(seq, term, offset, data)
+        self.tx
+            .push_write(seq, term, offset, data, crc32c::crc32c(data))
     }
 
     fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError> {

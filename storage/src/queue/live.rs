@@ -123,6 +123,20 @@ impl PersistentQueue {
         offset: u64,
         payload: &[u8],
     ) -> Result<(), StorageError> {
+        self.append_with_crc(seq, term, offset, payload, crc32c::crc32c(payload))
+    }
+
+    /// [`append`](Self::append) of a payload whose crc32c the caller has (a frame's, verified):
+    /// the record's crc combines it with the header's instead of reading the payload again. A
+    /// wrong `payload_crc` makes a record that recovery cuts as damaged.
+    pub fn append_with_crc(
+        &mut self,
+        seq: u64,
+        term: u64,
+        offset: u64,
+        payload: &[u8],
+        payload_crc: u32,
+    ) -> Result<(), StorageError> {
         self.check_append_args(seq, offset, payload)?;
         let starts_term = self
             .meta
@@ -137,7 +151,7 @@ impl PersistentQueue {
             self.room_check().take(payload.len())?;
             self.persist_term_start(seq, term)?;
         }
-        let written = self.write_record(Kind::Data, seq, term, offset, payload);
+        let written = self.write_record(Kind::Data, seq, term, offset, payload, payload_crc);
         if written.is_err() && starts_term {
             // The room was checked, so a barrier failed: the new entry covers no record.
             // Recovery drops it from the durable history the same way.
@@ -257,7 +271,7 @@ impl PersistentQueue {
         self.len_records = 0;
         // 2. a RESET record, so records appended after it continue the log without a gap.
         if next_seq > self.next_seq {
-            self.write_record(Kind::Reset, next_seq, 0, 0, &[])?;
+            self.write_record(Kind::Reset, next_seq, 0, 0, &[], 0)?;
             self.head = self.tail;
             self.next_seq = next_seq;
         }
@@ -565,6 +579,7 @@ impl PersistentQueue {
         term: u64,
         region_offset: u64,
         payload: &[u8],
+        payload_crc: u32,
     ) -> Result<(), StorageError> {
         let mut ring = self.room_check();
         let Placement { skip, total } = ring.take(payload.len())?;
@@ -580,7 +595,7 @@ impl PersistentQueue {
                 epoch: self.meta.epoch,
                 term: 0,
             };
-            self.put_record(&pad, &[])?;
+            self.put_record(&pad, &[], 0)?;
             self.last_rec_pos = Some(self.tail);
         }
         // The head moves along with the skip only when the ring was empty.
@@ -595,7 +610,7 @@ impl PersistentQueue {
             epoch: self.meta.epoch,
             term,
         };
-        self.put_record(&h, payload)?;
+        self.put_record(&h, payload, payload_crc)?;
         self.last_rec_pos = Some(self.tail);
         self.tail += total;
         self.header_dirty = true;
@@ -606,7 +621,13 @@ impl PersistentQueue {
     /// padding) first, then the header with the crc. Under `power`: header, body and padding in
     /// one write to the file, not through the mapping (see [`map::write_file_at`]); a crash
     /// inside it leaves a record whose crc fails, which recovery cuts as a torn tail.
-    fn put_record(&mut self, h: &RecHeader, payload: &[u8]) -> Result<(), StorageError> {
+    /// `payload_crc` is the payload's crc32c (combined into the record's: no second pass).
+    fn put_record(
+        &mut self,
+        h: &RecHeader,
+        payload: &[u8],
+        payload_crc: u32,
+    ) -> Result<(), StorageError> {
         const ZEROS: [u8; 8] = [0; 8];
         let cap = self.cap();
         let off = DATA_OFF + (h.vpos % cap) as usize;
@@ -616,7 +637,8 @@ impl PersistentQueue {
         let pad = body_len.saturating_sub(payload.len());
         debug_assert!(pad < 8);
         if body_len > 0 {
-            crc = crc32c::crc32c_append(crc, payload);
+            debug_assert_eq!(payload_crc, crc32c::crc32c(payload), "wrong payload crc");
+            crc = mirror_proto::payload::crc32c_append_known(crc, payload, payload_crc);
             crc = crc32c::crc32c_append(crc, &ZEROS[..pad]);
         }
         seal(&mut hb, crc);

@@ -362,7 +362,7 @@ impl PersistentQueue {
             // Durable trims went past the last surviving record: the log must say where the
             // numbering continues, or the next appended record would look like a gap.
             debug_assert_eq!(q.len_records, 0);
-            q.write_record(Kind::Reset, c.next_seq, 0, 0, &[])?;
+            q.write_record(Kind::Reset, c.next_seq, 0, 0, &[], 0)?;
             q.head = q.tail;
             q.next_seq = c.next_seq;
             q.barrier()?;

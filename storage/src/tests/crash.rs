@@ -721,6 +721,23 @@ fn truncation_recovers_the_old_or_the_truncated_log_at_every_crash_point() {
     }
 }
 
+/// Runs `prefix`, then again crashed at each of its crash points with `seeds` seeds each, in
+/// `process` and in `power`.
+fn crash_at_every_point(prefix: &[Op], seeds: u64) {
+    for durability in [Durability::Process, Durability::Power] {
+        let points = run_in(prefix, durability).unwrap();
+        for point in 0..points {
+            for seed in 0..seeds {
+                let mut ops = prefix.to_vec();
+                ops.push(Op::CrashAt { point, seed });
+                if let Err(e) = run_in(&ops, durability) {
+                    panic!("{durability:?}, point {point}, seed {seed}: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// Truncating every live record, with `scan_start` on the first of them: recovery must keep the
 /// numbering from the trim point (which `truncate_after` makes durable first).
 #[test]
@@ -736,18 +753,7 @@ fn truncating_every_live_record_keeps_the_numbering_at_every_crash_point() {
         Op::Truncate { back: 3 },
         Op::Append { size: SIZES[2] },
     ]);
-    for durability in [Durability::Process, Durability::Power] {
-        let points = run_in(&prefix, durability).unwrap();
-        for point in 0..points {
-            for seed in 0..8 {
-                let mut ops = prefix.clone();
-                ops.push(Op::CrashAt { point, seed });
-                if let Err(e) = run_in(&ops, durability) {
-                    panic!("{durability:?}, point {point}, seed {seed}: {e}");
-                }
-            }
-        }
-    }
+    crash_at_every_point(&prefix, 8);
 }
 
 /// A metadata update right after a trim that is not durable yet: the history it writes must
@@ -768,18 +774,7 @@ fn a_history_forgets_only_below_a_durable_trim_point_at_every_crash_point() {
         Op::Applied(1),
         Op::Append { size: SIZES[1] },
     ];
-    for durability in [Durability::Process, Durability::Power] {
-        let points = run_in(&prefix, durability).unwrap();
-        for point in 0..points {
-            for seed in 0..32 {
-                let mut ops = prefix.clone();
-                ops.push(Op::CrashAt { point, seed });
-                if let Err(e) = run_in(&ops, durability) {
-                    panic!("{durability:?}, point {point}, seed {seed}: {e}");
-                }
-            }
-        }
-    }
+    crash_at_every_point(&prefix, 32);
 }
 
 /// The state a power loss can leave when it tears the cursor line inside a sync that moved
