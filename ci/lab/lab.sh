@@ -128,10 +128,16 @@ next_run() {
   echo "$n"
 }
 
+# What a node's command line starts with on MACHINE: nothing, or with TRACE_NODES=1 `perf trace
+# -s` writing that machine's system-call summary to /run/lab/trace-MACHINE.txt (lab.sh profile).
+node_prefix() {
+  if [ -n "${TRACE_NODES:-}" ]; then echo "perf trace -s -o /run/lab/trace-$1.txt --"; fi
+}
+
 start_backup() {
   backup_run=$(next_run backup)
   lab_run b "mkdir -p $(files_dir)
-setsid $mirror backup $(node_args) --listen 10.78.0.2:$PORT \
+setsid $(node_prefix b) $mirror backup $(node_args) --listen 10.78.0.2:$PORT \
   >/run/lab/backup-$backup_run.log 2>&1 </dev/null & echo \$! >/run/backup.pid" 60 >/dev/null
   wait_log b "backup-$backup_run.log" 'backup\|status' 120 "backup run $backup_run to listen"
 }
