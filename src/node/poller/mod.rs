@@ -342,6 +342,12 @@ impl Poller {
     /// One pass of the event loop. Returns whether anything happened.
     fn pass(&mut self, now: u64) -> Result<bool, Stop> {
         let mut worked = false;
+        // Writes waiting in the ring go out before we look for what arrived: otherwise a
+        // receive (finding nothing, at depth 1) would come before every write's send.
+        if self.exec.core.role() == WireRole::Primary && self.take_submissions()? {
+            worked = true;
+            self.flush_connection();
+        }
         worked |= self.manage_connection(now);
         if let Some(conn) = self.conn.as_mut() {
             match conn.poll_recv(&mut self.inbox, RECV_BATCH) {
@@ -399,12 +405,7 @@ impl Poller {
         }
         self.exec.core.end_batch();
         worked |= self.execute_actions()?;
-        if let Some(conn) = self.conn.as_mut() {
-            if let Err(e) = conn.flush() {
-                self.drop_connection(&e.to_string());
-                worked = true;
-            }
-        }
+        worked |= self.flush_connection();
         // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
         worked |= self.execute_actions()?;
         if self.exec.checkpoint_due(now) {
@@ -412,6 +413,18 @@ impl Poller {
             worked |= self.execute_actions()?;
         }
         Ok(worked)
+    }
+
+    /// Hands what the connection holds to the network; a failure drops it. Returns whether it
+    /// did (that is work).
+    fn flush_connection(&mut self) -> bool {
+        if let Some(conn) = self.conn.as_mut() {
+            if let Err(e) = conn.flush() {
+                self.drop_connection(&e.to_string());
+                return true;
+            }
+        }
+        false
     }
 
     /// On an authenticated connection, the first Hello must come from the node that proved the
