@@ -357,6 +357,8 @@ fn compare_with_floor(
 pub struct RdmaPingPong {
     client: crate::transport::rdma::RdmaConnection,
     data: Vec<u8>,
+    /// The crc32c of `data` (computed once, as a write's payload's is).
+    data_crc: u32,
     inbox: Vec<mirror_proto::Message>,
     stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
@@ -416,6 +418,7 @@ impl RdmaPingPong {
         Ok(RdmaPingPong {
             client,
             data: vec![0xA5; payload],
+            data_crc: crc32c::crc32c(&vec![0xA5; payload]),
             inbox: Vec::new(),
             stop,
             server: Some(server),
@@ -426,7 +429,7 @@ impl RdmaPingPong {
     pub fn round_trip(&mut self) -> Result<u64, crate::transport::TransportError> {
         use crate::transport::Connection;
         let t = Instant::now();
-        self.client.send_write(1, 1, 0, &self.data)?;
+        self.client.send_write(1, 1, 0, &self.data, self.data_crc)?;
         while !self.client.flush()? {}
         self.inbox.clear();
         while self.client.poll_recv(&mut self.inbox, 1)? == 0 {

@@ -174,8 +174,9 @@ impl FrameSender<'_> {
     fn step(&mut self, client: &mut RdmaConnection) -> bool {
         while self.next_send < self.sizes.len() && client.pending_send_bytes() < (4 << 20) {
             let seq = self.next_send as u64 + 1;
+            let data = pattern(seq, self.sizes[self.next_send]);
             client
-                .send_write(seq, 1, seq * 8, &pattern(seq, self.sizes[self.next_send]))
+                .send_write(seq, 1, seq * 8, &data, crc32c::crc32c(&data))
                 .unwrap();
             self.next_send += 1;
         }

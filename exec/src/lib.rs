@@ -449,7 +449,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 seq: r.seq,
                 term: r.term,
                 offset: r.offset,
-                data: Payload::copy_from_slice(r.payload),
+                data: Payload::with_crc(Bytes::copy_from_slice(r.payload), r.payload_crc),
             });
         }
         let next = from_seq + writes.len() as u64;

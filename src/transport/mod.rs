@@ -384,13 +384,15 @@ pub trait Connecting: Send {
 pub trait Connection: Send {
     /// Queues `msg` into the current send batch (no system call).
     fn send(&mut self, msg: &Message) -> Result<(), TransportError>;
-    /// Queues a `Write` message built from borrowed parts (no intermediate allocation).
+    /// Queues a `Write` message built from borrowed parts (no intermediate allocation);
+    /// `data_crc` is the crc32c of `data` (a queued record's, from its verification).
     fn send_write(
         &mut self,
         seq: u64,
         term: u64,
         offset: u64,
         data: &[u8],
+        data_crc: u32,
     ) -> Result<(), TransportError>;
     /// Queues a `ChunkData` message of borrowed bytes (a chunk lent by the region in place), or
     /// hands it to the network at once where it can (see `SendBatch::may_bypass`).

@@ -255,8 +255,8 @@ impl Connection for TcpConnection {
         term: u64,
         offset: u64,
         data: &[u8],
+        crc: u32,
     ) -> Result<(), TransportError> {
-        let crc = crc32c::crc32c(data);
         // Small writes are batched (one system call for a pass's frames); a large one costs
         // more to copy into the batch than a system call of its own.
         if data.len() < WRITE_BYPASS_MIN || !self.may_bypass() {

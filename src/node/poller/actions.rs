@@ -317,7 +317,9 @@ impl Poller {
                             return Ok(worked);
                         }
                     }
-                    if let Err(e) = conn.send_write(rec.seq, rec.term, rec.offset, rec.payload) {
+                    if let Err(e) =
+                        conn.send_write(rec.seq, rec.term, rec.offset, rec.payload, rec.payload_crc)
+                    {
                         broken.get_or_insert(e.to_string());
                         return Ok(worked);
                     }

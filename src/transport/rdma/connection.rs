@@ -374,9 +374,9 @@ impl Connection for RdmaConnection {
         term: u64,
         offset: u64,
         data: &[u8],
+        data_crc: u32,
     ) -> Result<(), TransportError> {
-        self.tx
-            .push_write(seq, term, offset, data, crc32c::crc32c(data))
+        self.tx.push_write(seq, term, offset, data, data_crc)
     }
 
     fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError> {

@@ -32,6 +32,8 @@ pub struct RecordRef<'a> {
     pub offset: u64,
     /// The bytes to write.
     pub payload: &'a [u8],
+    /// The crc32c of `payload` (computed while the record was verified; a sender reuses it).
+    pub payload_crc: u32,
 }
 
 impl PersistentQueue {
@@ -552,14 +554,19 @@ impl PersistentQueue {
         Ok((rec_pos, h))
     }
 
-    /// Verifies the crc of the record at `pos` and returns its body.
-    fn verified_body(&self, pos: u64, h: &RecHeader) -> Result<&[u8], StorageError> {
+    /// Verifies the crc of the DATA record at `pos` and returns its payload and the payload's
+    /// crc (computed on its own and combined into the record's: one pass either way).
+    fn verified_body(&self, pos: u64, h: &RecHeader) -> Result<(&[u8], u32), StorageError> {
         let off = DATA_OFF + (pos % self.cap()) as usize;
         let rec = self.map.bytes(off, h.total() as usize);
         let mut hb = [0u8; HDR];
         hb.copy_from_slice(&rec[..HDR]);
         let body_len = h.crc_body_len() as usize;
-        let crc = crc32c::crc32c_append(header_crc_start(&hb), &rec[HDR..HDR + body_len]);
+        let payload = &rec[HDR..HDR + h.payload_len as usize];
+        let payload_crc = crc32c::crc32c(payload);
+        let mut crc =
+            mirror_proto::payload::crc32c_append_known(header_crc_start(&hb), payload, payload_crc);
+        crc = crc32c::crc32c_append(crc, &rec[HDR + payload.len()..HDR + body_len]);
         if crc != stored_crc(&hb) {
             return Err(StorageError::CorruptRecord {
                 path: self.path.clone(),
@@ -567,7 +574,7 @@ impl PersistentQueue {
                 why: CutReason::Checksum.to_string(),
             });
         }
-        Ok(&rec[HDR..HDR + h.payload_len as usize])
+        Ok((payload, payload_crc))
     }
 
     /// Writes one record (preceded by a wrap pad if it does not fit before the end of the
@@ -699,11 +706,12 @@ impl<'a> Iterator for Records<'a> {
                 continue;
             }
             return match self.q.verified_body(pos, &h) {
-                Ok(payload) => Some(Ok(RecordRef {
+                Ok((payload, payload_crc)) => Some(Ok(RecordRef {
                     seq: h.seq,
                     term: h.term,
                     offset: h.region_offset,
                     payload,
+                    payload_crc,
                 })),
                 Err(e) => {
                     self.done = true;
