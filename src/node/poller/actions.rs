@@ -26,9 +26,11 @@ impl Poller {
         for action in actions.drain(..) {
             match &action {
                 // Hand what this pass sends to the network first: a primary's own sync then
-                // overlaps the round trip to the backup instead of adding to it.
-                Action::SyncQueue => {
-                    if let Some(c) = self.conn.as_mut() {
+                // overlaps the round trip to the backup instead of adding to it, and a backup's
+                // ack leaves before its applies (region copies, the applied point's update)
+                // instead of after them.
+                Action::SyncQueue | Action::Apply(_) => {
+                    if let Some(c) = self.conn.as_mut().filter(|c| c.pending_send_bytes() > 0) {
                         if let Err(e) = c.flush() {
                             broken.get_or_insert(e.to_string());
                         }
