@@ -128,11 +128,10 @@ impl TcpConnection {
     }
 
     /// Appends what arrived to the receive buffer; says whether anything did, and whether the
-    /// socket may hold more. With
-    /// `holding` (frames decoded from the buffer are still alive, their payloads pointing into
-    /// it), a buffer short of room is left as is: growing it now would move the bytes to fresh
-    /// memory (page faults on every new page, the old block freed and trimmed when the frames
-    /// drop); once they dropped, the next call reuses the same block.
+    /// socket may hold more. With `holding` (frames decoded from the buffer are still alive,
+    /// their payloads pointing into it), a buffer short of room is left as is: growing it now
+    /// would move the bytes to fresh memory (page faults on every new page, the old block freed
+    /// and trimmed when the frames drop); once they dropped, the next call reuses the same block.
     fn fill(&mut self, holding: bool) -> Result<Filled, TransportError> {
         let raw = self.rx.raw();
         if raw.capacity() - raw.len() < RECV_CHUNK / 4 {
