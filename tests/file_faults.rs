@@ -93,7 +93,7 @@ fn a_damaged_tail_is_cut_and_the_pair_recovers_around_it() {
             p.num("progress", "completed") >= from + 300
         });
         backup.kill9();
-        primary.signal(libc::SIGSTOP);
+        primary.freeze(Duration::from_secs(30));
         let info = mirror::node::inspect(&pair.path("backup.queue")).unwrap();
         if info.records > 0 {
             break info;

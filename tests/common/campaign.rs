@@ -85,8 +85,8 @@ pub fn kill_campaign(pair: &Pair, c: &Campaign) {
             xorshift(&mut rng) % c.max_load_ms.max(1) + 5,
         ));
         if c.freeze_checks && round % 4 == 0 {
-            primary.signal(libc::SIGSTOP);
-            backup.signal(libc::SIGSTOP);
+            primary.freeze(c.step_timeout);
+            backup.freeze(c.step_timeout);
             frozen_checks += check_primary_never_ahead(pair, &w);
             primary.signal(libc::SIGCONT);
             backup.signal(libc::SIGCONT);

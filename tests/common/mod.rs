@@ -5,7 +5,7 @@ use std::borrow::{Borrow, BorrowMut};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mirror::workload::Workload;
 
@@ -153,6 +153,35 @@ impl Node {
         }
     }
 
+    /// SIGSTOP, then waits until every thread of the node is stopped. kill(2) returns before the
+    /// threads stop, so a caller that reads the node's files right after `signal(SIGSTOP)` races
+    /// a node that is still applying and trimming (this made a frozen check see a write in
+    /// neither the backup's region, read first, nor its queue, copied after the trim).
+    pub fn freeze(&self, timeout: Duration) {
+        self.signal(libc::SIGSTOP);
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running: Vec<String> = std::fs::read_dir(&tasks)
+                .map(|dir| {
+                    dir.filter_map(|e| e.ok())
+                        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+                        .filter(|stat| !thread_is_stopped(stat))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if running.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within {timeout:?}: {running:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// SIGTERM, then the exit status (within 20 s, else SIGKILL and a panic).
     pub fn stop(&mut self) -> ExitStatus {
         match self.0.stop(Duration::from_secs(20)) {
@@ -170,6 +199,16 @@ impl Node {
             Err(_) => panic!("{} did not exit\n{}", self.name, tail(&self.log)),
         }
     }
+}
+
+/// Whether a `/proc/<pid>/task/<tid>/stat` line shows a thread that runs no more: stopped (`T`),
+/// traced (`t`), or gone (`Z`, `X`). The state follows the command name's closing parenthesis
+/// (the name itself may hold spaces and parentheses).
+fn thread_is_stopped(stat: &str) -> bool {
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    matches!(state, Some("T" | "t" | "Z" | "X"))
 }
 
 pub fn tail(path: &Path) -> String {
