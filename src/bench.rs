@@ -649,14 +649,8 @@ fn group_commit_floor(path: &Path, record_bytes: u64, batch: usize, total: u64) 
 /// Creates (or truncates) `path` as `len` bytes of zeros written and synced, as a `power`
 /// queue's ring is at creation: no unwritten extents left for the first lap to convert.
 fn written_file(path: &Path, len: u64) -> io::Result<()> {
-    let mut file = std::fs::File::create(path)?;
-    let zeros = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        file.write_all(&zeros[..n])?;
-        left -= n as u64;
-    }
+    let file = std::fs::File::create(path)?;
+    mirror_storage::write_zeros(&file, 0, len, path).map_err(io::Error::other)?;
     file.sync_all()
 }
 

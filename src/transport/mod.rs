@@ -58,6 +58,10 @@ pub enum TransportError {
 /// Unsent bytes beyond which the peer is considered stuck (it does not read).
 const SEND_BACKLOG_LIMIT: usize = 512 << 20;
 
+/// Bytes taken by the network beyond which a batch that is not empty yet drops them (see
+/// `SendBatch::advance`).
+const SEND_COMPACT_MIN: usize = 256 << 10;
+
 /// The frames a connection has encoded and how far the network has taken them: one batch,
 /// handed over by `flush`, whatever carries it (a socket, RDMA writes). On an authenticated
 /// connection the frames are encoded straight into records (a length reserved in front, the
@@ -191,6 +195,28 @@ impl SendBatch {
     pub(crate) fn advance(&mut self, n: usize) {
         debug_assert!(n <= self.pending());
         self.sent += n;
+        // A batch empties only when the network took all of it. A sender that keeps it
+        // non-empty (a catch-up streaming into a full socket) would otherwise grow it by
+        // everything it ever sent: a new page faulted in every 4 KiB (a fifth of a primary's
+        // catch-up), and the whole stream left resident.
+        if self.sent >= SEND_COMPACT_MIN && self.sent >= self.pending() {
+            self.compact();
+        }
+    }
+
+    /// Drops the bytes the network took from the front of the batch, moving what is left to
+    /// the front: no more bytes than were dropped (see `advance`), so the copying costs at most
+    /// what the sending did.
+    fn compact(&mut self) {
+        let left = self.pending();
+        self.buf.copy_within(self.sent.., 0);
+        self.buf.truncate(left);
+        if let Some(start) = self.open_record.as_mut() {
+            // The open record is behind everything ready for the network, taken or not.
+            debug_assert!(*start >= self.sent);
+            *start -= self.sent;
+        }
+        self.sent = 0;
     }
 
     /// Bytes not taken yet.
@@ -418,3 +444,6 @@ pub trait Connection: Send {
         None
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -84,6 +84,7 @@ pub use format::{
     CAPACITY_ALIGN_BYTES, FORMAT_VERSION, HEADER_BYTES, MAX_CAPACITY_BYTES, MAX_RECORD_BYTES,
     MIN_CAPACITY_BYTES, QUEUE_MAGIC, RECORD_HEADER_BYTES, RECORD_MAGIC,
 };
+pub use map::write_zeros;
 pub use queue::{
     inspect_queue, PersistentQueue, QueueInfo, QueueParams, RecordRef, Records, RecoveryReport,
 };

@@ -453,12 +453,7 @@ pub(crate) fn allocate(file: &File, len: u64, path: &Path) -> Result<(), Storage
 /// convert the extent. Measured in the lab's emulated machine (ext4 on a `cache=none` disk):
 /// 4 KiB through a shared mapping then `fdatasync`, 2.8 ms into fallocated blocks, 0.8 ms into
 /// blocks written once before; that was most of what `power` cost over `process`.
-pub(crate) fn write_zeros(
-    file: &File,
-    from: u64,
-    len: u64,
-    path: &Path,
-) -> Result<(), StorageError> {
+pub fn write_zeros(file: &File, from: u64, len: u64, path: &Path) -> Result<(), StorageError> {
     const CHUNK: u64 = 1 << 20;
     let zeros = vec![0u8; CHUNK.min(len) as usize];
     let mut done = 0;
