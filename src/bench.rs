@@ -418,7 +418,7 @@ impl RdmaPingPong {
         Ok(RdmaPingPong {
             client,
             data: vec![0xA5; payload],
-            data_crc: crc32c::crc32c(&vec![0xA5; payload]),
+            data_crc: mirror_proto::crc::crc32c(&vec![0xA5; payload]),
             inbox: Vec::new(),
             stop,
             server: Some(server),

@@ -104,7 +104,7 @@ impl Workload {
             chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
         }
         buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        let crc = crc32c::crc32c(&buf[8..]);
+        let crc = mirror_proto::crc::crc32c(&buf[8..]);
         buf[4..8].copy_from_slice(&crc.to_le_bytes());
     }
 
@@ -120,7 +120,10 @@ impl Workload {
         let magic = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
         let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
         let id = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-        if magic != MAGIC || crc != crc32c::crc32c(&bytes[8..]) || self.slot_of(id) != slot {
+        if magic != MAGIC
+            || crc != mirror_proto::crc::crc32c(&bytes[8..])
+            || self.slot_of(id) != slot
+        {
             return Slot::Garbage;
         }
         let mut expect = vec![0u8; self.write_size];

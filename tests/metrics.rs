@@ -51,7 +51,7 @@ fn value(s: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>) 
     let sample = s
         .samples
         .iter()
-        .find(|x| x.metric == name && label.map_or(true, |(k, v)| x.labels.get(k) == Some(v)))
+        .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
         .unwrap_or_else(|| panic!("no sample {name} {label:?}"));
     match sample.value {
         prometheus_parse::Value::Counter(v)

@@ -154,7 +154,7 @@ fn frame_sizes() -> Vec<usize> {
     for round in 0..6 {
         sizes.extend([1, 63, 200, 4096, 65_537, 1 << 20, 3 << 20, 17 + round]);
     }
-    sizes.extend(std::iter::repeat(64).take(5000));
+    sizes.extend(std::iter::repeat_n(64, 5000));
     assert!(sizes.iter().sum::<usize>() as u64 > 4 * RING_BYTES);
     sizes
 }

@@ -76,7 +76,7 @@ fn kill_during_resync(
     primary.wait_until("a resync in progress", STEP, resyncing);
     std::thread::sleep(Duration::from_millis(xorshift(rng) % 400));
     let left_at_kill = primary.num("progress", "resync_left");
-    if xorshift(rng) % 2 == 0 {
+    if xorshift(rng).is_multiple_of(2) {
         backup.kill9();
         backup = start_backup(pair, runs.1, initial_sync);
         runs.1 += 1;

@@ -308,7 +308,7 @@ impl AuthMessage {
             AuthMessage::Proof(p) => out.extend_from_slice(p),
             AuthMessage::Failure(code) => out.extend_from_slice(&[code.code(), 0, 0, 0]),
         }
-        let crc = crc32c::crc32c(&out[start..]);
+        let crc = crate::crc::crc32c(&out[start..]);
         out.extend_from_slice(&crc.to_le_bytes());
     }
 
@@ -349,7 +349,7 @@ impl AuthMessage {
             return Ok(None);
         }
         let crc = u32::from_le_bytes(buf[total - 4..total].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&buf[..total - 4]) != crc {
+        if crate::crc::crc32c(&buf[..total - 4]) != crc {
             return Err(AuthError::Checksum);
         }
         let body = &buf[HEADER_LEN..HEADER_LEN + len];

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod chunks;
+pub mod crc;
 pub use crate::chunks::{
     chunk_digest, zero_runs, BadChunkSize, ChunkGeometry, ChunkSet, DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,

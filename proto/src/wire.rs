@@ -19,7 +19,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
-use crate::payload::{crc32c_append_known, Payload};
+use crate::crc::crc32c_append_known;
+use crate::payload::Payload;
 use crate::term::{TermEntry, TermHistory, TermHistoryError, MAX_TERM_ENTRIES};
 
 /// Frame magic ("LMIR" read as little-endian u32).
@@ -640,17 +641,17 @@ impl Message {
         }
         let expected = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
         let body = &buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + body_len];
-        let mut computed = crc32c::crc32c(&header[..12]);
+        let mut computed = crate::crc::crc32c(&header[..12]);
         // A write's payload gets a crc of its own, combined into the frame's: the record that
         // stores it reuses it (see `Payload`).
         let mut payload_crc = 0;
         if kind == MessageKind::Write && body_len > WRITE_FIXED_LEN {
             let (fixed, payload) = body.split_at(WRITE_FIXED_LEN);
-            payload_crc = crc32c::crc32c(payload);
-            computed = crc32c::crc32c_append(computed, fixed);
+            payload_crc = crate::crc::crc32c(payload);
+            computed = crate::crc::crc32c_append(computed, fixed);
             computed = crc32c_append_known(computed, payload, payload_crc);
         } else {
-            computed = crc32c::crc32c_append(computed, body);
+            computed = crate::crc::crc32c_append(computed, body);
         }
         if computed != expected {
             return Err(WireError::Checksum { expected, computed });
@@ -738,8 +739,8 @@ fn seal_borrowed_frame(h: &mut [u8], kind: MessageKind, data: &[u8], data_crc: u
     // Bytes 6..8: flags, zero.
     let body_len = h.len() - FRAME_HEADER_LEN + data.len();
     h[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
-    let mut crc = crc32c::crc32c(&h[..12]);
-    crc = crc32c::crc32c_append(crc, &h[FRAME_HEADER_LEN..]);
+    let mut crc = crate::crc::crc32c(&h[..12]);
+    crc = crate::crc::crc32c_append(crc, &h[FRAME_HEADER_LEN..]);
     crc = crc32c_append_known(crc, data, data_crc);
     h[12..16].copy_from_slice(&crc.to_le_bytes());
 }
@@ -756,7 +757,12 @@ pub fn chunk_data_header(offset: u64, data: &[u8]) -> [u8; CHUNK_DATA_HEADER_LEN
     h[16..24].copy_from_slice(&offset.to_le_bytes());
     h[24..28].copy_from_slice(&(data.len() as u32).to_le_bytes());
     // A chunk comes with no crc: one pass over it here.
-    seal_borrowed_frame(&mut h, MessageKind::ChunkData, data, crc32c::crc32c(data));
+    seal_borrowed_frame(
+        &mut h,
+        MessageKind::ChunkData,
+        data,
+        crate::crc::crc32c(data),
+    );
     h
 }
 
@@ -803,8 +809,8 @@ fn get_chunk_range(body: &mut &[u8]) -> Result<ChunkRange, WireError> {
 }
 
 fn finish_frame(out: &mut BytesMut, start: usize) {
-    let mut crc = crc32c::crc32c(&out[start..start + 12]);
-    crc = crc32c::crc32c_append(crc, &out[start + FRAME_HEADER_LEN..]);
+    let mut crc = crate::crc::crc32c(&out[start..start + 12]);
+    crc = crate::crc::crc32c_append(crc, &out[start + FRAME_HEADER_LEN..]);
     out[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -831,7 +837,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
     let bad_len = || WireError::BadLength { kind, len };
     Ok(match kind {
         MessageKind::Hello => {
-            if len < HELLO_FIXED_LEN || (len - HELLO_FIXED_LEN) % TERM_ENTRY_LEN != 0 {
+            if len < HELLO_FIXED_LEN || !(len - HELLO_FIXED_LEN).is_multiple_of(TERM_ENTRY_LEN) {
                 return Err(bad_len());
             }
             let role = WireRole::from_byte(body.get_u8())?;

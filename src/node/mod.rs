@@ -606,7 +606,7 @@ impl Mirror {
             } else {
                 std::hint::spin_loop();
                 spins += 1;
-                if spins % 64 == 0 {
+                if spins.is_multiple_of(64) {
                     now = Instant::now();
                 }
             }

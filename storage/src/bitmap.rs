@@ -141,7 +141,7 @@ impl StaticBlock {
         put_u64(&mut b, OFF_REGION_SIZE, self.geometry.region_size());
         put_u64(&mut b, OFF_CHUNK_SIZE, self.geometry.chunk_size());
         put_u64(&mut b, OFF_CHUNK_COUNT, self.geometry.chunk_count());
-        let crc = crc32c::crc32c(&b[HEADER_CRC_FROM..]);
+        let crc = mirror_proto::crc::crc32c(&b[HEADER_CRC_FROM..]);
         put_u32(&mut b, OFF_HEADER_CRC, crc);
         b
     }
@@ -160,7 +160,7 @@ impl StaticBlock {
             });
         }
         let stored = u32_at(b, OFF_HEADER_CRC);
-        let computed = crc32c::crc32c(&b[HEADER_CRC_FROM..]);
+        let computed = mirror_proto::crc::crc32c(&b[HEADER_CRC_FROM..]);
         if stored != computed {
             return Err(BitmapDamage::HeaderChecksum { stored, computed });
         }
@@ -224,7 +224,7 @@ impl State {
             u32::from(self.resync_target.is_some()),
         );
         put_u64(&mut b, SLOT_PEER, self.resync_target.unwrap_or(0));
-        let crc = crc32c::crc32c(&b[..SLOT_CRC]);
+        let crc = mirror_proto::crc::crc32c(&b[..SLOT_CRC]);
         put_u32(&mut b, SLOT_CRC, crc);
         b
     }
@@ -233,7 +233,8 @@ impl State {
     /// slot never written, torn or damaged.
     fn valid_generation(b: &[u8]) -> Option<u64> {
         let generation = u64_at(b, SLOT_GEN);
-        let ok = generation != 0 && u32_at(b, SLOT_CRC) == crc32c::crc32c(&b[..SLOT_CRC]);
+        let ok =
+            generation != 0 && u32_at(b, SLOT_CRC) == mirror_proto::crc::crc32c(&b[..SLOT_CRC]);
         ok.then_some(generation)
     }
 
@@ -282,7 +283,7 @@ fn choose_state(head: &[u8]) -> Result<Option<(State, usize)>, BitmapDamage> {
 
 /// The crc a page stores: crc32c of its bytes after the crc field.
 fn page_crc(page: &[u8]) -> u32 {
-    crc32c::crc32c(&page[PAGE_CRC_BYTES..])
+    mirror_proto::crc::crc32c(&page[PAGE_CRC_BYTES..])
 }
 
 /// Whether bit page `index` verifies: its crc matches and no bit past `chunk_count` is set.

@@ -97,7 +97,7 @@ pub fn list_discarded(queue: &Path) -> Result<Vec<PathBuf>, StorageError> {
 }
 
 fn entry_crc(head: &[u8; ENTRY_LEN], payload: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&head[..28]), payload)
+    mirror_proto::crc::crc32c_append(mirror_proto::crc::crc32c(&head[..28]), payload)
 }
 
 /// Writes the file durably (temporary name, fsync, rename, fsync of the directory): when it
@@ -118,7 +118,7 @@ pub fn save_discarded(
     let bytes: u64 = records.iter().map(|r| r.payload.len() as u64).sum();
     header[40..48].copy_from_slice(&bytes.to_le_bytes());
     header[48..56].copy_from_slice(&saved_unix_ms.to_le_bytes());
-    let crc = crc32c::crc32c(&header[16..]);
+    let crc = mirror_proto::crc::crc32c(&header[16..]);
     header[12..16].copy_from_slice(&crc.to_le_bytes());
 
     let tmp = path.with_extension("tmp");
@@ -198,7 +198,7 @@ pub fn read_discarded(path: &Path) -> Result<DiscardedFile, StorageError> {
             supported: DISCARDED_VERSION,
         });
     }
-    if u32_at(&bytes, 12) != crc32c::crc32c(&bytes[16..HEADER_LEN]) {
+    if u32_at(&bytes, 12) != mirror_proto::crc::crc32c(&bytes[16..HEADER_LEN]) {
         return Err(corrupt("header checksum mismatch".into()));
     }
     let count = u64_at(&bytes, 32);

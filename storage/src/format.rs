@@ -144,7 +144,7 @@ pub(crate) fn check_capacity(capacity: u64) -> Result<(), String> {
             "capacity {capacity} bytes is below the minimum of {MIN_CAPACITY_BYTES}"
         ));
     }
-    if capacity % CAPACITY_ALIGN_BYTES != 0 {
+    if !capacity.is_multiple_of(CAPACITY_ALIGN_BYTES) {
         return Err(format!(
             "capacity {capacity} bytes is not a multiple of {CAPACITY_ALIGN_BYTES}"
         ));
@@ -213,7 +213,7 @@ impl StaticHeader {
         put_u64(&mut b, OFF_DATA_OFFSET, HEADER_BYTES);
         put_u32(&mut b, OFF_RESERVED_ROLE, 0);
         put_u32(&mut b, OFF_FLAGS, 0);
-        let crc = crc32c::crc32c(&b[HEADER_CRC_FROM..]);
+        let crc = mirror_proto::crc::crc32c(&b[HEADER_CRC_FROM..]);
         put_u32(&mut b, OFF_HEADER_CRC, crc);
         b
     }
@@ -232,7 +232,7 @@ impl StaticHeader {
             return Err(StaticError::Version(version));
         }
         let stored = u32_at(b, OFF_HEADER_CRC);
-        let computed = crc32c::crc32c(&b[HEADER_CRC_FROM..]);
+        let computed = mirror_proto::crc::crc32c(&b[HEADER_CRC_FROM..]);
         if stored != computed {
             return Err(StaticError::Checksum { stored, computed });
         }
@@ -321,7 +321,7 @@ impl Meta {
             put_u64(&mut b, at, e.term);
             put_u64(&mut b, at + 8, e.first_seq);
         }
-        let crc = crc32c::crc32c(&b);
+        let crc = mirror_proto::crc::crc32c(&b);
         put_u32(&mut b, META_CRC, crc);
         b
     }
@@ -333,7 +333,7 @@ impl Meta {
         let crc_word = u64_at(b, META_CRC);
         let mut zeroed = *b;
         put_u64(&mut zeroed, META_CRC, 0);
-        let computed = u64::from(crc32c::crc32c(&zeroed));
+        let computed = u64::from(mirror_proto::crc::crc32c(&zeroed));
         (generation != 0 && crc_word == computed).then_some(generation)
     }
 
@@ -471,7 +471,7 @@ pub(crate) fn seal(b: &mut [u8; HDR], crc: u32) {
 
 /// crc32c state after the header part of a record (bytes 8..56); continue it over the body.
 pub(crate) fn header_crc_start(b: &[u8; HDR]) -> u32 {
-    crc32c::crc32c(&b[REC_CRC_FROM..])
+    mirror_proto::crc::crc32c(&b[REC_CRC_FROM..])
 }
 
 /// Stored crc of an encoded header.

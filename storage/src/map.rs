@@ -233,7 +233,7 @@ impl Mapping {
         while done < len {
             let n = (len - done).min(scratch.len());
             self.read_raw(off + done, &mut scratch[..n]);
-            crc = crc32c::crc32c_append(crc, &scratch[..n]);
+            crc = mirror_proto::crc::crc32c_append(crc, &scratch[..n]);
             done += n;
         }
         crc

@@ -389,7 +389,7 @@ pub fn file_chunk_checksums(path: &Path, chunk_size: u64) -> Result<Vec<u32>, St
         if n == 0 {
             break;
         }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        crc = mirror_proto::crc::crc32c_append(crc, &buf[..n]);
         in_chunk += n as u64;
         if in_chunk == chunk_size {
             out.push(crc);

@@ -636,7 +636,7 @@ impl BackupSide {
         if len == 0
             || offset
                 .checked_add(len)
-                .map_or(true, |end| end > c.cfg.region_size)
+                .is_none_or(|end| end > c.cfg.region_size)
         {
             return Err(format!(
                 "bytes {offset}+{len} are outside the region of {} bytes",

@@ -415,7 +415,7 @@ impl Transfer {
         let size = self.geometry.chunk_size();
         let end = range.offset + u64::from(range.len);
         let chunks = range.offset / size..end.div_ceil(size);
-        let aligned = range.offset % size == 0
+        let aligned = range.offset.is_multiple_of(size)
             && chunks
                 .clone()
                 .last()

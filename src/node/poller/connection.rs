@@ -100,7 +100,7 @@ impl Poller {
             if security
                 && self
                     .auth_failure_logged_at
-                    .map_or(true, |t| t.elapsed() >= AUTH_FAILURE_LOG_EVERY)
+                    .is_none_or(|t| t.elapsed() >= AUTH_FAILURE_LOG_EVERY)
             {
                 // An operator must see this (the nodes' secrets or certificates do not match, or
                 // someone else answers at the peer's address), but not at every retry.

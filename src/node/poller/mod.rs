@@ -480,7 +480,7 @@ impl Poller {
     }
 
     fn take_submissions(&mut self) -> Result<bool, Stop> {
-        if self.stash.is_none() && !self.consumer.as_ref().is_some_and(|c| !c.is_empty()) {
+        if self.stash.is_none() && self.consumer.as_ref().is_none_or(|c| c.is_empty()) {
             return Ok(false);
         }
         if self.exec.core.role() != WireRole::Primary {
@@ -599,9 +599,9 @@ impl Poller {
             self.publish_transfer_start();
             s = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         } else if let Some(t) = &core.transfer {
-            let due = self.transfer_progress_at.map_or(true, |at| {
-                self.last_step_at.duration_since(at) >= TRANSFER_PROGRESS_EVERY
-            });
+            let due = self
+                .transfer_progress_at
+                .is_none_or(|at| self.last_step_at.duration_since(at) >= TRANSFER_PROGRESS_EVERY);
             if due {
                 self.transfer_progress_at = Some(self.last_step_at);
                 self.shared.events.publish(Event::TransferProgress {

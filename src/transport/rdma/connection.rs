@@ -468,7 +468,7 @@ impl Connection for RdmaConnection {
         // must still go out, or a sender waiting for it would wait forever.
         self.credit_if_overdue()?;
         self.polls = self.polls.wrapping_add(1);
-        if self.polls % LIVENESS_EVERY == 0 || self.check_peer.replace(false) {
+        if self.polls.is_multiple_of(LIVENESS_EVERY) || self.check_peer.replace(false) {
             self.check_liveness()?;
         }
         while out.len() - before < max {

@@ -135,7 +135,7 @@ fn open_device(s: &RdmaSettings, v: &mut Verbs) -> Result<ibv_port_attr, RdmaErr
         let name = unsafe { CStr::from_ptr(ibv_get_device_name(dev)) }
             .to_string_lossy()
             .into_owned();
-        let wanted = s.device.as_deref().map_or(true, |w| w == name);
+        let wanted = s.device.as_deref().is_none_or(|w| w == name);
         if wanted && chosen.is_none() {
             chosen = Some((dev, name.clone()));
         }
@@ -712,7 +712,7 @@ impl SendQueue {
             let wr = &mut self.wrs[slot];
             wr.wr_id = k;
             wr.next = next;
-            if k % SIGNAL_EVERY == 0 {
+            if k.is_multiple_of(SIGNAL_EVERY) {
                 wr.send_flags |= ibv_send_flags::IBV_SEND_SIGNALED.0;
             } else {
                 wr.send_flags &= !ibv_send_flags::IBV_SEND_SIGNALED.0;

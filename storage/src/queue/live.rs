@@ -125,7 +125,13 @@ impl PersistentQueue {
         offset: u64,
         payload: &[u8],
     ) -> Result<(), StorageError> {
-        self.append_with_crc(seq, term, offset, payload, crc32c::crc32c(payload))
+        self.append_with_crc(
+            seq,
+            term,
+            offset,
+            payload,
+            mirror_proto::crc::crc32c(payload),
+        )
     }
 
     /// [`append`](Self::append) of a payload whose crc32c the caller has (a frame's, verified):
@@ -183,7 +189,7 @@ impl PersistentQueue {
         let len = payload.len() as u64;
         if offset
             .checked_add(len)
-            .map_or(true, |end| end > self.stat.region_size)
+            .is_none_or(|end| end > self.stat.region_size)
         {
             return Err(StorageError::OutOfRange {
                 offset,
@@ -563,10 +569,10 @@ impl PersistentQueue {
         hb.copy_from_slice(&rec[..HDR]);
         let body_len = h.crc_body_len() as usize;
         let payload = &rec[HDR..HDR + h.payload_len as usize];
-        let payload_crc = crc32c::crc32c(payload);
+        let payload_crc = mirror_proto::crc::crc32c(payload);
         let mut crc =
-            mirror_proto::payload::crc32c_append_known(header_crc_start(&hb), payload, payload_crc);
-        crc = crc32c::crc32c_append(crc, &rec[HDR + payload.len()..HDR + body_len]);
+            mirror_proto::crc::crc32c_append_known(header_crc_start(&hb), payload, payload_crc);
+        crc = mirror_proto::crc::crc32c_append(crc, &rec[HDR + payload.len()..HDR + body_len]);
         if crc != stored_crc(&hb) {
             return Err(StorageError::CorruptRecord {
                 path: self.path.clone(),
@@ -644,9 +650,13 @@ impl PersistentQueue {
         let pad = body_len.saturating_sub(payload.len());
         debug_assert!(pad < 8);
         if body_len > 0 {
-            debug_assert_eq!(payload_crc, crc32c::crc32c(payload), "wrong payload crc");
-            crc = mirror_proto::payload::crc32c_append_known(crc, payload, payload_crc);
-            crc = crc32c::crc32c_append(crc, &ZEROS[..pad]);
+            debug_assert_eq!(
+                payload_crc,
+                mirror_proto::crc::crc32c(payload),
+                "wrong payload crc"
+            );
+            crc = mirror_proto::crc::crc32c_append_known(crc, payload, payload_crc);
+            crc = mirror_proto::crc::crc32c_append(crc, &ZEROS[..pad]);
         }
         seal(&mut hb, crc);
         if self.durability == Durability::Power {

@@ -257,7 +257,7 @@ fn read_meta(map: &Mapping, path: &Path) -> Result<(Meta, usize), StorageError> 
     for (i, &base) in META_SLOT_OFF.iter().enumerate() {
         let b = load_slot(map, base);
         if let Some(generation) = Meta::valid_generation(&b) {
-            if best.map_or(true, |(g, _, _)| generation > g) {
+            if best.is_none_or(|(g, _, _)| generation > g) {
                 best = Some((generation, i, b));
             }
         }

@@ -277,7 +277,7 @@ pub(super) fn conclude(
 /// Refuses a `scan_start` word that cannot be a ring position (the scan relies on alignment
 /// and on room for a lap above it).
 pub(super) fn check_scan_start(path: &Path, scan_start: u64) -> Result<(), StorageError> {
-    if scan_start % 8 != 0 || scan_start > u64::MAX / 2 {
+    if !scan_start.is_multiple_of(8) || scan_start > u64::MAX / 2 {
         return Err(StorageError::CorruptHeader {
             path: path.to_path_buf(),
             why: format!("scan_start word {scan_start} is not a valid ring position"),
