@@ -100,6 +100,10 @@ pub struct Node {
     pub hung_up: bool,
     /// Seqs applied since the node started, in order.
     pub applied_log: Vec<u64>,
+    /// The last seq a `SyncQueue` made durable (everything on `disk` at a start). Under
+    /// `sync_queue_before_ack` nothing past it may be applied: a power loss could take the
+    /// record and leave its words in the region.
+    pub synced_through: u64,
     /// Records this node dropped as a divergent suffix (saved before they went).
     pub discarded: Vec<Record>,
     /// Why the core stopped taking writes, each time it did.
@@ -157,6 +161,7 @@ impl Node {
             role,
             cfg,
             core,
+            synced_through: disk.next_seq - 1,
             disk,
             outbox: Vec::new(),
             completed: 0,
@@ -297,9 +302,16 @@ impl Node {
                     self.disk.next_seq = after + 1;
                     self.disk.history.truncate_after(after);
                     self.disk.applied_through = self.disk.applied_through.min(after);
+                    self.synced_through = self.synced_through.min(after);
                 }
-                Action::SyncQueue => {}
+                Action::SyncQueue => self.synced_through = self.disk.next_seq - 1,
                 Action::Apply(r) => {
+                    assert!(
+                        !self.cfg.sync_queue_before_ack || r.seq <= self.synced_through,
+                        "seq {} applied before a sync made its record durable (synced through {})",
+                        r.seq,
+                        self.synced_through
+                    );
                     let o = r.offset as usize;
                     self.disk.region[o..o + r.data.len()].copy_from_slice(&r.data);
                     self.applied_log.push(r.seq);

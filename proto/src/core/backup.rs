@@ -62,12 +62,6 @@ struct ResyncInto {
     term: u64,
 }
 
-/// How long a backup's applied progress may wait for the next ack before it is reported on its
-/// own. Every ack carries it; a standalone report only lets the primary trim its queue, which
-/// is never urgent, while sending it right after each apply doubled the backup's sends per
-/// synchronous write (one system call and one wake-up of the primary each).
-pub const APPLIED_REPORT_DELAY_US: u64 = 100;
-
 impl BackupSide {
     pub(super) fn new(rec: Recovered) -> BackupSide {
         let repair_unfinished_after = rec.repair_unfinished_after;

@@ -30,7 +30,13 @@ mod primary;
 mod transfer;
 
 use backup::BackupSide;
-pub use backup::APPLIED_REPORT_DELAY_US;
+
+/// How long a node's applied progress may wait for a message it can ride with (a backup's next
+/// ack, a primary's next write) before it is reported on its own. A report only lets the peer
+/// trim its queue, which is never urgent, while sending it right after each apply doubled the
+/// sends per synchronous write (one system call and one wake-up of the peer each, just before
+/// the next write's).
+pub const APPLIED_REPORT_DELAY_US: u64 = 100;
 use primary::PrimarySide;
 pub use transfer::{transfer_window, TRANSFER_WINDOW_BYTES};
 pub use transfer::{TransferProgress, TransferPurpose, VerifyError, VerifyReport};

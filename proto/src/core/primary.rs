@@ -58,8 +58,13 @@ pub(super) struct PrimarySide {
     reported_through: u64,
     /// Delay buffer: requests in the queue that are not yet applied, in sequence order.
     delay: VecDeque<Pending>,
-    /// Degraded writes of this batch, applied at the end of the batch after one queue sync.
-    degraded_batch: Vec<Pending>,
+    /// Records of this pass applied once the pass's one queue sync holds them (in seq order):
+    /// degraded writes, and the records a backup replays to us. The region never holds a
+    /// record our queue could still lose: a power loss that kept some of its words and lost
+    /// the record would leave words no record explains once new writes take its seq.
+    synced_batch: Vec<Pending>,
+    /// The first degraded write in `synced_batch` (the backup lacks it and what follows).
+    degraded_from: Option<u64>,
     acked_through: u64,
     sent_through: u64,
     /// Our log as the Hello of the current handshake announced it.
@@ -71,7 +76,6 @@ pub(super) struct PrimarySide {
     /// When we last sent the backup anything: our heartbeat is due a quarter of its silence
     /// timeout later.
     last_sent_us: u64,
-    wrote_this_batch: bool,
     degraded: bool,
     /// Bytes of region sent for the backup's repair requests in this handshake.
     repair_bytes_sent: u64,
@@ -100,14 +104,14 @@ impl PrimarySide {
             state: PrimaryState::Disconnected,
             reported_through: 0,
             delay,
-            degraded_batch: Vec::new(),
+            synced_batch: Vec::new(),
+            degraded_from: None,
             acked_through: 0,
             sent_through: 0,
             announced: None,
             durable_through: rec.last_seq,
             awaiting_since_us: None,
             last_sent_us: 0,
-            wrote_this_batch: false,
             degraded: false,
             repair_bytes_sent: 0,
             alone_clear_at: None,
@@ -167,7 +171,7 @@ impl PrimarySide {
         let mut held: Vec<Record> = self
             .delay
             .drain(..)
-            .chain(self.degraded_batch.drain(..))
+            .chain(self.synced_batch.drain(..))
             .map(|p| p.record)
             .collect();
         held.sort_by_key(|r| r.seq);
@@ -186,7 +190,8 @@ impl PrimarySide {
             });
         }
         self.delay.clear();
-        self.degraded_batch.clear();
+        self.synced_batch.clear();
+        self.degraded_from = None;
         self.fail(c, FatalError::Fenced(fence));
     }
 
@@ -245,6 +250,12 @@ impl PrimarySide {
             recovery: false,
         };
         if self.state == PrimaryState::Synchronous {
+            if c.committed_through > self.reported_through {
+                // Our apply progress rides with the write (one message batch, one system
+                // call): the driver hands a pass's writes to the network before it receives,
+                // so a report made at the end of the pass would leave in a second one.
+                self.report_applied(c);
+            }
             // The backup's copy goes first: our own append (a checksum and a copy of the
             // payload, 10 µs at 64 KiB) then overlaps its trip instead of preceding it. Nothing
             // before the ack depends on the order, and the ack is a later input: a crash in
@@ -261,7 +272,6 @@ impl PrimarySide {
             );
             c.write_region(append);
             self.sent_through = seq;
-            self.wrote_this_batch = true;
             self.awaiting_since_us.get_or_insert(c.now_us);
             self.delay.push_back(Pending {
                 record,
@@ -271,7 +281,8 @@ impl PrimarySide {
             c.write_region(append);
             // Disconnected under `continue`: applied at the end of the batch, after one sync.
             self.degraded = true;
-            self.degraded_batch.push(Pending {
+            self.degraded_from.get_or_insert(seq);
+            self.synced_batch.push(Pending {
                 record,
                 ticket: Some(ticket),
             });
@@ -299,15 +310,16 @@ impl PrimarySide {
         }
     }
 
-    fn flush_degraded_batch(&mut self, c: &mut Common) {
-        if self.degraded_batch.is_empty() {
+    /// Syncs our queue and applies `synced_batch` (see there).
+    fn apply_synced_batch(&mut self, c: &mut Common) {
+        if self.synced_batch.is_empty() {
             return;
         }
         self.sync_own_queue(c);
-        if let Some(first) = self.degraded_batch.first() {
-            c.note_alone(first.record.seq);
+        if let Some(first) = self.degraded_from.take() {
+            c.note_alone(first);
         }
-        for p in std::mem::take(&mut self.degraded_batch) {
+        for p in std::mem::take(&mut self.synced_batch) {
             self.apply_pending(c, p);
         }
     }
@@ -547,20 +559,16 @@ impl PrimarySide {
             return self.violation(c, format!("replayed write {seq}: {e}"));
         }
         c.next_seq += 1;
-        // Durable (for completion purposes) as soon as written: it completes no caller.
-        self.durable_through = self.durable_through.max(seq);
         c.first_seq.get_or_insert(seq);
         c.write_region(Action::Append {
             record: record.clone(),
             recovery: true,
         });
-        self.apply_pending(
-            c,
-            Pending {
-                record,
-                ticket: None,
-            },
-        );
+        // Applied after this pass's sync (see `synced_batch`), though it completes no caller.
+        self.synced_batch.push(Pending {
+            record,
+            ticket: None,
+        });
     }
 
     fn on_replay_done(
@@ -580,6 +588,9 @@ impl PrimarySide {
             ),
             );
         }
+        // The replayed records are ours from here on: durable and applied before anything
+        // that follows them (the catch-up, the next writes and their applies).
+        self.apply_synced_batch(c);
         self.commit_applied(c);
         if let Some(common) = repair_after {
             // Every range asked for was answered (in order) before this: the backup may drop
@@ -681,7 +692,7 @@ impl PrimarySide {
     /// no longer holds, and takes the records after it.
     fn finish_resync(&mut self, c: &mut Common) {
         // Degraded writes of this pass are in the queue (the catch-up sends them).
-        self.flush_degraded_batch(c);
+        self.apply_synced_batch(c);
         let through = c.first_seq.map_or(c.last_seq(), |first| first - 1);
         self.send(c, Message::ResyncDone { through });
         self.bitmap_clear_at = Some(through);
@@ -910,7 +921,12 @@ impl PrimarySide {
                         }),
                     );
                 }
-                if c.committed_through > self.reported_through || self.heartbeat_due(c) {
+                // Progress goes with the next write (`submit`); alone only once writes have
+                // paused: reported after every apply, it was a second message per synchronous
+                // write, and the backup woke for it just before the next write arrived.
+                let report_alone = c.committed_through > self.reported_through
+                    && c.now_us.saturating_sub(self.last_sent_us) >= APPLIED_REPORT_DELAY_US;
+                if report_alone || self.heartbeat_due(c) {
                     self.report_applied(c);
                 }
             }
@@ -1011,7 +1027,7 @@ impl PrimarySide {
             return false;
         }
         // This pass's degraded writes are applied first: only applied records fold.
-        self.flush_degraded_batch(c);
+        self.apply_synced_batch(c);
         let Some(first) = c.first_seq else {
             return false;
         };
@@ -1062,20 +1078,12 @@ impl PrimarySide {
 
     /// The driver finished one pass of inputs: group-commit what the pass produced.
     pub fn end_batch(&mut self, c: &mut Common) {
-        self.flush_degraded_batch(c);
+        self.apply_synced_batch(c);
         // The pass's writes are on their way to the backup (the sends come first): make our
         // own copies durable meanwhile, so that the ack finds them applicable.
         self.sync_own_queue(c);
         self.apply_delayed_through(c, self.acked_through);
         self.commit_applied(c);
-        if self.wrote_this_batch
-            && self.state == PrimaryState::Synchronous
-            && c.committed_through > self.reported_through
-        {
-            // Piggyback the apply progress on a pass that sends anyway (no extra round trip).
-            self.report_applied(c);
-        }
-        self.wrote_this_batch = false;
         if self.transfer.is_some() {
             self.pump_transfer(c);
             // The batch's chunks whose bytes go, in runs of neighbours.
