@@ -222,9 +222,10 @@ pub fn zero_runs(offset: u64, bytes: &[u8], chunk_size: u64) -> Vec<(ChunkRange,
 }
 
 /// The digest a resync and an online verify compare chunks by: XXH3-128 of the bytes,
-/// little-endian.
+/// little-endian. `twox-hash` picks AVX2 at run time where the CPU has it (about twice its
+/// SSE2 speed: 44-48 against 24 GB/s on the development VM), whatever the build's target.
 pub fn chunk_digest(bytes: &[u8]) -> [u8; 16] {
-    xxhash_rust::xxh3::xxh3_128(bytes).to_le_bytes()
+    twox_hash::XxHash3_128::oneshot(bytes).to_le_bytes()
 }
 
 #[cfg(test)]
@@ -250,6 +251,26 @@ mod tests {
             100,
             "a short last chunk"
         );
+    }
+
+    #[test]
+    fn a_chunk_digest_is_xxh3_128_little_endian() {
+        // XXH3-128 of no bytes (the reference implementation's test vector).
+        assert_eq!(
+            u128::from_le_bytes(chunk_digest(b"")),
+            0x99aa_06d3_0147_98d8_6001_c324_468d_497f
+        );
+        // And of every length through both of its code paths, as another implementation says.
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in (0..=300).chain([1023, 1024, 4096, 65_536, 70_000]) {
+            assert_eq!(
+                chunk_digest(&data[..len]),
+                xxhash_rust::xxh3::xxh3_128(&data[..len]).to_le_bytes(),
+                "{len}"
+            );
+        }
     }
 
     #[test]
