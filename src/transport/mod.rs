@@ -116,6 +116,13 @@ impl SendBatch {
         }
     }
 
+    /// Refuses a push once the peer stopped taking bytes, and makes room for it.
+    fn before_push(&mut self) -> Result<(), TransportError> {
+        self.check_backlog()?;
+        self.reclaim_sent();
+        Ok(())
+    }
+
     fn check_backlog(&self) -> Result<(), TransportError> {
         if self.pending() > SEND_BACKLOG_LIMIT {
             return Err(TransportError::Backlog {
@@ -127,7 +134,7 @@ impl SendBatch {
 
     /// Encodes `msg` into the batch (refused when the peer has stopped taking bytes).
     pub(crate) fn push(&mut self, msg: &Message) -> Result<(), TransportError> {
-        self.check_backlog()?;
+        self.before_push()?;
         self.begin_frame();
         msg.encode(&mut self.buf);
         self.end_frame();
@@ -143,7 +150,7 @@ impl SendBatch {
         data: &[u8],
         data_crc: u32,
     ) -> Result<(), TransportError> {
-        self.check_backlog()?;
+        self.before_push()?;
         self.begin_frame();
         encode_write(seq, term, offset, data, data_crc, &mut self.buf);
         self.end_frame();
@@ -156,7 +163,7 @@ impl SendBatch {
         offset: u64,
         data: &[u8],
     ) -> Result<(), TransportError> {
-        self.check_backlog()?;
+        self.before_push()?;
         self.begin_frame();
         encode_chunk_data(offset, data, &mut self.buf);
         self.end_frame();
@@ -177,7 +184,7 @@ impl SendBatch {
         mut taken: usize,
     ) -> Result<(), TransportError> {
         debug_assert!(self.may_bypass());
-        self.check_backlog()?;
+        self.before_push()?;
         for part in parts {
             let skip = taken.min(part.len());
             taken -= skip;
@@ -191,23 +198,23 @@ impl SendBatch {
         &self.buf[self.sent..self.open_record.unwrap_or(self.buf.len())]
     }
 
-    /// The network took `n` more bytes.
+    /// The network took `n` more bytes. Only an index moves: the unsent bytes stay where they
+    /// are until the next push (the RDMA transport posts inline sends from them).
     pub(crate) fn advance(&mut self, n: usize) {
         debug_assert!(n <= self.pending());
         self.sent += n;
-        // A batch empties only when the network took all of it. A sender that keeps it
-        // non-empty (a catch-up streaming into a full socket) would otherwise grow it by
-        // everything it ever sent: a new page faulted in every 4 KiB (a fifth of a primary's
-        // catch-up), and the whole stream left resident.
-        if self.sent >= SEND_COMPACT_MIN && self.sent >= self.pending() {
-            self.compact();
-        }
     }
 
-    /// Drops the bytes the network took from the front of the batch, moving what is left to
-    /// the front: no more bytes than were dropped (see `advance`), so the copying costs at most
-    /// what the sending did.
-    fn compact(&mut self) {
+    /// Before a push: drops the bytes the network took from the front of the batch once they
+    /// are [`SEND_COMPACT_MIN`] or more and no fewer than what is left, moving what is left to
+    /// the front (so the copying costs at most what the sending did). A batch empties only
+    /// when the network took all of it: a sender that keeps it non-empty (a catch-up streaming
+    /// into a full socket) would otherwise grow it by everything it ever sent, a new page
+    /// faulted in every 4 KiB (a fifth of a primary's catch-up) and the whole stream resident.
+    fn reclaim_sent(&mut self) {
+        if self.sent < SEND_COMPACT_MIN || self.sent < self.pending() {
+            return;
+        }
         let left = self.pending();
         self.buf.copy_within(self.sent.., 0);
         self.buf.truncate(left);

@@ -1,5 +1,5 @@
-//! The send batch under a network that never takes all of it: bounded, and every byte arrives
-//! once and in order, sealed or not.
+//! The send batch under a network that never takes all of it: bounded, every byte arrives once
+//! and in order, sealed or not, and the bytes not taken yet stay in place until the next push.
 
 use mirror_proto::auth::{Credentials, Handshake, Secret, Session, Side, NONCE_LEN};
 use mirror_proto::wire::Message;
@@ -44,7 +44,11 @@ fn stream_never_drained(sealed: bool, size: usize, writes: u64) -> (usize, Vec<(
         }
         let n = tx.unsent().len().saturating_sub(leave);
         rx.raw().extend_from_slice(&tx.unsent()[..n]);
+        // The bytes left stay in place (the RDMA transport posts inline sends from them
+        // between advances); only a push may move them.
+        let rest = tx.unsent()[n..].as_ptr();
         tx.advance(n);
+        assert_eq!(tx.unsent().as_ptr(), rest, "advance moved the unsent bytes");
         while let Some(m) = rx.next().unwrap() {
             match m {
                 Message::Write { seq, data, .. } => decoded.push((seq, data[0])),
