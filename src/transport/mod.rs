@@ -59,7 +59,7 @@ pub enum TransportError {
 const SEND_BACKLOG_LIMIT: usize = 512 << 20;
 
 /// Bytes taken by the network beyond which a batch that is not empty yet drops them (see
-/// `SendBatch::advance`).
+/// `SendBatch::reclaim_sent`).
 const SEND_COMPACT_MIN: usize = 256 << 10;
 
 /// The frames a connection has encoded and how far the network has taken them: one batch,
