@@ -365,6 +365,7 @@ impl Mirror {
             submitted: 0,
             published_role: wire_role,
             published_degraded: false,
+            published_next_seq: 0,
             published_connection: None,
             auth_failure_logged_at: None,
             split_brain_reported: false,

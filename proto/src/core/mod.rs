@@ -1450,6 +1450,11 @@ impl Replica {
         }
     }
 
+    /// The seq the next write will take (cheaper than [`Replica::stats`]).
+    pub fn next_seq(&self) -> u64 {
+        self.common.next_seq
+    }
+
     /// Counters.
     pub fn stats(&self) -> CoreStats {
         match &self.side {

@@ -83,8 +83,12 @@ impl Poller {
             }
             Io::Complete(ticket) => {
                 // A caller that sees its write complete and then reads the stats must see the
-                // state that write completed in (degraded, say), not the last pass's.
-                if self.exec.core.degraded() != self.published_degraded {
+                // state that write completed in (degraded, say, and its seq taken), not an
+                // earlier pass's: when the ack of a write comes back within the pass that sent
+                // it, the end-of-pass publication would come after the completion.
+                if self.exec.core.degraded() != self.published_degraded
+                    || self.exec.core.next_seq() != self.published_next_seq
+                {
                     self.publish_stats();
                 }
                 self.shared.complete(ticket)

@@ -78,6 +78,8 @@ pub(super) struct Poller {
     pub(super) published_role: WireRole,
     /// The `degraded` flag last published to callers.
     pub(super) published_degraded: bool,
+    /// The `next_seq` last published to callers.
+    pub(super) published_next_seq: u64,
     /// The connection whose address was last published.
     pub(super) published_connection: Option<PeerId>,
     /// A split brain was reported since the pair was last synchronous (a divergent suffix saved
@@ -586,6 +588,7 @@ impl Poller {
         s.in_flight = core.in_flight;
         s.degraded = core.degraded;
         self.published_degraded = core.degraded;
+        self.published_next_seq = core.next_seq;
         s.recoveries = core.recoveries;
         s.last_recovery_bytes = self.exec.recovery().bytes;
         s.last_recovery_records = self.exec.recovery().records;
