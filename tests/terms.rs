@@ -137,7 +137,7 @@ fn a_peer_with_a_backwards_term_history_is_refused_with_a_clear_reason() {
     let dir = tempfile::tempdir().unwrap();
     let pair = terms_pair(dir.path());
     let mut backup = pair.start_backup(0);
-    let hello = Message::Hello(Hello {
+    let hello = Message::hello(Hello {
         role: WireRole::Primary,
         node_id: 77,
         peer_node_id: 0,

@@ -484,7 +484,7 @@ fn a_primary_that_announces_no_silence_timeout_is_not_expected_to_heartbeat() {
     b.core.on_connected(PEER);
     b.core.on_message(
         PEER,
-        Message::Hello(crate::wire::Hello {
+        Message::hello(crate::wire::Hello {
             role: crate::wire::WireRole::Primary,
             node_id: 1,
             peer_node_id: 0,
@@ -716,7 +716,7 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
     p2.run();
     p2.core.on_message(
         PEER,
-        Message::Hello(crate::wire::Hello {
+        Message::hello(crate::wire::Hello {
             role: crate::wire::WireRole::Backup,
             node_id: 3,
             peer_node_id: 0,
@@ -759,7 +759,7 @@ fn a_backup_whose_queue_was_recreated_is_refused_by_the_primary() {
     bh.first_seq = 0;
     bh.applied_through = 0;
     bh.term_history = TermHistory::new();
-    p3.core.on_message(PEER, Message::Hello(bh));
+    p3.core.on_message(PEER, Message::hello(bh));
     p3.run();
     assert!(matches!(p3.fatal, Some(FatalError::Incompatible(_))));
 }

@@ -207,8 +207,10 @@ impl RejectCode {
 /// A protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// First message on a connection, in both directions.
-    Hello(Hello),
+    /// First message on a connection, in both directions. Boxed: the largest message by far and
+    /// one per connection, it would otherwise size every message and every core action (each
+    /// one moved on every write's path) to its 128 bytes.
+    Hello(Box<Hello>),
     /// The connection is refused; the sender closes it after this.
     Reject {
         /// Machine-readable reason.
@@ -314,6 +316,17 @@ pub enum Message {
         /// The last seq the resync covered.
         through: u64,
     },
+}
+
+// Every write moves messages by value several times (encoded, decoded, inside actions): a
+// variant that outgrows a `Write` makes all of them pay (see `Message::Hello`).
+const _: () = assert!(std::mem::size_of::<Message>() <= 72);
+
+impl Message {
+    /// A `Hello` (boxed, see [`Message::Hello`]).
+    pub fn hello(hello: Hello) -> Message {
+        Message::Hello(Box::new(hello))
+    }
 }
 
 /// A chunk of the region, as the resync and verify messages name it.
@@ -913,7 +926,7 @@ fn decode_body(kind: MessageKind, mut body: &[u8]) -> Result<Body, WireError> {
                     value: alone_from,
                 });
             }
-            Body::Done(Message::Hello(Hello {
+            Body::Done(Message::hello(Hello {
                 role,
                 node_id,
                 peer_node_id,
@@ -1141,7 +1154,7 @@ mod tests {
     }
 
     fn sample_hello() -> Message {
-        Message::Hello(Hello {
+        Message::hello(Hello {
             role: WireRole::Backup,
             node_id: 7,
             peer_node_id: 9,
@@ -1422,7 +1435,7 @@ mod tests {
             )
                 .prop_map(|(p, id, peer, size, a, extra, v)| {
                     let last = a + extra;
-                    Message::Hello(Hello {
+                    Message::hello(Hello {
                         role: if p {
                             WireRole::Primary
                         } else {

@@ -203,7 +203,7 @@ impl BackupSide {
         if let Err((code, reason)) = self.check_hello(c, &h) {
             if code == RejectCode::StaleTerm {
                 // Our Hello first: the stale primary learns the exact term that superseded it.
-                c.send(Message::Hello(
+                c.send(Message::hello(
                     c.own_hello(WireRole::Backup, c.resolve_discard),
                 ));
             }
@@ -251,7 +251,7 @@ impl BackupSide {
         let b_last = c.last_seq();
         // Our Hello tells the truth (our whole log); the primary derives the same plan.
         // It announces the resolution this plan used, so that the primary reaches the same one.
-        c.send(Message::Hello(c.own_hello(WireRole::Backup, resolution)));
+        c.send(Message::hello(c.own_hello(WireRole::Backup, resolution)));
         let repair_after = plan.backup_discards.then_some(plan.common);
         self.repair_bytes_received = 0;
         if repair_after.is_some() {
@@ -321,7 +321,7 @@ impl BackupSide {
                 term: h.current_term,
             });
         }
-        c.send(Message::Hello(
+        c.send(Message::hello(
             c.own_hello(WireRole::Backup, c.resolve_discard),
         ));
         let reason = if verdict == Verdict::DiscardPrimary {
@@ -395,7 +395,7 @@ impl BackupSide {
         c.last_heard_us = c.now_us;
         match (self.state, msg) {
             (BackupState::Failed, _) => {}
-            (BackupState::Idle, Message::Hello(h)) => self.on_hello(c, h),
+            (BackupState::Idle, Message::Hello(h)) => self.on_hello(c, *h),
             (BackupState::Idle, other) => {
                 self.violation(c, format!("{:?} before Hello", other.kind()))
             }

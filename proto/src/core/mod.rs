@@ -352,6 +352,10 @@ impl std::fmt::Display for PeerId {
     }
 }
 
+// Each write makes several actions, moved by value from the core to its driver: keep them no
+// larger than a `Send` of a `Write` (see `Message::Hello`).
+const _: () = assert!(std::mem::size_of::<Action>() <= 88);
+
 /// A request the core makes of its driver. Execute in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {

@@ -414,7 +414,7 @@ impl PrimarySide {
             view,
             discard_node: c.resolve_discard,
         });
-        self.send(c, Message::Hello(hello));
+        self.send(c, Message::hello(hello));
     }
 
     /// An attempt to connect to the backup failed. Under `continue`, requests recovered from our
@@ -818,7 +818,7 @@ impl PrimarySide {
             (_, Message::Reject { code, reason }) => {
                 self.fail(c, FatalError::Rejected { code, reason });
             }
-            (PrimaryState::Handshaking { .. }, Message::Hello(h)) => self.on_hello(c, h),
+            (PrimaryState::Handshaking { .. }, Message::Hello(h)) => self.on_hello(c, *h),
             (
                 PrimaryState::Recovering {
                     backup_holds_through,

@@ -208,7 +208,7 @@ impl Sim<'_> {
         let replaced = self.net.current[r.index()].replace(id);
         if let Some(link) = self.net.link_mut(id) {
             link.admitted = true;
-            link.primary_hello = Some(hello.clone());
+            link.primary_hello = Some((*hello).clone());
         }
         if let Some(old) = replaced {
             self.close_end(old, r, 1);

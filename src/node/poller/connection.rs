@@ -227,7 +227,7 @@ impl Poller {
                             if code == RejectCode::StaleTerm {
                                 // Our Hello first: the stale primary learns the exact term that
                                 // superseded it (it is fenced by either message).
-                                let _ = c.send(&Message::Hello(self.exec.core.hello()));
+                                let _ = c.send(&Message::hello(self.exec.core.hello()));
                             }
                             let _ = c.send(&Message::Reject { code, reason });
                             let _ = c.flush();
