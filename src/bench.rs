@@ -940,8 +940,14 @@ pub struct RecoveryRun {
     pub missed: u64,
     /// Payload bytes per write.
     pub payload: usize,
-    /// Seconds from the backup's restart until the pair mirrors synchronously again.
+    /// Seconds from the backup's restart until it holds every write it missed.
     pub catch_up_s: f64,
+    /// Of `catch_up_s`, the part before the transfer: the primary's next reconnect attempt
+    /// (`reconnect_interval_ms`, 2 here) and the handshake.
+    pub reconnect_s: f64,
+    /// Of `catch_up_s`, the transfer: from the handshake's end (the primary sends the missed
+    /// records from then on) until the backup holds them all.
+    pub transfer_s: f64,
     /// Payload bytes the catch-up moved (from the primary's stats).
     pub catch_up_bytes: u64,
     /// Seconds to stream the whole region over loopback TCP.
@@ -1005,16 +1011,27 @@ pub fn recovery(
     }
     write_some(1000, missed)?;
     let recoveries = primary.stats().recoveries;
+    let target = primary.stats().next_seq - 1;
     let mut bcfg = node("backup")?;
     bcfg.set("listen", &addr.to_string())?;
     // The clock starts once the backup process is up again: restarting it costs the same
     // whether it then catches up or takes a full copy.
     let backup = Mirror::open(bcfg.build()?)?;
     let t = Instant::now();
+    // The transfer starts when the backup's handshake ends (it counts a recovery): the primary
+    // sends the missed records right after its own. The primary's figures cannot mark it: it
+    // publishes them after a step, and one step may put megabytes of the catch-up on the wire.
+    let mut reconnect_s = None;
     loop {
-        let s = primary.stats();
-        if s.recoveries > recoveries && s.phase == crate::Phase::Synchronous {
-            break;
+        let b = backup.stats();
+        if reconnect_s.is_none() && b.recoveries > 0 {
+            reconnect_s = Some(t.elapsed().as_secs_f64());
+        }
+        if b.applied_through >= target {
+            let p = primary.stats();
+            if p.recoveries > recoveries && p.phase == crate::Phase::Synchronous {
+                break;
+            }
         }
         if t.elapsed() > Duration::from_secs(120) {
             return Err(MirrorError::Timeout);
@@ -1022,15 +1039,8 @@ pub fn recovery(
         // Sleep, not spin: the two pollers need the CPUs.
         std::thread::sleep(Duration::from_micros(50));
     }
-    // The catch-up is sent once the handshake completes; it is done when the backup holds it all.
-    let target = primary.stats().next_seq - 1;
-    while backup.stats().applied_through < target {
-        if t.elapsed() > Duration::from_secs(120) {
-            return Err(MirrorError::Timeout);
-        }
-        std::thread::sleep(Duration::from_micros(50));
-    }
     let catch_up_s = t.elapsed().as_secs_f64();
+    let reconnect_s = reconnect_s.unwrap_or(catch_up_s);
     let catch_up_bytes = primary.stats().last_recovery_bytes;
     primary.close()?;
     backup.close()?;
@@ -1041,6 +1051,8 @@ pub fn recovery(
         missed,
         payload,
         catch_up_s,
+        reconnect_s,
+        transfer_s: catch_up_s - reconnect_s,
         catch_up_bytes,
         full_remirror_s,
         speedup: full_remirror_s / catch_up_s,

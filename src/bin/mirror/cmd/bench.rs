@@ -306,8 +306,15 @@ pub fn run(a: &BenchArgs) -> CliResult {
             say(String::new());
             say("recovery: catch-up after K missed 4 KiB writes vs streaming the whole region (loopback)".into());
             say(format!(
-                "{:>10} {:>9} {:>12} {:>14} {:>13} {:>9}",
-                "region", "missed", "catch-up s", "catch-up bytes", "full copy s", "speedup"
+                "{:>10} {:>9} {:>12} {:>12} {:>11} {:>14} {:>13} {:>9}",
+                "region",
+                "missed",
+                "catch-up s",
+                "reconnect s",
+                "transfer s",
+                "catch-up bytes",
+                "full copy s",
+                "speedup"
             ));
             for region in a.recovery_regions.iter().filter(|r| !r.trim().is_empty()) {
                 let region_bytes = parse_size_arg(region)?;
@@ -319,10 +326,12 @@ pub fn run(a: &BenchArgs) -> CliResult {
                     let r = bench::recovery(&rdir, region_bytes, missed, 4096)?;
                     let _ = std::fs::remove_dir_all(&rdir);
                     say(format!(
-                        "{:>10} {:>9} {:>12.4} {:>14} {:>13.4} {:>8.1}x",
+                        "{:>10} {:>9} {:>12.4} {:>12.4} {:>11.4} {:>14} {:>13.4} {:>8.1}x",
                         region,
                         missed,
                         r.catch_up_s,
+                        r.reconnect_s,
+                        r.transfer_s,
                         r.catch_up_bytes,
                         r.full_remirror_s,
                         r.speedup
@@ -615,26 +624,34 @@ fn targets(report: &serde_json::Map<String, serde_json::Value>) -> Vec<TargetRow
         &|x| x >= 2e6,
         "not run (--depths)",
     );
-    // The largest catch-up: its throughput next to streaming the whole region.
-    let catch_up = list("recovery")
-        .iter()
-        .filter_map(|v| {
-            let rate = num(v, "catch_up_bytes")? / num(v, "catch_up_s")?.max(1e-9);
+    // The largest catch-up next to streaming the whole region: its transfer's throughput, and
+    // the whole of it (the reconnect and the handshake too), which is what "comes back N times
+    // faster than a full remirror" measures.
+    let recoveries = list("recovery");
+    let largest_catch_up = recoveries.iter().fold(None, |best: Option<&Value>, v| {
+        match (best.and_then(|b| num(b, "catch_up_bytes")), num(v, "catch_up_bytes")) {
+            (Some(b), Some(x)) if b >= x => best,
+            (_, Some(_)) => Some(v),
+            _ => best,
+        }
+    });
+    for (seconds, name) in [
+        ("transfer_s", "catch-up transfer (largest) / streaming"),
+        ("catch_up_s", "catch-up end to end (largest) / streaming"),
+    ] {
+        let ratio = largest_catch_up.and_then(|v| {
+            let rate = num(v, "catch_up_bytes")? / num(v, seconds)?.max(1e-9);
             let stream = num(v, "region_bytes")? / num(v, "full_remirror_s")?.max(1e-9);
-            Some((num(v, "catch_up_bytes")?, rate / stream))
-        })
-        .fold(None, |best: Option<(f64, f64)>, x| match best {
-            Some(b) if b.0 >= x.0 => Some(b),
-            _ => Some(x),
-        })
-        .map(|(_, ratio)| ratio);
-    row(
-        "catch-up (largest) / streaming the region".into(),
-        catch_up.map(|x| (x, format!("{:.0} %", x * 100.0))),
-        ">= 70 %",
-        &|x| x >= 0.7,
-        "not run (--recovery-regions)",
-    );
+            Some(rate / stream)
+        });
+        row(
+            name.into(),
+            ratio.map(|x| (x, format!("{:.0} %", x * 100.0))),
+            ">= 70 %",
+            &|x| x >= 0.7,
+            "not run (--recovery-regions)",
+        );
+    }
     let beyond = report.get("beyond_the_queue");
     for (key, name) in [
         (
