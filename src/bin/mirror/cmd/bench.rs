@@ -629,7 +629,10 @@ fn targets(report: &serde_json::Map<String, serde_json::Value>) -> Vec<TargetRow
     // faster than a full remirror" measures.
     let recoveries = list("recovery");
     let largest_catch_up = recoveries.iter().fold(None, |best: Option<&Value>, v| {
-        match (best.and_then(|b| num(b, "catch_up_bytes")), num(v, "catch_up_bytes")) {
+        match (
+            best.and_then(|b| num(b, "catch_up_bytes")),
+            num(v, "catch_up_bytes"),
+        ) {
             (Some(b), Some(x)) if b >= x => best,
             (_, Some(_)) => Some(v),
             _ => best,
