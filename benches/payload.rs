@@ -2,10 +2,15 @@
 //! computed once for the frame and both records), against what the frame and the record cost
 //! when each passes over the bytes itself; combining crcs (ours, against the `crc32c` crate's);
 //! and a crc pass (ours, `mirror_proto::crc`, against the `crc32c` crate's), around the lengths
-//! where `crc::WIDE_MIN` and `crc::COMBINE_MIN` switch between them.
+//! where `crc::WIDE_MIN` and `crc::COMBINE_MIN` switch between them; and a region write at
+//! scattered offsets of a large region (streamed past the cache from `STREAM_MIN` bytes)
+//! against an ordinary copy into memory of the same size.
+use std::sync::Arc;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mirror_proto::crc::{crc32c_append, crc32c_combine};
 use mirror_proto::Payload;
+use mirror_storage::{Durability, Region};
 
 fn payload(c: &mut Criterion) {
     let mut g = c.benchmark_group("payload_in");
@@ -58,5 +63,52 @@ fn payload(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, payload);
+/// Bytes of the region the scattered writes land in: far more than the caches hold, as a
+/// backup's region is.
+const SCATTER_REGION: usize = 256 << 20;
+
+fn region_write(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    })
+    .expect("a temporary directory");
+    let region = Arc::new(
+        Region::open_or_create(
+            &dir.path().join("region"),
+            SCATTER_REGION as u64,
+            Durability::Process,
+        )
+        .expect("a region"),
+    );
+    let mut writer = region.writer().expect("the region's writer");
+    let mut plain = vec![1u8; SCATTER_REGION];
+    let mut g = c.benchmark_group("region_write_scattered");
+    for len in [4096usize, 65536] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+        let slots = (SCATTER_REGION / len) as u64;
+        // A multiplicative hash walks every slot in an order the prefetchers cannot follow.
+        let slot = |i: u64| (i.wrapping_mul(2_654_435_761) % slots) as usize * len;
+        g.throughput(Throughput::Bytes(len as u64));
+        g.bench_with_input(BenchmarkId::new("region", len), &data, |b, d| {
+            let mut i = 0u64;
+            b.iter(|| {
+                i += 1;
+                writer.write(slot(i) as u64, d).expect("in range")
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("ordinary_copy", len), &data, |b, d| {
+            let mut i = 0u64;
+            b.iter(|| {
+                i += 1;
+                let at = slot(i);
+                plain[at..at + d.len()].copy_from_slice(std::hint::black_box(d));
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, payload, region_write);
 criterion_main!(benches);
