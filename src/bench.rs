@@ -226,6 +226,10 @@ pub struct Comparison {
     /// The independent reference ping-pong (`benches/pingpong.c`, two processes), run in blocks
     /// interleaved with the floor's and the engine's, when given.
     pub reference: Option<Percentiles>,
+    /// The first write of each of the engine's blocks, not in `engine`: it finds both pollers
+    /// parked (the engine was idle during the floor's block) and pays their wake-up. Each block
+    /// then warms up with a tenth more unmeasured writes, as the floor's and the reference's do.
+    pub after_idle: Percentiles,
 }
 
 impl Comparison {
@@ -320,6 +324,7 @@ fn compare_with_floor(
     let mut floor = Vec::with_capacity(iterations);
     let mut engine = Vec::with_capacity(iterations);
     let mut reference_ns = Vec::new();
+    let mut after_idle_ns = Vec::new();
     // The floor's threads busy-poll: they exist only during their own blocks, so that they
     // never compete with the engine's threads for the CPU. A warm-up of both first.
     floor_block(block.min(200))?;
@@ -335,9 +340,17 @@ fn compare_with_floor(
         if let Some(path) = reference {
             reference_ns.extend(reference_block(path, payload, block)?);
         }
-        for _ in 0..block {
-            engine.push(pair.write((i % slots) * payload as u64, &data)?);
+        let mut write = || -> Result<u64, MirrorError> {
+            let ns = pair.write((i % slots) * payload as u64, &data)?;
             i += 1;
+            Ok(ns)
+        };
+        after_idle_ns.push(write()?);
+        for _ in 0..block / 10 {
+            write()?;
+        }
+        for _ in 0..block {
+            engine.push(write()?);
         }
     }
     Ok(Comparison {
@@ -347,6 +360,7 @@ fn compare_with_floor(
         floor_ns: floor,
         engine_ns: engine,
         reference: reference.map(|_| Percentiles::of(&mut reference_ns)),
+        after_idle: Percentiles::of(&mut after_idle_ns),
     })
 }
 

@@ -160,6 +160,13 @@ pub fn run(a: &BenchArgs) -> CliResult {
                     met((0.9..=1.1).contains(&ratio))
                 ));
             }
+            say(format!(
+                "{:>8} first write after idle (pollers parked; one per block, not above): p50 {:.1} p99 {:.1} ({} writes)",
+                "",
+                c.after_idle.p50_us,
+                c.after_idle.p99_us,
+                c.after_idle.samples
+            ));
             let mut v = serde_json::to_value(&c).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.insert("ratio_p50".into(), c.ratio_p50().into());
