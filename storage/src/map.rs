@@ -610,11 +610,8 @@ pub(crate) fn check_platform(durability: Durability) -> Result<(), StorageError>
 mod tests {
     use super::*;
 
-    #[test]
-    fn flush_lines_work_on_ordinary_memory() {
-        // CLWB/CLFLUSHOPT/CLFLUSH on DRAM-backed mappings are valid (no-op durability-wise);
-        // this exercises the instruction selection and the line loop, including unaligned
-        // ranges and the last partial line.
+    /// A fresh file of `len` bytes mapped read-write (`process`), and the directory that holds it.
+    fn mapped(len: usize) -> (tempfile::TempDir, Mapping) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         let f = std::fs::OpenOptions::new()
@@ -624,8 +621,17 @@ mod tests {
             .write(true)
             .open(&p)
             .unwrap();
-        f.set_len(8192).unwrap();
-        let m = Mapping::map_rw(&f, 8192, Durability::Process, &p).unwrap();
+        f.set_len(len as u64).unwrap();
+        let m = Mapping::map_rw(&f, len, Durability::Process, &p).unwrap();
+        (dir, m)
+    }
+
+    #[test]
+    fn flush_lines_work_on_ordinary_memory() {
+        // CLWB/CLFLUSHOPT/CLFLUSH on DRAM-backed mappings are valid (no-op durability-wise);
+        // this exercises the instruction selection and the line loop, including unaligned
+        // ranges and the last partial line.
+        let (_dir, m) = mapped(8192);
         m.write_raw(100, &[7u8; 300]);
         m.flush_lines(100, 300);
         m.flush_lines(0, 8192);
@@ -647,17 +653,7 @@ mod tests {
         // Lengths below, at and above STREAM_MIN, at offsets that put the head, the 16-byte
         // lanes and the tail in every position; the bytes around each write stay as they were.
         const LEN: usize = 3 * 65536;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
-        f.set_len(LEN as u64).unwrap();
-        let m = Mapping::map_rw(&f, LEN, Durability::Process, &p).unwrap();
+        let (_dir, m) = mapped(LEN);
         let mut want = vec![0u8; LEN];
         let mut round = 0u8;
         for len in [
@@ -684,17 +680,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "outside")]
     fn out_of_bounds_access_is_a_panic_not_ub() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
-        f.set_len(4096).unwrap();
-        let m = Mapping::map_rw(&f, 4096, Durability::Process, &p).unwrap();
+        let (_dir, m) = mapped(4096);
         let mut out = [0u8; 8];
         m.read_raw(4090, &mut out);
     }
