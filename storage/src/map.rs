@@ -266,9 +266,10 @@ pub(crate) const STREAM_MIN: usize = 4096;
 /// region's writes: a region is large and written at scattered offsets, so the lines a write
 /// lands on are rarely cached, and an ordinary store first reads each of them from memory
 /// (read for ownership) only to overwrite it whole, and then evicts lines the node will use
-/// again (its receive buffer, its queue's tail). Measured: a backup's catch-up of 5 % of a
-/// 1 GiB region 10-25 % faster, pipelined 4 KiB writes 3-12 % more per second, sync latency
-/// unchanged at 4 KiB.
+/// again (its receive buffer, its queue's tail). Measured (docs/PERFORMANCE.md): a catch-up of
+/// 5 % of a 1 GiB region 5-26 % faster, pipelined 4 KiB writes 13-18 % more per second, an
+/// initial sync 77-85 → 94-109 % of streaming; sync latency unchanged at 4 KiB, lower at
+/// 64 KiB.
 ///
 /// Non-temporal stores are weakly ordered, even against this thread's later ordinary stores:
 /// the closing `sfence` orders them before everything that follows, so a Release store that
