@@ -38,6 +38,19 @@ fn sigkill_under_load_with_continue_loses_no_completed_write() {
     kill_campaign(&pair, &campaign(0x5eed_0002, false));
 }
 
+/// The block campaign with 4 KiB writes: every region write on both nodes takes the streamed
+/// (non-temporal) copy (`STREAM_MIN`), so kills land between streamed stores and what publishes
+/// them; the 64-byte campaigns above never reach that path.
+#[test]
+fn sigkill_under_load_with_4kib_writes_streamed_into_the_region_loses_no_completed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(dir.path(), "block");
+    pair.write_size = 4096;
+    let mut c = campaign(0x5eed_4096, true);
+    c.rounds = c.rounds.min(30);
+    kill_campaign(&pair, &c);
+}
+
 #[test]
 fn backup_outage_with_continue_catches_up_only_the_missed_requests() {
     let dir = tempfile::tempdir().unwrap();
