@@ -52,7 +52,7 @@ lab_t0=$(date +%s)
 # rarely land on the slot of an earlier one (which would hide its loss from the check).
 REGION_SIZE=64MiB
 QUEUE_SIZE=16MiB
-WRITE_SIZE=512
+WRITE_SIZE=${LAB_WRITE_SIZE:-512}
 DEPTH=4
 PORT=7400
 # Short spins: two machines share two cores under emulation.
