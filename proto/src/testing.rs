@@ -228,7 +228,9 @@ impl Node {
         }
     }
 
-    fn run_actions(&mut self, actions: Vec<Action>) {
+    /// Executes `actions` (drained from the core), in order: a test that crashes the node
+    /// part way through a batch executes the part that reached the disk.
+    pub fn run_actions(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
                 Action::Send { msg, .. } => self.outbox.push(msg),

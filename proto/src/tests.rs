@@ -1320,6 +1320,59 @@ fn a_stale_primary_is_refused_and_fenced() {
 }
 
 #[test]
+fn a_fence_is_durable_before_its_refusal_reaches_the_callers() {
+    for policy in [FencedPolicy::Demote, FencedPolicy::Stop] {
+        let mut pair = Pair::new(PeerLossPolicy::Block);
+        pair.disconnect();
+        let mut pcfg = cfg(1, PeerLossPolicy::Block);
+        pcfg.on_fenced = policy;
+        pair.p = Node::start(Role::Primary, pcfg, pair.p.disk.clone());
+        pair.connect();
+        pair.p.write(0, 1, 8);
+        pair.settle();
+        pair.p.write(8, 2, 8);
+        pair.disconnect();
+        let mut disk = pair.b.disk.clone();
+        disk.current_term = term_no(5);
+        pair.b = Node::start(Role::Backup, cfg(2, PeerLossPolicy::Block), disk);
+        pair.link_up();
+        // Deliver until the primary's pass that fences it; it crashes right before refusing.
+        let mut fenced_pass = None;
+        for _ in 0..10 {
+            for m in std::mem::take(&mut pair.b.outbox) {
+                pair.p.core.on_message(PEER, m);
+            }
+            pair.p.core.end_batch();
+            let mut actions = Vec::new();
+            pair.p.core.drain_actions(&mut actions);
+            if let Some(at) = actions
+                .iter()
+                .position(|a| matches!(a, Action::RefuseWrites { .. }))
+            {
+                fenced_pass = Some(actions[..at].to_vec());
+                break;
+            }
+            pair.p.run_actions(actions);
+            for m in std::mem::take(&mut pair.p.outbox) {
+                pair.b.core.on_message(PEER, m);
+            }
+            pair.b.core.end_batch();
+            pair.b.run();
+        }
+        let before_refusal = fenced_pass.expect("the primary was fenced");
+        pair.p.run_actions(before_refusal);
+        // What the crash leaves on disk: a restart as a primary is refused (the driver reads
+        // the mark at open), and it knows the term that superseded it.
+        assert!(pair.p.disk.superseded, "{policy:?}: the mark is durable");
+        assert_eq!(
+            pair.p.disk.current_term,
+            term_no(5),
+            "{policy:?}: so is the newer term"
+        );
+    }
+}
+
+#[test]
 fn deferred_commits_bound_reports_and_trims_by_what_the_driver_made_durable() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
     // Replace the backup with one that defers its commits (as `power`/`pmem` nodes do).

@@ -1189,30 +1189,41 @@ impl Replica {
         if p.is_failed() {
             return;
         }
-        let c = &mut self.common;
         let fence = Fence {
             term,
             by_node,
-            own_term: c.current_term,
+            own_term: self.common.current_term,
         };
-        c.actions.push(Action::RefuseWrites {
-            reason: WritesRefused::Fenced(fence),
-        });
+        // Durable in this order, each before the next: the superseded mark (from then on a
+        // restart as a primary is refused), the newer term (a primary restarted with it but
+        // without the mark would write in the other primary's term), and only then the
+        // refusal its callers see (a crash before the mark would have it take writes again
+        // in its old term after telling them it was fenced; simulator seed 2911).
+        let stop = match self.common.cfg.on_fenced {
+            FencedPolicy::Demote => {
+                self.become_backup(true);
+                false
+            }
+            FencedPolicy::Stop => {
+                self.common.actions.push(Action::PersistRole {
+                    role: WireRole::Primary,
+                    superseded: true,
+                });
+                true
+            }
+        };
+        let c = &mut self.common;
         if let Some(t) = term.filter(|&t| t > c.current_term) {
             // A backup now: persisted before it acknowledges anything of that term. Stopped:
             // its restart knows what superseded it.
             c.current_term = t;
             c.actions.push(Action::PersistTerm { term: t });
         }
-        match c.cfg.on_fenced {
-            FencedPolicy::Demote => self.become_backup(true),
-            FencedPolicy::Stop => {
-                c.actions.push(Action::PersistRole {
-                    role: WireRole::Primary,
-                    superseded: true,
-                });
-                p.fail_fenced(c, fence);
-            }
+        c.actions.push(Action::RefuseWrites {
+            reason: WritesRefused::Fenced(fence),
+        });
+        if let (true, Side::Primary(p)) = (stop, &mut self.side) {
+            p.fail_fenced(c, fence);
         }
     }
 
