@@ -427,7 +427,7 @@ struct mirror_stats {
      */
     int fenced;
     /**
-     * Backup: 1 while a resync into it has not finished (its region is inconsistent; it is
+     * Backup: 1 while a resync or catch-up into it has not finished (its region is inconsistent; it is
      * not promoted). Appended in version 4 (beyond the queue).
      */
     int resync_target;

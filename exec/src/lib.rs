@@ -552,6 +552,12 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 io.push(Io::Applied(record.seq));
                 self.region.write(record.offset, &record.data)?;
             }
+            Action::ApplyCaughtUp(record) => {
+                self.count_recovery(1, record.data.len() as u64);
+                self.hooks.before_apply(record.seq);
+                io.push(Io::Applied(record.seq));
+                self.region.write(record.offset, &record.data)?;
+            }
             Action::CommitApplied { through } => {
                 if self.deferred_commit {
                     // Checkpointed soon (see `checkpoint`), not per batch.
@@ -655,7 +661,6 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 self.durable.last_seq = through;
                 self.durable.applied = through;
                 self.commit_pending = None;
-                self.bitmap.set_resync_target(None)?;
             }
             Action::TransferFinished(report) => io.push(Io::TransferFinished(report)),
         }

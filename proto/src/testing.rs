@@ -318,6 +318,19 @@ impl Node {
                     self.disk.region[o..o + r.data.len()].copy_from_slice(&r.data);
                     self.applied_log.push(r.seq);
                 }
+                Action::ApplyCaughtUp(r) => {
+                    // Never queued: the AdoptLog that follows (after a SyncRegion) records it.
+                    assert!(
+                        r.seq > self.disk.applied_through,
+                        "seq {} applied without a queue copy below the apply point {}",
+                        r.seq,
+                        self.disk.applied_through
+                    );
+                    self.recovery_bytes += r.data.len() as u64;
+                    let o = r.offset as usize;
+                    self.disk.region[o..o + r.data.len()].copy_from_slice(&r.data);
+                    self.applied_log.push(r.seq);
+                }
                 Action::CommitApplied { through } => {
                     assert!(through >= self.disk.applied_through);
                     self.disk.applied_through = through;
@@ -438,7 +451,6 @@ impl Node {
                     self.disk.next_seq = through + 1;
                     self.disk.history = history;
                     self.disk.applied_through = through;
-                    self.disk.resync_target = None;
                 }
                 Action::TransferFinished(report) => self.transfers.push(report),
             }

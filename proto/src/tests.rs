@@ -296,6 +296,155 @@ fn backup_crash_with_continue_goes_degraded_then_catches_up_only_missed_requests
 }
 
 #[test]
+fn a_catch_up_of_writes_the_primary_applied_skips_the_backups_queue() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    for i in 0..3u8 {
+        pair.p.write(u64::from(i) * 100, i + 1, 100);
+        pair.settle();
+    }
+    pair.disconnect();
+    pair.b.crash_and_restart();
+    for i in 3..8u8 {
+        pair.p.write(u64::from(i) * 100, i + 1, 100);
+    }
+    // The backup takes the five, the primary applied them all: none is appended to its queue
+    // (nothing to trim later, no copy), yet its log continues after them, applied and durable,
+    // before it acknowledges them.
+    pair.connect();
+    assert_eq!(pair.b.recovery_bytes, 500);
+    let queued: Vec<_> = pair.b.disk.queue.keys().copied().collect();
+    assert!(queued.iter().all(|&s| s <= 3), "backup queued {queued:?}");
+    assert_eq!(pair.b.disk.next_seq, 9);
+    assert_eq!(pair.b.disk.applied_through, 8);
+    assert_eq!(
+        pair.b.disk.history.term_at(8),
+        Some(pair.p.core.stats().current_term)
+    );
+    assert_eq!(pair.b.core.stats().acked_through, 8);
+    pair.assert_converged();
+    // A crash now keeps all of it: nothing is sent again.
+    pair.disconnect();
+    pair.b.crash_and_restart();
+    pair.connect();
+    assert_eq!(pair.p.recovery_bytes, 0);
+    pair.assert_converged();
+    // Writes that follow are queued as usual.
+    pair.p.write(900, 42, 10);
+    pair.settle();
+    assert!(pair.b.disk.queue.contains_key(&9));
+    pair.assert_converged();
+}
+
+#[test]
+fn a_backup_that_crashes_before_adopting_a_catch_up_is_sent_it_again() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    pair.disconnect();
+    pair.b.crash_and_restart();
+    for i in 0..4u8 {
+        pair.p.write(u64::from(i) * 100, i + 1, 100);
+    }
+    // The catch-up arrives, and the backup dies within the pass that received it.
+    pair.link_up();
+    // Hellos both ways: the primary's catch-up is in its outbox.
+    pair.settle_rounds(2);
+    assert!(pair
+        .p
+        .outbox
+        .iter()
+        .any(|m| matches!(m, Message::Write { .. })));
+    for m in std::mem::take(&mut pair.p.outbox) {
+        pair.b.core.on_message(PEER, m);
+    }
+    pair.b.core.drain_actions(&mut Vec::new());
+    pair.up = false;
+    pair.p.core.on_disconnected(PEER);
+    pair.p.run();
+    pair.b.crash_and_restart();
+    assert_eq!(pair.b.disk.next_seq, 1, "nothing of it was adopted");
+    pair.connect();
+    assert_eq!(pair.p.recovery_bytes, 400, "the whole catch-up again");
+    assert_eq!(pair.b.disk.next_seq, 5);
+    pair.assert_converged();
+}
+
+#[test]
+fn a_backup_whose_region_took_records_its_log_lacks_is_marked_until_its_log_holds_them() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    pair.disconnect();
+    pair.b.crash_and_restart();
+    for i in 0..4u8 {
+        pair.p.write(u64::from(i) * 100, i + 1, 100);
+    }
+    // The catch-up reaches the backup; it dies after writing the records into its region,
+    // before its log adopted them.
+    pair.link_up();
+    // Hellos both ways: the primary's catch-up is in its outbox.
+    pair.settle_rounds(2);
+    assert!(pair
+        .p
+        .outbox
+        .iter()
+        .any(|m| matches!(m, Message::Write { .. })));
+    for m in std::mem::take(&mut pair.p.outbox) {
+        pair.b.core.on_message(PEER, m);
+    }
+    pair.b.core.end_batch();
+    let mut actions = Vec::new();
+    pair.b.core.drain_actions(&mut actions);
+    let adopt = actions
+        .iter()
+        .position(|a| matches!(a, Action::AdoptLog { .. }))
+        .unwrap_or_else(|| panic!("the catch-up is adopted: {actions:?}"));
+    let mark = actions
+        .iter()
+        .position(|a| matches!(a, Action::BeginResyncTarget { .. }))
+        .expect("the region is marked");
+    let first_write = actions
+        .iter()
+        .position(|a| matches!(a, Action::ApplyCaughtUp(_)))
+        .expect("records written unqueued");
+    assert!(
+        mark < first_write,
+        "marked before the first write: {actions:?}"
+    );
+    actions.truncate(adopt);
+    pair.b.run_actions(actions);
+    pair.up = false;
+    pair.p.core.on_disconnected(PEER);
+    pair.p.run();
+    pair.b.crash_and_restart();
+    assert_eq!(pair.b.disk.next_seq, 1, "the log lacks them");
+    assert!(region_has(&pair.b, 0, 1, 100), "the region holds one");
+    assert_eq!(pair.b.disk.resync_target, Some(1));
+    // Not promotable as is: a history started here would sit on bytes outside it.
+    assert!(matches!(
+        pair.b.core.promote(false),
+        Err(PromoteError::NotCaughtUp { .. })
+    ));
+    // The primary sends them again; once the log holds them, the mark goes.
+    pair.connect();
+    assert_eq!(pair.b.disk.next_seq, 5);
+    assert_eq!(pair.b.disk.resync_target, None);
+    assert!(!pair.b.core.stats().resync_target);
+    pair.assert_converged();
+}
+
+#[test]
+fn records_the_primary_had_not_applied_come_back_through_the_backups_queue() {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    pair.p.write(0, 1, 16);
+    // In flight when the backup is lost: the primary holds it unapplied.
+    pair.disconnect();
+    pair.b.crash_and_restart();
+    pair.connect();
+    // The backup's copy may be the only one that reaches a region if the primary crashes
+    // before applying it: queued.
+    assert!(pair.b.disk.queue.contains_key(&1));
+    assert!(region_has(&pair.p, 0, 1, 16));
+    pair.assert_converged();
+}
+
+#[test]
 fn backup_loss_with_block_holds_writes_until_it_returns() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
     let t = pair.p.write(0, 1, 16);

@@ -317,7 +317,9 @@ impl Noted {
                 seq: record.seq,
                 term: record.term,
             },
-            Action::Apply(record) => Noted::Apply { term: record.term },
+            Action::Apply(record) | Action::ApplyCaughtUp(record) => {
+                Noted::Apply { term: record.term }
+            }
             Action::TruncateAfter { after } => Noted::Truncate { after: *after },
             Action::PersistTerm { term } => Noted::Term(*term),
             Action::PersistRole { role, superseded } => Noted::Role {

@@ -148,7 +148,7 @@ pub struct LiveStatus {
     /// A resync, initial sync or online verify in progress (added within version 1).
     #[serde(default)]
     pub transfer: Option<crate::TransferStats>,
-    /// Backup: a resync into it has not finished (added within version 1).
+    /// Backup: a resync or catch-up into it has not finished (added within version 1).
     #[serde(default)]
     pub resync_target: bool,
     /// Online verifies finished since the node opened (added within version 1).
@@ -225,7 +225,7 @@ impl LiveStatus {
             )
         };
         if self.resync_target {
-            out.push_str("; a resync into this node is unfinished (not promotable)");
+            out.push_str("; a resync or catch-up into this node is unfinished (not promotable)");
         }
         if let Some(t) = &self.transfer {
             out.push_str(&format!(

@@ -122,7 +122,7 @@ pub struct mirror_stats {
     /// 1 if this node was fenced (a newer primary exists) and has not been promoted since:
     /// writes fail with `MIRROR_EFENCED`. `mirror_last_error` after such a write says why.
     pub fenced: c_int,
-    /// Backup: 1 while a resync into it has not finished (its region is inconsistent; it is
+    /// Backup: 1 while a resync or catch-up into it has not finished (its region is inconsistent; it is
     /// not promoted). Appended in version 4 (beyond the queue).
     pub resync_target: c_int,
     /// Chunks marked in the dirty-chunk bitmap (writes folded out of a full queue while the

@@ -218,7 +218,7 @@ pub(crate) fn render(s: &Stats, c: &Counters, auth: &str) -> String {
     metric(
         "mirror_resync_target",
         "gauge",
-        "Backup: 1 while a resync into it is unfinished (its region is inconsistent).",
+        "Backup: 1 while a resync or catch-up into it is unfinished (its region is inconsistent).",
         &[("", flag(s.resync_target))],
     );
     let transfer = |kind: &str| {

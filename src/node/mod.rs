@@ -100,7 +100,7 @@ pub struct Stats {
     pub chunk_size: u64,
     /// A resync, initial sync or online verify in progress (primary).
     pub transfer: Option<TransferStats>,
-    /// Backup: a resync into this node has not finished (its region is inconsistent until it
+    /// Backup: a resync or catch-up into this node has not finished (its region is inconsistent until it
     /// does; it is not promoted meanwhile).
     pub resync_target: bool,
 }

@@ -125,7 +125,7 @@ impl Mirror {
             if let Some(primary) = bitmap_resync_target(&cfg.queue)? {
                 return Err(MirrorError::Promote(mirror_proto::PromoteError::NotCaughtUp {
                     why: format!(
-                        "queue {}: a resync into this node from primary {primary:#x} began and did not finish (its region is part old, part new): start it as a backup so that the resync finishes, then promote it",
+                        "queue {}: a resync or catch-up into this node from primary {primary:#x} began and did not finish (its region is part old, part new): start it as a backup so that it finishes, then promote it",
                         cfg.queue.display()
                     ),
                 }));

@@ -4,7 +4,7 @@
 //! A primary whose queue fills while its backup is away *folds* the oldest records into this
 //! bitmap (marks the chunks they wrote, durably) and then trims them from the queue; when the
 //! backup returns, the dirty chunks are resynced. A backup uses the same file to remember that
-//! a resync into it has not finished (its region is inconsistent until it does).
+//! a resync or catch-up into it has not finished (its region is inconsistent until it does).
 //!
 //! Layout (little-endian; the byte tables are in FORMAT.md):
 //!

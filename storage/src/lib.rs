@@ -14,7 +14,7 @@
 //!   role, current term, term history).
 //! - a [`DirtyBitmap`] beside the queue ([`bitmap_path`]): the chunks of the region a primary
 //!   folded out of its full queue while its backup was away (to resync when it returns), and
-//!   on a backup whether a resync into it has not finished.
+//!   on a backup whether a resync or catch-up into it has not finished.
 //!
 //! ```text
 //!   engine poller ──append(seq, term, off, bytes)──▶ PersistentQueue ──sync()──▶ durable

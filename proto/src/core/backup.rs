@@ -26,6 +26,17 @@ enum BackupState {
 pub(super) struct BackupSide {
     state: BackupState,
     to_apply: Vec<Record>,
+    /// Records of this connection's catch-up that the primary had applied before it began
+    /// (seq <= `unqueued_through`): applied without a queue copy, then adopted into the log
+    /// ([`Action::ApplyCaughtUp`]). Not acknowledged until then.
+    caught_up: Vec<Record>,
+    /// The primary's apply point at this connection's handshake, when its records may take
+    /// that path (0: none may).
+    unqueued_through: u64,
+    /// The log reaches this seq before the resync-target mark may go: it was set (here or
+    /// before a crash) while the region may hold records beyond the log, which the primary's
+    /// log holds through its last seq at the handshake.
+    clear_target_at: Option<u64>,
     ack_due: bool,
     reported_applied: u64,
     /// Since when applied progress beyond `reported_applied` has waited for an ack to ride on.
@@ -73,6 +84,9 @@ impl BackupSide {
             held: Vec::new(),
             state: BackupState::Idle,
             to_apply: rec.unapplied,
+            caught_up: Vec::new(),
+            unqueued_through: 0,
+            clear_target_at: None,
             ack_due: false,
             reported_applied: 0,
             unreported_since_us: None,
@@ -99,6 +113,7 @@ impl BackupSide {
     /// goes. Returns whether there was one.
     pub(super) fn take_resync_target(&mut self) -> bool {
         self.resync_in = None;
+        self.clear_target_at = None;
         self.resync_target.take().is_some()
     }
 
@@ -122,7 +137,7 @@ impl BackupSide {
             }
             _ if self.resync_target.is_some() && !force => Err(PromoteError::NotCaughtUp {
                 why: format!(
-                    "a resync into it from primary {:#x} has not finished: its region is inconsistent (part old, part new). Let it reconnect to that primary to finish, or force the promotion (its region then stays as it is)",
+                    "a resync or catch-up into it from primary {:#x} has not finished: its region is inconsistent (part old, part new). Let it reconnect to that primary to finish, or force the promotion (its region then stays as it is)",
                     self.resync_target.unwrap_or(0)
                 ),
             }),
@@ -253,6 +268,15 @@ impl BackupSide {
         // It announces the resolution this plan used, so that the primary reaches the same one.
         c.send(Message::hello(c.own_hello(WireRole::Backup, resolution)));
         let repair_after = plan.backup_discards.then_some(plan.common);
+        // What the primary applied before this connection comes back without a copy in our
+        // queue: the primary keeps it until we report it applied, and never needs ours. Not
+        // over a divergent suffix (the repair decides what our region holds) nor before a
+        // resync (whose end adopts the primary's log anyway).
+        self.unqueued_through = if repair_after.is_none() && plan.resync.is_none() {
+            h.applied_through.min(h.last_seq)
+        } else {
+            0
+        };
         self.repair_bytes_received = 0;
         if repair_after.is_some() {
             self.repair_unfinished_after = repair_after;
@@ -277,11 +301,19 @@ impl BackupSide {
             last_seq: h.last_seq,
             term: h.current_term,
         });
+        self.clear_target_at = None;
         if plan.resync.is_none() && !plan.backup_discards && self.resync_target.is_some() {
-            // Our log is caught up as is (a crash after a resync's adopt step, before its
-            // mark was cleared): the catch-up that follows needs no resync.
-            self.resync_target = None;
-            c.actions.push(Action::ClearResyncTarget);
+            if b_last >= h.last_seq {
+                // Our log is caught up as is (a crash after a resync's adopt step, before its
+                // mark was cleared): the catch-up that follows needs no resync.
+                self.resync_target = None;
+                c.actions.push(Action::ClearResyncTarget);
+            } else {
+                // Or a crash in a catch-up left our region holding records our log does not
+                // (see `mark_region_ahead`), all of them at or below the primary's last seq:
+                // the mark goes once our log holds that.
+                self.clear_target_at = Some(h.last_seq);
+            }
         }
         if plan.resync.is_none()
             && !plan.backup_discards
@@ -498,7 +530,14 @@ impl BackupSide {
             );
         } else if let Err(e) = c.history.note_append(seq, record.term) {
             self.violation(c, format!("write {seq}: {e}"));
+        } else if seq <= self.unqueued_through && self.to_apply.is_empty() {
+            self.mark_region_ahead(c, catchup_through);
+            c.next_seq += 1;
+            self.caught_up.push(record);
+            self.ack_due = true;
         } else {
+            // The log takes appends only after it adopted what came back unqueued.
+            self.adopt_caught_up(c);
             c.next_seq += 1;
             c.first_seq.get_or_insert(seq);
             c.write_region(Action::Append {
@@ -567,7 +606,7 @@ impl BackupSide {
         let Some(log) = self.primary_log.clone() else {
             return self.violation(c, "ResyncBegin before the handshake".into());
         };
-        if self.resync_in.is_some() || !self.to_apply.is_empty() {
+        if self.resync_in.is_some() || !self.to_apply.is_empty() || !self.caught_up.is_empty() {
             return self.violation(
                 c,
                 "ResyncBegin in the middle of a resync or of writes".into(),
@@ -589,7 +628,7 @@ impl BackupSide {
         if let Err(e) = self.check_chunk(c, range.offset, u64::from(range.len)) {
             return self.violation(c, format!("chunk digest: {e}"));
         }
-        if !self.to_apply.is_empty() {
+        if !self.to_apply.is_empty() || !self.caught_up.is_empty() {
             self.finish_batch(c);
         }
         let overlaps = |r: &ChunkRange| {
@@ -614,7 +653,7 @@ impl BackupSide {
         if let Err(e) = self.check_chunk(c, offset, len) {
             return self.violation(c, format!("chunk data: {e}"));
         }
-        if !self.to_apply.is_empty() {
+        if !self.to_apply.is_empty() || !self.caught_up.is_empty() {
             // Writes received before the chunk land before it (a verify's repair).
             self.finish_batch(c);
         }
@@ -678,7 +717,9 @@ impl BackupSide {
             through,
             history: history.clone(),
         });
+        c.actions.push(Action::ClearResyncTarget);
         self.resync_target = None;
+        self.clear_target_at = None;
         c.history = history;
         c.next_seq = through + 1;
         c.first_seq = None;
@@ -706,13 +747,78 @@ impl BackupSide {
         self.state = BackupState::Idle;
     }
 
+    /// Before the first record written into the region ahead of the log (a catch-up's
+    /// unqueued ones): a crash from here until the log holds them leaves region bytes of
+    /// records the log lacks. The primary sends them again, but a promotion before that would
+    /// start a history on a region holding writes outside it. So the node is marked as the
+    /// target of an unfinished transfer (durably, with its applied point: as at a resync's
+    /// begin), which refuses an unforced promotion, until its log holds `primary_last` (the
+    /// primary's last seq at the handshake, at or above every record it sends unqueued).
+    fn mark_region_ahead(&mut self, c: &mut Common, primary_last: u64) {
+        if self.resync_target.is_some() {
+            // Set before a crash, or earlier in this connection: its clear point is set.
+            return;
+        }
+        let Some(primary) = self.connected_primary() else {
+            return;
+        };
+        self.resync_target = Some(primary);
+        self.clear_target_at = Some(primary_last);
+        c.commit_requested = c.applied_through;
+        c.committed_through = c.applied_through;
+        c.actions.push(Action::BeginResyncTarget {
+            primary,
+            applied_through: c.applied_through,
+        });
+    }
+
+    /// Clears the mark of `mark_region_ahead` once the log (durably) holds its clear point.
+    fn clear_region_ahead(&mut self, c: &mut Common) {
+        if self
+            .clear_target_at
+            .is_some_and(|at| c.last_seq() >= at && self.caught_up.is_empty())
+        {
+            self.clear_target_at = None;
+            self.resync_target = None;
+            c.actions.push(Action::ClearResyncTarget);
+        }
+    }
+
+    /// Applies the catch-up's unqueued records, makes the region durable and continues the
+    /// log after them: from then on they count as received, applied and durable.
+    fn adopt_caught_up(&mut self, c: &mut Common) {
+        let Some(last) = self.caught_up.last().map(|r| r.seq) else {
+            return;
+        };
+        debug_assert!(
+            self.to_apply.is_empty(),
+            "queued records wait behind unqueued ones"
+        );
+        for record in std::mem::take(&mut self.caught_up) {
+            debug_assert_eq!(record.seq, c.applied_through + 1);
+            c.applied_through = record.seq;
+            c.write_region(Action::ApplyCaughtUp(record));
+        }
+        c.actions.push(Action::SyncRegion);
+        c.actions.push(Action::AdoptLog {
+            through: last,
+            history: c.history.clone(),
+        });
+        c.first_seq = None;
+        c.commit_requested = last;
+        c.committed_through = last;
+    }
+
     fn finish_batch(&mut self, c: &mut Common) {
+        self.adopt_caught_up(c);
         self.sync_installed(c);
         if self.ack_due {
             self.ack_due = false;
             if c.cfg.sync_queue_before_ack {
                 c.actions.push(Action::SyncQueue);
             }
+            // After the sync: what the log holds is durable.
+            self.clear_region_ahead(c);
             if matches!(self.state, BackupState::Connected { .. }) {
                 let matched = self.matched_through(c);
                 self.reported_applied = c.committed_through.min(matched);
@@ -790,7 +896,7 @@ impl BackupSide {
             applied_through: c.applied_through,
             acked_through: self.matched_through(c),
             peer_applied_through: c.peer_applied,
-            in_flight: self.to_apply.len() as u64,
+            in_flight: (self.to_apply.len() + self.caught_up.len()) as u64,
             degraded: false,
             recoveries: c.recoveries,
             current_term: c.current_term,

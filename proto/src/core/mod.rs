@@ -140,8 +140,9 @@ pub struct Recovered {
     pub dirty: ChunkSet,
     /// The bitmap covers every record folded out of the queue from this seq on (0: none).
     pub resync_from: u64,
-    /// A resync into this node (from the primary with this id, 0 if unknown) began and did
-    /// not finish: its region is inconsistent, so it is not promoted until one does.
+    /// A resync into this node (from the primary with this id, 0 if unknown), or a catch-up
+    /// that writes records into its region ahead of its log, began and did not finish: its
+    /// region is inconsistent, so it is not promoted until one does.
     pub resync_target: Option<u64>,
     /// The region is all zeros: its file was created at this start (see
     /// [`Hello::region_blank`]). False when unknown.
@@ -387,6 +388,13 @@ pub enum Action {
     SyncQueue,
     /// Write this record into the local region.
     Apply(Record),
+    /// Backup, during a catch-up: write this record into the local region without queueing
+    /// it. The primary applied it before this connection (it never needs our copy back), and
+    /// keeps it until we report it applied, so a crash before our region holds it durably
+    /// only makes the primary send it again. An [`Action::AdoptLog`] through it follows once
+    /// the region is durable (after an [`Action::SyncRegion`]); only then do we acknowledge
+    /// it. Count its bytes as recovery traffic.
+    ApplyCaughtUp(Record),
     /// Make the region durable through every `Apply` so far and record `through` as the queue
     /// header's `applied_through`.
     CommitApplied {
@@ -556,24 +564,29 @@ pub enum Action {
     },
     /// Backup: make the region durable (chunks installed before a `ChunkHeld`).
     SyncRegion,
-    /// Backup: a resync into this node begins: make the region and `applied_through`
-    /// durable (nothing in the queue may be applied again over a resynced chunk after a
-    /// crash), then record durably that the node is a resync target of `primary`.
+    /// Backup: a resync into this node begins, or a catch-up that writes records into its
+    /// region ahead of its log ([`Action::ApplyCaughtUp`]): make the region and
+    /// `applied_through` durable (nothing in the queue may be applied again over a resynced
+    /// chunk after a crash), then record durably that the node is a resync target of
+    /// `primary` (its region may be inconsistent until the transfer ends).
     BeginResyncTarget {
         /// The primary.
         primary: u64,
         /// Everything through this seq is applied (to be recorded).
         applied_through: u64,
     },
-    /// Backup: a handshake found this node's log caught up (no resync to finish): clear the
-    /// mark of an unfinished resync, durably.
+    /// Backup: the transfer the resync-target mark stood for is over (a resync adopted its
+    /// log; a catch-up's log holds every record it wrote ahead of it; a handshake found the
+    /// log caught up): clear the mark, durably.
     ClearResyncTarget,
-    /// Backup: the resync is complete: the log continues after `through` with `history`
-    /// (the primary's through it). Persist the history, drop the queue's records and make the
-    /// next seq `through + 1` with everything through it applied, then clear the resync
-    /// target mark, each step durable before the next.
+    /// Backup: the region holds (durably) every record through `through`: after a resync,
+    /// or after the records of a catch-up it applied without queueing them
+    /// ([`Action::ApplyCaughtUp`]). The log continues after `through` with `history` (the
+    /// primary's through it). Persist the history, drop the queue's records and make the
+    /// next seq `through + 1` with everything through it applied, each step durable before
+    /// the next. (After a resync a `ClearResyncTarget` follows.)
     AdoptLog {
-        /// The last seq the resync covered.
+        /// The last seq the region holds.
         through: u64,
         /// The primary's term history through it.
         history: TermHistory,
@@ -722,7 +735,8 @@ pub struct CoreStats {
     pub chunk_size: u64,
     /// A resync or verify in progress (a primary's).
     pub transfer: Option<TransferProgress>,
-    /// A backup that is the target of an unfinished resync (its region is inconsistent).
+    /// A backup that is the target of an unfinished resync or catch-up (its region is
+    /// inconsistent).
     pub resync_target: bool,
 }
 

@@ -314,8 +314,9 @@ impl PersistentQueue {
         self.history_floor
     }
 
-    /// Continues the log after `through` with `history` (the log a resync brought over: the
-    /// region holds everything through `through`, and the records after it will follow): the
+    /// Continues the log after `through` with `history` (the log a resync or a catch-up
+    /// brought over: the region holds everything through `through`, and the records after it
+    /// will follow): the
     /// records held go, the next append carries `through + 1`, and `applied_through` becomes
     /// `through`. `history` must agree with this queue's through its last seq (a resync
     /// starts from where the two logs agree). Durable per mode before returning, and
@@ -332,11 +333,21 @@ impl PersistentQueue {
             });
         }
         let current_term = self.meta.current_term.max(history.last_term());
-        self.write_meta(Meta {
-            history,
-            current_term,
-            ..self.meta.clone()
-        })?;
+        // A catch-up adopts in the term the log already ends with, batch after batch: when
+        // `history` names no term after our last seq (it agrees with ours through it), the
+        // durable history already gives every adopted seq its term, and the slot is not
+        // rewritten (a barrier saved per adopt).
+        let new_terms = history
+            .entries()
+            .iter()
+            .any(|e| e.first_seq > self.last_seq());
+        if new_terms || current_term != self.meta.current_term {
+            self.write_meta(Meta {
+                history,
+                current_term,
+                ..self.meta.clone()
+            })?;
+        }
         self.reset_to(through + 1)?;
         self.set_applied_through(through)
     }

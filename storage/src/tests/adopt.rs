@@ -46,6 +46,50 @@ fn adopt_log_continues_after_the_resynced_seqs_with_the_primarys_history() {
 }
 
 #[test]
+fn adopts_in_the_term_the_log_ends_with_keep_every_adopted_seqs_term_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut q, path) = new_queue(dir.path(), 8192);
+    for term in [1, 2, 2] {
+        push_term(&mut q, term, 40, 0);
+    }
+    q.set_applied_through(3).unwrap();
+    // Catch-up batches, one adopt each, all in term 2 (as a backup's records would carry).
+    let ours = q.term_history().clone();
+    for through in [10, 17, 30] {
+        q.adopt_log(through, ours.clone()).unwrap();
+        assert_eq!((q.last_seq(), q.applied_through()), (through, through));
+    }
+    drop(q);
+    let mut q = reopen(&path);
+    assert_eq!(
+        (q.next_seq(), q.first_seq(), q.applied_through()),
+        (31, None, 30)
+    );
+    assert_eq!(q.term_history().term_at(30), Some(2));
+    assert_eq!(q.current_term(), 2);
+    // Then a batch whose last records begin term 5.
+    let mut newer = q.term_history().clone();
+    newer.note_append(31, 5).unwrap();
+    q.adopt_log(40, newer).unwrap();
+    drop(q);
+    let mut q = reopen(&path);
+    assert_eq!(
+        (q.next_seq(), q.first_seq(), q.applied_through()),
+        (41, None, 40)
+    );
+    assert_eq!(q.term_history().term_at(40), Some(5));
+    assert_eq!(q.current_term(), 5);
+    // And the next append continues the log in that term.
+    push_term(&mut q, 5, 40, 1);
+    drop(q);
+    let q = reopen(&path);
+    assert_eq!(
+        records(&q).iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![41]
+    );
+}
+
+#[test]
 fn adopt_log_below_the_last_seq_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut q, _path) = new_queue(dir.path(), 8192);

@@ -109,7 +109,8 @@ pub fn run(args: &StatusArgs) -> CliResult {
                 String::new()
             },
             match b.resync_target {
-                Some(p) => format!("; a resync into this node from {p:#x} is unfinished"),
+                Some(p) =>
+                    format!("; a resync or catch-up into this node from {p:#x} is unfinished"),
                 None => String::new(),
             },
             if b.damaged_pages > 0 || b.state_damaged {
