@@ -430,6 +430,42 @@ fn a_backup_whose_region_took_records_its_log_lacks_is_marked_until_its_log_hold
 }
 
 #[test]
+fn a_catch_up_cut_short_without_a_crash_leaves_the_backup_unmarked_and_promotable() {
+    let mut pair = Pair::new(PeerLossPolicy::Continue);
+    pair.disconnect();
+    pair.b.crash_and_restart();
+    for i in 0..4u8 {
+        pair.p.write(u64::from(i) * 100, i + 1, 100);
+    }
+    pair.link_up();
+    pair.settle_rounds(2);
+    // Two of the four arrive; then the primary is gone.
+    let writes: Vec<_> = std::mem::take(&mut pair.p.outbox)
+        .into_iter()
+        .filter(|m| matches!(m, Message::Write { .. }))
+        .take(2)
+        .collect();
+    assert_eq!(writes.len(), 2);
+    for m in writes {
+        pair.b.core.on_message(PEER, m);
+    }
+    pair.b.core.end_batch();
+    pair.b.run();
+    assert_eq!(pair.b.disk.next_seq, 3);
+    assert_eq!(
+        pair.b.disk.resync_target,
+        Some(1),
+        "marked while its log is short of the primary's"
+    );
+    pair.up = false;
+    pair.b.core.on_disconnected(PEER);
+    pair.b.run();
+    // All it wrote ahead of its log was adopted: nothing stands for the mark any more.
+    assert_eq!(pair.b.disk.resync_target, None);
+    assert!(pair.b.core.promote(false).is_ok());
+}
+
+#[test]
 fn records_the_primary_had_not_applied_come_back_through_the_backups_queue() {
     let mut pair = Pair::new(PeerLossPolicy::Block);
     pair.p.write(0, 1, 16);

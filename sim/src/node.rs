@@ -97,9 +97,9 @@ pub(crate) struct Recovery {
     pub terms: mirror_proto::TermHistory,
     /// The role it starts in.
     pub role: WireRole,
-    /// Asked to start as a primary, its queue said it was superseded as one: it starts as a
-    /// backup (the real node refuses to open it as a primary; an operator then starts it as a
-    /// backup).
+    /// Asked to start as a primary, its queue said it was superseded as one, or its bitmap
+    /// that a resync or catch-up into it is unfinished: it starts as a backup (the real node
+    /// refuses to open it as a primary; an operator then starts it as a backup).
     pub refused_primary: bool,
     /// Records at seqs its queue no longer holds (lost unsynced, or cut): their terms, from seq
     /// `last_seq + 1` on, as the model log had them.
@@ -428,9 +428,12 @@ impl SimNode {
             PersistentQueue::open_with_crash_hook(&queue_path, Durability::Process, hook)
                 .map_err(storage)?;
         // As `src/node/open.rs`: the configured role decides (a queue's role is state), but a
-        // node superseded as a primary never takes writes as one again by a restart.
+        // node superseded as a primary never takes writes as one again by a restart, nor does
+        // a node marked as the target of an unfinished resync or catch-up (its region may
+        // hold writes its log lacks).
         let wanted = role.unwrap_or_else(|| wire_role(queue.role()));
-        let refused_primary = wanted == WireRole::Primary && queue.superseded();
+        let refused_primary =
+            wanted == WireRole::Primary && (queue.superseded() || bitmap.resync_target().is_some());
         let role = if refused_primary {
             WireRole::Backup
         } else {

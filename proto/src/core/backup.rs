@@ -37,6 +37,9 @@ pub(super) struct BackupSide {
     /// before a crash) while the region may hold records beyond the log, which the primary's
     /// log holds through its last seq at the handshake.
     clear_target_at: Option<u64>,
+    /// This process set the mark (`mark_region_ahead`, none before it): once what it wrote
+    /// ahead of the log is adopted, at the connection's end, nothing is ahead any more.
+    marked_here: bool,
     ack_due: bool,
     reported_applied: u64,
     /// Since when applied progress beyond `reported_applied` has waited for an ack to ride on.
@@ -87,6 +90,7 @@ impl BackupSide {
             caught_up: Vec::new(),
             unqueued_through: 0,
             clear_target_at: None,
+            marked_here: false,
             ack_due: false,
             reported_applied: 0,
             unreported_since_us: None,
@@ -114,6 +118,7 @@ impl BackupSide {
     pub(super) fn take_resync_target(&mut self) -> bool {
         self.resync_in = None;
         self.clear_target_at = None;
+        self.marked_here = false;
         self.resync_target.take().is_some()
     }
 
@@ -395,7 +400,7 @@ impl BackupSide {
 
     fn violation(&mut self, c: &mut Common, what: String) {
         // Records appended before the violation stay valid: acknowledge and apply them first.
-        self.finish_batch(c);
+        self.leave_connection(c);
         c.actions.push(Action::Reject {
             peer: c.to(),
             code: RejectCode::ProtocolViolation,
@@ -408,7 +413,7 @@ impl BackupSide {
     pub fn on_connected(&mut self, c: &mut Common) {
         c.forget_peer_reports();
         if self.state != BackupState::Failed {
-            self.finish_batch(c);
+            self.leave_connection(c);
             self.state = BackupState::Idle;
         }
     }
@@ -417,7 +422,7 @@ impl BackupSide {
     pub fn on_disconnected(&mut self, c: &mut Common) {
         c.forget_peer_reports();
         if self.state != BackupState::Failed {
-            self.finish_batch(c);
+            self.leave_connection(c);
             self.state = BackupState::Idle;
         }
     }
@@ -720,6 +725,7 @@ impl BackupSide {
         c.actions.push(Action::ClearResyncTarget);
         self.resync_target = None;
         self.clear_target_at = None;
+        self.marked_here = false;
         c.history = history;
         c.next_seq = through + 1;
         c.first_seq = None;
@@ -739,7 +745,7 @@ impl BackupSide {
 
     /// Drops the connection for `fault`, after acknowledging and applying what it delivered.
     fn hang_up(&mut self, c: &mut Common, fault: PeerFault) {
-        self.finish_batch(c);
+        self.leave_connection(c);
         c.actions.push(Action::Disconnect {
             peer: c.to(),
             fault,
@@ -764,6 +770,7 @@ impl BackupSide {
         };
         self.resync_target = Some(primary);
         self.clear_target_at = Some(primary_last);
+        self.marked_here = true;
         c.commit_requested = c.applied_through;
         c.committed_through = c.applied_through;
         c.actions.push(Action::BeginResyncTarget {
@@ -779,8 +786,23 @@ impl BackupSide {
             .is_some_and(|at| c.last_seq() >= at && self.caught_up.is_empty())
         {
             self.clear_target_at = None;
+            self.marked_here = false;
             self.resync_target = None;
             c.actions.push(Action::ClearResyncTarget);
+        }
+    }
+
+    /// The connection ends: what it delivered is acknowledged and applied (what went into the
+    /// region ahead of the log adopted), so a mark this process set stands for nothing any
+    /// more and goes: a backup whose primary died in a catch-up stays promotable. A mark
+    /// found at start stays until the log reaches its clear point (what a crash left in the
+    /// region is unknown).
+    fn leave_connection(&mut self, c: &mut Common) {
+        self.finish_batch(c);
+        if self.marked_here {
+            debug_assert!(self.caught_up.is_empty());
+            self.clear_target_at = Some(0);
+            self.clear_region_ahead(c);
         }
     }
 

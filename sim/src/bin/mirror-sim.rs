@@ -164,7 +164,7 @@ fn print_totals(total: &SimReport, seeds: usize, seconds: f64) {
     );
     let sb = total.split_brains;
     println!(
-        "failover: {} promotions, {} forced promotions, {} demotions, {} fences ({} pending writes refused by them, {} fenced nodes stopped), {} restarts in the other role ({} refused as primary: superseded), handshakes finding a split brain, by verdict: {} stay apart, {} discard the backup, {} discard the primary, {} completed writes discarded by verdicts; {} operator resolutions",
+        "failover: {} promotions, {} forced promotions, {} demotions, {} fences ({} pending writes refused by them, {} fenced nodes stopped), {} restarts in the other role ({} refused as primary: superseded or mid-transfer), handshakes finding a split brain, by verdict: {} stay apart, {} discard the backup, {} discard the primary, {} completed writes discarded by verdicts; {} operator resolutions",
         total.promotions,
         total.forced_promotions,
         total.demotions,

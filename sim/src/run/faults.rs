@@ -165,7 +165,7 @@ impl Sim<'_> {
         if rec.refused_primary {
             self.report.refused_primary_starts += 1;
             self.trace(format_args!(
-                "{r} cannot start as a primary (its queue was superseded): started as a backup"
+                "{r} cannot start as a primary (superseded, or a transfer into it unfinished): started as a backup"
             ));
         }
         self.trace(format_args!(
