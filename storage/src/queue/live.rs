@@ -316,12 +316,12 @@ impl PersistentQueue {
 
     /// Continues the log after `through` with `history` (the log a resync or a catch-up
     /// brought over: the region holds everything through `through`, and the records after it
-    /// will follow): the
-    /// records held go, the next append carries `through + 1`, and `applied_through` becomes
-    /// `through`. `history` must agree with this queue's through its last seq (a resync
-    /// starts from where the two logs agree). Durable per mode before returning, and
-    /// crash-safe at every step: the history is written first (recovery cuts whatever it
-    /// says past the log it finds), then the records are dropped and the numbering moved
+    /// will follow): the records held go, the next append carries `through + 1`, and
+    /// `applied_through` becomes `through`. `history` must agree with this queue's through its
+    /// last seq (a resync starts from where the two logs agree). Durable per mode before
+    /// returning, and crash-safe at every step: the history is written first, unless it names
+    /// no term after the last seq (recovery cuts whatever it says past the log it finds),
+    /// then the records are dropped and the numbering moved
     /// (`reset_to`), then `applied_through` recorded (a queue left empty holds nothing to
     /// apply, which the reader of a replay state takes as applied through its last seq).
     /// Refused with [`StorageError::ResetBackwards`] when `through` is below the last seq.
