@@ -335,30 +335,41 @@ fn a_catch_up_of_writes_the_primary_applied_skips_the_backups_queue() {
     pair.assert_converged();
 }
 
-#[test]
-fn a_backup_that_crashes_before_adopting_a_catch_up_is_sent_it_again() {
+/// A backup that missed `writes` writes of 100 bytes (seq 1 on, all applied by a `continue`
+/// primary) is back: the Hellos went both ways, and the primary's catch-up (returned) is on
+/// its way, not delivered.
+fn a_catch_up_on_its_way(writes: u8) -> (Pair, Vec<Message>) {
     let mut pair = Pair::new(PeerLossPolicy::Continue);
     pair.disconnect();
     pair.b.crash_and_restart();
-    for i in 0..4u8 {
+    for i in 0..writes {
         pair.p.write(u64::from(i) * 100, i + 1, 100);
     }
-    // The catch-up arrives, and the backup dies within the pass that received it.
     pair.link_up();
-    // Hellos both ways: the primary's catch-up is in its outbox.
     pair.settle_rounds(2);
-    assert!(pair
-        .p
-        .outbox
-        .iter()
-        .any(|m| matches!(m, Message::Write { .. })));
-    for m in std::mem::take(&mut pair.p.outbox) {
+    let catch_up = std::mem::take(&mut pair.p.outbox);
+    assert!(catch_up.iter().any(|m| matches!(m, Message::Write { .. })));
+    (pair, catch_up)
+}
+
+impl Pair {
+    /// The link drops and only the primary hears of it (the backup is about to crash).
+    fn primary_loses_the_link(&mut self) {
+        self.up = false;
+        self.p.core.on_disconnected(PEER);
+        self.p.run();
+    }
+}
+
+#[test]
+fn a_backup_that_crashes_before_adopting_a_catch_up_is_sent_it_again() {
+    let (mut pair, catch_up) = a_catch_up_on_its_way(4);
+    // The catch-up arrives, and the backup dies within the pass that received it.
+    for m in catch_up {
         pair.b.core.on_message(PEER, m);
     }
     pair.b.core.drain_actions(&mut Vec::new());
-    pair.up = false;
-    pair.p.core.on_disconnected(PEER);
-    pair.p.run();
+    pair.primary_loses_the_link();
     pair.b.crash_and_restart();
     assert_eq!(pair.b.disk.next_seq, 1, "nothing of it was adopted");
     pair.connect();
@@ -369,23 +380,10 @@ fn a_backup_that_crashes_before_adopting_a_catch_up_is_sent_it_again() {
 
 #[test]
 fn a_backup_whose_region_took_records_its_log_lacks_is_marked_until_its_log_holds_them() {
-    let mut pair = Pair::new(PeerLossPolicy::Continue);
-    pair.disconnect();
-    pair.b.crash_and_restart();
-    for i in 0..4u8 {
-        pair.p.write(u64::from(i) * 100, i + 1, 100);
-    }
+    let (mut pair, catch_up) = a_catch_up_on_its_way(4);
     // The catch-up reaches the backup; it dies after writing the records into its region,
     // before its log adopted them.
-    pair.link_up();
-    // Hellos both ways: the primary's catch-up is in its outbox.
-    pair.settle_rounds(2);
-    assert!(pair
-        .p
-        .outbox
-        .iter()
-        .any(|m| matches!(m, Message::Write { .. })));
-    for m in std::mem::take(&mut pair.p.outbox) {
+    for m in catch_up {
         pair.b.core.on_message(PEER, m);
     }
     pair.b.core.end_batch();
@@ -409,9 +407,7 @@ fn a_backup_whose_region_took_records_its_log_lacks_is_marked_until_its_log_hold
     );
     actions.truncate(adopt);
     pair.b.run_actions(actions);
-    pair.up = false;
-    pair.p.core.on_disconnected(PEER);
-    pair.p.run();
+    pair.primary_loses_the_link();
     pair.b.crash_and_restart();
     assert_eq!(pair.b.disk.next_seq, 1, "the log lacks them");
     assert!(region_has(&pair.b, 0, 1, 100), "the region holds one");
@@ -431,16 +427,9 @@ fn a_backup_whose_region_took_records_its_log_lacks_is_marked_until_its_log_hold
 
 #[test]
 fn a_catch_up_cut_short_without_a_crash_leaves_the_backup_unmarked_and_promotable() {
-    let mut pair = Pair::new(PeerLossPolicy::Continue);
-    pair.disconnect();
-    pair.b.crash_and_restart();
-    for i in 0..4u8 {
-        pair.p.write(u64::from(i) * 100, i + 1, 100);
-    }
-    pair.link_up();
-    pair.settle_rounds(2);
+    let (mut pair, catch_up) = a_catch_up_on_its_way(4);
     // Two of the four arrive; then the primary is gone.
-    let writes: Vec<_> = std::mem::take(&mut pair.p.outbox)
+    let writes: Vec<_> = catch_up
         .into_iter()
         .filter(|m| matches!(m, Message::Write { .. }))
         .take(2)
@@ -1457,23 +1446,30 @@ fn a_duplicate_of_another_term_is_not_acknowledged() {
     );
 }
 
+/// A primary (fenced by `policy`) with a write pending, and its backup, disconnected: the
+/// backup met a newer primary incarnation (term 5) than this one's meanwhile. Returns the
+/// pending write's ticket.
+fn a_stale_primary_and_a_newer_backup(policy: FencedPolicy) -> (Pair, u64) {
+    let mut pair = Pair::new(PeerLossPolicy::Block);
+    pair.disconnect();
+    let mut pcfg = cfg(1, PeerLossPolicy::Block);
+    pcfg.on_fenced = policy;
+    pair.p = Node::start(Role::Primary, pcfg, pair.p.disk.clone());
+    pair.connect();
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    let pending = pair.p.write(8, 2, 8);
+    pair.disconnect();
+    let mut disk = pair.b.disk.clone();
+    disk.current_term = term_no(5);
+    pair.b = Node::start(Role::Backup, cfg(2, PeerLossPolicy::Block), disk);
+    (pair, pending)
+}
+
 #[test]
 fn a_stale_primary_is_refused_and_fenced() {
     for policy in [FencedPolicy::Demote, FencedPolicy::Stop] {
-        let mut pair = Pair::new(PeerLossPolicy::Block);
-        pair.disconnect();
-        let mut pcfg = cfg(1, PeerLossPolicy::Block);
-        pcfg.on_fenced = policy;
-        pair.p = Node::start(Role::Primary, pcfg, pair.p.disk.clone());
-        pair.connect();
-        pair.p.write(0, 1, 8);
-        pair.settle();
-        let pending = pair.p.write(8, 2, 8);
-        pair.disconnect();
-        // The backup met a newer primary incarnation (term 5) than this one's.
-        let mut disk = pair.b.disk.clone();
-        disk.current_term = term_no(5);
-        pair.b = Node::start(Role::Backup, cfg(2, PeerLossPolicy::Block), disk);
+        let (mut pair, pending) = a_stale_primary_and_a_newer_backup(policy);
         pair.connect();
         assert!(
             matches!(pair.p.refused[..], [WritesRefused::Fenced(_)]),
@@ -1507,19 +1503,7 @@ fn a_stale_primary_is_refused_and_fenced() {
 #[test]
 fn a_fence_is_durable_before_its_refusal_reaches_the_callers() {
     for policy in [FencedPolicy::Demote, FencedPolicy::Stop] {
-        let mut pair = Pair::new(PeerLossPolicy::Block);
-        pair.disconnect();
-        let mut pcfg = cfg(1, PeerLossPolicy::Block);
-        pcfg.on_fenced = policy;
-        pair.p = Node::start(Role::Primary, pcfg, pair.p.disk.clone());
-        pair.connect();
-        pair.p.write(0, 1, 8);
-        pair.settle();
-        pair.p.write(8, 2, 8);
-        pair.disconnect();
-        let mut disk = pair.b.disk.clone();
-        disk.current_term = term_no(5);
-        pair.b = Node::start(Role::Backup, cfg(2, PeerLossPolicy::Block), disk);
+        let (mut pair, _) = a_stale_primary_and_a_newer_backup(policy);
         pair.link_up();
         // Deliver until the primary's pass that fences it; it crashes right before refusing.
         let mut fenced_pass = None;

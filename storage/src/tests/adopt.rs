@@ -59,26 +59,25 @@ fn adopts_in_the_term_the_log_ends_with_keep_every_adopted_seqs_term_across_a_re
         q.adopt_log(through, ours.clone()).unwrap();
         assert_eq!((q.last_seq(), q.applied_through()), (through, through));
     }
+    // Reopened: empty, applied through `through`, which has `term` (the current term too).
+    let reopened = |through: u64, term: u64| {
+        let q = reopen(&path);
+        assert_eq!(
+            (q.next_seq(), q.first_seq(), q.applied_through()),
+            (through + 1, None, through)
+        );
+        assert_eq!(q.term_history().term_at(through), Some(term));
+        assert_eq!(q.current_term(), term);
+        q
+    };
     drop(q);
-    let mut q = reopen(&path);
-    assert_eq!(
-        (q.next_seq(), q.first_seq(), q.applied_through()),
-        (31, None, 30)
-    );
-    assert_eq!(q.term_history().term_at(30), Some(2));
-    assert_eq!(q.current_term(), 2);
+    let mut q = reopened(30, 2);
     // Then a batch whose last records begin term 5.
     let mut newer = q.term_history().clone();
     newer.note_append(31, 5).unwrap();
     q.adopt_log(40, newer).unwrap();
     drop(q);
-    let mut q = reopen(&path);
-    assert_eq!(
-        (q.next_seq(), q.first_seq(), q.applied_through()),
-        (41, None, 40)
-    );
-    assert_eq!(q.term_history().term_at(40), Some(5));
-    assert_eq!(q.current_term(), 5);
+    let mut q = reopened(40, 5);
     // And the next append continues the log in that term.
     push_term(&mut q, 5, 40, 1);
     drop(q);
