@@ -617,6 +617,15 @@ impl BackupSide {
                 "ResyncBegin in the middle of a resync or of writes".into(),
             );
         }
+        self.mark_target(c, primary);
+        self.resync_in = Some(log);
+    }
+
+    /// Marks this node, durably, as the target of an unfinished transfer from `primary` (a
+    /// resync, or a catch-up writing ahead of the log), with everything applied so far made
+    /// durable first: nothing of the queue may be applied again over what the transfer
+    /// writes after a crash.
+    fn mark_target(&mut self, c: &mut Common, primary: u64) {
         self.resync_target = Some(primary);
         c.commit_requested = c.applied_through;
         c.committed_through = c.applied_through;
@@ -624,7 +633,6 @@ impl BackupSide {
             primary,
             applied_through: c.applied_through,
         });
-        self.resync_in = Some(log);
     }
 
     /// The primary's digest of a chunk: compare ours, with every write received before it
@@ -768,15 +776,9 @@ impl BackupSide {
         let Some(primary) = self.connected_primary() else {
             return;
         };
-        self.resync_target = Some(primary);
+        self.mark_target(c, primary);
         self.clear_target_at = Some(primary_last);
         self.marked_here = true;
-        c.commit_requested = c.applied_through;
-        c.committed_through = c.applied_through;
-        c.actions.push(Action::BeginResyncTarget {
-            primary,
-            applied_through: c.applied_through,
-        });
     }
 
     /// Clears the mark of `mark_region_ahead` once the log (durably) holds its clear point.
