@@ -311,8 +311,7 @@ impl BackupSide {
             if b_last >= h.last_seq {
                 // Our log is caught up as is (a crash after a resync's adopt step, before its
                 // mark was cleared): the catch-up that follows needs no resync.
-                self.resync_target = None;
-                c.actions.push(Action::ClearResyncTarget);
+                self.unmark(c);
             } else {
                 // Or a crash in a catch-up left our region holding records our log does not
                 // (see `mark_region_ahead`), all of them at or below the primary's last seq:
@@ -730,10 +729,7 @@ impl BackupSide {
             through,
             history: history.clone(),
         });
-        c.actions.push(Action::ClearResyncTarget);
-        self.resync_target = None;
-        self.clear_target_at = None;
-        self.marked_here = false;
+        self.unmark(c);
         c.history = history;
         c.next_seq = through + 1;
         c.first_seq = None;
@@ -787,11 +783,16 @@ impl BackupSide {
             .clear_target_at
             .is_some_and(|at| c.last_seq() >= at && self.caught_up.is_empty())
         {
-            self.clear_target_at = None;
-            self.marked_here = false;
-            self.resync_target = None;
-            c.actions.push(Action::ClearResyncTarget);
+            self.unmark(c);
         }
+    }
+
+    /// The transfer the mark stood for is over: it goes, durably.
+    fn unmark(&mut self, c: &mut Common) {
+        self.resync_target = None;
+        self.clear_target_at = None;
+        self.marked_here = false;
+        c.actions.push(Action::ClearResyncTarget);
     }
 
     /// The connection ends: what it delivered is acknowledged and applied (what went into the
@@ -803,8 +804,7 @@ impl BackupSide {
         self.finish_batch(c);
         if self.marked_here {
             debug_assert!(self.caught_up.is_empty());
-            self.clear_target_at = Some(0);
-            self.clear_region_ahead(c);
+            self.unmark(c);
         }
     }
 
