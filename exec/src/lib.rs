@@ -27,7 +27,8 @@ use mirror_proto::{
     Record, Recovered, RejectCode, Replica, WireRole, WritesRefused,
 };
 use mirror_storage::{
-    DirtyBitmap, DiscardedRecord, PersistentQueue, Region, RegionWriter, ReplayState, StorageError,
+    DirtyBitmap, DiscardedRecord, Durability, PersistentQueue, Region, RegionWriter, ReplayState,
+    StorageError,
 };
 use thiserror::Error;
 
@@ -336,6 +337,13 @@ pub fn recovered(
 /// checkpoints at once.
 pub const CHECKPOINT_INTERVAL_US: u64 = 50_000;
 
+/// `process`: the longest a checkpoint waits while the loop never goes idle (a pipelined
+/// stream). A checkpoint costs no sync there (the page cache is the durable copy), only a
+/// metadata slot written in place, so it is taken at the loop's first idle moment: a primary's
+/// while it waits for the next ack, instead of between an ack and the completion it brings (it
+/// was written per batch, on every synchronous write's path, on both nodes).
+pub const PROCESS_CHECKPOINT_INTERVAL_US: u64 = 1_000;
+
 /// Whether a node is a primary or a backup: the queue's own notion of it.
 pub use mirror_storage::Role;
 
@@ -546,6 +554,9 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 self.queue.truncate_after(after)?;
                 self.durable.last_seq = after;
                 self.durable.applied = self.durable.applied.min(after);
+                // A checkpoint asked for before the cut must not record an apply point past
+                // it: the seqs after it are the primary's records now, not applied yet.
+                self.commit_pending = self.commit_pending.map(|p| p.min(after));
             }
             Action::Apply(record) => {
                 self.hooks.before_apply(record.seq);
@@ -872,13 +883,20 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         Ok(())
     }
 
-    /// `power`/`pmem`: whether to make pending applies durable now: every
-    /// [`CHECKPOINT_INTERVAL_US`], or at once when the queue is half full (trims wait for
-    /// checkpoints).
-    pub fn checkpoint_due(&self, now_us: u64) -> bool {
-        self.commit_pending.is_some()
-            && (now_us.saturating_sub(self.last_checkpoint_us) >= CHECKPOINT_INTERVAL_US
-                || self.queue.used_bytes() > self.queue.capacity_bytes() / 2)
+    /// Whether to make pending applies durable now (`idle`: the loop's pass found nothing to
+    /// do). `power`/`pmem`: every [`CHECKPOINT_INTERVAL_US`]; `process`: when idle, or every
+    /// [`PROCESS_CHECKPOINT_INTERVAL_US`]; either way at once when the queue is half full
+    /// (trims wait for checkpoints).
+    pub fn checkpoint_due(&self, now_us: u64, idle: bool) -> bool {
+        if self.commit_pending.is_none() {
+            return false;
+        }
+        let since = now_us.saturating_sub(self.last_checkpoint_us);
+        let paced = match self.queue.durability() {
+            Durability::Process => idle || since >= PROCESS_CHECKPOINT_INTERVAL_US,
+            Durability::Power | Durability::Pmem => since >= CHECKPOINT_INTERVAL_US,
+        };
+        paced || self.queue.used_bytes() > self.queue.capacity_bytes() / 2
     }
 
     /// The checkpoint: the region becomes durable, then `applied_through` is recorded with a
@@ -903,7 +921,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         Ok(true)
     }
 
-    /// Applies not yet checkpointed (`power`/`pmem`).
+    /// Applies not yet checkpointed.
     pub fn commit_pending(&self) -> Option<u64> {
         self.commit_pending
     }

@@ -1689,6 +1689,75 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
     );
 }
 
+/// Simulator seed 56 (of a run with idle checkpoints): a repair writes the primary's current
+/// bytes of the diverged ranges, written by records the backup has not received yet. Cut off
+/// right after the repair, the backup's region holds bytes of records its log lacks: it stays
+/// marked, and not promotable, until its log holds the primary's last seq at the handshake.
+#[test]
+fn a_backup_cut_off_after_a_repair_is_marked_until_its_log_holds_the_repaired_bytes() {
+    let mut pair = power_pair(PeerLossPolicy::Continue);
+    pair.p.write(0, 1, 8);
+    pair.settle();
+    pair.p.write(8, 2, 8);
+    pair.primary_loses_power_after_the_backup_acked(1);
+    pair.p.core.on_connect_failed();
+    pair.p.run();
+    // The primary's new history: seq 2 elsewhere, seq 3 over the backup's divergent range.
+    pair.p.write(16, 3, 8);
+    pair.p.write(8, 4, 8);
+    pair.link_up();
+    let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
+    for m in to_b {
+        pair.b.core.on_message(PEER, m);
+    }
+    pair.b.core.end_batch();
+    pair.b.run();
+    let to_p: Vec<_> = pair.b.outbox.drain(..).collect();
+    for m in to_p {
+        pair.p.core.on_message(PEER, m);
+    }
+    pair.p.core.end_batch();
+    pair.p.run();
+    // The repair arrives, and nothing after it: the link goes.
+    let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
+    let done = to_b
+        .iter()
+        .position(|m| matches!(m, Message::RepairDone { .. }))
+        .expect("the primary closes the repair");
+    for m in to_b.into_iter().take(done + 1) {
+        pair.b.core.on_message(PEER, m);
+    }
+    pair.b.core.end_batch();
+    pair.b.run();
+    assert_eq!(
+        pair.b.disk.next_seq, 2,
+        "the suffix went; seqs 2 and 3 did not come"
+    );
+    assert!(
+        region_has(&pair.b, 8, 4, 8),
+        "the region holds the bytes of seq 3"
+    );
+    pair.disconnect();
+    assert!(pair.b.disk.resync_target.is_some(), "marked");
+    assert!(matches!(
+        pair.b.core.promote(false),
+        Err(PromoteError::NotCaughtUp { .. })
+    ));
+    // Across a restart too.
+    pair.b.crash_and_restart();
+    assert!(matches!(
+        pair.b.core.promote(false),
+        Err(PromoteError::NotCaughtUp { .. })
+    ));
+    pair.connect();
+    assert_eq!(pair.b.disk.next_seq, 4);
+    assert_eq!(
+        pair.b.disk.resync_target, None,
+        "the log holds them: unmarked"
+    );
+    pair.assert_converged();
+}
+
 // ---- Beyond the queue: folds into the dirty-chunk bitmap, resyncs, initial syncs, verify ----
 
 /// A region of 16 chunks of 4 KiB, for the bitmap's tests.

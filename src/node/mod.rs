@@ -434,6 +434,13 @@ impl Mirror {
     /// When the submission ring is full this waits for room (backpressure), for at most
     /// `write_timeout` if one is configured.
     pub fn submit(&self, offset: u64, data: &[u8]) -> Result<Ticket> {
+        self.push_submission(offset, data, true)
+    }
+
+    /// Submits, waking a parked polling thread if `wake_poller` (a caller about to drive the
+    /// loop itself, as [`Mirror::write`] does, takes the write in its own first step: a wake-up
+    /// then only costs a system call and puts a third thread on two busy CPUs).
+    fn push_submission(&self, offset: u64, data: &[u8], wake_poller: bool) -> Result<Ticket> {
         let producer = self.producer.as_ref().ok_or(MirrorError::Closed)?;
         check_write(offset, data.len(), self.cfg.region_size, self.max_write)?;
         self.check_writable()?;
@@ -446,7 +453,9 @@ impl Mirror {
         loop {
             match producer.try_push(item) {
                 Ok(position) => {
-                    self.shared.wake_poller();
+                    if wake_poller {
+                        self.shared.wake_poller();
+                    }
                     // Relaxed: a count for the metrics, published by nothing else.
                     self.shared
                         .counters
@@ -517,8 +526,15 @@ impl Mirror {
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
         let settled = || refused().is_some() || done();
-        if self.cfg.caller_drives && self.drive_while_waiting(&settled, deadline)? {
-            return refused().map_or(Ok(()), Err);
+        if self.cfg.caller_drives {
+            let driven = self.drive_while_waiting(&settled, deadline);
+            if !matches!(driven, Ok(true)) {
+                // The polling thread takes over: `write` did not wake it for its submission.
+                self.shared.wake_poller();
+            }
+            if driven? {
+                return refused().map_or(Ok(()), Err);
+            }
         }
         while start.elapsed() < self.cfg.wait_spin {
             if let Some(e) = refused() {
@@ -618,7 +634,7 @@ impl Mirror {
     /// applied here). Waits at most `write_timeout` if one is configured.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let started = Instant::now();
-        let ticket = self.submit(offset, data)?;
+        let ticket = self.push_submission(offset, data, !self.cfg.caller_drives)?;
         self.wait(ticket, self.cfg.write_timeout)?;
         self.shared.counters.observe_write(started.elapsed());
         Ok(())

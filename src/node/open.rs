@@ -169,9 +169,10 @@ impl Mirror {
             sync_queue_before_ack: cfg.durability != Durability::Process,
             max_write_len: max_write,
             queue_capacity: queue.capacity_bytes(),
-            // In `power`/`pmem`, syncing the region per batch would cost a system call per
-            // batch on top of the ack's queue sync: commits are checkpointed instead.
-            deferred_commit: cfg.durability != Durability::Process,
+            // Commits are checkpointed, not made per batch: in `power`/`pmem` each would cost
+            // a region sync on top of the ack's queue sync, in `process` a metadata write on
+            // every synchronous write's path (see `Executor::checkpoint_due` for the pacing).
+            deferred_commit: true,
             chunk_size: cfg.chunk_size,
             resync_rate: cfg.resync_rate,
             initial_sync: cfg.initial_sync,
@@ -372,6 +373,7 @@ impl Mirror {
             folding: false,
             transfer_published: false,
             transfer_progress_at: None,
+            send_before_own_append: false,
             peer_lost_published: None,
             hello_checked: None,
         };

@@ -569,6 +569,7 @@ impl BackupSide {
             Message::RepairDone { through, bytes }
                 if through == common && bytes == self.repair_bytes_received =>
             {
+                self.mark_repaired_ahead(c, common);
                 self.drop_divergent(c, common)
             }
             other => self.violation(
@@ -775,6 +776,34 @@ impl BackupSide {
         self.mark_target(c, primary);
         self.clear_target_at = Some(primary_last);
         self.marked_here = true;
+    }
+
+    /// Before a repaired suffix goes: the repaired ranges hold the primary's bytes as they are
+    /// now, written by its records up to its last seq, of which our log holds only those
+    /// through `common` once the suffix is dropped. While the suffix stayed, an unfinished
+    /// repair refused a promotion; from its drop until our log holds the primary's last seq at
+    /// the handshake, the mark does (simulator seed 56 of a run with idle checkpoints: a backup
+    /// repaired, then cut off after three of the primary's records, was promoted and went on
+    /// from a region holding bytes of records its history never had). Unlike a catch-up's
+    /// mark, the end of the connection does not clear it: the region stays ahead of the log.
+    fn mark_repaired_ahead(&mut self, c: &mut Common, common: u64) {
+        let Some(primary_last) = self.primary_log.as_ref().map(|log| log.last_seq) else {
+            return;
+        };
+        if primary_last <= common {
+            return;
+        }
+        if self.resync_target.is_none() {
+            let Some(primary) = self.connected_primary() else {
+                return;
+            };
+            self.mark_target(c, primary);
+        }
+        self.clear_target_at = Some(
+            self.clear_target_at
+                .map_or(primary_last, |at| at.max(primary_last)),
+        );
+        self.marked_here = false;
     }
 
     /// Clears the mark of `mark_region_ahead` once the log (durably) holds its clear point.

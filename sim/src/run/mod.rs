@@ -505,7 +505,7 @@ impl<'o> Sim<'o> {
         // Checkpoint by the real node's rule (the shared executor's).
         let now = self.now_us();
         let node = self.nodes[r.index()].as_mut().expect("still up");
-        let due = node.exec.checkpoint_due(now);
+        let due = node.exec.checkpoint_due(now, !worked);
         if due {
             // An armed node may die inside the checkpoint instead of in its next batch.
             let die_after = (self.armed[r.index()] && self.rng.bool()).then(|| self.rng.u8(0..2));

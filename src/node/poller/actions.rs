@@ -29,13 +29,10 @@ impl Poller {
                 // overlaps the round trip to the backup instead of adding to it, and a backup's
                 // ack leaves before its applies (region copies, the applied point's update)
                 // instead of after them.
-                Action::SyncQueue | Action::Apply(_) => {
-                    if let Some(c) = self.conn.as_mut().filter(|c| c.pending_send_bytes() > 0) {
-                        if let Err(e) = c.flush() {
-                            broken.get_or_insert(e.to_string());
-                        }
-                    }
-                }
+                Action::SyncQueue | Action::Apply(_) => self.flush_before_local_work(&mut broken),
+                Action::Append {
+                    recovery: false, ..
+                } if self.send_before_own_append => self.flush_before_local_work(&mut broken),
                 // Promoted (by an operator or a split-brain verdict): the fence of an earlier
                 // role no longer holds. In order: a fence earlier in this batch came first.
                 Action::PersistRole {
@@ -63,6 +60,15 @@ impl Poller {
             self.drop_connection(&why);
         }
         Ok(worked)
+    }
+
+    /// Hands the send batch to the network before local work that need not precede it.
+    fn flush_before_local_work(&mut self, broken: &mut Option<String>) {
+        if let Some(c) = self.conn.as_mut().filter(|c| c.pending_send_bytes() > 0) {
+            if let Err(e) = c.flush() {
+                broken.get_or_insert(e.to_string());
+            }
+        }
     }
 
     fn do_io(&mut self, item: Io, broken: &mut Option<String>) -> Result<(), Stop> {

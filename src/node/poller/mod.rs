@@ -97,6 +97,9 @@ pub(super) struct Poller {
     pub(super) transfer_published: bool,
     /// When its last progress event went out.
     pub(super) transfer_progress_at: Option<Instant>,
+    /// The submission being taken is the last one waiting: its write goes to the network
+    /// before our own append of it (see `take_submissions`).
+    pub(super) send_before_own_append: bool,
 }
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
@@ -410,7 +413,7 @@ impl Poller {
         worked |= self.flush_connection();
         // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
         worked |= self.execute_actions()?;
-        if self.exec.checkpoint_due(now) {
+        if self.exec.checkpoint_due(now, !worked) {
             self.exec.checkpoint(now)?;
             worked |= self.execute_actions()?;
         }
@@ -533,8 +536,15 @@ impl Poller {
                 .submit(ticket, sub.offset, sub.data)
                 .map_err(|e| Stop::Fatal(format!("submission refused by the core: {e}")))?;
             worked = true;
-            // Execute as we go so that queue space is accounted for the next submission.
-            self.execute_actions()?;
+            // Execute as we go so that queue space is accounted for the next submission. The
+            // last write waiting leaves before our own append of it (the append, a copy of the
+            // payload, then overlaps the trip instead of preceding it); earlier ones gather in
+            // the send batch and leave with it.
+            self.send_before_own_append =
+                self.stash.is_none() && self.consumer.as_ref().is_none_or(|c| c.is_empty());
+            let executed = self.execute_actions();
+            self.send_before_own_append = false;
+            executed?;
         }
         Ok(worked)
     }
