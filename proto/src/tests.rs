@@ -1631,8 +1631,12 @@ fn an_apply_report_of_records_still_to_be_replayed_trims_nothing() {
 /// `RepairData` it closes. The backup must not drop its divergent suffix on a repair it did not
 /// fully receive (its region would keep the dropped write's bytes for good): it refuses, and
 /// the next handshake repairs the range.
-#[test]
-fn a_repair_done_ahead_of_its_data_drops_nothing() {
+/// A backup holding seq 2 (8 bytes of 2s at offset 8) that its `continue` primary lost in a
+/// power cut; the primary then wrote `new_writes` (offset, value, length) from seq 2 on. The
+/// handshake runs by hand: the primary's Hello to the backup, the backup's plan (Hello,
+/// RepairRequest, ReplayDone) to the primary. Returns the pair and the primary's answer (the
+/// repair, then its records), not delivered.
+fn a_repair_on_its_way(new_writes: &[(u64, u8, usize)]) -> (Pair, Vec<Message>) {
     let mut pair = power_pair(PeerLossPolicy::Continue);
     pair.p.write(0, 1, 8);
     pair.settle();
@@ -1640,11 +1644,10 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
     pair.primary_loses_power_after_the_backup_acked(1);
     pair.p.core.on_connect_failed();
     pair.p.run();
-    pair.p.write(16, 3, 8);
-    // The handshake by hand, so that the primary's repair messages can be reordered.
+    for &(offset, value, len) in new_writes {
+        pair.p.write(offset, value, len);
+    }
     pair.link_up();
-    // The primary's Hello to the backup, the backup's plan (Hello, RepairRequest, ReplayDone)
-    // to the primary; what the primary answers is reordered on its way.
     let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
     for m in to_b {
         pair.b.core.on_message(PEER, m);
@@ -1657,7 +1660,14 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
     }
     pair.p.core.end_batch();
     pair.p.run();
-    let mut to_b: Vec<_> = pair.p.outbox.drain(..).collect();
+    let answer = pair.p.outbox.drain(..).collect();
+    (pair, answer)
+}
+
+#[test]
+fn a_repair_done_ahead_of_its_data_drops_nothing() {
+    // What the primary answers is reordered on its way.
+    let (mut pair, mut to_b) = a_repair_on_its_way(&[(16, 3, 8)]);
     let done = to_b
         .iter()
         .position(|m| matches!(m, Message::RepairDone { .. }))
@@ -1695,31 +1705,9 @@ fn a_repair_done_ahead_of_its_data_drops_nothing() {
 /// marked, and not promotable, until its log holds the primary's last seq at the handshake.
 #[test]
 fn a_backup_cut_off_after_a_repair_is_marked_until_its_log_holds_the_repaired_bytes() {
-    let mut pair = power_pair(PeerLossPolicy::Continue);
-    pair.p.write(0, 1, 8);
-    pair.settle();
-    pair.p.write(8, 2, 8);
-    pair.primary_loses_power_after_the_backup_acked(1);
-    pair.p.core.on_connect_failed();
-    pair.p.run();
     // The primary's new history: seq 2 elsewhere, seq 3 over the backup's divergent range.
-    pair.p.write(16, 3, 8);
-    pair.p.write(8, 4, 8);
-    pair.link_up();
-    let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
-    for m in to_b {
-        pair.b.core.on_message(PEER, m);
-    }
-    pair.b.core.end_batch();
-    pair.b.run();
-    let to_p: Vec<_> = pair.b.outbox.drain(..).collect();
-    for m in to_p {
-        pair.p.core.on_message(PEER, m);
-    }
-    pair.p.core.end_batch();
-    pair.p.run();
+    let (mut pair, to_b) = a_repair_on_its_way(&[(16, 3, 8), (8, 4, 8)]);
     // The repair arrives, and nothing after it: the link goes.
-    let to_b: Vec<_> = pair.p.outbox.drain(..).collect();
     let done = to_b
         .iter()
         .position(|m| matches!(m, Message::RepairDone { .. }))
