@@ -344,6 +344,26 @@ pub const CHECKPOINT_INTERVAL_US: u64 = 50_000;
 /// was written per batch, on every synchronous write's path, on both nodes).
 pub const PROCESS_CHECKPOINT_INTERVAL_US: u64 = 1_000;
 
+/// How [`Executor::checkpoint_due`] paces checkpoints (by default, the queue's durability's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointPacing {
+    /// `process`: at the loop's first idle moment, and at least every
+    /// [`PROCESS_CHECKPOINT_INTERVAL_US`].
+    WhenIdle,
+    /// `power`/`pmem`: every [`CHECKPOINT_INTERVAL_US`].
+    Interval,
+}
+
+impl CheckpointPacing {
+    /// The pacing a node of this durability uses.
+    pub fn of(durability: Durability) -> Self {
+        match durability {
+            Durability::Process => CheckpointPacing::WhenIdle,
+            Durability::Power | Durability::Pmem => CheckpointPacing::Interval,
+        }
+    }
+}
+
 /// Whether a node is a primary or a backup: the queue's own notion of it.
 pub use mirror_storage::Role;
 
@@ -362,6 +382,8 @@ pub struct Executor<R, H> {
     /// Chunk images with queued records laid over, kept across chunks.
     scratch: Vec<u8>,
     deferred_commit: bool,
+    /// How checkpoints are paced (the simulator draws it per seed).
+    pub checkpoint_pacing: CheckpointPacing,
     commit_pending: Option<u64>,
     last_checkpoint_us: u64,
     durable: DurablePoint,
@@ -414,6 +436,7 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             Role::Backup => Replica::backup(cfg, rec),
         };
         Executor {
+            checkpoint_pacing: CheckpointPacing::of(queue.durability()),
             core,
             queue,
             region,
@@ -884,17 +907,16 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
     }
 
     /// Whether to make pending applies durable now (`idle`: the loop's pass found nothing to
-    /// do). `power`/`pmem`: every [`CHECKPOINT_INTERVAL_US`]; `process`: when idle, or every
-    /// [`PROCESS_CHECKPOINT_INTERVAL_US`]; either way at once when the queue is half full
-    /// (trims wait for checkpoints).
+    /// do), by [`Self::checkpoint_pacing`], and at once when the queue is half full (trims
+    /// wait for checkpoints).
     pub fn checkpoint_due(&self, now_us: u64, idle: bool) -> bool {
         if self.commit_pending.is_none() {
             return false;
         }
         let since = now_us.saturating_sub(self.last_checkpoint_us);
-        let paced = match self.queue.durability() {
-            Durability::Process => idle || since >= PROCESS_CHECKPOINT_INTERVAL_US,
-            Durability::Power | Durability::Pmem => since >= CHECKPOINT_INTERVAL_US,
+        let paced = match self.checkpoint_pacing {
+            CheckpointPacing::WhenIdle => idle || since >= PROCESS_CHECKPOINT_INTERVAL_US,
+            CheckpointPacing::Interval => since >= CHECKPOINT_INTERVAL_US,
         };
         paced || self.queue.used_bytes() > self.queue.capacity_bytes() / 2
     }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use mirror_exec::CheckpointPacing;
 use mirror_proto::{FencedPolicy, PeerLossPolicy, SplitBrainPolicy};
 
 use crate::net::NodeName;
@@ -82,6 +83,11 @@ pub struct Swarm {
     /// lost a split brain, or was fenced) is refused until an operator rebuilds it with an
     /// initial sync (docs/PROTOCOL.md), which the simulated operator does not do.
     pub fold_when_full: bool,
+    /// How the nodes pace their checkpoints: as a `process` node (at the first idle moment) or
+    /// as a `power`/`pmem` one (every 50 ms). The simulated queue keeps what a barrier made
+    /// durable either way; the pacing moves when checkpoints fall. Drawn from a stream of its
+    /// own (half the seeds each).
+    pub checkpoint_pacing: CheckpointPacing,
 }
 
 /// The failover parameters of one seed. Drawn from a random stream of their own, so that a
@@ -150,11 +156,12 @@ impl Swarm {
     /// The parameters of `seed` (as [`crate::run_seed`] draws them).
     pub fn for_seed(seed: u64) -> Swarm {
         let (mut faults, mut failover) = streams(seed);
-        Swarm::draw(&mut faults, &mut failover).with_bitmap(seed)
+        Swarm::draw(&mut faults, &mut failover).with_own_streams(seed)
     }
 
-    /// The bitmap's parameters of `seed`, from their own stream.
-    pub(crate) fn with_bitmap(mut self, seed: u64) -> Swarm {
+    /// The parameters of `seed` drawn from streams of their own (the bitmap's, the checkpoint
+    /// pacing's): other draws of a seed stay what they were before each existed.
+    pub(crate) fn with_own_streams(mut self, seed: u64) -> Swarm {
         // Any constant works; it only keeps this stream apart from the others.
         const BITMAP_STREAM: u64 = 0x6269_746d_6170_0001;
         let f = &self.failover;
@@ -164,6 +171,12 @@ impl Swarm {
             && f.split_brain_ppm == 0
             && f.other_role_restart_percent == 0;
         self.fold_when_full = fixed_roles && fastrand::Rng::with_seed(seed ^ BITMAP_STREAM).bool();
+        const PACING_STREAM: u64 = 0x7061_6369_6e67_0001;
+        self.checkpoint_pacing = if fastrand::Rng::with_seed(seed ^ PACING_STREAM).bool() {
+            CheckpointPacing::WhenIdle
+        } else {
+            CheckpointPacing::Interval
+        };
         self
     }
 
@@ -193,6 +206,7 @@ impl Swarm {
             isolated_restart_percent: rng.u32(0..=100),
             failover: Failover::draw(failover_rng),
             fold_when_full: false,
+            checkpoint_pacing: CheckpointPacing::Interval,
         }
     }
 }

@@ -188,7 +188,8 @@ fn the_canary_matching_logs_by_seq_alone_is_caught() {
 /// i.e. the code before terms) leaves both synchronous with different regions. Changes to the
 /// simulator's random draws or to the nodes' timing move the scenario to another seed (the
 /// checkpoint pacing moved it from seed 24 to 1329; the primary's apply reports riding with its
-/// writes, to 289; `process`-style idle checkpoints in the simulated nodes, to 26): find it again among the seeds the canary catches
+/// writes, to 289; `process`-style idle checkpoints, drawn per seed, to 26): find it again
+/// among the seeds the canary catches
 /// (`mirror-sim --canary-log-matching --seeds 1500 --keep-going`), then with `--seed N | grep
 /// -E "lost seqs|discards|split brain"` (a primary's lost seqs, then one discard, no split brain).
 #[test]

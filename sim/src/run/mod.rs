@@ -505,6 +505,7 @@ impl<'o> Sim<'o> {
         // Checkpoint by the real node's rule (the shared executor's).
         let now = self.now_us();
         let node = self.nodes[r.index()].as_mut().expect("still up");
+        node.exec.checkpoint_pacing = self.swarm.checkpoint_pacing;
         let due = node.exec.checkpoint_due(now, !worked);
         if due {
             // An armed node may die inside the checkpoint instead of in its next batch.
@@ -639,7 +640,7 @@ fn create_nodes(
 /// Runs one seed in `dir` (which must be empty; the nodes' queue files go there).
 pub fn run_seed(seed: u64, opts: &SimOptions, dir: &Path) -> Result<SimReport, SimFailure> {
     let (mut rng, mut role_rng) = streams(seed);
-    let swarm = Swarm::draw(&mut rng, &mut role_rng).with_bitmap(seed);
+    let swarm = Swarm::draw(&mut rng, &mut role_rng).with_own_streams(seed);
     let setup = |e: String| SimFailure {
         seed,
         step: 0,
