@@ -782,9 +782,10 @@ impl BackupSide {
     /// now, written by its records up to its last seq, of which our log holds only those
     /// through `common` once the suffix is dropped. While the suffix stayed, an unfinished
     /// repair refused a promotion; from its drop until our log holds the primary's last seq at
-    /// the handshake, the mark does (simulator seed 56 of a run with idle checkpoints: a backup
-    /// repaired, then cut off after three of the primary's records, was promoted and went on
-    /// from a region holding bytes of records its history never had). Unlike a catch-up's
+    /// the handshake, the mark does (found by the simulator, reproduced by the proto test
+    /// `a_backup_cut_off_after_a_repair_is_marked_until_its_log_holds_the_repaired_bytes`: a
+    /// backup repaired, then cut off after three of the primary's records, was promoted and went
+    /// on from a region holding bytes of records its history never had). Unlike a catch-up's
     /// mark, the end of the connection does not clear it: the region stays ahead of the log.
     fn mark_repaired_ahead(&mut self, c: &mut Common, common: u64) {
         let Some(primary_last) = self.primary_log.as_ref().map(|log| log.last_seq) else {
