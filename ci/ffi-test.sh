@@ -49,7 +49,8 @@ cleanup() {
 trap cleanup EXIT
 
 part "header drift (pinned cbindgen 0.29.4) and export conventions"
-cargo test --test header_drift
+# The features and packages of the main test build (ci/test.sh), which then builds nothing again.
+cargo test --workspace --features fail-points --test header_drift
 
 part "the header alone compiles as C99 and as C++17 (-pedantic -Werror)"
 cc -std=c99 -pedantic -Wall -Wextra -Werror -fsyntax-only -x c include/mirror.h

@@ -51,15 +51,18 @@ if [ "${1:-}" = "--" ]; then
   echo >>"$run/job.sh"
 else
   say "building on the host (release mirror, RDMA test binary; --features rdma,fail-points)"
-  # A target directory of its own: building with another feature set in the shared one would
-  # replace target/release/mirror and rebuild the crate on every switch.
-  export CARGO_TARGET_DIR=$repo/target/rdma
+  # The lint and the test builds share the default target directory (its dependencies are
+  # built already; a feature switch there rebuilds only the mirror crate, and the test binary
+  # runs the `mirror` it was built with, target/debug/mirror, built just now). The release
+  # command gets a directory of its own: target/release/mirror and libmirror.so must stay the
+  # default build's (ci/install.sh keeps the rdma library there too).
   # The main clippy gate builds without the feature; lint the verbs code here.
   # fail-points: the kill campaign and the demo kill the primary between an ack and its apply.
   cargo clippy --all-targets --features rdma,fail-points -- -D warnings
   # The transport's pure parts (setup record, ring and credit arithmetic) need no device.
   cargo test --features rdma,fail-points --lib transport::rdma
-  cargo build --release --features rdma,fail-points --bin mirror
+  CARGO_TARGET_DIR=$repo/target/rdma cargo build --release --features rdma,fail-points --bin mirror
+  rdma_mirror=$repo/target/rdma/release/mirror
   test_bin=$(rdma_test_binary)
   cat >"$run/job.sh" <<EOF
 set -u
@@ -89,7 +92,7 @@ export MIRROR_IBV_RC_PINGPONG_US=\$(sed -n 's/.* = \([0-9.]*\) usec\/iter.*/\1/p
 step "RDMA test suite (tests/rdma.rs over rxe0): transport, sync writes, kill campaign, errors"
 $test_bin --test-threads=1 --nocapture --skip write_latency || rc=1
 step "mirror demo --transport rdma --writes 300"
-$CARGO_TARGET_DIR/release/mirror demo --transport rdma --writes 300 \\
+$rdma_mirror demo --transport rdma --writes 300 \\
   --set rdma_device=rxe0 --set rdma_gid_index=1 || rc=1
 step "figures: the engine's sync write latency over rxe0 next to the verbs floors"
 $test_bin --test-threads=1 --nocapture --exact write_latency_over_rdma_next_to_the_verbs_floor || rc=1

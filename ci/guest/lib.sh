@@ -68,8 +68,10 @@ guest_initrd() {
   rm -rf "$rd"
 }
 
-# rdma_test_binary: builds tests/rdma.rs (--features rdma,fail-points, in $CARGO_TARGET_DIR)
-# and prints the test binary's path; the soft-RoCE step and the lab run it in their guests.
+# rdma_test_binary: builds tests/rdma.rs (--features rdma,fail-points, in the default target
+# directory, whose test-profile dependencies the main test build made) and prints the test
+# binary's path; the soft-RoCE step and the lab run it in their guests. Run it right before the
+# guest: the binary starts target/debug/mirror, which a build without the feature replaces.
 rdma_test_binary() {
   local bin
   bin=$(cargo test --features rdma,fail-points --test rdma --no-run --message-format=json 2>/dev/null |

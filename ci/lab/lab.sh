@@ -70,8 +70,8 @@ build_mirror() {
   mirror=$repo/target/release/mirror
 }
 
-# The verbs build, in the target directory the soft-RoCE step uses (same features, so neither
-# rebuilds the other's).
+# The verbs build, where the soft-RoCE step makes it (same features, so neither rebuilds the
+# other's): the command in target/rdma, the test binary in the default target directory.
 build_mirror_rdma() {
   source ci/guest/lib.sh
   guest_packages libibverbs1 ibverbs-providers ibverbs-utils rdma-core perftest libibverbs-dev \
@@ -79,7 +79,7 @@ build_mirror_rdma() {
   lab_say "building the mirror command with RDMA (release, target/rdma)"
   CARGO_TARGET_DIR=$repo/target/rdma cargo build --release --features rdma,fail-points --bin mirror
   mirror=$repo/target/rdma/release/mirror
-  rdma_tests=$(CARGO_TARGET_DIR=$repo/target/rdma rdma_test_binary)
+  rdma_tests=$(rdma_test_binary)
 }
 
 # Soft-RoCE on each machine's NIC (after every boot): rxe0 on eth0, port ACTIVE.
