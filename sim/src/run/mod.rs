@@ -130,10 +130,12 @@ impl<'o> Sim<'o> {
         self.execute_or_defer_crash(r, false)
     }
 
-    /// `execute`, where an armed crash may wait for a later batch (`defer`): a submission's
-    /// batch sends its write last, so a crash landing in it never follows the send; deferring
-    /// lets crashes also land in the pass's closing batch, after the sends and before the
-    /// primary's own sync (a power cut while the sync overlaps the round trip).
+    /// `execute`, where an armed crash may wait for a later batch (`defer`). In a submission's
+    /// own batch the core sends the write before the primary's own append of it, the order the
+    /// real node hands them to the network and the queue in, so a crash there may fall between
+    /// the two (the backup holds a record the primary's queue lacks); deferred, it may land in
+    /// the pass's closing batch, after the sends and before the primary's own sync (a power cut
+    /// while the sync overlaps the round trip).
     fn execute_or_defer_crash(&mut self, r: NodeName, defer: bool) -> Result<bool, SimFailure> {
         let crash = if self.armed[r.index()] && !defer {
             Some(&mut self.rng)
