@@ -25,6 +25,7 @@ pub mod error;
 pub mod ffi;
 pub mod logging;
 pub mod node;
+pub(crate) mod stamps;
 pub mod transport;
 pub mod workload;
 

@@ -22,6 +22,7 @@ use mirror_storage::Region;
 
 use crate::config::{Config, Role};
 use crate::error::{MirrorError, Result};
+use crate::stamps::{self, Point};
 
 mod control;
 pub mod events;
@@ -597,6 +598,7 @@ impl Mirror {
         let mut spins = 0u32;
         loop {
             if done() {
+                stamps::at(Point::WaitDone);
                 return Ok(true);
             }
             self.check_usable()?;
@@ -634,8 +636,11 @@ impl Mirror {
     /// applied here). Waits at most `write_timeout` if one is configured.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let started = Instant::now();
+        stamps::at(Point::WriteEntered);
         let ticket = self.push_submission(offset, data, !self.cfg.caller_drives)?;
+        stamps::at(Point::Pushed);
         self.wait(ticket, self.cfg.write_timeout)?;
+        stamps::at(Point::WriteReturned);
         self.shared.counters.observe_write(started.elapsed());
         Ok(())
     }

@@ -17,6 +17,7 @@ use mirror_proto::{chunk_data_header, write_header, Message};
 use super::auth::{AuthContext, Authenticating};
 use super::tls::TlsContext;
 use super::{Connecting, Connection, FrameReader, Listener, SendBatch, TransportError};
+use crate::stamps;
 
 /// Bytes read per `read` call, and the receive buffer's growth step.
 const RECV_CHUNK: usize = 256 << 10;
@@ -164,6 +165,7 @@ impl TcpConnection {
                 // SAFETY: recv initialized bytes len..len+n (n <= spare capacity, checked by
                 // the kernel against the length we passed).
                 unsafe { raw.set_len(len + n as usize) };
+                stamps::received();
                 Ok(if (n as usize) < room {
                     Filled::Drained
                 } else {
@@ -216,6 +218,7 @@ impl TcpConnection {
     /// when [`may_bypass`](Self::may_bypass).
     fn send_unbatched(&mut self, header: &[u8], data: &[u8]) -> Result<(), TransportError> {
         let parts = [IoSlice::new(header), IoSlice::new(data)];
+        stamps::sent();
         let taken = loop {
             match self.stream.write_vectored(&parts) {
                 Ok(0) => return Err(TransportError::Closed),
@@ -275,6 +278,9 @@ impl Connection for TcpConnection {
         self.tx.close_record();
         if self.tls.is_some() {
             return self.flush_tls();
+        }
+        if self.tx.pending() > 0 {
+            stamps::sent();
         }
         while self.tx.pending() > 0 {
             match self.stream.write(self.tx.unsent()) {

@@ -48,8 +48,12 @@ impl Poller {
                 ),
                 _ => {}
             }
+            let appends = matches!(action, Action::Append { .. });
             if let Err(e) = self.exec.execute(action, &mut io) {
                 return Err(self.exec_failure(e));
+            }
+            if appends {
+                stamps::at(Point::Appended);
             }
             for item in io.drain(..) {
                 self.do_io(item, &mut broken)?;
@@ -97,7 +101,8 @@ impl Poller {
                 {
                     self.publish_stats();
                 }
-                self.shared.complete(ticket)
+                self.shared.complete(ticket);
+                stamps::at(Point::Completed);
             }
             Io::Disconnect { peer, fault } if self.is_current(peer) => {
                 // Told now, before the completions that follow in this batch (a write the

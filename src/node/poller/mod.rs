@@ -179,6 +179,7 @@ impl Poller {
             self.publish_stats();
             self.last_stats = t;
         }
+        stamps::at(Point::StepEnded);
         if worked {
             Step::Worked
         } else if t.duration_since(self.last_work) >= self.cfg.idle_spin {
@@ -363,6 +364,7 @@ impl Poller {
                 }
             }
         }
+        stamps::at(Point::Decoded);
         if self.catch_up.is_some() {
             let mut broken = None;
             worked |= self.continue_catch_up(&mut broken)?;
@@ -397,6 +399,7 @@ impl Poller {
         for msg in self.inbox.drain(..) {
             self.exec.core.on_message(self.conn_peer, msg);
         }
+        stamps::at(Point::CoreHandled);
         if no_room {
             self.drop_connection(
                 "the queue has no room for the next write (it trims after the reconnect)",
@@ -409,6 +412,7 @@ impl Poller {
             self.exec.core.on_tick();
         }
         self.exec.core.end_batch();
+        stamps::at(Point::BatchEnded);
         worked |= self.execute_actions()?;
         worked |= self.flush_connection();
         // Actions from a dropped connection (e.g. degraded applies) run in the same pass.
@@ -417,6 +421,7 @@ impl Poller {
             self.exec.checkpoint(now)?;
             worked |= self.execute_actions()?;
         }
+        stamps::at(Point::PassEnded);
         Ok(worked)
     }
 
@@ -535,6 +540,7 @@ impl Poller {
                 .core
                 .submit(ticket, sub.offset, sub.data)
                 .map_err(|e| Stop::Fatal(format!("submission refused by the core: {e}")))?;
+            stamps::at(Point::Submitted);
             worked = true;
             // Execute as we go so that queue space is accounted for the next submission. The
             // last write waiting leaves before our own append of it (the append, a copy of the
