@@ -51,6 +51,37 @@ pub enum ExecError {
     },
 }
 
+/// A region held in memory: what was written, and what the last sync made durable (what a
+/// power loss keeps). The simulator's nodes and the executor's tests use it.
+pub struct MemoryRegion {
+    /// The region as written.
+    pub written: Vec<u8>,
+    /// The region as of the last sync.
+    pub durable: Vec<u8>,
+    /// All zeros when the node started (a resync into it then skips digests).
+    pub blank: bool,
+}
+
+impl RegionStore for MemoryRegion {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        let at = offset as usize;
+        self.written[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
+        let at = offset as usize;
+        buf.copy_from_slice(&self.written[at..at + buf.len()]);
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), StorageError> {
+        self.durable.copy_from_slice(&self.written);
+        Ok(())
+    }
+    fn blank_at_start(&self) -> bool {
+        self.blank
+    }
+}
+
 /// The mirrored region as the executor needs it.
 pub trait RegionStore {
     /// Writes `data` at `offset` (in bounds: the core validated it).

@@ -1,36 +1,13 @@
 //! The executor's deferred checkpoint against a cut of the log.
 
-use mirror_exec::{Executor, NoHooks, RegionStore, Role};
+use mirror_exec::{Executor, MemoryRegion, NoHooks, Role};
 use mirror_proto::{
     Action, ChunkGeometry, CoreConfig, FencedPolicy, Payload, PeerLossPolicy, Record,
     SplitBrainPolicy, MIN_CHUNK_SIZE,
 };
-use mirror_storage::{DirtyBitmap, Durability, PersistentQueue, QueueParams, StorageError};
+use mirror_storage::{DirtyBitmap, Durability, PersistentQueue, QueueParams};
 
 const REGION: u64 = 1 << 16;
-
-/// A region in memory: what the executor wrote, and what it last made durable.
-struct MemoryRegion {
-    written: Vec<u8>,
-    durable: Vec<u8>,
-}
-
-impl RegionStore for MemoryRegion {
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
-        let at = offset as usize;
-        self.written[at..at + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
-        let at = offset as usize;
-        buf.copy_from_slice(&self.written[at..at + buf.len()]);
-        Ok(())
-    }
-    fn sync(&mut self) -> Result<(), StorageError> {
-        self.durable.copy_from_slice(&self.written);
-        Ok(())
-    }
-}
 
 fn backup_cfg() -> CoreConfig {
     CoreConfig {
@@ -89,6 +66,7 @@ fn a_checkpoint_asked_for_before_a_cut_records_no_apply_point_past_it() {
     let region = MemoryRegion {
         written: vec![0; REGION as usize],
         durable: vec![0; REGION as usize],
+        blank: true,
     };
     let mut exec =
         Executor::start(Role::Backup, cfg, queue, region, Box::new(bitmap), NoHooks).unwrap();

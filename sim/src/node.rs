@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use mirror_exec::{BitmapStore, CheckpointStage, Executor, Hooks, Io, RegionStore};
+use mirror_exec::{BitmapStore, CheckpointStage, Executor, Hooks, Io, MemoryRegion};
 use mirror_proto::{
     Action, ChunkSet, CoreConfig, FatalError, Message, PeerFault, PeerId, PeerLossPolicy, WireRole,
     WritesRefused,
@@ -127,7 +127,7 @@ pub(crate) struct SimNode {
     pub name: NodeName,
     /// The core, the queue and the region, executed by the same rules as the real node
     /// (`mirror-exec`).
-    pub exec: Executor<SimRegion, SimHooks>,
+    pub exec: Executor<MemoryRegion, SimHooks>,
     /// The role of the actions executed so far: the core's role changes at once (a promotion,
     /// a fence), this one when the action persisting it runs. The checkers judge each action
     /// by the role the node acted in.
@@ -140,34 +140,6 @@ pub(crate) struct SimNode {
     bitmap: SimBitmap,
     cfg: CoreConfig,
     canaries: Canaries,
-}
-
-/// The simulated region: what is written, and what a power loss would keep.
-pub(crate) struct SimRegion {
-    pub written: Vec<u8>,
-    durable: Vec<u8>,
-    /// All zeros when the node started (a resync into it then skips digests).
-    blank: bool,
-}
-
-impl RegionStore for SimRegion {
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
-        let at = offset as usize;
-        self.written[at..at + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError> {
-        let at = offset as usize;
-        buf.copy_from_slice(&self.written[at..at + buf.len()]);
-        Ok(())
-    }
-    fn sync(&mut self) -> Result<(), StorageError> {
-        self.durable.copy_from_slice(&self.written);
-        Ok(())
-    }
-    fn blank_at_start(&self) -> bool {
-        self.blank
-    }
 }
 
 /// What a dirty-chunk bitmap holds.
@@ -464,7 +436,7 @@ impl SimNode {
             apply_at_append: false,
             die_after_stages: None,
         };
-        let region = SimRegion {
+        let region = MemoryRegion {
             blank: written.iter().all(|&b| b == 0),
             written,
             durable: region_durable,
