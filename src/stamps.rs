@@ -114,6 +114,16 @@ pub(crate) fn sent() {
     imp::sent();
 }
 
+/// The loop's step found nothing to do: a round still open is no round trip (a frame that
+/// needs no reply, such as an idle primary's apply report, then the passes spent waiting), so
+/// it ends unrecorded. Without this, a backup's idle passes after such a frame filled its
+/// histograms with samples of the wait.
+#[inline(always)]
+pub(crate) fn idle() {
+    #[cfg(feature = "stamps")]
+    imp::idle();
+}
+
 #[cfg(feature = "stamps")]
 mod imp {
     use std::cell::{Cell, RefCell};
@@ -163,6 +173,10 @@ mod imp {
 
     pub(super) fn received() {
         ROUND_START.with(|start| start.set(Some(Instant::now())));
+    }
+
+    pub(super) fn idle() {
+        ROUND_START.with(|start| start.set(None));
     }
 
     pub(super) fn at(point: Point) {

@@ -179,7 +179,11 @@ impl Poller {
             self.publish_stats();
             self.last_stats = t;
         }
-        stamps::at(Point::StepEnded);
+        if worked {
+            stamps::at(Point::StepEnded);
+        } else {
+            stamps::idle();
+        }
         if worked {
             Step::Worked
         } else if t.duration_since(self.last_work) >= self.cfg.idle_spin {
