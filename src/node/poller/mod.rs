@@ -181,12 +181,10 @@ impl Poller {
         }
         if worked {
             stamps::at(Point::StepEnded);
-        } else {
-            stamps::idle();
+            return Step::Worked;
         }
-        if worked {
-            Step::Worked
-        } else if t.duration_since(self.last_work) >= self.cfg.idle_spin {
+        stamps::idle();
+        if t.duration_since(self.last_work) >= self.cfg.idle_spin {
             Step::Idle
         } else {
             Step::Spinning
