@@ -51,16 +51,17 @@ if [ "${1:-}" = "--" ]; then
   echo >>"$run/job.sh"
 else
   say "building on the host (release mirror, RDMA test binary; --features rdma,fail-points)"
-  # The lint and the test builds share the default target directory (its dependencies are
-  # built already; a feature switch there rebuilds only the mirror crate, and the test binary
-  # runs the `mirror` it was built with, target/debug/mirror, built just now). The release
+  # The lint and the test builds share the default target directory and, with `--workspace`,
+  # the main test build's features for every other crate: only the mirror crate is built again,
+  # with the feature (the test binary runs the `mirror` it was built with, target/debug/mirror,
+  # built just now). The release
   # command gets a directory of its own: target/release/mirror and libmirror.so must stay the
   # default build's (ci/install.sh keeps the rdma library there too).
   # The main clippy gate builds without the feature; lint the verbs code here.
   # fail-points: the kill campaign and the demo kill the primary between an ack and its apply.
-  cargo clippy --all-targets --features rdma,fail-points -- -D warnings
+  cargo clippy --workspace --all-targets --features rdma,fail-points -- -D warnings
   # The transport's pure parts (setup record, ring and credit arithmetic) need no device.
-  cargo test --features rdma,fail-points --lib transport::rdma
+  cargo test --workspace --features rdma,fail-points --lib transport::rdma
   CARGO_TARGET_DIR=$repo/target/rdma cargo build --release --features rdma,fail-points --bin mirror
   rdma_mirror=$repo/target/rdma/release/mirror
   test_bin=$(rdma_test_binary)

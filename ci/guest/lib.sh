@@ -74,8 +74,8 @@ guest_initrd() {
 # guest: the binary starts target/debug/mirror, which a build without the feature replaces.
 rdma_test_binary() {
   local bin
-  bin=$(cargo test --features rdma,fail-points --test rdma --no-run --message-format=json 2>/dev/null |
+  bin=$(cargo test --workspace --features rdma,fail-points --test rdma --no-run --message-format=json 2>/dev/null |
     grep '"name":"rdma"' | grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
-  [ -x "$bin" ] || { echo "no RDMA test binary (cargo test --features rdma,fail-points --test rdma --no-run)" >&2; return 1; }
+  [ -x "$bin" ] || { echo "no RDMA test binary (cargo test --workspace --features rdma,fail-points --test rdma --no-run)" >&2; return 1; }
   echo "$bin"
 }
