@@ -8,10 +8,10 @@
 //! through the completion, the caller's return and its next submission. Every
 //! [`ROUNDS_PER_REPORT`] rounds a thread prints the median of each point to stderr, in round
 //! order, so the difference between two neighbours is the median cost of the step between
-//! them (the stamps themselves add ~30 ns each). docs/PERFORMANCE.md has the figures and the
-//! command.
+//! them. The stamps cost something themselves (docs/PERFORMANCE.md has what they added to a
+//! run's latency, their figures and the command).
 //!
-//! Only the TCP transport stamps its receives and sends.
+//! Only the TCP transport in the clear stamps its receives and sends (not TLS, not RDMA).
 
 /// Rounds a thread collects before it prints its medians.
 #[cfg_attr(not(feature = "stamps"), allow(dead_code))]
@@ -54,42 +54,23 @@ pub enum Point {
 #[cfg(feature = "stamps")]
 const POINTS: usize = Point::Sent as usize + 1;
 
+/// The points' names in the report, indexed by `Point as usize` (the enum's order).
 #[cfg(feature = "stamps")]
-impl Point {
-    const ALL: [Point; POINTS] = [
-        Point::Decoded,
-        Point::CoreHandled,
-        Point::BatchEnded,
-        Point::Appended,
-        Point::Completed,
-        Point::PassEnded,
-        Point::StepEnded,
-        Point::WaitDone,
-        Point::WriteReturned,
-        Point::WriteEntered,
-        Point::Pushed,
-        Point::Submitted,
-        Point::Sent,
-    ];
-
-    fn label(self) -> &'static str {
-        match self {
-            Point::Decoded => "decoded",
-            Point::CoreHandled => "core",
-            Point::BatchEnded => "batch-end",
-            Point::Appended => "appended",
-            Point::Completed => "completed",
-            Point::PassEnded => "pass-end",
-            Point::StepEnded => "step-end",
-            Point::WaitDone => "wait-done",
-            Point::WriteReturned => "write-return",
-            Point::WriteEntered => "write-enter",
-            Point::Pushed => "pushed",
-            Point::Submitted => "submitted",
-            Point::Sent => "sent",
-        }
-    }
-}
+const LABELS: [&str; POINTS] = [
+    "decoded",
+    "core",
+    "batch-end",
+    "appended",
+    "completed",
+    "pass-end",
+    "step-end",
+    "wait-done",
+    "write-return",
+    "write-enter",
+    "pushed",
+    "submitted",
+    "sent",
+];
 
 /// Bytes of a frame arrived: a round starts (a later receive in the same round restarts it).
 #[inline(always)]
@@ -130,7 +111,7 @@ mod imp {
     use std::fmt::Write as _;
     use std::time::Instant;
 
-    use super::{Point, POINTS, ROUNDS_PER_REPORT};
+    use super::{Point, LABELS, POINTS, ROUNDS_PER_REPORT};
 
     /// Histogram buckets of 10 ns; the last one takes everything from 20 µs on. A histogram,
     /// not a list of samples: a stamp then touches one hot cache line, where 20 000 samples
@@ -151,10 +132,11 @@ mod imp {
             }
         }
 
-        /// The median of `point`'s samples, in µs (the upper edge of its bucket).
-        fn median_us(&self, point: Point) -> f64 {
-            let counts = &self.counts[point as usize];
-            let half = self.samples[point as usize].div_ceil(2);
+        /// The median of the samples of the point at `index`, in µs (the upper edge of its
+        /// bucket).
+        fn median_us(&self, index: usize) -> f64 {
+            let counts = &self.counts[index];
+            let half = self.samples[index].div_ceil(2);
             let mut seen = 0usize;
             for (bucket, &n) in counts.iter().enumerate() {
                 seen += n as usize;
@@ -208,13 +190,13 @@ mod imp {
                 "stamps [{}] median µs since the round's receive, {ROUNDS_PER_REPORT} rounds:",
                 thread.name().unwrap_or("unnamed")
             );
-            for point in Point::ALL {
-                let samples = histograms.samples[point as usize];
+            for (index, label) in LABELS.iter().enumerate() {
+                let samples = histograms.samples[index];
                 if samples == 0 {
                     continue;
                 }
-                let median = histograms.median_us(point);
-                let _ = write!(line, " {} {median:.2} (n={samples})", point.label());
+                let median = histograms.median_us(index);
+                let _ = write!(line, " {label} {median:.2} (n={samples})");
             }
             *histograms = Histograms::new();
             eprintln!("{line}");
