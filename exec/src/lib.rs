@@ -60,6 +60,9 @@ pub struct MemoryRegion {
     pub durable: Vec<u8>,
     /// All zeros when the node started (a resync into it then skips digests).
     pub blank: bool,
+    /// Have the executor gather applies ([`RegionStore::gathers_writes`]), as a `power`
+    /// region's does, so that a simulation covers that path.
+    pub gathers: bool,
 }
 
 impl RegionStore for MemoryRegion {
@@ -80,6 +83,9 @@ impl RegionStore for MemoryRegion {
     fn blank_at_start(&self) -> bool {
         self.blank
     }
+    fn gathers_writes(&self) -> bool {
+        self.gathers
+    }
 }
 
 /// The mirrored region as the executor needs it.
@@ -88,6 +94,20 @@ pub trait RegionStore {
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError>;
     /// Reads `buf.len()` bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StorageError>;
+    /// Writes `writes` in order, as [`write`](Self::write) of each would; a store whose
+    /// writes are system calls makes neighbours one.
+    fn write_gathered(&mut self, writes: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        for &(offset, data) in writes {
+            self.write(offset, data)?;
+        }
+        Ok(())
+    }
+    /// Whether the executor gathers a batch's applies for
+    /// [`write_gathered`](Self::write_gathered) (holding back what must follow them, such as
+    /// their completions, until they are written).
+    fn gathers_writes(&self) -> bool {
+        false
+    }
     /// Everything written so far survives a power loss once this returns.
     fn sync(&mut self) -> Result<(), StorageError>;
     /// Whether the region was all zeros when the node started (its file created then). False
@@ -118,6 +138,12 @@ impl RegionStore for RegionWriter {
     }
     fn sync(&mut self) -> Result<(), StorageError> {
         Region::sync(self)
+    }
+    fn write_gathered(&mut self, writes: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        RegionWriter::write_gathered(self, writes)
+    }
+    fn gathers_writes(&self) -> bool {
+        RegionWriter::gathers_writes(self)
     }
     fn blank_at_start(&self) -> bool {
         self.created()
@@ -282,8 +308,13 @@ pub enum Io {
         /// Bytes of region the repair asks for (the ranges the records wrote, merged).
         repair_bytes: u64,
     },
-    /// Record `seq` was written to the region (for the driver's bookkeeping).
-    Applied(u64),
+    /// Record `seq` (of `term`) was written to the region (for the driver's bookkeeping).
+    Applied {
+        /// The record's seq.
+        seq: u64,
+        /// The term that assigned it.
+        term: u64,
+    },
     /// The queue's records were folded into the dirty-chunk bitmap (the peer is away and
     /// the queue was full).
     Folded {
@@ -412,6 +443,10 @@ pub struct Executor<R, H> {
     pub bitmap: Box<dyn BitmapStore>,
     /// Chunk images with queued records laid over, kept across chunks.
     scratch: Vec<u8>,
+    /// Applies gathered for one [`RegionStore::write_gathered`], and the I/O that must follow
+    /// them (their `Applied` and the completions after them), in order.
+    gathered: Vec<(u64, Payload)>,
+    held_back: Vec<Io>,
     deferred_commit: bool,
     /// How checkpoints are paced (the simulator draws it per seed).
     pub checkpoint_pacing: CheckpointPacing,
@@ -474,6 +509,8 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             hooks,
             bitmap,
             scratch: Vec::new(),
+            gathered: Vec::new(),
+            held_back: Vec::new(),
             deferred_commit,
             commit_pending: None,
             last_checkpoint_us: 0,
@@ -521,13 +558,91 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
         Ok(writes)
     }
 
+    /// Appends share a run of the queue (`PersistentQueue::begin_append_run`: under `power`
+    /// their records reach the file in one write, not one each) while nothing but appends and
+    /// the sends of writes comes between them. A primary's pass alternates the two (each
+    /// write is sent before its own append, and the core allows a crash to fall between them:
+    /// the backup then holds records the primary's queue lacks, which the next handshake
+    /// takes back). Any other action ends the run first, so that whatever it does (a sync, an
+    /// ack, an apply, a read of the queue) comes after the records are written.
+    fn keep_append_run(&mut self, action: &Action) -> Result<(), StorageError> {
+        match action {
+            Action::Append { .. } => {
+                self.queue.begin_append_run();
+                Ok(())
+            }
+            Action::Send {
+                msg: Message::Write { .. },
+                ..
+            } => Ok(()),
+            _ => self.queue.end_append_run(),
+        }
+    }
+
+    /// Ends what the batch's actions left open: the run of appends its last actions made
+    /// (their records are written to the queue's file), the applies gathered (written to the
+    /// region, then the I/O held back behind them handed over in `io`). Called by a driver
+    /// after the last action of a batch; until then those records are in this process's
+    /// memory only, and those applies not in the region.
+    pub fn end_of_actions(&mut self, io: &mut Vec<Io>) -> Result<(), ExecError> {
+        self.queue.end_append_run()?;
+        self.write_gathered(io)
+    }
+
+    /// Applies `record` to the region: at once, or gathered with the batch's next applies
+    /// where the region writes them together for less ([`RegionStore::gathers_writes`]:
+    /// under `power` each write is a system call, and neighbours become one).
+    fn apply(&mut self, record: Record, io: &mut Vec<Io>) -> Result<(), ExecError> {
+        if !self.region.gathers_writes() {
+            io.push(Io::Applied {
+                seq: record.seq,
+                term: record.term,
+            });
+            self.region.write(record.offset, &record.data)?;
+            return Ok(());
+        }
+        self.held_back.push(Io::Applied {
+            seq: record.seq,
+            term: record.term,
+        });
+        self.gathered.push((record.offset, record.data));
+        if self.gathered.len() >= mirror_storage::GATHER_MAX_PIECES {
+            self.write_gathered(io)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the gathered applies, then hands over the I/O held back behind them.
+    fn write_gathered(&mut self, io: &mut Vec<Io>) -> Result<(), ExecError> {
+        if self.gathered.is_empty() {
+            return Ok(());
+        }
+        let writes: Vec<(u64, &[u8])> = self
+            .gathered
+            .iter()
+            .map(|(offset, data)| (*offset, &data[..]))
+            .collect();
+        self.region.write_gathered(&writes)?;
+        self.gathered.clear();
+        io.append(&mut self.held_back);
+        Ok(())
+    }
+
     fn queue_barrier_done(&mut self) {
         self.durable.last_seq = self.queue.last_seq();
     }
 
     /// Executes one action of the core: the storage part here, the I/O handed to the driver
-    /// through `io`, in order.
+    /// through `io`, in order. A driver calls [`end_of_actions`](Self::end_of_actions) after
+    /// the last action of a batch.
     pub fn execute(&mut self, action: Action, io: &mut Vec<Io>) -> Result<(), ExecError> {
+        self.keep_append_run(&action)?;
+        if !matches!(
+            action,
+            Action::Apply(_) | Action::ApplyCaughtUp(_) | Action::Complete { .. }
+        ) {
+            self.write_gathered(io)?;
+        }
         match action {
             Action::Send { to, msg } => io.push(Io::Send { to, msg }),
             Action::SendQueued {
@@ -551,7 +666,10 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                     self.count_recovery(1, record.data.len() as u64);
                 }
                 if !recovery && self.hooks.apply_at_append() {
-                    io.push(Io::Applied(record.seq));
+                    io.push(Io::Applied {
+                        seq: record.seq,
+                        term: record.term,
+                    });
                     self.region.write(record.offset, &record.data)?;
                 }
             }
@@ -614,14 +732,12 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             }
             Action::Apply(record) => {
                 self.hooks.before_apply(record.seq);
-                io.push(Io::Applied(record.seq));
-                self.region.write(record.offset, &record.data)?;
+                self.apply(record, io)?;
             }
             Action::ApplyCaughtUp(record) => {
                 self.count_recovery(1, record.data.len() as u64);
                 self.hooks.before_apply(record.seq);
-                io.push(Io::Applied(record.seq));
-                self.region.write(record.offset, &record.data)?;
+                self.apply(record, io)?;
             }
             Action::CommitApplied { through } => {
                 if self.deferred_commit {
@@ -638,6 +754,10 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
             Action::BindPeer { node_id } => {
                 self.queue.set_peer_node_id(node_id)?;
                 self.queue_barrier_done();
+            }
+            Action::Complete { ticket } if !self.gathered.is_empty() => {
+                // The caller may read its write once told: not before the region has it.
+                self.held_back.push(Io::Complete(ticket));
             }
             Action::Complete { ticket } => io.push(Io::Complete(ticket)),
             Action::Disconnect { peer, fault } => io.push(Io::Disconnect { peer, fault }),

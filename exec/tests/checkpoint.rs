@@ -1,9 +1,10 @@
-//! The executor's deferred checkpoint against a cut of the log.
+//! The executor against its storage: the deferred checkpoint against a cut of the log, and
+//! the batches a `power` node writes (runs of appends, gathered applies).
 
-use mirror_exec::{Executor, MemoryRegion, NoHooks, Role};
+use mirror_exec::{Executor, Io, MemoryRegion, NoHooks, Role};
 use mirror_proto::{
-    Action, ChunkGeometry, CoreConfig, FencedPolicy, Payload, PeerLossPolicy, Record,
-    SplitBrainPolicy, MIN_CHUNK_SIZE,
+    Action, ChunkGeometry, CoreConfig, FencedPolicy, Message, Payload, PeerId, PeerLossPolicy,
+    Record, SplitBrainPolicy, MIN_CHUNK_SIZE,
 };
 use mirror_storage::{DirtyBitmap, Durability, PersistentQueue, QueueParams};
 
@@ -43,9 +44,13 @@ fn record(seq: u64) -> Record {
 /// a repair cut its log after seq 1 (seqs 2 and 3 were a divergent suffix: the primary's
 /// records under those seqs are not applied here yet). The checkpoint must record seq 1, not
 /// 3: an apply point past the cut would skip the primary's seqs 2 and 3 after a restart.
-#[test]
-fn a_checkpoint_asked_for_before_a_cut_records_no_apply_point_past_it() {
-    let dir = tempfile::tempdir().unwrap();
+/// A backup's executor on a queue of `durability` in `dir` and a region in memory that
+/// gathers applies or not (as a `power` node's does); the queue file's path.
+fn backup(
+    dir: &std::path::Path,
+    durability: Durability,
+    gathers: bool,
+) -> (Executor<MemoryRegion, NoHooks>, std::path::PathBuf) {
     let cfg = backup_cfg();
     let params = QueueParams {
         node_id: cfg.node_id,
@@ -53,23 +58,27 @@ fn a_checkpoint_asked_for_before_a_cut_records_no_apply_point_past_it() {
         region_size: REGION,
         capacity_bytes: 1 << 20,
     };
-    let queue_path = dir.path().join("queue");
-    let queue = PersistentQueue::create(&queue_path, &params, Durability::Process).unwrap();
+    let queue_path = dir.join("queue");
+    let queue = PersistentQueue::create(&queue_path, &params, durability).unwrap();
     let geometry = ChunkGeometry::new(REGION, cfg.chunk_size).unwrap();
-    let (bitmap, _) = DirtyBitmap::open_or_create(
-        &dir.path().join("bitmap"),
-        cfg.node_id,
-        geometry,
-        Durability::Process,
-    )
-    .unwrap();
+    let (bitmap, _) =
+        DirtyBitmap::open_or_create(&dir.join("bitmap"), cfg.node_id, geometry, durability)
+            .unwrap();
     let region = MemoryRegion {
         written: vec![0; REGION as usize],
         durable: vec![0; REGION as usize],
         blank: true,
+        gathers,
     };
-    let mut exec =
+    let exec =
         Executor::start(Role::Backup, cfg, queue, region, Box::new(bitmap), NoHooks).unwrap();
+    (exec, queue_path)
+}
+
+#[test]
+fn a_checkpoint_asked_for_before_a_cut_records_no_apply_point_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut exec, queue_path) = backup(dir.path(), Durability::Process, false);
     let mut io = Vec::new();
     for seq in 1..=3 {
         let append = Action::Append {
@@ -98,4 +107,117 @@ fn a_checkpoint_asked_for_before_a_cut_records_no_apply_point_past_it() {
     let replay = reopened.replay_state().unwrap();
     assert_eq!(replay.applied_through, 1);
     assert_eq!(replay.last_seq, 1);
+}
+
+fn applied_seqs_and_completions(io: &[Io]) -> Vec<(char, u64)> {
+    io.iter()
+        .filter_map(|i| match i {
+            Io::Applied { seq, .. } => Some(('a', *seq)),
+            Io::Complete(ticket) => Some(('c', *ticket)),
+            Io::Send { .. } => Some(('s', 0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Gathered applies reach the region together, and what must follow them (their `Applied`, a
+/// completion behind them) is held back until they do: at the batch's end, or before an
+/// action of another kind.
+#[test]
+fn gathered_applies_hold_back_their_completions_until_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut exec, _) = backup(dir.path(), Durability::Process, true);
+    let mut io = Vec::new();
+    exec.execute(Action::Apply(record(1)), &mut io).unwrap();
+    exec.execute(Action::Complete { ticket: 7 }, &mut io)
+        .unwrap();
+    exec.execute(Action::Apply(record(2)), &mut io).unwrap();
+    assert!(io.is_empty(), "held back: {io:?}");
+    assert_eq!(exec.region.written[8..16], [0; 8], "not written yet");
+    exec.end_of_actions(&mut io).unwrap();
+    assert_eq!(
+        applied_seqs_and_completions(&io),
+        vec![('a', 1), ('c', 7), ('a', 2)]
+    );
+    assert_eq!(exec.region.written[8..16], 1u64.to_le_bytes());
+    assert_eq!(exec.region.written[16..24], 2u64.to_le_bytes());
+
+    // Another kind of action writes them first.
+    io.clear();
+    exec.execute(Action::Apply(record(3)), &mut io).unwrap();
+    exec.execute(Action::Complete { ticket: 8 }, &mut io)
+        .unwrap();
+    let ack = Action::Send {
+        to: PeerId(1),
+        msg: Message::Ack {
+            received_through: 3,
+            applied_through: 3,
+        },
+    };
+    exec.execute(ack, &mut io).unwrap();
+    assert_eq!(
+        applied_seqs_and_completions(&io),
+        vec![('a', 3), ('c', 8), ('s', 0)]
+    );
+    assert_eq!(exec.region.written[24..32], 3u64.to_le_bytes());
+
+    // Without gathering, a completion is handed over at once.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut exec, _) = backup(dir.path(), Durability::Process, false);
+    let mut io = Vec::new();
+    exec.execute(Action::Apply(record(1)), &mut io).unwrap();
+    exec.execute(Action::Complete { ticket: 7 }, &mut io)
+        .unwrap();
+    assert_eq!(applied_seqs_and_completions(&io), vec![('a', 1), ('c', 7)]);
+}
+
+/// Under `power` a batch's appends form one run of the queue: a send of a write continues
+/// it, any other action (here the ack) and the batch's end write it first.
+#[test]
+fn a_batchs_appends_reach_the_queue_file_before_any_other_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut exec, _) = backup(dir.path(), Durability::Power, false);
+    let mut io = Vec::new();
+    for seq in 1..=3 {
+        let append = Action::Append {
+            record: record(seq),
+            recovery: false,
+        };
+        exec.execute(append, &mut io).unwrap();
+        let write = Action::Send {
+            to: PeerId(1),
+            msg: Message::Write {
+                seq,
+                term: 1,
+                offset: seq * 8,
+                data: record(seq).data,
+            },
+        };
+        exec.execute(write, &mut io).unwrap();
+        assert!(
+            exec.queue.append_run_open(),
+            "a write's send continues the run"
+        );
+    }
+    let ack = Action::Send {
+        to: PeerId(1),
+        msg: Message::Ack {
+            received_through: 3,
+            applied_through: 0,
+        },
+    };
+    exec.execute(ack, &mut io).unwrap();
+    assert!(!exec.queue.append_run_open(), "an ack ends it");
+
+    exec.execute(
+        Action::Append {
+            record: record(4),
+            recovery: false,
+        },
+        &mut io,
+    )
+    .unwrap();
+    assert!(exec.queue.append_run_open());
+    exec.end_of_actions(&mut io).unwrap();
+    assert!(!exec.queue.append_run_open(), "the batch's end ends it");
 }

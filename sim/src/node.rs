@@ -264,9 +264,6 @@ enum Noted {
         seq: u64,
         term: u64,
     },
-    Apply {
-        term: u64,
-    },
     Truncate {
         after: u64,
     },
@@ -289,9 +286,6 @@ impl Noted {
                 seq: record.seq,
                 term: record.term,
             },
-            Action::Apply(record) | Action::ApplyCaughtUp(record) => {
-                Noted::Apply { term: record.term }
-            }
             Action::TruncateAfter { after } => Noted::Truncate { after: *after },
             Action::PersistTerm { term } => Noted::Term(*term),
             Action::PersistRole { role, superseded } => Noted::Role {
@@ -440,6 +434,7 @@ impl SimNode {
             blank: written.iter().all(|&b| b == 0),
             written,
             durable: region_durable,
+            gathers: false,
         };
         let exec_role = storage_role(role);
         let mut exec = Executor::with_replay(
@@ -588,12 +583,8 @@ impl SimNode {
             self.exec
                 .execute(action, &mut io)
                 .map_err(|e| format!("node {name} storage: {e}"))?;
-            let apply_term = match noted {
-                Noted::Append { term, .. } | Noted::Apply { term } => term,
-                _ => 0,
-            };
             for item in io.drain(..) {
-                let effect = self.effect_of(item, apply_term)?;
+                let effect = self.effect_of(item)?;
                 effects.extend(effect);
             }
             match noted {
@@ -621,14 +612,26 @@ impl SimNode {
                     self.log.resize(through as usize, 0);
                     effects.push(Effect::Adopted { through });
                 }
-                Noted::Apply { .. } | Noted::Other => {}
+                Noted::Other => {}
+            }
+        }
+        if cut.is_none() {
+            // A node that dies in the middle leaves its run of appends unwritten and its
+            // gathered applies unapplied (their completions unseen), as a crash there would.
+            let name = self.name;
+            self.exec
+                .end_of_actions(&mut io)
+                .map_err(|e| format!("node {name} storage: {e}"))?;
+            for item in io.drain(..) {
+                let effect = self.effect_of(item)?;
+                effects.extend(effect);
             }
         }
         Ok(Executed { effects, cut })
     }
 
     /// The effects of one item of I/O (a reject is a send and a close).
-    fn effect_of(&mut self, item: Io, apply_term: u64) -> Result<Vec<Effect>, String> {
+    fn effect_of(&mut self, item: Io) -> Result<Vec<Effect>, String> {
         let durable = self.exec.durable();
         let name = self.name;
         let effect = match item {
@@ -702,9 +705,9 @@ impl SimNode {
                 through,
                 records: records.iter().map(|r| (r.seq, r.term)).collect(),
             },
-            Io::Applied(seq) => Effect::Apply {
+            Io::Applied { seq, term } => Effect::Apply {
                 seq,
-                term: apply_term,
+                term,
                 as_primary: self.acting_role == WireRole::Primary,
             },
             Io::RefuseWrites(why) => Effect::RefuseWrites(why),

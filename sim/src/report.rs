@@ -88,6 +88,13 @@ pub struct Swarm {
     /// durable either way; the pacing moves when checkpoints fall. Drawn from a stream of its
     /// own (half the seeds each).
     pub checkpoint_pacing: CheckpointPacing,
+    /// The nodes write a batch's records and applies as a `power` node does: the queue holds
+    /// a batch's appends in a run, written at once when the batch's appends end (the
+    /// simulated queues are `process` ones, which write each record through the mapping
+    /// otherwise), and the executor gathers a batch's applies, holding their completions back
+    /// until they are written; so that crashes fall inside both. Drawn from a stream of its
+    /// own (half the seeds).
+    pub batched_writes: bool,
 }
 
 /// The failover parameters of one seed. Drawn from a random stream of their own, so that a
@@ -160,7 +167,7 @@ impl Swarm {
     }
 
     /// The parameters of `seed` drawn from streams of their own (the bitmap's, the checkpoint
-    /// pacing's): other draws of a seed stay what they were before each existed.
+    /// pacing's, the batched writes'): other draws of a seed stay what they were before each existed.
     pub(crate) fn with_own_streams(mut self, seed: u64) -> Swarm {
         // Any constant works; it only keeps this stream apart from the others.
         const BITMAP_STREAM: u64 = 0x6269_746d_6170_0001;
@@ -177,6 +184,8 @@ impl Swarm {
         } else {
             CheckpointPacing::Interval
         };
+        const BATCHED_WRITES_STREAM: u64 = 0x7275_6e73_0000_0001;
+        self.batched_writes = fastrand::Rng::with_seed(seed ^ BATCHED_WRITES_STREAM).bool();
         self
     }
 
@@ -207,6 +216,7 @@ impl Swarm {
             failover: Failover::draw(failover_rng),
             fold_when_full: false,
             checkpoint_pacing: CheckpointPacing::Interval,
+            batched_writes: false,
         }
     }
 }

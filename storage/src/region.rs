@@ -27,6 +27,9 @@ use crate::{Durability, StorageError};
 /// is flushed twice.
 const PENDING_RANGES_MAX: usize = 64;
 
+/// Pieces per `pwritev` of [`RegionWriter::write_gathered`]: Linux's `IOV_MAX`.
+pub const GATHER_MAX_PIECES: usize = 1024;
+
 /// The mirrored memory region. `Send + Sync`; see the module docs for the single-writer rule.
 pub struct Region {
     path: PathBuf,
@@ -67,6 +70,41 @@ impl RegionWriter {
     /// the next sync; readers on other threads are fine (see the module docs).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
         self.region.write(offset, data)
+    }
+
+    /// Writes `writes` in order (a later one wins where two overlap). Under `power` each run
+    /// of neighbours (one's end the next one's offset) is one `pwritev` (up to
+    /// [`GATHER_MAX_PIECES`] pieces), not one system call each: a batch of sequential writes,
+    /// such as a log's appends, costs one. Other modes copy each into the mapping.
+    pub fn write_gathered(&mut self, writes: &[(u64, &[u8])]) -> Result<(), StorageError> {
+        if self.region.durability != Durability::Power {
+            for &(offset, data) in writes {
+                self.region.write(offset, data)?;
+            }
+            return Ok(());
+        }
+        let mut rest = writes;
+        while let Some(&(first, _)) = rest.first() {
+            let mut end = first;
+            let mut n = 0;
+            while n < rest.len().min(GATHER_MAX_PIECES) && rest[n].0 == end {
+                self.region.check(rest[n].0, rest[n].1.len())?;
+                end += rest[n].1.len() as u64;
+                n += 1;
+            }
+            let pieces: Vec<&[u8]> = rest[..n].iter().map(|&(_, data)| data).collect();
+            map::write_file_at(&self.region.file, first, &pieces, &self.region.path)?;
+            rest = &rest[n..];
+        }
+        // Release: as in `Region::write`.
+        self.region.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether [`write_gathered`](Self::write_gathered) saves system calls over writing one
+    /// by one (under `power`).
+    pub fn gathers_writes(&self) -> bool {
+        self.region.durability == Durability::Power
     }
 
     /// Calls `f` with the `len` bytes at `offset` in place, without copying them (a resync

@@ -8,6 +8,7 @@ mod model;
 mod queue_api;
 mod region_api;
 mod room;
+mod runs;
 mod terms;
 mod torn;
 mod truncate;

@@ -482,8 +482,14 @@ impl<'o> Sim<'o> {
             return Ok(false);
         }
         let now = self.now_us();
+        let batched_writes = self.swarm.batched_writes;
         if let Some(node) = self.node_mut(r) {
             node.exec.core.set_now(now);
+            if batched_writes {
+                // Set on every step: it covers a node that restarted since.
+                node.exec.queue.stage_appends_in_every_mode();
+                node.exec.region.gathers = true;
+            }
         }
         self.watch
             .between_batches(r, self.nodes[r.index()].as_ref());

@@ -17,7 +17,35 @@ use super::*;
 const CHUNK_FLUSH_BYTES: usize = 256 << 10;
 
 impl Poller {
+    /// Executes the core's pending actions, then ends what they left open (a run of appends:
+    /// see `Executor::end_of_actions`).
     pub(super) fn execute_actions(&mut self) -> Result<bool, Stop> {
+        let worked = self.execute_actions_in_run()?;
+        self.end_of_actions()?;
+        Ok(worked)
+    }
+
+    /// Ends what the actions executed so far left open (a run of appends, gathered applies)
+    /// and does the I/O that waited for it (the completions behind those applies).
+    pub(super) fn end_of_actions(&mut self) -> Result<(), Stop> {
+        let mut io = Vec::new();
+        if let Err(e) = self.exec.end_of_actions(&mut io) {
+            return Err(self.exec_failure(e));
+        }
+        let mut broken: Option<String> = None;
+        for item in io {
+            self.do_io(item, &mut broken)?;
+        }
+        if let Some(why) = broken {
+            self.drop_connection(&why);
+        }
+        Ok(())
+    }
+
+    /// Executes the core's pending actions and leaves a run of appends they end with open, for
+    /// the next actions to continue (the submissions of one pass: each is executed as it is
+    /// taken, and their records reach a `power` queue's file in one write).
+    pub(super) fn execute_actions_in_run(&mut self) -> Result<bool, Stop> {
         let mut actions = std::mem::take(&mut self.actions);
         self.exec.core.drain_actions(&mut actions);
         let worked = !actions.is_empty();
@@ -127,7 +155,7 @@ impl Poller {
                 records,
                 repair_bytes,
             } => self.save_divergent_suffix(after, through, &records, repair_bytes)?,
-            Io::Applied(_) => {}
+            Io::Applied { .. } => {}
             Io::Folded {
                 records,
                 new_chunks,

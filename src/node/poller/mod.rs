@@ -550,10 +550,11 @@ impl Poller {
             // the send batch and leave with it.
             self.send_before_own_append =
                 self.stash.is_none() && self.consumer.as_ref().is_none_or(|c| c.is_empty());
-            let executed = self.execute_actions();
+            let executed = self.execute_actions_in_run();
             self.send_before_own_append = false;
             executed?;
         }
+        self.end_of_actions()?;
         Ok(worked)
     }
 

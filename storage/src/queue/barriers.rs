@@ -176,6 +176,8 @@ impl PersistentQueue {
 
     /// Makes everything written so far durable per mode (see [`sync`](Self::sync)).
     pub(super) fn barrier(&mut self) -> Result<(), StorageError> {
+        // A run's records are part of what the barrier makes durable (`flushed_upto` below).
+        self.write_run()?;
         if self.cursors_pending && (self.header_dirty || self.meta_dirty) {
             // The header page is written by this barrier anyway: the hints ride along.
             self.publish_cursors();

@@ -227,6 +227,7 @@ impl PersistentQueue {
     /// engine replays them, which is idempotent because a record is a plain "write these bytes
     /// at this offset" and its successors are replayed after it, in order.
     pub fn trim_through(&mut self, seq: u64) -> Result<(), StorageError> {
+        self.write_run()?;
         let limit = seq.min(self.last_seq());
         if limit <= self.trimmed_through {
             return Ok(());
@@ -363,6 +364,7 @@ impl PersistentQueue {
     /// the records through `seq` are already gone: `seq < first_seq() - 1`, or, for an empty
     /// queue, `seq < last_seq()` (in particular whenever `seq` is below the trim point).
     pub fn truncate_after(&mut self, seq: u64) -> Result<(), StorageError> {
+        self.write_run()?;
         let gone_through = self.first_seq().map_or(self.last_seq(), |first| first - 1);
         if seq < gone_through {
             return Err(StorageError::TruncateBelowTrim {
@@ -551,6 +553,10 @@ impl PersistentQueue {
     /// verified by this handle and nothing is overwritten; a failure there means the mapping
     /// was modified behind our back.
     fn record_at(&self, pos: u64) -> Result<(u64, RecHeader), StorageError> {
+        debug_assert!(
+            !self.run_holds_records(),
+            "the ring is read while a run of appends holds records not written yet"
+        );
         let cap = self.cap();
         let room = cap - pos % cap;
         let rec_pos = if room < RECORD_HEADER_BYTES {
@@ -643,8 +649,9 @@ impl PersistentQueue {
 
     /// Encodes a record into the ring at `h.vpos`. Through the mapping: body (payload + zero
     /// padding) first, then the header with the crc. Under `power`: header, body and padding in
-    /// one write to the file, not through the mapping (see [`map::write_file_at`]); a crash
-    /// inside it leaves a record whose crc fails, which recovery cuts as a torn tail.
+    /// one write to the file, not through the mapping (see [`map::write_file_at`]), or into the
+    /// open run of appends, written with its neighbours (`run.rs`); a crash inside the write
+    /// leaves a record whose crc fails, which recovery cuts as a torn tail.
     /// `payload_crc` is the payload's crc32c (combined into the record's: no second pass).
     fn put_record(
         &mut self,
@@ -670,14 +677,14 @@ impl PersistentQueue {
             crc = mirror_proto::crc::crc32c_append(crc, &ZEROS[..pad]);
         }
         seal(&mut hb, crc);
+        let body: &[u8] = if body_len > 0 { payload } else { &[] };
+        let pieces = [&hb[..], body, &ZEROS[..pad]];
+        if self.stage_in_run(off as u64, &pieces)? {
+            // Stored when the run is written (`run.rs`).
+            return Ok(());
+        }
         if self.durability == Durability::Power {
-            let body: &[u8] = if body_len > 0 { payload } else { &[] };
-            map::write_file_at(
-                &self.file,
-                off as u64,
-                &[&hb, body, &ZEROS[..pad]],
-                &self.path,
-            )?;
+            map::write_file_at(&self.file, off as u64, &pieces, &self.path)?;
         } else {
             if body_len > 0 {
                 let dst = self.map.bytes_mut(off + HDR, body_len);

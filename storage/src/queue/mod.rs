@@ -31,6 +31,7 @@
 //!   advancement of `scan_start`);
 //! - `room.rs`: whether and where a record fits in the ring (the one rule behind `append`, the
 //!   primary's admission and the backup's check);
+//! - `run.rs`: runs of appends, whose records reach a `power` queue's file in one write;
 //! - `inspect.rs`: the read-only view of a queue file for `mirror status`.
 
 use std::fmt;
@@ -53,10 +54,12 @@ mod inspect;
 mod live;
 mod recovery;
 mod room;
+mod run;
 
 pub use inspect::{inspect_queue, QueueInfo};
 pub use live::{RecordRef, Records};
 pub use recovery::{OwnedRecord, RecoveryReport, ReplayState};
+pub use run::{RUN_BUFFER_MAX, RUN_RECORD_MAX};
 
 const DATA_OFF: usize = HEADER_BYTES as usize;
 
@@ -120,6 +123,8 @@ pub struct PersistentQueue {
     /// machine, docs/LAB.md). They are hints (recovery and observers scan the records), so they
     /// follow with the next barrier that writes the header page anyway, and at drop.
     cursors_pending: bool,
+    /// The open run of appends and the records it holds (`run.rs`).
+    run: run::AppendRun,
     /// Crash hook: told about every barrier (with the file ranges it makes durable) and about
     /// every point where a trusted word or a record has just been stored.
     #[cfg(any(test, feature = "crash-hooks"))]
@@ -147,6 +152,9 @@ impl Drop for PersistentQueue {
     /// queue closed cleanly reads exactly (`mirror status`); a crash leaves them behind, which
     /// recovery and inspection tolerate (they scan the records).
     fn drop(&mut self) {
+        // An open run's records are not written: a queue dropped inside a run (a node that
+        // stopped on an error in the middle of a batch) loses them as a crash there would,
+        // and nothing relied on them (see `run.rs`).
         if self.cursors_pending {
             self.publish_cursors();
         }

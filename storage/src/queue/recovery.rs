@@ -330,6 +330,7 @@ impl PersistentQueue {
             meta_slot,
             meta_dirty: false,
             cursors_pending: false,
+            run: Default::default(),
             head: s.head,
             tail: s.end,
             next_seq: s.log_next.unwrap_or(c.next_seq),
@@ -388,6 +389,7 @@ impl PersistentQueue {
     /// already holds their writes (`applied_through > last_seq`), the numbering continues after
     /// them (`reset_to`) rather than refusing: nothing unapplied was lost.
     pub fn replay_state(&mut self) -> Result<ReplayState, StorageError> {
+        self.write_run()?;
         let mut renumbered_after = None;
         if self.applied_through() > self.last_seq() {
             renumbered_after = Some(self.applied_through());
