@@ -575,7 +575,9 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
                 msg: Message::Write { .. },
                 ..
             } => Ok(()),
-            _ => self.queue.end_append_run(),
+            // Outside `power` no run is ever open: one check per action.
+            _ if self.queue.append_run_open() => self.queue.end_append_run(),
+            _ => Ok(()),
         }
     }
 
@@ -637,10 +639,12 @@ impl<R: RegionStore, H: Hooks> Executor<R, H> {
     /// the last action of a batch.
     pub fn execute(&mut self, action: Action, io: &mut Vec<Io>) -> Result<(), ExecError> {
         self.keep_append_run(&action)?;
-        if !matches!(
-            action,
-            Action::Apply(_) | Action::ApplyCaughtUp(_) | Action::Complete { .. }
-        ) {
+        if !self.gathered.is_empty()
+            && !matches!(
+                action,
+                Action::Apply(_) | Action::ApplyCaughtUp(_) | Action::Complete { .. }
+            )
+        {
             self.write_gathered(io)?;
         }
         match action {

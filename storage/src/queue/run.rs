@@ -54,6 +54,7 @@ impl PersistentQueue {
     /// [`end_append_run`](Self::end_append_run) reach the file in as few writes as the ring's
     /// layout allows, not one each (see the module docs for what that changes on a crash). A
     /// no-op in other modes, and when a run is open.
+    #[inline]
     pub fn begin_append_run(&mut self) {
         if self.durability == Durability::Power || self.run.every_mode {
             self.run.open = true;
@@ -67,6 +68,7 @@ impl PersistentQueue {
     }
 
     /// Whether a run is open.
+    #[inline]
     pub fn append_run_open(&self) -> bool {
         self.run.open
     }
