@@ -44,6 +44,25 @@ fn record(seq: u64) -> Record {
 /// a repair cut its log after seq 1 (seqs 2 and 3 were a divergent suffix: the primary's
 /// records under those seqs are not applied here yet). The checkpoint must record seq 1, not
 /// 3: an apply point past the cut would skip the primary's seqs 2 and 3 after a restart.
+/// The backup's own append of `record(seq)`.
+fn append(seq: u64) -> Action {
+    Action::Append {
+        record: record(seq),
+        recovery: false,
+    }
+}
+
+/// The backup's ack to the primary (peer 1).
+fn ack(received_through: u64, applied_through: u64) -> Action {
+    Action::Send {
+        to: PeerId(1),
+        msg: Message::Ack {
+            received_through,
+            applied_through,
+        },
+    }
+}
+
 /// A backup's executor on a queue of `durability` in `dir` and a region in memory that
 /// gathers applies or not (as a `power` node's does); the queue file's path.
 fn backup(
@@ -81,11 +100,7 @@ fn a_checkpoint_asked_for_before_a_cut_records_no_apply_point_past_it() {
     let (mut exec, queue_path) = backup(dir.path(), Durability::Process, false);
     let mut io = Vec::new();
     for seq in 1..=3 {
-        let append = Action::Append {
-            record: record(seq),
-            recovery: false,
-        };
-        exec.execute(append, &mut io).unwrap();
+        exec.execute(append(seq), &mut io).unwrap();
         exec.execute(Action::Apply(record(seq)), &mut io).unwrap();
     }
     exec.execute(Action::CommitApplied { through: 3 }, &mut io)
@@ -147,14 +162,7 @@ fn gathered_applies_hold_back_their_completions_until_written() {
     exec.execute(Action::Apply(record(3)), &mut io).unwrap();
     exec.execute(Action::Complete { ticket: 8 }, &mut io)
         .unwrap();
-    let ack = Action::Send {
-        to: PeerId(1),
-        msg: Message::Ack {
-            received_through: 3,
-            applied_through: 3,
-        },
-    };
-    exec.execute(ack, &mut io).unwrap();
+    exec.execute(ack(3, 3), &mut io).unwrap();
     assert_eq!(
         applied_seqs_and_completions(&io),
         vec![('a', 3), ('c', 8), ('s', 0)]
@@ -179,11 +187,7 @@ fn a_batchs_appends_reach_the_queue_file_before_any_other_action() {
     let (mut exec, _) = backup(dir.path(), Durability::Power, false);
     let mut io = Vec::new();
     for seq in 1..=3 {
-        let append = Action::Append {
-            record: record(seq),
-            recovery: false,
-        };
-        exec.execute(append, &mut io).unwrap();
+        exec.execute(append(seq), &mut io).unwrap();
         let write = Action::Send {
             to: PeerId(1),
             msg: Message::Write {
@@ -199,24 +203,10 @@ fn a_batchs_appends_reach_the_queue_file_before_any_other_action() {
             "a write's send continues the run"
         );
     }
-    let ack = Action::Send {
-        to: PeerId(1),
-        msg: Message::Ack {
-            received_through: 3,
-            applied_through: 0,
-        },
-    };
-    exec.execute(ack, &mut io).unwrap();
+    exec.execute(ack(3, 0), &mut io).unwrap();
     assert!(!exec.queue.append_run_open(), "an ack ends it");
 
-    exec.execute(
-        Action::Append {
-            record: record(4),
-            recovery: false,
-        },
-        &mut io,
-    )
-    .unwrap();
+    exec.execute(append(4), &mut io).unwrap();
     assert!(exec.queue.append_run_open());
     exec.end_of_actions(&mut io).unwrap();
     assert!(!exec.queue.append_run_open(), "the batch's end ends it");
