@@ -17,8 +17,8 @@ use super::*;
 const CHUNK_FLUSH_BYTES: usize = 256 << 10;
 
 impl Poller {
-    /// Executes the core's pending actions, then ends what they left open (a run of appends:
-    /// see `Executor::end_of_actions`).
+    /// Executes the core's pending actions, then ends what they left open (a run of appends,
+    /// gathered applies: see `Executor::end_of_actions`).
     pub(super) fn execute_actions(&mut self) -> Result<bool, Stop> {
         let worked = self.execute_actions_in_run()?;
         self.end_of_actions()?;
