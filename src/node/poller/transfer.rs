@@ -70,6 +70,10 @@ impl Poller {
         });
         self.transfer_published = false;
         if matches!(report.purpose, TransferPurpose::Verify { .. }) {
+            // A caller that sees its verify return and then reads the stats must find the
+            // transfer over, not the state of the pass before (published at the pass's end,
+            // after the caller may already have read it).
+            self.publish_stats();
             self.shared.verify_finished(report);
         }
     }
