@@ -184,7 +184,7 @@ fn gathered_applies_hold_back_their_completions_until_written() {
 #[test]
 fn a_batchs_appends_reach_the_queue_file_before_any_other_action() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut exec, _) = backup(dir.path(), Durability::Power, false);
+    let (mut exec, queue_path) = backup(dir.path(), Durability::Power, false);
     let mut io = Vec::new();
     for seq in 1..=3 {
         exec.execute(append(seq), &mut io).unwrap();
@@ -203,11 +203,29 @@ fn a_batchs_appends_reach_the_queue_file_before_any_other_action() {
             "a write's send continues the run"
         );
     }
+    assert_eq!(records_in_file(&queue_path), 0, "the run holds them");
     exec.execute(ack(3, 0), &mut io).unwrap();
     assert!(!exec.queue.append_run_open(), "an ack ends it");
+    assert_eq!(records_in_file(&queue_path), 3, "written before the ack");
 
     exec.execute(append(4), &mut io).unwrap();
     assert!(exec.queue.append_run_open());
+    assert_eq!(records_in_file(&queue_path), 3);
     exec.end_of_actions(&mut io).unwrap();
     assert!(!exec.queue.append_run_open(), "the batch's end ends it");
+    assert_eq!(
+        records_in_file(&queue_path),
+        4,
+        "written at the batch's end"
+    );
+}
+
+/// The records a process crash now would leave in the queue file at `path` (its bytes as the
+/// page cache holds them, recovered from a copy so that the live queue is left alone).
+fn records_in_file(path: &std::path::Path) -> u64 {
+    let copy = path.with_extension("crash");
+    std::fs::copy(path, &copy).unwrap();
+    let (_, report) = PersistentQueue::open(&copy, Durability::Power).unwrap();
+    std::fs::remove_file(&copy).unwrap();
+    report.records
 }
