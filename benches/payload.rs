@@ -4,13 +4,15 @@
 //! and a crc pass (ours, `mirror_proto::crc`, against the `crc32c` crate's), around the lengths
 //! where `crc::WIDE_MIN` and `crc::COMBINE_MIN` switch between them; and a region write at
 //! scattered offsets of a large region (streamed past the cache from `STREAM_MIN` bytes)
-//! against an ordinary copy into memory of the same size.
+//! against an ordinary copy into memory of the same size; and a queue's records read back
+//! (each one's crc checked, as a catch-up's primary does) from a ring larger than the caches,
+//! against one crc pass over as many bytes of cold memory.
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mirror_proto::crc::{crc32c_append, crc32c_combine};
 use mirror_proto::Payload;
-use mirror_storage::{Durability, Region};
+use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, Role};
 
 fn payload(c: &mut Criterion) {
     let mut g = c.benchmark_group("payload_in");
@@ -63,17 +65,67 @@ fn payload(c: &mut Criterion) {
     g.finish();
 }
 
+/// Bytes of 4 KiB records read back by `queue_read_back`: far more than the caches hold, as a
+/// long outage's catch-up reads (smaller in debug builds, which CI's smoke run uses).
+const READ_BACK_BYTES: usize = if cfg!(debug_assertions) {
+    8 << 20
+} else {
+    192 << 20
+};
+
+fn bench_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(if std::path::Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    })
+    .expect("a temporary directory")
+}
+
+fn queue_read_back(c: &mut Criterion) {
+    const PAYLOAD: usize = 4096;
+    let dir = bench_dir();
+    let params = QueueParams {
+        node_id: 1,
+        role: Role::Primary,
+        region_size: 1 << 30,
+        capacity_bytes: (READ_BACK_BYTES as u64 * 5 / 4).next_multiple_of(4096),
+    };
+    let mut queue =
+        PersistentQueue::create(&dir.path().join("queue"), &params, Durability::Process)
+            .expect("a queue");
+    let records = (READ_BACK_BYTES / PAYLOAD) as u64;
+    let data: Vec<u8> = (0..PAYLOAD).map(|i| (i * 31) as u8).collect();
+    for seq in 1..=records {
+        queue
+            .append(seq, 1, (seq % 1024) * PAYLOAD as u64, &data)
+            .expect("room for every record");
+    }
+    let cold: Vec<u8> = (0..READ_BACK_BYTES).map(|i| (i * 7) as u8).collect();
+    let mut g = c.benchmark_group("queue_read_back");
+    g.throughput(Throughput::Bytes(READ_BACK_BYTES as u64));
+    g.sample_size(10);
+    g.bench_function("records_4KiB", |b| {
+        b.iter(|| {
+            let mut n = 0u64;
+            for rec in queue.iter_from(1) {
+                n += std::hint::black_box(rec.expect("intact").payload_crc) as u64 & 1;
+            }
+            n
+        })
+    });
+    g.bench_function("one_crc_pass", |b| {
+        b.iter(|| crc32c_append(0, std::hint::black_box(&cold)))
+    });
+    g.finish();
+}
+
 /// Bytes of the region the scattered writes land in: far more than the caches hold, as a
 /// backup's region is.
 const SCATTER_REGION: usize = 256 << 20;
 
 fn region_write(c: &mut Criterion) {
-    let dir = tempfile::tempdir_in(if std::path::Path::new("/dev/shm").is_dir() {
-        "/dev/shm"
-    } else {
-        "/tmp"
-    })
-    .expect("a temporary directory");
+    let dir = bench_dir();
     let region = Arc::new(
         Region::open_or_create(
             &dir.path().join("region"),
@@ -110,5 +162,5 @@ fn region_write(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, payload, region_write);
+criterion_group!(benches, payload, region_write, queue_read_back);
 criterion_main!(benches);

@@ -46,7 +46,7 @@ bash ci/demo.sh --writes 2000
 step "benchmark smoke (each criterion bench once; mirror bench, small; never timed assertions)"
 # Criterion runs each benchmark once when started without `--bench`, as `cargo test` starts it:
 # the test build of the step above, not a second (optimized) build of every dependency.
-cargo test --workspace --features fail-points --bench ring --bench engine --bench payload
+cargo test --workspace --features fail-points --bench ring --bench engine --bench payload --bench batch
 cc -O2 -Wall -Wextra -Werror -o target/pingpong benches/pingpong.c
 ./target/release/mirror bench --iterations 500 --sizes 64,4096 --pipelined-writes 2000 \
   --recovery-regions 16MiB --recovery-missed 0.01 --failover-rounds 3 --failover-region 16MiB \
