@@ -24,7 +24,7 @@ const REGION: u64 = if cfg!(debug_assertions) {
 
 /// A directory on a disk-backed filesystem when there is one (as `mirror bench --power-dir`
 /// defaults to): the page cache's write path is what a `power` node pays per call.
-fn bench_dir() -> tempfile::TempDir {
+fn disk_backed_dir() -> tempfile::TempDir {
     let var_tmp = std::path::Path::new("/var/tmp");
     if var_tmp.is_dir() {
         tempfile::tempdir_in(var_tmp)
@@ -35,7 +35,7 @@ fn bench_dir() -> tempfile::TempDir {
 }
 
 fn appends(c: &mut Criterion) {
-    let dir = bench_dir();
+    let dir = disk_backed_dir();
     let params = QueueParams {
         node_id: 1,
         role: Role::Primary,
@@ -74,7 +74,7 @@ fn appends(c: &mut Criterion) {
 }
 
 fn applies(c: &mut Criterion) {
-    let dir = bench_dir();
+    let dir = disk_backed_dir();
     let region = Arc::new(
         Region::open_or_create(&dir.path().join("region"), REGION, Durability::Power)
             .expect("a region"),
