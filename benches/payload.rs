@@ -46,6 +46,14 @@ fn payload(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("ours", len), &len, |b, &n| {
             b.iter(|| crc32c_combine(std::hint::black_box(0x1234_5678), 0x9abc_def0, n))
         });
+        // A length other than the last one this thread combined: the power is computed anew.
+        g.bench_with_input(BenchmarkId::new("ours_alternating", len), &len, |b, &n| {
+            let mut flip = 0;
+            b.iter(|| {
+                flip ^= 1;
+                crc32c_combine(std::hint::black_box(0x1234_5678), 0x9abc_def0, n + flip)
+            })
+        });
         g.bench_with_input(BenchmarkId::new("crc32c_crate", len), &len, |b, &n| {
             b.iter(|| crc32c::crc32c_combine(std::hint::black_box(0x1234_5678), 0x9abc_def0, n))
         });

@@ -8,6 +8,8 @@
 //! costs more than it saves and the `crc32c` crate runs. The values are crc32c's either way (a
 //! property test holds the two, and the crate's combine, to each other).
 
+use std::cell::Cell;
+
 use crc_fast::{CrcAlgorithm, Digest};
 
 /// From this many bytes on, a pass folds with carry-less multiplication (see the module docs;
@@ -33,10 +35,11 @@ pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
     digest.finalize() as u32
 }
 
-/// Below this many bytes a crc pass over the data costs less than [`crc32c_combine`] (about
-/// 65 ns whatever the length; a pass ~60 ns at 4 KiB, ~80 ns at 8 KiB: `cargo bench --bench
-/// payload -- crc_`).
-pub const COMBINE_MIN: usize = 6 << 10;
+/// Below this many bytes a crc pass over the data costs about as little as [`crc32c_combine`] or
+/// less (a combination 13-17 ns whatever the length, ~42 ns for a length other than the
+/// thread's last; a pass 18 ns at 512 bytes, 47 ns at 1 KiB, 97 ns at 4 KiB: `cargo bench
+/// --bench payload -- crc_`, 2026-12-06).
+pub const COMBINE_MIN: usize = 1 << 10;
 
 /// `crc` continued over `data`, whose own crc32c is `data_crc`: combined where that is cheaper
 /// than passing over `data` again, computed where it is not.
@@ -48,21 +51,104 @@ pub fn crc32c_append_known(crc: u32, data: &[u8], data_crc: u32) -> u32 {
     }
 }
 
-/// The crc32c of `a` followed by `b`, from `crc_a`, the crc32c of `b` and `b`'s length: the
-/// `crc32c` crate's `crc32c_combine` with zlib's current method (x^(8·len) mod P by squaring from
-/// a table, then one multiplication): a few hundred operations where the crate's (zlib's old
-/// matrix method) took 10-20 µs, more than a crc pass over the 4 KiB it saves.
+/// The crc32c of `a` followed by `b`, from `crc_a`, the crc32c of `b` and `b`'s length (zlib's
+/// current method): `crc_a` times x^(8·len) modulo the polynomial, plus `crc_b`. The power is
+/// one multiplication per set bit of `8·len` from a table of x^(2^k), and each multiplication
+/// eight table steps ([`Multiples`]); the power's own multiples are what this thread used last
+/// when the length is the same (a node's writes mostly share a length). The `crc32c` crate's
+/// combine (zlib's old matrix method) took 10-20 µs, more than a crc pass over the 4 KiB it
+/// saves.
 pub fn crc32c_combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
     if len_b == 0 {
         return crc_a;
     }
-    mult_mod_p(x_pow_8n_mod_p(len_b), crc_a) ^ crc_b
+    LAST_POWER.with(|last| {
+        let (len, mut power) = last.get();
+        if len != len_b {
+            power = Multiples::of(x_pow_8n_mod_p(len_b));
+            last.set((len_b, power));
+        }
+        power.times(crc_a) ^ crc_b
+    })
 }
+
+thread_local! {
+    /// The last length [`crc32c_combine`] was asked for on this thread, and x^(8·len) mod P's
+    /// multiples.
+    static LAST_POWER: Cell<(usize, Multiples)> = const { Cell::new((0, Multiples::of(X_POW_0))) };
+}
+
+/// x^0 (reflected bit order: bit 31 is x^0).
+const X_POW_0: u32 = 1 << 31;
+
+/// A value `b` times each polynomial of degree below 4, modulo the polynomial, indexed by the
+/// four coefficients as they sit in a reflected value (bit 3 of the index is x^0): with them a
+/// multiplication by `b` takes four bits of the other factor at a time.
+#[derive(Clone, Copy, Debug)]
+struct Multiples([u32; 16]);
+
+impl Multiples {
+    const fn of(b: u32) -> Multiples {
+        let mut t = [0u32; 16];
+        let mut b_times_x = b; // b·x^k for k = 0, 1, 2, 3: index bit 8 >> k
+        let mut k = 0;
+        while k < 4 {
+            let bit = 8 >> k;
+            let mut n = 0;
+            while n < 16 {
+                if n & bit != 0 {
+                    t[n] ^= b_times_x;
+                }
+                n += 1;
+            }
+            b_times_x = (b_times_x >> 1) ^ (POLY & 0u32.wrapping_sub(b_times_x & 1));
+            k += 1;
+        }
+        Multiples(t)
+    }
+
+    /// `a * b` modulo the polynomial, as [`mult_mod_p`] (Horner's rule from `a`'s highest
+    /// powers down; no branch on the data).
+    fn times(&self, a: u32) -> u32 {
+        // The coefficients of `a` for x^(4j)..x^(4j+3) sit at bits 31-4j down to 28-4j.
+        let mut acc = 0u32;
+        for j in (0..8).rev() {
+            acc = (acc >> 4) ^ TIMES_X4_OVERFLOW[(acc & 0xF) as usize];
+            acc ^= self.0[((a >> (28 - 4 * j)) & 0xF) as usize];
+        }
+        acc
+    }
+}
+
+/// What the terms for x^28..x^31 (the low four bits of a reflected value) become when the
+/// value is multiplied by x^4, modulo the polynomial: the shift by four bits of
+/// [`Multiples::times`] drops them.
+const TIMES_X4_OVERFLOW: [u32; 16] = {
+    let mut t = [0u32; 16];
+    let mut low = 1; // 0 stays 0 (`mult_mod_p` wants a non-zero `a`)
+    while low < 16 {
+        t[low] = mult_mod_p(low as u32, X_POW_2K[2]);
+        low += 1;
+    }
+    t
+};
+
+/// [`X_POW_2K`]'s multiples.
+const X_POW_2K_MULTIPLES: [Multiples; 32] = {
+    let mut t = [Multiples([0; 16]); 32];
+    let mut k = 0;
+    while k < 32 {
+        t[k] = Multiples::of(X_POW_2K[k]);
+        k += 1;
+    }
+    t
+};
 
 /// crc32c's polynomial, bit-reflected.
 const POLY: u32 = 0x82F6_3B78;
 
-/// `a * b` modulo the polynomial (reflected bit order: bit 31 is x^0).
+/// `a * b` modulo the polynomial (reflected bit order: bit 31 is x^0), for a non-zero `a` (the
+/// loop ends at `a`'s last set bit).
 const fn mult_mod_p(a: u32, mut b: u32) -> u32 {
     let mut m: u32 = 1 << 31;
     let mut p: u32 = 0;
@@ -92,11 +178,11 @@ const X_POW_2K: [u32; 32] = {
 
 /// x^(8·n) modulo the polynomial: the operator that appends `n` zero bytes to a crc.
 fn x_pow_8n_mod_p(mut n: usize) -> u32 {
-    let mut p: u32 = 1 << 31; // x^0
+    let mut p = X_POW_0;
     let mut k = 3; // 8 = 2^3
     while n != 0 {
         if n & 1 != 0 {
-            p = mult_mod_p(X_POW_2K[k % 32], p);
+            p = X_POW_2K_MULTIPLES[k % 32].times(p);
         }
         n >>= 1;
         k += 1;
@@ -137,6 +223,28 @@ mod tests {
                 assert_eq!(
                     combined,
                     crc32c::crc32c_combine(crc32c::crc32c(a), crc32c::crc32c(b), b.len())
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn multiplying_by_nibbles_is_the_bit_loop(a in 1..=u32::MAX, b in any::<u32>()) {
+            prop_assert_eq!(Multiples::of(b).times(a), mult_mod_p(a, b));
+        }
+
+        #[test]
+        fn a_remembered_power_is_the_lengths_own(
+            lens in proptest::collection::vec(1usize..(1 << 20), 1..6),
+            a in any::<u32>(),
+            b in any::<u32>(),
+        ) {
+            for len in lens.iter().chain(lens.iter()) {
+                prop_assert_eq!(
+                    crc32c_combine(a, b, *len),
+                    crc32c::crc32c_combine(a, b, *len),
+                    "len {}", len
                 );
             }
         }
