@@ -71,7 +71,7 @@ fn catch_up(c: &mut Criterion) {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
                         let dir = tempfile::tempdir().unwrap();
-                        let r = recovery(dir.path(), 64 << 20, missed, 4096).unwrap();
+                        let r = recovery(dir.path(), 64 << 20, missed, 4096, 1).unwrap();
                         total += Duration::from_secs_f64(r.catch_up_s);
                     }
                     total

@@ -1,7 +1,7 @@
 //! The Rust API end to end, with a primary and a backup in this process over loopback TCP.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mirror::{Mirror, MirrorError, Phase, Ticket};
 
@@ -103,6 +103,48 @@ fn invalid_calls_get_typed_errors() {
     assert!(p.read((1 << 20) - 8, &mut big).is_err());
     // The region is untouched by all of that.
     assert_eq!(p.stats().next_seq, 1);
+}
+
+#[test]
+fn stats_stamp_a_catch_up_handshake_and_its_last_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = backup(dir.path());
+    let addr = b.listen_addr().unwrap();
+    let p = primary(
+        dir.path(),
+        &b,
+        &[("on_peer_loss", "continue"), ("reconnect_interval_ms", "5")],
+    );
+    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    p.write(0, b"before").unwrap();
+    b.close().unwrap();
+    drop(b);
+    for i in 0..50u64 {
+        p.write(64 + i * 8, &i.to_le_bytes()).unwrap();
+    }
+    let target = p.stats().next_seq - 1;
+    let mut cfg = base(dir.path(), "backup", "1MiB");
+    cfg.set("listen", &addr.to_string()).unwrap();
+    let opened = Instant::now();
+    let b = Mirror::open(cfg.build().unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = b.stats();
+        if s.applied_through >= target {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the backup did not catch up");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let seen = Instant::now();
+    let handshake = s.last_recovery_at.expect("a recovery handshake is stamped");
+    let applied = s.applied_at.expect("the catch-up's applies are stamped");
+    assert!(opened <= handshake && handshake <= applied && applied <= seen);
+    // The stamp is when the applied point last moved, not when the stats were last published.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(b.stats().applied_at, Some(applied));
+    p.close().unwrap();
+    b.close().unwrap();
 }
 
 #[test]

@@ -56,6 +56,9 @@ pub struct Stats {
     pub next_seq: u64,
     /// Highest sequence number applied to this node's region.
     pub applied_through: u64,
+    /// When `applied_through` last moved: the end of the poller's pass that moved it (`None`:
+    /// not since the node opened).
+    pub applied_at: Option<Instant>,
     /// Primary: highest sequence number the backup acknowledged. Backup: highest received.
     pub acked_through: u64,
     /// Highest sequence number the peer reported durably applied.
@@ -72,6 +75,10 @@ pub struct Stats {
     pub degraded: bool,
     /// Completed recovery handshakes since the node opened.
     pub recoveries: u64,
+    /// When the last of them completed: the start of the poller's pass that completed it
+    /// (`None`: none yet). With [`Stats::applied_at`], a catch-up's duration as the node saw
+    /// it, whenever the snapshot is read.
+    pub last_recovery_at: Option<Instant>,
     /// Payload bytes moved by the last recovery (catch-up of the backup, or replay into a
     /// restarted primary). Never a copy of the region.
     pub last_recovery_bytes: u64,

@@ -599,6 +599,10 @@ impl Poller {
         s.peer_node_id = self.exec.queue.peer_node_id();
         s.phase = self.exec.core.phase();
         s.next_seq = core.next_seq;
+        if s.applied_through != core.applied_through {
+            // Read here, not per pass: only a pass that applied pays for the clock.
+            s.applied_at = Some(Instant::now());
+        }
         s.applied_through = core.applied_through;
         s.acked_through = core.acked_through;
         s.peer_applied_through = core.peer_applied_through;
@@ -608,6 +612,9 @@ impl Poller {
         s.degraded = core.degraded;
         self.published_degraded = core.degraded;
         self.published_next_seq = core.next_seq;
+        if s.recoveries != core.recoveries {
+            s.last_recovery_at = Some(self.last_step_at);
+        }
         s.recoveries = core.recoveries;
         s.last_recovery_bytes = self.exec.recovery().bytes;
         s.last_recovery_records = self.exec.recovery().records;
