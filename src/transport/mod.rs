@@ -173,7 +173,12 @@ impl SendBatch {
     /// Whether frames can go to the network as they are, bypassing the batch: nothing is
     /// queued before them, and they are not sealed into records.
     pub(crate) fn may_bypass(&self) -> bool {
-        self.sealer.is_none() && self.pending() == 0
+        !self.sealed() && self.pending() == 0
+    }
+
+    /// Whether frames are sealed into authenticated records (they never bypass the batch).
+    pub(crate) fn sealed(&self) -> bool {
+        self.sealer.is_some()
     }
 
     /// Queues what a write that bypassed the batch did not take: the frame `parts` less its
@@ -413,6 +418,21 @@ pub trait Connecting: Send {
     fn wait_fd(&self) -> Option<(RawFd, i16)>;
 }
 
+/// A `Write` message's parts, borrowed (a queued record's, for [`Connection::send_writes`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BorrowedWrite<'a> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its term.
+    pub term: u64,
+    /// Where it goes in the region.
+    pub offset: u64,
+    /// Its payload.
+    pub data: &'a [u8],
+    /// The crc32c of `data` (the record's, from its verification).
+    pub data_crc: u32,
+}
+
 /// One established connection to the peer.
 pub trait Connection: Send {
     /// Queues `msg` into the current send batch (no system call).
@@ -427,6 +447,22 @@ pub trait Connection: Send {
         data: &[u8],
         data_crc: u32,
     ) -> Result<(), TransportError>;
+    /// Sends `Write` messages built from borrowed parts (a catch-up's queued records), in
+    /// order: queued like [`Connection::send_write`], or handed to the network at once where
+    /// [`Connection::sends_in_place`] says so (their bytes then copied by the kernel alone).
+    fn send_writes(&mut self, writes: &[BorrowedWrite<'_>]) -> Result<(), TransportError> {
+        for w in writes {
+            self.send_write(w.seq, w.term, w.offset, w.data, w.data_crc)?;
+        }
+        Ok(())
+    }
+    /// Whether [`Connection::send_writes`] hands its writes to the network straight from the
+    /// caller's memory while nothing is queued before them (TCP with frames in the clear). A
+    /// streaming sender (a catch-up) then waits for the network to take what is queued before
+    /// it sends more, rather than queue more: what the batch holds is copied once more.
+    fn sends_in_place(&self) -> bool {
+        false
+    }
     /// Queues a `ChunkData` message of borrowed bytes (a chunk lent by the region in place), or
     /// hands it to the network at once where it can (see `SendBatch::may_bypass`).
     fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError>;

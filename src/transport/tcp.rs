@@ -16,7 +16,9 @@ use mirror_proto::{chunk_data_header, write_header, Message};
 
 use super::auth::{AuthContext, Authenticating};
 use super::tls::TlsContext;
-use super::{Connecting, Connection, FrameReader, Listener, SendBatch, TransportError};
+use super::{
+    BorrowedWrite, Connecting, Connection, FrameReader, Listener, SendBatch, TransportError,
+};
 use crate::stamps;
 
 /// Bytes read per `read` call, and the receive buffer's growth step.
@@ -213,14 +215,15 @@ impl TcpConnection {
         self.tls.is_none() && self.tx.may_bypass()
     }
 
-    /// Sends a frame made of `header` and borrowed `data` as they are, in one vectored write
-    /// (the kernel's copy is the only one); what the socket does not take now is queued. Only
-    /// when [`may_bypass`](Self::may_bypass).
-    fn send_unbatched(&mut self, header: &[u8], data: &[u8]) -> Result<(), TransportError> {
-        let parts = [IoSlice::new(header), IoSlice::new(data)];
+    /// Sends frames made of borrowed `parts` as they are, in one vectored write (the kernel's
+    /// copy is the only one); what the socket does not take now is queued. Only when
+    /// [`may_bypass`](Self::may_bypass), and with at most [`MAX_IOVECS`] parts.
+    fn send_unbatched(&mut self, parts: &[&[u8]]) -> Result<(), TransportError> {
+        debug_assert!(parts.len() <= MAX_IOVECS);
+        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
         stamps::sent();
         let taken = loop {
-            match self.stream.write_vectored(&parts) {
+            match self.stream.write_vectored(&slices) {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
@@ -228,12 +231,15 @@ impl TcpConnection {
                 Err(e) => return Err(io_err("sending to peer")(e)),
             }
         };
-        if taken < header.len() + data.len() {
-            self.tx.push_untaken(&[header, data], taken)?;
+        if taken < parts.iter().map(|p| p.len()).sum::<usize>() {
+            self.tx.push_untaken(parts, taken)?;
         }
         Ok(())
     }
 }
+
+/// Most buffers one vectored write takes (Linux's `UIO_MAXIOV`; more is refused with EINVAL).
+const MAX_IOVECS: usize = 1024;
 
 impl Connection for TcpConnection {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
@@ -245,7 +251,7 @@ impl Connection for TcpConnection {
                 data,
             } if data.len() >= WRITE_BYPASS_MIN && self.may_bypass() => {
                 let header = write_header(*seq, *term, *offset, data, data.crc());
-                self.send_unbatched(&header, data)
+                self.send_unbatched(&[&header, data])
             }
             _ => self.tx.push(msg),
         }
@@ -264,14 +270,43 @@ impl Connection for TcpConnection {
         if data.len() < WRITE_BYPASS_MIN || !self.may_bypass() {
             return self.tx.push_write(seq, term, offset, data, crc);
         }
-        self.send_unbatched(&write_header(seq, term, offset, data, crc), data)
+        self.send_unbatched(&[&write_header(seq, term, offset, data, crc), data])
+    }
+
+    fn send_writes(&mut self, writes: &[BorrowedWrite<'_>]) -> Result<(), TransportError> {
+        // Each write is two buffers: its header and its payload.
+        for group in writes.chunks(MAX_IOVECS / 2) {
+            if !self.may_bypass() {
+                // Behind bytes the socket has not taken: queued in order after them.
+                for w in group {
+                    self.tx
+                        .push_write(w.seq, w.term, w.offset, w.data, w.data_crc)?;
+                }
+                continue;
+            }
+            let headers: Vec<_> = group
+                .iter()
+                .map(|w| write_header(w.seq, w.term, w.offset, w.data, w.data_crc))
+                .collect();
+            let parts: Vec<&[u8]> = headers
+                .iter()
+                .zip(group)
+                .flat_map(|(h, w)| [&h[..], w.data])
+                .collect();
+            self.send_unbatched(&parts)?;
+        }
+        Ok(())
+    }
+
+    fn sends_in_place(&self) -> bool {
+        self.tls.is_none() && !self.tx.sealed()
     }
 
     fn send_chunk_data(&mut self, offset: u64, data: &[u8]) -> Result<(), TransportError> {
         if !self.may_bypass() {
             return self.tx.push_chunk_data(offset, data);
         }
-        self.send_unbatched(&chunk_data_header(offset, data), data)
+        self.send_unbatched(&[&chunk_data_header(offset, data), data])
     }
 
     fn flush(&mut self) -> Result<bool, TransportError> {

@@ -10,6 +10,7 @@ use mirror_proto::{Action, Message};
 use mirror_storage::{discarded_path, save_discarded, DiscardedRecord, StorageError};
 
 use crate::error::Result;
+use crate::transport::BorrowedWrite;
 
 use super::*;
 
@@ -346,32 +347,64 @@ impl Poller {
                 break;
             };
             if c.next_seq <= c.through_seq {
-                for rec in self.exec.queue.iter_from(c.next_seq) {
-                    let rec = rec?;
-                    if rec.seq != c.next_seq || rec.seq > c.through_seq {
-                        break;
-                    }
-                    // Stream: hand each chunk to the network as it is encoded (the peer works
-                    // on it meanwhile), and stop while the peer lags (resumed next pass).
-                    if conn.pending_send_bytes() > CATCH_UP_CHUNK {
+                // Where the connection sends in place (TCP in the clear) the catch-up waits
+                // for the socket to take what is queued, so that its records go from the
+                // queue's memory to the socket; elsewhere it keeps a backlog queued.
+                let backlog = if conn.sends_in_place() {
+                    0
+                } else {
+                    SEND_BACKLOG_PAUSE
+                };
+                let mut records = self.exec.queue.iter_from(c.next_seq);
+                let mut group = Vec::new();
+                loop {
+                    // Stream: hand each chunk to the network as it is read (the peer works on
+                    // it meanwhile), and stop while the peer lags (resumed next pass).
+                    if conn.pending_send_bytes() > backlog.min(CATCH_UP_CHUNK) {
                         if let Err(e) = conn.flush() {
                             broken.get_or_insert(e.to_string());
                             return Ok(worked);
                         }
-                        if conn.pending_send_bytes() > SEND_BACKLOG_PAUSE {
+                        if conn.pending_send_bytes() > backlog {
                             return Ok(worked);
                         }
                     }
-                    if let Err(e) =
-                        conn.send_write(rec.seq, rec.term, rec.offset, rec.payload, rec.payload_crc)
-                    {
-                        broken.get_or_insert(e.to_string());
-                        return Ok(worked);
+                    group.clear();
+                    let mut group_bytes = 0;
+                    let mut more = true;
+                    while group_bytes < CATCH_UP_CHUNK && c.next_seq <= c.through_seq {
+                        let Some(rec) = records.next() else {
+                            more = false;
+                            break;
+                        };
+                        let rec = rec?;
+                        if rec.seq != c.next_seq {
+                            // A gap: the check below names the record missing.
+                            more = false;
+                            break;
+                        }
+                        group.push(BorrowedWrite {
+                            seq: rec.seq,
+                            term: rec.term,
+                            offset: rec.offset,
+                            data: rec.payload,
+                            data_crc: rec.payload_crc,
+                        });
+                        group_bytes += rec.payload.len();
+                        c.next_seq += 1;
                     }
-                    worked = true;
-                    *sent_records += 1;
-                    *sent_bytes += rec.payload.len() as u64;
-                    c.next_seq += 1;
+                    if !group.is_empty() {
+                        if let Err(e) = conn.send_writes(&group) {
+                            broken.get_or_insert(e.to_string());
+                            return Ok(worked);
+                        }
+                        worked = true;
+                        *sent_records += group.len() as u64;
+                        *sent_bytes += group_bytes as u64;
+                    }
+                    if !more || c.next_seq > c.through_seq {
+                        break;
+                    }
                 }
                 if c.next_seq <= c.through_seq {
                     return Err(Stop::Fatal(format!(
