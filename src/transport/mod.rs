@@ -13,13 +13,14 @@ pub mod rdma;
 pub mod tcp;
 pub mod tls;
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use mirror_proto::auth::{
     AuthError, RecordOpener, RecordSealer, Session, RECORD_HEADER_LEN, RECORD_TARGET_BODY,
 };
-use mirror_proto::{encode_chunk_data, encode_write, Message, WireError};
+use mirror_proto::{encode_chunk_data, encode_write, write_header, Message, Payload, WireError};
 use thiserror::Error;
 
 /// A connection failure. Any of these ends the connection; the engine's ordinary reconnection and
@@ -66,6 +67,11 @@ const SEND_COMPACT_MIN: usize = 256 << 10;
 /// handed over by `flush`, whatever carries it (a socket, RDMA writes). On an authenticated
 /// connection the frames are encoded straight into records (a length reserved in front, the
 /// tag appended when the record closes), so sealing copies nothing.
+///
+/// A write's payload may also follow the batch's bytes without being copied into them
+/// ([`SendBatch::push_write_shared`], TCP in the clear): the frames to send are then the batch's
+/// bytes with each shared payload inserted at its position, handed to the network in vectored
+/// writes ([`SendBatch::unsent_parts`]).
 #[derive(Debug)]
 pub(crate) struct SendBatch {
     buf: BytesMut,
@@ -73,6 +79,20 @@ pub(crate) struct SendBatch {
     sealer: Option<RecordSealer>,
     /// Where the record being filled starts (its reserved length), if one is open.
     open_record: Option<usize>,
+    /// Shared payloads not taken yet, in order; each follows `buf[..at]` (positions never
+    /// below `sent`, and not decreasing).
+    shared: VecDeque<SharedPayload>,
+    /// Bytes of the first shared payload the network took already.
+    shared_taken: usize,
+    /// Bytes of all shared payloads the network has not taken.
+    shared_pending: usize,
+}
+
+/// A payload in a [`SendBatch`] by reference, after the batch's first `at` bytes.
+#[derive(Debug)]
+struct SharedPayload {
+    at: usize,
+    bytes: Bytes,
 }
 
 impl SendBatch {
@@ -82,6 +102,9 @@ impl SendBatch {
             sent: 0,
             sealer: None,
             open_record: None,
+            shared: VecDeque::new(),
+            shared_taken: 0,
+            shared_pending: 0,
         }
     }
 
@@ -157,6 +180,28 @@ impl SendBatch {
         Ok(())
     }
 
+    /// Queues a `Write` whose payload is not copied: its header goes into the batch and the
+    /// payload follows it by reference (kept alive until the network took it). Only for frames
+    /// in the clear, sent with [`Self::unsent_parts`].
+    pub(crate) fn push_write_shared(
+        &mut self,
+        seq: u64,
+        term: u64,
+        offset: u64,
+        data: &Payload,
+    ) -> Result<(), TransportError> {
+        debug_assert!(!self.sealed(), "a sealed record holds its frames' bytes");
+        self.before_push()?;
+        self.buf
+            .put_slice(&write_header(seq, term, offset, data, data.crc()));
+        self.shared.push_back(SharedPayload {
+            at: self.buf.len(),
+            bytes: data.bytes().clone(),
+        });
+        self.shared_pending += data.len();
+        Ok(())
+    }
+
     /// Encodes a `ChunkData` from borrowed bytes (a chunk lent by the region) into the batch.
     pub(crate) fn push_chunk_data(
         &mut self,
@@ -198,16 +243,75 @@ impl SendBatch {
         Ok(())
     }
 
-    /// The bytes ready for the network and not taken yet (not the open record's).
+    /// The bytes ready for the network and not taken yet (not the open record's), when no
+    /// payload is shared (see [`Self::unsent_parts`]).
     pub(crate) fn unsent(&self) -> &[u8] {
+        debug_assert!(self.shared.is_empty(), "shared payloads are sent in parts");
         &self.buf[self.sent..self.open_record.unwrap_or(self.buf.len())]
     }
 
-    /// The network took `n` more bytes. Only an index moves: the unsent bytes stay where they
+    /// Whether a payload is shared: the unsent bytes are then [`Self::unsent_parts`].
+    pub(crate) fn has_shared(&self) -> bool {
+        !self.shared.is_empty()
+    }
+
+    /// How many payloads are shared.
+    pub(crate) fn shared_count(&self) -> usize {
+        self.shared.len()
+    }
+
+    /// The bytes ready for the network and not taken yet, in order, as up to `max` slices (the
+    /// batch's bytes with the shared payloads between them): what a vectored write takes.
+    pub(crate) fn unsent_parts<'a>(&'a self, max: usize, out: &mut Vec<std::io::IoSlice<'a>>) {
+        debug_assert!(
+            self.open_record.is_none(),
+            "shared payloads are never sealed"
+        );
+        let mut pos = self.sent;
+        for (i, s) in self.shared.iter().enumerate() {
+            if out.len() + 2 > max {
+                return;
+            }
+            if s.at > pos {
+                out.push(std::io::IoSlice::new(&self.buf[pos..s.at]));
+                pos = s.at;
+            }
+            let skip = if i == 0 { self.shared_taken } else { 0 };
+            out.push(std::io::IoSlice::new(&s.bytes[skip..]));
+        }
+        if pos < self.buf.len() && out.len() < max {
+            out.push(std::io::IoSlice::new(&self.buf[pos..]));
+        }
+    }
+
+    /// The network took `n` more bytes. Only indexes move: the unsent bytes stay where they
     /// are until the next push (the RDMA transport posts inline sends from them).
-    pub(crate) fn advance(&mut self, n: usize) {
+    pub(crate) fn advance(&mut self, mut n: usize) {
         debug_assert!(n <= self.pending());
-        self.sent += n;
+        while n > 0 {
+            match self.shared.front() {
+                // The first shared payload is next: the batch's bytes before it were taken.
+                Some(s) if s.at == self.sent => {
+                    let took = n.min(s.bytes.len() - self.shared_taken);
+                    self.shared_taken += took;
+                    self.shared_pending -= took;
+                    n -= took;
+                    if self.shared_taken == s.bytes.len() {
+                        self.shared.pop_front();
+                        self.shared_taken = 0;
+                    }
+                }
+                Some(s) => {
+                    let took = n.min(s.at - self.sent);
+                    self.sent += took;
+                    n -= took;
+                }
+                None => {
+                    self.sent += n;
+                    n = 0;
+                }
+            }
+        }
     }
 
     /// Before a push: drops the bytes the network took from the front of the batch once they
@@ -220,7 +324,7 @@ impl SendBatch {
         if self.sent < SEND_COMPACT_MIN || self.sent < self.pending() {
             return;
         }
-        let left = self.pending();
+        let left = self.buf.len() - self.sent;
         self.buf.copy_within(self.sent.., 0);
         self.buf.truncate(left);
         if let Some(start) = self.open_record.as_mut() {
@@ -228,17 +332,22 @@ impl SendBatch {
             debug_assert!(*start >= self.sent);
             *start -= self.sent;
         }
+        for s in &mut self.shared {
+            // Shared payloads follow bytes not taken yet (or the taken ones' end).
+            s.at -= self.sent;
+        }
         self.sent = 0;
     }
 
     /// Bytes not taken yet.
     pub(crate) fn pending(&self) -> usize {
-        self.buf.len() - self.sent
+        self.buf.len() - self.sent + self.shared_pending
     }
 
     /// Whether the network took everything; if so the batch starts empty again.
     pub(crate) fn settle(&mut self) -> bool {
         if self.pending() == 0 {
+            debug_assert!(self.shared.is_empty());
             self.buf.clear();
             self.sent = 0;
             true

@@ -241,6 +241,12 @@ impl TcpConnection {
 /// Most buffers one vectored write takes (Linux's `UIO_MAXIOV`; more is refused with EINVAL).
 const MAX_IOVECS: usize = 1024;
 
+/// Writes' payloads of at least this many bytes are not copied into the send batch: they
+/// follow it by reference and go out in vectored writes (over TCP in the clear). Below it
+/// the copy costs less than a buffer of its own in the kernel's walk over the vector and
+/// the shared count that keeps the payload alive until sent.
+const SHARE_MIN: usize = 2048;
+
 impl Connection for TcpConnection {
     fn send(&mut self, msg: &Message) -> Result<(), TransportError> {
         match msg {
@@ -252,6 +258,14 @@ impl Connection for TcpConnection {
             } if data.len() >= WRITE_BYPASS_MIN && self.may_bypass() => {
                 let header = write_header(*seq, *term, *offset, data, data.crc());
                 self.send_unbatched(&[&header, data])
+            }
+            Message::Write {
+                seq,
+                term,
+                offset,
+                data,
+            } if data.len() >= SHARE_MIN && self.sends_in_place() => {
+                self.tx.push_write_shared(*seq, *term, *offset, data)
             }
             _ => self.tx.push(msg),
         }
@@ -318,7 +332,14 @@ impl Connection for TcpConnection {
             stamps::sent();
         }
         while self.tx.pending() > 0 {
-            match self.stream.write(self.tx.unsent()) {
+            let written = if self.tx.has_shared() {
+                let mut parts = Vec::with_capacity(MAX_IOVECS.min(2 * self.tx.shared_count() + 1));
+                self.tx.unsent_parts(MAX_IOVECS, &mut parts);
+                self.stream.write_vectored(&parts)
+            } else {
+                self.stream.write(self.tx.unsent())
+            };
+            match written {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(n) => self.tx.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -94,9 +94,10 @@ fn a_batch_the_network_never_empties_stays_bounded_and_delivers_every_write_once
     }
 }
 
-/// A catch-up's vectored sends over real loopback TCP: groups larger than one vectored write
-/// takes, a socket that fills (the rest of a write queued, later groups queued behind it, or
-/// sent in place once it drained), and every write arrives once, in order and intact.
+/// Vectored sends over real loopback TCP, a catch-up's (borrowed records, in groups larger than
+/// one vectored write takes) and a pipelined primary's (owned payloads shared with the batch),
+/// through a socket that fills (the rest of a write queued, later ones queued behind it, or
+/// sent in place once it drained): every write arrives once, in order and intact.
 #[test]
 fn writes_sent_in_place_arrive_once_in_order_through_a_full_socket() {
     use super::tcp::TcpConnection;
@@ -133,6 +134,7 @@ fn writes_sent_in_place_arrive_once_in_order_through_a_full_socket() {
                 Message::Write {
                     seq, offset, data, ..
                 } => received.push((seq, offset, data.to_vec())),
+                Message::Applied { .. } => {}
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -153,7 +155,22 @@ fn writes_sent_in_place_arrive_once_in_order_through_a_full_socket() {
         if tx.pending_send_bytes() > 0 {
             queued_behind += 1;
         }
-        tx.send_writes(&group).unwrap();
+        if group_no % 3 == 2 {
+            // As a pipelined primary sends: owned payloads (those of 2 KiB and more shared
+            // with the batch, not copied), an ack-sized frame among them.
+            tx.send(&Message::Applied { through: 0 }).unwrap();
+            for w in &group {
+                tx.send(&Message::Write {
+                    seq: w.seq,
+                    term: w.term,
+                    offset: w.offset,
+                    data: Payload::from(w.data.to_vec()),
+                })
+                .unwrap();
+            }
+        } else {
+            tx.send_writes(&group).unwrap();
+        }
         next += n;
         group_no += 1;
         // Every other group, the receiver lets the socket fill; then it drains some.
@@ -185,5 +202,89 @@ fn writes_sent_in_place_arrive_once_in_order_through_a_full_socket() {
             "write {i} out of order"
         );
         assert!(data == &payloads[i], "write {i} altered");
+    }
+}
+
+/// One step of [`shared_payloads_leave_in_order_however_the_network_takes_them`].
+#[derive(Debug, Clone)]
+enum BatchStep {
+    /// A small frame (an ack), copied into the batch.
+    Small,
+    /// A write of this many bytes, copied.
+    Copied(usize),
+    /// A write of this many bytes, shared.
+    Shared(usize),
+    /// The network takes up to this many bytes (in slices of at most this many parts).
+    Take(usize, usize),
+}
+
+fn batch_step() -> impl proptest::strategy::Strategy<Value = BatchStep> {
+    use proptest::prelude::*;
+    prop_oneof![
+        Just(BatchStep::Small),
+        (1usize..6000).prop_map(BatchStep::Copied),
+        (1usize..9000).prop_map(BatchStep::Shared),
+        (0usize..300_000, 2usize..9).prop_map(|(n, parts)| BatchStep::Take(n, parts)),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Whatever mix of copied and shared payloads, and however little the network takes each
+    /// time (a vectored write cut anywhere, short of parts), the bytes leave exactly as the
+    /// frames' encoding in order, `pending` counts what is left, and the batch empties.
+    #[test]
+    fn shared_payloads_leave_in_order_however_the_network_takes_them(
+        steps in proptest::collection::vec(batch_step(), 1..400)
+    ) {
+        let mut tx = SendBatch::with_capacity(1 << 10);
+        let mut expected = bytes::BytesMut::new();
+        let mut taken: Vec<u8> = Vec::new();
+        let mut seq = 0u64;
+        let take = |tx: &mut SendBatch, taken: &mut Vec<u8>, n: usize, max_parts: usize| {
+            let mut parts = Vec::new();
+            if tx.has_shared() {
+                tx.unsent_parts(max_parts, &mut parts);
+            } else {
+                parts.push(std::io::IoSlice::new(tx.unsent()));
+            }
+            let mut took = 0;
+            for p in &parts {
+                let k = (n - took).min(p.len());
+                taken.extend_from_slice(&p[..k]);
+                took += k;
+                if took == n {
+                    break;
+                }
+            }
+            tx.advance(took);
+        };
+        for step in steps {
+            match step {
+                BatchStep::Small => {
+                    let m = Message::Ack { received_through: seq, applied_through: seq };
+                    m.encode(&mut expected);
+                    tx.push(&m).unwrap();
+                }
+                BatchStep::Copied(len) | BatchStep::Shared(len) => {
+                    seq += 1;
+                    let data = Payload::from(vec![seq as u8; len]);
+                    let m = Message::Write { seq, term: 1, offset: seq * 8192, data: data.clone() };
+                    m.encode(&mut expected);
+                    if matches!(step, BatchStep::Shared(_)) {
+                        tx.push_write_shared(seq, 1, seq * 8192, &data).unwrap();
+                    } else {
+                        tx.push(&m).unwrap();
+                    }
+                }
+                BatchStep::Take(n, parts) => take(&mut tx, &mut taken, n, parts),
+            }
+            proptest::prop_assert_eq!(tx.pending(), expected.len() - taken.len());
+        }
+        while tx.pending() > 0 {
+            take(&mut tx, &mut taken, 7777, 5);
+        }
+        proptest::prop_assert!(tx.settle());
+        proptest::prop_assert!(taken == expected[..], "the bytes taken differ from the frames");
     }
 }
