@@ -128,6 +128,51 @@ fn queue_read_back(c: &mut Criterion) {
     g.finish();
 }
 
+/// A node's queue appends (each record's payload streamed into the ring, as a lap of a ring
+/// larger than the caches finds its lines long gone), next to an ordinary copy of the same
+/// bytes into as much memory in the same order (what the append did before).
+fn queue_append(c: &mut Criterion) {
+    const PAYLOAD: usize = 4096;
+    let dir = bench_dir();
+    let params = QueueParams {
+        node_id: 1,
+        role: Role::Primary,
+        region_size: 1 << 30,
+        capacity_bytes: (READ_BACK_BYTES as u64 * 5 / 4).next_multiple_of(4096),
+    };
+    let mut queue =
+        PersistentQueue::create(&dir.path().join("queue"), &params, Durability::Process)
+            .expect("a queue");
+    let data: Vec<u8> = (0..PAYLOAD).map(|i| (i * 31) as u8).collect();
+    let crc = crc32c_append(0, &data);
+    // Records in the ring at a time: the trim keeps the ring's tail a lap ahead of its head.
+    let live = (READ_BACK_BYTES / PAYLOAD) as u64 / 2;
+    let mut plain = vec![1u8; READ_BACK_BYTES];
+    let mut g = c.benchmark_group("queue_append");
+    g.throughput(Throughput::Bytes(PAYLOAD as u64));
+    let mut seq = 0u64;
+    g.bench_function("record_4KiB", |b| {
+        b.iter(|| {
+            seq += 1;
+            queue
+                .append_with_crc(seq, 1, (seq % 1024) * PAYLOAD as u64, &data, crc)
+                .expect("room for the record");
+            if seq > live {
+                queue.trim_through(seq - live).expect("a live record");
+            }
+        })
+    });
+    let mut i = 0usize;
+    g.bench_function("ordinary_copy_4KiB", |b| {
+        b.iter(|| {
+            let at = (i % (READ_BACK_BYTES / PAYLOAD)) * PAYLOAD;
+            i += 1;
+            plain[at..at + PAYLOAD].copy_from_slice(std::hint::black_box(&data));
+        })
+    });
+    g.finish();
+}
+
 /// Bytes of the region the scattered writes land in: far more than the caches hold, as a
 /// backup's region is.
 const SCATTER_REGION: usize = 256 << 20;
@@ -170,5 +215,11 @@ fn region_write(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, payload, region_write, queue_read_back);
+criterion_group!(
+    benches,
+    payload,
+    region_write,
+    queue_read_back,
+    queue_append
+);
 criterion_main!(benches);

@@ -687,9 +687,13 @@ impl PersistentQueue {
             map::write_file_at(&self.file, off as u64, &pieces, &self.path)?;
         } else {
             if body_len > 0 {
-                let dst = self.map.bytes_mut(off + HDR, body_len);
-                dst[..payload.len()].copy_from_slice(payload);
-                dst[payload.len()..].fill(0);
+                // From `STREAM_MIN` bytes the payload streams past the cache, as a region write
+                // does: the ring is larger than the cache and its lines are written once per lap,
+                // so an ordinary copy would first read each line it overwrites whole, and the
+                // record is read back only by a catch-up or a replay, long after. The streamed
+                // stores are ordered before the header's below (write_raw ends with a fence).
+                self.map.write_raw(off + HDR, payload);
+                self.map.write_raw(off + HDR + payload.len(), &ZEROS[..pad]);
             }
             self.map.bytes_mut(off, HDR).copy_from_slice(&hb);
         }
