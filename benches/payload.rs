@@ -90,20 +90,29 @@ fn bench_dir() -> tempfile::TempDir {
     .expect("a temporary directory")
 }
 
-fn queue_read_back(c: &mut Criterion) {
-    const PAYLOAD: usize = 4096;
-    let dir = bench_dir();
+/// Payload bytes of the queue benches' records (a 4 KiB write's).
+const PAYLOAD: usize = 4096;
+
+fn record_payload() -> Vec<u8> {
+    (0..PAYLOAD).map(|i| (i * 31) as u8).collect()
+}
+
+/// A `process` queue in `dir` whose ring holds a little more than [`READ_BACK_BYTES`].
+fn queue_larger_than_the_caches(dir: &std::path::Path) -> PersistentQueue {
     let params = QueueParams {
         node_id: 1,
         role: Role::Primary,
         region_size: 1 << 30,
         capacity_bytes: (READ_BACK_BYTES as u64 * 5 / 4).next_multiple_of(4096),
     };
-    let mut queue =
-        PersistentQueue::create(&dir.path().join("queue"), &params, Durability::Process)
-            .expect("a queue");
+    PersistentQueue::create(&dir.join("queue"), &params, Durability::Process).expect("a queue")
+}
+
+fn queue_read_back(c: &mut Criterion) {
+    let dir = bench_dir();
+    let mut queue = queue_larger_than_the_caches(dir.path());
     let records = (READ_BACK_BYTES / PAYLOAD) as u64;
-    let data: Vec<u8> = (0..PAYLOAD).map(|i| (i * 31) as u8).collect();
+    let data = record_payload();
     for seq in 1..=records {
         queue
             .append(seq, 1, (seq % 1024) * PAYLOAD as u64, &data)
@@ -132,18 +141,9 @@ fn queue_read_back(c: &mut Criterion) {
 /// larger than the caches finds its lines long gone), next to an ordinary copy of the same
 /// bytes into as much memory in the same order (what the append did before).
 fn queue_append(c: &mut Criterion) {
-    const PAYLOAD: usize = 4096;
     let dir = bench_dir();
-    let params = QueueParams {
-        node_id: 1,
-        role: Role::Primary,
-        region_size: 1 << 30,
-        capacity_bytes: (READ_BACK_BYTES as u64 * 5 / 4).next_multiple_of(4096),
-    };
-    let mut queue =
-        PersistentQueue::create(&dir.path().join("queue"), &params, Durability::Process)
-            .expect("a queue");
-    let data: Vec<u8> = (0..PAYLOAD).map(|i| (i * 31) as u8).collect();
+    let mut queue = queue_larger_than_the_caches(dir.path());
+    let data = record_payload();
     let crc = crc32c_append(0, &data);
     // Records in the ring at a time: the trim keeps the ring's tail a lap ahead of its head.
     let live = (READ_BACK_BYTES / PAYLOAD) as u64 / 2;
