@@ -195,6 +195,9 @@ struct Shared {
     cond: Condvar,
     /// The poller sleeps in poll(2); submitters must ring `wake_fd` (Dekker pairing with the ring).
     poller_sleeping: AtomicBool,
+    /// The polling thread sleeps while callers drive the loop (run to completion); a caller
+    /// that stops driving before its write settled rings `wake_fd` (see `wake_poller_now`).
+    poller_standing_by: AtomicBool,
     wake_fd: crate::transport::EventFd,
     stats: Mutex<Stats>,
     /// The node's role now (`ROLE_*`): written by the poller after a role change (Release),
@@ -313,6 +316,21 @@ impl Shared {
         // push in the ring, or we see its `poller_sleeping = true` and ring the eventfd.
         fence(Ordering::SeqCst);
         if self.poller_sleeping.load(Ordering::Relaxed) {
+            self.wake_fd.signal();
+        }
+    }
+
+    /// Wakes the polling thread whether parked or standing by for callers that drive the loop:
+    /// a caller stopped driving before its write settled (it made no progress for
+    /// `idle_spin`, or it failed).
+    fn wake_poller_now(&self) {
+        // SeqCst fence pairs with the one in the poller's standby (and its park path): the
+        // caller dropped its count of `callers_driving` before this, so either the poller sees
+        // the count it left, or we see it standing by and ring the eventfd.
+        fence(Ordering::SeqCst);
+        if self.poller_sleeping.load(Ordering::Relaxed)
+            || self.poller_standing_by.load(Ordering::Relaxed)
+        {
             self.wake_fd.signal();
         }
     }
@@ -462,6 +480,12 @@ impl Mirror {
             match producer.try_push(item) {
                 Ok(position) => {
                     if wake_poller {
+                        // A polling thread standing by for callers that drive the loop is not
+                        // rung: the next caller that waits takes the write in its first step,
+                        // and the thread within `STANDBY_MAX` (2 ms) if none does. (Ringing it whenever
+                        // nothing was in flight cost pipelined writes at depth 8 a third of
+                        // their rate: the thread woke onto the caller's CPU at every empty
+                        // window.)
                         self.shared.wake_poller();
                     }
                     // Relaxed: a count for the metrics, published by nothing else.
@@ -538,7 +562,7 @@ impl Mirror {
             let driven = self.drive_while_waiting(&settled, deadline);
             if !matches!(driven, Ok(true)) {
                 // The polling thread takes over: `write` did not wake it for its submission.
-                self.shared.wake_poller();
+                self.shared.wake_poller_now();
             }
             if driven? {
                 return refused().map_or(Ok(()), Err);
@@ -589,10 +613,11 @@ impl Mirror {
         result
     }
 
-    /// Run to completion: the waiting caller runs the poller's steps itself (when no other thread
-    /// is in one), so that on a machine with few cores the caller, not a third thread, sends the
-    /// write and takes the ack. Gives up after `idle_spin` without progress (the polling thread
-    /// then takes over). Returns whether `done` became true.
+    /// Run to completion: the waiting caller runs the poller's steps itself (after the step of
+    /// another thread in one), so that on a machine with few cores the caller, not a third
+    /// thread, sends the write and takes the ack. Gives up after `idle_spin` without progress
+    /// (the polling thread then takes over at once: `Shared::wake_poller_now`). Returns whether
+    /// `done` became true.
     fn drive_while_waiting(
         &self,
         done: &dyn Fn() -> bool,
@@ -602,7 +627,6 @@ impl Mirror {
         let _driving = CallerDriving(&self.shared);
         let mut now = Instant::now();
         let mut last_progress = now;
-        let mut spins = 0u32;
         loop {
             if done() {
                 stamps::at(Point::WaitDone);
@@ -615,25 +639,27 @@ impl Mirror {
             if now.duration_since(last_progress) >= self.cfg.idle_spin {
                 return Ok(false);
             }
-            if let Ok(mut p) = self.driver.try_lock() {
-                let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.step()));
-                match step {
-                    // Idle time counts from the end of the last step that did work (a long
-                    // working step must not eat the spin budget).
-                    Ok(Step::Worked) => {
-                        now = Instant::now();
-                        last_progress = now;
-                    }
-                    // Otherwise the step's own clock reading is recent enough.
-                    Ok(Step::Spinning | Step::Idle | Step::Stopped) => now = p.last_step_at,
-                    Err(_) => self.shared.fail("poller step panicked (a bug)".into()),
-                }
-            } else {
-                std::hint::spin_loop();
-                spins += 1;
-                if spins.is_multiple_of(64) {
+            let mut p = match self.driver.try_lock() {
+                Ok(p) => p,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                // Taken by the polling thread (it yields after its step: it sees this caller
+                // counted) or by another caller: wait for it rather than spin. On two busy
+                // CPUs a spinning caller keeps a preempted holder off the CPU it needs, and
+                // gives up driving after `idle_spin`, which wakes the polling thread into the
+                // same fight.
+                Err(std::sync::TryLockError::WouldBlock) => poller::lock_poller(&self.driver),
+            };
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.step()));
+            match step {
+                // Idle time counts from the end of the last step that did work (a long
+                // working step must not eat the spin budget).
+                Ok(Step::Worked) => {
                     now = Instant::now();
+                    last_progress = now;
                 }
+                // Otherwise the step's own clock reading is recent enough.
+                Ok(Step::Spinning | Step::Idle | Step::Stopped) => now = p.last_step_at,
+                Err(_) => self.shared.fail("poller step panicked (a bug)".into()),
             }
         }
     }

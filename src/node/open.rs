@@ -315,6 +315,7 @@ impl Mirror {
             lock: Mutex::new(()),
             cond: Condvar::new(),
             poller_sleeping: AtomicBool::new(false),
+            poller_standing_by: AtomicBool::new(false),
             wake_fd,
             stats: Mutex::new(stats),
             role: AtomicU8::new(match cfg.role {
