@@ -14,6 +14,13 @@ fn backup(dir: &Path) -> Mirror {
     Mirror::open(b.build().unwrap()).unwrap()
 }
 
+/// The backup opened again on its files, listening on `addr` (where it listened before).
+fn backup_again(dir: &Path, addr: std::net::SocketAddr) -> Mirror {
+    let mut b = base(dir, "backup", "1MiB");
+    b.set("listen", &addr.to_string()).unwrap();
+    Mirror::open(b.build().unwrap()).unwrap()
+}
+
 fn primary(dir: &Path, backup: &Mirror, extra: &[(&str, &str)]) -> Mirror {
     let mut b = base(dir, "primary", "1MiB");
     b.set("peer", &backup.listen_addr().unwrap().to_string())
@@ -123,10 +130,8 @@ fn stats_stamp_a_catch_up_handshake_and_its_last_apply() {
         p.write(64 + i * 8, &i.to_le_bytes()).unwrap();
     }
     let target = p.stats().next_seq - 1;
-    let mut cfg = base(dir.path(), "backup", "1MiB");
-    cfg.set("listen", &addr.to_string()).unwrap();
     let opened = Instant::now();
-    let b = Mirror::open(cfg.build().unwrap()).unwrap();
+    let b = backup_again(dir.path(), addr);
     let deadline = Instant::now() + Duration::from_secs(10);
     let s = loop {
         let s = b.stats();
@@ -177,9 +182,7 @@ fn block_policy_write_times_out_without_a_backup_and_completes_when_it_returns()
         "a held write is not applied without the backup"
     );
     // The backup returns on the same address and files.
-    let mut cfg = base(dir.path(), "backup", "1MiB");
-    cfg.set("listen", &addr.to_string()).unwrap();
-    let b = Mirror::open(cfg.build().unwrap()).unwrap();
+    let b = backup_again(dir.path(), addr);
     p.wait(t, Some(Duration::from_secs(10))).unwrap();
     p.read(8, &mut buf).unwrap();
     assert_eq!(&buf, b"second");

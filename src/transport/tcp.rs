@@ -220,10 +220,21 @@ impl TcpConnection {
     /// [`may_bypass`](Self::may_bypass), and with at most [`MAX_IOVECS`] parts.
     fn send_unbatched(&mut self, parts: &[&[u8]]) -> Result<(), TransportError> {
         debug_assert!(parts.len() <= MAX_IOVECS);
-        let slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        // One frame (a header and its data) is the common case: no allocation for it.
+        let mut one = [IoSlice::new(&[]), IoSlice::new(&[])];
+        let many: Vec<IoSlice<'_>>;
+        let slices: &[IoSlice<'_>] = if parts.len() <= one.len() {
+            for (slice, part) in one.iter_mut().zip(parts) {
+                *slice = IoSlice::new(part);
+            }
+            &one[..parts.len()]
+        } else {
+            many = parts.iter().map(|p| IoSlice::new(p)).collect();
+            &many
+        };
         stamps::sent();
         let taken = loop {
-            match self.stream.write_vectored(&slices) {
+            match self.stream.write_vectored(slices) {
                 Ok(0) => return Err(TransportError::Closed),
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
