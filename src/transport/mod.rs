@@ -255,11 +255,6 @@ impl SendBatch {
         !self.shared.is_empty()
     }
 
-    /// How many payloads are shared.
-    pub(crate) fn shared_count(&self) -> usize {
-        self.shared.len()
-    }
-
     /// The bytes ready for the network and not taken yet, in order, as up to `max` slices (the
     /// batch's bytes with the shared payloads between them): what a vectored write takes.
     pub(crate) fn unsent_parts<'a>(&'a self, max: usize, out: &mut Vec<std::io::IoSlice<'a>>) {

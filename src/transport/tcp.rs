@@ -344,7 +344,7 @@ impl Connection for TcpConnection {
         }
         while self.tx.pending() > 0 {
             let written = if self.tx.has_shared() {
-                let mut parts = Vec::with_capacity(MAX_IOVECS.min(2 * self.tx.shared_count() + 1));
+                let mut parts = Vec::new();
                 self.tx.unsent_parts(MAX_IOVECS, &mut parts);
                 self.stream.write_vectored(&parts)
             } else {

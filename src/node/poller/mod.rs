@@ -736,7 +736,7 @@ impl Poller {
 /// The longest the polling thread stands by while callers drive the loop: what a caller that
 /// returned left to do (acks and submissions nobody waits for, a checkpoint) waits at most this
 /// long. Each look is a third thread woken onto the driving caller's CPUs: at two
-/// milliseconds a synchronous writer (10-15 µs a write) meets one in 150-200 writes, out of its
+/// milliseconds a synchronous writer (10-15 µs a write) meets one in 130-200 writes, out of its
 /// p99.
 const STANDBY_MAX: Duration = Duration::from_millis(2);
 
