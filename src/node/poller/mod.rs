@@ -689,7 +689,12 @@ impl Poller {
             _ => Some(None),
         };
         let timeout = self.park_timeout();
+        // A caller that started driving after the loop's last look either sees
+        // `poller_sleeping` and rings, or is seen here (the fence above pairs with the one in
+        // `wake_poller`): then stand by instead of parking on the connection.
+        let callers_drive = self.shared.callers_driving.load(Ordering::Relaxed) > 0;
         if has_submissions
+            || callers_drive
             || self.shared.shutdown.load(Ordering::Acquire)
             || catch_up_ready.is_none()
             || timeout.is_zero()

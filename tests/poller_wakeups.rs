@@ -1,0 +1,91 @@
+//! How often the primary's polling thread wakes while a caller drives the loop (run to
+//! completion, the default). Its own binary, one test: it finds the polling thread by name
+//! among this process's threads, so no other test's nodes may run beside it.
+
+use std::time::Duration;
+
+use mirror::bench::LocalPair;
+
+/// Voluntary context switches (each a sleep) of `status`, a `/proc` status file's text.
+fn sleeps_in(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("status has voluntary_ctxt_switches")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// How many times this process's one thread named `name` slept.
+fn sleeps_of(name: &str) -> u64 {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // a thread that ended since the listing
+        };
+        if comm.trim() == name {
+            found.push(sleeps_in(
+                &std::fs::read_to_string(dir.join("status")).unwrap(),
+            ));
+        }
+    }
+    assert_eq!(found.len(), 1, "threads named {name}: {found:?}");
+    found[0]
+}
+
+/// How many times the calling thread slept.
+fn own_sleeps() -> u64 {
+    sleeps_in(&std::fs::read_to_string("/proc/thread-self/status").unwrap())
+}
+
+/// Bursts of synchronous writes after pauses long enough for the polling thread to park with
+/// the connection in its poll set. A parked thread woken by each ack that the driving caller
+/// takes first would sleep again once per write (and run on the CPU the backup's thread needs);
+/// rung when the caller starts driving, it stands by instead, waking a few times per burst.
+/// Only bursts the caller drove throughout count: one that slept (it gave up driving on a
+/// loaded machine, or waited for the loop's lock) hands writes to the polling thread, which
+/// then sleeps between them by design.
+#[test]
+fn a_parked_polling_thread_does_not_wake_per_write_while_a_caller_drives() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = LocalPair::open(dir.path(), 1 << 20, &[]).unwrap();
+    let data = [0x5Au8; 64];
+    for i in 0..200u64 {
+        pair.primary.write(i * 64, &data).unwrap();
+    }
+    const WRITES: u64 = 100;
+    const DRIVEN_BURSTS: u64 = 20;
+    let (mut driven, mut poller_sleeps) = (0, 0);
+    for burst in 0..200 {
+        if driven == DRIVEN_BURSTS {
+            break;
+        }
+        // Past `idle_spin` (200 µs): the polling thread parks (for up to 5 ms) on the
+        // connection and its eventfd.
+        std::thread::sleep(Duration::from_millis(3));
+        let (caller_before, poller_before) = (own_sleeps(), sleeps_of("mirror-primary"));
+        for i in 0..WRITES {
+            pair.primary
+                .write((burst * WRITES + i) * 64, &data)
+                .unwrap();
+        }
+        let poller = sleeps_of("mirror-primary") - poller_before;
+        if own_sleeps() == caller_before {
+            driven += 1;
+            poller_sleeps += poller;
+        }
+    }
+    assert_eq!(
+        driven, DRIVEN_BURSTS,
+        "too few bursts driven by the caller alone (the machine is too loaded to tell)"
+    );
+    // Measured over 20 driven bursts: 10-20 sleeps when rung (with one or two CPUs kept busy
+    // beside it too), 276-545 when not (one per write for as long as the park lasts).
+    assert!(
+        poller_sleeps < DRIVEN_BURSTS * WRITES / 10,
+        "the primary's polling thread slept {poller_sleeps} times during {} writes",
+        DRIVEN_BURSTS * WRITES
+    );
+}
