@@ -43,7 +43,8 @@ fn own_sleeps() -> u64 {
 /// Bursts of synchronous writes after pauses long enough for the polling thread to park with
 /// the connection in its poll set. A parked thread woken by each ack that the driving caller
 /// takes first would sleep again once per write (and run on the CPU the backup's thread needs);
-/// rung when the caller starts driving, it stands by instead, waking a few times per burst.
+/// rung by the caller once its first step sent the write, it stands by instead, waking a few
+/// times per burst.
 /// Only bursts the caller drove throughout count: one that slept (it gave up driving on a
 /// loaded machine, or waited for the loop's lock) hands writes to the polling thread, which
 /// then sleeps between them by design.
