@@ -482,7 +482,7 @@ impl Mirror {
                     if wake_poller {
                         // A polling thread standing by for callers that drive the loop is not
                         // rung: the next caller that waits takes the write in its first step,
-                        // and the thread within `STANDBY_MAX` (2 ms) if none does. (Ringing it
+                        // and the thread within its standby (2-8 ms) if none does. (Ringing it
                         // whenever nothing was in flight cost pipelined writes at depth 8 a
                         // third of their rate: the thread woke onto the caller's CPU at every
                         // empty window.)

@@ -738,12 +738,18 @@ impl Poller {
     }
 }
 
-/// The longest the polling thread stands by while callers drive the loop: what a caller that
-/// returned left to do (acks and submissions nobody waits for, a checkpoint) waits at most this
-/// long. Each look is a third thread woken onto the driving caller's CPUs: at two
-/// milliseconds a synchronous writer (10-15 µs a write) meets one in 130-200 writes, out of its
-/// p99.
+/// How long the polling thread first stands by while callers drive the loop: what a caller
+/// that returned left to do (acks and submissions nobody waits for, a checkpoint) waits at most
+/// this long. Each look is a third thread woken onto the driving caller's CPUs: at two
+/// milliseconds a synchronous writer (10-15 µs a write) meets one in 130-200 writes.
 const STANDBY_MAX: Duration = Duration::from_millis(2);
+
+/// The standby after one that callers drove through: looks every 2 ms put about one write in
+/// 150 of a synchronous writer behind a context switch, one in its p99. What a caller that
+/// stopped driving left (acks, submissions and heartbeats nobody else drives; a submission
+/// does not ring a standing-by thread) waits at most this long, and at most an eighth of
+/// `ack_timeout` so that heartbeats keep their pace.
+const STANDBY_LONG: Duration = Duration::from_millis(8);
 
 /// The longest a parked poller sleeps: it wakes at least this often for its timers (ack
 /// timeouts, heartbeats, stats; reconnects sooner, see `Poller::park_timeout`).
@@ -765,8 +771,8 @@ pub(super) enum Step {
 /// Sleeps in ppoll(2) on `fds` (the first is the wake eventfd) for at most `timeout`, then
 /// clears the wake-up (if there was one: a read that finds nothing is a system call for
 /// nothing, on every sleep) and the sleeping flag. A ring that lands after poll returned stays
-/// readable and ends the next sleep at once.
-fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout: Duration) {
+/// readable and ends the next sleep at once. Returns whether it was rung.
+fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout: Duration) -> bool {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -781,10 +787,12 @@ fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout: Duration) {
             std::ptr::null(),
         )
     };
-    if ready != 0 && fds[0].revents != 0 {
+    let rung = ready > 0 && fds[0].revents != 0;
+    if rung {
         shared.wake_fd.drain();
     }
     shared.poller_sleeping.store(false, Ordering::Relaxed);
+    rung
 }
 
 pub(super) fn lock_poller(driver: &Mutex<Poller>) -> std::sync::MutexGuard<'_, Poller> {
@@ -795,6 +803,8 @@ pub(super) fn lock_poller(driver: &Mutex<Poller>) -> std::sync::MutexGuard<'_, P
 
 /// The polling thread: runs steps while no caller drives the loop itself, sleeps when idle.
 pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
+    let long = (lock_poller(&driver).cfg.ack_timeout / 8).clamp(STANDBY_MAX, STANDBY_LONG);
+    let mut standby = STANDBY_MAX;
     loop {
         if shared.shutdown.load(Ordering::Acquire) {
             lock_poller(&driver).shutdown();
@@ -807,7 +817,8 @@ pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
             // waits for, submissions nobody waits for, a checkpoint). Looking
             // every millisecond instead woke a third thread onto the two busy CPUs of a
             // synchronous writer each time: 1 % of its writes took 30-35 µs rather than 10-15
-            // (docs/PERFORMANCE.md).
+            // (docs/PERFORMANCE.md). The standby is longer once callers drove through one
+            // (`STANDBY_LONG`); a ring (a caller that gave up) makes it short again.
             let mut fds = [libc::pollfd {
                 fd: shared.wake_fd.as_raw_fd(),
                 events: libc::POLLIN,
@@ -817,7 +828,14 @@ pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
             // Pairs with the fence in `Shared::wake_poller_now` (see there).
             fence(Ordering::SeqCst);
             if shared.callers_driving.load(Ordering::Relaxed) > 0 {
-                sleep_on(&shared, &mut fds, STANDBY_MAX);
+                let rung = sleep_on(&shared, &mut fds, standby);
+                standby = if rung {
+                    STANDBY_MAX
+                } else if shared.callers_driving.load(Ordering::Relaxed) > 0 {
+                    long
+                } else {
+                    standby
+                };
             }
             shared.poller_standing_by.store(false, Ordering::Relaxed);
             continue;
@@ -836,7 +854,10 @@ pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
                         break Some(fds);
                     }
                 }
-                Step::Worked | Step::Spinning => {}
+                // Work no caller drove (acks or submissions nobody waits for): the next
+                // standby starts short again.
+                Step::Worked => standby = STANDBY_MAX,
+                Step::Spinning => {}
             }
         };
         drop(p);
