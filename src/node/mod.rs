@@ -198,6 +198,12 @@ struct Shared {
     /// The polling thread sleeps while callers drive the loop (run to completion); a caller
     /// that stops driving before its write settled rings `wake_fd` (see `wake_poller_now`).
     poller_standing_by: AtomicBool,
+    /// The polling thread's standby is `STANDBY_LONG` (callers drove through a short one and
+    /// nothing was submitted with [`Mirror::submit`] meanwhile): a submission rings it.
+    standby_long: AtomicBool,
+    /// Writes submitted with [`Mirror::submit`] (not [`Mirror::write`]): the polling thread
+    /// keeps its standby short while they come, and they ring a long one.
+    unwaited_submissions: AtomicU64,
     wake_fd: crate::transport::EventFd,
     stats: Mutex<Stats>,
     /// The node's role now (`ROLE_*`): written by the poller after a role change (Release),
@@ -316,6 +322,26 @@ impl Shared {
         // push in the ring, or we see its `poller_sleeping = true` and ring the eventfd.
         fence(Ordering::SeqCst);
         if self.poller_sleeping.load(Ordering::Relaxed) {
+            self.wake_fd.signal();
+        }
+    }
+
+    /// After a [`Mirror::submit`]: wakes a parked polling thread, or one in a long standby. A
+    /// short standby (`STANDBY_MAX`) is not rung: the next caller that waits takes the write in
+    /// its first step, and the thread within that standby if none does. (Ringing it whenever
+    /// nothing was in flight cost pipelined writes at depth 8 a third of their rate: the thread
+    /// woke onto the caller's CPU at every empty window.)
+    fn wake_poller_for_submission(&self) {
+        // Relaxed: ordered before the fence below, which the poller's standby pairs with.
+        self.unwaited_submissions.fetch_add(1, Ordering::Relaxed);
+        // SeqCst fence pairs with the one in the poller's park path and its standby: either
+        // the poller sees our push (in the ring) or our count (then it stands by short), or we
+        // see its flags and ring the eventfd.
+        fence(Ordering::SeqCst);
+        if self.poller_sleeping.load(Ordering::Relaxed)
+            || (self.poller_standing_by.load(Ordering::Relaxed)
+                && self.standby_long.load(Ordering::Relaxed))
+        {
             self.wake_fd.signal();
         }
     }
@@ -480,13 +506,7 @@ impl Mirror {
             match producer.try_push(item) {
                 Ok(position) => {
                     if wake_poller {
-                        // A polling thread standing by for callers that drive the loop is not
-                        // rung: the next caller that waits takes the write in its first step,
-                        // and the thread within its standby (2-8 ms) if none does. (Ringing it
-                        // whenever nothing was in flight cost pipelined writes at depth 8 a
-                        // third of their rate: the thread woke onto the caller's CPU at every
-                        // empty window.)
-                        self.shared.wake_poller();
+                        self.shared.wake_poller_for_submission();
                     }
                     // Relaxed: a count for the metrics, published by nothing else.
                     self.shared

@@ -316,6 +316,8 @@ impl Mirror {
             cond: Condvar::new(),
             poller_sleeping: AtomicBool::new(false),
             poller_standing_by: AtomicBool::new(false),
+            standby_long: AtomicBool::new(false),
+            unwaited_submissions: AtomicU64::new(0),
             wake_fd,
             stats: Mutex::new(stats),
             role: AtomicU8::new(match cfg.role {

@@ -744,11 +744,15 @@ impl Poller {
 /// milliseconds a synchronous writer (10-15 µs a write) meets one in 130-200 writes.
 const STANDBY_MAX: Duration = Duration::from_millis(2);
 
-/// The standby after one that callers drove through: looks every 2 ms put about one write in
-/// 150 of a synchronous writer behind a context switch, one in its p99. What a caller that
-/// stopped driving left (acks, submissions and heartbeats nobody else drives; a submission
-/// does not ring a standing-by thread) waits at most this long, and at most an eighth of
-/// `ack_timeout` so that heartbeats keep their pace.
+/// The standby after one that callers drove through with no [`Mirror::submit`] meanwhile
+/// (a synchronous writer's): looks every 2 ms put about one write in 150 of it behind a
+/// context switch, one in its p99. A submission rings it; what else a caller that stopped
+/// driving left (acks and heartbeats nobody else drives) waits at most this long, and at most
+/// an eighth of `ack_timeout` so that heartbeats keep their pace. Submissions (pipelined
+/// writers) keep the standby short and do not ring it: ringing on every submission cost
+/// pipelined writes at depth 1 and 8 about a tenth.
+///
+/// [`Mirror::submit`]: crate::Mirror::submit
 const STANDBY_LONG: Duration = Duration::from_millis(8);
 
 /// The longest a parked poller sleeps: it wakes at least this often for its timers (ack
@@ -805,6 +809,7 @@ pub(super) fn lock_poller(driver: &Mutex<Poller>) -> std::sync::MutexGuard<'_, P
 pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
     let long = (lock_poller(&driver).cfg.ack_timeout / 8).clamp(STANDBY_MAX, STANDBY_LONG);
     let mut standby = STANDBY_MAX;
+    let mut submissions_seen = shared.unwaited_submissions.load(Ordering::Relaxed);
     loop {
         if shared.shutdown.load(Ordering::Acquire) {
             lock_poller(&driver).shutdown();
@@ -818,26 +823,41 @@ pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
             // every millisecond instead woke a third thread onto the two busy CPUs of a
             // synchronous writer each time: 1 % of its writes took 30-35 µs rather than 10-15
             // (docs/PERFORMANCE.md). The standby is longer once callers drove through one
-            // (`STANDBY_LONG`); a ring (a caller that gave up) makes it short again.
+            // with nothing submitted meanwhile (`STANDBY_LONG`); a ring or a submission makes
+            // it short again.
             let mut fds = [libc::pollfd {
                 fd: shared.wake_fd.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             }];
+            shared
+                .standby_long
+                .store(standby > STANDBY_MAX, Ordering::Relaxed);
             shared.poller_standing_by.store(true, Ordering::Relaxed);
-            // Pairs with the fence in `Shared::wake_poller_now` (see there).
+            // Pairs with the fences in `Shared::wake_poller_now` and
+            // `Shared::wake_poller_for_submission` (see there).
             fence(Ordering::SeqCst);
+            let submissions = shared.unwaited_submissions.load(Ordering::Relaxed);
+            if submissions != submissions_seen {
+                // Submitted since the length was chosen, perhaps without ringing: short.
+                submissions_seen = submissions;
+                standby = STANDBY_MAX;
+                shared.standby_long.store(false, Ordering::Relaxed);
+            }
             if shared.callers_driving.load(Ordering::Relaxed) > 0 {
                 let rung = sleep_on(&shared, &mut fds, standby);
-                standby = if rung {
+                let submissions = shared.unwaited_submissions.load(Ordering::Relaxed);
+                standby = if rung || submissions != submissions_seen {
                     STANDBY_MAX
                 } else if shared.callers_driving.load(Ordering::Relaxed) > 0 {
                     long
                 } else {
                     standby
                 };
+                submissions_seen = submissions;
             }
             shared.poller_standing_by.store(false, Ordering::Relaxed);
+            shared.standby_long.store(false, Ordering::Relaxed);
             continue;
         }
         let mut p = lock_poller(&driver);
