@@ -723,7 +723,7 @@ impl ConfigBuilder {
         }
         let cpu = self.cpu.unwrap_or(None);
         if let Some(c) = cpu {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let n = online_cpus();
             if c >= n {
                 return Err(bad(
                     "cpu",
@@ -935,6 +935,15 @@ fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| bad(key, addr, "resolves to no address"))
 }
 
+/// CPUs online on this machine: not `available_parallelism`, which counts those the calling
+/// thread may run on, so that a caller pinned to one CPU could not open a node whose poller
+/// is pinned to another.
+fn online_cpus() -> usize {
+    // SAFETY: sysconf only reads a system value; `_SC_NPROCESSORS_ONLN` is a valid name.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).map_or(1, |n| n.max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1059,6 +1068,23 @@ mod tests {
         let mut b = backup();
         b.set("max_write", "1GiB").unwrap();
         assert!(b.build().unwrap_err().to_string().contains("max_write"));
+    }
+
+    #[test]
+    fn a_caller_pinned_to_one_cpu_may_pin_the_poller_to_another() {
+        if online_cpus() < 2 {
+            return; // one CPU: there is no other to name
+        }
+        std::thread::spawn(|| {
+            assert!(core_affinity::set_for_current(core_affinity::CoreId {
+                id: 0
+            }));
+            let mut b = backup();
+            b.set("cpu", "1").unwrap();
+            assert_eq!(b.build().unwrap().cpu, Some(1));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
