@@ -686,7 +686,7 @@ impl Mirror {
             if !rang {
                 // A polling thread parked with the connection in its poll set wakes inside
                 // poll(2) at every ack this caller takes first, finds it gone and sleeps again,
-                // each time on the CPU the peer's thread needs: writes it woke for took 25-45 µs
+                // each time on the CPU the peer's thread needs: writes it woke for took 30-45 µs
                 // instead of 10, and set the p99 of back-to-back writes after a pause. Rung, it
                 // stands by on its eventfd alone. Only after the first step, which sent the
                 // write: rung before, it took the idle CPU just as the send woke a same-machine
