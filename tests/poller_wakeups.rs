@@ -4,13 +4,31 @@
 //! process's threads, and count its sleeps while the caller alone drives, which another pair's
 //! busy threads would not let happen.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mirror::bench::LocalPair;
 
 /// Held by each test for its whole run.
 static ONE_PAIR: Mutex<()> = Mutex::new(());
+
+/// A test's pair, alone in this process while it lives (fields drop in this order).
+struct PairAlone {
+    pair: LocalPair,
+    _dir: tempfile::TempDir,
+    _turn: MutexGuard<'static, ()>,
+}
+
+fn pair_alone() -> PairAlone {
+    let turn = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let pair = LocalPair::open(dir.path(), 1 << 20, &[]).unwrap();
+    PairAlone {
+        pair,
+        _dir: dir,
+        _turn: turn,
+    }
+}
 
 /// Voluntary context switches (each a sleep) of `status`, a `/proc` status file's text.
 fn sleeps_in(status: &str) -> u64 {
@@ -46,19 +64,26 @@ fn own_sleeps() -> u64 {
     sleeps_in(&std::fs::read_to_string("/proc/thread-self/status").unwrap())
 }
 
+/// Runs `writes` (the calling thread's writes, driving the loop) and returns how many times the
+/// primary's polling thread slept meanwhile, or `None` if the caller slept too: a caller that
+/// gave up driving (on a loaded machine) or waited for the loop's lock handed writes to the
+/// polling thread, which then sleeps between them by design.
+fn poller_sleeps_while_driving(writes: impl FnOnce()) -> Option<u64> {
+    let (caller_before, poller_before) = (own_sleeps(), sleeps_of("mirror-primary"));
+    writes();
+    let poller = sleeps_of("mirror-primary") - poller_before;
+    (own_sleeps() == caller_before).then_some(poller)
+}
+
 /// Bursts of synchronous writes after pauses long enough for the polling thread to park with
 /// the connection in its poll set. A parked thread woken by each ack that the driving caller
 /// takes first would sleep again once per write (and run on the CPU the backup's thread needs);
 /// rung by the caller once its first step sent the write, it stands by instead, waking a few
-/// times per burst.
-/// Only bursts the caller drove throughout count: one that slept (it gave up driving on a
-/// loaded machine, or waited for the loop's lock) hands writes to the polling thread, which
-/// then sleeps between them by design.
+/// times per burst. Only bursts the caller drove throughout count.
 #[test]
 fn a_parked_polling_thread_does_not_wake_per_write_while_a_caller_drives() {
-    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let pair = LocalPair::open(dir.path(), 1 << 20, &[]).unwrap();
+    let alone = pair_alone();
+    let pair = &alone.pair;
     let data = [0x5Au8; 64];
     for i in 0..200u64 {
         pair.primary.write(i * 64, &data).unwrap();
@@ -73,16 +98,16 @@ fn a_parked_polling_thread_does_not_wake_per_write_while_a_caller_drives() {
         // Past `idle_spin` (200 µs): the polling thread parks (for up to 5 ms) on the
         // connection and its eventfd.
         std::thread::sleep(Duration::from_millis(3));
-        let (caller_before, poller_before) = (own_sleeps(), sleeps_of("mirror-primary"));
-        for i in 0..WRITES {
-            pair.primary
-                .write((burst * WRITES + i) * 64, &data)
-                .unwrap();
-        }
-        let poller = sleeps_of("mirror-primary") - poller_before;
-        if own_sleeps() == caller_before {
+        let burst_sleeps = poller_sleeps_while_driving(|| {
+            for i in 0..WRITES {
+                pair.primary
+                    .write((burst * WRITES + i) * 64, &data)
+                    .unwrap();
+            }
+        });
+        if let Some(n) = burst_sleeps {
             driven += 1;
-            poller_sleeps += poller;
+            poller_sleeps += n;
         }
     }
     assert_eq!(
@@ -104,9 +129,8 @@ fn a_parked_polling_thread_does_not_wake_per_write_while_a_caller_drives() {
 /// windows the caller drove throughout count (see above).
 #[test]
 fn a_standing_by_polling_thread_looks_less_often_while_a_caller_keeps_driving() {
-    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let pair = LocalPair::open(dir.path(), 1 << 20, &[]).unwrap();
+    let alone = pair_alone();
+    let pair = &alone.pair;
     let data = [0x5Au8; 64];
     const WINDOW: Duration = Duration::from_millis(40);
     const DRIVEN_WINDOWS: u32 = 3;
@@ -116,18 +140,17 @@ fn a_standing_by_polling_thread_looks_less_often_while_a_caller_keeps_driving() 
         if driven == DRIVEN_WINDOWS {
             break;
         }
-        let (caller_before, poller_before) = (own_sleeps(), sleeps_of("mirror-primary"));
         let start = Instant::now();
-        while start.elapsed() < WINDOW {
-            pair.primary.write(offset % (1 << 20), &data).unwrap();
-            offset += 64;
-        }
-        let elapsed = start.elapsed();
-        let poller = sleeps_of("mirror-primary") - poller_before;
-        if own_sleeps() == caller_before {
+        let window_sleeps = poller_sleeps_while_driving(|| {
+            while start.elapsed() < WINDOW {
+                pair.primary.write(offset % (1 << 20), &data).unwrap();
+                offset += 64;
+            }
+        });
+        if let Some(n) = window_sleeps {
             driven += 1;
-            poller_sleeps += poller;
-            driven_for += elapsed;
+            poller_sleeps += n;
+            driven_for += start.elapsed();
         }
     }
     assert_eq!(
@@ -150,9 +173,8 @@ fn a_standing_by_polling_thread_looks_less_often_while_a_caller_keeps_driving() 
 /// the bound asserted, in about one run in 20).
 #[test]
 fn a_submission_after_driven_writes_does_not_wait_for_the_standby() {
-    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let pair = LocalPair::open(dir.path(), 1 << 20, &[]).unwrap();
+    let alone = pair_alone();
+    let pair = &alone.pair;
     let data = [0x5Au8; 64];
     let mut offset = 0u64;
     let mut took = Vec::new();
