@@ -723,7 +723,7 @@ impl ConfigBuilder {
         }
         let cpu = self.cpu.unwrap_or(None);
         if let Some(c) = cpu {
-            let n = online_cpus();
+            let n = machine_cpus();
             if c >= n {
                 return Err(bad(
                     "cpu",
@@ -935,12 +935,13 @@ fn resolve(key: &str, addr: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| bad(key, addr, "resolves to no address"))
 }
 
-/// CPUs online on this machine: not `available_parallelism`, which counts those the calling
-/// thread may run on, so that a caller pinned to one CPU could not open a node whose poller
-/// is pinned to another.
-fn online_cpus() -> usize {
-    // SAFETY: sysconf only reads a system value; `_SC_NPROCESSORS_ONLN` is a valid name.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+/// CPUs this machine numbers (online or not: an offline one may sit between online ones, and
+/// pinning to it fails when the poller starts, with a warning). Not `available_parallelism`,
+/// which counts those the calling thread may run on: a caller pinned to one CPU could not open
+/// a node whose poller is pinned to another.
+fn machine_cpus() -> usize {
+    // SAFETY: sysconf only reads a system value; `_SC_NPROCESSORS_CONF` is a valid name.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
     usize::try_from(n).map_or(1, |n| n.max(1))
 }
 
@@ -1072,7 +1073,7 @@ mod tests {
 
     #[test]
     fn a_caller_pinned_to_one_cpu_may_pin_the_poller_to_another() {
-        if online_cpus() < 2 {
+        if machine_cpus() < 2 {
             return; // one CPU: there is no other to name
         }
         std::thread::spawn(|| {

@@ -749,8 +749,9 @@ const STANDBY_MAX: Duration = Duration::from_millis(2);
 /// context switch, one in its p99. A submission rings it; what else a caller that stopped
 /// driving left (acks and heartbeats nobody else drives) waits at most this long, and at most
 /// an eighth of `ack_timeout` so that heartbeats keep their pace. Submissions (pipelined
-/// writers) keep the standby short and do not ring it: ringing on every submission cost
-/// pipelined writes at depth 1 and 8 about a tenth.
+/// writers) keep the standby short, and a short one is not rung for them: ringing long
+/// standbys for every submission, without keeping the standby short for them, cost pipelined
+/// writes at depth 1 and 8 about a tenth.
 ///
 /// [`Mirror::submit`]: crate::Mirror::submit
 const STANDBY_LONG: Duration = Duration::from_millis(8);
