@@ -31,12 +31,18 @@ fn primary(dir: &Path, backup: &Mirror, extra: &[(&str, &str)]) -> Mirror {
     Mirror::open(b.build().unwrap()).unwrap()
 }
 
+/// A backup and a primary (`extra` its options) in `dir`, mirroring synchronously.
+fn synchronous_pair(dir: &Path, extra: &[(&str, &str)]) -> (Mirror, Mirror) {
+    let b = backup(dir);
+    let p = primary(dir, &b, extra);
+    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    (b, p)
+}
+
 #[test]
 fn write_submit_wait_read_stats_close() {
     let dir = tempfile::tempdir().unwrap();
-    let b = backup(dir.path());
-    let p = primary(dir.path(), &b, &[("on_peer_loss", "block")]);
-    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    let (b, p) = synchronous_pair(dir.path(), &[("on_peer_loss", "block")]);
     p.write(0, b"hello, mirror").unwrap();
     let mut buf = [0u8; 13];
     p.read(0, &mut buf).unwrap();
@@ -115,14 +121,11 @@ fn invalid_calls_get_typed_errors() {
 #[test]
 fn stats_stamp_a_catch_up_handshake_and_its_last_apply() {
     let dir = tempfile::tempdir().unwrap();
-    let b = backup(dir.path());
-    let addr = b.listen_addr().unwrap();
-    let p = primary(
+    let (b, p) = synchronous_pair(
         dir.path(),
-        &b,
         &[("on_peer_loss", "continue"), ("reconnect_interval_ms", "5")],
     );
-    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    let addr = b.listen_addr().unwrap();
     p.write(0, b"before").unwrap();
     b.close().unwrap();
     drop(b);
@@ -155,18 +158,15 @@ fn stats_stamp_a_catch_up_handshake_and_its_last_apply() {
 #[test]
 fn block_policy_write_times_out_without_a_backup_and_completes_when_it_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let b = backup(dir.path());
-    let addr = b.listen_addr().unwrap();
-    let p = primary(
+    let (b, p) = synchronous_pair(
         dir.path(),
-        &b,
         &[
             ("on_peer_loss", "block"),
             ("ack_timeout_ms", "200"),
             ("reconnect_interval_ms", "20"),
         ],
     );
-    p.wait_synchronous(Duration::from_secs(10)).unwrap();
+    let addr = b.listen_addr().unwrap();
     p.write(0, b"first").unwrap();
     b.close().unwrap();
     drop(b);
