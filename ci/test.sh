@@ -25,7 +25,7 @@ else
   cargo test --workspace --no-fail-fast --features fail-points
 fi
 
-step "loom model checking of the submission ring"
+step "loom model checking of the submission ring and its doorbell"
 RUSTFLAGS="--cfg loom" cargo test -p mirror-ring --release --target-dir target/loom --test loom
 
 step "C API: header drift, C tests (ASan/UBSan, valgrind), two-process C test, C++17"

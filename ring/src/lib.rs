@@ -85,7 +85,17 @@
 //!
 //! `len()` and `is_empty()` read `head` and `tail` separately, so they are snapshots that may be
 //! stale as soon as they return; they are meant for metrics and heuristics, and nothing in the
-//! ring relies on them. The only authoritative answers are `try_push` and `try_pop`.
+//! ring relies on them. The only authoritative answers are `try_push` and `try_pop`. One use
+//! is exact: the consumer's `is_empty()` after a `SeqCst` fence sees every push whose
+//! producer's fence came before it (the claim of `tail` precedes that fence), which is what
+//! the doorbell's park relies on (below).
+//!
+//! # The doorbell
+//!
+//! [`Doorbell`] is how producers, and callers that run the consumer's loop themselves, know
+//! whether the consumer sleeps (parked, or standing by while callers drive) and must be woken:
+//! Dekker pairings of flags and `SeqCst` fences, documented in `src/doorbell.rs`. The wake-up
+//! itself (an eventfd in libmirror) is the user's.
 //!
 //! ## Values left behind
 //!
@@ -97,8 +107,8 @@
 //!
 //! * unit tests and a property test against a `VecDeque` model (`tests/model.rs`), and a
 //!   multi-threaded stress test (`tests/stress.rs`): `cargo test -p mirror-ring`;
-//! * loom model checking of the same code (`tests/loom.rs`). The module `primitive` swaps std's
-//!   atomics, `Arc` and `UnsafeCell` for loom's under `--cfg loom` (crossbeam-epoch's pattern), so
+//! * loom model checking of the same code, the doorbell's pairings included (`tests/loom.rs`).
+//!   The module `primitive` swaps std's atomics, `Arc` and `UnsafeCell` for loom's under `--cfg loom` (crossbeam-epoch's pattern), so
 //!   the algorithm is written once. Run in release mode, in a separate target directory so the
 //!   normal build cache survives:
 //!
@@ -121,7 +131,10 @@
 //!   the tests bound preemptions at 3 unless `LOOM_MAX_PREEMPTIONS` is set; the file then runs
 //!   in about 15 seconds. Deliberately broken variants (each stamp ordering weakened to
 //!   `Relaxed`, a wrong lap in the freeing stamp, a claim without CAS, a `Drop` that leaks) all
-//!   fail these tests.
+//!   fail these tests; so does the doorbell with any one of its four fences left out, a
+//!   submission that does not ring a long standby, a standby that ignores the submissions
+//!   counted, or a give-up that does not ring a standby. One such variant stays in the file as
+//!   a control that must fail (`control_a_park_without_its_fence_loses_a_push`).
 //!
 //! # Example
 //!
@@ -143,9 +156,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+mod doorbell;
 mod primitive;
 mod ring;
 
+pub use doorbell::{Doorbell, Driving, Standby};
 pub use ring::{Consumer, Producer, SubmitRing, MAX_CAPACITY};
 
 /// `true` when built with `--cfg loom`. Not API: the doc examples check it and return early,

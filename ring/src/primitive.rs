@@ -1,4 +1,4 @@
-//! The synchronisation primitives the ring is written against.
+//! The synchronisation primitives the ring and its doorbell are written against.
 //!
 //! Under `--cfg loom` these are loom's model-checked replacements; otherwise they are the
 //! standard library's. The algorithm in `ring.rs` is written once against this module (the
@@ -13,7 +13,11 @@
 //! `loom_atomic`.
 
 #[cfg(loom)]
-pub(crate) use loom::{cell::UnsafeCell, sync::Arc};
+pub(crate) use loom::{
+    cell::UnsafeCell,
+    sync::atomic::{fence, AtomicBool, AtomicUsize},
+    sync::Arc,
+};
 #[cfg(loom)]
 pub(crate) use loom_atomic::AtomicU64;
 #[cfg(loom)]
@@ -21,7 +25,7 @@ pub(crate) use std::sync::atomic::Ordering;
 
 #[cfg(not(loom))]
 pub(crate) use std::sync::{
-    atomic::{AtomicU64, Ordering},
+    atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering},
     Arc,
 };
 
@@ -135,6 +139,11 @@ mod loom_atomic {
         pub(crate) fn store(&self, value: u64, order: Ordering) {
             self.witness_write();
             self.value.store(value, order);
+        }
+
+        pub(crate) fn fetch_add(&self, value: u64, order: Ordering) -> u64 {
+            self.witness_write();
+            self.value.fetch_add(value, order)
         }
 
         pub(crate) fn compare_exchange_weak(

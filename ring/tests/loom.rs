@@ -1,4 +1,4 @@
-//! Loom model checks of the ring: small scenarios, explored over every interleaving up to a
+//! Loom model checks of the ring and its doorbell: small scenarios, explored over every interleaving up to a
 //! preemption bound and every value the memory model lets each load return. Run with
 //! `RUSTFLAGS="--cfg loom" cargo test -p mirror-ring --release --target-dir target/loom --test loom`.
 //!
@@ -7,11 +7,11 @@
 //! the crate's loom shim got its reader witnesses (see `src/primitive.rs`).
 #![cfg(loom)]
 
-use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 
-use mirror_ring::{Consumer, Producer, SubmitRing};
+use mirror_ring::{Consumer, Doorbell, Producer, Standby, SubmitRing};
 
 /// Preemption bound used unless `LOOM_MAX_PREEMPTIONS` says otherwise. With the reader
 /// witnesses in the crate's loom shim (which make loom consider every load/store race), the
@@ -354,5 +354,224 @@ fn values_left_in_the_ring_are_dropped_once_by_the_last_handle() {
             t.join().unwrap();
         }
         assert_eq!(drops.load(Ordering::Relaxed), 2);
+    });
+}
+
+// The doorbell (src/doorbell.rs). In each model the bell is a flag that stays set once rung,
+// as libmirror's eventfd stays readable; the consumer's sleep is a decision, checked once
+// every thread is done: a consumer that decided to sleep (parked, or in a long standby) must
+// have been rung, or the work it did not see waits for the sleep's timeout. A sleeping
+// consumer lowers its flags only after that check, as the real one does only once awake
+// (lowering them at once let the other thread read them lowered and not ring, a failure of
+// the model, not of the doorbell).
+
+/// A bell that stays rung (level-triggered, like an eventfd).
+#[derive(Default)]
+struct Bell(AtomicBool);
+
+impl Bell {
+    fn ring_if(&self, must_ring: bool) {
+        if must_ring {
+            // Relaxed: read only after the threads are joined.
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn rung(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The consumer announces a park and takes its last look (`has_work`) while `other` runs on
+/// its own thread; returns whether it parked (it stays parked until every thread is done) and
+/// whether the bell was rung once all were.
+fn park_beside(
+    other: impl FnOnce(&Doorbell, &Bell) + Send + 'static,
+    has_work: impl FnOnce(&Doorbell) -> bool,
+) -> (bool, bool) {
+    let doorbell = Arc::new(Doorbell::new());
+    let bell = Arc::new(Bell::default());
+    let other = thread::spawn({
+        let (doorbell, bell) = (Arc::clone(&doorbell), Arc::clone(&bell));
+        move || other(&doorbell, &bell)
+    });
+    doorbell.announce_park();
+    let parks = !has_work(&doorbell);
+    if !parks {
+        doorbell.end_park();
+    }
+    other.join().unwrap();
+    (parks, bell.rung())
+}
+
+/// A producer pushes and asks `must_ring` while the consumer parks: it must not park unrung
+/// with the push unseen.
+fn push_against_park(must_ring: fn(&Doorbell) -> bool) {
+    let marks = [
+        "the consumer saw the push and stayed up",
+        "the consumer parked and was rung",
+    ];
+    model(&marks, move |cov| {
+        let (producer, mut consumer) = SubmitRing::with_capacity(2).unwrap();
+        let (parked, rung) = park_beside(
+            move |doorbell, bell| {
+                producer.try_push(7u8).unwrap();
+                bell.ring_if(must_ring(doorbell));
+            },
+            |doorbell| !consumer.is_empty() || doorbell.callers_driving(),
+        );
+        if parked {
+            assert!(
+                rung,
+                "the consumer parked with a push unseen and nobody rang"
+            );
+        }
+        cov.hit(marks[usize::from(parked)]);
+        assert_eq!(consumer.try_pop(), Some((0, 7)));
+    });
+}
+
+#[test]
+fn a_push_that_rings_for_a_park_is_never_left_unseen() {
+    push_against_park(Doorbell::must_ring_after_push);
+}
+
+#[test]
+fn a_submission_is_never_left_unseen_by_a_park() {
+    push_against_park(Doorbell::must_ring_after_submission);
+}
+
+#[test]
+fn a_caller_that_starts_driving_rings_a_consumer_parked_on_its_connection() {
+    let marks = [
+        "the consumer saw the caller and stayed up",
+        "the consumer parked and was rung",
+    ];
+    model(&marks, move |cov| {
+        let (parked, rung) = park_beside(
+            |doorbell, bell| {
+                // Still driving when the model ends.
+                std::mem::forget(doorbell.start_driving());
+                // After its first step (libmirror's `drive_while_waiting`).
+                bell.ring_if(doorbell.must_ring_after_push());
+            },
+            Doorbell::callers_driving,
+        );
+        if parked {
+            assert!(rung, "the consumer parked beside a driving caller, unrung");
+        }
+        cov.hit(marks[usize::from(parked)]);
+    });
+}
+
+#[test]
+fn a_caller_that_gives_up_driving_rings_a_standby() {
+    let marks = [
+        "the consumer stood by and was rung",
+        "the consumer saw the caller gone and did not sleep",
+    ];
+    model(&marks, move |cov| {
+        let doorbell = Arc::new(Doorbell::new());
+        let bell = Arc::new(Bell::default());
+        let caller = thread::spawn({
+            let (doorbell, bell) = (Arc::clone(&doorbell), Arc::clone(&bell));
+            move || {
+                let driving = doorbell.start_driving();
+                thread::yield_now();
+                drop(driving);
+                bell.ring_if(doorbell.must_ring_after_giving_up());
+            }
+        });
+        let mut seen = doorbell.unwaited_submissions();
+        let mut sleeps = false;
+        if doorbell.callers_driving() {
+            match doorbell.announce_standby(true, &mut seen) {
+                Standby::Sleep { .. } => sleeps = true,
+                Standby::Skip => {
+                    doorbell.end_standby();
+                    cov.hit(marks[1]);
+                }
+            }
+        }
+        caller.join().unwrap();
+        if sleeps {
+            assert!(
+                bell.rung(),
+                "the consumer stood by after the last caller gave up, unrung"
+            );
+            cov.hit(marks[0]);
+            // Awake: only now (a sleeping consumer lowers no flag).
+            doorbell.end_standby();
+        }
+    });
+}
+
+#[test]
+fn a_submission_shortens_or_rings_a_long_standby() {
+    let marks = [
+        "the long standby was rung",
+        "the consumer saw the submission and stood by short",
+        "a long standby began before the submission",
+    ];
+    model(&marks, move |cov| {
+        let (producer, mut consumer) = SubmitRing::with_capacity(2).unwrap();
+        let doorbell = Arc::new(Doorbell::new());
+        let bell = Arc::new(Bell::default());
+        // A caller drives throughout.
+        std::mem::forget(doorbell.start_driving());
+        // Read when the consumer chose the long standby, before the submission.
+        let mut seen = doorbell.unwaited_submissions();
+        let submitter = thread::spawn({
+            let (doorbell, bell) = (Arc::clone(&doorbell), Arc::clone(&bell));
+            move || {
+                producer.try_push(7u8).unwrap();
+                bell.ring_if(doorbell.must_ring_after_submission());
+            }
+        });
+        let standby = doorbell.announce_standby(true, &mut seen);
+        submitter.join().unwrap();
+        match standby {
+            Standby::Sleep { long: true } => {
+                assert!(bell.rung(), "a long standby missed a submission, unrung");
+                if consumer.is_empty() {
+                    unreachable!("joined: the push is visible");
+                }
+                cov.hit(marks[0]);
+                cov.hit(marks[2]);
+            }
+            Standby::Sleep { long: false } => cov.hit(marks[1]),
+            Standby::Skip => panic!("a caller drives throughout"),
+        }
+        doorbell.end_standby();
+        assert_eq!(consumer.try_pop(), Some((0, 7)));
+    });
+}
+
+/// The models above can fail: the same park with the consumer's fence left out (its flag's
+/// store and its look at the ring may then pass each other) loses a push.
+#[test]
+#[should_panic(expected = "nobody rang")]
+fn control_a_park_without_its_fence_loses_a_push() {
+    model(&[], move |_| {
+        let (producer, consumer) = SubmitRing::with_capacity(2).unwrap();
+        let parked = Arc::new(AtomicBool::new(false));
+        let bell = Arc::new(Bell::default());
+        let pusher = thread::spawn({
+            let (parked, bell) = (Arc::clone(&parked), Arc::clone(&bell));
+            move || {
+                producer.try_push(7u8).unwrap();
+                loom::sync::atomic::fence(Ordering::SeqCst);
+                bell.ring_if(parked.load(Ordering::Relaxed));
+            }
+        });
+        parked.store(true, Ordering::Relaxed);
+        let parks = consumer.is_empty();
+        pusher.join().unwrap();
+        if parks {
+            assert!(
+                bell.rung(),
+                "the consumer parked with a push unseen and nobody rang"
+            );
+        }
     });
 }

@@ -9,7 +9,7 @@ use crate::control::{ControlRefusal, ControlTarget, DiscardNode, LiveStatus, Pro
 use crate::error::{ConfigError, MirrorError, Result};
 use crate::ffi::error_code;
 
-use super::poller::{lock_poller, CallerDriving, Poller};
+use super::poller::{lock_poller, Poller};
 use super::{Mirror, Shared, Stats};
 
 /// What the role operations need of a node: its shared state and its poller, not the handle
@@ -38,8 +38,7 @@ impl NodeOps {
     /// Runs `f` on the poller's state between two passes: the polling thread yields the state
     /// to a caller that announces itself (as a caller that drives the loop does).
     fn with_poller<T>(&self, f: impl FnOnce(&mut Poller) -> T) -> T {
-        self.shared.callers_driving.fetch_add(1, Ordering::AcqRel);
-        let _driving = CallerDriving(&self.shared);
+        let _driving = self.shared.doorbell.start_driving();
         self.shared.wake_poller();
         let mut p = lock_poller(&self.driver);
         f(&mut p)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 pub use mirror_proto::core::VerifyReport;
 use mirror_proto::{check_write, Payload, Phase, WireRole};
-use mirror_ring::Producer;
+use mirror_ring::{Doorbell, Producer};
 use mirror_storage::Region;
 
 use crate::config::{Config, Role};
@@ -32,7 +32,7 @@ mod poller;
 
 use control::NodeOps;
 
-use poller::{poller_thread, CallerDriving, Poller, Step};
+use poller::{poller_thread, Poller, Step};
 
 /// Identifies a submitted write; tickets complete in the order they were issued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -193,17 +193,11 @@ struct Shared {
     waiters: AtomicUsize,
     lock: Mutex<()>,
     cond: Condvar,
-    /// The poller sleeps in poll(2); submitters must ring `wake_fd` (Dekker pairing with the ring).
-    poller_sleeping: AtomicBool,
-    /// The polling thread sleeps while callers drive the loop (run to completion); a caller
-    /// that stops driving before its write settled rings `wake_fd` (see `wake_poller_now`).
-    poller_standing_by: AtomicBool,
-    /// The polling thread's standby is `STANDBY_LONG` (callers drove through a short one and
-    /// nothing was submitted with [`Mirror::submit`] meanwhile): a submission rings it.
-    standby_long: AtomicBool,
-    /// Writes submitted with [`Mirror::submit`] (not [`Mirror::write`]): the polling thread
-    /// keeps its standby short while they come, and they ring a long one.
-    unwaited_submissions: AtomicU64,
+    /// Whether the polling thread sleeps (parked, or standing by while callers drive the
+    /// loop: run to completion) and must be woken through `wake_fd`; the callers that drive;
+    /// the submissions nobody waits for, which keep its standby short. Model-checked with the
+    /// ring (`ring/tests/loom.rs`).
+    doorbell: Doorbell,
     wake_fd: crate::transport::EventFd,
     stats: Mutex<Stats>,
     /// The node's role now (`ROLE_*`): written by the poller after a role change (Release),
@@ -222,8 +216,6 @@ struct Shared {
     /// Testing aid: kill the process before the next apply (see `arm_crash_before_next_apply`).
     #[cfg(feature = "fail-points")]
     crash_armed: Arc<AtomicBool>,
-    /// Callers currently running the poller's loop themselves (run to completion).
-    callers_driving: AtomicUsize,
     /// The event stream's subscribers ([`Mirror::events`]).
     events: events::EventBus,
     /// What the metrics count beyond the stats (`metrics_listen`).
@@ -317,11 +309,9 @@ impl Shared {
         })
     }
 
+    /// After a push, or anything else the polling thread must look at: wakes it if parked.
     fn wake_poller(&self) {
-        // SeqCst fence pairs with the one in the poller's park path: either the poller sees our
-        // push in the ring, or we see its `poller_sleeping = true` and ring the eventfd.
-        fence(Ordering::SeqCst);
-        if self.poller_sleeping.load(Ordering::Relaxed) {
+        if self.doorbell.must_ring_after_push() {
             self.wake_fd.signal();
         }
     }
@@ -332,16 +322,7 @@ impl Shared {
     /// nothing was in flight cost pipelined writes at depth 8 a third of their rate: the thread
     /// woke onto the caller's CPU at every empty window.)
     fn wake_poller_for_submission(&self) {
-        // Relaxed: ordered before the fence below, which the poller's standby pairs with.
-        self.unwaited_submissions.fetch_add(1, Ordering::Relaxed);
-        // SeqCst fence pairs with the one in the poller's park path and its standby: either
-        // the poller sees our push (in the ring) or our count (then it stands by short), or we
-        // see its flags and ring the eventfd.
-        fence(Ordering::SeqCst);
-        if self.poller_sleeping.load(Ordering::Relaxed)
-            || (self.poller_standing_by.load(Ordering::Relaxed)
-                && self.standby_long.load(Ordering::Relaxed))
-        {
+        if self.doorbell.must_ring_after_submission() {
             self.wake_fd.signal();
         }
     }
@@ -350,13 +331,8 @@ impl Shared {
     /// a caller stopped driving before its write settled (it made no progress for
     /// `idle_spin`, or it failed).
     fn wake_poller_now(&self) {
-        // SeqCst fence pairs with the one in the poller's standby (and its park path): the
-        // caller dropped its count of `callers_driving` before this, so either the poller sees
-        // the count it left, or we see it standing by and ring the eventfd.
-        fence(Ordering::SeqCst);
-        if self.poller_sleeping.load(Ordering::Relaxed)
-            || self.poller_standing_by.load(Ordering::Relaxed)
-        {
+        // The caller's count of driving callers dropped before this (its guard did).
+        if self.doorbell.must_ring_after_giving_up() {
             self.wake_fd.signal();
         }
     }
@@ -643,8 +619,7 @@ impl Mirror {
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
     ) -> Result<bool> {
-        self.shared.callers_driving.fetch_add(1, Ordering::AcqRel);
-        let _driving = CallerDriving(&self.shared);
+        let _driving = self.shared.doorbell.start_driving();
         let mut now = Instant::now();
         let mut last_progress = now;
         let mut rang = false;
@@ -825,8 +800,8 @@ impl Mirror {
                 .take(),
         );
         self.shared.shutdown.store(true, Ordering::Release);
-        self.shared.poller_sleeping.store(true, Ordering::Relaxed);
-        self.shared.wake_poller();
+        // Whether parked, standing by or about to sleep: it sees `shutdown` once awake.
+        self.shared.wake_fd.signal();
         self.shared.notify_waiters();
         let handle = self.poller.lock().unwrap_or_else(|e| e.into_inner()).take();
         let joined = handle.map(|h| h.join());

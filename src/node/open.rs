@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crossbeam_utils::CachePadded;
 use mirror_proto::CoreConfig;
-use mirror_ring::SubmitRing;
+use mirror_ring::{Doorbell, SubmitRing};
 use mirror_storage::{Durability, PersistentQueue, QueueParams, Region};
 
 use crate::config::{Config, Role, TransportKind};
@@ -314,10 +314,7 @@ impl Mirror {
             waiters: AtomicUsize::new(0),
             lock: Mutex::new(()),
             cond: Condvar::new(),
-            poller_sleeping: AtomicBool::new(false),
-            poller_standing_by: AtomicBool::new(false),
-            standby_long: AtomicBool::new(false),
-            unwaited_submissions: AtomicU64::new(0),
+            doorbell: Doorbell::new(),
             wake_fd,
             stats: Mutex::new(stats),
             role: AtomicU8::new(match cfg.role {
@@ -330,7 +327,6 @@ impl Mirror {
             is_fenced: AtomicBool::new(false),
             #[cfg(feature = "fail-points")]
             crash_armed,
-            callers_driving: AtomicUsize::new(0),
             events: super::events::EventBus::default(),
             counters: super::metrics::Counters::with_rejected(rejected),
             verifies: Mutex::new((0, None)),

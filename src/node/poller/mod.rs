@@ -4,12 +4,12 @@
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mirror_proto::{Action, Message, PeerId, WireRole, WritesRefused};
-use mirror_ring::Consumer;
+use mirror_ring::{Consumer, Standby};
 use mirror_storage::{RegionWriter, StorageError};
 
 use super::events::Event;
@@ -674,9 +674,7 @@ impl Poller {
     /// Prepares to sleep: announces it to submitters and returns the descriptors to sleep on and
     /// for how long at most, or `None` when there is work after all.
     fn prepare_park(&mut self) -> Option<(Vec<libc::pollfd>, Duration)> {
-        self.shared.poller_sleeping.store(true, Ordering::Relaxed);
-        // Pairs with the fence in `wake_poller`.
-        fence(Ordering::SeqCst);
+        self.shared.doorbell.announce_park();
         let has_submissions = self.stash.is_none()
             && self
                 .consumer
@@ -689,17 +687,17 @@ impl Poller {
             _ => Some(None),
         };
         let timeout = self.park_timeout();
-        // A caller that started driving after the loop's last look either sees
-        // `poller_sleeping` and rings, or is seen here (the fence above pairs with the one in
-        // `wake_poller`): then stand by instead of parking on the connection.
-        let callers_drive = self.shared.callers_driving.load(Ordering::Relaxed) > 0;
+        // A caller that started driving after the loop's last look either sees the park and
+        // rings (after its first step), or is seen here: then stand by instead of parking on
+        // the connection.
+        let callers_drive = self.shared.doorbell.callers_driving();
         if has_submissions
             || callers_drive
             || self.shared.shutdown.load(Ordering::Acquire)
             || catch_up_ready.is_none()
             || timeout.is_zero()
         {
-            self.shared.poller_sleeping.store(false, Ordering::Relaxed);
+            self.shared.doorbell.end_park();
             return None;
         }
         let mut fds = Vec::with_capacity(3 + self.pending.len());
@@ -775,8 +773,8 @@ pub(super) enum Step {
 
 /// Sleeps in ppoll(2) on `fds` (the first is the wake eventfd) for at most `timeout`, then
 /// clears the wake-up (if there was one: a read that finds nothing is a system call for
-/// nothing, on every sleep) and the sleeping flag. A ring that lands after poll returned stays
-/// readable and ends the next sleep at once. Returns whether it was rung.
+/// nothing, on every sleep). A ring that lands after poll returned stays readable and ends the
+/// next sleep at once. Returns whether it was rung. The caller lowers its doorbell flag after.
 fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout: Duration) -> bool {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
@@ -796,7 +794,6 @@ fn sleep_on(shared: &Shared, fds: &mut [libc::pollfd], timeout: Duration) -> boo
     if rung {
         shared.wake_fd.drain();
     }
-    shared.poller_sleeping.store(false, Ordering::Relaxed);
     rung
 }
 
@@ -810,13 +807,14 @@ pub(super) fn lock_poller(driver: &Mutex<Poller>) -> std::sync::MutexGuard<'_, P
 pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
     let long = (lock_poller(&driver).cfg.ack_timeout / 8).clamp(STANDBY_MAX, STANDBY_LONG);
     let mut standby = STANDBY_MAX;
-    let mut submissions_seen = shared.unwaited_submissions.load(Ordering::Relaxed);
+    let doorbell = &shared.doorbell;
+    let mut submissions_seen = doorbell.unwaited_submissions();
     loop {
         if shared.shutdown.load(Ordering::Acquire) {
             lock_poller(&driver).shutdown();
             return;
         }
-        if shared.callers_driving.load(Ordering::Acquire) > 0 {
+        if doorbell.callers_driving() {
             // A waiting caller runs the loop (run to completion): stay off its CPU until a
             // caller gives up driving (it rings: `Shared::wake_poller_now`), or `STANDBY_MAX`
             // passes (what a caller whose write completed left to do: acks of writes nobody
@@ -831,41 +829,34 @@ pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
                 events: libc::POLLIN,
                 revents: 0,
             }];
-            shared
-                .standby_long
-                .store(standby > STANDBY_MAX, Ordering::Relaxed);
-            shared.poller_standing_by.store(true, Ordering::Relaxed);
-            // Pairs with the fences in `Shared::wake_poller_now` and
-            // `Shared::wake_poller_for_submission` (see there).
-            fence(Ordering::SeqCst);
-            let submissions = shared.unwaited_submissions.load(Ordering::Relaxed);
-            if submissions != submissions_seen {
-                // Submitted since the length was chosen, perhaps without ringing: short.
-                submissions_seen = submissions;
-                standby = STANDBY_MAX;
-                shared.standby_long.store(false, Ordering::Relaxed);
+            let seen_before = submissions_seen;
+            match doorbell.announce_standby(standby > STANDBY_MAX, &mut submissions_seen) {
+                Standby::Sleep { long: stands } => {
+                    if !stands {
+                        // Submitted since the length was chosen, perhaps without ringing.
+                        standby = STANDBY_MAX;
+                    }
+                    let rung = sleep_on(&shared, &mut fds, standby);
+                    let submissions = doorbell.unwaited_submissions();
+                    standby = if rung || submissions != submissions_seen {
+                        STANDBY_MAX
+                    } else if doorbell.callers_driving() {
+                        long
+                    } else {
+                        standby
+                    };
+                    submissions_seen = submissions;
+                }
+                // Nobody drives any more; a submission seen still makes the next one short.
+                Standby::Skip if submissions_seen != seen_before => standby = STANDBY_MAX,
+                Standby::Skip => {}
             }
-            if shared.callers_driving.load(Ordering::Relaxed) > 0 {
-                let rung = sleep_on(&shared, &mut fds, standby);
-                let submissions = shared.unwaited_submissions.load(Ordering::Relaxed);
-                standby = if rung || submissions != submissions_seen {
-                    STANDBY_MAX
-                } else if shared.callers_driving.load(Ordering::Relaxed) > 0 {
-                    long
-                } else {
-                    standby
-                };
-                submissions_seen = submissions;
-            }
-            shared.poller_standing_by.store(false, Ordering::Relaxed);
-            shared.standby_long.store(false, Ordering::Relaxed);
+            doorbell.end_standby();
             continue;
         }
         let mut p = lock_poller(&driver);
         let park = loop {
-            if shared.shutdown.load(Ordering::Acquire)
-                || shared.callers_driving.load(Ordering::Acquire) > 0
-            {
+            if shared.shutdown.load(Ordering::Acquire) || doorbell.callers_driving() {
                 break None;
             }
             match p.step() {
@@ -884,15 +875,7 @@ pub(super) fn poller_thread(driver: Arc<Mutex<Poller>>, shared: Arc<Shared>) {
         drop(p);
         if let Some((mut fds, timeout)) = park {
             sleep_on(&shared, &mut fds, timeout);
+            doorbell.end_park();
         }
-    }
-}
-
-/// Counts a caller that drives the loop; the count drops when the guard does.
-pub(super) struct CallerDriving<'a>(pub(super) &'a Shared);
-
-impl Drop for CallerDriving<'_> {
-    fn drop(&mut self) {
-        self.0.callers_driving.fetch_sub(1, Ordering::AcqRel);
     }
 }
