@@ -488,6 +488,37 @@ pub fn compare_sync_write_rdma(
     })
 }
 
+/// Synchronous writes over RDMA next to [`RdmaPingPong`], one [`Comparison`] per payload: a
+/// pair with `transport = rdma` and `extra` (the device keys: `rdma_device`, `rdma_port`,
+/// `rdma_gid_index`), files in `dir`. What `mirror bench --rdma-iterations` measures, in the
+/// build that runs it: the figures are a release build's, not a test build's.
+#[cfg(feature = "rdma")]
+pub fn rdma_sync_writes(
+    dir: &Path,
+    extra: &[(&str, &str)],
+    payloads: &[usize],
+    iterations: usize,
+) -> Result<Vec<Comparison>, MirrorError> {
+    let mut extra = extra.to_vec();
+    extra.push(("transport", "rdma"));
+    const REGION: u64 = 1 << 20;
+    // A backup's config: the device keys are checked as the pair's nodes will check them.
+    let mut settings = node_config(dir, "backup", REGION, "64MiB")?;
+    settings.set("listen", "127.0.0.1:0")?;
+    for (key, value) in &extra {
+        settings.set(key, value)?;
+    }
+    let settings = crate::transport::rdma::RdmaSettings::from_config(&settings.build()?);
+    let pair = LocalPair::open(dir, REGION, &extra)?;
+    let comparisons = payloads
+        .iter()
+        .map(|&payload| compare_sync_write_rdma(&pair, payload, iterations, &settings))
+        .collect::<Result<Vec<_>, _>>()?;
+    pair.primary.close()?;
+    pair.backup.close()?;
+    Ok(comparisons)
+}
+
 /// Pipelined throughput: `total` writes of `payload` bytes with at most `depth` in flight.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Throughput {

@@ -267,3 +267,48 @@ fn verify_lists_the_chunks_that_differ() {
     let (st, _, err) = run(&["verify", a.to_str().unwrap(), "/nonexistent"]);
     assert_clean_error(st, &err, "/nonexistent");
 }
+
+/// `mirror bench` with every section off prints the targets table, each row saying which flag
+/// would run it; the RDMA rows without the `rdma` feature are a clear error, not a silent skip.
+#[test]
+fn bench_sections_skip_on_empty_lists_and_rdma_needs_its_feature() {
+    let off = [
+        "bench",
+        "--sizes",
+        "",
+        "--pipelined-sizes",
+        "",
+        "--power-writes",
+        "0",
+        "--recovery-regions",
+        "",
+        "--resync-region",
+        "",
+        "--failover-rounds",
+        "0",
+        "--security-iterations",
+        "0",
+        "--c-api-iterations",
+        "0",
+    ];
+    let (st, out, err) = run(&off);
+    assert!(st.success(), "{err}");
+    assert!(!out.contains("sync write latency vs"), "{out}");
+    assert!(!out.contains("pipelined throughput"), "{out}");
+    for row in [
+        "sync write p50 / floor, 64 B",
+        "RDMA sync write p50 / verbs ping-pong, 64 B",
+        "RDMA sync write p50 / verbs ping-pong, 4096 B",
+    ] {
+        let line = out.lines().find(|l| l.starts_with(row)).unwrap_or_default();
+        assert!(line.contains("not run ("), "{row}: {out}");
+    }
+    let with_rdma: Vec<&str> = off.iter().copied().chain(["--rdma-iterations", "5"]).collect();
+    let (st, _, err) = run(&with_rdma);
+    if cfg!(feature = "rdma") {
+        // A build with the feature needs a device: without one the error names the RDMA stack.
+        assert!(!err.contains("panicked"), "{err}");
+    } else {
+        assert_clean_error(st, &err, "`rdma` feature");
+    }
+}

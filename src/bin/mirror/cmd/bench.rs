@@ -85,6 +85,15 @@ pub struct BenchArgs {
     /// Directory for the nodes' files (default /dev/shm when present, else the temp dir)
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Synchronous writes over RDMA per size (64 B and 4 KiB), next to a verbs ping-pong over
+    /// the same transport; needs a build with the `rdma` feature and a device (`--set
+    /// rdma_device=rxe0`, `rdma_gid_index`, `rdma_port`). 0: skip
+    #[arg(long, default_value_t = 0)]
+    rdma_iterations: usize,
+    /// A raw verbs round trip of 64 B measured outside (`ibv_rc_pingpong -s 64`'s usec/iter), in
+    /// µs: the RDMA row of 64 B prints the engine's p50 over it too
+    #[arg(long, value_name = "US")]
+    rdma_raw_floor_us: Option<f64>,
 }
 
 pub fn run(a: &BenchArgs) -> CliResult {
@@ -114,31 +123,44 @@ pub fn run(a: &BenchArgs) -> CliResult {
     };
     let result = (|| -> CliResult {
         let mut report = serde_json::Map::new();
+        // "" skips a list's section, as for the recovery's regions.
+        let listed = |list: &[String]| -> Result<Vec<usize>, MirrorError> {
+            let sizes = list.iter().filter(|s| !s.trim().is_empty());
+            Ok(sizes
+                .map(|s| parse_size_arg(s))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .map(|size| size as usize)
+                .collect())
+        };
+        let sizes = listed(&a.sizes)?;
+        let pipelined_sizes = listed(&a.pipelined_sizes)?;
         // 1. Latency, interleaved with the floor.
         let pair_dir = dir.join("latency");
         std::fs::create_dir_all(&pair_dir).map_err(io("creating bench dir".into()))?;
         let pair = bench::LocalPair::open(&pair_dir, 64 << 20, &extra_ref)?;
-        say(
+        if !sizes.is_empty() {
+            say(
             "sync write latency vs raw TCP ping-pong floor (loopback, same run, interleaved; us)"
                 .into(),
         );
-        say(format!(
-            "{:>8} {:>10} {:>10} {:>11} {:>10} {:>10} {:>11} {:>7} {:>7}",
-            "bytes",
-            "floor p50",
-            "floor p99",
-            "floor p99.9",
-            "sync p50",
-            "sync p99",
-            "sync p99.9",
-            "x p50",
-            "x p99"
-        ));
-        say(format!("(node files in {})", dir.display()));
+            say(format!(
+                "{:>8} {:>10} {:>10} {:>11} {:>10} {:>10} {:>11} {:>7} {:>7}",
+                "bytes",
+                "floor p50",
+                "floor p99",
+                "floor p99.9",
+                "sync p50",
+                "sync p99",
+                "sync p99.9",
+                "x p50",
+                "x p99"
+            ));
+            say(format!("(node files in {})", dir.display()));
+        }
         let mut latency = Vec::new();
         let mut plot_series = Vec::new();
-        for size in &a.sizes {
-            let payload = parse_size_arg(size)? as usize;
+        for &payload in &sizes {
             let c =
                 bench::compare_sync_write(&pair, payload, a.iterations, a.reference.as_deref())?;
             say(format!(
@@ -185,15 +207,14 @@ pub fn run(a: &BenchArgs) -> CliResult {
         }
         report.insert("sync_latency".into(), latency.into());
         // 1b. The C API next to the Rust API, on the same node.
-        if a.c_api_iterations > 0 {
+        if a.c_api_iterations > 0 && !sizes.is_empty() {
             say(String::new());
             say(
                 "C API vs Rust API, same node, interleaved (p50 us; target: at most 5 % more)"
                     .into(),
             );
             let mut rows = Vec::new();
-            for size in &a.sizes {
-                let payload = parse_size_arg(size)? as usize;
+            for &payload in &sizes {
                 let cdir = dir.join("c-api");
                 let _ = std::fs::remove_dir_all(&cdir);
                 std::fs::create_dir_all(&cdir).map_err(io("creating bench dir".into()))?;
@@ -229,19 +250,27 @@ pub fn run(a: &BenchArgs) -> CliResult {
             .map_err(io(format!("writing {}", p.display())))?;
             say(format!("latency CDF written to {}", p.display()));
         }
+        // 1c. Over RDMA, next to a verbs ping-pong over the same transport.
+        if a.rdma_iterations > 0 {
+            let rdma_dir = dir.join("rdma");
+            std::fs::create_dir_all(&rdma_dir).map_err(io("creating bench dir".into()))?;
+            let rows = rdma_latency(a, &rdma_dir, &extra_ref, &say)?;
+            report.insert("rdma_latency".into(), rows.into());
+        }
         // 2. Pipelined throughput next to raw TCP streaming.
-        say(String::new());
-        say(
-            "pipelined throughput (loopback; the floor streamed before each depth, the best kept)"
-                .into(),
-        );
-        say(format!(
-            "{:>8} {:>6} {:>12} {:>10} {:>14} {:>8}",
-            "bytes", "depth", "writes/s", "MB/s", "TCP floor MB/s", "x floor"
-        ));
+        if !pipelined_sizes.is_empty() {
+            say(String::new());
+            say(
+                "pipelined throughput (loopback; the floor streamed before each depth, the best kept)"
+                    .into(),
+            );
+            say(format!(
+                "{:>8} {:>6} {:>12} {:>10} {:>14} {:>8}",
+                "bytes", "depth", "writes/s", "MB/s", "TCP floor MB/s", "x floor"
+            ));
+        }
         let mut pipelined = Vec::new();
-        for size in &a.pipelined_sizes {
-            let payload = parse_size_arg(size)? as usize;
+        for &payload in &pipelined_sizes {
             let frame = payload + bench::WRITE_OVERHEAD;
             // The floor is streamed before each depth's run and the best kept: one measurement
             // of it moved 2.3-4.1 GB/s between two runs minutes apart, enough to turn a verdict.
@@ -546,6 +575,74 @@ pub fn run(a: &BenchArgs) -> CliResult {
     result
 }
 
+/// The RDMA section: synchronous writes of 64 B and 4 KiB over `transport = rdma` next to a
+/// verbs ping-pong over the same transport, interleaved; one JSON value per size.
+#[cfg(feature = "rdma")]
+fn rdma_latency(
+    a: &BenchArgs,
+    dir: &std::path::Path,
+    extra: &[(&str, &str)],
+    say: &dyn Fn(String),
+) -> Result<Vec<serde_json::Value>, MirrorError> {
+    say(String::new());
+    say(format!(
+        "sync write latency over RDMA vs a verbs ping-pong over the same transport (queue pairs, ring, credits; {} writes per size, interleaved; us)",
+        a.rdma_iterations
+    ));
+    say(format!(
+        "{:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7}",
+        "bytes", "floor p50", "floor p99", "sync p50", "sync p99", "x p50", "x p99"
+    ));
+    let comparisons = mirror::bench::rdma_sync_writes(dir, extra, &[64, 4096], a.rdma_iterations)?;
+    let mut rows = Vec::new();
+    for c in comparisons {
+        say(format!(
+            "{:>8} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7.2} {:>7.2}",
+            c.payload,
+            c.floor.p50_us,
+            c.floor.p99_us,
+            c.engine.p50_us,
+            c.engine.p99_us,
+            c.ratio_p50(),
+            c.ratio_p99()
+        ));
+        let mut v = serde_json::to_value(&c).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("ratio_p50".into(), c.ratio_p50().into());
+            o.insert("ratio_p99".into(), c.ratio_p99().into());
+            if let Some(raw) = a
+                .rdma_raw_floor_us
+                .filter(|us| *us > 0.0 && c.payload == 64)
+            {
+                say(format!(
+                    "{:>8} raw verbs round trip measured outside: {raw:.1}; sync p50 / that = {:.2}",
+                    "",
+                    c.engine.p50_us / raw
+                ));
+                o.insert("raw_floor_us".into(), raw.into());
+                o.insert("ratio_p50_raw".into(), (c.engine.p50_us / raw).into());
+            }
+        }
+        rows.push(v);
+    }
+    Ok(rows)
+}
+
+/// Without the `rdma` feature there is no RDMA transport to measure.
+#[cfg(not(feature = "rdma"))]
+fn rdma_latency(
+    _: &BenchArgs,
+    _: &std::path::Path,
+    _: &[(&str, &str)],
+    _: &dyn Fn(String),
+) -> Result<Vec<serde_json::Value>, MirrorError> {
+    Err(MirrorError::Unsupported(
+        "--rdma-iterations: this mirror was built without the `rdma` feature \
+         (cargo build --release --features rdma)"
+            .into(),
+    ))
+}
+
 /// Removes a directory when dropped (unwinding included).
 struct RemoveOnDrop(std::path::PathBuf);
 
@@ -761,12 +858,19 @@ fn targets(report: &serde_json::Map<String, serde_json::Value>) -> Vec<TargetRow
             "not run (--power-writes)"
         },
     );
-    row(
-        "RDMA engine p50 / verbs ping-pong".into(),
-        None,
-        "<= 1.5x / 2x",
-        &|_| false,
-        "in the soft-RoCE guest",
-    );
+    let rdma = list("rdma_latency");
+    for (payload, limit) in [(64u64, 1.5), (4096, 2.0)] {
+        let ratio = rdma
+            .iter()
+            .find(|v| v.get("payload").and_then(Value::as_u64) == Some(payload))
+            .and_then(|v| num(v, "ratio_p50"));
+        row(
+            format!("RDMA sync write p50 / verbs ping-pong, {payload} B"),
+            ratio.map(|x| (x, format!("{x:.2}x"))),
+            &format!("<= {limit:.2}x"),
+            &|x| x <= limit,
+            "not run (--rdma-iterations)",
+        );
+    }
     rows
 }
