@@ -303,7 +303,11 @@ fn bench_sections_skip_on_empty_lists_and_rdma_needs_its_feature() {
         let line = out.lines().find(|l| l.starts_with(row)).unwrap_or_default();
         assert!(line.contains("not run ("), "{row}: {out}");
     }
-    let with_rdma: Vec<&str> = off.iter().copied().chain(["--rdma-iterations", "5"]).collect();
+    let with_rdma: Vec<&str> = off
+        .iter()
+        .copied()
+        .chain(["--rdma-iterations", "5"])
+        .collect();
     let (st, _, err) = run(&with_rdma);
     if cfg!(feature = "rdma") {
         // A build with the feature needs a device: without one the error names the RDMA stack.

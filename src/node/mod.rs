@@ -179,6 +179,14 @@ struct Submission {
     data: Payload,
 }
 
+/// How a caller's drive of the loop ended (`Mirror::drive_while_waiting`).
+enum Driven {
+    /// The wait is over: when, if the step that ended it read the clock after itself.
+    Settled(Option<Instant>),
+    /// No progress for `idle_spin`: the polling thread takes over.
+    GaveUp,
+}
+
 /// State shared by the handle, the callers and the poller.
 struct Shared {
     /// Highest completed ticket. Written by the poller (Release, after the region write it
@@ -534,6 +542,21 @@ impl Mirror {
     /// way the new primary may hold it, if it received it before the failover (as with any
     /// write whose outcome was unknown when a connection broke).
     pub fn wait(&self, ticket: Ticket, timeout: Option<Duration>) -> Result<()> {
+        self.wait_since(ticket, timeout, None).map(|_| ())
+    }
+
+    /// [`Mirror::wait`], for a caller that read the clock already (`started`, when it
+    /// submitted: the wait's spin and timeout count from there). Returns when the write was
+    /// seen settled, if a clock reading of that moment was at hand (a caller that drove the
+    /// step that completed it), so that `write` needs no reading of its own: each is a few
+    /// tens of nanoseconds on a write's path, and a system call where the clock source has no
+    /// user-space reading.
+    fn wait_since(
+        &self,
+        ticket: Ticket,
+        timeout: Option<Duration>,
+        started: Option<Instant>,
+    ) -> Result<Option<Instant>> {
         let issued = self.producer.as_ref().map_or(0, |p| p.pushed());
         if ticket.0 == 0 || ticket.0 > issued {
             return Err(MirrorError::UnknownTicket {
@@ -549,19 +572,19 @@ impl Mirror {
             return Err(e);
         }
         if done() {
-            return Ok(());
+            return Ok(None);
         }
-        let start = Instant::now();
+        let start = started.unwrap_or_else(Instant::now);
         let deadline = timeout.map(|t| start + t);
         let settled = || refused().is_some() || done();
         if self.cfg.caller_drives {
-            let driven = self.drive_while_waiting(&settled, deadline);
-            if !matches!(driven, Ok(true)) {
+            let driven = self.drive_while_waiting(&settled, deadline, start);
+            if !matches!(driven, Ok(Driven::Settled(_))) {
                 // The polling thread takes over: `write` did not wake it for its submission.
                 self.shared.wake_poller_now();
             }
-            if driven? {
-                return refused().map_or(Ok(()), Err);
+            if let Driven::Settled(at) = driven? {
+                return refused().map_or(Ok(at), Err);
             }
         }
         while start.elapsed() < self.cfg.wait_spin {
@@ -569,7 +592,7 @@ impl Mirror {
                 return Err(e);
             }
             if done() {
-                return Ok(());
+                return Ok(None);
             }
             self.check_usable()?;
             std::hint::spin_loop();
@@ -584,7 +607,7 @@ impl Mirror {
                     return Err(e);
                 }
                 if done() {
-                    return Ok(());
+                    return Ok(None);
                 }
                 self.check_usable()?;
                 let wait_for = match deadline {
@@ -612,28 +635,31 @@ impl Mirror {
     /// Run to completion: the waiting caller runs the poller's steps itself (after the step of
     /// another thread in one), so that on a machine with few cores the caller, not a third
     /// thread, sends the write and takes the ack. Gives up after `idle_spin` without progress
-    /// (the polling thread then takes over at once: `Shared::wake_poller_now`). Returns whether
-    /// `done` became true.
+    /// (the polling thread then takes over at once: `Shared::wake_poller_now`). `start` is a
+    /// recent clock reading.
     fn drive_while_waiting(
         &self,
         done: &dyn Fn() -> bool,
         deadline: Option<Instant>,
-    ) -> Result<bool> {
+        start: Instant,
+    ) -> Result<Driven> {
         let _driving = self.shared.doorbell.start_driving();
-        let mut now = Instant::now();
+        let mut now = start;
+        // `now` was read after the last step, which worked: it is when `done` is next checked.
+        let mut read_after_work = false;
         let mut last_progress = now;
         let mut rang = false;
         loop {
             if done() {
                 stamps::at(Point::WaitDone);
-                return Ok(true);
+                return Ok(Driven::Settled(read_after_work.then_some(now)));
             }
             self.check_usable()?;
             if deadline.is_some_and(|d| now >= d) {
                 return Err(MirrorError::Timeout);
             }
             if now.duration_since(last_progress) >= self.cfg.idle_spin {
-                return Ok(false);
+                return Ok(Driven::GaveUp);
             }
             let mut p = match self.driver.try_lock() {
                 Ok(p) => p,
@@ -652,10 +678,17 @@ impl Mirror {
                 Ok(Step::Worked) => {
                     now = Instant::now();
                     last_progress = now;
+                    read_after_work = true;
                 }
                 // Otherwise the step's own clock reading is recent enough.
-                Ok(Step::Spinning | Step::Idle | Step::Stopped) => now = p.last_step_at,
-                Err(_) => self.shared.fail("poller step panicked (a bug)".into()),
+                Ok(Step::Spinning | Step::Idle | Step::Stopped) => {
+                    now = p.last_step_at;
+                    read_after_work = false;
+                }
+                Err(_) => {
+                    self.shared.fail("poller step panicked (a bug)".into());
+                    read_after_work = false;
+                }
             }
             drop(p);
             if !rang {
@@ -681,9 +714,12 @@ impl Mirror {
         stamps::at(Point::WriteEntered);
         let ticket = self.push_submission(offset, data, !self.cfg.caller_drives)?;
         stamps::at(Point::Pushed);
-        self.wait(ticket, self.cfg.write_timeout)?;
+        let settled_at = self.wait_since(ticket, self.cfg.write_timeout, Some(started))?;
         stamps::at(Point::WriteReturned);
-        self.shared.counters.observe_write(started.elapsed());
+        let settled_at = settled_at.unwrap_or_else(Instant::now);
+        self.shared
+            .counters
+            .observe_write(settled_at.duration_since(started));
         Ok(())
     }
 
