@@ -635,8 +635,11 @@ impl Mirror {
     /// Run to completion: the waiting caller runs the poller's steps itself (after the step of
     /// another thread in one), so that on a machine with few cores the caller, not a third
     /// thread, sends the write and takes the ack. Gives up after `idle_spin` without progress
-    /// (the polling thread then takes over at once: `Shared::wake_poller_now`). `start` is a
-    /// recent clock reading.
+    /// (the polling thread then takes over at once: `Shared::wake_poller_now`). `start` is when
+    /// the wait began (for `write`, its start): the deadline and the idle time count from it,
+    /// so a write that first waited longer than `idle_spin` for room in the submission ring
+    /// gives up after one step without progress (the polling thread, awake for the backlog,
+    /// takes over).
     fn drive_while_waiting(
         &self,
         done: &dyn Fn() -> bool,

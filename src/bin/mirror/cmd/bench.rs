@@ -125,13 +125,10 @@ pub fn run(a: &BenchArgs) -> CliResult {
         let mut report = serde_json::Map::new();
         // "" skips a list's section, as for the recovery's regions.
         let listed = |list: &[String]| -> Result<Vec<usize>, MirrorError> {
-            let sizes = list.iter().filter(|s| !s.trim().is_empty());
-            Ok(sizes
-                .map(|s| parse_size_arg(s))
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .map(|size| size as usize)
-                .collect())
+            list.iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| Ok(parse_size_arg(s)? as usize))
+                .collect()
         };
         let sizes = listed(&a.sizes)?;
         let pipelined_sizes = listed(&a.pipelined_sizes)?;
@@ -141,9 +138,9 @@ pub fn run(a: &BenchArgs) -> CliResult {
         let pair = bench::LocalPair::open(&pair_dir, 64 << 20, &extra_ref)?;
         if !sizes.is_empty() {
             say(
-            "sync write latency vs raw TCP ping-pong floor (loopback, same run, interleaved; us)"
-                .into(),
-        );
+                "sync write latency vs raw TCP ping-pong floor (loopback, same run, interleaved; us)"
+                    .into(),
+            );
             say(format!(
                 "{:>8} {:>10} {:>10} {:>11} {:>10} {:>10} {:>11} {:>7} {:>7}",
                 "bytes",
