@@ -993,8 +993,9 @@ pub struct RecoveryRun {
     /// Seconds from the backup's restart until it holds every write it missed: the trial
     /// where this was shortest.
     pub catch_up_s: f64,
-    /// Of `catch_up_s`, the part before the transfer: the primary's next reconnect attempt
-    /// (`reconnect_interval_ms`, 2 here) and the handshake (same trial).
+    /// Of `catch_up_s`, the part before the transfer: the returning backup's knock, the
+    /// primary's dial it brings on (rather than its next attempt, `reconnect_interval_ms`, 2
+    /// here) and the handshake (same trial).
     pub reconnect_s: f64,
     /// Of `catch_up_s`, the transfer: from the handshake's end (the primary sends the missed
     /// records from then on) until the backup holds them all (same trial).
@@ -1056,7 +1057,13 @@ pub fn recovery(
     let mut pcfg = node("primary")?;
     pcfg.set("peer", &addr.to_string())?;
     pcfg.set("on_peer_loss", "continue")?;
+    // Listening, so that the returning backup's knock reaches it (as a pair set up for
+    // failover has it).
+    pcfg.set("listen", "127.0.0.1:0")?;
     let primary = Mirror::open(pcfg.build()?)?;
+    let primary_addr = primary
+        .listen_addr()
+        .ok_or_else(|| MirrorError::Unsupported("primary has no listen address".into()))?;
     primary.wait_synchronous(Duration::from_secs(10))?;
     let data = vec![0x77u8; payload];
     let slots = (region_bytes / payload as u64).max(1);
@@ -1091,6 +1098,7 @@ pub fn recovery(
         let recoveries = primary.stats().recoveries;
         let mut bcfg = node("backup")?;
         bcfg.set("listen", &addr.to_string())?;
+        bcfg.set("peer", &primary_addr.to_string())?;
         // The clock starts once the backup process is up again: restarting it costs the same
         // whether it then catches up or takes a full copy.
         backup = Mirror::open(bcfg.build()?)?;

@@ -51,6 +51,14 @@ fn sigkill_under_load_with_4kib_writes_streamed_into_the_region_loses_no_complet
     kill_campaign(&pair, &c);
 }
 
+/// A returning backup that knows its primary's address knocks: the primary dials at once, not
+/// at its next reconnect interval (a minute here); without the knock it is still waiting.
+#[test]
+fn a_returning_backup_knocks_and_the_primary_dials_at_once() {
+    assert!(returning_backup(&[], true, Duration::from_secs(5)));
+    assert!(!returning_backup(&[], false, Duration::from_secs(1)));
+}
+
 #[test]
 fn backup_outage_with_continue_catches_up_only_the_missed_requests() {
     let dir = tempfile::tempdir().unwrap();

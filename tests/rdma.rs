@@ -44,6 +44,18 @@ fn device() -> Option<RdmaSettings> {
     })
 }
 
+/// The device's config keys (`rdma_device`, `rdma_gid_index`), for nodes opened in this process.
+fn device_keys(s: &RdmaSettings) -> Vec<(&'static str, String)> {
+    let mut keys = Vec::new();
+    if let Some(d) = &s.device {
+        keys.push(("rdma_device", d.clone()));
+    }
+    if let Some(g) = s.gid_index {
+        keys.push(("rdma_gid_index", g.to_string()));
+    }
+    keys
+}
+
 /// `--transport rdma` and the device keys, for test nodes (tests/common Pair's `extra`).
 fn rdma_args(s: &RdmaSettings) -> Vec<String> {
     let mut v = vec!["--transport".to_string(), "rdma".to_string()];
@@ -593,6 +605,18 @@ fn sigkill_under_load_over_rdma_with_block() {
     rdma_kill_campaign("block", 4, 0x5eed_0d1b);
 }
 
+/// A returning backup knocks at an RDMA primary's setup listener (a TCP connection closed at
+/// once, no setup record): the primary dials at once instead of at its next reconnect
+/// interval (a minute here).
+#[test]
+fn a_returning_backup_knocks_at_an_rdma_primary() {
+    let Some(s) = device() else { return };
+    let mut keys = device_keys(&s);
+    keys.push(("transport", "rdma".to_string()));
+    let extra: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert!(returning_backup(&extra, true, Duration::from_secs(20)));
+}
+
 /// What `mirror bench --rdma-iterations` measures (its figures come from the release build;
 /// this test build is compiled at opt-level 1): both the engine's writes and the verbs
 /// ping-pong run, every sample is kept, and the pair stays synchronous.
@@ -600,14 +624,8 @@ fn sigkill_under_load_over_rdma_with_block() {
 fn rdma_sync_writes_run_beside_the_verbs_ping_pong() {
     let Some(s) = device() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut extra = Vec::new();
-    if let Some(d) = &s.device {
-        extra.push(("rdma_device", d.clone()));
-    }
-    if let Some(g) = s.gid_index {
-        extra.push(("rdma_gid_index", g.to_string()));
-    }
-    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let keys = device_keys(&s);
+    let extra: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let comparisons =
         mirror::bench::rdma_sync_writes(dir.path(), &extra, &[64, 4096], 200).unwrap();
     assert_eq!(comparisons.len(), 2);

@@ -18,7 +18,7 @@ use crate::transport::tcp::{Security, TcpAcceptor};
 use crate::transport::tls::TlsContext;
 use crate::transport::{Listener, TransportError};
 
-use super::poller::NodeHooks;
+use super::poller::{Knock, NodeHooks};
 use super::*;
 use mirror_exec::Executor;
 
@@ -359,6 +359,12 @@ impl Mirror {
             last_step_at: Instant::now(),
             stopped: false,
             next_connect_at_us: 0,
+            knocked: false,
+            knock: if cfg.role == Role::Backup && cfg.peer.is_some() && cfg.listen.is_some() {
+                Knock::Due
+            } else {
+                Knock::Done
+            },
             next_accept_at_us: 0,
             last_divergence: None,
             catch_up: None,

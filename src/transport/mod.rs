@@ -510,6 +510,25 @@ pub trait Listener: Send {
     fn try_accept(&mut self) -> Result<Option<Box<dyn Connection>>, TransportError>;
     /// A file descriptor that becomes readable when a connection may be pending.
     fn wait_fd(&self) -> RawFd;
+    /// Connections taken from the socket so far, counted before any handshake: a returning
+    /// backup's knock (a connection closed at once) shows here and nowhere else.
+    fn accepted(&self) -> u64;
+}
+
+/// Whether an incoming connection that failed before it was established was closed by its
+/// peer: a returning backup's knock (it connects and closes at once, see `Poller::knock`), or a
+/// peer that gave up. Logged quietly, not as a refusal.
+pub(crate) fn closed_by_peer(e: &TransportError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    match e {
+        TransportError::Closed => true,
+        // The handshakes (TLS, the secret's) report an early close as an I/O error; a knock
+        // that closes with our first handshake bytes unread resets the connection.
+        TransportError::Io { source, .. } => {
+            matches!(source.kind(), UnexpectedEof | ConnectionReset | BrokenPipe)
+        }
+        _ => false,
+    }
 }
 
 /// An outgoing connection attempt in progress; never blocks, so a primary keeps taking writes

@@ -568,6 +568,8 @@ impl Establishing {
 pub struct TcpAcceptor {
     listener: TcpListener,
     auth: Option<AcceptAuth>,
+    /// Connections taken from the socket (see `Listener::accepted`).
+    accepted: u64,
 }
 
 impl TcpAcceptor {
@@ -580,6 +582,7 @@ impl TcpAcceptor {
         Ok(TcpAcceptor {
             listener,
             auth: None,
+            accepted: 0,
         })
     }
 
@@ -614,7 +617,10 @@ impl TcpAcceptor {
     pub fn try_accept(&mut self) -> Result<Option<TcpConnection>, TransportError> {
         let Some(auth) = self.auth.as_mut() else {
             return match self.listener.accept() {
-                Ok((s, _)) => TcpConnection::new(s).map(Some),
+                Ok((s, _)) => {
+                    self.accepted += 1;
+                    TcpConnection::new(s).map(Some)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
                 Err(e) => Err(io_err("accepting a connection")(e)),
@@ -622,7 +628,10 @@ impl TcpAcceptor {
         };
         loop {
             match self.listener.accept() {
-                Ok((stream, peer)) => auth.admit(stream, peer),
+                Ok((stream, peer)) => {
+                    self.accepted += 1;
+                    auth.admit(stream, peer)
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(io_err("accepting a connection")(e)),
@@ -693,6 +702,11 @@ impl AcceptAuth {
                         }
                     }
                 }
+                Err(e) if super::closed_by_peer(&e) => {
+                    let p = self.pending.swap_remove(i);
+                    tracing::debug!(peer = %p.peer, "closed by its peer before it authenticated (a knock, or a peer that gave up)");
+                    continue;
+                }
                 Err(e) => e.to_string(),
             };
             let p = self.pending.swap_remove(i);
@@ -713,6 +727,10 @@ impl Listener for TcpAcceptor {
 
     fn wait_fd(&self) -> RawFd {
         TcpAcceptor::wait_fd(self)
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted
     }
 }
 

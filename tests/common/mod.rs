@@ -428,3 +428,58 @@ pub fn finish_and_verify(pair: &Pair, mut primary: Node, backup: Option<Node>, b
     ]);
     assert!(st.success() && out.contains("IDENTICAL"), "{out}");
 }
+
+/// A backup closes while its primary (`reconnect_interval_ms` = 60 s, with `listen`) writes on
+/// without it, and reopens on the same port, with the primary's address as its `peer` if
+/// `knocks`. Returns whether the pair was synchronous again within `within`, having caught up
+/// the write the backup missed. `extra` are keys for both nodes (authentication, say).
+pub fn returning_backup(extra: &[(&str, &str)], knocks: bool, within: Duration) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |role: &str| {
+        let mut b = base(dir.path(), role, "1MiB");
+        b.set("reconnect_interval_ms", "60000").unwrap();
+        for (k, v) in extra {
+            b.set(k, v).unwrap();
+        }
+        b
+    };
+    let backup_addr = format!("127.0.0.1:{}", free_port());
+    let mut b = node("backup");
+    b.set("listen", &backup_addr).unwrap();
+    let backup = mirror::Mirror::open(b.build().unwrap()).unwrap();
+    let mut p = node("primary");
+    p.set("peer", &backup_addr).unwrap();
+    p.set("listen", "127.0.0.1:0").unwrap();
+    p.set("on_peer_loss", "continue").unwrap();
+    let primary = mirror::Mirror::open(p.build().unwrap()).unwrap();
+    let primary_addr = primary.listen_addr().unwrap().to_string();
+    primary.wait_synchronous(Duration::from_secs(10)).unwrap();
+    primary.write(0, &[1; 512]).unwrap();
+    backup.close().unwrap();
+    drop(backup);
+    // The primary notices, tries once at once (refused), and waits out its interval.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while primary.stats().phase != mirror::Phase::Disconnected {
+        assert!(Instant::now() < deadline, "the primary never noticed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    primary.write(512, &[2; 512]).unwrap();
+    let mut b = node("backup");
+    b.set("listen", &backup_addr).unwrap();
+    if knocks {
+        b.set("peer", &primary_addr).unwrap();
+    }
+    let backup = mirror::Mirror::open(b.build().unwrap()).unwrap();
+    let back = primary.wait_synchronous(within).is_ok();
+    if back {
+        assert_eq!(
+            primary.stats().last_recovery_records,
+            1,
+            "the missed write, caught up"
+        );
+    }
+    primary.close().unwrap();
+    backup.close().unwrap();
+    back
+}

@@ -42,10 +42,53 @@ const ACCEPT_INTERVAL_CONNECTED_US: u64 = 20_000;
 impl Poller {
     pub(super) fn manage_connection(&mut self, now: u64) -> bool {
         let mut worked = self.accept_and_greet(now);
+        worked |= self.knock(now);
         if self.exec.core.role() == WireRole::Primary && self.cfg.peer.is_some() {
             worked |= self.connect_to_peer(now);
         }
         worked
+    }
+
+    /// A backup that opens knocks at its primary's address (see `Knock`): it connects and
+    /// closes, nothing more. Never blocks; a primary that is not there, or does not listen, is
+    /// no error (it dials this backup when it can, as without the knock).
+    fn knock(&mut self, now: u64) -> bool {
+        match &mut self.knock {
+            Knock::Done => false,
+            Knock::Due => {
+                let peer = self.cfg.peer.clone().unwrap_or_default();
+                self.knock = match TcpConnecting::start(&peer) {
+                    Ok(attempt) => Knock::Connecting(
+                        Box::new(attempt),
+                        now + self.cfg.handshake_timeout.as_micros() as u64,
+                    ),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "cannot knock at the primary");
+                        Knock::Done
+                    }
+                };
+                true
+            }
+            Knock::Connecting(attempt, deadline_us) => match attempt.poll() {
+                Ok(None) if now < *deadline_us => false,
+                outcome => {
+                    match outcome {
+                        Ok(Some(_)) => {
+                            tracing::debug!(peer = ?self.cfg.peer, "knocked at the primary")
+                        }
+                        Ok(None) => {
+                            tracing::debug!(peer = ?self.cfg.peer, "no answer to the knock at the primary")
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = ?self.cfg.peer, error = %e, "the knock at the primary found nobody")
+                        }
+                    }
+                    // The established connection (if any) closes here.
+                    self.knock = Knock::Done;
+                    true
+                }
+            },
+        }
     }
 
     /// Counts a refused incoming connection (the metrics).
@@ -84,6 +127,7 @@ impl Poller {
                     tracing::info!(peer = %c.peer(), "connected to backup");
                     self.publish_connected(c.as_ref());
                     self.connecting = None;
+                    self.knocked = false;
                     self.conn = Some(c);
                     let peer = self.next_peer();
                     self.exec.core.on_connected(peer);
@@ -113,10 +157,19 @@ impl Poller {
             self.exec.core.on_connect_failed();
             return true;
         }
+        let interval_us = self.cfg.reconnect_interval.as_micros() as u64;
+        if std::mem::take(&mut self.knocked) {
+            // A returning backup knocked: try now rather than at the next interval (no sooner
+            // than KNOCK_GAP_US after the last attempt began).
+            let last_attempt_us = self.next_connect_at_us.saturating_sub(interval_us);
+            self.next_connect_at_us = self
+                .next_connect_at_us
+                .min(last_attempt_us + super::KNOCK_GAP_US);
+        }
         if now < self.next_connect_at_us {
             return false;
         }
-        self.next_connect_at_us = now + self.cfg.reconnect_interval.as_micros() as u64;
+        self.next_connect_at_us = now + interval_us;
         let peer = self.cfg.peer.clone().unwrap_or_default();
         if let Some(a) = &self.security.auth {
             a.set_identity(self.exec.queue.node_id(), self.exec.queue.peer_node_id());
@@ -148,6 +201,7 @@ impl Poller {
         // longer anyway).
         let accept_due = self.conn.is_none() || now >= self.next_accept_at_us;
         if let Some(acceptor) = self.acceptor.as_mut().filter(|_| accept_due) {
+            let accepted_before = acceptor.accepted();
             self.next_accept_at_us = now + ACCEPT_INTERVAL_CONNECTED_US;
             if let Some(a) = &self.security.auth {
                 a.set_identity(self.exec.queue.node_id(), self.exec.queue.peer_node_id());
@@ -165,6 +219,13 @@ impl Poller {
                         break;
                     }
                 }
+            }
+            if acceptor.accepted() != accepted_before
+                && self.exec.core.role() == WireRole::Primary
+                && self.conn.is_none()
+            {
+                self.knocked = true;
+                worked = true;
             }
         }
         let mut i = 0;
@@ -233,6 +294,10 @@ impl Poller {
                             let _ = c.flush();
                         }
                     }
+                }
+                Err(e) if crate::transport::closed_by_peer(&e) => {
+                    let (c, _) = self.pending.swap_remove(i);
+                    tracing::debug!(peer = %c.peer(), "closed by its peer before its Hello (a knock, or a peer that gave up)");
                 }
                 Err(e) => {
                     let (c, _) = self.pending.swap_remove(i);

@@ -65,6 +65,11 @@ pub(super) struct Poller {
     /// Set when a step failed the node.
     pub(super) stopped: bool,
     pub(super) next_connect_at_us: u64,
+    /// Primary: a connection reached its listener since its last attempt to reach its backup
+    /// (a returning backup's knock): the next attempt comes early (see `connect_to_peer`).
+    pub(super) knocked: bool,
+    /// Backup with `peer`: the knock at its primary's address when it opens (see `knock`).
+    pub(super) knock: Knock,
     /// Backup: next time to look for new connections while one is established.
     pub(super) next_accept_at_us: u64,
     pub(super) last_divergence: Option<Divergence>,
@@ -101,6 +106,24 @@ pub(super) struct Poller {
     /// before our own append of it (see `take_submissions`).
     pub(super) send_before_own_append: bool,
 }
+
+/// A backup's knock at its primary: a TCP connection to the primary's address (`peer`),
+/// closed once established. A primary that has lost its backup dials it at once when a
+/// connection reaches its listener, instead of at its next `reconnect_interval_ms`: a backup
+/// that restarts is caught up without waiting for that (100 ms by default).
+pub(super) enum Knock {
+    /// To knock at the first pass (the listener is bound by then, so that the primary's
+    /// dial finds it).
+    Due,
+    /// Connecting; gives up at the deadline (us).
+    Connecting(Box<dyn Connecting>, u64),
+    /// Knocked, or nothing to knock at.
+    Done,
+}
+
+/// The earliest a knock brings a primary's next attempt, after its last one began: bounds the
+/// attempts a stream of connections to its listener can cause.
+pub(super) const KNOCK_GAP_US: u64 = 500;
 
 /// The node's hooks into the executor: the test fail point (feature `fail-points` only).
 pub(super) struct NodeHooks {

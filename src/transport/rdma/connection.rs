@@ -714,6 +714,8 @@ pub struct RdmaAcceptor {
     wake: OwnedFd,
     /// What `bind` found (device, port, GID), for logs.
     pub describe: String,
+    /// Setup connections taken from the socket (see `Listener::accepted`).
+    accepted: u64,
 }
 
 impl fmt::Debug for RdmaAcceptor {
@@ -742,6 +744,7 @@ impl RdmaAcceptor {
             auth: None,
             wake,
             describe,
+            accepted: 0,
         })
     }
 
@@ -782,6 +785,7 @@ impl Listener for RdmaAcceptor {
         loop {
             match self.listener.accept() {
                 Ok((tcp, _)) => {
+                    self.accepted += 1;
                     tcp.set_nonblocking(true)
                         .map_err(io_err("setting socket non-blocking"))?;
                     let _ = tcp.set_nodelay(true);
@@ -808,6 +812,11 @@ impl Listener for RdmaAcceptor {
             let h = &mut self.pending[i];
             let complete = match h.progress() {
                 Ok(complete) => complete,
+                Err(e) if crate::transport::closed_by_peer(&e) => {
+                    let h = self.pending.swap_remove(i);
+                    tracing::debug!(peer = ?h.tcp.peer_addr().ok(), "setup connection closed by its peer (a knock, or a peer that gave up)");
+                    continue;
+                }
                 Err(e) => {
                     let h = self.pending.swap_remove(i);
                     let what = if h.auth.is_some() {
@@ -849,5 +858,9 @@ impl Listener for RdmaAcceptor {
 
     fn wait_fd(&self) -> RawFd {
         self.wake.as_raw_fd()
+    }
+
+    fn accepted(&self) -> u64 {
+        self.accepted
     }
 }
