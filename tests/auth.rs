@@ -559,19 +559,21 @@ fn silent_and_trickling_clients_block_neither_the_backup_nor_a_reconnection() {
     wait_for_log(&["no authentication in time"]);
 }
 
-/// The knock of a returning backup goes through an authenticating listener (it closes before
-/// authenticating, and is no refusal): the primary dials at once.
+/// The knock of a returning backup goes through an authenticating listener, the secret's and
+/// TLS's (it closes before authenticating, and is no refusal): the primary dials at once.
 #[test]
 fn a_returning_backup_knocks_at_an_authenticating_primary() {
     let dir = tempfile::tempdir().unwrap();
     let key = secret(dir.path(), "key", 32, 0o600);
     let key = key.to_string_lossy();
     let extra = [("secret_file", key.as_ref())];
-    assert!(common::returning_backup(
-        &extra,
-        true,
-        Duration::from_secs(5)
-    ));
+    let back_within = Duration::from_secs(5);
+    assert!(common::returning_backup(&extra, true, back_within));
+    // TLS: both nodes with one certificate, each pinning it.
+    tls_files(dir.path());
+    let tls = tls_opts(dir.path(), "a", "a", true);
+    let extra: Vec<(&str, &str)> = tls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert!(common::returning_backup(&extra, true, back_within));
 }
 
 #[test]
