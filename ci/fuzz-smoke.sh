@@ -20,11 +20,14 @@ for target in wire_decode queue_recovery protocol_ops auth_decode; do
   work=$(mktemp -d)
   cp -r "corpus/$target/." "$work/" 2>/dev/null || true
   log="$work.log"
+  # The targets' scratch files (queue_recovery's directory) go where this run removes them.
+  scratch="$work.tmp"
+  mkdir -p "$scratch"
   status=0
-  cargo fuzz run -O "$target" "$work" -- -max_total_time="$seconds" -max_len=4096 >"$log" 2>&1 || status=$?
+  TMPDIR="$scratch" cargo fuzz run -O "$target" "$work" -- -max_total_time="$seconds" -max_len=4096 >"$log" 2>&1 || status=$?
   grep -E "^Done|ERROR|SUMMARY|panicked" "$log" || true
   if [ "$status" -ne 0 ]; then tail -40 "$log"; fi
-  rm -rf "$work" "$log"
+  rm -rf "$work" "$log" "$scratch"
   if [ "$status" -ne 0 ]; then
     echo "fuzz target $target failed (see fuzz/artifacts/$target)" >&2
     exit "$status"

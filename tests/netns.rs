@@ -117,7 +117,7 @@ impl Netns {
         );
         let path = std::env::temp_dir().join(format!("mirror-nft-{}.nft", std::process::id()));
         std::fs::write(&path, rules).unwrap();
-        sh(&[
+        let loaded = sh(&[
             "ip",
             "netns",
             "exec",
@@ -125,8 +125,9 @@ impl Netns {
             "nft",
             "-f",
             path.to_str().unwrap(),
-        ])
-        .unwrap();
+        ]);
+        let _ = std::fs::remove_file(&path);
+        loaded.unwrap();
     }
 }
 

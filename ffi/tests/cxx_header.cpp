@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 
 #include <mirror.h>
@@ -61,9 +62,8 @@ int main() {
         check(mirror_close(m) == MIRROR_OK, "close");
     }
     check(mirror_close(nullptr) == MIRROR_OK, "close(NULL)");
-    std::remove(region.c_str());
-    std::remove(queue.c_str());
-    std::remove(dir);
+    // Everything the node made there (its files, the control socket), then the directory.
+    std::filesystem::remove_all(dir);
     std::printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;
 }
