@@ -568,12 +568,14 @@ fn a_returning_backup_knocks_at_an_authenticating_primary() {
     let key = key.to_string_lossy();
     let extra = [("secret_file", key.as_ref())];
     let back_within = Duration::from_secs(5);
-    assert!(common::returning_backup(&extra, true, back_within));
+    let back = common::returning_backup(&extra, true, back_within);
+    assert_eq!(back, Some("secret"));
     // TLS: both nodes with one certificate, each pinning it.
     tls_files(dir.path());
     let tls = tls_opts(dir.path(), "a", "a", true);
     let extra: Vec<(&str, &str)> = tls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    assert!(common::returning_backup(&extra, true, back_within));
+    let back = common::returning_backup(&extra, true, back_within);
+    assert_eq!(back, Some("tls"));
 }
 
 #[test]

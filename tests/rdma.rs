@@ -614,7 +614,11 @@ fn a_returning_backup_knocks_at_an_rdma_primary() {
     let mut keys = device_keys(&s);
     keys.push(("transport", "rdma".to_string()));
     let extra: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    assert!(returning_backup(&extra, true, Duration::from_secs(20)));
+    let back = returning_backup(&extra, true, Duration::from_secs(20));
+    assert!(
+        back.is_some(),
+        "the primary did not dial the knocking backup in time"
+    );
 }
 
 /// What `mirror bench --rdma-iterations` measures (its figures come from the release build;

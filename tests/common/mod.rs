@@ -259,6 +259,9 @@ pub struct Pair {
     pub peer: Option<String>,
     /// Network namespaces to run the primary and the backup in.
     pub netns: Option<(String, String)>,
+    /// The primary's listen address, given to the backup as its `peer`: every backup start
+    /// knocks at the primary (docs/PROTOCOL.md, "Handshake and recovery").
+    pub knock: Option<String>,
 }
 
 impl Pair {
@@ -273,7 +276,14 @@ impl Pair {
             rate: 0,
             peer: None,
             netns: None,
+            knock: None,
         }
+    }
+
+    /// The primary listens and the backup knocks at it whenever it starts.
+    pub fn knocking(mut self) -> Pair {
+        self.knock = Some(format!("127.0.0.1:{}", free_port()));
+        self
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -309,6 +319,9 @@ impl Pair {
             "--report-ms".into(),
             "20".into(),
         ]);
+        if let Some(primary) = &self.knock {
+            v.extend(["--peer".into(), primary.clone()]);
+        }
         v
     }
 
@@ -349,6 +362,9 @@ impl Pair {
             "--report-ms".into(),
             "20".into(),
         ]);
+        if let Some(own) = &self.knock {
+            v.extend(["--listen".into(), own.clone()]);
+        }
         v
     }
 
@@ -431,9 +447,15 @@ pub fn finish_and_verify(pair: &Pair, mut primary: Node, backup: Option<Node>, b
 
 /// A backup closes while its primary (`reconnect_interval_ms` = 60 s, with `listen`) writes on
 /// without it, and reopens on the same port, with the primary's address as its `peer` if
-/// `knocks`. Returns whether the pair was synchronous again within `within`, having caught up
-/// the write the backup missed. `extra` are keys for both nodes (authentication, say).
-pub fn returning_backup(extra: &[(&str, &str)], knocks: bool, within: Duration) -> bool {
+/// `knocks`. Returns, if the pair was synchronous again within `within` (having caught up the
+/// write the backup missed), how the reconnection authenticated (`Stats::auth`: "none",
+/// "secret", "tls", ...), so that a caller knows its keys were in force. `extra` are keys for
+/// both nodes (authentication, say).
+pub fn returning_backup(
+    extra: &[(&str, &str)],
+    knocks: bool,
+    within: Duration,
+) -> Option<&'static str> {
     let dir = tempfile::tempdir().unwrap();
     let node = |role: &str| {
         let mut b = base(dir.path(), role, "1MiB");
@@ -471,14 +493,14 @@ pub fn returning_backup(extra: &[(&str, &str)], knocks: bool, within: Duration) 
         b.set("peer", &primary_addr).unwrap();
     }
     let backup = mirror::Mirror::open(b.build().unwrap()).unwrap();
-    let back = primary.wait_synchronous(within).is_ok();
-    if back {
+    let back = primary.wait_synchronous(within).is_ok().then(|| {
+        let stats = primary.stats();
         assert_eq!(
-            primary.stats().last_recovery_records,
-            1,
+            stats.last_recovery_records, 1,
             "the missed write, caught up"
         );
-    }
+        stats.auth
+    });
     primary.close().unwrap();
     backup.close().unwrap();
     back
