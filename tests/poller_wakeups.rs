@@ -204,3 +204,40 @@ fn a_submission_after_driven_writes_does_not_wait_for_the_standby() {
         "unwaited writes after driven ones took {took:?}"
     );
 }
+
+/// A pipelining caller (`submit` now, `wait` later) sends its writes itself once it holds as
+/// many unsent as are in flight, and at least 16: the 16th `submit` after a synchronous write
+/// returns with the 16 writes taken by the loop (the primary's `next_seq` moved on). Before,
+/// they waited for the caller's next wait or for the polling thread, and a caller refilling
+/// its window after each ack left the backup idle while it did. Nine rounds: a polling thread
+/// rung by a submission, or at the end of its standby, may take them first in a few (it needs
+/// tens of microseconds to wake; the check follows the `submit` at once); taken in most rounds
+/// is the caller's own doing.
+#[test]
+fn a_pipelining_caller_sends_its_submissions_itself() {
+    let alone = pair_alone();
+    let pair = &alone.pair;
+    let data = [0x5Au8; 64];
+    let mut offset = 0u64;
+    let mut next_offset = || {
+        offset += 64;
+        offset % (1 << 20)
+    };
+    let mut taken_by_the_16th_submit = 0;
+    for _ in 0..9 {
+        pair.primary.write(next_offset(), &data).unwrap();
+        let before = pair.primary.stats().next_seq;
+        let mut last = None;
+        for _ in 0..16 {
+            last = Some(pair.primary.submit(next_offset(), &data).unwrap());
+        }
+        if pair.primary.stats().next_seq >= before + 16 {
+            taken_by_the_16th_submit += 1;
+        }
+        pair.primary.wait(last.unwrap(), None).unwrap();
+    }
+    assert!(
+        taken_by_the_16th_submit >= 7,
+        "the 16th submit had sent its writes in {taken_by_the_16th_submit} of 9 rounds"
+    );
+}

@@ -442,6 +442,7 @@ impl Mirror {
             metrics: Mutex::new(None),
             listen_addr,
             max_write,
+            waited_window: AtomicU64::new(0),
         };
         if let Some(addr) = metrics_listen {
             let scrape = move || super::metrics::render(&ops.stats(), &ops.shared.counters, auth);
