@@ -205,8 +205,9 @@ fn a_submission_after_driven_writes_does_not_wait_for_the_standby() {
     );
 }
 
-/// A pipelining caller (`submit` now, `wait` later) sends its writes itself once it holds as
-/// many unsent as are in flight, and at least 16: the 16th `submit` after a synchronous write
+/// A pipelining caller (`submit` now, `wait` later) sends its writes itself once it holds half
+/// its window unsent, and at least 16 (and as many as are in flight; the rule's cases are unit
+/// tests in src/node/mod.rs): the 16th `submit` after a synchronous write (a window of one)
 /// returns with the 16 writes taken by the loop (the primary's `next_seq` moved on). Before,
 /// they waited for the caller's next wait or for the polling thread, and a caller refilling
 /// its window after each ack left the backup idle while it did. Nine rounds: a polling thread
