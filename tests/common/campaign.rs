@@ -66,13 +66,24 @@ fn xorshift(state: &mut u64) -> u64 {
     *state
 }
 
+/// Writes in flight of the primary's `run`th start: 4, or 64 in every other run, where the
+/// writer's `submit` sends half its window itself (a step of the loop on the caller's thread)
+/// rather than only its waits doing so: both paths under the kills.
+fn primary_depth(run: usize) -> u64 {
+    if run.is_multiple_of(2) {
+        4
+    } else {
+        64
+    }
+}
+
 /// Runs the campaign on `pair`: the first three rounds kill the backup, the primary, and the
 /// primary exactly between an ack and its apply (the SIGUSR1 fail point); the rest at random.
 pub fn kill_campaign(pair: &Pair, c: &Campaign) {
     let w = Workload::new(1, pair.write_size as usize, pair.region_size).unwrap();
     let mut rng = c.seed;
     let mut backup = pair.start_backup(0);
-    let mut primary = pair.start_primary(0, 0, 4);
+    let mut primary = pair.start_primary(0, 0, primary_depth(0));
     let (mut primary_runs, mut backup_runs) = (1, 1);
     let mut kills = [0usize; 3];
     let mut frozen_checks = 0;
@@ -107,7 +118,7 @@ pub fn kill_campaign(pair: &Pair, c: &Campaign) {
             1 => {
                 primary.kill9();
                 kills[1] += 1;
-                primary = pair.start_primary(primary_runs, 0, 4);
+                primary = pair.start_primary(primary_runs, 0, primary_depth(primary_runs));
                 primary_runs += 1;
             }
             _ => {
@@ -124,7 +135,7 @@ pub fn kill_campaign(pair: &Pair, c: &Campaign) {
                     tail(&primary.log)
                 );
                 kills[2] += 1;
-                primary = pair.start_primary(primary_runs, 0, 4);
+                primary = pair.start_primary(primary_runs, 0, primary_depth(primary_runs));
                 primary_runs += 1;
             }
         }
