@@ -330,6 +330,9 @@ pub unsafe extern "C" fn mirror_write(
 /// Submits a write and returns at once (the bytes are copied), storing its ticket in `*ticket`.
 /// Tickets start at 1 and complete in the order they were issued; pass one to `mirror_wait`.
 /// When the submission ring is full this waits for room (at most `write_timeout_ms` if set).
+/// With `caller_drives` (the default), a submit that makes half the caller's window unsent
+/// (at least 16 writes) sends them on the calling thread: one step of the poll loop, never a
+/// wait for the backup.
 ///
 /// Errors: as `mirror_write`; `*ticket` is written only on success.
 /// Thread safety: any number of threads at once on the same handle.

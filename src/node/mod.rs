@@ -488,7 +488,7 @@ impl Mirror {
     ///
     /// Under `caller_drives`, a caller that holds half its window unsent (and at least 16
     /// writes, and as many as are in flight) sends them itself: it takes one step of the loop
-    /// here, if no other thread is taking one.
+    /// here, if no other thread is taking one (microseconds; never a wait for the backup).
     pub fn submit(&self, offset: u64, data: &[u8]) -> Result<Ticket> {
         let ticket = self.push_submission(offset, data, true)?;
         if self.cfg.caller_drives && self.submissions_make_a_half_window() {
