@@ -249,10 +249,11 @@ struct RefusedTickets {
 const SUBMIT_SENDS_FROM: u64 = 16;
 
 /// `Mirror::submit`'s rule on its snapshots (see `Mirror::submissions_make_a_half_window`):
-/// `unsent` submissions not taken by the loop yet, `in_flight` taken and not completed,
-/// `window` the writes outstanding when a caller last began to wait.
-fn half_window_unsent(unsent: u64, in_flight: u64, window: u64) -> bool {
-    unsent >= SUBMIT_SENDS_FROM.max(window / 2) && unsent >= in_flight
+/// `unsent` submissions not taken by the loop yet, `window` the writes outstanding when a
+/// caller last began to wait, `in_flight` those taken and not completed (asked only once the
+/// first two pass: it reads the completions' cache line).
+fn half_window_unsent(unsent: u64, window: u64, in_flight: impl FnOnce() -> u64) -> bool {
+    unsent >= SUBMIT_SENDS_FROM.max(window / 2) && unsent >= in_flight()
 }
 
 const ROLE_PRIMARY: u8 = 1;
@@ -526,15 +527,13 @@ impl Mirror {
         let unsent = producer.len() as u64;
         // Relaxed (both): snapshots for the heuristic; no data is read through them.
         let window = self.waited_window.load(Ordering::Relaxed);
-        if unsent < SUBMIT_SENDS_FROM.max(window / 2) {
-            return false; // the common case, decided without the completions' cache line
-        }
-        let completed = self.shared.completed.load(Ordering::Relaxed);
-        let in_flight = producer
-            .pushed()
-            .saturating_sub(unsent)
-            .saturating_sub(completed);
-        half_window_unsent(unsent, in_flight, window)
+        half_window_unsent(unsent, window, || {
+            let completed = self.shared.completed.load(Ordering::Relaxed);
+            producer
+                .pushed()
+                .saturating_sub(unsent)
+                .saturating_sub(completed)
+        })
     }
 
     /// One step of the loop on a caller's thread: a panic in it fails the node rather than
@@ -976,17 +975,21 @@ mod half_window_tests {
     #[test]
     fn a_caller_sends_half_its_window_and_never_fewer_than_sixteen() {
         // No window seen yet (or a synchronous writer's, 1): 16 unsent writes go.
-        assert!(!half_window_unsent(15, 0, 0));
-        assert!(half_window_unsent(16, 0, 0));
-        assert!(half_window_unsent(16, 0, 1));
+        assert!(!half_window_unsent(15, 0, || 0));
+        assert!(half_window_unsent(16, 0, || 0));
+        assert!(half_window_unsent(16, 1, || 0));
         // A window of 64: its half, 32, and not sooner.
-        assert!(!half_window_unsent(31, 0, 64));
-        assert!(half_window_unsent(32, 32, 64));
+        assert!(!half_window_unsent(31, 64, || 0));
+        assert!(half_window_unsent(32, 64, || 32));
         // A window of 256 whose acks came back fast (few in flight): still its half, not
         // small halves of what is in flight (4 KiB writes at depth 256 ran at half the rate).
-        assert!(!half_window_unsent(20, 19, 256));
-        assert!(half_window_unsent(128, 20, 256));
+        assert!(!half_window_unsent(20, 256, || 19));
+        assert!(half_window_unsent(128, 256, || 20));
         // More in flight than unsent: the wire is busy; wait for the half to build up.
-        assert!(!half_window_unsent(32, 40, 64));
+        assert!(!half_window_unsent(32, 64, || 40));
+        // Below the threshold the writes in flight are not even asked for.
+        assert!(!half_window_unsent(8, 0, || unreachable!(
+            "asked below the threshold"
+        )));
     }
 }
