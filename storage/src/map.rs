@@ -576,6 +576,24 @@ pub(crate) fn write_file_at(
     Ok(())
 }
 
+/// Starts the write-back of `file`'s dirty pages and returns without waiting for it
+/// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE` over the whole file): an `fdatasync` later
+/// finds them written or under way. Durability is still that `fdatasync`'s: this neither waits
+/// for the device nor flushes its cache, and a write-back error is reported by it too.
+pub(crate) fn start_write_back(file: &File, path: &Path) -> Result<(), StorageError> {
+    // SAFETY: plain system call on a descriptor we own; offset 0 and length 0 mean "to the end
+    // of the file", no memory is passed.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc != 0 {
+        return Err(StorageError::io(
+            path,
+            "sync_file_range",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// The temporary name a file of this crate is built under before it is linked into place
 /// (hidden, beside it, tagged with the process id).
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {

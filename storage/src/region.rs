@@ -30,6 +30,14 @@ const PENDING_RANGES_MAX: usize = 64;
 /// Pieces per `pwritev` of [`RegionWriter::write_gathered`]: Linux's `IOV_MAX`.
 pub const GATHER_MAX_PIECES: usize = 1024;
 
+/// `power`: bytes written into the region after which the writer starts their write-back
+/// ([`map::start_write_back`]) instead of leaving them dirty in the page cache until the next
+/// checkpoint's `fdatasync`. Left to the checkpoint, that sync wrote everything since the last
+/// one back at once, 10-20 ms on the development VM with the node's loop stopped meanwhile
+/// (docs/PERFORMANCE.md, "`power`"). Small enough to start write-back after each batch of a
+/// pipelined stream; large enough that a synchronous writer does not start one per write.
+pub(crate) const WRITE_BEHIND_BYTES: u64 = 64 << 10;
+
 /// The mirrored memory region. `Send + Sync`; see the module docs for the single-writer rule.
 pub struct Region {
     path: PathBuf,
@@ -63,13 +71,30 @@ impl std::fmt::Debug for Region {
 #[derive(Debug)]
 pub struct RegionWriter {
     region: Arc<Region>,
+    /// `power`: bytes written since write-back was last started ([`WRITE_BEHIND_BYTES`]).
+    written_behind: u64,
 }
 
 impl RegionWriter {
     /// Writes `data` at `offset` (bounds-checked without overflow) and remembers the range for
     /// the next sync; readers on other threads are fine (see the module docs).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StorageError> {
-        self.region.write(offset, data)
+        self.region.write(offset, data)?;
+        self.wrote(data.len() as u64)
+    }
+
+    /// Counts `power` bytes written and starts their write-back every [`WRITE_BEHIND_BYTES`].
+    /// Durability still comes from [`Region::sync`] alone: this only spreads its work.
+    fn wrote(&mut self, bytes: u64) -> Result<(), StorageError> {
+        if self.region.durability != Durability::Power {
+            return Ok(());
+        }
+        self.written_behind += bytes;
+        if self.written_behind >= WRITE_BEHIND_BYTES {
+            self.written_behind = 0;
+            map::start_write_back(&self.region.file, &self.region.path)?;
+        }
+        Ok(())
     }
 
     /// Writes `writes` in order (a later one wins where two overlap). Under `power` each run
@@ -95,9 +120,10 @@ impl RegionWriter {
             let pieces: Vec<&[u8]> = rest[..n].iter().map(|&(_, data)| data).collect();
             map::write_file_at(&self.region.file, first, &pieces, &self.region.path)?;
             rest = &rest[n..];
+            // Release: as in `Region::write`.
+            self.region.dirty.store(true, Ordering::Release);
+            self.wrote(end - first)?;
         }
-        // Release: as in `Region::write`.
-        self.region.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -297,6 +323,7 @@ impl Region {
         }
         Ok(RegionWriter {
             region: Arc::clone(self),
+            written_behind: 0,
         })
     }
 
