@@ -40,7 +40,7 @@ pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
 /// A short pass (below [`WIDE_MIN`]): the `crc32` instruction over 8 bytes at a time from the
 /// start, unaligned, then 4, 2 and 1. The `crc32c` crate first walks the bytes up to an
 /// 8-byte boundary one at a time and ends the same way, and a write's frames and records are
-/// checksummed in pieces of 12 to 64 bytes at any alignment, six per write on each node
+/// checksummed in pieces of 0 to 64 bytes at any alignment, seven per write on each node
 /// (`cargo bench --bench payload -- crc_pass`).
 #[allow(unsafe_code)]
 fn small_append(crc: u32, data: &[u8]) -> u32 {
