@@ -256,12 +256,33 @@ fn power_durability_mirrors_and_pmem_is_refused_off_dax() {
     for i in 0..50u64 {
         p.write(i * 16, &i.to_le_bytes()).unwrap();
     }
+    // Past the region's write-behind (every 64 KiB written starts a write-back), sixteen deep.
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..96u64 {
+        pending.push_back(p.submit(65_536 + i * 4096, &[i as u8 + 1; 4096]).unwrap());
+        if pending.len() == 16 {
+            p.wait(pending.pop_front().unwrap(), None).unwrap();
+        }
+    }
+    for t in pending {
+        p.wait(t, None).unwrap();
+    }
     p.close().unwrap();
     b.close().unwrap();
+    let primary_region = std::fs::read(dir.path().join("primary.region")).unwrap();
     assert_eq!(
-        std::fs::read(dir.path().join("primary.region")).unwrap(),
+        primary_region,
         std::fs::read(dir.path().join("backup.region")).unwrap()
     );
+    for i in 0..96usize {
+        let at = 65_536 + i * 4096;
+        assert!(
+            primary_region[at..at + 4096]
+                .iter()
+                .all(|&x| x == i as u8 + 1),
+            "write {i}"
+        );
+    }
     let other = tempfile::tempdir().unwrap();
     let mut pm = base(other.path(), "backup", "1MiB");
     pm.set("listen", "127.0.0.1:0").unwrap();
