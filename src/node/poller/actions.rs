@@ -181,7 +181,12 @@ impl Poller {
                 "queue {} is full ({needed} bytes needed, {free} free); a backup's queue_size must be at least its primary's",
                 self.cfg.queue.display()
             )),
-            other => Stop::Fatal(format!("queue {}: {other}", self.cfg.queue.display())),
+            // The queue's or the region's: the error names its file where it has one.
+            other => Stop::Fatal(format!(
+                "storage (queue {}, region {}): {other}",
+                self.cfg.queue.display(),
+                self.cfg.region.display()
+            )),
         }
     }
 
