@@ -8,6 +8,7 @@
 //! (each one's crc checked, as a catch-up's primary does) from a ring larger than the caches,
 //! against one crc pass over as many bytes of cold memory.
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mirror_proto::crc::{crc32c_append, crc32c_combine};
@@ -140,8 +141,9 @@ fn queue_read_back(c: &mut Criterion) {
 }
 
 /// A node's queue appends (each record's payload streamed into the ring, as a lap of a ring
-/// larger than the caches finds its lines long gone), next to an ordinary copy of the same
-/// bytes into as much memory in the same order (what the append did before).
+/// larger than the caches finds its lines long gone; then the same after an idle node's
+/// warm-up), next to an ordinary copy of the same bytes into as much memory in the same order
+/// (what the append did before).
 fn queue_append(c: &mut Criterion) {
     let dir = bench_dir();
     let mut queue = queue_larger_than_the_caches(dir.path());
@@ -162,6 +164,30 @@ fn queue_append(c: &mut Criterion) {
             if seq > live {
                 queue.trim_through(seq - live).expect("a live record");
             }
+        })
+    });
+    // The same appends after the ring was warmed ahead with time to spare, as an idle node
+    // does between synchronous writes (`warm_ahead`; the 5 µs wait is not timed).
+    g.bench_function("record_4KiB_warmed_ahead", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                queue.warm_ahead();
+                let idle = Instant::now();
+                while idle.elapsed() < Duration::from_micros(5) {
+                    std::hint::spin_loop();
+                }
+                seq += 1;
+                let t = Instant::now();
+                queue
+                    .append_with_crc(seq, 1, (seq % 1024) * PAYLOAD as u64, &data, crc)
+                    .expect("room for the record");
+                spent += t.elapsed();
+                if seq > live {
+                    queue.trim_through(seq - live).expect("a live record");
+                }
+            }
+            spent
         })
     });
     let mut i = 0usize;

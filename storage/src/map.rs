@@ -216,6 +216,11 @@ impl Mapping {
     /// [`copy_streaming`]); when it returns, the bytes are ordered before this thread's later
     /// stores as with an ordinary copy.
     pub(crate) fn write_raw(&self, off: usize, data: &[u8]) {
+        self.write_raw_as(off, data, data.len() >= STREAM_MIN)
+    }
+
+    /// [`Mapping::write_raw`], streamed or not as `stream` says.
+    pub(crate) fn write_raw_as(&self, off: usize, data: &[u8], stream: bool) {
         self.check(off, data.len());
         let dst = self.as_mut_ptr();
         // SAFETY: destination in bounds (checked), mapped read-write (asserted in
@@ -224,10 +229,28 @@ impl Mapping {
         // are single by contract of the caller (Region documents it).
         unsafe {
             let dst = dst.add(off);
-            if data.len() >= STREAM_MIN {
+            if stream {
                 copy_streaming(data, dst);
             } else {
                 std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
+            }
+        }
+    }
+
+    /// Brings the lines of `off..off + len` into the cache ahead of a write, so that the
+    /// write finds them (and their page's translation) there.
+    pub(crate) fn prefetch(&self, off: usize, len: usize) {
+        self.check(off, len);
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let base = self.as_ptr();
+            let mut line = off - off % CACHE_LINE;
+            while line < off + len {
+                // SAFETY: `line` lies inside the mapping (bounds checked above; mappings are
+                // page-aligned); a prefetch reads nothing the program sees and never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(line).cast::<i8>()) };
+                line += CACHE_LINE;
             }
         }
     }

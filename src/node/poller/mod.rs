@@ -207,6 +207,8 @@ impl Poller {
             return Step::Worked;
         }
         stamps::idle();
+        // Idle time is the cheapest time to fetch the lines the next append lands on.
+        self.exec.queue.warm_ahead();
         if t.duration_since(self.last_work) >= self.cfg.idle_spin {
             Step::Idle
         } else {

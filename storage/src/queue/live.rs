@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 
 use super::room::Placement;
-use super::{PersistentQueue, DATA_OFF};
+use super::{PersistentQueue, DATA_OFF, WARM_AHEAD_BYTES};
 use crate::format::{
     check_header, header_crc_start, max_record_bytes, seal, stored_crc, Kind, Meta, RecHeader, HDR,
     OFF_HISTORY_FLOOR, OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
@@ -600,6 +600,34 @@ impl PersistentQueue {
         Ok((payload, payload_crc))
     }
 
+    /// Prefetches the ring's next [`WARM_AHEAD_BYTES`] past the tail (what an earlier call has
+    /// not), for a node with nothing else to do: a ring larger than the caches has long lost
+    /// the lines its next records land on, and a record that lands in warmed lines is copied
+    /// into them (see `put_record`) instead of streamed past the cache. A synchronous write's
+    /// ack waits for its backup's append; this takes the cold lines off that path. Under
+    /// `power` records go through the file, not the mapping, and nothing is warmed.
+    pub fn warm_ahead(&mut self) {
+        if self.durability == Durability::Power {
+            return;
+        }
+        let cap = self.cap();
+        let to = self.tail + WARM_AHEAD_BYTES.min(cap);
+        let mut from = self.tail.max(self.warmed_to);
+        while from < to {
+            let at = from % cap;
+            let n = (to - from).min(cap - at);
+            self.map.prefetch(DATA_OFF + at as usize, n as usize);
+            from += n;
+        }
+        self.warmed_to = self.warmed_to.max(to);
+    }
+
+    /// The ring's lines below this virtual position were warmed ([`Self::warm_ahead`]).
+    #[cfg(test)]
+    pub(crate) fn warmed_to(&self) -> u64 {
+        self.warmed_to
+    }
+
     /// Writes one record (preceded by a wrap pad if it does not fit before the end of the
     /// ring) at the tail. Does not touch `next_seq` or `len_records`.
     pub(super) fn write_record(
@@ -692,7 +720,11 @@ impl PersistentQueue {
                 // so an ordinary copy would first read each line it overwrites whole, and the
                 // record is read back only by a catch-up or a replay, long after. The streamed
                 // stores are ordered before the header's below (write_raw ends with a fence).
-                self.map.write_raw(off + HDR, payload);
+                // Unless an idle node warmed the lines (`warm_ahead`): then a copy into the
+                // cache is the faster one, and ordered before the header's stores as any is.
+                let warmed = h.vpos + (HDR + payload.len()) as u64 <= self.warmed_to;
+                let stream = payload.len() >= map::STREAM_MIN && !warmed;
+                self.map.write_raw_as(off + HDR, payload, stream);
                 self.map.write_raw(off + HDR + payload.len(), &ZEROS[..pad]);
             }
             self.map.bytes_mut(off, HDR).copy_from_slice(&hb);

@@ -63,6 +63,11 @@ pub use run::{RUN_BUFFER_MAX, RUN_RECORD_MAX};
 
 const DATA_OFF: usize = HEADER_BYTES as usize;
 
+/// How far past the tail an idle node warms the ring ([`PersistentQueue::warm_ahead`]): the
+/// next records of a synchronous writer of up to 4 KiB a write, 256 prefetched lines, a small
+/// share of the cache.
+pub const WARM_AHEAD_BYTES: u64 = 16 << 10;
+
 /// Parameters fixed when a queue file is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueParams {
@@ -115,6 +120,9 @@ pub struct PersistentQueue {
     last_rec_pos: Option<u64>,
     /// Everything below this virtual position was covered by the last barrier.
     flushed_upto: u64,
+    /// The ring's lines below this virtual position were prefetched
+    /// ([`PersistentQueue::warm_ahead`]); a record below it is copied, not streamed.
+    warmed_to: u64,
     /// A header word changed since the last barrier.
     header_dirty: bool,
     /// `power`: an append moved the cursor hints (head, tail, next_seq) and they are not stored

@@ -345,6 +345,7 @@ impl PersistentQueue {
             // Everything scanned is re-flushed by the first barrier: in Power/Pmem mode it may
             // still sit in the page cache / CPU cache after a process crash.
             flushed_upto: scan_start,
+            warmed_to: 0,
             header_dirty: true,
             #[cfg(any(test, feature = "crash-hooks"))]
             test_hook: None,
