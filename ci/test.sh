@@ -61,5 +61,6 @@ grep -q '"tls+secret"' target/bench-smoke.json
 grep -q '"initial_sync_vs_tcp"' target/bench-smoke.json
 grep -q '"resync_vs_tcp"' target/bench-smoke.json
 grep -q '"floor_two_writers_per_s"' target/bench-smoke.json
+grep -q '"engine_disk_mb_per_s"' target/bench-smoke.json
 
 step "all passed"

@@ -591,6 +591,15 @@ pub struct PowerRun {
     pub vs_floor: f64,
     /// engine_writes_per_s / floor_two_writers_per_s.
     pub vs_two_writer_floor: f64,
+    /// Bytes the pair puts on this one disk per write: each node's queue record and its region
+    /// write (under `power` the region's writes are written back as they go); the floor's loop
+    /// puts one record per write.
+    pub disk_bytes_per_write: u64,
+    /// engine_writes_per_s × disk_bytes_per_write, in megabytes (10^6) per second.
+    pub engine_disk_mb_per_s: f64,
+    /// What the two loops at once wrote together, in megabytes (10^6) per second: about what
+    /// this disk takes from two writers that sync per batch.
+    pub two_writers_disk_mb_per_s: f64,
     /// Each trial's figures in the order run (engine, floor, two-writer floor; per second).
     pub trials: Vec<[f64; 3]>,
 }
@@ -650,6 +659,7 @@ pub fn power_group_commit(
     }
     let best = |i: usize| all.iter().map(|t| t[i]).fold(0.0f64, f64::max);
     let (engine, one, two) = (best(0), best(1), best(2));
+    let disk_bytes_per_write = 2 * (record_bytes + payload as u64);
     Ok(PowerRun {
         dir: dir.display().to_string(),
         filesystem,
@@ -661,6 +671,9 @@ pub fn power_group_commit(
         floor_two_writers_per_s: two,
         vs_floor: engine / one.max(1e-9),
         vs_two_writer_floor: engine / two.max(1e-9),
+        disk_bytes_per_write,
+        engine_disk_mb_per_s: engine * disk_bytes_per_write as f64 / 1e6,
+        two_writers_disk_mb_per_s: 2.0 * two * record_bytes as f64 / 1e6,
         trials: all,
     })
 }

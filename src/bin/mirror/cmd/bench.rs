@@ -350,6 +350,13 @@ pub fn run(a: &BenchArgs) -> CliResult {
                 r.floor_two_writers_per_s,
                 r.vs_two_writer_floor * 100.0
             ));
+            say(format!(
+                "  to this one disk the pair writes {} bytes per write (each node's queue record and region write), the loop {}: engine {:.0} MB/s, the two loops together {:.0} MB/s",
+                r.disk_bytes_per_write,
+                r.record_bytes,
+                r.engine_disk_mb_per_s,
+                r.two_writers_disk_mb_per_s
+            ));
             report.insert("power".into(), serde_json::to_value(&r).unwrap_or_default());
         }
         // 3. Recovery: catch-up after K missed writes vs a full remirror.
