@@ -90,7 +90,9 @@ pub use queue::{
 };
 #[cfg(feature = "crash-hooks")]
 pub use queue::{CrashEvent, CrashHook};
-pub use queue::{OwnedRecord, ReplayState, RUN_BUFFER_MAX, RUN_RECORD_MAX, WARM_AHEAD_BYTES};
+pub use queue::{
+    OwnedRecord, ReplayState, RUN_BUFFER_MAX, RUN_RECORD_MAX, WARM_AHEAD_MAX, WARM_AHEAD_MIN,
+};
 pub use region::{file_chunk_checksums, Region, RegionWriter, GATHER_MAX_PIECES};
 
 /// What a completed `sync()` survives. See the table in the crate docs and `docs/FORMAT.md`.

@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 
 use super::room::Placement;
-use super::{PersistentQueue, DATA_OFF, WARM_AHEAD_BYTES};
+use super::{PersistentQueue, DATA_OFF, WARM_AHEAD_MAX, WARM_AHEAD_MIN};
 use crate::format::{
     check_header, header_crc_start, max_record_bytes, seal, stored_crc, Kind, Meta, RecHeader, HDR,
     OFF_HISTORY_FLOOR, OFF_TRIMMED_THROUGH, RECORD_HEADER_BYTES,
@@ -600,18 +600,20 @@ impl PersistentQueue {
         Ok((payload, payload_crc))
     }
 
-    /// Prefetches the ring's next [`WARM_AHEAD_BYTES`] past the tail (what an earlier call has
-    /// not), for a node with nothing else to do: a ring larger than the caches has long lost
-    /// the lines its next records land on, and a record that lands in warmed lines is copied
-    /// into them (see `put_record`) instead of streamed past the cache. A synchronous write's
-    /// ack waits for its backup's append; this takes the cold lines off that path. Under
-    /// `power` records go through the file, not the mapping, and nothing is warmed.
+    /// Prefetches the ring past the tail (what an earlier call has not), for a node with
+    /// nothing else to do: as far as the last record took, at least [`WARM_AHEAD_MIN`] and at
+    /// most [`WARM_AHEAD_MAX`]. A ring larger than the caches has long lost the lines its next
+    /// records land on, and a record that lands in warmed lines is copied into them (see
+    /// `put_record`) instead of streamed past the cache. A synchronous write's ack waits for
+    /// its backup's append; this takes the cold lines off that path. Under `power` records go
+    /// through the file, not the mapping, and nothing is warmed.
     pub fn warm_ahead(&mut self) {
         if self.durability == Durability::Power {
             return;
         }
         let cap = self.cap();
-        let to = self.tail + WARM_AHEAD_BYTES.min(cap);
+        let ahead = self.last_record_bytes.clamp(WARM_AHEAD_MIN, WARM_AHEAD_MAX);
+        let to = self.tail + ahead.min(cap);
         let mut from = self.tail.max(self.warmed_to);
         while from < to {
             let at = from % cap;
@@ -671,6 +673,7 @@ impl PersistentQueue {
         self.put_record(&h, payload, payload_crc)?;
         self.last_rec_pos = Some(self.tail);
         self.tail += total;
+        self.last_record_bytes = total;
         self.header_dirty = true;
         Ok(())
     }

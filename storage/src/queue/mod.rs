@@ -63,10 +63,12 @@ pub use run::{RUN_BUFFER_MAX, RUN_RECORD_MAX};
 
 const DATA_OFF: usize = HEADER_BYTES as usize;
 
-/// How far past the tail an idle node warms the ring ([`PersistentQueue::warm_ahead`]): the
-/// next records of a synchronous writer of up to 4 KiB a write, 256 prefetched lines, a small
-/// share of the cache.
-pub const WARM_AHEAD_BYTES: u64 = 16 << 10;
+/// How far past the tail an idle node warms the ring at least ([`PersistentQueue::warm_ahead`]):
+/// the next records of a synchronous writer of up to 4 KiB a write, 256 prefetched lines.
+pub const WARM_AHEAD_MIN: u64 = 16 << 10;
+/// How far at most: as far as the last record reached, up to this (an eighth of a core's 1 MiB
+/// L2 here); a larger record streams past the cache as before.
+pub const WARM_AHEAD_MAX: u64 = 128 << 10;
 
 /// Parameters fixed when a queue file is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +125,9 @@ pub struct PersistentQueue {
     /// The ring's lines below this virtual position were prefetched
     /// ([`PersistentQueue::warm_ahead`]); a record below it is copied, not streamed.
     warmed_to: u64,
+    /// Ring bytes the last record took (its header and padding included): how far
+    /// [`PersistentQueue::warm_ahead`] looks ahead.
+    last_record_bytes: u64,
     /// A header word changed since the last barrier.
     header_dirty: bool,
     /// `power`: an append moved the cursor hints (head, tail, next_seq) and they are not stored

@@ -346,6 +346,7 @@ impl PersistentQueue {
             // still sit in the page cache / CPU cache after a process crash.
             flushed_upto: scan_start,
             warmed_to: 0,
+            last_record_bytes: 0,
             header_dirty: true,
             #[cfg(any(test, feature = "crash-hooks"))]
             test_hook: None,

@@ -109,29 +109,37 @@ fn records_in_warmed_lines_read_back_as_streamed_ones_do_over_many_laps() {
     // cached lines instead of streamed past the cache. Both kinds, over many laps (the warmed
     // stretch wrapping at the ring's end), must read back the same, before and after a reopen.
     let dir = tempfile::tempdir().unwrap();
-    let (mut q, path) = new_queue(dir.path(), 64 << 10);
+    let (mut q, path) = new_queue(dir.path(), 256 << 10);
     let cap = q.capacity_bytes();
     let max = q.max_payload() as u64;
-    assert!(max >= 8192, "the ring must take streamed sizes: {max}");
+    assert!(
+        crate::record_total(max) > crate::WARM_AHEAD_MIN,
+        "the ring must take records larger than the least warm-up: {max}"
+    );
     let mut model: VecDeque<(u64, u64, Vec<u8>)> = VecDeque::new();
     let mut rng = Rng(0xa11ce);
     let (mut warmed_large, mut streamed_large) = (0, 0);
+    // Ring bytes of the last record appended: the warm-up reaches at least that far (within
+    // its bounds), so that a writer of large records finds the next one's lines warm.
+    let mut last_record = 0u64;
     for step in 0..3000u64 {
         if rng.below(2) == 0 {
             q.warm_ahead();
+            let ahead = last_record.clamp(crate::WARM_AHEAD_MIN, crate::WARM_AHEAD_MAX);
             assert!(
-                q.warmed_to() >= q.tail + crate::WARM_AHEAD_BYTES.min(cap),
-                "step {step}: warmed to {} with the tail at {}",
+                q.warmed_to() >= q.tail + ahead.min(cap),
+                "step {step}: warmed to {} with the tail at {} after a record of {last_record} bytes",
                 q.warmed_to(),
                 q.tail
             );
         }
-        let len = [1, 64, 4095, 4096, 4097, 6000, 12_345, max as usize][rng.below(8) as usize];
+        let len = [1, 64, 4095, 4096, 6000, 12_345, 40_000, max as usize][rng.below(8) as usize];
         let seq = q.next_seq();
         let p = payload(seq, len, 3);
         let in_warmed_lines = q.tail + crate::RECORD_HEADER_BYTES + len as u64 <= q.warmed_to();
         match q.append(seq, 1, offset_for(seq), &p) {
             Ok(()) => {
+                last_record = crate::record_total(len as u64);
                 model.push_back((seq, offset_for(seq), p));
                 if len >= 4096 {
                     if in_warmed_lines {
@@ -151,6 +159,8 @@ fn records_in_warmed_lines_read_back_as_streamed_ones_do_over_many_laps() {
         if step % 101 == 0 {
             drop(q);
             q = PersistentQueue::open(&path, Durability::Process).unwrap().0;
+            // A reopened queue warms the least until its next record.
+            last_record = 0;
         }
         assert_eq!(records(&q), Vec::from(model.clone()), "step {step}");
     }
