@@ -597,8 +597,9 @@ pub struct PowerRun {
     pub disk_bytes_per_write: u64,
     /// engine_writes_per_s × disk_bytes_per_write, in megabytes (10^6) per second.
     pub engine_disk_mb_per_s: f64,
-    /// What the two loops at once wrote together, in megabytes (10^6) per second: about what
-    /// this disk takes from two writers that sync per batch.
+    /// What the two loops at once wrote together, in megabytes (10^6) per second, counted as
+    /// twice the slower loop's rate ([`PowerRun::floor_two_writers_per_s`]): at least what this
+    /// disk takes from two writers that sync per batch.
     pub two_writers_disk_mb_per_s: f64,
     /// Each trial's figures in the order run (engine, floor, two-writer floor; per second).
     pub trials: Vec<[f64; 3]>,

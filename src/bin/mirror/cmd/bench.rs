@@ -351,7 +351,7 @@ pub fn run(a: &BenchArgs) -> CliResult {
                 r.vs_two_writer_floor * 100.0
             ));
             say(format!(
-                "  to this one disk the pair writes {} bytes per write (each node's queue record and region write), the loop {}: engine {:.0} MB/s, the two loops together {:.0} MB/s",
+                "  to this one disk the pair writes {} bytes per write (each node's queue record and region write), the loop {}: engine {:.0} MB/s, the two loops together {:.0} MB/s (twice the slower one's)",
                 r.disk_bytes_per_write,
                 r.record_bytes,
                 r.engine_disk_mb_per_s,
