@@ -1,8 +1,9 @@
 //! The per-byte pieces of a write's path: a payload taken in from a caller (copied, its crc
 //! computed once for the frame and both records), against what the frame and the record cost
 //! when each passes over the bytes itself; combining crcs (ours, against the `crc32c` crate's);
-//! and a crc pass (ours, `mirror_proto::crc`, against the `crc32c` crate's), around the lengths
-//! where `crc::WIDE_MIN` and `crc::COMBINE_MIN` switch between them; and a region write at
+//! and a crc pass (ours, `mirror_proto::crc`, against the `crc32c` crate's and, from
+//! `crc::WIDE_MIN` bytes, the `crc-fast` crate's folding: `crc::WidePass` picks one of the two
+//! per CPU), around the lengths where `crc::WIDE_MIN` and `crc::COMBINE_MIN` switch; and a region write at
 //! scattered offsets of a large region (streamed past the cache from `STREAM_MIN` bytes)
 //! against an ordinary copy into memory of the same size; and a queue's records read back
 //! (each one's crc checked, as a catch-up's primary does) from a ring larger than the caches,
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use mirror_proto::crc::{crc32c_append, crc32c_combine};
+use mirror_proto::crc::{crc32c_append, crc32c_combine, WidePass, WIDE_MIN};
 use mirror_proto::Payload;
 use mirror_storage::{Durability, PersistentQueue, QueueParams, Region, Role};
 
@@ -72,6 +73,12 @@ fn payload(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("crc32c_crate", len), &data, |b, d| {
             b.iter(|| crc32c::crc32c_append(0x1234_5678, std::hint::black_box(d)))
         });
+        // The wide pass the CPU does not run, for the choice's sake (`WidePass::of_this_cpu`).
+        if len >= WIDE_MIN {
+            g.bench_with_input(BenchmarkId::new("folding", len), &data, |b, d| {
+                b.iter(|| WidePass::Folding.append(0x1234_5678, std::hint::black_box(d)))
+            });
+        }
     }
     g.finish();
 }

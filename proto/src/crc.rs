@@ -1,23 +1,82 @@
 //! crc32c (Castagnoli), the checksum of every frame, record, slot and file header: one
 //! implementation, so that every format checks with the same code and the fastest pass.
 //!
-//! Passes over the bytes go to the `crc-fast` crate's folding with carry-less multiplication
-//! (AVX-512 `VPCLMULQDQ` where the CPU has it, narrower `PCLMULQDQ` otherwise; measured on the
-//! development VM: 4 KiB in ~60 ns, 64 KiB in ~0.8 µs, where the `crc32c` crate's three
-//! interleaved `crc32` instructions took ~200 ns and ~3.1 µs). Below [`WIDE_MIN`] bytes its setup
-//! costs more than it saves, and the `crc32` instruction runs over 8 bytes at a time
-//! ([`small_append`]; ~4 ns for 12-64 bytes at any alignment, where the `crc32c` crate took
-//! 8.5-11: `cargo bench --bench payload -- crc_pass`). The values are crc32c's either way
-//! (property tests hold them, and the `crc32c` crate's combine, to the crate).
+//! Which pass is fastest depends on the CPU ([`WidePass`], chosen once per process from its
+//! features). Where it has AVX-512, passes go to the `crc-fast` crate's folding with carry-less
+//! multiplication (measured on an Intel VM with AVX-512 `VPCLMULQDQ`: 4 KiB in ~60 ns, 64 KiB
+//! in ~0.8 µs, where the `crc32c` crate's three interleaved `crc32` instructions took ~200 ns
+//! and ~3.1 µs). Without it, `crc-fast` mixes 128-bit `PCLMULQDQ` folding with `crc32`
+//! instructions, and on an AMD EPYC (Zen 3) VM that took 1.3-1.7 times as long as the `crc32c`
+//! crate (4 KiB 300-470 against 220-280 ns, 64 KiB 3.7-3.8 against 2.8-3.0 µs, at four
+//! alignments; a 256-bit `VPCLMULQDQ` fold, tried in C, was no faster there than the crate), so
+//! there the crate passes. Below [`WIDE_MIN`] bytes
+//! either's setup costs more than it saves, and the `crc32` instruction runs over 8 bytes at a
+//! time ([`small_append`]; ~4 ns for 12-64 bytes at any alignment, where the `crc32c` crate
+//! took 8.5-11: `cargo bench --bench payload -- crc_pass`). The values are crc32c's whichever
+//! runs (property tests hold each pass, and the `crc32c` crate's combine, to the crate).
 
 use std::cell::Cell;
+use std::sync::OnceLock;
 
 use crc_fast::{CrcAlgorithm, Digest};
 
-/// From this many bytes on, a pass folds with carry-less multiplication (see the module docs;
-/// the two are equal at about 256 bytes on the development VM: `cargo bench --bench payload --
-/// crc_`).
+/// From this many bytes on, a pass is the CPU's [`WidePass`] (see the module docs; the short
+/// pass and the folding one are equal at about 256 bytes on the Intel VM; on the AMD VM the
+/// short pass took 12 ns at 128 bytes, one serial chain of `crc32` instructions, and the
+/// interleaved one 35 ns at 256: `cargo bench --bench payload -- crc_`).
 pub const WIDE_MIN: usize = 256;
+
+/// How a pass over [`WIDE_MIN`] bytes or more runs on this CPU (the module docs say why each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WidePass {
+    /// Folding with carry-less multiplication (the `crc-fast` crate): a CPU with AVX-512, or
+    /// one without SSE 4.2 (either crate then falls back to tables).
+    Folding,
+    /// The `crc32` instruction over three interleaved streams (the `crc32c` crate): an x86 CPU
+    /// with SSE 4.2 and without AVX-512.
+    Interleaved,
+}
+
+impl WidePass {
+    /// The pass for this CPU, chosen once per process.
+    pub fn of_this_cpu() -> WidePass {
+        static CHOSEN: OnceLock<WidePass> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("sse4.2")
+                && !std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                return WidePass::Interleaved;
+            }
+            WidePass::Folding
+        })
+    }
+
+    /// `crc` continued over `data` by this pass (any length; [`crc32c_append`] sends only
+    /// [`WIDE_MIN`] bytes or more here).
+    pub fn append(self, crc: u32, data: &[u8]) -> u32 {
+        match self {
+            WidePass::Folding => {
+                // crc32c's register is the finished value's complement (it starts at all ones
+                // and the result is inverted); `crc-fast` takes the register and inverts what
+                // it returns.
+                let mut digest =
+                    Digest::new_with_init_state(CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
+                digest.update(data);
+                digest.finalize() as u32
+            }
+            WidePass::Interleaved => crc32c::crc32c_append(crc, data),
+        }
+    }
+
+    /// What `mirror bench` prints: the pass and the crate behind it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            WidePass::Folding => "folding with carry-less multiplication (crc-fast)",
+            WidePass::Interleaved => "three interleaved crc32 instructions (crc32c)",
+        }
+    }
+}
 
 /// The crc32c of `data`.
 pub fn crc32c(data: &[u8]) -> u32 {
@@ -30,11 +89,7 @@ pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
     if data.len() < WIDE_MIN {
         return small_append(crc, data);
     }
-    // crc32c's register is the finished value's complement (it starts at all ones and the
-    // result is inverted); `crc-fast` takes the register and inverts what it returns.
-    let mut digest = Digest::new_with_init_state(CrcAlgorithm::Crc32Iscsi, u64::from(!crc));
-    digest.update(data);
-    digest.finalize() as u32
+    WidePass::of_this_cpu().append(crc, data)
 }
 
 /// A short pass (below [`WIDE_MIN`]): the `crc32` instruction over 8 bytes at a time from the
@@ -254,6 +309,10 @@ mod tests {
         ) {
             prop_assert_eq!(crc32c(&data), crc32c::crc32c(&data));
             prop_assert_eq!(crc32c_append(seed, &data), crc32c::crc32c_append(seed, &data));
+            // Both wide passes, whichever this CPU runs.
+            for pass in [WidePass::Folding, WidePass::Interleaved] {
+                prop_assert_eq!(pass.append(seed, &data), crc32c::crc32c_append(seed, &data));
+            }
             let (a, b) = data.split_at(cut.index(data.len() + 1));
             let whole = crc32c::crc32c(&data);
             prop_assert_eq!(crc32c_combine(crc32c(a), crc32c(b), b.len()), whole);
@@ -330,11 +389,11 @@ mod tests {
             .collect();
         for len in (0..WIDE_MIN + 70).chain(COMBINE_MIN - 70..COMBINE_MIN + 70) {
             let d = &data[..len];
-            assert_eq!(
-                crc32c_append(0x1234_5678, d),
-                crc32c::crc32c_append(0x1234_5678, d),
-                "{len}"
-            );
+            let want = crc32c::crc32c_append(0x1234_5678, d);
+            assert_eq!(crc32c_append(0x1234_5678, d), want, "{len}");
+            for pass in [WidePass::Folding, WidePass::Interleaved] {
+                assert_eq!(pass.append(0x1234_5678, d), want, "{pass:?} {len}");
+            }
         }
     }
 }

@@ -132,6 +132,13 @@ pub fn run(a: &BenchArgs) -> CliResult {
         };
         let sizes = listed(&a.sizes)?;
         let pipelined_sizes = listed(&a.pipelined_sizes)?;
+        // Which crc32c pass this CPU runs over payloads: the per-byte figures depend on it.
+        let crc_pass = mirror_proto::crc::WidePass::of_this_cpu().describe();
+        say(format!(
+            "crc32c passes over {} bytes or more: {crc_pass}",
+            mirror_proto::crc::WIDE_MIN
+        ));
+        report.insert("crc_pass".into(), serde_json::json!(crc_pass));
         // 1. Latency, interleaved with the floor.
         let pair_dir = dir.join("latency");
         std::fs::create_dir_all(&pair_dir).map_err(io("creating bench dir".into()))?;
