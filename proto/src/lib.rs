@@ -22,7 +22,7 @@ pub mod core;
 pub mod handshake;
 pub mod payload;
 pub use crate::handshake::{SplitBrain, SplitBrainPolicy, Suffix, Verdict};
-pub use crate::payload::Payload;
+pub use crate::payload::{rep_movsb_is_slow, Payload, REP_MOVSB_MIN};
 pub mod term;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
