@@ -71,7 +71,7 @@ const LINE: usize = 64;
 
 /// Whether a copy from `src` to `dst` is one that `rep movsb` runs 15-30 times slower on AMD
 /// Zen 3: the destination 1-63 bytes past the source modulo 4 KiB (measured 1-31 bytes on the
-/// AMD VM; the margin is for other models). Before glibc 2.39 `memcpy` takes `rep movsb` from
+/// AMD VM; the margin is for other models). glibc 2.36 (Debian 12) `memcpy` takes `rep movsb` from
 /// [`REP_MOVSB_MIN`] bytes whatever the distance: on the AMD VM a 64 KiB copy took 24 µs
 /// instead of 1.4, and synchronous 64 KiB writes from a caller's buffer at such a distance
 /// from the payload's allocation 85-101 µs instead of 52-70 (docs/PERFORMANCE.md). Addresses
