@@ -12,7 +12,7 @@
 use std::fmt;
 use std::ops::Deref;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 use crate::crc::crc32c;
 #[cfg(doc)]
@@ -92,7 +92,9 @@ fn copy_at_the_sources_line_offset(data: &[u8]) -> Bytes {
     let pad = (data.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize) % LINE;
     buf.resize(pad, 0);
     buf.extend_from_slice(data);
-    Bytes::from(buf).slice(pad..)
+    let mut bytes = Bytes::from(buf);
+    bytes.advance(pad); // moves the start; no reference count taken, unlike `slice`
+    bytes
 }
 
 impl Deref for Payload {
