@@ -62,8 +62,9 @@ impl Payload {
     }
 }
 
-/// From about this many bytes glibc's `memcpy` copies with `rep movsb` (on a CPU with fast
-/// short `rep movsb`; 4 KiB on others); below it, it moves vectors itself.
+/// From about this many bytes glibc's `memcpy` copies with `rep movsb` (on the AMD VM, a CPU
+/// with fast short `rep movsb`, from 2113 bytes: a copy 16 bytes past its source took 33 ns at
+/// 2112 bytes and 1.1 µs at 2200); below it, it moves vectors itself.
 pub const REP_MOVSB_MIN: usize = 2048;
 
 /// Bytes a cache line holds (x86-64 and most others).

@@ -292,26 +292,10 @@ impl Mapping {
 unsafe fn copy_ordinary(src: *const u8, dst: *mut u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     if len >= mirror_proto::REP_MOVSB_MIN && mirror_proto::rep_movsb_is_slow(src, dst) {
-        use std::arch::x86_64::{__m128i, _mm_loadu_si128};
-        const LANE: usize = std::mem::size_of::<__m128i>();
-        let head = dst.align_offset(LANE).min(len);
-        let lanes = (len - head) / LANE;
-        let tail = head + lanes * LANE;
-        // SAFETY: every access stays inside `src..src + len` and `dst..dst + len` (head <=
-        // tail <= len), which the caller guarantees valid and disjoint. The stores go to
-        // `dst + head`, 16-byte aligned by construction (align_offset), as an aligned
-        // `__m128i` write requires; the loads are unaligned loads (SSE2, in the x86-64
-        // baseline). Volatile stores, so that the compiler does not turn the loop back into
-        // a `memcpy` call.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src, dst, head);
-            let from = src.add(head).cast::<__m128i>();
-            let to = dst.add(head).cast::<__m128i>();
-            for i in 0..lanes {
-                std::ptr::write_volatile(to.add(i), _mm_loadu_si128(from.add(i)));
-            }
-            std::ptr::copy_nonoverlapping(src.add(tail), dst.add(tail), len - tail);
-        }
+        // SAFETY: as the caller guarantees (`copy_by_lanes` asks the same). A volatile store
+        // to the aligned lane `copy_by_lanes` passes, so that the compiler does not turn the
+        // loop back into a `memcpy` call.
+        unsafe { copy_by_lanes(src, dst, len, |to, lane| std::ptr::write_volatile(to, lane)) };
         return;
     }
     // SAFETY: as the caller guarantees.
@@ -342,24 +326,14 @@ pub(crate) const STREAM_MIN: usize = 4096;
 unsafe fn copy_streaming(src: &[u8], dst: *mut u8) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-        const LANE: usize = std::mem::size_of::<__m128i>();
-        let head = dst.align_offset(LANE).min(src.len());
-        let lanes = (src.len() - head) / LANE;
-        let tail = head + lanes * LANE;
-        // SAFETY: every access below stays inside `src` and `dst..dst + src.len()` (head <=
-        // tail <= src.len()), which the caller guarantees valid and disjoint. The streamed
-        // lanes start at `dst + head`, 16-byte aligned by construction (align_offset), as
-        // `_mm_stream_si128` requires; the loads are unaligned loads. SSE2 (both intrinsics
+        use std::arch::x86_64::{_mm_sfence, _mm_stream_si128};
+        // SAFETY: as the caller guarantees (`copy_by_lanes` asks the same); each lane it
+        // passes is 16-byte aligned, as `_mm_stream_si128` requires. SSE2 (the streamed store
         // and `sfence`) is part of the x86-64 baseline.
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, head);
-            let from = src.as_ptr().add(head).cast::<__m128i>();
-            let to = dst.add(head).cast::<__m128i>();
-            for i in 0..lanes {
-                _mm_stream_si128(to.add(i), _mm_loadu_si128(from.add(i)));
-            }
-            std::ptr::copy_nonoverlapping(src.as_ptr().add(tail), dst.add(tail), src.len() - tail);
+            copy_by_lanes(src.as_ptr(), dst, src.len(), |to, lane| {
+                _mm_stream_si128(to, lane)
+            });
             _mm_sfence();
         }
     }
@@ -367,6 +341,43 @@ unsafe fn copy_streaming(src: &[u8], dst: *mut u8) {
     // SAFETY: as the caller guarantees.
     unsafe {
         std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len())
+    }
+}
+
+/// Copies `len` bytes from `src` to `dst`: `store` writes each 16-byte lane from `dst`'s first
+/// 16-byte boundary on (an aligned address, unaligned loads from `src`), and the bytes before
+/// and after the lanes are copied as they are. The one lane loop of [`copy_streaming`] and
+/// [`copy_ordinary`], which differ in the store.
+///
+/// # Safety
+///
+/// `src..src + len` is valid for reads, `dst..dst + len` for writes, and they do not overlap;
+/// `store` writes exactly the 16 bytes at the aligned pointer it is given.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn copy_by_lanes(
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    store: impl Fn(*mut std::arch::x86_64::__m128i, std::arch::x86_64::__m128i),
+) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128};
+    const LANE: usize = std::mem::size_of::<__m128i>();
+    let head = dst.align_offset(LANE).min(len);
+    let lanes = (len - head) / LANE;
+    let tail = head + lanes * LANE;
+    // SAFETY: every access stays inside `src..src + len` and `dst..dst + len` (head <= tail
+    // <= len), which the caller guarantees valid and disjoint. The lanes start at `dst +
+    // head`, 16-byte aligned by construction (align_offset); the loads are unaligned loads
+    // (SSE2, in the x86-64 baseline).
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let from = src.add(head).cast::<__m128i>();
+        let to = dst.add(head).cast::<__m128i>();
+        for i in 0..lanes {
+            store(to.add(i), _mm_loadu_si128(from.add(i)));
+        }
+        std::ptr::copy_nonoverlapping(src.add(tail), dst.add(tail), len - tail);
     }
 }
 
