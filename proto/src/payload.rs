@@ -75,7 +75,7 @@ const LINE: usize = 64;
 /// AMD VM; the margin is for other models). glibc 2.36 (Debian 12) `memcpy` takes `rep movsb` from
 /// [`REP_MOVSB_MIN`] bytes whatever the distance: on the AMD VM a 64 KiB copy took 24 µs
 /// instead of 1.4, and synchronous 64 KiB writes from a caller's buffer at such a distance
-/// from the payload's allocation 85-101 µs instead of 52-70 (docs/PERFORMANCE.md). Addresses
+/// from the payload's allocation 85-101 µs instead of 51-70 (docs/PERFORMANCE.md). Addresses
 /// are compared as numbers only.
 pub fn rep_movsb_is_slow(src: *const u8, dst: *const u8) -> bool {
     let apart = (dst as usize).wrapping_sub(src as usize) % 4096;
