@@ -284,7 +284,8 @@ impl Mapping {
 /// `memcpy` would take `rep movsb` at a distance at which it runs 15-30 times slower
 /// ([`mirror_proto::rep_movsb_is_slow`]: AMD Zen 3). A record copied into the ring or a region
 /// read lands at any distance from its source; there 16-byte vector moves copy instead (on
-/// the AMD VM about as fast as `memcpy` at a good distance).
+/// the AMD VM 4 KiB in 89-101 ns and 64 KiB in 1.6 µs, where `memcpy` took 74 ns and 1.6 µs
+/// at a good distance, 2.0 and 23 µs at such a one).
 ///
 /// # Safety
 ///
