@@ -86,7 +86,7 @@ pub fn rep_movsb_is_slow(src: *const u8, dst: *const u8) -> bool {
 /// never one [`rep_movsb_is_slow`] says is slow: a caller's buffer is anywhere (often
 /// page-aligned), and the allocator reuses one address per size, so a write from an unlucky
 /// buffer was slow every time. The cost: up to 63 bytes more per allocation, and the
-/// allocation of `Bytes`' shared header, which a payload's first clone makes anyway.
+/// allocation of `Bytes`' shared header, which a payload's first clone would make anyway.
 fn copy_at_the_sources_line_offset(data: &[u8]) -> Bytes {
     let mut buf = Vec::with_capacity(data.len() + LINE - 1);
     // Addresses compared as numbers only: nothing is read or written through them here.
