@@ -45,8 +45,8 @@ fn payload(c: &mut Criterion) {
     }
     g.finish();
     // The machine's `memcpy` by how far past its source the destination sits modulo a page:
-    // on AMD Zen 3, 1-63 bytes past takes `rep movsb` 15-30 times slower
-    // (`mirror_proto::rep_movsb_is_slow`; `Payload::copy_from_slice` and the storage's
+    // on AMD Zen 3, 1-31 bytes past (measured) takes `rep movsb` 15-30 times slower
+    // (`mirror_proto::rep_movsb_is_slow`, which keeps a margin to 63; `Payload::copy_from_slice` and the storage's
     // ordinary copies keep out of it).
     let mut g = c.benchmark_group("memcpy_by_distance");
     for len in [4096usize, 65536] {
