@@ -39,6 +39,13 @@ pub enum ConfigError {
         /// Parser message.
         message: String,
     },
+    /// A command-line flag of the `mirror` tool that cannot be used (config keys given there
+    /// have their own errors, which name the key).
+    #[error("bad command line: {why}")]
+    CommandLine {
+        /// What is wrong, naming the flag.
+        why: String,
+    },
     /// A problem in a config file.
     #[error("{}: {inner}", path.display())]
     File {

@@ -316,3 +316,69 @@ fn bench_sections_skip_on_empty_lists_and_rdma_needs_its_feature() {
         assert_clean_error(st, &err, "`rdma` feature");
     }
 }
+
+#[test]
+fn bench_flags_that_would_measure_nothing_are_refused_before_anything_runs() {
+    // Each case: flags on top of every section skipped but the one they concern, and a word the
+    // error must name. Before the checks these divided by zero, aborted on a 1 TB allocation or
+    // printed "met" for a latency of no writes.
+    let cases: [(&[&str], &str); 13] = [
+        (&["--sizes", "0"], "--sizes 0"),
+        (&["--sizes", "64,999999999999"], "--sizes 999999999999"),
+        (&["--sizes", "64", "--iterations", "0"], "--iterations"),
+        (&["--pipelined-sizes", "0"], "--pipelined-sizes 0"),
+        (&["--pipelined-sizes", "64", "--depths", "8,0"], "--depths"),
+        (
+            &["--pipelined-sizes", "64", "--pipelined-writes", "0"],
+            "--pipelined-writes",
+        ),
+        (
+            &["--power-writes", "10", "--power-trials", "0"],
+            "--power-trials",
+        ),
+        (&["--recovery-regions", "1KiB"], "--recovery-regions 1KiB"),
+        (
+            &["--recovery-regions", "1MiB", "--recovery-missed", "1.5"],
+            "--recovery-missed",
+        ),
+        (
+            &["--recovery-regions", "1MiB", "--recovery-trials", "0"],
+            "--recovery-trials",
+        ),
+        (&["--resync-region", "4KiB"], "--resync-region 4KiB"),
+        (
+            &["--resync-region", "1MiB", "--resync-dirty-percent", "0"],
+            "--resync-dirty-percent",
+        ),
+        (
+            &["--failover-rounds", "1", "--failover-region", "0"],
+            "--failover-region",
+        ),
+    ];
+    for (flags, needle) in cases {
+        let mut args = vec![
+            "bench",
+            "--security-iterations",
+            "0",
+            "--c-api-iterations",
+            "0",
+        ];
+        for (flag, off) in [
+            ("--sizes", ""),
+            ("--pipelined-sizes", ""),
+            ("--power-writes", "0"),
+            ("--recovery-regions", ""),
+            ("--resync-region", ""),
+            ("--failover-rounds", "0"),
+        ] {
+            if !flags.contains(&flag) {
+                args.extend([flag, off]);
+            }
+        }
+        args.extend(flags);
+        let (st, out, err) = run(&args);
+        assert_clean_error(st, &err, needle);
+        assert!(err.contains("bad command line"), "{flags:?}: {err}");
+        assert!(out.is_empty(), "{flags:?}: something ran: {out}");
+    }
+}

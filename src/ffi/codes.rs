@@ -194,6 +194,8 @@ pub(crate) fn config_code(e: &ConfigError) -> c_int {
         ConfigError::Missing { .. } => MIRROR_EMISSING,
         // Not reachable through the C API (no TOML there), mapped for completeness.
         ConfigError::Toml { .. } => MIRROR_EVALUE,
+        // The `mirror` tool's flags: not reachable through the C API either.
+        ConfigError::CommandLine { .. } => MIRROR_EVALUE,
         ConfigError::File { inner, .. } => config_code(inner),
     }
 }

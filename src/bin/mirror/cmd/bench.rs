@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 use mirror::MirrorError;
+use mirror_proto::wire::MAX_WRITE_LEN;
 
-use super::shared::{parse_size_arg, scratch_base_dir, split_set, CliResult};
+use super::shared::{parse_size_arg, scratch_base_dir, split_set, usage, CliResult};
 
 /// The flags of `mirror bench`.
 #[derive(Args, Debug, Clone)]
@@ -96,8 +97,125 @@ pub struct BenchArgs {
     rdma_raw_floor_us: Option<f64>,
 }
 
+/// Payload sizes (`--sizes`, `--pipelined-sizes`; "" skips a list's section).
+fn listed_sizes(list: &[String]) -> Result<Vec<usize>, MirrorError> {
+    list.iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Ok(parse_size_arg(s)? as usize))
+        .collect()
+}
+
+/// The smallest region each section can run in: one 4 KiB write (recovery, failover), one
+/// 64 KiB chunk (the bitmap figures).
+const RECOVERY_REGION_MIN: u64 = 4 << 10;
+const RESYNC_REGION_MIN: u64 = 64 << 10;
+
+/// Refuses what would make a section measure nothing, divide by zero or print a verdict from
+/// no samples, before anything runs: a flag that skips a section says so (0 or "").
+fn check_args(a: &BenchArgs) -> Result<(), MirrorError> {
+    let write_sizes = |flag: &str, list: &[String]| -> Result<bool, MirrorError> {
+        let sizes = listed_sizes(list)?;
+        if let Some(bad) = sizes.iter().find(|&&n| n == 0 || n > MAX_WRITE_LEN) {
+            return Err(usage(format!(
+                "{flag} {bad}: a write is 1 byte to {} MiB",
+                MAX_WRITE_LEN >> 20
+            )));
+        }
+        Ok(!sizes.is_empty())
+    };
+    let at_least_one = |flag: &str, n: u64, why: &str| {
+        if n == 0 {
+            return Err(usage(format!("{flag} must be at least 1 ({why})")));
+        }
+        Ok(())
+    };
+    if write_sizes("--sizes", &a.sizes)? {
+        at_least_one(
+            "--iterations",
+            a.iterations as u64,
+            "--sizes '' skips the latency",
+        )?;
+    }
+    if write_sizes("--pipelined-sizes", &a.pipelined_sizes)? {
+        at_least_one(
+            "--pipelined-writes",
+            a.pipelined_writes,
+            "--pipelined-sizes '' skips the throughput",
+        )?;
+        if a.depths.is_empty() || a.depths.contains(&0) {
+            return Err(usage(
+                "--depths lists writes in flight, each at least 1 (--pipelined-sizes '' skips the throughput)",
+            ));
+        }
+    }
+    if a.power_writes > 0 {
+        at_least_one(
+            "--power-trials",
+            a.power_trials as u64,
+            "--power-writes 0 skips `power`",
+        )?;
+    }
+    let recovery_regions: Vec<&String> = a
+        .recovery_regions
+        .iter()
+        .filter(|r| !r.trim().is_empty())
+        .collect();
+    if !recovery_regions.is_empty() {
+        at_least_one(
+            "--recovery-trials",
+            a.recovery_trials as u64,
+            "--recovery-regions '' skips the recovery",
+        )?;
+        for region in recovery_regions {
+            if parse_size_arg(region)? < RECOVERY_REGION_MIN {
+                return Err(usage(format!(
+                    "--recovery-regions {region}: at least 4 KiB (one write)"
+                )));
+            }
+        }
+        if let Some(bad) = a
+            .recovery_missed
+            .iter()
+            .find(|f| !(f.is_finite() && **f > 0.0 && **f <= 1.0))
+        {
+            return Err(usage(format!(
+                "--recovery-missed {bad}: a fraction of the region's 4 KiB slots, above 0 and at most 1"
+            )));
+        }
+    }
+    if !a.resync_region.trim().is_empty() {
+        if parse_size_arg(&a.resync_region)? < RESYNC_REGION_MIN {
+            return Err(usage(format!(
+                "--resync-region {}: at least 64 KiB (one chunk)",
+                a.resync_region
+            )));
+        }
+        let dirty = a.resync_dirty_percent;
+        if !(dirty.is_finite() && dirty > 0.0 && dirty <= 100.0) {
+            return Err(usage(format!(
+                "--resync-dirty-percent {dirty}: above 0 and at most 100"
+            )));
+        }
+    }
+    if a.failover_rounds > 0 && parse_size_arg(&a.failover_region)? < RECOVERY_REGION_MIN {
+        return Err(usage(format!(
+            "--failover-region {}: at least 4 KiB (one write)",
+            a.failover_region
+        )));
+    }
+    if let Some(us) = a.rdma_raw_floor_us {
+        if !(us.is_finite() && us > 0.0) {
+            return Err(usage(format!(
+                "--rdma-raw-floor-us {us}: a round trip's time, above 0"
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: &BenchArgs) -> CliResult {
     use mirror::bench;
+    check_args(a)?;
     // Memory-backed files by default: the benchmark measures the engine, not the page cache's
     // writeback to this machine's disk (which throttles long runs of file-backed writes).
     let base = scratch_base_dir(a.dir.as_deref());
@@ -123,15 +241,8 @@ pub fn run(a: &BenchArgs) -> CliResult {
     };
     let result = (|| -> CliResult {
         let mut report = serde_json::Map::new();
-        // "" skips a list's section, as for the recovery's regions.
-        let listed = |list: &[String]| -> Result<Vec<usize>, MirrorError> {
-            list.iter()
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| Ok(parse_size_arg(s)? as usize))
-                .collect()
-        };
-        let sizes = listed(&a.sizes)?;
-        let pipelined_sizes = listed(&a.pipelined_sizes)?;
+        let sizes = listed_sizes(&a.sizes)?;
+        let pipelined_sizes = listed_sizes(&a.pipelined_sizes)?;
         // Which crc32c pass this CPU runs over payloads: the per-byte figures depend on it.
         let crc_pass = mirror_proto::crc::WidePass::of_this_cpu().describe();
         say(format!(

@@ -17,11 +17,7 @@ pub type CliResult = Result<ExitCode, MirrorError>;
 
 /// An error in the command line itself (config keys have their own errors, which name the key).
 pub fn usage(msg: impl Into<String>) -> MirrorError {
-    MirrorError::Config(mirror::ConfigError::BadValue {
-        key: "command line".into(),
-        value: String::new(),
-        why: msg.into(),
-    })
+    MirrorError::Config(mirror::ConfigError::CommandLine { why: msg.into() })
 }
 
 /// A size given on the command line: bytes, or with KiB/MiB/GiB.
