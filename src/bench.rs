@@ -1277,19 +1277,7 @@ pub fn failover(
 ) -> Result<FailoverRun, MirrorError> {
     let payload = 4096usize;
     let port = |p: u16| format!("127.0.0.1:{p}");
-    let free = || -> Result<u16, MirrorError> {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| MirrorError::Io {
-            context: "finding a free port".into(),
-            source,
-        })?;
-        Ok(l.local_addr()
-            .map_err(|source| MirrorError::Io {
-                context: "finding a free port".into(),
-                source,
-            })?
-            .port())
-    };
-    let ports = [free()?, free()?];
+    let ports = [free_loopback_port()?, free_loopback_port()?];
     let open = |i: usize, role: &str| -> Result<Mirror, MirrorError> {
         let name = ["a", "b"][i];
         let mut b = ConfigBuilder::new();
@@ -1802,4 +1790,83 @@ pub fn beyond_the_queue(
         outage_write_max_us,
         dirty_chunks_at_return: dirty_at_return,
     })
+}
+
+/// A loopback port that was free a moment ago, for a node to listen on. (Another process may
+/// take it before the node binds; the tests and the demo accept that small race.) Drawn at
+/// random from below the kernel's ephemeral range: every outgoing connection on the machine
+/// takes its local port from that range, as `bind` to port 0 does, so a port found that way
+/// can go to some connection before the node binds it (a test run beside busy benchmarks saw
+/// "Address already in use"); below it only another listener can take it.
+pub fn free_loopback_port() -> Result<u16, MirrorError> {
+    let io = |source| MirrorError::Io {
+        context: "finding a free loopback port".into(),
+        source,
+    };
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if let Some(span) = ephemeral_start
+        .checked_sub(FIRST_CHOSEN_PORT)
+        .filter(|&n| n >= 1000)
+    {
+        let mut draw = port_draw_seed();
+        for _ in 0..64 {
+            // xorshift64: cheap, and seeded per call, so parallel callers draw apart.
+            draw ^= draw << 13;
+            draw ^= draw >> 7;
+            draw ^= draw << 17;
+            let port = FIRST_CHOSEN_PORT + (draw % u64::from(span)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    Ok(listener.local_addr().map_err(io)?.port())
+}
+
+/// The lowest port [`free_loopback_port`] draws: above the well-known and most services' ports.
+const FIRST_CHOSEN_PORT: u16 = 10_000;
+
+/// Differs per process, per call and over time (never zero: xorshift would stay at zero).
+fn port_draw_seed() -> u64 {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Relaxed: only a distinct number per call is wanted, no ordering with other memory.
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(std::process::id()) << 32) ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_come_from_below_the_ephemeral_range_and_can_be_bound() {
+        let Some(ephemeral_start) =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .ok()
+                .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        else {
+            return; // Not Linux: nothing to compare with.
+        };
+        if ephemeral_start < FIRST_CHOSEN_PORT + 1000 {
+            return; // No room below the range: the kernel's choice is the fallback.
+        }
+        let ports: Vec<u16> = (0..50).map(|_| free_loopback_port().unwrap()).collect();
+        for &port in &ports {
+            assert!(
+                (FIRST_CHOSEN_PORT..ephemeral_start).contains(&port),
+                "port {port} is outside {FIRST_CHOSEN_PORT}..{ephemeral_start}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert!(distinct.len() > 40, "draws repeat: {ports:?}");
+        let port = free_loopback_port().unwrap();
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    }
 }

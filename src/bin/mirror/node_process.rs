@@ -191,15 +191,10 @@ pub fn wait_until<N: BorrowMut<NodeProcess>>(
     }
 }
 
-/// A loopback port that was free a moment ago, for a backup to listen on. (Another process may
-/// take it before the backup binds; the tests and the demo accept that small race.)
+/// A loopback port that was free a moment ago, for a node to listen on (the library's choice,
+/// shared with its benchmarks).
 pub fn free_loopback_port() -> Result<u16, MirrorError> {
-    let io = |source| MirrorError::Io {
-        context: "finding a free loopback port".into(),
-        source,
-    };
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
-    Ok(listener.local_addr().map_err(io)?.port())
+    mirror::bench::free_loopback_port()
 }
 
 /// The reader thread: until the child closes its stdout, records each line as the latest of its
