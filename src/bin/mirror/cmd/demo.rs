@@ -24,9 +24,11 @@ pub struct DemoArgs {
     /// Working directory for the region and queue files (default: a new directory under /tmp)
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Region size
-    #[arg(long, default_value = "16MiB")]
-    region_size: String,
+    /// Region size [default: 16MiB, or four phases' bytes (--writes × --write-size) when
+    /// that is more]; at least four phases' bytes, so that replaying an outage has a full copy
+    /// of the region to be compared with
+    #[arg(long)]
+    region_size: Option<String>,
     /// Bytes per write
     #[arg(long, default_value = "64")]
     write_size: String,
@@ -65,8 +67,8 @@ pub fn run(a: &DemoArgs) -> CliResult {
         let (key, value) = split_set(pair)?;
         probe.set(key, value)?;
     }
-    let region_size = parse_size_arg(&a.region_size)?;
     let write_size = parse_size_arg(&a.write_size)?;
+    let (region_size, queue_size) = demo_sizes(a, write_size)?;
     Workload::new(1, write_size as usize, region_size).map_err(usage)?;
     let dir = match &a.dir {
         Some(d) => {
@@ -86,7 +88,7 @@ pub fn run(a: &DemoArgs) -> CliResult {
             d
         }
     };
-    let result = run_in(a, &dir, region_size, write_size);
+    let result = run_in(a, &dir, region_size, queue_size, write_size);
     if a.keep || result.as_ref().map_or(true, |c| *c != ExitCode::SUCCESS) {
         println!("files kept in {}", dir.display());
     } else {
@@ -95,8 +97,63 @@ pub fn run(a: &DemoArgs) -> CliResult {
     result
 }
 
+/// The region's size when none is given.
+const DEFAULT_REGION: u64 = 16 << 20;
+/// Each node's queue, at least.
+const DEFAULT_QUEUE: u64 = 64 << 20;
+/// Phases of writes the region and the queue hold at least: an outage writes `--writes`, and
+/// its records must fit the queue (a primary folds them into its bitmap at three quarters full)
+/// and their catch-up be smaller than the region, for the checks to be about the engine rather
+/// than about the sizes.
+const PHASES_HELD: u64 = 4;
+/// An outage also goes on while the demo notices it and the backup restarts (about 0.1 s: a
+/// degraded primary wrote 15 152 records of 4 KiB in 93 ms on a 2-core VM): the region and the
+/// queues hold this long of writes more, at up to `FAST_BYTES_PER_S` or `FAST_WRITES_PER_S`.
+const OVERRUN_S: f64 = 0.25;
+const FAST_BYTES_PER_S: f64 = 1e9;
+const FAST_WRITES_PER_S: f64 = 5e5;
+
+/// The region's and the queues' sizes for `--writes` writes of `write_size` bytes per phase.
+fn demo_sizes(a: &DemoArgs, write_size: u64) -> Result<(u64, u64), MirrorError> {
+    let round_up_to_mib = |bytes: u64| bytes.div_ceil(1 << 20) << 20;
+    let overrun =
+        |item: u64| (OVERRUN_S * FAST_BYTES_PER_S.min(FAST_WRITES_PER_S * item as f64)) as u64;
+    let phases = PHASES_HELD.saturating_mul(a.writes);
+    let region_needs = phases
+        .saturating_mul(write_size)
+        .saturating_add(overrun(write_size));
+    let region = match &a.region_size {
+        None => DEFAULT_REGION.max(round_up_to_mib(region_needs)),
+        Some(given) => {
+            let region = parse_size_arg(given)?;
+            if region < region_needs {
+                return Err(usage(format!(
+                    "--region-size {given} is less than an outage of --writes {} × --write-size {write_size} could write ({region_needs} bytes with the demo's margins): its catch-up could not be compared with a full copy of the region; give at least {}MiB, or fewer --writes",
+                    a.writes,
+                    round_up_to_mib(region_needs) >> 20
+                )));
+            }
+            region
+        }
+    };
+    // A record is its payload, a header and up to 7 bytes of padding.
+    let record = write_size + mirror_storage::RECORD_HEADER_BYTES + 7;
+    let queue = DEFAULT_QUEUE.max(round_up_to_mib(
+        phases
+            .saturating_mul(record)
+            .saturating_add(overrun(record)),
+    ));
+    Ok((region, queue))
+}
+
 /// The five steps, with the nodes' files in `dir`.
-fn run_in(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliResult {
+fn run_in(
+    a: &DemoArgs,
+    dir: &Path,
+    region_size: u64,
+    queue_size: u64,
+    write_size: u64,
+) -> CliResult {
     let port = free_loopback_port()?;
     let addr = format!("127.0.0.1:{port}");
     let p = |name: &str| dir.join(name).display().to_string();
@@ -109,7 +166,7 @@ fn run_in(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliRes
             "--queue".into(),
             p(queue),
             "--queue-size".into(),
-            "64MiB".into(),
+            queue_size.to_string(),
         ];
         v.extend(["--transport".to_string(), a.transport.clone()]);
         for kv in &a.set {
@@ -159,7 +216,7 @@ fn run_in(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliRes
     } else {
         "TCP loopback"
     };
-    println!("libmirror demo: primary + backup on {addr} ({link}), region {region_size} bytes, {write_size}-byte writes");
+    println!("libmirror demo: primary + backup on {addr} ({link}), region {region_size} bytes, queues of {queue_size} bytes, {write_size}-byte writes");
     println!("files in {}", dir.display());
 
     println!("\n1. start the backup and the primary; mirror {n} writes synchronously");
@@ -336,7 +393,15 @@ fn run_in(a: &DemoArgs, dir: &Path, region_size: u64, write_size: u64) -> CliRes
     let st = stop(&mut backup, Duration::from_secs(20))?;
     check.check(st.success(), format!("backup stopped cleanly ({st})"));
     check_regions(dir, &completions, write_size, region_size, &mut check)?;
-    failover_act(a, dir, region_size, write_size, &completions, &mut check)?;
+    failover_act(
+        a,
+        dir,
+        region_size,
+        queue_size,
+        write_size,
+        &completions,
+        &mut check,
+    )?;
 
     // The primary's last line (of step 5): "done writes=.. samples=.. p50_us=..".
     let f = |k: &str| primary.get("done", k).unwrap_or_default();
@@ -367,6 +432,7 @@ fn failover_act(
     a: &DemoArgs,
     dir: &Path,
     region_size: u64,
+    queue_size: u64,
     write_size: u64,
     completions: &Path,
     check: &mut Checklist,
@@ -385,7 +451,7 @@ fn failover_act(
             "--queue".into(),
             p(&format!("{files}.queue")),
             "--queue-size".into(),
-            "64MiB".into(),
+            queue_size.to_string(),
             "--transport".into(),
             a.transport.clone(),
             "--listen".into(),
