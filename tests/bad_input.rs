@@ -46,6 +46,25 @@ fn missing_and_bad_config_values_name_the_key() {
     assert_clean_error(st, &err, "region_size");
     let (st, _, err) = run(&["backup", "--config", "/nonexistent/mirror.toml"]);
     assert_clean_error(st, &err, "/nonexistent/mirror.toml");
+    // The workload's flags too: no writes in flight is no workload (it used to mean one).
+    let dir = tempfile::tempdir().unwrap();
+    let (region, queue) = (dir.path().join("r"), dir.path().join("q"));
+    let (st, _, err) = run(&[
+        "primary",
+        "--region",
+        region.to_str().unwrap(),
+        "--region-size",
+        "1MiB",
+        "--queue",
+        queue.to_str().unwrap(),
+        "--peer",
+        "127.0.0.1:1",
+        "--writes",
+        "10",
+        "--depth",
+        "0",
+    ]);
+    assert_clean_error(st, &err, "--depth 0");
 }
 
 #[test]

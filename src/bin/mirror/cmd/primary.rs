@@ -128,6 +128,11 @@ impl Writer {
     pub fn new(w: &WorkloadArgs, region_size: u64) -> Result<Writer, MirrorError> {
         let write_size = parse_size_arg(&w.write_size)? as usize;
         let workload = Workload::new(w.seed, write_size, region_size).map_err(usage)?;
+        if w.depth == 0 {
+            return Err(usage(
+                "--depth 0: writes in flight at once are at least 1 (1: synchronous write calls)",
+            ));
+        }
         let completions = match &w.completions {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -149,10 +154,10 @@ impl Writer {
             end_id: if w.writes == 0 {
                 u64::MAX
             } else {
-                w.start_id + w.writes
+                w.start_id.saturating_add(w.writes)
             },
             first_id: w.start_id,
-            depth: w.depth.max(1) as usize,
+            depth: w.depth as usize,
             rate: w.rate,
             started: Instant::now(),
             report_ms: w.report_ms,
