@@ -45,3 +45,17 @@ fn a_region_too_small_for_the_demos_writes_is_refused() {
     );
     assert!(out.is_empty(), "something ran: {out}");
 }
+
+#[test]
+fn writes_the_demo_cannot_hold_are_refused_naming_what_would_do() {
+    // 20 000 writes of 2 MiB per phase would need files of 160 GiB.
+    let (st, out, err) = run(&["demo", "--write-size", "2MiB"]);
+    assert!(!st.success(), "{out}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("give at most --writes"), "{err}");
+    assert!(out.is_empty(), "something ran: {out}");
+    let (st, out, err) = run(&["demo", "--write-size", "17MiB", "--writes", "1"]);
+    assert!(!st.success(), "{out}");
+    assert!(err.contains("at most 16 MiB"), "{err}");
+    assert!(out.is_empty(), "something ran: {out}");
+}

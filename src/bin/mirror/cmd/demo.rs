@@ -115,6 +115,13 @@ const FAST_WRITES_PER_S: f64 = 5e5;
 
 /// The region's and the queues' sizes for `--writes` writes of `write_size` bytes per phase.
 fn demo_sizes(a: &DemoArgs, write_size: u64) -> Result<(u64, u64), MirrorError> {
+    let largest = mirror_proto::wire::MAX_WRITE_LEN as u64;
+    if write_size > largest {
+        return Err(usage(format!(
+            "--write-size {write_size}: a write is at most {} MiB",
+            largest >> 20
+        )));
+    }
     let round_up_to_mib = |bytes: u64| bytes.div_ceil(1 << 20) << 20;
     let overrun =
         |item: u64| (OVERRUN_S * FAST_BYTES_PER_S.min(FAST_WRITES_PER_S * item as f64)) as u64;
@@ -143,8 +150,21 @@ fn demo_sizes(a: &DemoArgs, write_size: u64) -> Result<(u64, u64), MirrorError> 
             .saturating_mul(record)
             .saturating_add(overrun(record)),
     ));
+    if region.max(queue) > DEMO_FILE_MAX {
+        let fitting = (DEMO_FILE_MAX - overrun(record)) / (PHASES_HELD * record);
+        return Err(usage(format!(
+            "--writes {} of --write-size {write_size} would need a region of {} MiB and queues of {} MiB (the demo's files stay within {} GiB each): give at most --writes {fitting}",
+            a.writes,
+            region >> 20,
+            queue >> 20,
+            DEMO_FILE_MAX >> 30
+        )));
+    }
     Ok((region, queue))
 }
+
+/// The largest region or queue file the demo makes (in its directory, under /tmp by default).
+const DEMO_FILE_MAX: u64 = 4 << 30;
 
 /// The five steps, with the nodes' files in `dir`.
 fn run_in(
@@ -167,6 +187,10 @@ fn run_in(
             p(queue),
             "--queue-size".into(),
             queue_size.to_string(),
+            // Writes above the default limit (1 MiB) are allowed up to theirs (a `--set` of
+            // the user's, after it, still wins).
+            "--set".into(),
+            format!("max_write={}", write_size.max(1 << 20)),
         ];
         v.extend(["--transport".to_string(), a.transport.clone()]);
         for kv in &a.set {
@@ -452,6 +476,8 @@ fn failover_act(
             p(&format!("{files}.queue")),
             "--queue-size".into(),
             queue_size.to_string(),
+            "--set".into(),
+            format!("max_write={}", write_size.max(1 << 20)),
             "--transport".into(),
             a.transport.clone(),
             "--listen".into(),
