@@ -109,20 +109,40 @@ fn listed_sizes(list: &[String]) -> Result<Vec<usize>, MirrorError> {
 /// 64 KiB chunk (the bitmap figures).
 const RECOVERY_REGION_MIN: u64 = 4 << 10;
 const RESYNC_REGION_MIN: u64 = 64 << 10;
+/// The nodes' `max_write` unless set (the config's default for their 64 MiB queues).
+const DEFAULT_MAX_WRITE: usize = 1 << 20;
 
 /// Refuses what would make a section measure nothing, divide by zero or print a verdict from
 /// no samples, before anything runs: a flag that skips a section says so (0 or "").
 fn check_args(a: &BenchArgs) -> Result<(), MirrorError> {
+    // The benchmark's nodes take writes up to their `max_write`: its default, or a `--set`.
+    let mut max_write = DEFAULT_MAX_WRITE;
+    for pair in &a.set {
+        if let ("max_write", value) = split_set(pair)? {
+            max_write = parse_size_arg(value)?.min(MAX_WRITE_LEN as u64) as usize;
+        }
+    }
     let write_sizes = |flag: &str, list: &[String]| -> Result<bool, MirrorError> {
         let sizes = listed_sizes(list)?;
-        if let Some(bad) = sizes.iter().find(|&&n| n == 0 || n > MAX_WRITE_LEN) {
+        if let Some(bad) = sizes.iter().find(|&&n| n == 0 || n > max_write) {
             return Err(usage(format!(
-                "{flag} {bad}: a write is 1 byte to {} MiB",
+                "{flag} {bad}: a write is 1 byte to the nodes' max_write, {max_write} bytes (--set max_write=... raises it, to {} MiB at most)",
                 MAX_WRITE_LEN >> 20
             )));
         }
         Ok(!sizes.is_empty())
     };
+    if a.c_api_iterations > 0 {
+        // The C API's pair is configured through the C API, with the default limit.
+        if let Some(bad) = listed_sizes(&a.sizes)?
+            .into_iter()
+            .find(|&n| n > DEFAULT_MAX_WRITE)
+        {
+            return Err(usage(format!(
+                "--sizes {bad}: the C API's figures take writes of up to {DEFAULT_MAX_WRITE} bytes (--c-api-iterations 0 skips them)"
+            )));
+        }
+    }
     let at_least_one = |flag: &str, n: u64, why: &str| {
         if n == 0 {
             return Err(usage(format!("{flag} must be at least 1 ({why})")));
