@@ -172,6 +172,9 @@ pub struct Config {
     pub crash_before_apply_seq: Option<u64>,
 }
 
+/// `max_write` when unset (and the queue holds four such records).
+pub const DEFAULT_MAX_WRITE: u64 = 1 << 20;
+
 /// Keys accepted by [`ConfigBuilder::set`], with their meaning (for `--help` and docs).
 pub const KEYS: &[(&str, &str)] = &[
     ("role", "primary | backup"),
@@ -676,7 +679,9 @@ impl ConfigBuilder {
         }
         let max_write_cap = (queue_size / 4).min(mirror_proto::wire::MAX_WRITE_LEN as u64);
         // Unset: 1 MiB, or less when a small queue cannot hold records that large.
-        let max_write = self.max_write.unwrap_or((1 << 20).min(max_write_cap));
+        let max_write = self
+            .max_write
+            .unwrap_or(DEFAULT_MAX_WRITE.min(max_write_cap));
         if max_write == 0 || max_write > max_write_cap {
             return Err(bad(
                 "max_write",

@@ -109,8 +109,8 @@ fn listed_sizes(list: &[String]) -> Result<Vec<usize>, MirrorError> {
 /// 64 KiB chunk (the bitmap figures).
 const RECOVERY_REGION_MIN: u64 = 4 << 10;
 const RESYNC_REGION_MIN: u64 = 64 << 10;
-/// The nodes' `max_write` unless set (the config's default for their 64 MiB queues).
-const DEFAULT_MAX_WRITE: usize = 1 << 20;
+/// The nodes' `max_write` unless set (their 64 MiB queues hold the config's default).
+const DEFAULT_MAX_WRITE: usize = mirror::config::DEFAULT_MAX_WRITE as usize;
 
 /// Refuses what would make a section measure nothing, divide by zero or print a verdict from
 /// no samples, before anything runs: a flag that skips a section says so (0 or "").

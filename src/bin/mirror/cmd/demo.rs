@@ -11,6 +11,7 @@ use std::process::{Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use mirror::config::DEFAULT_MAX_WRITE;
 use mirror::workload::Workload;
 use mirror::{ConfigBuilder, MirrorError};
 
@@ -190,7 +191,7 @@ fn run_in(
             // Writes above the default limit (1 MiB) are allowed up to theirs (a `--set` of
             // the user's, after it, still wins).
             "--set".into(),
-            format!("max_write={}", write_size.max(1 << 20)),
+            format!("max_write={}", write_size.max(DEFAULT_MAX_WRITE)),
         ];
         v.extend(["--transport".to_string(), a.transport.clone()]);
         for kv in &a.set {
@@ -477,7 +478,7 @@ fn failover_act(
             "--queue-size".into(),
             queue_size.to_string(),
             "--set".into(),
-            format!("max_write={}", write_size.max(1 << 20)),
+            format!("max_write={}", write_size.max(DEFAULT_MAX_WRITE)),
             "--transport".into(),
             a.transport.clone(),
             "--listen".into(),
