@@ -1803,10 +1803,7 @@ pub fn free_loopback_port() -> Result<u16, MirrorError> {
         context: "finding a free loopback port".into(),
         source,
     };
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
+    let ephemeral_start = ephemeral_port_start().unwrap_or(32768);
     if let Some(span) = ephemeral_start
         .checked_sub(FIRST_CHOSEN_PORT)
         .filter(|&n| n >= 1000)
@@ -1825,6 +1822,12 @@ pub fn free_loopback_port() -> Result<u16, MirrorError> {
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
     Ok(listener.local_addr().map_err(io)?.port())
+}
+
+/// The first port of the kernel's ephemeral range (Linux's `ip_local_port_range`), if known.
+fn ephemeral_port_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// The lowest port [`free_loopback_port`] draws: above the well-known and most services' ports.
@@ -1847,11 +1850,7 @@ mod tests {
 
     #[test]
     fn free_ports_come_from_below_the_ephemeral_range_and_can_be_bound() {
-        let Some(ephemeral_start) =
-            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-                .ok()
-                .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        else {
+        let Some(ephemeral_start) = ephemeral_port_start() else {
             return; // Not Linux: nothing to compare with.
         };
         if ephemeral_start < FIRST_CHOSEN_PORT + 1000 {

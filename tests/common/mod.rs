@@ -76,7 +76,7 @@ pub fn failover_node(
 }
 
 pub fn free_port() -> u16 {
-    node_process::free_loopback_port().expect("a free loopback port")
+    mirror::bench::free_loopback_port().expect("a free loopback port")
 }
 
 /// A child `mirror` process whose stdout lines are parsed as `kind key=value ...`: the harness

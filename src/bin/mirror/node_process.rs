@@ -191,12 +191,6 @@ pub fn wait_until<N: BorrowMut<NodeProcess>>(
     }
 }
 
-/// A loopback port that was free a moment ago, for a node to listen on (the library's choice,
-/// shared with its benchmarks).
-pub fn free_loopback_port() -> Result<u16, MirrorError> {
-    mirror::bench::free_loopback_port()
-}
-
 /// The reader thread: until the child closes its stdout, records each line as the latest of its
 /// kind.
 fn keep_latest_reports(stdout: ChildStdout, latest: &Mutex<LatestReports>) {

@@ -11,13 +11,14 @@ use std::process::{Command, ExitCode, ExitStatus};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use mirror::bench::free_loopback_port;
 use mirror::config::DEFAULT_MAX_WRITE;
 use mirror::workload::Workload;
 use mirror::{ConfigBuilder, MirrorError};
 
 use super::primary::read_completions;
 use super::shared::{parse_size_arg, split_set, usage, CliResult};
-use crate::node_process::{self, free_loopback_port, LogMode, NodeProcess, WaitError};
+use crate::node_process::{self, LogMode, NodeProcess, WaitError};
 
 /// The flags of `mirror demo`.
 #[derive(Args, Debug, Clone)]
