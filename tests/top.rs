@@ -47,11 +47,25 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
+        // The server leaves its socket file behind when killed: asked for its path first, so
+        // that a run of the tests leaves nothing in tmux's directory.
+        let socket = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.0)
+            .args(["display-message", "-p", "#{socket_path}"])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .filter(|path| !path.is_empty());
         let _ = Command::new("tmux")
             .arg("-L")
             .arg(&self.0)
             .arg("kill-server")
             .output();
+        if let Some(socket) = socket {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 
