@@ -54,6 +54,7 @@ cc -O2 -Wall -Wextra -Werror -o target/pingpong benches/pingpong.c
   --c-api-iterations 500 --power-writes 2000 --power-trials 1 --json > target/bench-smoke.json
 grep -q '"sync_latency"' target/bench-smoke.json
 grep -q '"floor_vs_reference_p50"' target/bench-smoke.json
+grep -q '"sync_latency_medians"' target/bench-smoke.json
 grep -q '"c_api"' target/bench-smoke.json
 grep -q '"targets"' target/bench-smoke.json
 grep -q '"failover"' target/bench-smoke.json

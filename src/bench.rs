@@ -54,6 +54,19 @@ impl Percentiles {
     }
 }
 
+/// The median of `values` (the mean of the middle two when their number is even); `None` when
+/// there are none.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
 fn spin_write(s: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {

@@ -341,8 +341,9 @@ fn bench_flags_that_would_measure_nothing_are_refused_before_anything_runs() {
     // Each case: flags on top of every section skipped but the one they concern, and a word the
     // error must name. Before the checks these divided by zero, aborted on a 1 TB allocation or
     // printed "met" for a latency of no writes.
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 15] = [
         (&["--sizes", "0"], "--sizes 0"),
+        (&["--sizes", "64", "--latency-runs", "0"], "--latency-runs"),
         (&["--sizes", "2MiB"], "max_write"),
         (&["--sizes", "64,999999999999"], "--sizes 999999999999"),
         (&["--sizes", "64", "--iterations", "0"], "--iterations"),

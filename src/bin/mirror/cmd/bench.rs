@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// Writes (and round trips) per size
     #[arg(long, default_value_t = 20_000)]
     iterations: usize,
+    /// Runs of the latency comparison, each with a fresh pair of nodes; the targets judge the
+    /// median of the runs' ratios (one run's p99 moves with this machine's own tail)
+    #[arg(long, default_value_t = 5)]
+    latency_runs: usize,
     /// Queue depths for pipelined throughput
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     depths: Vec<usize>,
@@ -153,6 +157,11 @@ fn check_args(a: &BenchArgs) -> Result<(), MirrorError> {
         at_least_one(
             "--iterations",
             a.iterations as u64,
+            "--sizes '' skips the latency",
+        )?;
+        at_least_one(
+            "--latency-runs",
+            a.latency_runs as u64,
             "--sizes '' skips the latency",
         )?;
     }
@@ -294,52 +303,122 @@ pub fn run(a: &BenchArgs) -> CliResult {
             say(format!("(node files in {})", dir.display()));
         }
         let mut latency = Vec::new();
-        let mut plot_series = Vec::new();
-        for &payload in &sizes {
-            let c =
-                bench::compare_sync_write(&pair, payload, a.iterations, a.reference.as_deref())?;
-            say(format!(
-                "{:>8} {:>10.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>11.1} {:>7.2} {:>7.2}",
-                payload,
-                c.floor.p50_us,
-                c.floor.p99_us,
-                c.floor.p999_us,
-                c.engine.p50_us,
-                c.engine.p99_us,
-                c.engine.p999_us,
-                c.ratio_p50(),
-                c.ratio_p99()
-            ));
-            if let (Some(r), Some(ratio)) = (c.reference, c.floor_vs_reference_p50()) {
+        // Per size (in `sizes`' order): every run's ratios, and its samples for the plot.
+        let mut ratios = vec![RunRatios::default(); sizes.len()];
+        let mut plot_samples = vec![(Vec::new(), Vec::new()); sizes.len()];
+        let runs = if sizes.is_empty() { 0 } else { a.latency_runs };
+        for run in 1..=runs {
+            if a.latency_runs > 1 {
                 say(format!(
-                    "{:>8} reference ping-pong (two processes): p50 {:.1} p99 {:.1} p99.9 {:.1}; floor p50 / reference p50 = {:.2} (within 10 %: {})",
-                    "",
-                    r.p50_us,
-                    r.p99_us,
-                    r.p999_us,
-                    ratio,
-                    met((0.9..=1.1).contains(&ratio))
+                    "run {run} of {} (a fresh pair of nodes)",
+                    a.latency_runs
                 ));
             }
-            say(format!(
-                "{:>8} first write after idle (pollers parked; one per block, not above): p50 {:.1} p99 {:.1} ({} writes)",
-                "",
-                c.after_idle.p50_us,
-                c.after_idle.p99_us,
-                c.after_idle.samples
-            ));
-            let mut v = serde_json::to_value(&c).unwrap_or_default();
-            if let Some(o) = v.as_object_mut() {
-                o.insert("ratio_p50".into(), c.ratio_p50().into());
-                o.insert("ratio_p99".into(), c.ratio_p99().into());
-                if let Some(ratio) = c.floor_vs_reference_p50() {
-                    o.insert("floor_vs_reference_p50".into(), ratio.into());
+            // The first run's pair goes on to the pipelined figures; the others close after it.
+            let fresh_dir = pair_dir.join(format!("run-{run}"));
+            let fresh = if run == 1 {
+                None
+            } else {
+                std::fs::create_dir_all(&fresh_dir).map_err(io("creating bench dir".into()))?;
+                Some(bench::LocalPair::open(&fresh_dir, 64 << 20, &extra_ref)?)
+            };
+            for (i, &payload) in sizes.iter().enumerate() {
+                let c = bench::compare_sync_write(
+                    fresh.as_ref().unwrap_or(&pair),
+                    payload,
+                    a.iterations,
+                    a.reference.as_deref(),
+                )?;
+                say(format!(
+                    "{:>8} {:>10.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>11.1} {:>7.2} {:>7.2}",
+                    payload,
+                    c.floor.p50_us,
+                    c.floor.p99_us,
+                    c.floor.p999_us,
+                    c.engine.p50_us,
+                    c.engine.p99_us,
+                    c.engine.p999_us,
+                    c.ratio_p50(),
+                    c.ratio_p99()
+                ));
+                if let (Some(r), Some(ratio)) = (c.reference, c.floor_vs_reference_p50()) {
+                    say(format!(
+                        "{:>8} reference ping-pong (two processes): p50 {:.1} p99 {:.1} p99.9 {:.1}; floor p50 / reference p50 = {:.2} (within 10 %: {})",
+                        "",
+                        r.p50_us,
+                        r.p99_us,
+                        r.p999_us,
+                        ratio,
+                        met((0.9..=1.1).contains(&ratio))
+                    ));
                 }
+                say(format!(
+                    "{:>8} first write after idle (pollers parked; one per block, not above): p50 {:.1} p99 {:.1} ({} writes)",
+                    "",
+                    c.after_idle.p50_us,
+                    c.after_idle.p99_us,
+                    c.after_idle.samples
+                ));
+                ratios[i].note(&c);
+                let mut v = serde_json::to_value(&c).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("run".into(), run.into());
+                    o.insert("ratio_p50".into(), c.ratio_p50().into());
+                    o.insert("ratio_p99".into(), c.ratio_p99().into());
+                    if let Some(ratio) = c.floor_vs_reference_p50() {
+                        o.insert("floor_vs_reference_p50".into(), ratio.into());
+                    }
+                }
+                latency.push(v);
+                plot_samples[i].0.extend_from_slice(&c.floor_ns);
+                plot_samples[i].1.extend_from_slice(&c.engine_ns);
             }
-            latency.push(v);
-            plot_series.push((format!("floor {payload} B"), c.floor_ns.clone()));
-            plot_series.push((format!("sync write {payload} B"), c.engine_ns.clone()));
+            if let Some(fresh) = fresh {
+                fresh.primary.close()?;
+                fresh.backup.close()?;
+                drop(fresh);
+                let _ = std::fs::remove_dir_all(&fresh_dir);
+            }
         }
+        let mut plot_series = Vec::new();
+        for (&payload, (mut floor_ns, mut engine_ns)) in sizes.iter().zip(plot_samples) {
+            floor_ns.sort_unstable();
+            engine_ns.sort_unstable();
+            plot_series.push((format!("floor {payload} B"), floor_ns));
+            plot_series.push((format!("sync write {payload} B"), engine_ns));
+        }
+        if a.latency_runs > 1 && !sizes.is_empty() {
+            say(format!(
+                "medians of the {} runs (the targets judge these; each run's in brackets)",
+                a.latency_runs
+            ));
+            for (&payload, r) in sizes.iter().zip(&ratios) {
+                say(format!(
+                    "{payload:>8} x p50 {} [{}]; x p99 {} [{}]",
+                    shown_median(&r.p50),
+                    listed(&r.p50),
+                    shown_median(&r.p99),
+                    listed(&r.p99)
+                ));
+            }
+        }
+        let medians: Vec<serde_json::Value> = sizes
+            .iter()
+            .zip(&ratios)
+            .map(|(&payload, r)| {
+                serde_json::json!({
+                    "payload": payload,
+                    "runs": r.p50.len(),
+                    "ratio_p50": bench::median(&r.p50),
+                    "ratio_p99": bench::median(&r.p99),
+                    "floor_vs_reference_p50": bench::median(&r.floor_vs_reference),
+                    "ratio_p50_each_run": r.p50,
+                    "ratio_p99_each_run": r.p99,
+                    "floor_vs_reference_p50_each_run": r.floor_vs_reference,
+                })
+            })
+            .collect();
+        report.insert("sync_latency_medians".into(), medians.into());
         report.insert("sync_latency".into(), latency.into());
         // 1b. The C API next to the Rust API, on the same node.
         if a.c_api_iterations > 0 && !sizes.is_empty() {
@@ -692,12 +771,12 @@ pub fn run(a: &BenchArgs) -> CliResult {
         say(String::new());
         say("targets (ratios from this run)".into());
         say(format!(
-            "{:<52} {:>12} {:>14} {:>20}",
+            "{:<52} {:>19} {:>14} {:>20}",
             "figure", "measured", "target", "verdict"
         ));
         for r in &rows {
             say(format!(
-                "{:<52} {:>12} {:>14} {:>20}",
+                "{:<52} {:>19} {:>14} {:>20}",
                 r.figure, r.measured, r.target, r.verdict
             ));
         }
@@ -803,6 +882,34 @@ fn met(yes: bool) -> &'static str {
     }
 }
 
+/// One size's ratios over the latency runs.
+#[derive(Clone, Default)]
+struct RunRatios {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    floor_vs_reference: Vec<f64>,
+}
+
+impl RunRatios {
+    fn note(&mut self, c: &mirror::bench::Comparison) {
+        self.p50.push(c.ratio_p50());
+        self.p99.push(c.ratio_p99());
+        self.floor_vs_reference.extend(c.floor_vs_reference_p50());
+    }
+}
+
+fn shown_median(values: &[f64]) -> String {
+    mirror::bench::median(values).map_or("-".into(), |m| format!("{m:.2}"))
+}
+
+fn listed(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One row of the targets table.
 #[derive(serde::Serialize)]
 struct TargetRow {
@@ -841,18 +948,26 @@ fn targets(report: &serde_json::Map<String, serde_json::Value>) -> Vec<TargetRow
             verdict,
         });
     };
-    let latency = list("sync_latency");
+    // The latency rows judge the median over the runs (`--latency-runs`).
+    let latency = list("sync_latency_medians");
     let at = |payload: u64| {
         latency
             .iter()
             .find(|v| v.get("payload").and_then(Value::as_u64) == Some(payload))
             .cloned()
     };
+    let over_runs = match latency
+        .first()
+        .and_then(|v| v.get("runs").and_then(Value::as_u64))
+    {
+        Some(runs) if runs > 1 => format!(" (median of {runs})"),
+        _ => String::new(),
+    };
     for (payload, limit) in [(64u64, 1.10), (4096, 1.10), (65536, 1.3)] {
         let ratio = at(payload).and_then(|v| num(&v, "ratio_p50"));
         row(
             format!("sync write p50 / floor, {payload} B"),
-            ratio.map(|x| (x, format!("{x:.2}x"))),
+            ratio.map(|x| (x, format!("{x:.2}x{over_runs}"))),
             &format!("<= {limit:.2}x"),
             &|x| x <= limit,
             "not run (--sizes)",
@@ -862,7 +977,7 @@ fn targets(report: &serde_json::Map<String, serde_json::Value>) -> Vec<TargetRow
         let ratio = at(payload).and_then(|v| num(&v, "ratio_p99"));
         row(
             format!("sync write p99 / floor, {payload} B"),
-            ratio.map(|x| (x, format!("{x:.2}x"))),
+            ratio.map(|x| (x, format!("{x:.2}x{over_runs}"))),
             "<= 1.50x",
             &|x| x <= 1.5,
             "not run (--sizes)",
@@ -872,7 +987,7 @@ fn targets(report: &serde_json::Map<String, serde_json::Value>) -> Vec<TargetRow
         let ratio = at(payload).and_then(|v| num(&v, "floor_vs_reference_p50"));
         row(
             format!("floor p50 / reference ping-pong p50, {payload} B"),
-            ratio.map(|x| (x, format!("{x:.2}"))),
+            ratio.map(|x| (x, format!("{x:.2}{over_runs}"))),
             "0.90 .. 1.10",
             &|x| (0.9..=1.1).contains(&x),
             "not run (--reference)",
