@@ -8,8 +8,9 @@
 //! through the completion, the caller's return and its next submission. Every
 //! [`ROUNDS_PER_REPORT`] rounds a thread prints the median of each point to stderr, in round
 //! order, so the difference between two neighbours is the median cost of the step between
-//! them. The stamps cost something themselves (docs/PERFORMANCE.md has what they added to a
-//! run's latency, their figures and the command).
+//! them; then each point's p99, where a step that makes the tail shows as a jump. The stamps
+//! cost something themselves (docs/PERFORMANCE.md has what they added to a run's latency,
+//! their figures and the command).
 //!
 //! Only the TCP transport in the clear stamps its receives and sends (not TLS, not RDMA).
 
@@ -132,15 +133,15 @@ mod imp {
             }
         }
 
-        /// The median of the samples of the point at `index`, in µs (the upper edge of its
-        /// bucket).
-        fn median_us(&self, index: usize) -> f64 {
+        /// The `q` quantile (0.5: the median) of the samples of the point at `index`, in µs
+        /// (the upper edge of its bucket).
+        fn quantile_us(&self, index: usize, q: f64) -> f64 {
             let counts = &self.counts[index];
-            let half = self.samples[index].div_ceil(2);
+            let wanted = ((self.samples[index] as f64 * q).ceil() as usize).max(1);
             let mut seen = 0usize;
             for (bucket, &n) in counts.iter().enumerate() {
                 seen += n as usize;
-                if seen >= half {
+                if seen >= wanted {
                     return ((bucket as u64 + 1) * BUCKET_NS) as f64 / 1000.0;
                 }
             }
@@ -195,8 +196,16 @@ mod imp {
                 if samples == 0 {
                     continue;
                 }
-                let median = histograms.median_us(index);
+                let median = histograms.quantile_us(index, 0.5);
                 let _ = write!(line, " {label} {median:.2} (n={samples})");
+            }
+            // The tail too: where a round's p99 grows is the step that makes the write's.
+            let _ = write!(line, "; p99:");
+            for (index, label) in LABELS.iter().enumerate() {
+                if histograms.samples[index] > 0 {
+                    let p99 = histograms.quantile_us(index, 0.99);
+                    let _ = write!(line, " {label} {p99:.2}");
+                }
             }
             *histograms = Histograms::new();
             eprintln!("{line}");
