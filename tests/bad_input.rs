@@ -291,25 +291,7 @@ fn verify_lists_the_chunks_that_differ() {
 /// would run it; the RDMA rows without the `rdma` feature are a clear error, not a silent skip.
 #[test]
 fn bench_sections_skip_on_empty_lists_and_rdma_needs_its_feature() {
-    let off = [
-        "bench",
-        "--sizes",
-        "",
-        "--pipelined-sizes",
-        "",
-        "--power-writes",
-        "0",
-        "--recovery-regions",
-        "",
-        "--resync-region",
-        "",
-        "--failover-rounds",
-        "0",
-        "--security-iterations",
-        "0",
-        "--c-api-iterations",
-        "0",
-    ];
+    let off = bench_args(&[]);
     let (st, out, err) = run(&off);
     assert!(st.success(), "{err}");
     assert!(!out.contains("sync write latency vs"), "{out}");
@@ -377,27 +359,7 @@ fn bench_flags_that_would_measure_nothing_are_refused_before_anything_runs() {
         ),
     ];
     for (flags, needle) in cases {
-        let mut args = vec![
-            "bench",
-            "--security-iterations",
-            "0",
-            "--c-api-iterations",
-            "0",
-        ];
-        for (flag, off) in [
-            ("--sizes", ""),
-            ("--pipelined-sizes", ""),
-            ("--power-writes", "0"),
-            ("--recovery-regions", ""),
-            ("--resync-region", ""),
-            ("--failover-rounds", "0"),
-        ] {
-            if !flags.contains(&flag) {
-                args.extend([flag, off]);
-            }
-        }
-        args.extend(flags);
-        let (st, out, err) = run(&args);
+        let (st, out, err) = run(&bench_args(flags));
         assert_clean_error(st, &err, needle);
         assert!(err.contains("bad command line"), "{flags:?}: {err}");
         assert!(out.is_empty(), "{flags:?}: something ran: {out}");

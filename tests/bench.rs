@@ -1,10 +1,8 @@
 //! `mirror bench`'s latency over several runs: each run a fresh pair of nodes, and the targets
 //! judged on the median of the runs' ratios (one run's p99 moves with the machine's own tail).
 
-use std::process::Command;
-
 mod common;
-use common::BIN;
+use common::{bench_args, run};
 
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
@@ -19,39 +17,17 @@ fn median(values: &[f64]) -> f64 {
 
 #[test]
 fn the_latency_targets_judge_the_median_of_the_runs() {
-    let out = Command::new(BIN)
-        .args([
-            "bench",
-            "--sizes",
-            "64,4096",
-            "--iterations",
-            "200",
-            "--latency-runs",
-            "3",
-            "--pipelined-sizes",
-            "",
-            "--power-writes",
-            "0",
-            "--recovery-regions",
-            "",
-            "--resync-region",
-            "",
-            "--failover-rounds",
-            "0",
-            "--security-iterations",
-            "0",
-            "--c-api-iterations",
-            "0",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (st, out, err) = run(&bench_args(&[
+        "--sizes",
+        "64,4096",
+        "--iterations",
+        "200",
+        "--latency-runs",
+        "3",
+        "--json",
+    ]));
+    assert!(st.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
 
     // Every run's comparison is kept, numbered.
     let each = report["sync_latency"].as_array().unwrap();

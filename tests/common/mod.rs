@@ -232,6 +232,28 @@ pub fn run(args: &[&str]) -> (ExitStatus, String, String) {
     )
 }
 
+/// `mirror bench` with every section skipped but those `flags` name, then `flags` themselves:
+/// each test runs only the section it is about.
+pub fn bench_args<'a>(flags: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["bench"];
+    for (flag, off) in [
+        ("--sizes", ""),
+        ("--pipelined-sizes", ""),
+        ("--power-writes", "0"),
+        ("--recovery-regions", ""),
+        ("--resync-region", ""),
+        ("--failover-rounds", "0"),
+        ("--security-iterations", "0"),
+        ("--c-api-iterations", "0"),
+    ] {
+        if !flags.contains(&flag) {
+            args.extend([flag, off]);
+        }
+    }
+    args.extend(flags);
+    args
+}
+
 /// Ids listed in a completions file (a cut last line is ignored).
 pub fn read_completions(path: &Path) -> Vec<u64> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
