@@ -221,9 +221,10 @@ for _ in \$(seq 600); do kill -0 \$pid 2>/dev/null || break; sleep 0.1; done" 30
 
 # Checks each machine's region as it is on its disk against the completions (on the host: they
 # survived every cut; a later write of the same slot counts) and compares the two regions. Sets
-# lost=1 when a completed write is missing; returns 0 when none is and the regions are identical.
+# lost=1 when a completed write is missing (the check ran and said so: a machine that could not
+# run it, 124, is no evidence either way); returns 0 when none is and the regions are identical.
 check_regions() {
-  local d ok=0 m sums=()
+  local d ok=0 m rc sums=()
   d=$(files_dir)
   # Whatever still runs (a pair that could not finish) stops first: the files must hold still.
   for m in a b; do
@@ -234,11 +235,13 @@ pkill -KILL -f '$mirror (primary|backup) '; exit 0" 60 >/dev/null || true
   cp "$lab/a/share/completions" "$lab/b/share/completions"
   lab_say "$(wc -l <"$lab/a/share/completions") completed writes logged; checking both regions"
   for m in a b; do
-    if ! lab_run "$m" "sync; $mirror check-workload $d/region --completions /run/lab/completions \
---write-size $WRITE_SIZE" 300 >"$lab/$m/share/check.txt" 2>&1; then
+    rc=0
+    lab_run "$m" "sync; $mirror check-workload $d/region --completions /run/lab/completions \
+--write-size $WRITE_SIZE" 300 >"$lab/$m/share/check.txt" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then
       lab_say "machine $m: $(tail -3 "$lab/$m/share/check.txt" | tr '\n' ' ')"
       ok=1
-      lost=1
+      [ "$rc" = 124 ] || lost=1
     fi
     sums+=("$(lab_run "$m" "sha256sum $d/region 2>/dev/null || echo missing" 120 | cut -d' ' -f1)")
   done
@@ -298,10 +301,13 @@ power_cuts() {
   fi
   # The regions are checked in every case: a pair that could not go on (a node that refuses its
   # damaged files after the cut) still shows what its disks kept.
+  local hung=
   if check_regions && [ "$finished" = 1 ]; then
     verdict="no completed write lost, regions identical"
   elif [ "$lost" = 1 ]; then
     verdict="LOSS: completed writes missing${verdict:+ ($verdict)}"
+  elif hung=$(lab_hung_console a || lab_hung_console b); then
+    verdict="NO VERDICT: the emulated disk hung ($hung; the guest kernel's tasks blocked on I/O), not a finding about the engine: see $run_dir"
   else
     verdict="FAILED${verdict:+: $verdict}: see $run_dir"
   fi
@@ -316,13 +322,28 @@ power_cuts() {
       lab_clean "$run_dir"
       return 0
     fi
+    [ -n "$hung" ] && return 75
     lab_say "negative control: NO LOSS CAUGHT: the harness is broken ($run_dir kept)"
     return 1
   fi
   case $verdict in
     no\ completed*) lab_clean "$run_dir"; return 0 ;;
+    NO\ VERDICT*) lab_say "kept $run_dir"; return 75 ;;
     *) lab_say "kept $run_dir"; return 1 ;;
   esac
+}
+
+# power_cuts, once more when the emulation failed the first run (an emulated disk hung: status
+# 75, no verdict on the engine either way); a second such run fails.
+power_cuts_again_if_no_verdict() {
+  local rc=0
+  power_cuts "$@" || rc=$?
+  if [ "$rc" = 75 ]; then
+    lab_say "no verdict (the emulation failed, not the engine): that campaign once more"
+    rc=0
+    power_cuts "$@" || rc=$?
+  fi
+  return "$rc"
 }
 
 # The installed library across the machines: the rdma build installed into a prefix
@@ -505,7 +526,7 @@ build_mirror
 
 case $scenario in
   power-cuts)
-    power_cuts "$mode" "$victim" "$cuts"
+    power_cuts_again_if_no_verdict "$mode" "$victim" "$cuts"
     ;;
   drbd)
     drbd_compare "$sizes" "$depths" 1
@@ -521,19 +542,19 @@ case $scenario in
   rdma)
     rdma_figures
     transport=rdma
-    power_cuts power primary 1
+    power_cuts_again_if_no_verdict power primary 1
     transport=rdma
-    power_cuts power backup 1
+    power_cuts_again_if_no_verdict power backup 1
     ;;
   campaign)
     [ "$cuts" = 3 ] && cuts=20
     rc=0
     for mode in power pmem; do
       for victim in primary backup both; do
-        power_cuts "$mode" "$victim" "$cuts" || rc=1
+        power_cuts_again_if_no_verdict "$mode" "$victim" "$cuts" || rc=1
       done
     done
-    power_cuts process both 1 || rc=1
+    power_cuts_again_if_no_verdict process both 1 || rc=1
     exit $rc
     ;;
   ci)
@@ -541,9 +562,9 @@ case $scenario in
     # control, one RDMA run across the machines (figures, the installed library), the DRBD
     # comparison at one size.
     rc=0
-    power_cuts power backup 2 || rc=1
-    power_cuts pmem primary 2 || rc=1
-    power_cuts process both 1 || rc=1
+    power_cuts_again_if_no_verdict power backup 2 || rc=1
+    power_cuts_again_if_no_verdict pmem primary 2 || rc=1
+    power_cuts_again_if_no_verdict process both 1 || rc=1
     build_mirror_rdma
     RDMA_ROUND_TRIPS=${RDMA_ROUND_TRIPS:-500} rdma_figures || rc=1
     build_mirror
