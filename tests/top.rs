@@ -70,6 +70,17 @@ impl Drop for Tmux {
 }
 
 #[test]
+fn a_test_tmux_server_leaves_no_socket_behind() {
+    let Some(tmux) = Tmux::new() else { return };
+    tmux.run(&["new-session", "-d", "-s", "idle", "sleep 60"]);
+    let socket = tmux.run(&["display-message", "-p", "#{socket_path}"]);
+    let socket = std::path::PathBuf::from(socket.trim());
+    assert!(socket.exists(), "{}", socket.display());
+    drop(tmux);
+    assert!(!socket.exists(), "{} left behind", socket.display());
+}
+
+#[test]
 fn mirror_top_in_a_terminal_shows_a_live_pair_and_refreshes() {
     let Some(tmux) = Tmux::new() else { return };
     let dir = tempfile::tempdir().unwrap();
