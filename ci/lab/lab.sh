@@ -14,6 +14,10 @@
 #       control: it must show a loss, or the harness is broken (then it fails).
 #   bash ci/lab/lab.sh campaign [--cuts N]
 #       The full campaign: every mode and victim, N cuts each (default 20), plus the control.
+#   bash ci/lab/lab.sh hung-disk-control
+#       The harness's other control: the backup's filesystem frozen from inside its machine after
+#       the cut (its writers block as behind a hung emulated disk); the campaign must give no
+#       verdict (status 75: a hang is the emulation's fault, never a loss nor a pass).
 #   bash ci/lab/lab.sh drbd
 #       DRBD (protocol C) and libmirror side by side between the same machines (ci/lab/drbd.sh):
 #       synchronous random writes of 512 B, 4 KiB and 64 KiB at depth 1 and 64, flushes on
@@ -295,6 +299,13 @@ power_cuts() {
       break
     fi
   done
+  if [ -n "${LAB_FREEZE_VICTIM_DISK:-}" ]; then
+    # The hung-disk control (`lab.sh hung-disk-control`): the victims' writers block on their
+    # frozen filesystem as behind a hung emulated disk.
+    local m
+    for m in "${victims[@]}"; do lab_run "$m" "fsfreeze -f $(dirname "$(files_dir)")" 60; done
+    lab_say "froze the disk of ${victims[*]}: waiting for the guest kernel's hung-task report"
+  fi
   local finished=0
   if [ -z "${verdict:-}" ]; then
     finish_pair && finished=1
@@ -530,6 +541,19 @@ case $scenario in
     ;;
   drbd)
     drbd_compare "$sizes" "$depths" 1
+    ;;
+  hung-disk-control)
+    # The harness, checked: a campaign whose backup's disk hangs (frozen from inside) must end
+    # with no verdict (75), not a loss and not a pass. Not in CI: the guest's watchdog reports
+    # after 2-4 minutes.
+    rc=0
+    LAB_FREEZE_VICTIM_DISK=1 power_cuts power backup 1 || rc=$?
+    if [ "$rc" = 75 ]; then
+      lab_say "hung-disk control: no verdict, as it must be"
+      exit 0
+    fi
+    lab_say "hung-disk control: status $rc, not 75 (no verdict): the harness is broken"
+    exit 1
     ;;
   sync-costs)
     sync_costs

@@ -152,23 +152,24 @@ lab_halt() {
 }
 
 lab_run() {
-  local name=$1 script=$2 limit=${3:-300} s=$lab/$1/share deadline hung polls=0
+  local name=$1 script=$2 limit=${3:-300} s=$lab/$1/share deadline hung gave_up polls=0
   rm -f "$s/rc" "$s/out"
   printf '%s\n' "$script" >"$s/cmd.tmp"
   mv "$s/cmd.tmp" "$s/cmd"
   deadline=$(( $(date +%s) + limit ))
   while [ ! -e "$s/rc" ]; do
+    gave_up=
     if [ "$(date +%s)" -gt "$deadline" ] || [ ! -f "$lab/$name/qemu.pid" ] ||
       ! kill -0 "$(cat "$lab/$name/qemu.pid")" 2>/dev/null; then
-      cat "$s/out" 2>/dev/null
-      echo "lab: machine $name: command did not finish within ${limit}s" >&2
-      return 124
-    fi
+      gave_up="command did not finish within ${limit}s"
     # Every 2 s: a command waits in vain on a machine whose disk stopped answering (its own, or
     # its peer's: a primary's writes wait for the backup's acks); say so at once.
-    if [ $(( ++polls % 40 )) = 0 ] && hung=$(lab_hung_console a || lab_hung_console b); then
+    elif [ $(( ++polls % 40 )) = 0 ] && hung=$(lab_hung_console a || lab_hung_console b); then
+      gave_up="command given up: a kernel reports tasks blocked on I/O ($hung): the emulated disk hung"
+    fi
+    if [ -n "$gave_up" ]; then
       cat "$s/out" 2>/dev/null
-      echo "lab: machine $name: command given up: a kernel reports tasks blocked on I/O ($hung): the emulated disk hung" >&2
+      echo "lab: machine $name: $gave_up" >&2
       return 124
     fi
     sleep 0.05
