@@ -308,11 +308,8 @@ pub fn run(a: &BenchArgs) -> CliResult {
         let mut plot_samples = vec![(Vec::new(), Vec::new()); sizes.len()];
         let runs = if sizes.is_empty() { 0 } else { a.latency_runs };
         for run in 1..=runs {
-            if a.latency_runs > 1 {
-                say(format!(
-                    "run {run} of {} (a fresh pair of nodes)",
-                    a.latency_runs
-                ));
+            if runs > 1 {
+                say(format!("run {run} of {runs} (a fresh pair of nodes)"));
             }
             // The first run's pair goes on to the pipelined figures; the others close after it.
             let fresh_dir = pair_dir.join(format!("run-{run}"));
@@ -387,10 +384,9 @@ pub fn run(a: &BenchArgs) -> CliResult {
             plot_series.push((format!("floor {payload} B"), floor_ns));
             plot_series.push((format!("sync write {payload} B"), engine_ns));
         }
-        if a.latency_runs > 1 && !sizes.is_empty() {
+        if runs > 1 {
             say(format!(
-                "medians of the {} runs (the targets judge these; each run's in brackets)",
-                a.latency_runs
+                "medians of the {runs} runs (the targets judge these; each run's in brackets)"
             ));
             for (&payload, r) in sizes.iter().zip(&ratios) {
                 say(format!(
