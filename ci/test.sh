@@ -64,5 +64,6 @@ grep -q '"resync_vs_tcp"' target/bench-smoke.json
 grep -q '"floor_two_writers_per_s"' target/bench-smoke.json
 grep -q '"engine_disk_mb_per_s"' target/bench-smoke.json
 grep -q '"crc_pass"' target/bench-smoke.json
+grep -q '"machine"' target/bench-smoke.json
 
 step "all passed"

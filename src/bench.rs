@@ -67,6 +67,86 @@ pub fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
+/// The machine a run measured: every figure is a ratio within one machine, and the same
+/// engine's ratios differ between CPUs (docs/PERFORMANCE.md), so a report names its own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Machine {
+    /// The CPU's model name (`/proc/cpuinfo`), if the kernel gives one.
+    pub cpu: Option<String>,
+    /// Its vendor id (`GenuineIntel`, `AuthenticAMD`, ...), if given.
+    pub vendor: Option<String>,
+    /// Its family and model numbers (x86), if given.
+    pub family: Option<u32>,
+    /// See `family`.
+    pub model: Option<u32>,
+    /// CPUs this process may run on.
+    pub cpus: usize,
+    /// The kernel's release (`uname -r`), if readable.
+    pub kernel: Option<String>,
+}
+
+impl Machine {
+    /// This machine, from `/proc/cpuinfo`, `/proc/sys/kernel/osrelease` and the CPUs this
+    /// process may use. What cannot be read is left out, never an error: a report without its
+    /// machine's name still holds its ratios.
+    pub fn this() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Machine::from_cpuinfo(&cpuinfo, kernel.as_deref(), cpus)
+    }
+
+    /// The machine `cpuinfo` (the text of `/proc/cpuinfo`) describes; its first processor's
+    /// entries are taken (the others repeat them on the machines this runs on).
+    pub fn from_cpuinfo(cpuinfo: &str, kernel: Option<&str>, cpus: usize) -> Machine {
+        let first = |key: &str| {
+            cpuinfo.lines().find_map(|line| {
+                let (k, v) = line.split_once(':')?;
+                (k.trim() == key)
+                    .then(|| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+            })
+        };
+        let number = |key: &str| first(key).and_then(|v| v.parse().ok());
+        Machine {
+            cpu: first("model name"),
+            vendor: first("vendor_id"),
+            family: number("cpu family"),
+            model: number("model"),
+            cpus,
+            kernel: kernel
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned),
+        }
+    }
+}
+
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.cpu.as_deref().unwrap_or("an unnamed CPU"))?;
+        let numbers = [("family", self.family), ("model", self.model)]
+            .into_iter()
+            .filter_map(|(name, n)| n.map(|n| format!("{name} {n}")))
+            .collect::<Vec<_>>();
+        let details: Vec<String> = self
+            .vendor
+            .iter()
+            .cloned()
+            .chain((!numbers.is_empty()).then(|| numbers.join(" ")))
+            .collect();
+        if !details.is_empty() {
+            write!(f, " ({})", details.join(", "))?;
+        }
+        let plural = if self.cpus == 1 { "" } else { "s" };
+        write!(f, ", {} CPU{plural}", self.cpus)?;
+        match &self.kernel {
+            Some(k) => write!(f, ", kernel {k}"),
+            None => Ok(()),
+        }
+    }
+}
+
 fn spin_write(s: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -1880,5 +1960,58 @@ mod tests {
         assert!(distinct.len() > 40, "draws repeat: {ports:?}");
         let port = free_loopback_port().unwrap();
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    }
+
+    #[test]
+    fn a_machine_is_named_from_its_first_processor() {
+        // Shaped like this project's development VMs' /proc/cpuinfo, shortened.
+        let amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n\
+                   model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx2\n\n\
+                   processor\t: 1\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n\
+                   model name\t: AMD EPYC\n";
+        let m = Machine::from_cpuinfo(amd, Some("6.18.44-fc-v1272\n"), 2);
+        assert_eq!(
+            m,
+            Machine {
+                cpu: Some("AMD EPYC".into()),
+                vendor: Some("AuthenticAMD".into()),
+                family: Some(25),
+                model: Some(1),
+                cpus: 2,
+                kernel: Some("6.18.44-fc-v1272".into()),
+            }
+        );
+        assert_eq!(
+            m.to_string(),
+            "AMD EPYC (AuthenticAMD, family 25 model 1), 2 CPUs, kernel 6.18.44-fc-v1272"
+        );
+        // `model name` is not `model`, and `model` is not `model name`.
+        let intel = "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n\
+                     model name\t: Intel(R) Xeon(R) Processor\n";
+        let m = Machine::from_cpuinfo(intel, None, 1);
+        assert_eq!(m.model, Some(207));
+        assert_eq!(
+            m.to_string(),
+            "Intel(R) Xeon(R) Processor (GenuineIntel, family 6 model 207), 1 CPU"
+        );
+    }
+
+    #[test]
+    fn a_machine_without_x86_entries_or_a_kernel_name_is_still_described() {
+        // An arm64 kernel's cpuinfo has neither a model name nor a family.
+        let arm = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n";
+        let m = Machine::from_cpuinfo(arm, Some("  "), 4);
+        assert_eq!(m.cpu, None);
+        assert_eq!(m.family, None);
+        assert_eq!(m.kernel, None);
+        assert_eq!(m.to_string(), "an unnamed CPU, 4 CPUs");
+        // Unreadable numbers are left out, not guessed.
+        let odd = "cpu family\t: ?\nmodel\t\t: 1\nmodel name\t: \n";
+        let m = Machine::from_cpuinfo(odd, None, 1);
+        assert_eq!((m.cpu, m.family, m.model), (None, None, Some(1)));
+        assert_eq!(
+            Machine::from_cpuinfo("", None, 1).to_string(),
+            "an unnamed CPU, 1 CPU"
+        );
     }
 }

@@ -76,7 +76,28 @@ fn main() -> ExitCode {
         _ => (mirror::logging::LogFormat::Text, "info".to_string()),
     };
     mirror::logging::init(format, &level);
-    let result = match &cli.command {
+    silence_closed_output_panics();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&cli.command)));
+    let result = match ran {
+        Ok(result) => result,
+        // What the command held was dropped on the way here (a benchmark's files, its
+        // in-process nodes): end as a tool killed by SIGPIPE ends, quietly, 128 + 13.
+        Err(payload) if is_closed_output(payload.as_ref()) => return ExitCode::from(141),
+        Err(payload) => std::panic::resume_unwind(payload),
+    };
+    // Exit codes: 0 done (or a check passed), 1 a check found a difference (the command's own
+    // code), 2 an error (here) or a bad command line (clap), 141 the output's reader went away.
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mirror: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: &Command) -> cmd::shared::CliResult {
+    match command {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Backup(args) => backup::run(args),
@@ -91,14 +112,28 @@ fn main() -> ExitCode {
         Command::Top(args) => top::run(args),
         Command::Secret(args) => keys::secret(args),
         Command::Fingerprint(args) => keys::fingerprint(args),
-    };
-    // Exit codes: 0 done (or a check passed), 1 a check found a difference (the command's own
-    // code), 2 an error (here) or a bad command line (clap).
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("mirror: error: {e}");
-            ExitCode::from(2)
-        }
     }
+}
+
+/// Whether a panic is `print!`'s on an output whose reader went away (`mirror bench | head`):
+/// Rust ignores SIGPIPE, so the write fails with EPIPE and `println!` panics with this message.
+fn is_closed_output(payload: &(dyn std::any::Any + Send)) -> bool {
+    let message = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or_default();
+    message.starts_with("failed printing to std")
+        && message.ends_with(&format!("(os error {})", libc::EPIPE))
+}
+
+/// Keeps the closed-output panic (see [`is_closed_output`]) from printing its message and
+/// backtrace: every other panic still prints as before.
+fn silence_closed_output_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !is_closed_output(info.payload()) {
+            default(info)
+        }
+    }));
 }

@@ -252,7 +252,8 @@ pub fn run(a: &BenchArgs) -> CliResult {
     let io = |context: String| move |source| MirrorError::Io { context, source };
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     // Removed however the run ends: its files are hundreds of megabytes, often in memory
-    // (/dev/shm), and `mirror bench | head` ends it with a panic on the closed pipe.
+    // (/dev/shm), and `mirror bench | head` ends it by unwinding from a print to the closed
+    // pipe (quietly, status 141: main.rs).
     let _files = RemoveOnDrop(dir.clone());
     let mut extra = Vec::new();
     for pair in &a.set {
@@ -272,6 +273,10 @@ pub fn run(a: &BenchArgs) -> CliResult {
         let mut report = serde_json::Map::new();
         let sizes = listed_sizes(&a.sizes)?;
         let pipelined_sizes = listed_sizes(&a.pipelined_sizes)?;
+        // Ratios compare within one machine: the report names its own.
+        let machine = bench::Machine::this();
+        say(format!("machine: {machine}"));
+        report.insert("machine".into(), serde_json::json!(machine));
         // Which crc32c pass this CPU runs over payloads: the per-byte figures depend on it.
         let crc_pass = mirror_proto::crc::WidePass::of_this_cpu().describe();
         say(format!(
