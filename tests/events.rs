@@ -256,3 +256,37 @@ fn mirror_events_follows_a_running_node_as_json_lines() {
     assert!(status.success(), "{status:?}");
     reader.join().unwrap();
 }
+
+#[test]
+fn mirror_events_ends_quietly_when_its_reader_goes_away() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let pair = Addresses::new();
+    let b = pair.node(dir.path(), "b");
+    let a = pair.node(dir.path(), "a");
+    a.wait_synchronous(Duration::from_secs(20)).unwrap();
+    let queue = dir.path().join("a.queue");
+    let mut child = std::process::Command::new(common::BIN)
+        .args(["events", &queue.to_string_lossy()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give the follower time to subscribe, then an event to read (`mirror events | head -1`).
+    std::thread::sleep(Duration::from_millis(500));
+    b.close().unwrap();
+    drop(b);
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"event\""), "{first}");
+    // The reader is gone; the next events find no one to read them.
+    let _b = pair.node(dir.path(), "b");
+    a.wait_synchronous(Duration::from_secs(20)).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    a.close().unwrap();
+}

@@ -81,8 +81,10 @@ fn main() -> ExitCode {
     let result = match ran {
         Ok(result) => result,
         // What the command held was dropped on the way here (a benchmark's files, its
-        // in-process nodes): end as a tool killed by SIGPIPE ends, quietly, 128 + 13.
-        Err(payload) if is_closed_output(payload.as_ref()) => return ExitCode::from(141),
+        // in-process nodes): end as a tool killed by SIGPIPE ends, quietly.
+        Err(payload) if is_closed_output(payload.as_ref()) => {
+            return ExitCode::from(cmd::shared::OUTPUT_CLOSED)
+        }
         Err(payload) => std::panic::resume_unwind(payload),
     };
     // Exit codes: 0 done (or a check passed), 1 a check found a difference (the command's own

@@ -104,17 +104,34 @@ pub struct EventsArgs {
 }
 
 /// `mirror events`: the running node's events as JSON lines on stdout, following like
-/// `tail -f`, until the node closes (exit 0) or stdout goes away.
+/// `tail -f`, until the node closes (exit 0) or stdout goes away (exit
+/// [`OUTPUT_CLOSED`](super::shared::OUTPUT_CLOSED), as any command's).
 pub fn events(args: &EventsArgs) -> CliResult {
     use std::io::Write;
     let socket = args.node.socket()?;
     let stdout = std::io::stdout();
+    let mut write_failed = None;
     control::follow_events(&socket, ANSWER_TIMEOUT, |line| {
         let mut out = stdout.lock();
-        writeln!(out, "{line}").is_ok() && out.flush().is_ok()
+        match writeln!(out, "{line}").and_then(|()| out.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                write_failed = Some(e);
+                false
+            }
+        }
     })
     .map_err(|e| failed(&socket, e))?;
-    Ok(ExitCode::SUCCESS)
+    match write_failed {
+        None => Ok(ExitCode::SUCCESS),
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::from(super::shared::OUTPUT_CLOSED))
+        }
+        Some(source) => Err(MirrorError::Io {
+            context: "writing events to stdout".into(),
+            source,
+        }),
+    }
 }
 
 pub fn resolve(args: &ResolveArgs) -> CliResult {

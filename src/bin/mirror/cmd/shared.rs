@@ -15,6 +15,10 @@ use mirror::{Config, ConfigBuilder, MirrorError, Role, Stats};
 /// that `main` prints on one line before exiting with 2.
 pub type CliResult = Result<ExitCode, MirrorError>;
 
+/// The exit code of a command whose output's reader went away (`mirror bench | head`): what a
+/// shell reports for a tool killed by SIGPIPE (128 + 13). Printed nothing more, cleaned up.
+pub const OUTPUT_CLOSED: u8 = 141;
+
 /// An error in the command line itself (config keys have their own errors, which name the key).
 pub fn usage(msg: impl Into<String>) -> MirrorError {
     MirrorError::Config(mirror::ConfigError::CommandLine { why: msg.into() })
