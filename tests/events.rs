@@ -196,21 +196,35 @@ fn a_subscriber_that_never_reads_does_not_slow_the_node() {
     drop(b);
 }
 
-#[test]
-fn mirror_events_follows_a_running_node_as_json_lines() {
-    use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
+/// A synchronous pair (backup "b", primary "a") in `dir`, and `mirror events` following the
+/// primary, its output piped.
+fn a_pair_followed_by_mirror_events(
+    dir: &std::path::Path,
+) -> (
+    Addresses,
+    mirror::Mirror,
+    mirror::Mirror,
+    std::process::Child,
+) {
     let pair = Addresses::new();
-    let b = pair.node(dir.path(), "b");
-    let a = pair.node(dir.path(), "a");
+    let b = pair.node(dir, "b");
+    let a = pair.node(dir, "a");
     a.wait_synchronous(Duration::from_secs(20)).unwrap();
-    let queue = dir.path().join("a.queue");
-    let mut child = std::process::Command::new(common::BIN)
+    let queue = dir.join("a.queue");
+    let child = std::process::Command::new(common::BIN)
         .args(["events", &queue.to_string_lossy()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    (pair, b, a, child)
+}
+
+#[test]
+fn mirror_events_follows_a_running_node_as_json_lines() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (pair, b, a, mut child) = a_pair_followed_by_mirror_events(dir.path());
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -261,17 +275,7 @@ fn mirror_events_follows_a_running_node_as_json_lines() {
 fn mirror_events_ends_quietly_when_its_reader_goes_away() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let pair = Addresses::new();
-    let b = pair.node(dir.path(), "b");
-    let a = pair.node(dir.path(), "a");
-    a.wait_synchronous(Duration::from_secs(20)).unwrap();
-    let queue = dir.path().join("a.queue");
-    let mut child = std::process::Command::new(common::BIN)
-        .args(["events", &queue.to_string_lossy()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (pair, b, a, mut child) = a_pair_followed_by_mirror_events(dir.path());
     // Give the follower time to subscribe, then an event to read (`mirror events | head -1`).
     std::thread::sleep(Duration::from_millis(500));
     b.close().unwrap();
