@@ -1985,9 +1985,10 @@ mod tests {
             m.to_string(),
             "AMD EPYC (AuthenticAMD, family 25 model 1), 2 CPUs, kernel 6.18.44-fc-v1272"
         );
-        // `model name` is not `model`, and `model` is not `model name`.
-        let intel = "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n\
-                     model name\t: Intel(R) Xeon(R) Processor\n";
+        // `model name` is not `model`, and `model` is not `model name`, in either order (a
+        // prefix match would take the name, listed first here, for the model).
+        let intel = "vendor_id\t: GenuineIntel\ncpu family\t: 6\n\
+                     model name\t: Intel(R) Xeon(R) Processor\nmodel\t\t: 207\n";
         let m = Machine::from_cpuinfo(intel, None, 1);
         assert_eq!(m.model, Some(207));
         assert_eq!(
